@@ -1,0 +1,240 @@
+//! Accounts: users, devices, bearer tokens and pairing tickets.
+//!
+//! Tokens and tickets are random secrets (256 and 192 bits); only their SHA-256
+//! hashes are stored. Active devices are mirrored in memory so that every
+//! request is authenticated without touching SQLite.
+
+mod secrets;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use rusqlite::{OptionalExtension, params};
+
+pub use secrets::{TokenHash, hash_secret, new_secret};
+
+use crate::db::{Db, DbError, now_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountsError {
+    #[error("pairing ticket is unknown, expired or already used")]
+    TicketInvalid,
+    #[error("no such device in this account")]
+    DeviceNotFound,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// The device a request was authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthedDevice {
+    pub user_id: Arc<str>,
+    pub device_id: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub user_id: String,
+    pub device_id: String,
+    pub token: String,
+}
+
+#[derive(Clone)]
+pub struct Accounts {
+    db: Db,
+    tokens: Arc<RwLock<HashMap<TokenHash, AuthedDevice>>>,
+    ticket_ttl: Duration,
+}
+
+impl Accounts {
+    pub async fn open(db: Db, ticket_ttl: Duration) -> Result<Self, AccountsError> {
+        let active = db
+            .call(|connection| {
+                let mut statement = connection.prepare(
+                    "SELECT token_hash, user_id, device_id FROM devices WHERE revoked_at_ms IS NULL",
+                )?;
+                let rows = statement.query_map([], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        let mut tokens = HashMap::with_capacity(active.len());
+        for (hash, user_id, device_id) in active {
+            let Ok(hash) = TokenHash::try_from(hash.as_slice()) else {
+                tracing::warn!(device_id, "skipping device with a malformed token hash");
+                continue;
+            };
+            tokens.insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
+        }
+        tracing::info!(active_devices = tokens.len(), "accounts loaded");
+        Ok(Self { db, tokens: Arc::new(RwLock::new(tokens)), ticket_ttl })
+    }
+
+    pub fn authenticate(&self, token: &str) -> Option<AuthedDevice> {
+        let hash = hash_secret(token);
+        self.tokens.read().ok()?.get(&hash).cloned()
+    }
+
+    /// Records a new user and its first device. The caller has created the
+    /// user's topic already, so a user never exists without one.
+    pub async fn create_account(&self, user_id: String, device_name: String) -> Result<NewDevice, AccountsError> {
+        let device_id = uuid::Uuid::now_v7().to_string();
+        let token = new_secret("lst_", 32);
+        let hash = hash_secret(&token);
+        let (user, device) = (user_id.clone(), device_id.clone());
+        self.db
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                let now = now_ms();
+                transaction.execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, ?2)", params![user, now])?;
+                transaction.execute(
+                    "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![device, user, device_name, hash.as_slice(), now],
+                )?;
+                transaction.commit()?;
+                Ok(())
+            })
+            .await?;
+        self.remember(hash, &user_id, &device_id);
+        Ok(NewDevice { user_id, device_id, token })
+    }
+
+    pub async fn create_pairing_ticket(&self, device: &AuthedDevice) -> Result<(String, i64), AccountsError> {
+        let ticket = new_secret("lsp_", 24);
+        let hash = hash_secret(&ticket);
+        let expires_at_ms = now_ms() + self.ticket_ttl.as_millis() as i64;
+        let (user, issuer) = (device.user_id.to_string(), device.device_id.to_string());
+        self.db
+            .call(move |connection| {
+                // Expired tickets are useless; drop them while we are here.
+                connection.execute(
+                    "DELETE FROM pairing_tickets WHERE expires_at_ms < ?1",
+                    params![now_ms() - 86_400_000],
+                )?;
+                connection.execute(
+                    "INSERT INTO pairing_tickets (ticket_hash, user_id, issued_by_device, expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![hash.as_slice(), user, issuer, expires_at_ms],
+                )?;
+                Ok(())
+            })
+            .await?;
+        Ok((ticket, expires_at_ms))
+    }
+
+    /// Spends a ticket and creates the new device, in one transaction.
+    pub async fn redeem_pairing_ticket(&self, ticket: &str, device_name: String) -> Result<NewDevice, AccountsError> {
+        let ticket_hash = hash_secret(ticket);
+        let device_id = uuid::Uuid::now_v7().to_string();
+        let token = new_secret("lst_", 32);
+        let hash = hash_secret(&token);
+        let device = device_id.clone();
+        let user_id = self
+            .db
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                let now = now_ms();
+                let user: Option<String> = transaction
+                    .query_row(
+                        "UPDATE pairing_tickets SET redeemed_at_ms = ?2
+                         WHERE ticket_hash = ?1 AND redeemed_at_ms IS NULL AND expires_at_ms > ?2
+                           AND issued_by_device IN (SELECT device_id FROM devices WHERE revoked_at_ms IS NULL)
+                         RETURNING user_id",
+                        params![ticket_hash.as_slice(), now],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                let Some(user) = user else { return Ok(None) };
+                transaction.execute(
+                    "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![device, user, device_name, hash.as_slice(), now],
+                )?;
+                transaction.commit()?;
+                Ok(Some(user))
+            })
+            .await?
+            .ok_or(AccountsError::TicketInvalid)?;
+        self.remember(hash, &user_id, &device_id);
+        Ok(NewDevice { user_id, device_id, token })
+    }
+
+    pub async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceRecord>, AccountsError> {
+        let user = user_id.to_string();
+        Ok(self
+            .db
+            .call(move |connection| {
+                let mut statement = connection.prepare(
+                    "SELECT device_id, name, created_at_ms, revoked_at_ms FROM devices WHERE user_id = ?1 ORDER BY created_at_ms, device_id",
+                )?;
+                let rows = statement.query_map([user], |row| {
+                    Ok(DeviceRecord {
+                        device_id: row.get(0)?,
+                        name: row.get(1)?,
+                        created_at_ms: row.get(2)?,
+                        revoked_at_ms: row.get(3)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?)
+    }
+
+    /// Revokes a device of `user_id`; its token stops working at once.
+    /// Revoking an already revoked device succeeds (idempotent).
+    pub async fn revoke_device(&self, user_id: &str, device_id: &str) -> Result<(), AccountsError> {
+        let (user, device) = (user_id.to_string(), device_id.to_string());
+        let found = self
+            .db
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                let exists: Option<i64> = transaction
+                    .query_row(
+                        "SELECT 1 FROM devices WHERE device_id = ?1 AND user_id = ?2",
+                        params![device, user],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if exists.is_none() {
+                    return Ok(false);
+                }
+                transaction.execute(
+                    "UPDATE devices SET revoked_at_ms = ?2 WHERE device_id = ?1 AND revoked_at_ms IS NULL",
+                    params![device, now_ms()],
+                )?;
+                transaction.execute(
+                    "DELETE FROM pairing_tickets WHERE issued_by_device = ?1 AND redeemed_at_ms IS NULL",
+                    params![device],
+                )?;
+                transaction.commit()?;
+                Ok(true)
+            })
+            .await?;
+        if !found {
+            return Err(AccountsError::DeviceNotFound);
+        }
+        if let Ok(mut tokens) = self.tokens.write() {
+            tokens.retain(|_, authed| &*authed.device_id != device_id);
+        }
+        Ok(())
+    }
+
+    fn remember(&self, hash: TokenHash, user_id: &str, device_id: &str) {
+        if let Ok(mut tokens) = self.tokens.write() {
+            tokens.insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,66 @@
+use std::time::Duration;
+
+use super::*;
+
+async fn accounts(ttl: Duration) -> (tempfile::TempDir, Accounts) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    (dir, Accounts::open(db, ttl).await.unwrap())
+}
+
+#[tokio::test]
+async fn tokens_authenticate_and_survive_reopen() {
+    let (dir, accounts) = accounts(Duration::from_secs(60)).await;
+    let first = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+    assert!(first.token.len() >= 40, "token too short: {}", first.token);
+    let authed = accounts.authenticate(&first.token).unwrap();
+    assert_eq!(&*authed.device_id, first.device_id);
+    assert!(accounts.authenticate("lst_nope").is_none());
+    drop(accounts);
+    let reopened = Accounts::open(Db::open(dir.path()).unwrap(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(reopened.authenticate(&first.token).unwrap().user_id.as_ref(), "u1");
+}
+
+#[tokio::test]
+async fn tickets_are_one_time_and_expire() {
+    let (_dir, accounts) = accounts(Duration::from_secs(60)).await;
+    let first = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+    let device = accounts.authenticate(&first.token).unwrap();
+    let (ticket, expires) = accounts.create_pairing_ticket(&device).await.unwrap();
+    assert!(expires > now_ms());
+    let second = accounts.redeem_pairing_ticket(&ticket, "phone".into()).await.unwrap();
+    assert_eq!(second.user_id, "u1");
+    assert_ne!(second.device_id, first.device_id);
+    assert!(matches!(
+        accounts.redeem_pairing_ticket(&ticket, "tablet".into()).await,
+        Err(AccountsError::TicketInvalid)
+    ));
+    assert_eq!(accounts.list_devices("u1").await.unwrap().len(), 2);
+
+    let (_dir, short) = self::accounts(Duration::from_millis(1)).await;
+    let first = short.create_account("u2".into(), "laptop".into()).await.unwrap();
+    let device = short.authenticate(&first.token).unwrap();
+    let (ticket, _) = short.create_pairing_ticket(&device).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(matches!(short.redeem_pairing_ticket(&ticket, "phone".into()).await, Err(AccountsError::TicketInvalid)));
+}
+
+#[tokio::test]
+async fn revoke_is_scoped_to_the_account() {
+    let (_dir, accounts) = accounts(Duration::from_secs(60)).await;
+    let alice = accounts.create_account("alice".into(), "laptop".into()).await.unwrap();
+    let bob = accounts.create_account("bob".into(), "laptop".into()).await.unwrap();
+    assert!(matches!(
+        accounts.revoke_device("bob", &alice.device_id).await,
+        Err(AccountsError::DeviceNotFound)
+    ));
+    assert!(accounts.authenticate(&alice.token).is_some());
+    let ticket = accounts.create_pairing_ticket(&accounts.authenticate(&alice.token).unwrap()).await.unwrap().0;
+    accounts.revoke_device("alice", &alice.device_id).await.unwrap();
+    assert!(accounts.authenticate(&alice.token).is_none());
+    assert!(accounts.authenticate(&bob.token).is_some());
+    // A revoked device's open tickets die with it.
+    assert!(accounts.redeem_pairing_ticket(&ticket, "phone".into()).await.is_err());
+    let listed = accounts.list_devices("alice").await.unwrap();
+    assert!(listed[0].revoked_at_ms.is_some());
+}

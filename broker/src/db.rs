@@ -1,0 +1,108 @@
+//! The server's own small SQLite database (`<data_dir>/lockstep.db`): accounts,
+//! devices, pairing tickets and the push deduplication index. Kafka holds the
+//! changes themselves; nothing here is needed to read them.
+//!
+//! One connection behind a mutex, used from `spawn_blocking`, so no async task
+//! ever blocks on SQLite.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use rusqlite::Connection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("accounts database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("accounts database task failed: {0}")]
+    Task(String),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+const MIGRATIONS: &str = "
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL,
+    -- every offset below this one is in pushed_changes
+    dedup_indexed_through INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(user_id),
+    name TEXT NOT NULL,
+    token_hash BLOB NOT NULL UNIQUE,
+    created_at_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS devices_by_user ON devices(user_id);
+CREATE TABLE IF NOT EXISTS pairing_tickets (
+    ticket_hash BLOB PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(user_id),
+    issued_by_device TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    redeemed_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS pushed_changes (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    change_id TEXT NOT NULL,
+    kafka_offset INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (user_id, device_id, change_id)
+) WITHOUT ROWID;
+";
+
+#[derive(Clone)]
+pub struct Db {
+    connection: Arc<Mutex<Connection>>,
+}
+
+impl Db {
+    pub fn open(data_dir: &Path) -> Result<Self, DbError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| DbError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let connection = Connection::open(data_dir.join("lockstep.db"))?;
+        // WAL + NORMAL survives a killed process (the kill -9 case); FULL would
+        // also survive power loss at the cost of an fsync per commit.
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.execute_batch(MIGRATIONS)?;
+        Ok(Self {
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    /// Runs `work` on a blocking thread with the connection.
+    pub async fn call<R, F>(&self, work: F) -> Result<R, DbError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, DbError> + Send + 'static,
+    {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = connection
+                .lock()
+                .map_err(|_| DbError::Task("connection mutex poisoned".into()))?;
+            work(&mut guard)
+        })
+        .await
+        .map_err(|error| DbError::Task(error.to_string()))?
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,191 @@
+//! The recent tail of one user's topic, in memory, shared by all of that
+//! user's subscribed devices.
+//!
+//! The gateway appends each change the moment Kafka acknowledged it (it knows
+//! the offset then), so live delivery does not wait for a Kafka fetch. A device
+//! whose cursor is before the tail reads from Kafka through the reader pool
+//! until it reaches the tail. Bounded by count and bytes; trimming only means
+//! slow devices read more from Kafka.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use lockstep_proto::v1::DeliveredChange;
+use tokio::sync::watch;
+
+pub struct LiveLog {
+    state: Mutex<LogState>,
+    /// The offset after the newest cached change; changes when one is appended.
+    end_tx: watch::Sender<i64>,
+    max_changes: usize,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct LogState {
+    /// Whether `start` is a real position (the log end seen, or a change appended).
+    known: bool,
+    start: i64,
+    changes: VecDeque<Arc<DeliveredChange>>,
+    bytes: usize,
+}
+
+impl LogState {
+    fn end(&self) -> i64 {
+        self.start + self.changes.len() as i64
+    }
+
+    fn reset(&mut self, start: i64) {
+        self.known = true;
+        self.start = start;
+        self.changes.clear();
+        self.bytes = 0;
+    }
+}
+
+/// Where a cursor stands relative to the cached tail.
+#[derive(Debug)]
+pub enum LogRead {
+    /// Consecutive changes starting at the cursor.
+    Changes(Vec<DeliveredChange>),
+    /// The cursor is before the tail (or the tail is unknown): read from Kafka,
+    /// up to `until` when it is known.
+    Behind { until: Option<i64> },
+    /// The cursor is at the end: wait for new changes.
+    AtEnd,
+}
+
+fn change_bytes(change: &DeliveredChange) -> usize {
+    change.change.as_ref().map_or(0, |change| change.ciphertext.len() + change.nonce.len()) + 128
+}
+
+impl LiveLog {
+    pub fn new(max_changes: usize, max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(LogState::default()),
+            end_tx: watch::Sender::new(-1),
+            max_changes: max_changes.max(1),
+            max_bytes,
+        }
+    }
+
+    pub fn watch_end(&self) -> watch::Receiver<i64> {
+        self.end_tx.subscribe()
+    }
+
+    /// Appends changes Kafka acknowledged, in offset order. A gap (a change
+    /// written by someone else that this process did not see) restarts the
+    /// tail at the new change; devices before it read the gap from Kafka.
+    pub fn append(&self, changes: impl IntoIterator<Item = Arc<DeliveredChange>>) {
+        let Ok(mut state) = self.state.lock() else { return };
+        for change in changes {
+            let offset = change.offset;
+            if !state.known || offset > state.end() {
+                state.reset(offset);
+            } else if offset < state.end() {
+                continue;
+            }
+            state.bytes += change_bytes(&change);
+            state.changes.push_back(change);
+            while state.changes.len() > self.max_changes || (state.bytes > self.max_bytes && state.changes.len() > 1) {
+                if let Some(dropped) = state.changes.pop_front() {
+                    state.bytes -= change_bytes(&dropped);
+                    state.start += 1;
+                }
+            }
+        }
+        let end = state.end();
+        drop(state);
+        self.end_tx.send_replace(end);
+    }
+
+    /// A reader reached the end of the log at `end`. If the tail knows less,
+    /// start it there, so that waiting devices have a place to wait at.
+    pub fn note_end(&self, end: i64) {
+        let Ok(mut state) = self.state.lock() else { return };
+        if !state.known || end > state.end() {
+            state.reset(end);
+            drop(state);
+            self.end_tx.send_replace(end);
+        }
+    }
+
+    /// The offset the next change will get, when known.
+    pub fn end(&self) -> Option<i64> {
+        let state = self.state.lock().ok()?;
+        state.known.then(|| state.end())
+    }
+
+    pub fn read(&self, cursor: i64, max_changes: usize) -> LogRead {
+        let Ok(state) = self.state.lock() else { return LogRead::Behind { until: None } };
+        if !state.known {
+            return LogRead::Behind { until: None };
+        }
+        if cursor < state.start {
+            return LogRead::Behind { until: Some(state.start) };
+        }
+        if cursor == state.end() {
+            return LogRead::AtEnd;
+        }
+        if cursor > state.end() {
+            return LogRead::Behind { until: None };
+        }
+        let skip = (cursor - state.start) as usize;
+        LogRead::Changes(state.changes.iter().skip(skip).take(max_changes).map(|change| (**change).clone()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(offset: i64) -> Arc<DeliveredChange> {
+        Arc::new(DeliveredChange { offset, ..Default::default() })
+    }
+
+    fn offsets(read: LogRead) -> Vec<i64> {
+        match read {
+            LogRead::Changes(changes) => changes.iter().map(|change| change.offset).collect(),
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_tail_sends_everyone_to_kafka() {
+        let log = LiveLog::new(10, 1 << 20);
+        assert!(matches!(log.read(0, 10), LogRead::Behind { until: None }));
+        log.note_end(5);
+        assert!(matches!(log.read(5, 10), LogRead::AtEnd));
+        assert!(matches!(log.read(3, 10), LogRead::Behind { until: Some(5) }));
+    }
+
+    #[test]
+    fn appends_serve_cursors_inside_the_tail_and_trim_by_count() {
+        let log = LiveLog::new(3, 1 << 20);
+        let mut end_rx = log.watch_end();
+        log.append((10..15).map(change));
+        assert!(end_rx.has_changed().unwrap());
+        assert_eq!(*end_rx.borrow_and_update(), 15);
+        assert_eq!(offsets(log.read(12, 10)), vec![12, 13, 14]);
+        assert_eq!(offsets(log.read(13, 1)), vec![13]);
+        assert!(matches!(log.read(11, 10), LogRead::Behind { until: Some(12) }));
+        assert!(matches!(log.read(15, 10), LogRead::AtEnd));
+        assert!(matches!(log.read(16, 10), LogRead::Behind { until: None }));
+        // Duplicates are ignored, gaps restart the tail.
+        log.append([change(14)]);
+        assert_eq!(log.end(), Some(15));
+        log.append([change(20)]);
+        assert!(matches!(log.read(15, 10), LogRead::Behind { until: Some(20) }));
+        assert_eq!(offsets(log.read(20, 10)), vec![20]);
+    }
+
+    #[test]
+    fn trims_by_bytes_but_keeps_the_newest() {
+        let log = LiveLog::new(100, 300);
+        log.append((0..10).map(change));
+        assert!(matches!(log.read(0, 10), LogRead::Behind { until: Some(start) } if start >= 7));
+        assert_eq!(offsets(log.read(9, 10)), vec![9]);
+    }
+}

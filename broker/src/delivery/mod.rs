@@ -1,0 +1,298 @@
+//! Delivery: each user's topic → every subscribed device of that user, at
+//! least once, from the device's committed consumer-group offset.
+//!
+//! Built for many devices per process: there is no Kafka client per device.
+//! A device's stream is a task that reads, in order of preference, the
+//! user's in-memory [`LiveLog`] (fed by the gateway as Kafka acknowledges
+//! each change), or — when it is behind that tail — the shared reader pool.
+//! Offsets move only when the device acks what it durably applied
+//! ([`Delivery::ack`]), through one shared group-offset client.
+
+mod live_log;
+mod session;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+};
+
+pub use live_log::{LiveLog, LogRead};
+use lockstep_proto::v1::{Change, DeliveredChange, Op, SubscribeResponse};
+use lockstep_schemas::ChangeEnvelope;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    accounts::AuthedDevice,
+    error::ApiError,
+    kafka::{GroupOffsets, ReaderPool, Topics, device_group, user_topic},
+    settings::{DeliverySettings, KafkaSettings},
+};
+
+/// Why the server ends a device's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Superseded,
+    Revoked,
+    ShuttingDown,
+}
+
+impl From<StopReason> for ApiError {
+    fn from(reason: StopReason) -> Self {
+        match reason {
+            StopReason::Superseded => {
+                ApiError::Aborted("a newer subscription of this device took over this stream".into())
+            }
+            StopReason::Revoked => ApiError::Unauthenticated("this device was revoked".into()),
+            StopReason::ShuttingDown => ApiError::ShuttingDown,
+        }
+    }
+}
+
+pub type SubscribeStream = ReceiverStream<Result<SubscribeResponse, tonic::Status>>;
+
+/// A device's position, shared by its stream and its acks.
+struct DeviceState {
+    /// Serialises commits so that a late, lower ack never overwrites a higher one.
+    ack_lock: tokio::sync::Mutex<()>,
+    /// Next offset to deliver as committed in Kafka; `UNKNOWN` until read.
+    committed: AtomicI64,
+}
+
+const UNKNOWN: i64 = i64::MIN;
+
+struct SessionEntry {
+    id: u64,
+    stop_tx: watch::Sender<Option<StopReason>>,
+}
+
+struct Inner {
+    live_logs: Mutex<HashMap<Arc<str>, Weak<LiveLog>>>,
+    sessions: Mutex<HashMap<Arc<str>, SessionEntry>>,
+    devices: Mutex<HashMap<Arc<str>, Arc<DeviceState>>>,
+    subscriptions: Arc<Semaphore>,
+    next_session_id: AtomicU64,
+    topics: Topics,
+    readers: ReaderPool,
+    offsets: GroupOffsets,
+    settings: DeliverySettings,
+    kafka: KafkaSettings,
+}
+
+#[derive(Clone)]
+pub struct Delivery {
+    inner: Arc<Inner>,
+}
+
+impl Delivery {
+    pub fn new(
+        topics: Topics,
+        readers: ReaderPool,
+        offsets: GroupOffsets,
+        settings: DeliverySettings,
+        kafka: KafkaSettings,
+        max_subscriptions: usize,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                live_logs: Mutex::default(),
+                sessions: Mutex::default(),
+                devices: Mutex::default(),
+                subscriptions: Arc::new(Semaphore::new(max_subscriptions)),
+                next_session_id: AtomicU64::new(1),
+                topics,
+                readers,
+                offsets,
+                settings,
+                kafka,
+            }),
+        }
+    }
+
+    /// Hands changes Kafka just acknowledged to the user's live subscribers.
+    pub fn publish(&self, user_id: &str, changes: Vec<Arc<DeliveredChange>>) {
+        let log = self.inner.live_logs.lock().ok().and_then(|logs| logs.get(user_id).and_then(Weak::upgrade));
+        if let Some(log) = log {
+            log.append(changes);
+        }
+    }
+
+    /// Starts the device's stream. Fails before streaming if `from_offset` is
+    /// outside the log or the server holds too many streams.
+    pub async fn subscribe(&self, device: AuthedDevice, from_offset: Option<i64>) -> Result<SubscribeStream, ApiError> {
+        let inner = &self.inner;
+        let permit = inner.subscriptions.clone().try_acquire_owned().map_err(|_| {
+            ApiError::ResourceExhausted("this server holds its maximum number of subscriptions; retry later".into())
+        })?;
+        let topic: Arc<str> = user_topic(&inner.kafka, &device.user_id).into();
+        let watermarks = inner.topics.watermarks(&topic).await?;
+        if let Some(from) = from_offset
+            && (from < watermarks.log_start || from > watermarks.log_end)
+        {
+            return Err(ApiError::OutOfRange(format!(
+                "from_offset {from} is outside the log [{}, {}]",
+                watermarks.log_start, watermarks.log_end
+            )));
+        }
+        let state = self.device_state(&device.device_id);
+        let committed = self.committed(&device, &topic, &state).await?;
+
+        let session_id = inner.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let (stop_tx, stop_rx) = watch::channel(None);
+        if let Ok(mut sessions) = inner.sessions.lock()
+            && let Some(previous) = sessions.insert(device.device_id.clone(), SessionEntry { id: session_id, stop_tx })
+        {
+            previous.stop_tx.send_replace(Some(StopReason::Superseded));
+        }
+        let (stream_tx, stream_rx) = mpsc::channel(inner.settings.stream_buffer);
+        let session = session::Session {
+            delivery: self.clone(),
+            live_log: self.live_log(&device.user_id),
+            topic,
+            device,
+            session_id,
+            start: session::Start { from_offset, committed, watermarks },
+            device_state: state,
+            stream_tx,
+            stop_rx,
+            _permit: permit,
+        };
+        tokio::spawn(session.run());
+        Ok(ReceiverStream::new(stream_rx))
+    }
+
+    /// Commits `offset + 1` for the device once it durably applied `offset`.
+    /// Returns the device's committed position.
+    pub async fn ack(&self, device: &AuthedDevice, offset: i64) -> Result<i64, ApiError> {
+        if offset < 0 {
+            return Err(ApiError::OutOfRange(format!("offset {offset} is negative")));
+        }
+        let topic = user_topic(&self.inner.kafka, &device.user_id);
+        let log_end = match self.live_log_if_active(&device.user_id).and_then(|log| log.end()) {
+            Some(end) if offset < end => end,
+            _ => self.inner.topics.watermarks(&topic).await?.log_end,
+        };
+        if offset >= log_end {
+            return Err(ApiError::OutOfRange(format!(
+                "offset {offset} is beyond the end of the log (next offset {log_end})"
+            )));
+        }
+        let state = self.device_state(&device.device_id);
+        let _serialised = state.ack_lock.lock().await;
+        let committed = self.committed(device, &topic, &state).await?;
+        if committed.is_some_and(|committed| offset < committed) {
+            return Ok(committed.unwrap_or_default());
+        }
+        let group = device_group(&self.inner.kafka, &device.device_id);
+        self.inner.offsets.commit(&group, &topic, 0, offset + 1).await.map_err(crate::kafka::KafkaError::from)?;
+        state.committed.store(offset + 1, Ordering::Release);
+        Ok(offset + 1)
+    }
+
+    /// The device's committed position (next offset to deliver), if any.
+    pub async fn committed_offset(&self, device: &AuthedDevice) -> Result<Option<i64>, ApiError> {
+        let topic = user_topic(&self.inner.kafka, &device.user_id);
+        let state = self.device_state(&device.device_id);
+        self.committed(device, &topic, &state).await
+    }
+
+    /// Ends a revoked device's stream.
+    pub fn revoke(&self, device_id: &str) {
+        if let Ok(mut sessions) = self.inner.sessions.lock()
+            && let Some(entry) = sessions.remove(device_id)
+        {
+            entry.stop_tx.send_replace(Some(StopReason::Revoked));
+        }
+    }
+
+    /// Ends every stream (clients reconnect to another instance or later).
+    pub fn shutdown(&self) {
+        if let Ok(mut sessions) = self.inner.sessions.lock() {
+            for (_, entry) in sessions.drain() {
+                entry.stop_tx.send_replace(Some(StopReason::ShuttingDown));
+            }
+        }
+    }
+
+    pub fn active_streams(&self) -> usize {
+        self.inner.sessions.lock().map(|sessions| sessions.len()).unwrap_or(0)
+    }
+
+    async fn committed(
+        &self,
+        device: &AuthedDevice,
+        topic: &str,
+        state: &DeviceState,
+    ) -> Result<Option<i64>, ApiError> {
+        let known = state.committed.load(Ordering::Acquire);
+        if known != UNKNOWN {
+            return Ok((known >= 0).then_some(known));
+        }
+        let group = device_group(&self.inner.kafka, &device.device_id);
+        let fetched = self.inner.offsets.fetch(&group, topic, 0).await.map_err(crate::kafka::KafkaError::from)?;
+        // A concurrent ack may have stored a newer value meanwhile: keep it.
+        let _ = state.committed.compare_exchange(UNKNOWN, fetched.unwrap_or(-1), Ordering::AcqRel, Ordering::Acquire);
+        let now = state.committed.load(Ordering::Acquire);
+        Ok((now >= 0).then_some(now))
+    }
+
+    fn device_state(&self, device_id: &Arc<str>) -> Arc<DeviceState> {
+        let mut devices = self.inner.devices.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        devices
+            .entry(device_id.clone())
+            .or_insert_with(|| {
+                Arc::new(DeviceState { ack_lock: tokio::sync::Mutex::new(()), committed: AtomicI64::new(UNKNOWN) })
+            })
+            .clone()
+    }
+
+    fn live_log(&self, user_id: &Arc<str>) -> Arc<LiveLog> {
+        let mut logs = self.inner.live_logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(log) = logs.get(user_id).and_then(Weak::upgrade) {
+            return log;
+        }
+        // Drop entries of users whose last stream ended.
+        logs.retain(|_, log| log.strong_count() > 0);
+        let log = Arc::new(LiveLog::new(self.inner.settings.live_cache_changes, self.inner.settings.live_cache_bytes));
+        logs.insert(user_id.clone(), Arc::downgrade(&log));
+        log
+    }
+
+    fn live_log_if_active(&self, user_id: &str) -> Option<Arc<LiveLog>> {
+        self.inner.live_logs.lock().ok()?.get(user_id).and_then(Weak::upgrade)
+    }
+
+    fn end_session(&self, device_id: &str, session_id: u64) {
+        if let Ok(mut sessions) = self.inner.sessions.lock()
+            && sessions.get(device_id).is_some_and(|entry| entry.id == session_id)
+        {
+            sessions.remove(device_id);
+        }
+    }
+}
+
+/// What a device receives for a change in the log.
+pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChange {
+    let op = match envelope.op {
+        lockstep_schemas::Op::Upsert => Op::Upsert,
+        lockstep_schemas::Op::Delete => Op::Delete,
+    };
+    DeliveredChange {
+        offset,
+        change: Some(Change {
+            change_id: envelope.change_id,
+            record_id: envelope.record_id,
+            collection: envelope.collection,
+            op: op as i32,
+            hlc: envelope.hlc as u64,
+            key_epoch: envelope.key_epoch,
+            nonce: envelope.nonce.into(),
+            ciphertext: envelope.ciphertext.into(),
+        }),
+        origin_device_id: envelope.origin_device_id,
+        received_at_ms: envelope.received_at_ms,
+    }
+}

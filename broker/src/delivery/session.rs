@@ -1,0 +1,179 @@
+//! One device's stream: catch up from Kafka, then follow the live tail.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use lockstep_proto::v1::{ChangeBatch, DeliveredChange, Heartbeat, Resync, SubscribeResponse, subscribe_response::Event};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+
+use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, delivered_change};
+use crate::{
+    accounts::AuthedDevice,
+    db::now_ms,
+    error::ApiError,
+    kafka::{KafkaError, topics::Watermarks},
+};
+
+/// Longest a reader waits for records it expects before re-checking the log.
+const READ_WAIT: Duration = Duration::from_secs(2);
+
+pub(super) struct Start {
+    pub from_offset: Option<i64>,
+    pub committed: Option<i64>,
+    pub watermarks: Watermarks,
+}
+
+pub(super) struct Session {
+    pub delivery: Delivery,
+    pub live_log: Arc<LiveLog>,
+    pub topic: Arc<str>,
+    pub device: AuthedDevice,
+    pub session_id: u64,
+    pub start: Start,
+    pub device_state: Arc<DeviceState>,
+    pub stream_tx: mpsc::Sender<Result<SubscribeResponse, tonic::Status>>,
+    pub stop_rx: watch::Receiver<Option<StopReason>>,
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// How a stream ended without an error to report.
+enum End {
+    DeviceGone,
+}
+
+impl Session {
+    pub async fn run(mut self) {
+        let device_id = self.device.device_id.clone();
+        tracing::debug!(device_id = %device_id, topic = %self.topic, "stream started");
+        match self.stream().await {
+            Ok(End::DeviceGone) => tracing::debug!(device_id = %device_id, "device closed its stream"),
+            Err(error) => {
+                tracing::debug!(device_id = %device_id, %error, "stream ended");
+                let _ = self.stream_tx.send(Err(error.into())).await;
+            }
+        }
+        self.delivery.end_session(&device_id, self.session_id);
+    }
+
+    async fn stream(&mut self) -> Result<End, ApiError> {
+        let Watermarks { log_start, log_end } = self.start.watermarks;
+        let mut cursor = self.start.from_offset.or(self.start.committed).unwrap_or(log_start);
+        if cursor < log_start || cursor > log_end {
+            // The device's history is gone (retention) or the log was replaced.
+            self.send(Event::Resync(Resync { log_start_offset: log_start, previous_offset: cursor })).await?;
+            cursor = log_start;
+        }
+        let mut end_rx = self.live_log.watch_end();
+        let mut heartbeat = tokio::time::interval(self.delivery.inner.settings.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let batch_max = self.delivery.inner.settings.batch_max_changes;
+        loop {
+            self.check_stop()?;
+            match self.live_log.read(cursor, batch_max) {
+                LogRead::Changes(changes) => {
+                    cursor = changes.last().map_or(cursor, |change| change.offset + 1);
+                    self.send(Event::Changes(ChangeBatch { changes })).await?;
+                }
+                LogRead::Behind { until } => cursor = self.catch_up(cursor, until).await?,
+                LogRead::AtEnd => {
+                    tokio::select! {
+                        changed = end_rx.changed() => if changed.is_err() { return Ok(End::DeviceGone) },
+                        _ = heartbeat.tick() => self.send_heartbeat(cursor).await?,
+                        _ = self.stop_rx.changed() => {}
+                        () = self.stream_tx.closed() => return Ok(End::DeviceGone),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads from Kafka from `cursor` up to `until` (or the end of the log)
+    /// and forwards the changes. Returns the new cursor.
+    async fn catch_up(&mut self, mut cursor: i64, until: Option<i64>) -> Result<i64, ApiError> {
+        let batch_max = self.delivery.inner.settings.batch_max_changes;
+        loop {
+            self.check_stop()?;
+            // One lease per chunk: a slow device never holds a shared reader
+            // while it waits for the device to take the data.
+            let chunk = {
+                let lease = tokio::select! {
+                    lease = self.delivery.inner.readers.lease() => lease?,
+                    _ = self.stop_rx.changed() => continue,
+                };
+                lease.read(&self.topic, cursor, until, batch_max, READ_WAIT).await
+            };
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(KafkaError::OffsetOutOfRange { .. }) => {
+                    let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
+                    if cursor >= watermarks.log_start && cursor <= watermarks.log_end {
+                        continue;
+                    }
+                    self.send(Event::Resync(Resync { log_start_offset: watermarks.log_start, previous_offset: cursor }))
+                        .await?;
+                    return Ok(watermarks.log_start);
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let got_records = !chunk.records.is_empty();
+            if got_records {
+                let changes: Vec<DeliveredChange> = chunk
+                    .records
+                    .into_iter()
+                    .map(|(offset, envelope)| delivered_change(offset, envelope))
+                    .collect();
+                self.send(Event::Changes(ChangeBatch { changes })).await?;
+            }
+            cursor = cursor.max(chunk.next_offset);
+            if chunk.end_of_log {
+                self.live_log.note_end(cursor);
+                return Ok(cursor);
+            }
+            if until.is_some_and(|until| cursor >= until) {
+                return Ok(cursor);
+            }
+            if !got_records {
+                // Nothing arrived in READ_WAIT: are we at the end after all?
+                let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
+                if cursor >= watermarks.log_end {
+                    self.live_log.note_end(watermarks.log_end);
+                    return Ok(cursor);
+                }
+            }
+            // The live tail may have caught up with us; prefer it.
+            if !matches!(self.live_log.read(cursor, 1), LogRead::Behind { .. }) {
+                return Ok(cursor);
+            }
+        }
+    }
+
+    async fn send_heartbeat(&mut self, cursor: i64) -> Result<(), ApiError> {
+        let committed = self.device_state.committed.load(Ordering::Acquire);
+        let heartbeat = Heartbeat {
+            log_end_offset: self.live_log.end().unwrap_or(cursor).max(cursor),
+            committed_offset: committed.max(-1),
+            server_time_ms: now_ms(),
+        };
+        self.send(Event::Heartbeat(heartbeat)).await
+    }
+
+    fn check_stop(&self) -> Result<(), ApiError> {
+        match *self.stop_rx.borrow() {
+            Some(reason) => Err(reason.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends one message, waiting for room; a stop or a vanished device ends the wait.
+    async fn send(&mut self, event: Event) -> Result<(), ApiError> {
+        let message = SubscribeResponse { event: Some(event) };
+        tokio::select! {
+            sent = self.stream_tx.send(Ok(message)) => {
+                sent.map_err(|_| ApiError::Aborted("device closed the stream".into()))
+            }
+            _ = self.stop_rx.changed() => self.check_stop(),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! A fixed pool of Kafka consumers shared by every device that is behind the
+//! live cache (a device that was offline, a newly paired device, the
+//! deduplication index catching up after a crash).
+//!
+//! Each reader is one librdkafka consumer on its own OS thread (its `poll`
+//! blocks). A task leases a reader, sends it read jobs over a bounded channel
+//! and gets decoded envelopes back; consecutive jobs that continue where the
+//! last one stopped keep the assignment, so a long catch-up streams without
+//! re-fetching. The pool size, not the number of devices, bounds the Kafka
+//! clients this process creates.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lockstep_schemas::{ChangeEnvelope, decode_change};
+use rdkafka::{
+    Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    error::{KafkaError as RdKafkaError, RDKafkaErrorCode},
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use super::{KafkaError, base_config};
+use crate::settings::KafkaSettings;
+
+/// What one read job returns.
+#[derive(Debug, Default)]
+pub struct ReadChunk {
+    /// Decoded records in offset order. Records that are not Lockstep
+    /// envelopes are skipped (and logged), never returned half-read.
+    pub records: Vec<(i64, ChangeEnvelope)>,
+    /// The offset to continue from.
+    pub next_offset: i64,
+    /// True when the reader saw the end of the log.
+    pub end_of_log: bool,
+}
+
+struct ReadJob {
+    topic: Arc<str>,
+    from: i64,
+    until: Option<i64>,
+    max_records: usize,
+    max_wait: Duration,
+    reply_tx: oneshot::Sender<Result<ReadChunk, KafkaError>>,
+}
+
+#[derive(Clone)]
+pub struct ReaderPool {
+    idle: Arc<Mutex<Vec<mpsc::Sender<ReadJob>>>>,
+    permits: Arc<Semaphore>,
+}
+
+/// Exclusive use of one reader until dropped.
+pub struct ReaderLease {
+    job_tx: Option<mpsc::Sender<ReadJob>>,
+    idle: Arc<Mutex<Vec<mpsc::Sender<ReadJob>>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ReaderPool {
+    pub fn new(settings: &KafkaSettings, readers: usize) -> Result<Self, KafkaError> {
+        let mut idle = Vec::with_capacity(readers);
+        for index in 0..readers {
+            let consumer: BaseConsumer = base_config(settings, &format!("lockstep-reader-{index}"))
+                .set("group.id", "lockstep.readers")
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("enable.partition.eof", "true")
+                .set("auto.offset.reset", "error")
+                .set("fetch.wait.max.ms", "100")
+                .set("queued.max.messages.kbytes", "8192")
+                .create()
+                .map_err(KafkaError::client("reader creation"))?;
+            let (job_tx, job_rx) = mpsc::channel(1);
+            std::thread::Builder::new()
+                .name(format!("lockstep-reader-{index}"))
+                .spawn(move || reader_thread(consumer, job_rx))
+                .map_err(|error| KafkaError::Task(error.to_string()))?;
+            idle.push(job_tx);
+        }
+        Ok(Self {
+            idle: Arc::new(Mutex::new(idle)),
+            permits: Arc::new(Semaphore::new(readers)),
+        })
+    }
+
+    /// Waits for a free reader.
+    pub async fn lease(&self) -> Result<ReaderLease, KafkaError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| KafkaError::WorkerGone("reader pool"))?;
+        let job_tx = self
+            .idle
+            .lock()
+            .map_err(|_| KafkaError::WorkerGone("reader pool"))?
+            .pop()
+            .ok_or(KafkaError::WorkerGone("reader pool"))?;
+        Ok(ReaderLease { job_tx: Some(job_tx), idle: self.idle.clone(), _permit: permit })
+    }
+}
+
+impl ReaderLease {
+    /// Reads records of `topic` from `from`, stopping before `until` (if
+    /// given), at the end of the log, after `max_records`, or after `max_wait`
+    /// without data.
+    pub async fn read(
+        &self,
+        topic: &Arc<str>,
+        from: i64,
+        until: Option<i64>,
+        max_records: usize,
+        max_wait: Duration,
+    ) -> Result<ReadChunk, KafkaError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job = ReadJob { topic: topic.clone(), from, until, max_records, max_wait, reply_tx };
+        let job_tx = self.job_tx.as_ref().ok_or(KafkaError::WorkerGone("reader"))?;
+        job_tx.send(job).await.map_err(|_| KafkaError::WorkerGone("reader"))?;
+        reply_rx.await.map_err(|_| KafkaError::WorkerGone("reader"))?
+    }
+}
+
+impl Drop for ReaderLease {
+    fn drop(&mut self) {
+        if let (Some(job_tx), Ok(mut idle)) = (self.job_tx.take(), self.idle.lock()) {
+            idle.push(job_tx);
+        }
+    }
+}
+
+fn reader_thread(consumer: BaseConsumer, mut job_rx: mpsc::Receiver<ReadJob>) {
+    // Where the current assignment will deliver next, to avoid re-assigning
+    // (and dropping prefetched data) when a job continues the previous one.
+    let mut position: Option<(Arc<str>, i64)> = None;
+    while let Some(job) = job_rx.blocking_recv() {
+        let result = run_job(&consumer, &mut position, &job);
+        if result.is_err() {
+            position = None;
+        }
+        // The requester may have gone away (device disconnected): fine.
+        let _ = job.reply_tx.send(result);
+    }
+}
+
+fn run_job(
+    consumer: &BaseConsumer,
+    position: &mut Option<(Arc<str>, i64)>,
+    job: &ReadJob,
+) -> Result<ReadChunk, KafkaError> {
+    let continues = matches!(position, Some((topic, next)) if *topic == job.topic && *next == job.from);
+    if !continues {
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&job.topic, 0, Offset::Offset(job.from))
+            .map_err(KafkaError::client("assign"))?;
+        consumer.assign(&assignment).map_err(KafkaError::client("assign"))?;
+        *position = Some((job.topic.clone(), job.from));
+    }
+    let mut chunk = ReadChunk { records: Vec::new(), next_offset: job.from, end_of_log: false };
+    if job.until.is_some_and(|until| until <= job.from) {
+        return Ok(chunk);
+    }
+    let deadline = Instant::now() + job.max_wait;
+    while chunk.records.len() < job.max_records {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        match consumer.poll(remaining.min(Duration::from_millis(100))) {
+            None => continue,
+            Some(Ok(message)) => {
+                let offset = message.offset();
+                if offset < chunk.next_offset {
+                    continue;
+                }
+                chunk.next_offset = offset + 1;
+                *position = Some((job.topic.clone(), chunk.next_offset));
+                match message.payload().map(decode_change) {
+                    Some(Ok(envelope)) => chunk.records.push((offset, envelope)),
+                    Some(Err(error)) => {
+                        tracing::error!(topic = %job.topic, offset, %error, "skipping a record that is not a change envelope")
+                    }
+                    None => tracing::error!(topic = %job.topic, offset, "skipping a record without a value"),
+                }
+                if job.until.is_some_and(|until| chunk.next_offset >= until) {
+                    break;
+                }
+            }
+            Some(Err(RdKafkaError::PartitionEOF(_))) => {
+                chunk.end_of_log = true;
+                break;
+            }
+            Some(Err(error)) => {
+                if matches!(
+                    error.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
+                ) {
+                    return Err(KafkaError::OffsetOutOfRange { topic: job.topic.to_string(), offset: chunk.next_offset });
+                }
+                return Err(KafkaError::Client { operation: "read", source: error });
+            }
+        }
+    }
+    Ok(chunk)
+}

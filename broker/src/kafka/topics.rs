@@ -1,0 +1,124 @@
+//! User topics: one per user, one partition, created with the account (never
+//! by auto-creation), and their watermarks.
+
+use std::{sync::Arc, time::Duration};
+
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+    error::RDKafkaErrorCode,
+};
+
+use super::{KafkaError, base_config};
+use crate::settings::KafkaSettings;
+
+/// The log's bounds: the first offset still stored and the offset the next
+/// record will get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    pub log_start: i64,
+    pub log_end: i64,
+}
+
+#[derive(Clone)]
+pub struct Topics {
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    metadata: Arc<BaseConsumer>,
+    settings: KafkaSettings,
+}
+
+impl Topics {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        let admin = base_config(settings, "lockstep-admin")
+            .create()
+            .map_err(KafkaError::client("admin client creation"))?;
+        let metadata = base_config(settings, "lockstep-metadata")
+            .set("enable.auto.commit", "false")
+            .set("group.id", "lockstep.metadata")
+            .create()
+            .map_err(KafkaError::client("metadata client creation"))?;
+        Ok(Self {
+            admin: Arc::new(admin),
+            metadata: Arc::new(metadata),
+            settings: settings.clone(),
+        })
+    }
+
+    /// Waits until the cluster answers a metadata request.
+    pub async fn wait_until_reachable(&self, deadline: Duration) -> Result<(), KafkaError> {
+        let started = std::time::Instant::now();
+        loop {
+            let metadata = self.metadata.clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                metadata
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .map(|found| found.brokers().len())
+            })
+            .await
+            .map_err(|error| KafkaError::Task(error.to_string()))?;
+            match answer {
+                Ok(brokers) if brokers > 0 => return Ok(()),
+                Ok(_) => tracing::info!("kafka answered without brokers, retrying"),
+                Err(error) if started.elapsed() >= deadline => {
+                    return Err(KafkaError::Client { operation: "metadata", source: error });
+                }
+                Err(error) => tracing::info!(%error, "kafka not reachable yet, retrying"),
+            }
+            if started.elapsed() >= deadline {
+                return Err(KafkaError::Timeout("waiting for the cluster"));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Creates the topic of a new user. An existing topic of that name is an
+    /// error: user ids are fresh UUIDs, so it would belong to someone else.
+    pub async fn create_user_topic(&self, topic: &str) -> Result<(), KafkaError> {
+        let retention = self.settings.topic_retention_ms.to_string();
+        let new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(self.settings.replication_factor))
+            .set("retention.ms", &retention)
+            .set("cleanup.policy", "delete");
+        let options = AdminOptions::new()
+            .request_timeout(Some(self.settings.request_timeout))
+            .operation_timeout(Some(self.settings.request_timeout));
+        let results = self
+            .admin
+            .create_topics([&new_topic], &options)
+            .await
+            .map_err(KafkaError::client("create topic"))?;
+        for result in results {
+            if let Err((topic, code)) = result {
+                return Err(KafkaError::Topic { operation: "create topic", topic, code });
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn delete_topic(&self, topic: &str) -> Result<(), KafkaError> {
+        let options = AdminOptions::new().operation_timeout(Some(self.settings.request_timeout));
+        let results = self
+            .admin
+            .delete_topics(&[topic], &options)
+            .await
+            .map_err(KafkaError::client("delete topic"))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((topic, code)) => return Err(KafkaError::Topic { operation: "delete topic", topic, code }),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn watermarks(&self, topic: &str) -> Result<Watermarks, KafkaError> {
+        let metadata = self.metadata.clone();
+        let topic = topic.to_string();
+        let timeout = self.settings.request_timeout;
+        tokio::task::spawn_blocking(move || metadata.fetch_watermarks(&topic, 0, timeout))
+            .await
+            .map_err(|error| KafkaError::Task(error.to_string()))?
+            .map(|(log_start, log_end)| Watermarks { log_start, log_end })
+            .map_err(KafkaError::client("fetch watermarks"))
+    }
+}

@@ -1,0 +1,25 @@
+//! The Lockstep server. Data flow step: *device → gateway → user's topic →
+//! delivery → device*. The server routes ciphertext and never opens it.
+//!
+//! # Layout
+//! - [`gateway`]: takes pushed changes, deduplicates them, produces them to
+//!   the user's topic, answers with offsets once Kafka has them.
+//! - [`delivery`]: streams each user's topic to the user's subscribed devices
+//!   from their committed offsets; commits an offset when the device acks.
+//! - [`accounts`]: users, devices, bearer tokens, pairing tickets.
+//! - [`kafka`]: topics, the producer, the shared readers, group offsets.
+//! - [`server`]: the gRPC services and the `run` entry point.
+//! - [`settings`], [`error`] (the one gRPC status mapping), [`db`].
+
+pub mod accounts;
+pub mod db;
+pub mod delivery;
+pub mod error;
+pub mod gateway;
+pub mod kafka;
+pub mod server;
+pub mod settings;
+pub mod telemetry;
+
+pub use server::run;
+pub use settings::Settings;

@@ -1,0 +1,154 @@
+//! Assembles the server: opens the accounts database, connects to Kafka,
+//! and serves the `lockstep.v1` gRPC services (plus health and reflection)
+//! until `shutdown` resolves; then ends device streams, drains requests and
+//! flushes the producer, in that order.
+
+mod api;
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use lockstep_proto::{
+    FILE_DESCRIPTOR_SET,
+    v1::{accounts_server::AccountsServer, sync_server::SyncServer},
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use api::{AccountsApi, SyncApi};
+
+use crate::{
+    accounts::{Accounts, AccountsError},
+    db::{Db, DbError},
+    delivery::Delivery,
+    gateway::{DedupIndex, Gateway},
+    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, Producer, ReaderPool, Topics},
+    settings::Settings,
+};
+
+/// How long start-up waits for Kafka to answer.
+const KAFKA_STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+/// How long shutdown waits for open requests and for the producer.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Accounts(#[from] AccountsError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("grpc reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct App {
+    pub settings: Settings,
+    pub accounts: Accounts,
+    pub topics: Topics,
+    pub gateway: Gateway,
+    pub delivery: Delivery,
+}
+
+impl App {
+    pub async fn start(settings: Settings) -> Result<(Self, Producer), ServerError> {
+        let db = Db::open(&settings.data_dir)?;
+        let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl).await?;
+        let kafka = &settings.kafka;
+        let topics = Topics::new(kafka)?;
+        tracing::info!(bootstrap_servers = %kafka.bootstrap_servers, "waiting for kafka");
+        topics.wait_until_reachable(KAFKA_STARTUP_DEADLINE).await?;
+        let producer = Producer::new(kafka)?;
+        let readers = ReaderPool::new(kafka, settings.delivery.catchup_readers)?;
+        let offsets = GroupOffsets::connect(GroupOffsetsSettings {
+            bootstrap_servers: kafka.bootstrap_servers.clone(),
+            client_id: "lockstep-offsets".into(),
+            request_timeout: kafka.request_timeout,
+            max_attempts: 5,
+        })
+        .await
+        .map_err(KafkaError::from)?;
+        let delivery = Delivery::new(
+            topics.clone(),
+            readers.clone(),
+            offsets,
+            settings.delivery.clone(),
+            kafka.clone(),
+            settings.limits.max_subscriptions as usize,
+        );
+        let gateway = Gateway::new(
+            producer.clone(),
+            topics.clone(),
+            readers,
+            DedupIndex::new(db),
+            delivery.clone(),
+            kafka.clone(),
+            settings.limits.clone(),
+        );
+        Ok((Self { settings, accounts, topics, gateway, delivery }, producer))
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (app, producer) = App::start(settings).await?;
+    let limits = app.settings.limits.clone();
+    let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AccountsServer<AccountsApi>>().await;
+    health_reporter.set_serving::<SyncServer<SyncApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max_message = limits.max_request_bytes as usize;
+    let accounts_service = AccountsServer::new(AccountsApi::new(app.clone()))
+        .max_decoding_message_size(64 * 1024)
+        .max_encoding_message_size(max_message);
+    let sync_service = SyncServer::new(SyncApi::new(app.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message * 2);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let delivery = app.delivery.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending device streams");
+        health_reporter.set_not_serving::<SyncServer<SyncApi>>().await;
+        delivery.shutdown();
+        let _ = stop_tx.send(());
+    });
+
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(accounts_service)
+        .add_service(sync_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    if let Some(addr) = local_addr {
+        tracing::info!(%addr, "lockstep listening");
+        // A machine-readable line on stdout, for scripts and tests that start the
+        // server on port 0.
+        println!("LOCKSTEP_LISTENING {addr}");
+    }
+    server.await?;
+    tracing::info!("requests drained: flushing the producer");
+    if let Err(error) = producer.flush(DRAIN_DEADLINE).await {
+        tracing::warn!(%error, "producer flush did not finish");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! The gRPC handlers: authenticate, check the request's shape, call the
+//! library, map errors (through `ApiError`, the only place codes are chosen).
+
+use lockstep_proto::v1::{
+    AckRequest, AckResponse, CreateAccountRequest, CreateAccountResponse, CreatePairingTicketRequest,
+    CreatePairingTicketResponse, Device, GetServerInfoRequest, GetServerInfoResponse, ListDevicesRequest,
+    ListDevicesResponse, PushRequest, PushResponse, RedeemPairingTicketRequest, RedeemPairingTicketResponse,
+    RevokeDeviceRequest, RevokeDeviceResponse, SubscribeRequest, accounts_server, sync_server,
+};
+use tonic::{Request, Response, Status};
+
+use super::App;
+use crate::{
+    accounts::AuthedDevice,
+    delivery::SubscribeStream,
+    error::ApiError,
+    gateway::validate::{MAX_CHANGE_ID_CHARS, MAX_RECORD_ID_CHARS},
+    kafka::user_topic,
+};
+
+const MAX_DEVICE_NAME_CHARS: usize = 64;
+const MAX_SECRET_CHARS: usize = 128;
+
+fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedDevice, ApiError> {
+    let header = request.metadata().get("authorization").ok_or_else(|| {
+        ApiError::Unauthenticated("missing credentials: send `authorization: Bearer <device token>` metadata".into())
+    })?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::Unauthenticated("authorization metadata is not readable text".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::Unauthenticated("authorization metadata must be `Bearer <device token>`".into()))?
+        .trim();
+    if token.is_empty() || token.len() > MAX_SECRET_CHARS {
+        return Err(ApiError::Unauthenticated("device token is malformed".into()));
+    }
+    app.accounts
+        .authenticate(token)
+        .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
+}
+
+fn check_device_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(ApiError::InvalidArgument("device_name is missing".into()));
+    }
+    if name.chars().count() > MAX_DEVICE_NAME_CHARS {
+        return Err(ApiError::InvalidArgument(format!(
+            "device_name is longer than {MAX_DEVICE_NAME_CHARS} characters"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::InvalidArgument("device_name contains control characters".into()));
+    }
+    Ok(name.to_string())
+}
+
+/// Constant-time comparison, so the registration secret cannot be guessed byte by byte.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+pub struct AccountsApi {
+    app: App,
+}
+
+impl AccountsApi {
+    pub fn new(app: App) -> Self {
+        Self { app }
+    }
+}
+
+#[tonic::async_trait]
+impl accounts_server::Accounts for AccountsApi {
+    async fn create_account(
+        &self,
+        request: Request<CreateAccountRequest>,
+    ) -> Result<Response<CreateAccountResponse>, Status> {
+        let settings = &self.app.settings.accounts;
+        if !settings.allow_registration {
+            return Err(ApiError::PermissionDenied("this server does not accept new accounts".into()).into());
+        }
+        if let Some(expected) = &settings.registration_secret {
+            let given = request.metadata().get("x-lockstep-registration-secret").map(|value| value.as_bytes());
+            if !given.is_some_and(|given| same_secret(given, expected.as_bytes())) {
+                return Err(ApiError::PermissionDenied(
+                    "creating an account needs the server's registration secret (x-lockstep-registration-secret)".into(),
+                )
+                .into());
+            }
+        }
+        let name = check_device_name(&request.get_ref().device_name)?;
+        let user_id = uuid::Uuid::now_v7().to_string();
+        let topic = user_topic(&self.app.settings.kafka, &user_id);
+        self.app.topics.create_user_topic(&topic).await.map_err(ApiError::from)?;
+        let created = match self.app.accounts.create_account(user_id, name).await {
+            Ok(created) => created,
+            Err(error) => {
+                if let Err(cleanup) = self.app.topics.delete_topic(&topic).await {
+                    tracing::warn!(topic, error = %cleanup, "could not delete the topic of a failed account");
+                }
+                return Err(ApiError::from(error).into());
+            }
+        };
+        tracing::info!(user_id = created.user_id, device_id = created.device_id, "account created");
+        Ok(Response::new(CreateAccountResponse {
+            user_id: created.user_id,
+            device_id: created.device_id,
+            device_token: created.token,
+        }))
+    }
+
+    async fn create_pairing_ticket(
+        &self,
+        request: Request<CreatePairingTicketRequest>,
+    ) -> Result<Response<CreatePairingTicketResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let (ticket, expires_at_ms) =
+            self.app.accounts.create_pairing_ticket(&device).await.map_err(ApiError::from)?;
+        Ok(Response::new(CreatePairingTicketResponse { ticket, expires_at_ms }))
+    }
+
+    async fn redeem_pairing_ticket(
+        &self,
+        request: Request<RedeemPairingTicketRequest>,
+    ) -> Result<Response<RedeemPairingTicketResponse>, Status> {
+        let request = request.into_inner();
+        if request.ticket.is_empty() || request.ticket.len() > MAX_SECRET_CHARS {
+            return Err(ApiError::InvalidArgument("ticket is missing or too long".into()).into());
+        }
+        let name = check_device_name(&request.device_name)?;
+        let created = self.app.accounts.redeem_pairing_ticket(&request.ticket, name).await.map_err(ApiError::from)?;
+        tracing::info!(user_id = created.user_id, device_id = created.device_id, "device paired");
+        Ok(Response::new(RedeemPairingTicketResponse {
+            user_id: created.user_id,
+            device_id: created.device_id,
+            device_token: created.token,
+        }))
+    }
+
+    async fn list_devices(&self, request: Request<ListDevicesRequest>) -> Result<Response<ListDevicesResponse>, Status> {
+        let caller = authenticate(&self.app, &request)?;
+        let records = self.app.accounts.list_devices(&caller.user_id).await.map_err(ApiError::from)?;
+        let mut devices = Vec::with_capacity(records.len());
+        for record in records {
+            let device = AuthedDevice { user_id: caller.user_id.clone(), device_id: record.device_id.as_str().into() };
+            let committed_offset = self.app.delivery.committed_offset(&device).await?.unwrap_or(-1);
+            devices.push(Device {
+                device_id: record.device_id,
+                name: record.name,
+                created_at_ms: record.created_at_ms,
+                revoked_at_ms: record.revoked_at_ms.unwrap_or(0),
+                committed_offset,
+            });
+        }
+        Ok(Response::new(ListDevicesResponse { devices }))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<RevokeDeviceRequest>,
+    ) -> Result<Response<RevokeDeviceResponse>, Status> {
+        let caller = authenticate(&self.app, &request)?;
+        let device_id = &request.get_ref().device_id;
+        if device_id.is_empty() || device_id.len() > 64 {
+            return Err(ApiError::InvalidArgument("device_id is missing or too long".into()).into());
+        }
+        self.app.accounts.revoke_device(&caller.user_id, device_id).await.map_err(ApiError::from)?;
+        self.app.delivery.revoke(device_id);
+        tracing::info!(user_id = %caller.user_id, device_id, revoked_by = %caller.device_id, "device revoked");
+        Ok(Response::new(RevokeDeviceResponse {}))
+    }
+}
+
+pub struct SyncApi {
+    app: App,
+}
+
+impl SyncApi {
+    pub fn new(app: App) -> Self {
+        Self { app }
+    }
+}
+
+#[tonic::async_trait]
+impl sync_server::Sync for SyncApi {
+    async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
+        Ok(Response::new(PushResponse { results }))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let from_offset = request.get_ref().from_offset;
+        Ok(Response::new(self.app.delivery.subscribe(device, from_offset).await?))
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let committed_offset = self.app.delivery.ack(&device, request.get_ref().offset).await?;
+        Ok(Response::new(AckResponse { committed_offset }))
+    }
+
+    async fn get_server_info(
+        &self,
+        _request: Request<GetServerInfoRequest>,
+    ) -> Result<Response<GetServerInfoResponse>, Status> {
+        let settings = &self.app.settings;
+        Ok(Response::new(GetServerInfoResponse {
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            max_changes_per_push: settings.limits.max_changes_per_push,
+            max_ciphertext_bytes: settings.limits.max_ciphertext_bytes,
+            max_request_bytes: settings.limits.max_request_bytes,
+            heartbeat_interval_ms: settings.delivery.heartbeat_interval.as_millis() as u32,
+            max_change_id_chars: MAX_CHANGE_ID_CHARS as u32,
+            max_record_id_chars: MAX_RECORD_ID_CHARS as u32,
+        }))
+    }
+}

@@ -1,0 +1,283 @@
+//! Typed settings: defaults, then a TOML file, then `LOCKSTEP_*` environment
+//! variables (nested keys joined by `__`, e.g. `LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH=100`),
+//! then command-line flags. Every field's doc comment states its default.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address the gRPC server listens on. Default `127.0.0.1:50051`; port 0 picks a free port.
+    pub listen_addr: SocketAddr,
+    /// Directory for the accounts database (`lockstep.db`). Default `./data`.
+    pub data_dir: PathBuf,
+    pub kafka: KafkaSettings,
+    pub limits: LimitsSettings,
+    pub delivery: DeliverySettings,
+    pub accounts: AccountsSettings,
+}
+
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Kafka bootstrap servers. Default `127.0.0.1:9092` (the local Nisshi the run script starts).
+    pub bootstrap_servers: String,
+    /// Prefix of per-user topics: `<prefix><user id>`. Default `lockstep.user.`.
+    pub topic_prefix: String,
+    /// Prefix of per-device consumer groups: `<prefix><device id>`. Default `lockstep.device.`.
+    pub group_prefix: String,
+    /// Replication factor of new user topics. Default 1 (use 3 on a real cluster).
+    pub replication_factor: i32,
+    /// `retention.ms` of new user topics. Default -1 (keep forever, so a device can be
+    /// offline for weeks); a device whose history expired gets a Resync.
+    pub topic_retention_ms: i64,
+    /// How long a push may wait for Kafka's acknowledgement. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub produce_timeout: Duration,
+    /// Timeout of admin and metadata requests. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Producer `linger.ms`. Default 2.
+    pub linger_ms: u32,
+    /// Extra librdkafka properties for every client (e.g. `security.protocol`). Default none.
+    pub client_config: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // client_config may carry SASL passwords: show keys only.
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("group_prefix", &self.group_prefix)
+            .field("replication_factor", &self.replication_factor)
+            .field("topic_retention_ms", &self.topic_retention_ms)
+            .field("produce_timeout", &self.produce_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("linger_ms", &self.linger_ms)
+            .field("client_config_keys", &self.client_config.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Most changes in one Push. Default 500.
+    pub max_changes_per_push: u32,
+    /// Largest ciphertext of one change. Default 256 KiB.
+    pub max_ciphertext_bytes: u32,
+    /// Largest gRPC request message. Default 8 MiB.
+    pub max_request_bytes: u32,
+    /// Concurrent HTTP/2 streams per connection. Default 64.
+    pub max_streams_per_connection: u32,
+    /// Live Subscribe streams the server holds at once. Default 20,000.
+    pub max_subscriptions: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Interval of heartbeats on idle streams. Default 15s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Kafka readers shared by all catching-up devices. Default 4.
+    pub catchup_readers: usize,
+    /// Recent changes kept in memory per user with live subscribers. Default 1,024.
+    pub live_cache_changes: usize,
+    /// Bytes of ciphertext kept in memory per user with live subscribers. Default 4 MiB.
+    pub live_cache_bytes: usize,
+    /// Most changes in one message to a device. Default 256.
+    pub batch_max_changes: usize,
+    /// Messages buffered per device stream before the server waits for the device. Default 4.
+    pub stream_buffer: usize,
+}
+
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountsSettings {
+    /// Whether CreateAccount is open. Default true.
+    pub allow_registration: bool,
+    /// When set, CreateAccount needs this value in `x-lockstep-registration-secret`. Default unset.
+    pub registration_secret: Option<String>,
+    /// Lifetime of a pairing ticket. Default 10 minutes.
+    #[serde(with = "humantime_serde")]
+    pub pairing_ticket_ttl: Duration,
+}
+
+impl fmt::Debug for AccountsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccountsSettings")
+            .field("allow_registration", &self.allow_registration)
+            .field(
+                "registration_secret",
+                &self.registration_secret.as_ref().map(|_| "<hidden>"),
+            )
+            .field("pairing_ticket_ttl", &self.pairing_ticket_ttl)
+            .finish()
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("data"),
+            kafka: KafkaSettings::default(),
+            limits: LimitsSettings::default(),
+            delivery: DeliverySettings::default(),
+            accounts: AccountsSettings::default(),
+        }
+    }
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            topic_prefix: "lockstep.user.".into(),
+            group_prefix: "lockstep.device.".into(),
+            replication_factor: 1,
+            topic_retention_ms: -1,
+            produce_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            linger_ms: 2,
+            client_config: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            max_changes_per_push: 500,
+            max_ciphertext_bytes: 256 * 1024,
+            max_request_bytes: 8 * 1024 * 1024,
+            max_streams_per_connection: 64,
+            max_subscriptions: 20_000,
+        }
+    }
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(15),
+            catchup_readers: 4,
+            live_cache_changes: 1024,
+            live_cache_bytes: 4 * 1024 * 1024,
+            batch_max_changes: 256,
+            stream_buffer: 4,
+        }
+    }
+}
+
+impl Default for AccountsSettings {
+    fn default() -> Self {
+        Self {
+            allow_registration: true,
+            registration_secret: None,
+            pairing_ticket_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid settings: {0}")]
+pub struct SettingsError(#[from] Box<figment::Error>);
+
+impl Settings {
+    /// Defaults, then `file` (if given; it must exist), then `LOCKSTEP_*` variables.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(SettingsError(Box::new(figment::Error::from(format!(
+                    "settings file {} does not exist",
+                    file.display()
+                )))));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("LOCKSTEP_")
+                .ignore(&["KAFKA_BROKERS", "CONFIG", "LOG", "LOG_FORMAT"])
+                .split("__"),
+        );
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let fail = |message: &str| Err(SettingsError(Box::new(figment::Error::from(message.to_string()))));
+        if self.limits.max_changes_per_push == 0 {
+            return fail("limits.max_changes_per_push must be at least 1");
+        }
+        if self.limits.max_ciphertext_bytes == 0
+            || self.limits.max_ciphertext_bytes >= self.limits.max_request_bytes
+        {
+            return fail("limits.max_ciphertext_bytes must be between 1 and limits.max_request_bytes");
+        }
+        if self.delivery.catchup_readers == 0 || self.delivery.batch_max_changes == 0 {
+            return fail("delivery.catchup_readers and delivery.batch_max_changes must be at least 1");
+        }
+        if self.delivery.stream_buffer == 0 || self.delivery.heartbeat_interval.is_zero() {
+            return fail("delivery.stream_buffer and delivery.heartbeat_interval must be non-zero");
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return fail("kafka.bootstrap_servers must not be empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "lockstep.toml",
+                "listen_addr = \"0.0.0.0:7000\"\n[limits]\nmax_changes_per_push = 10\n",
+            )?;
+            jail.set_env("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20");
+            jail.set_env("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "3s");
+            let settings = Settings::load(Some(std::path::Path::new("lockstep.toml")))
+                .map_err(|e| e.to_string())?;
+            assert_eq!(settings.listen_addr.port(), 7000);
+            assert_eq!(settings.limits.max_changes_per_push, 20);
+            assert_eq!(settings.delivery.heartbeat_interval, Duration::from_secs(3));
+            assert_eq!(settings.limits.max_ciphertext_bytes, 256 * 1024);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_and_bad_values_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            assert!(Settings::load(Some(std::path::Path::new("nope.toml"))).is_err());
+            jail.set_env("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "0");
+            let error = Settings::load(None).unwrap_err().to_string();
+            assert!(error.contains("max_changes_per_push"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_hidden_from_debug() {
+        let mut settings = Settings::default();
+        settings.accounts.registration_secret = Some("hunter2".into());
+        settings.kafka.client_config.insert("sasl.password".into(), "hunter3".into());
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
+    }
+}

@@ -1,0 +1,179 @@
+//! The Kafka-facing contract of Lockstep.
+//!
+//! Data flows **gateway → Kafka topic → delivery**. This crate is the middle
+//! step: the exact bytes the gateway writes as a Kafka record value and the
+//! delivery side reads back. Every change a device pushes becomes one
+//! [`ChangeEnvelope`], serialised with the Avro schema in
+//! `avro/change_envelope.avsc` (the source of truth; other-language readers
+//! can use [`CHANGE_ENVELOPE_AVSC`] directly) using Avro *single-object
+//! encoding*:
+//!
+//! ```text
+//! C3 01 | 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema | Avro binary body
+//! ```
+//!
+//! The fingerprint is the Rabin fingerprint of the schema's Parsing Canonical
+//! Form, so any Avro implementation can recompute it from the `.avsc`. It is
+//! how a reader tells envelope versions apart: [`decode_change`] looks it up
+//! in a registry of every envelope schema version this crate ships and
+//! resolves older writer schemas to the current reader schema.
+//!
+//! # Layout
+//!
+//! - `avro/*.avsc` — the schemas, embedded with `include_str!`.
+//! - `src/registry.rs` — parses the embedded schemas once, computes their
+//!   fingerprints, looks writer schemas up by fingerprint.
+//! - `src/canonical.rs` — Parsing Canonical Form and CRC-64-AVRO (done here
+//!   because apache-avro's canonical form is off for logical types).
+//! - `src/wire.rs` — the single-object framing (magic + fingerprint header).
+//! - `src/change.rs` — [`ChangeEnvelope`] / [`Op`] and their mapping to and
+//!   from Avro values.
+//! - this file — the public API and [`SchemaError`].
+
+mod canonical;
+mod change;
+mod registry;
+mod wire;
+
+use std::fmt;
+
+pub use change::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Op};
+pub use wire::{SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MAGIC};
+
+/// The text of `avro/change_envelope.avsc`, the current (writer) schema of
+/// [`ChangeEnvelope`], e.g. for handing to readers written in other languages.
+pub const CHANGE_ENVELOPE_AVSC: &str = include_str!("../avro/change_envelope.avsc");
+
+/// Everything that can go wrong turning an envelope into bytes or back.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// Fewer bytes than the 10-byte single-object header.
+    #[error(
+        "truncated input: {len} byte(s), but an Avro single-object header alone is \
+         {SINGLE_OBJECT_HEADER_LEN} bytes (C3 01 + 8-byte fingerprint)"
+    )]
+    TruncatedHeader { len: usize },
+
+    /// The first two bytes are not the single-object magic `C3 01`.
+    #[error("not Avro single-object encoded: expected magic [C3, 01], found {found:02X?}")]
+    BadMagic { found: Vec<u8> },
+
+    /// The header names a writer schema this build does not know.
+    #[error(
+        "unknown writer schema fingerprint {} (CRC-64-AVRO, little-endian as on the wire); \
+         known change-envelope schema fingerprints: {}",
+        Hex(fingerprint),
+        registry::known_fingerprints_hex()
+    )]
+    UnknownFingerprint { fingerprint: [u8; 8] },
+
+    /// The Avro body could not be decoded with the writer schema (truncated or
+    /// corrupt), or could not be resolved to the current reader schema.
+    #[error("malformed or truncated Avro body: {0}")]
+    MalformedBody(#[source] apache_avro::Error),
+
+    /// A `string`/`bytes` length prefix claims more bytes than the input has.
+    #[error(
+        "malformed or truncated Avro body: field `{field}` claims {claimed} byte(s) \
+         but only {available} remain"
+    )]
+    LengthBeyondInput {
+        field: String,
+        claimed: i64,
+        available: usize,
+    },
+
+    /// The body decoded but bytes were left over after the datum.
+    #[error("{count} unexpected trailing byte(s) after the Avro body")]
+    TrailingBytes { count: usize },
+
+    /// The body decoded to a value of the wrong shape for a field (apache-avro
+    /// yields `null` for some truncated fields instead of an error).
+    #[error(
+        "malformed or truncated Avro body: field `{field}` decoded as {found}, expected {expected}"
+    )]
+    UnexpectedValue {
+        field: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+
+    /// A field decoded fine but its value does not fit the Rust type.
+    #[error("field `{field}` = {value} is out of range ({range})")]
+    FieldOutOfRange {
+        field: &'static str,
+        value: i64,
+        range: &'static str,
+    },
+
+    /// apache-avro refused to encode the value (should not happen for a
+    /// well-formed [`ChangeEnvelope`]).
+    #[error("cannot encode change envelope: {0}")]
+    Encode(#[source] apache_avro::Error),
+}
+
+/// Lower-case hex of a byte slice, for error messages.
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// Avro single-object encoding: 0xC3 0x01, the 8-byte little-endian
+/// CRC-64-AVRO fingerprint of the writer schema, then the Avro binary datum.
+///
+/// Always written with the current schema ([`change_envelope_schema`]). The
+/// envelope's fields are carried as-is; in particular `schema_version` is not
+/// checked against [`CHANGE_ENVELOPE_VERSION`].
+pub fn encode_change(envelope: &ChangeEnvelope) -> Result<Vec<u8>, SchemaError> {
+    let current = registry::current();
+    let mut out = Vec::with_capacity(envelope.max_encoded_len());
+    wire::write_header(&current.fingerprint, &mut out);
+    apache_avro::write_avro_datum_ref(&current.schema, &change::AvroView(envelope), &mut out)
+        .map_err(SchemaError::Encode)?;
+    Ok(out)
+}
+
+/// Reads any known version of the envelope (looks the fingerprint up in a
+/// registry of all envelope schema versions shipped in `avro/`; today only
+/// v1) and resolves it to the current reader schema.
+///
+/// Never panics on arbitrary input; every failure is a [`SchemaError`].
+/// The input must be exactly one datum: trailing bytes are an error.
+pub fn decode_change(bytes: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
+    let (fingerprint, mut body) = wire::split_header(bytes)?;
+    let writer =
+        registry::lookup(&fingerprint).ok_or(SchemaError::UnknownFingerprint { fingerprint })?;
+    wire::check_lengths(&writer.schema, body)?;
+    // Resolution is the identity for the current schema, so skip it there.
+    let reader_schema = (!writer.is_current).then(|| &registry::current().schema);
+    let value = apache_avro::from_avro_datum(&writer.schema, &mut body, reader_schema)
+        .map_err(SchemaError::MalformedBody)?;
+    if !body.is_empty() {
+        return Err(SchemaError::TrailingBytes { count: body.len() });
+    }
+    ChangeEnvelope::from_avro_value(value)
+}
+
+/// The parsed current writer schema of [`ChangeEnvelope`], for tools and tests.
+pub fn change_envelope_schema() -> &'static apache_avro::Schema {
+    &registry::current().schema
+}
+
+/// The CRC-64-AVRO (Rabin) fingerprint of the current schema's Parsing
+/// Canonical Form: the 8 little-endian bytes exactly as they appear on the
+/// wire after `C3 01`.
+pub fn change_envelope_fingerprint() -> [u8; 8] {
+    registry::current().fingerprint
+}
+
+/// The Parsing Canonical Form of the current schema, the exact string
+/// [`change_envelope_fingerprint`] is computed from (for tools and debugging).
+pub fn change_envelope_canonical_form() -> &'static str {
+    &registry::current().canonical_form
+}
+
+#[cfg(test)]
+mod tests;
