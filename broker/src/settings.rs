@@ -207,7 +207,8 @@ impl Settings {
         }
         figment = figment.merge(
             Env::prefixed("LOCKSTEP_")
-                .ignore(&["KAFKA_BROKERS", "CONFIG", "LOG", "LOG_FORMAT"])
+                // Flags of the binary (clap reads these), not settings keys.
+                .ignore(&["KAFKA_BROKERS", "CONFIG", "LISTEN", "LOG_JSON", "LOG"])
                 .split("__"),
         );
         let settings: Settings = figment.extract().map_err(Box::new)?;
@@ -239,6 +240,8 @@ impl Settings {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment::Error, which is large; fine in tests.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -251,6 +254,10 @@ mod tests {
             )?;
             jail.set_env("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20");
             jail.set_env("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "3s");
+            // Variables read by the binary's flags are not settings keys.
+            jail.set_env("LOCKSTEP_LISTEN", "127.0.0.1:0");
+            jail.set_env("LOCKSTEP_KAFKA_BROKERS", "kafka:9092");
+            jail.set_env("LOCKSTEP_LOG_JSON", "true");
             let settings = Settings::load(Some(std::path::Path::new("lockstep.toml")))
                 .map_err(|e| e.to_string())?;
             assert_eq!(settings.listen_addr.port(), 7000);

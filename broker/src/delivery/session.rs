@@ -117,6 +117,21 @@ impl Session {
                 }
                 Err(error) => return Err(error.into()),
             };
+            // Offsets of a user topic are contiguous (no transactions, no
+            // compaction), so a first record after the cursor means the records
+            // at the cursor are gone. Some brokers (Nisshi) serve from the log
+            // start instead of answering OFFSET_OUT_OF_RANGE: never skip silently.
+            if let Some((first, _)) = chunk.records.first()
+                && *first > cursor
+            {
+                let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
+                if cursor < watermarks.log_start {
+                    self.send(Event::Resync(Resync { log_start_offset: watermarks.log_start, previous_offset: cursor }))
+                        .await?;
+                    return Ok(watermarks.log_start);
+                }
+                tracing::warn!(topic = %self.topic, cursor, first, "offsets are not contiguous; delivering what the log has");
+            }
             let got_records = !chunk.records.is_empty();
             if got_records {
                 let changes: Vec<DeliveredChange> = chunk

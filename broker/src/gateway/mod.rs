@@ -47,8 +47,10 @@ pub struct Gateway {
     delivery: Delivery,
     kafka: KafkaSettings,
     limits: LimitsSettings,
-    users: Arc<Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<UserPushState>>>>>,
+    users: Arc<Mutex<HashMap<Arc<str>, SharedPushState>>>,
 }
+
+type SharedPushState = Arc<tokio::sync::Mutex<UserPushState>>;
 
 impl Gateway {
     pub fn new(
@@ -143,8 +145,10 @@ impl Gateway {
                 state.ready = false;
             }
         }
-        drop(state);
+        // Published while the user's push lock is held, so the live tail sees
+        // this user's changes in offset order.
         self.delivery.publish(&device.user_id, published);
+        drop(state);
         Ok(results.into_iter().map(|result| result.unwrap_or_default()).collect())
     }
 
@@ -187,7 +191,7 @@ impl Gateway {
         Ok(through)
     }
 
-    fn user_state(&self, user_id: &Arc<str>) -> Arc<tokio::sync::Mutex<UserPushState>> {
+    fn user_state(&self, user_id: &Arc<str>) -> SharedPushState {
         let mut users = self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         users.entry(user_id.clone()).or_default().clone()
     }

@@ -1,0 +1,223 @@
+//! A real local Kafka for tests: one Nisshi process per test, on a free
+//! port of 127.0.0.1, with sqlite storage in a temporary directory (so a
+//! restart keeps everything). Killed when dropped.
+
+use std::{
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+};
+use tempfile::TempDir;
+
+use crate::{free_port, log_tail};
+
+/// How long Nisshi may take to answer after it was started.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Nisshi {
+    child: Option<Child>,
+    port: u16,
+    bootstrap: String,
+    dir: TempDir,
+}
+
+/// The `nisshi` binary: `$NISSHI_BIN`, else `nisshi` on `PATH`, else `~/.cargo/bin/nisshi`.
+pub fn nisshi_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("NISSHI_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nisshi");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let candidate = Path::new(&home).join(".cargo/bin/nisshi");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "nisshi is not installed: run scripts/test (it installs it) or \
+         `cargo install nisshi --version 0.7.0-pre.2 --locked --features libsql,dynostore`"
+    )
+}
+
+impl Nisshi {
+    /// Starts a fresh, empty broker.
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("lockstep-nisshi-").tempdir()?;
+        let port = free_port()?;
+        let mut nisshi = Self { child: None, port, bootstrap: format!("127.0.0.1:{port}"), dir };
+        nisshi.spawn().await?;
+        Ok(nisshi)
+    }
+
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log_path = self.dir.path().join("nisshi.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let url = format!("tcp://{}", self.bootstrap);
+        let mut command = Command::new(nisshi_binary()?);
+        command
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            // Nisshi takes the sqlite path relative to its working directory.
+            .args(["--storage-engine", "sqlite://kafka.db", "--silent"])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for variable in
+            ["OTEL_EXPORTER_OTLP_ENDPOINT", "CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"]
+        {
+            command.env_remove(variable);
+        }
+        let mut child = command.spawn().context("cannot start nisshi")?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("nisshi exited at start ({status}):\n{}", log_tail(&log_path));
+            }
+            if TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if started.elapsed() > START_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("nisshi did not answer on {} within {START_DEADLINE:?}:\n{}", self.bootstrap, log_tail(&log_path));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Creates a topic the way an operator would (tests that bypass Lockstep).
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        self.create_topic_with(name, partitions, &[]).await
+    }
+
+    pub async fn create_topic_with(&self, name: &str, partitions: i32, config: &[(&str, &str)]) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create()?;
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (key, value) in config {
+            topic = topic.set(key, value);
+        }
+        let results = admin
+            .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .await?;
+        for result in results {
+            result.map_err(|(topic, code)| anyhow::anyhow!("creating topic {topic}: {code}"))?;
+        }
+        Ok(())
+    }
+
+    /// `kill -9`: the broker stops at once; its sqlite file stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port with the same data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+}
+
+impl Drop for Nisshi {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Every record of partition 0 of `topic`, read by a plain rdkafka consumer
+/// (what any Kafka tool would see), decoded as change envelopes.
+pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(i64, lockstep_schemas::ChangeEnvelope)>> {
+    use rdkafka::{
+        Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("lockstep-test-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()?;
+        let (_, log_end) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&topic, 0, Offset::Beginning)?;
+        consumer.assign(&assignment)?;
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    let payload = message.payload().context("record without a value")?;
+                    records.push((message.offset(), lockstep_schemas::decode_change(payload)?));
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    if records.last().is_none_or(|(offset, _)| offset + 1 >= log_end) {
+                        break;
+                    }
+                }
+                Some(Err(error)) => return Err(error.into()),
+                None => {}
+            }
+            if Instant::now() > deadline {
+                bail!("reading {topic} did not finish: {} records of {log_end}", records.len());
+            }
+        }
+        Ok(records)
+    })
+    .await?
+}
+
+/// The committed offset of `group` on partition 0 of `topic`, as rdkafka reads it
+/// (`None` when the group has none).
+pub async fn committed_offset(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<Option<i64>> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let (bootstrap, group, topic) = (bootstrap.to_string(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition(&topic, 0);
+        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10))?;
+        let offset = committed.find_partition(&topic, 0).context("partition missing")?.offset();
+        Ok(match offset {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        })
+    })
+    .await?
+}

@@ -1,0 +1,207 @@
+//! The real `lockstep` binary for tests: started on port 0 against a test's
+//! Nisshi, with its own data directory; `kill -9` and restart keep both.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use lockstep_proto::v1::{accounts_client::AccountsClient, sync_client::SyncClient};
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{log_tail, nisshi::Nisshi};
+
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Server {
+    child: Option<Child>,
+    addr: Option<SocketAddr>,
+    kafka: String,
+    env: Vec<(String, String)>,
+    dir: TempDir,
+}
+
+/// The server binary: `$LOCKSTEP_BIN`, else `<target dir>/debug/lockstep`.
+/// Fails when the binary is older than the server's sources, so a test never
+/// runs yesterday's server (`cargo build --bins` or scripts/test builds it).
+pub fn lockstep_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("LOCKSTEP_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    let binary = target.join("debug").join("lockstep");
+    let built = std::fs::metadata(&binary)
+        .and_then(|metadata| metadata.modified())
+        .map_err(|_| anyhow::anyhow!("{} is missing: run `cargo build --bins` first (scripts/test does)", binary.display()))?;
+    for sources in ["broker/src", "proto/proto", "schemas/avro", "schemas/src"] {
+        let newest = newest_mtime(&workspace.join(sources));
+        if newest > built {
+            bail!("{} is older than {sources}: run `cargo build --bins` first (scripts/test does)", binary.display());
+        }
+    }
+    Ok(binary)
+}
+
+fn newest_mtime(dir: &Path) -> SystemTime {
+    let mut newest = SystemTime::UNIX_EPOCH;
+    let Ok(entries) = std::fs::read_dir(dir) else { return newest };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let mtime = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry.metadata().and_then(|metadata| metadata.modified()).unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        newest = newest.max(mtime);
+    }
+    newest
+}
+
+impl Server {
+    /// Starts a server against `nisshi` with test-friendly settings (1 s heartbeats).
+    pub async fn start(nisshi: &Nisshi) -> anyhow::Result<Self> {
+        Self::start_with(nisshi, &[]).await
+    }
+
+    /// Like [`Server::start`], with extra `LOCKSTEP_*` settings.
+    pub async fn start_with(nisshi: &Nisshi, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut settings = vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL".to_string(), "1s".to_string())];
+        settings.extend(env.iter().map(|(key, value)| (key.to_string(), value.to_string())));
+        let mut server = Self {
+            child: None,
+            addr: None,
+            kafka: nisshi.bootstrap().to_string(),
+            env: settings,
+            dir: tempfile::Builder::new().prefix("lockstep-server-").tempdir()?,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("server was started")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("lockstep.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log_path = self.log_path();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        // A restart listens where the previous process did, so clients reconnect.
+        let listen = self.addr.map_or_else(|| "127.0.0.1:0".to_string(), |addr| addr.to_string());
+        let mut command = Command::new(lockstep_binary()?);
+        command
+            .args(["--listen", &listen, "--kafka-brokers", &self.kafka, "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .env("LOCKSTEP_LOG", "info,lockstep_broker=debug")
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log.try_clone()?);
+        let mut child = command.spawn().context("cannot start lockstep")?;
+        let stdout = child.stdout.take().context("lockstep stdout")?;
+        let (addr_tx, addr_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut log = log;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("LOCKSTEP_LISTENING ") {
+                    let _ = addr_tx.send(addr.trim().to_string());
+                }
+                let _ = writeln!(log, "stdout: {line}");
+            }
+        });
+        let started = std::time::Instant::now();
+        let addr = loop {
+            match addr_rx.try_recv() {
+                Ok(addr) => break addr,
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    let _ = child.wait();
+                    bail!("lockstep exited before listening:\n{}", log_tail(&log_path));
+                }
+            }
+            if started.elapsed() > START_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("lockstep did not start within {START_DEADLINE:?}:\n{}", log_tail(&log_path));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.addr = Some(addr.parse().with_context(|| format!("listening address {addr:?}"))?);
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> anyhow::Result<bool> {
+        let Some(mut child) = self.child.take() else { return Ok(false) };
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("lockstep did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same address with the same data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn().await
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Endpoint::from_shared(self.endpoint())?.connect_timeout(Duration::from_secs(5)).connect().await?)
+    }
+
+    pub async fn accounts(&self) -> anyhow::Result<AccountsClient<Channel>> {
+        Ok(AccountsClient::new(self.channel().await?))
+    }
+
+    pub async fn sync(&self) -> anyhow::Result<SyncClient<Channel>> {
+        Ok(SyncClient::new(self.channel().await?).max_decoding_message_size(64 * 1024 * 1024))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- lockstep log (last lines) ---\n{}", log_tail(&self.log_path()));
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Device → gateway → user's topic → delivery → device, through the real
+//! `lockstep` binary and a real Nisshi.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use lockstep_e2e::{
+    device::{Device, Received, changes, receive_changes, receive_until},
+    nisshi::{Nisshi, committed_offset, read_topic},
+    server::Server,
+};
+use lockstep_proto::v1::ListDevicesRequest;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn topic_of(device: &Device) -> String {
+    format!("lockstep.user.{}", device.user_id)
+}
+
+fn group_of(device: &Device) -> String {
+    format!("lockstep.device.{}", device.device_id)
+}
+
+/// Each change arrives once, in offset order, byte for byte as pushed.
+fn assert_same_changes(received: &Received, pushed: &[lockstep_proto::v1::Change], offsets: &[i64], origin: &str) {
+    assert_eq!(received.offsets(), offsets, "offsets in order, none missing, none repeated");
+    for ((delivered, pushed), offset) in received.changes.iter().zip(pushed).zip(offsets) {
+        assert_eq!(delivered.offset, *offset);
+        assert_eq!(delivered.change.as_ref(), Some(pushed), "change at offset {offset} differs");
+        assert_eq!(delivered.origin_device_id, origin);
+        assert!(delivered.received_at_ms > 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_changes_reach_the_other_device_in_order_and_unchanged() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let phone = Device::create_account(&server, "phone").await?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    assert_eq!(laptop.user_id, phone.user_id);
+    assert_ne!(laptop.device_id, phone.device_id);
+
+    let mut stream = laptop.subscribe(None).await?;
+    let pushed = changes(1000, 1024);
+    let mut offsets = Vec::new();
+    for batch in pushed.chunks(100) {
+        offsets.extend(phone.push_ok(batch.to_vec()).await?);
+    }
+    assert_eq!(offsets, (0..1000).collect::<Vec<i64>>());
+    let received = receive_changes(&mut stream, 1000, WAIT).await?;
+    assert_same_changes(&received, &pushed, &offsets, &phone.device_id);
+
+    // And the other way round, live.
+    let mut phone_stream = phone.subscribe(Some(1000)).await?;
+    let reply = changes(3, 10);
+    let reply_offsets = laptop.push_ok(reply.clone()).await?;
+    let received = receive_changes(&mut phone_stream, 3, WAIT).await?;
+    assert_same_changes(&received, &reply, &reply_offsets, &laptop.device_id);
+
+    // What Kafka holds is exactly what was pushed, readable by any Kafka client.
+    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    assert_eq!(records.len(), 1003);
+    assert_eq!(records[17].1.ciphertext, pushed[17].ciphertext.to_vec());
+    assert_eq!(records[17].1.user_id, phone.user_id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_resumes_after_its_last_ack() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let phone = Device::create_account(&server, "phone").await?;
+    let tablet = phone.pair(&server, "tablet").await?;
+
+    let first = changes(300, 512);
+    phone.push_ok(first.clone()).await?;
+    let mut stream = tablet.subscribe(None).await?;
+    let received = receive_changes(&mut stream, 300, WAIT).await?;
+    assert_eq!(received.offsets(), (0..300).collect::<Vec<i64>>());
+    // The tablet durably applied up to 249 only, then goes offline.
+    assert_eq!(tablet.ack(249).await?, 250);
+    // A lower, late ack does not move the offset back.
+    assert_eq!(tablet.ack(100).await?, 250);
+    drop(stream);
+
+    let more = changes(500, 512);
+    for batch in more.chunks(250) {
+        phone.push_ok(batch.to_vec()).await?;
+    }
+    // The group offset is a standard Kafka consumer-group offset.
+    assert_eq!(committed_offset(nisshi.bootstrap(), &group_of(&tablet), &topic_of(&tablet)).await?, Some(250));
+    let devices = phone.accounts.clone().list_devices(phone.request(ListDevicesRequest {})).await?.into_inner().devices;
+    let listed = devices.iter().find(|device| device.device_id == tablet.device_id).expect("tablet listed");
+    assert_eq!(listed.committed_offset, 250);
+    let listed_phone = devices.iter().find(|device| device.device_id == phone.device_id).expect("phone listed");
+    assert_eq!(listed_phone.committed_offset, -1);
+
+    let mut stream = tablet.subscribe(None).await?;
+    let received = receive_changes(&mut stream, 550, WAIT).await?;
+    // Everything after the ack, in order: the 50 unacked ones again, then the 500 new.
+    assert_eq!(received.offsets(), (250..800).collect::<Vec<i64>>());
+    assert_eq!(received.changes[50].change.as_ref(), Some(&more[0]));
+    assert!(received.resyncs.is_empty());
+
+    // Idle at the end: heartbeats report the log end and the committed offset.
+    let mut idle = Received::default();
+    receive_until(&mut stream, &mut idle, WAIT, |seen| !seen.heartbeats.is_empty()).await?;
+    assert!(idle.changes.is_empty());
+    assert_eq!(idle.heartbeats[0].log_end_offset, 800);
+    assert_eq!(idle.heartbeats[0].committed_offset, 250);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_delivering_loses_nothing_that_was_acknowledged() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let mut server = Server::start(&nisshi).await?;
+    let mut phone = Device::create_account(&server, "phone").await?;
+    let mut laptop = phone.pair(&server, "laptop").await?;
+
+    let pushed = changes(2000, 1024);
+    let mut acknowledged = Vec::new();
+    for batch in pushed.chunks(200) {
+        acknowledged.extend(phone.push_ok(batch.to_vec()).await?);
+    }
+    // The laptop applies and acks as it goes; the server dies mid-stream.
+    let mut stream = laptop.subscribe(None).await?;
+    let mut received = Received::default();
+    receive_until(&mut stream, &mut received, WAIT, |seen| seen.changes.len() >= 700).await?;
+    let applied = received.changes.last().expect("changes").offset;
+    laptop.ack(applied).await?;
+    server.kill9();
+    // The stream breaks; whatever was in flight may or may not have arrived.
+    let mut delivered: BTreeSet<i64> = received.offsets().into_iter().collect();
+    while let Ok(Some(message)) = stream.message().await {
+        if let Some(lockstep_proto::v1::subscribe_response::Event::Changes(batch)) = message.event {
+            delivered.extend(batch.changes.iter().map(|change| change.offset));
+        }
+    }
+
+    server.restart().await?;
+    phone.reconnect(&server).await?;
+    laptop.reconnect(&server).await?;
+    // Pushing goes on after the restart, and a change retried across the restart is not appended twice.
+    let retried = phone.push(pushed[5..7].to_vec()).await?;
+    assert!(retried.iter().all(|result| result.duplicate));
+    let after = changes(100, 1024);
+    acknowledged.extend(phone.push_ok(after.clone()).await?);
+
+    let mut stream = laptop.subscribe(None).await?;
+    let rest = receive_changes(&mut stream, acknowledged.len() - (applied as usize + 1), WAIT).await?;
+    assert_eq!(rest.offsets().first(), Some(&(applied + 1)), "resumes right after the last ack");
+    delivered.extend(rest.offsets());
+    let expected: BTreeSet<i64> = acknowledged.iter().copied().collect();
+    assert_eq!(delivered, expected, "every acknowledged change was delivered");
+    assert_eq!(rest.offsets(), ((applied + 1)..2100).collect::<Vec<i64>>());
+
+    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    assert_eq!(records.len(), 2100, "no change was appended twice");
+
+    // A clean stop (SIGTERM) ends streams and exits successfully.
+    assert!(server.terminate()?, "lockstep exits 0 on SIGTERM");
+    Ok(())
+}
