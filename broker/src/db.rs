@@ -19,10 +19,7 @@ pub enum DbError {
     #[error("accounts database task failed: {0}")]
     Task(String),
     #[error("cannot create data directory {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    DataDir { path: String, source: std::io::Error },
 }
 
 const MIGRATIONS: &str = "
@@ -65,10 +62,8 @@ pub struct Db {
 
 impl Db {
     pub fn open(data_dir: &Path) -> Result<Self, DbError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| DbError::DataDir {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| DbError::DataDir { path: data_dir.display().to_string(), source })?;
         let connection = Connection::open(data_dir.join("lockstep.db"))?;
         // WAL + NORMAL survives a killed process (the kill -9 case); FULL would
         // also survive power loss at the cost of an fsync per commit.
@@ -77,9 +72,7 @@ impl Db {
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(MIGRATIONS)?;
-        Ok(Self {
-            connection: Arc::new(Mutex::new(connection)),
-        })
+        Ok(Self { connection: Arc::new(Mutex::new(connection)) })
     }
 
     /// Runs `work` on a blocking thread with the connection.
@@ -90,9 +83,7 @@ impl Db {
     {
         let connection = self.connection.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = connection
-                .lock()
-                .map_err(|_| DbError::Task("connection mutex poisoned".into()))?;
+            let mut guard = connection.lock().map_err(|_| DbError::Task("connection mutex poisoned".into()))?;
             work(&mut guard)
         })
         .await

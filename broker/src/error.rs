@@ -79,10 +79,9 @@ impl From<ApiError> for Status {
         }
         let retryable = error.is_retryable();
         let mut status = Status::new(code, error.to_string());
-        status.metadata_mut().insert(
-            "x-lockstep-retryable",
-            MetadataValue::from_static(if retryable { "true" } else { "false" }),
-        );
+        status
+            .metadata_mut()
+            .insert("x-lockstep-retryable", MetadataValue::from_static(if retryable { "true" } else { "false" }));
         status
     }
 }

@@ -115,10 +115,7 @@ impl fmt::Debug for AccountsSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccountsSettings")
             .field("allow_registration", &self.allow_registration)
-            .field(
-                "registration_secret",
-                &self.registration_secret.as_ref().map(|_| "<hidden>"),
-            )
+            .field("registration_secret", &self.registration_secret.as_ref().map(|_| "<hidden>"))
             .field("pairing_ticket_ttl", &self.pairing_ticket_ttl)
             .finish()
     }
@@ -180,11 +177,7 @@ impl Default for DeliverySettings {
 
 impl Default for AccountsSettings {
     fn default() -> Self {
-        Self {
-            allow_registration: true,
-            registration_secret: None,
-            pairing_ticket_ttl: Duration::from_secs(600),
-        }
+        Self { allow_registration: true, registration_secret: None, pairing_ticket_ttl: Duration::from_secs(600) }
     }
 }
 
@@ -221,9 +214,7 @@ impl Settings {
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");
         }
-        if self.limits.max_ciphertext_bytes == 0
-            || self.limits.max_ciphertext_bytes >= self.limits.max_request_bytes
-        {
+        if self.limits.max_ciphertext_bytes == 0 || self.limits.max_ciphertext_bytes >= self.limits.max_request_bytes {
             return fail("limits.max_ciphertext_bytes must be between 1 and limits.max_request_bytes");
         }
         if self.delivery.catchup_readers == 0 || self.delivery.batch_max_changes == 0 {
@@ -248,18 +239,14 @@ mod tests {
     #[test]
     fn file_then_env_override_defaults() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "lockstep.toml",
-                "listen_addr = \"0.0.0.0:7000\"\n[limits]\nmax_changes_per_push = 10\n",
-            )?;
+            jail.create_file("lockstep.toml", "listen_addr = \"0.0.0.0:7000\"\n[limits]\nmax_changes_per_push = 10\n")?;
             jail.set_env("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20");
             jail.set_env("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "3s");
             // Variables read by the binary's flags are not settings keys.
             jail.set_env("LOCKSTEP_LISTEN", "127.0.0.1:0");
             jail.set_env("LOCKSTEP_KAFKA_BROKERS", "kafka:9092");
             jail.set_env("LOCKSTEP_LOG_JSON", "true");
-            let settings = Settings::load(Some(std::path::Path::new("lockstep.toml")))
-                .map_err(|e| e.to_string())?;
+            let settings = Settings::load(Some(std::path::Path::new("lockstep.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(settings.listen_addr.port(), 7000);
             assert_eq!(settings.limits.max_changes_per_push, 20);
             assert_eq!(settings.delivery.heartbeat_interval, Duration::from_secs(3));

@@ -7,9 +7,7 @@ use std::{hint::black_box, time::Instant};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Op, decode_change, encode_change};
 
 fn main() {
-    let iterations: u32 = std::env::args()
-        .nth(1)
-        .map_or(100_000, |s| s.parse().expect("iterations must be a number"));
+    let iterations: u32 = std::env::args().nth(1).map_or(100_000, |s| s.parse().expect("iterations must be a number"));
     let envelope = ChangeEnvelope {
         schema_version: CHANGE_ENVELOPE_VERSION,
         user_id: "018f6c1e-7b2a-7cc3-9f00-5b1d2e3f4a5b".into(),
@@ -39,8 +37,5 @@ fn main() {
     }
     let decode = start.elapsed() / iterations;
 
-    println!(
-        "{} bytes on the wire, {iterations} iterations: encode {encode:?}/op, decode {decode:?}/op",
-        bytes.len()
-    );
+    println!("{} bytes on the wire, {iterations} iterations: encode {encode:?}/op, decode {decode:?}/op", bytes.len());
 }

@@ -13,9 +13,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
-pub(crate) const PRIMITIVE_NAMES: [&str; 8] = [
-    "null", "boolean", "int", "long", "float", "double", "bytes", "string",
-];
+pub(crate) const PRIMITIVE_NAMES: [&str; 8] = ["null", "boolean", "int", "long", "float", "double", "bytes", "string"];
 
 /// The Parsing Canonical Form of the schema in `avsc` (JSON text).
 pub(crate) fn parsing_canonical_form(avsc: &str) -> Result<String, String> {
@@ -27,9 +25,7 @@ pub(crate) fn parsing_canonical_form(avsc: &str) -> Result<String, String> {
 
 /// CRC-64-AVRO of `data`: the spec's table-driven Rabin fingerprint.
 pub(crate) fn crc64_avro(data: &[u8]) -> u64 {
-    data.iter().fold(EMPTY, |fp, &b| {
-        (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize]
-    })
+    data.iter().fold(EMPTY, |fp, &b| (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize])
 }
 
 const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
@@ -128,9 +124,7 @@ fn write_object(
             out.push_str(r#","type":"#);
             write_str(ty, out);
             if ty == "record" || ty == "error" {
-                let fields = attr("fields")?
-                    .as_array()
-                    .ok_or("\"fields\" is not an array")?;
+                let fields = attr("fields")?.as_array().ok_or("\"fields\" is not an array")?;
                 out.push_str(r#","fields":["#);
                 for (i, field) in fields.iter().enumerate() {
                     if i > 0 {
@@ -147,9 +141,7 @@ fn write_object(
                 out.push(']');
             }
             if ty == "enum" {
-                let symbols = attr("symbols")?
-                    .as_array()
-                    .ok_or("\"symbols\" is not an array")?;
+                let symbols = attr("symbols")?.as_array().ok_or("\"symbols\" is not an array")?;
                 out.push_str(r#","symbols":["#);
                 for (i, symbol) in symbols.iter().enumerate() {
                     if i > 0 {

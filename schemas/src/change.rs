@@ -82,10 +82,7 @@ impl ChangeEnvelope {
             ("key_epoch".into(), Value::Long(i64::from(self.key_epoch))),
             ("nonce".into(), Value::Bytes(self.nonce.clone())),
             ("ciphertext".into(), Value::Bytes(self.ciphertext.clone())),
-            (
-                "received_at".into(),
-                Value::TimestampMillis(self.received_at_ms),
-            ),
+            ("received_at".into(), Value::TimestampMillis(self.received_at_ms)),
         ])
     }
 
@@ -239,9 +236,5 @@ fn unexpected(field: &'static str, expected: &'static str, found: &Value) -> Sch
         Value::Enum(_, symbol) => format!("enum symbol {symbol:?}"),
         other => format!("{:?}", SchemaKind::from(other)),
     };
-    SchemaError::UnexpectedValue {
-        field,
-        expected,
-        found,
-    }
+    SchemaError::UnexpectedValue { field, expected, found }
 }

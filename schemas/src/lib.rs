@@ -77,11 +77,7 @@ pub enum SchemaError {
         "malformed or truncated Avro body: field `{field}` claims {claimed} byte(s) \
          but only {available} remain"
     )]
-    LengthBeyondInput {
-        field: String,
-        claimed: i64,
-        available: usize,
-    },
+    LengthBeyondInput { field: String, claimed: i64, available: usize },
 
     /// The body decoded but bytes were left over after the datum.
     #[error("{count} unexpected trailing byte(s) after the Avro body")]
@@ -89,22 +85,12 @@ pub enum SchemaError {
 
     /// The body decoded to a value of the wrong shape for a field (apache-avro
     /// yields `null` for some truncated fields instead of an error).
-    #[error(
-        "malformed or truncated Avro body: field `{field}` decoded as {found}, expected {expected}"
-    )]
-    UnexpectedValue {
-        field: &'static str,
-        expected: &'static str,
-        found: String,
-    },
+    #[error("malformed or truncated Avro body: field `{field}` decoded as {found}, expected {expected}")]
+    UnexpectedValue { field: &'static str, expected: &'static str, found: String },
 
     /// A field decoded fine but its value does not fit the Rust type.
     #[error("field `{field}` = {value} is out of range ({range})")]
-    FieldOutOfRange {
-        field: &'static str,
-        value: i64,
-        range: &'static str,
-    },
+    FieldOutOfRange { field: &'static str, value: i64, range: &'static str },
 
     /// apache-avro refused to encode the value (should not happen for a
     /// well-formed [`ChangeEnvelope`]).
@@ -144,13 +130,12 @@ pub fn encode_change(envelope: &ChangeEnvelope) -> Result<Vec<u8>, SchemaError> 
 /// The input must be exactly one datum: trailing bytes are an error.
 pub fn decode_change(bytes: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
     let (fingerprint, mut body) = wire::split_header(bytes)?;
-    let writer =
-        registry::lookup(&fingerprint).ok_or(SchemaError::UnknownFingerprint { fingerprint })?;
+    let writer = registry::lookup(&fingerprint).ok_or(SchemaError::UnknownFingerprint { fingerprint })?;
     wire::check_lengths(&writer.schema, body)?;
     // Resolution is the identity for the current schema, so skip it there.
     let reader_schema = (!writer.is_current).then(|| &registry::current().schema);
-    let value = apache_avro::from_avro_datum(&writer.schema, &mut body, reader_schema)
-        .map_err(SchemaError::MalformedBody)?;
+    let value =
+        apache_avro::from_avro_datum(&writer.schema, &mut body, reader_schema).map_err(SchemaError::MalformedBody)?;
     if !body.is_empty() {
         return Err(SchemaError::TrailingBytes { count: body.len() });
     }

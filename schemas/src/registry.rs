@@ -39,25 +39,15 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     for (file, text, is_current) in sources {
         // The schemas are compiled in; a failure here is a build defect that
         // the crate's own tests catch, so panicking is the right response.
-        let schema = Schema::parse_str(text)
-            .unwrap_or_else(|e| panic!("embedded Avro schema {file} does not parse: {e}"));
-        let canonical_form = canonical::parsing_canonical_form(text)
-            .unwrap_or_else(|e| panic!("embedded Avro schema {file}: {e}"));
+        let schema =
+            Schema::parse_str(text).unwrap_or_else(|e| panic!("embedded Avro schema {file} does not parse: {e}"));
+        let canonical_form =
+            canonical::parsing_canonical_form(text).unwrap_or_else(|e| panic!("embedded Avro schema {file}: {e}"));
         let fingerprint = canonical::crc64_avro(canonical_form.as_bytes()).to_le_bytes();
         if let Some(other) = schemas.iter().find(|s| s.fingerprint == fingerprint) {
-            panic!(
-                "embedded Avro schemas {} and {file} have the same fingerprint {}",
-                other.file,
-                Hex(&fingerprint)
-            );
+            panic!("embedded Avro schemas {} and {file} have the same fingerprint {}", other.file, Hex(&fingerprint));
         }
-        schemas.push(KnownSchema {
-            file,
-            schema,
-            canonical_form,
-            fingerprint,
-            is_current,
-        });
+        schemas.push(KnownSchema { file, schema, canonical_form, fingerprint, is_current });
     }
     Registry { schemas }
 });
@@ -74,17 +64,10 @@ pub(crate) fn all() -> &'static [KnownSchema] {
 
 /// The known writer schema with this fingerprint, if any.
 pub(crate) fn lookup(fingerprint: &[u8; 8]) -> Option<&'static KnownSchema> {
-    REGISTRY
-        .schemas
-        .iter()
-        .find(|s| &s.fingerprint == fingerprint)
+    REGISTRY.schemas.iter().find(|s| &s.fingerprint == fingerprint)
 }
 
 /// `"<hex> (file), ..."` for error messages.
 pub(crate) fn known_fingerprints_hex() -> String {
-    all()
-        .iter()
-        .map(|s| format!("{} ({})", Hex(&s.fingerprint), s.file))
-        .collect::<Vec<_>>()
-        .join(", ")
+    all().iter().map(|s| format!("{} ({})", Hex(&s.fingerprint), s.file)).collect::<Vec<_>>().join(", ")
 }

@@ -78,10 +78,7 @@ fn bad_magic_is_rejected() {
         assert!(matches!(err, SchemaError::BadMagic { .. }), "{err:?}");
     }
     let err = decode_change(b"{}").unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "not Avro single-object encoded: expected magic [C3, 01], found [7B, 7D]"
-    );
+    assert_eq!(err.to_string(), "not Avro single-object encoded: expected magic [C3, 01], found [7B, 7D]");
 }
 
 #[test]
@@ -107,17 +104,11 @@ fn every_truncation_errors() {
     for len in 0..bytes.len() {
         let err = decode_change(&bytes[..len]).expect_err("a strict prefix must not decode");
         if len < SINGLE_OBJECT_HEADER_LEN {
-            assert!(
-                matches!(err, SchemaError::TruncatedHeader { len: l } if l == len),
-                "{len}: {err:?}"
-            );
+            assert!(matches!(err, SchemaError::TruncatedHeader { len: l } if l == len), "{len}: {err:?}");
         }
     }
     // The empty string as the last field: truncation right before it.
-    let envelope = ChangeEnvelope {
-        collection: String::new(),
-        ..sample()
-    };
+    let envelope = ChangeEnvelope { collection: String::new(), ..sample() };
     let bytes = encode_change(&envelope).unwrap();
     for len in 0..bytes.len() {
         assert!(decode_change(&bytes[..len]).is_err(), "prefix {len}");
@@ -139,11 +130,9 @@ fn length_prefix_beyond_input_is_rejected_before_allocating() {
     bytes.push(zigzag as u8);
     bytes.extend_from_slice(b"only a few bytes");
     match decode_change(&bytes) {
-        Err(SchemaError::LengthBeyondInput {
-            field,
-            claimed: c,
-            available,
-        }) => assert_eq!((field.as_str(), c, available), ("user_id", claimed, 16)),
+        Err(SchemaError::LengthBeyondInput { field, claimed: c, available }) => {
+            assert_eq!((field.as_str(), c, available), ("user_id", claimed, 16))
+        }
         other => panic!("expected LengthBeyondInput, got {other:?}"),
     }
 
@@ -152,10 +141,7 @@ fn length_prefix_beyond_input_is_rejected_before_allocating() {
     let good = encode_change(&sample()).unwrap();
     let cut = SINGLE_OBJECT_HEADER_LEN + 1 + 1 + 3;
     let err = decode_change(&good[..cut]).unwrap_err();
-    assert!(
-        matches!(&err, SchemaError::LengthBeyondInput { field, .. } if field == "user_id"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, SchemaError::LengthBeyondInput { field, .. } if field == "user_id"), "{err:?}");
 }
 
 #[test]
@@ -163,18 +149,13 @@ fn trailing_bytes_are_rejected() {
     let mut bytes = encode_change(&sample()).unwrap();
     bytes.extend_from_slice(&[0, 0, 0]);
     let err = decode_change(&bytes).unwrap_err();
-    assert!(
-        matches!(err, SchemaError::TrailingBytes { count: 3 }),
-        "{err:?}"
-    );
+    assert!(matches!(err, SchemaError::TrailingBytes { count: 3 }), "{err:?}");
 }
 
 #[test]
 fn key_epoch_out_of_range_is_rejected() {
     let with_epoch = |epoch: i64| {
-        let Value::Record(mut fields) = sample().to_avro_value() else {
-            unreachable!()
-        };
+        let Value::Record(mut fields) = sample().to_avro_value() else { unreachable!() };
         let slot = fields.iter_mut().find(|(n, _)| n == "key_epoch").unwrap();
         slot.1 = Value::Long(epoch);
         decode_change(&encode_value(Value::Record(fields)))
@@ -197,13 +178,8 @@ fn bad_enum_index_is_rejected() {
     // Short strings: every length prefix is one byte, so the op's index
     // sits right after schema_version (1 byte) and the five strings.
     let envelope = sample();
-    let strings = [
-        &envelope.user_id,
-        &envelope.origin_device_id,
-        &envelope.change_id,
-        &envelope.record_id,
-        &envelope.collection,
-    ];
+    let strings =
+        [&envelope.user_id, &envelope.origin_device_id, &envelope.change_id, &envelope.record_id, &envelope.collection];
     assert!(strings.iter().all(|s| s.len() < 64));
     let op_at = SINGLE_OBJECT_HEADER_LEN + 1 + strings.iter().map(|s| 1 + s.len()).sum::<usize>();
     let mut bytes = encode_change(&envelope).unwrap();
@@ -218,10 +194,7 @@ fn bad_enum_index_is_rejected() {
 
 #[test]
 fn every_bit_flip_is_handled() {
-    let envelope = ChangeEnvelope {
-        ciphertext: vec![0xAB; 40],
-        ..sample()
-    };
+    let envelope = ChangeEnvelope { ciphertext: vec![0xAB; 40], ..sample() };
     let bytes = encode_change(&envelope).unwrap();
     for i in 0..bytes.len() {
         for bit in 0..8 {
@@ -243,16 +216,10 @@ fn registry_versions_resolve_to_current() {
     for known in registry::all() {
         SchemaCompatibility::can_read(&known.schema, current)
             .unwrap_or_else(|e| panic!("{} cannot be read as current: {e}", known.file));
-        assert_eq!(
-            known.fingerprint,
-            crc64_avro(known.canonical_form.as_bytes()).to_le_bytes()
-        );
+        assert_eq!(known.fingerprint, crc64_avro(known.canonical_form.as_bytes()).to_le_bytes());
     }
     assert!(registry::current().is_current);
-    assert_eq!(
-        registry::lookup(&change_envelope_fingerprint()).map(|k| k.file),
-        Some("avro/change_envelope.avsc")
-    );
+    assert_eq!(registry::lookup(&change_envelope_fingerprint()).map(|k| k.file), Some("avro/change_envelope.avsc"));
 }
 
 /// Every envelope schema shipped in avro/ is in the registry, so adding a
@@ -271,10 +238,7 @@ fn every_shipped_envelope_schema_is_registered() {
         let text = std::fs::read_to_string(&path).unwrap();
         let pcf = canonical::parsing_canonical_form(&text).unwrap();
         let fingerprint = crc64_avro(pcf.as_bytes()).to_le_bytes();
-        assert!(
-            registry::lookup(&fingerprint).is_some(),
-            "{name} is not registered in src/registry.rs"
-        );
+        assert!(registry::lookup(&fingerprint).is_some(), "{name} is not registered in src/registry.rs");
     }
     assert_eq!(shipped, registry::all().len());
 }
@@ -292,9 +256,7 @@ fn crc64_avro(data: &[u8]) -> u64 {
         }
         *slot = fp;
     }
-    data.iter().fold(EMPTY, |fp, &b| {
-        (fp >> 8) ^ table[((fp ^ u64::from(b)) & 0xff) as usize]
-    })
+    data.iter().fold(EMPTY, |fp, &b| (fp >> 8) ^ table[((fp ^ u64::from(b)) & 0xff) as usize])
 }
 
 /// (input, canonical form, CRC-64-AVRO as i64) from the Avro project's
@@ -325,27 +287,15 @@ const SPEC_VECTORS: &[(&str, &str, i64)] = &[
         r#"{"name":"x.y.z.foo","type":"enum","symbols":["A1","A2"]}"#,
         -4448647247586288245,
     ),
-    (
-        r#"{"name":"foo","type":"fixed","size":15}"#,
-        r#"{"name":"foo","type":"fixed","size":15}"#,
-        1756455273707447556,
-    ),
+    (r#"{"name":"foo","type":"fixed","size":15}"#, r#"{"name":"foo","type":"fixed","size":15}"#, 1756455273707447556),
     (
         r#"{"name":"PigValue","type":"record",
             "fields":[{"name":"value", "type":["null", "int", "long", "PigValue"]}]}"#,
         r#"{"name":"PigValue","type":"record","fields":[{"name":"value","type":["null","int","long","PigValue"]}]}"#,
         -1759257747318642341,
     ),
-    (
-        r#"{ "items":{"type":"null"}, "type":"array"}"#,
-        r#"{"type":"array","items":"null"}"#,
-        -589620603366471059,
-    ),
-    (
-        r#"{ "values":"string", "type":"map"}"#,
-        r#"{"type":"map","values":"string"}"#,
-        -8732877298790414990,
-    ),
+    (r#"{ "items":{"type":"null"}, "type":"array"}"#, r#"{"type":"array","items":"null"}"#, -589620603366471059),
+    (r#"{ "values":"string", "type":"map"}"#, r#"{"type":"map","values":"string"}"#, -8732877298790414990),
 ];
 
 #[test]
@@ -354,18 +304,9 @@ fn crc64_avro_and_canonical_form_match_spec_vectors() {
     assert_eq!(crc64_avro(b""), 0xc15d_213a_a4d7_a795);
     for &(input, canonical_form, fingerprint) in SPEC_VECTORS {
         let expected = fingerprint.to_le_bytes();
-        assert_eq!(
-            crc64_avro(canonical_form.as_bytes()).to_le_bytes(),
-            expected
-        );
-        assert_eq!(
-            canonical::parsing_canonical_form(input).unwrap(),
-            canonical_form
-        );
-        assert_eq!(
-            canonical::crc64_avro(canonical_form.as_bytes()),
-            fingerprint as u64
-        );
+        assert_eq!(crc64_avro(canonical_form.as_bytes()).to_le_bytes(), expected);
+        assert_eq!(canonical::parsing_canonical_form(input).unwrap(), canonical_form);
+        assert_eq!(canonical::crc64_avro(canonical_form.as_bytes()), fingerprint as u64);
         // apache-avro agrees on the same vectors.
         let schema = Schema::parse_str(input).unwrap();
         assert_eq!(schema.canonical_form(), canonical_form);
@@ -377,18 +318,9 @@ fn crc64_avro_and_canonical_form_match_spec_vectors() {
 fn fingerprint_is_crc64_avro_of_canonical_form() {
     let mine = &registry::current().canonical_form;
     assert!(mine.starts_with(r#"{"name":"lockstep.v1.ChangeEnvelope","type":"record""#));
-    assert!(
-        !mine.contains("doc") && !mine.contains("logicalType"),
-        "{mine}"
-    );
-    assert!(
-        mine.ends_with(r#"{"name":"received_at","type":"long"}]}"#),
-        "{mine}"
-    );
-    assert_eq!(
-        change_envelope_fingerprint(),
-        crc64_avro(mine.as_bytes()).to_le_bytes()
-    );
+    assert!(!mine.contains("doc") && !mine.contains("logicalType"), "{mine}");
+    assert!(mine.ends_with(r#"{"name":"received_at","type":"long"}]}"#), "{mine}");
+    assert_eq!(change_envelope_fingerprint(), crc64_avro(mine.as_bytes()).to_le_bytes());
 }
 
 /// apache-avro's canonical form leaves `{"type":"long"}` where a logical type
@@ -400,9 +332,7 @@ fn canonical_form_agrees_with_apache_avro_modulo_logical_types() {
     let theirs = change_envelope_schema().canonical_form();
     let fixed = canonical::PRIMITIVE_NAMES
         .iter()
-        .fold(theirs.clone(), |pcf, p| {
-            pcf.replace(&format!(r#"{{"type":"{p}"}}"#), &format!(r#""{p}""#))
-        });
+        .fold(theirs.clone(), |pcf, p| pcf.replace(&format!(r#"{{"type":"{p}"}}"#), &format!(r#""{p}""#)));
     assert_eq!(fixed, registry::current().canonical_form);
     if theirs != fixed {
         // Documented divergence: their fingerprint is not the wire one.

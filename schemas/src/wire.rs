@@ -22,9 +22,7 @@ pub(crate) fn split_header(bytes: &[u8]) -> Result<([u8; 8], &[u8]), SchemaError
     // Report a wrong magic even when the input is also too short for a header.
     let magic_len = bytes.len().min(SINGLE_OBJECT_MAGIC.len());
     if bytes[..magic_len] != SINGLE_OBJECT_MAGIC[..magic_len] {
-        return Err(SchemaError::BadMagic {
-            found: bytes[..magic_len].to_vec(),
-        });
+        return Err(SchemaError::BadMagic { found: bytes[..magic_len].to_vec() });
     }
     match bytes.split_first_chunk::<SINGLE_OBJECT_HEADER_LEN>() {
         Some((header, body)) => {
@@ -74,11 +72,9 @@ fn walk(schema: &Schema, field: &str, rest: &mut &[u8]) -> Result<bool, SchemaEr
                     *rest = &rest[len..];
                     Ok(true)
                 }
-                Ok(_) => Err(SchemaError::LengthBeyondInput {
-                    field: field.to_owned(),
-                    claimed: len,
-                    available: rest.len(),
-                }),
+                Ok(_) => {
+                    Err(SchemaError::LengthBeyondInput { field: field.to_owned(), claimed: len, available: rest.len() })
+                }
                 Err(_) => Ok(false), // negative: apache-avro rejects it
             }
         }

@@ -9,8 +9,7 @@
 use std::{fs, path::Path, process::Command};
 
 use lockstep_schemas::{
-    ChangeEnvelope, Op, change_envelope_canonical_form, change_envelope_fingerprint, decode_change,
-    encode_change,
+    ChangeEnvelope, Op, change_envelope_canonical_form, change_envelope_fingerprint, decode_change, encode_change,
 };
 use serde_json::{Value, json};
 
@@ -19,10 +18,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn envelopes() -> Vec<ChangeEnvelope> {
@@ -95,15 +91,8 @@ fn to_json(e: &ChangeEnvelope) -> Value {
 }
 
 fn from_json(v: &Value) -> ChangeEnvelope {
-    let s = |k: &str| {
-        v[k].as_str()
-            .unwrap_or_else(|| panic!("{k} missing in {v}"))
-            .to_owned()
-    };
-    let i = |k: &str| {
-        v[k].as_i64()
-            .unwrap_or_else(|| panic!("{k} missing in {v}"))
-    };
+    let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{k} missing in {v}")).to_owned();
+    let i = |k: &str| v[k].as_i64().unwrap_or_else(|| panic!("{k} missing in {v}"));
     ChangeEnvelope {
         schema_version: i32::try_from(i("schema_version")).unwrap(),
         user_id: s("user_id"),
@@ -137,23 +126,14 @@ fn fastavro_reads_ours_and_we_read_fastavros() {
         fs::write(path, encode_change(e).unwrap()).unwrap();
     }
     let inputs: Vec<Value> = envelopes.iter().map(to_json).collect();
-    fs::write(
-        dir.path().join("python_inputs.json"),
-        serde_json::to_vec(&inputs).unwrap(),
-    )
-    .unwrap();
+    fs::write(dir.path().join("python_inputs.json"), serde_json::to_vec(&inputs).unwrap()).unwrap();
 
-    let output = Command::new("python3")
-        .arg(&script)
-        .arg(&avsc)
-        .arg(dir.path())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run python3 ({e}): this cross-check needs python3 with fastavro \
+    let output = Command::new("python3").arg(&script).arg(&avsc).arg(dir.path()).output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run python3 ({e}): this cross-check needs python3 with fastavro \
                  (pip install fastavro)"
-            )
-        });
+        )
+    });
     assert!(
         output.status.success(),
         "{} failed ({}); it needs python3 with fastavro (pip install fastavro)\n\
@@ -166,10 +146,7 @@ fn fastavro_reads_ours_and_we_read_fastavros() {
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
 
     // fastavro computed canonical form and fingerprint from the .avsc on its own.
-    assert_eq!(
-        report["canonical_form"].as_str().unwrap(),
-        change_envelope_canonical_form()
-    );
+    assert_eq!(report["canonical_form"].as_str().unwrap(), change_envelope_canonical_form());
     assert_eq!(
         report["fingerprint"].as_str().unwrap(),
         hex(&change_envelope_fingerprint()),
@@ -189,9 +166,6 @@ fn fastavro_reads_ours_and_we_read_fastavros() {
         let bytes = fs::read(dir.path().join(format!("py_{i}.bin"))).unwrap();
         assert_eq!(&decode_change(&bytes).unwrap(), e, "py_{i}.bin");
         // Avro binary is canonical for these types, so the bytes match too.
-        assert!(
-            bytes == encode_change(e).unwrap(),
-            "py_{i}.bin differs from Rust's encoding"
-        );
+        assert!(bytes == encode_change(e).unwrap(), "py_{i}.bin differs from Rust's encoding");
     }
 }

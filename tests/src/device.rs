@@ -6,9 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use lockstep_proto::v1::{
-    AckRequest, Change, CreateAccountRequest, CreatePairingTicketRequest, DeliveredChange, Op, PushRequest,
-    PushResult, RedeemPairingTicketRequest, SubscribeRequest, SubscribeResponse, accounts_client::AccountsClient,
-    push_result, subscribe_response::Event, sync_client::SyncClient,
+    AckRequest, Change, CreateAccountRequest, CreatePairingTicketRequest, DeliveredChange, Op, PushRequest, PushResult,
+    RedeemPairingTicketRequest, SubscribeRequest, SubscribeResponse, accounts_client::AccountsClient, push_result,
+    subscribe_response::Event, sync_client::SyncClient,
 };
 use rand::RngCore;
 use tonic::{Request, Status, Streaming, transport::Channel};
@@ -105,9 +105,7 @@ impl Device {
 
 pub fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().expect("token is ascii"));
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("token is ascii"));
     request
 }
 

@@ -102,7 +102,11 @@ impl Nisshi {
             if started.elapsed() > START_DEADLINE {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("nisshi did not answer on {} within {START_DEADLINE:?}:\n{}", self.bootstrap, log_tail(&log_path));
+                bail!(
+                    "nisshi did not answer on {} within {START_DEADLINE:?}:\n{}",
+                    self.bootstrap,
+                    log_tail(&log_path)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -179,11 +183,12 @@ pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(i64
                     let payload = message.payload().context("record without a value")?;
                     records.push((message.offset(), lockstep_schemas::decode_change(payload)?));
                 }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
-                    if records.last().is_none_or(|(offset, _)| offset + 1 >= log_end) {
-                        break;
-                    }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_)))
+                    if records.last().is_none_or(|(offset, _)| offset + 1 >= log_end) =>
+                {
+                    break;
                 }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
                 Some(Err(error)) => return Err(error.into()),
                 None => {}
             }

@@ -37,9 +37,9 @@ pub fn lockstep_binary() -> anyhow::Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
     let binary = target.join("debug").join("lockstep");
-    let built = std::fs::metadata(&binary)
-        .and_then(|metadata| metadata.modified())
-        .map_err(|_| anyhow::anyhow!("{} is missing: run `cargo build --bins` first (scripts/test does)", binary.display()))?;
+    let built = std::fs::metadata(&binary).and_then(|metadata| metadata.modified()).map_err(|_| {
+        anyhow::anyhow!("{} is missing: run `cargo build --bins` first (scripts/test does)", binary.display())
+    })?;
     for sources in ["broker/src", "proto/proto", "schemas/avro", "schemas/src"] {
         let newest = newest_mtime(&workspace.join(sources));
         if newest > built {
@@ -51,7 +51,9 @@ pub fn lockstep_binary() -> anyhow::Result<PathBuf> {
 
 fn newest_mtime(dir: &Path) -> SystemTime {
     let mut newest = SystemTime::UNIX_EPOCH;
-    let Ok(entries) = std::fs::read_dir(dir) else { return newest };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return newest;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let mtime = if path.is_dir() {
@@ -93,6 +95,11 @@ impl Server {
         format!("http://{}", self.addr())
     }
 
+    /// The server's `--data-dir` (its accounts database).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("lockstep.log")
     }
@@ -109,7 +116,7 @@ impl Server {
         let mut command = Command::new(lockstep_binary()?);
         command
             .args(["--listen", &listen, "--kafka-brokers", &self.kafka, "--data-dir"])
-            .arg(self.dir.path().join("data"))
+            .arg(self.data_dir())
             .env("LOCKSTEP_LOG", "info,lockstep_broker=debug")
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
@@ -159,7 +166,9 @@ impl Server {
 
     /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> anyhow::Result<bool> {
-        let Some(mut child) = self.child.take() else { return Ok(false) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
         let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
         if !status.success() {
             bail!("kill -TERM failed");

@@ -32,9 +32,8 @@ async fn rdkafka_committed(bootstrap: &str, group: &str, topic: &str) -> Offset 
     tokio::task::spawn_blocking(move || {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&topic, 0);
-        let got = consumer(&bootstrap, &group)
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed_offsets");
+        let got =
+            consumer(&bootstrap, &group).committed_offsets(tpl, Duration::from_secs(10)).expect("committed_offsets");
         got.find_partition(&topic, 0).expect("partition").offset()
     })
     .await
@@ -45,9 +44,7 @@ async fn rdkafka_committed(bootstrap: &str, group: &str, topic: &str) -> Offset 
 async fn commit_and_fetch_many_groups_concurrently() {
     let nisshi = Nisshi::start().await.unwrap();
     nisshi.create_topic("user.many", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap()))
-        .await
-        .unwrap();
+    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
 
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..50i64 {
@@ -55,10 +52,7 @@ async fn commit_and_fetch_many_groups_concurrently() {
         tasks.spawn(async move {
             let group = format!("lockstep.device.many-{i}");
             offsets.commit(&group, "user.many", 0, 10 * i + 1).await?;
-            offsets
-                .fetch(&group, "user.many", 0)
-                .await
-                .map(|got| (i, got))
+            offsets.fetch(&group, "user.many", 0).await.map(|got| (i, got))
         });
     }
     while let Some(joined) = tasks.join_next().await {
@@ -66,63 +60,29 @@ async fn commit_and_fetch_many_groups_concurrently() {
         assert_eq!(got, Some(10 * i + 1), "group many-{i}");
     }
     // A later commit overwrites, and moving backwards is allowed (a device may rewind).
-    offsets
-        .commit("lockstep.device.many-7", "user.many", 0, 500)
-        .await
-        .unwrap();
-    offsets
-        .commit("lockstep.device.many-7", "user.many", 0, 3)
-        .await
-        .unwrap();
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.many-7", "user.many", 0)
-            .await
-            .unwrap(),
-        Some(3)
-    );
+    offsets.commit("lockstep.device.many-7", "user.many", 0, 500).await.unwrap();
+    offsets.commit("lockstep.device.many-7", "user.many", 0, 3).await.unwrap();
+    assert_eq!(offsets.fetch("lockstep.device.many-7", "user.many", 0).await.unwrap(), Some(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_group_has_no_offset() {
     let nisshi = Nisshi::start().await.unwrap();
     nisshi.create_topic("user.unknown", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap()))
-        .await
-        .unwrap();
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.nobody", "user.unknown", 0)
-            .await
-            .unwrap(),
-        None
-    );
+    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    assert_eq!(offsets.fetch("lockstep.device.nobody", "user.unknown", 0).await.unwrap(), None);
     // Another group's commit does not leak into it.
-    offsets
-        .commit("lockstep.device.somebody", "user.unknown", 0, 9)
-        .await
-        .unwrap();
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.nobody", "user.unknown", 0)
-            .await
-            .unwrap(),
-        None
-    );
+    offsets.commit("lockstep.device.somebody", "user.unknown", 0, 9).await.unwrap();
+    assert_eq!(offsets.fetch("lockstep.device.nobody", "user.unknown", 0).await.unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rdkafka_reads_our_commit_and_we_read_its() {
     let nisshi = Nisshi::start().await.unwrap();
     nisshi.create_topic("user.cross", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap()))
-        .await
-        .unwrap();
+    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
 
-    offsets
-        .commit("lockstep.device.ours", "user.cross", 0, 42)
-        .await
-        .unwrap();
+    offsets.commit("lockstep.device.ours", "user.cross", 0, 42).await.unwrap();
     let seen = rdkafka_committed(nisshi.bootstrap(), "lockstep.device.ours", "user.cross").await;
     assert_eq!(seen, Offset::Offset(42));
 
@@ -131,89 +91,40 @@ async fn rdkafka_reads_our_commit_and_we_read_its() {
     tokio::task::spawn_blocking(move || {
         let consumer = consumer(&bootstrap, "lockstep.device.theirs");
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("user.cross", 0, Offset::Offset(0))
-            .unwrap();
+        tpl.add_partition_offset("user.cross", 0, Offset::Offset(0)).unwrap();
         consumer.assign(&tpl).unwrap();
         let mut commit = TopicPartitionList::new();
-        commit
-            .add_partition_offset("user.cross", 0, Offset::Offset(17))
-            .unwrap();
+        commit.add_partition_offset("user.cross", 0, Offset::Offset(17)).unwrap();
         consumer.commit(&commit, CommitMode::Sync).unwrap();
     })
     .await
     .unwrap();
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.theirs", "user.cross", 0)
-            .await
-            .unwrap(),
-        Some(17)
-    );
+    assert_eq!(offsets.fetch("lockstep.device.theirs", "user.cross", 0).await.unwrap(), Some(17));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_group_forgets_offsets() {
     let nisshi = Nisshi::start().await.unwrap();
     nisshi.create_topic("user.revoke", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap()))
-        .await
-        .unwrap();
-    offsets
-        .commit("lockstep.device.revoked", "user.revoke", 0, 5)
-        .await
-        .unwrap();
-    offsets
-        .commit("lockstep.device.kept", "user.revoke", 0, 6)
-        .await
-        .unwrap();
-    offsets
-        .delete_group("lockstep.device.revoked")
-        .await
-        .unwrap();
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.revoked", "user.revoke", 0)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.kept", "user.revoke", 0)
-            .await
-            .unwrap(),
-        Some(6)
-    );
+    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    offsets.commit("lockstep.device.revoked", "user.revoke", 0, 5).await.unwrap();
+    offsets.commit("lockstep.device.kept", "user.revoke", 0, 6).await.unwrap();
+    offsets.delete_group("lockstep.device.revoked").await.unwrap();
+    assert_eq!(offsets.fetch("lockstep.device.revoked", "user.revoke", 0).await.unwrap(), None);
+    assert_eq!(offsets.fetch("lockstep.device.kept", "user.revoke", 0).await.unwrap(), Some(6));
     // Deleting again (or a group that never existed) is not an error.
-    offsets
-        .delete_group("lockstep.device.revoked")
-        .await
-        .unwrap();
+    offsets.delete_group("lockstep.device.revoked").await.unwrap();
     // The group can commit again afterwards.
-    offsets
-        .commit("lockstep.device.revoked", "user.revoke", 0, 8)
-        .await
-        .unwrap();
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.revoked", "user.revoke", 0)
-            .await
-            .unwrap(),
-        Some(8)
-    );
+    offsets.commit("lockstep.device.revoked", "user.revoke", 0, 8).await.unwrap();
+    assert_eq!(offsets.fetch("lockstep.device.revoked", "user.revoke", 0).await.unwrap(), Some(8));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_loss_is_retryable_and_reconnects() {
     let mut nisshi = Nisshi::start().await.unwrap();
     nisshi.create_topic("user.restart", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap()))
-        .await
-        .unwrap();
-    offsets
-        .commit("lockstep.device.restart", "user.restart", 0, 77)
-        .await
-        .unwrap();
+    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    offsets.commit("lockstep.device.restart", "user.restart", 0, 77).await.unwrap();
 
     // Commits in flight when the broker dies fail (retryably) instead of hanging.
     let mut writers = tokio::task::JoinSet::new();
@@ -242,57 +153,25 @@ async fn broker_loss_is_retryable_and_reconnects() {
     }
     println!("writers stopped {:?} after the kill", started.elapsed());
     let started = Instant::now();
-    let err = offsets
-        .fetch("lockstep.device.restart", "user.restart", 0)
-        .await
-        .unwrap_err();
+    let err = offsets.fetch("lockstep.device.restart", "user.restart", 0).await.unwrap_err();
     assert!(err.is_retryable(), "not retryable: {err}");
     println!("after kill: {err} ({:?})", started.elapsed());
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
-    let err = offsets
-        .commit("lockstep.device.restart", "user.restart", 0, 78)
-        .await
-        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    let err = offsets.commit("lockstep.device.restart", "user.restart", 0, 78).await.unwrap_err();
     assert!(err.is_retryable(), "not retryable: {err}");
 
     nisshi.restart().await.unwrap();
     // Same port, same sqlite file: the committed offset survived, and the client reconnects.
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.restart", "user.restart", 0)
-            .await
-            .unwrap(),
-        Some(77)
-    );
-    offsets
-        .commit("lockstep.device.restart", "user.restart", 0, 79)
-        .await
-        .unwrap();
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.restart", "user.restart", 0)
-            .await
-            .unwrap(),
-        Some(79)
-    );
+    assert_eq!(offsets.fetch("lockstep.device.restart", "user.restart", 0).await.unwrap(), Some(77));
+    offsets.commit("lockstep.device.restart", "user.restart", 0, 79).await.unwrap();
+    assert_eq!(offsets.fetch("lockstep.device.restart", "user.restart", 0).await.unwrap(), Some(79));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_bootstrap_fails_fast() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let started = Instant::now();
-    let err = GroupOffsets::connect(settings(&format!("127.0.0.1:{port}")))
-        .await
-        .err()
-        .expect("error");
+    let err = GroupOffsets::connect(settings(&format!("127.0.0.1:{port}"))).await.err().expect("error");
     assert!(err.is_retryable(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -302,18 +181,10 @@ async fn unreachable_bootstrap_fails_fast() {
 async fn throughput_100_groups_one_connection() {
     let nisshi = Nisshi::start().await.unwrap();
     nisshi.create_topic("user.bench", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap()))
-        .await
-        .unwrap();
-    let rounds: i64 = std::env::var("GROUP_OFFSETS_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    let rounds: i64 = std::env::var("GROUP_OFFSETS_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     for g in 0..100 {
-        offsets
-            .commit(&format!("lockstep.device.bench-{g}"), "user.bench", 0, 0)
-            .await
-            .unwrap();
+        offsets.commit(&format!("lockstep.device.bench-{g}"), "user.bench", 0, 0).await.unwrap();
     }
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -331,15 +202,6 @@ async fn throughput_100_groups_one_connection() {
     }
     let elapsed = started.elapsed();
     let commits = 100 * rounds;
-    println!(
-        "{commits} commits in {elapsed:?}: {:.0} commits/s",
-        commits as f64 / elapsed.as_secs_f64()
-    );
-    assert_eq!(
-        offsets
-            .fetch("lockstep.device.bench-99", "user.bench", 0)
-            .await
-            .unwrap(),
-        Some(rounds)
-    );
+    println!("{commits} commits in {elapsed:?}: {:.0} commits/s", commits as f64 / elapsed.as_secs_f64());
+    assert_eq!(offsets.fetch("lockstep.device.bench-99", "user.bench", 0).await.unwrap(), Some(rounds));
 }

@@ -61,9 +61,8 @@ impl Accounts {
     pub async fn open(db: Db, ticket_ttl: Duration) -> Result<Self, AccountsError> {
         let active = db
             .call(|connection| {
-                let mut statement = connection.prepare(
-                    "SELECT token_hash, user_id, device_id FROM devices WHERE revoked_at_ms IS NULL",
-                )?;
+                let mut statement = connection
+                    .prepare("SELECT token_hash, user_id, device_id FROM devices WHERE revoked_at_ms IS NULL")?;
                 let rows = statement.query_map([], |row| {
                     Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
                 })?;

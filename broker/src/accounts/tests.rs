@@ -50,10 +50,7 @@ async fn revoke_is_scoped_to_the_account() {
     let (_dir, accounts) = accounts(Duration::from_secs(60)).await;
     let alice = accounts.create_account("alice".into(), "laptop".into()).await.unwrap();
     let bob = accounts.create_account("bob".into(), "laptop".into()).await.unwrap();
-    assert!(matches!(
-        accounts.revoke_device("bob", &alice.device_id).await,
-        Err(AccountsError::DeviceNotFound)
-    ));
+    assert!(matches!(accounts.revoke_device("bob", &alice.device_id).await, Err(AccountsError::DeviceNotFound)));
     assert!(accounts.authenticate(&alice.token).is_some());
     let ticket = accounts.create_pairing_ticket(&accounts.authenticate(&alice.token).unwrap()).await.unwrap().0;
     accounts.revoke_device("alice", &alice.device_id).await.unwrap();

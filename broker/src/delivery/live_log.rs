@@ -79,7 +79,9 @@ impl LiveLog {
     /// written by someone else that this process did not see) restarts the
     /// tail at the new change; devices before it read the gap from Kafka.
     pub fn append(&self, changes: impl IntoIterator<Item = Arc<DeliveredChange>>) {
-        let Ok(mut state) = self.state.lock() else { return };
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
         for change in changes {
             let offset = change.offset;
             if !state.known || offset > state.end() {
@@ -104,7 +106,9 @@ impl LiveLog {
     /// A reader reached the end of the log at `end`. If the tail knows less,
     /// start it there, so that waiting devices have a place to wait at.
     pub fn note_end(&self, end: i64) {
-        let Ok(mut state) = self.state.lock() else { return };
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
         if !state.known || end > state.end() {
             state.reset(end);
             drop(state);
@@ -119,7 +123,9 @@ impl LiveLog {
     }
 
     pub fn read(&self, cursor: i64, max_changes: usize) -> LogRead {
-        let Ok(state) = self.state.lock() else { return LogRead::Behind { until: None } };
+        let Ok(state) = self.state.lock() else {
+            return LogRead::Behind { until: None };
+        };
         if !state.known {
             return LogRead::Behind { until: None };
         }

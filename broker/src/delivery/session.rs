@@ -5,7 +5,9 @@ use std::{
     time::Duration,
 };
 
-use lockstep_proto::v1::{ChangeBatch, DeliveredChange, Heartbeat, Resync, SubscribeResponse, subscribe_response::Event};
+use lockstep_proto::v1::{
+    ChangeBatch, DeliveredChange, Heartbeat, Resync, SubscribeResponse, subscribe_response::Event,
+};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, delivered_change};
@@ -48,7 +50,9 @@ impl Session {
         let device_id = self.device.device_id.clone();
         tracing::debug!(device_id = %device_id, topic = %self.topic, "stream started");
         match self.stream().await {
-            Ok(End::DeviceGone) => tracing::debug!(device_id = %device_id, "device closed its stream"),
+            Ok(End::DeviceGone) => {
+                tracing::debug!(device_id = %device_id, "device closed its stream")
+            }
             Err(error) => {
                 tracing::debug!(device_id = %device_id, %error, "stream ended");
                 let _ = self.stream_tx.send(Err(error.into())).await;
@@ -111,8 +115,11 @@ impl Session {
                     if cursor >= watermarks.log_start && cursor <= watermarks.log_end {
                         continue;
                     }
-                    self.send(Event::Resync(Resync { log_start_offset: watermarks.log_start, previous_offset: cursor }))
-                        .await?;
+                    self.send(Event::Resync(Resync {
+                        log_start_offset: watermarks.log_start,
+                        previous_offset: cursor,
+                    }))
+                    .await?;
                     return Ok(watermarks.log_start);
                 }
                 Err(error) => return Err(error.into()),
@@ -126,19 +133,19 @@ impl Session {
             {
                 let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
                 if cursor < watermarks.log_start {
-                    self.send(Event::Resync(Resync { log_start_offset: watermarks.log_start, previous_offset: cursor }))
-                        .await?;
+                    self.send(Event::Resync(Resync {
+                        log_start_offset: watermarks.log_start,
+                        previous_offset: cursor,
+                    }))
+                    .await?;
                     return Ok(watermarks.log_start);
                 }
                 tracing::warn!(topic = %self.topic, cursor, first, "offsets are not contiguous; delivering what the log has");
             }
             let got_records = !chunk.records.is_empty();
             if got_records {
-                let changes: Vec<DeliveredChange> = chunk
-                    .records
-                    .into_iter()
-                    .map(|(offset, envelope)| delivered_change(offset, envelope))
-                    .collect();
+                let changes: Vec<DeliveredChange> =
+                    chunk.records.into_iter().map(|(offset, envelope)| delivered_change(offset, envelope)).collect();
                 self.send(Event::Changes(ChangeBatch { changes })).await?;
             }
             cursor = cursor.max(chunk.next_offset);

@@ -138,7 +138,12 @@ impl DedupIndex {
     /// Stores entries (ignoring ones already there) and, when `advance` is
     /// `Some((from, to))`, moves the user's mark from `from` to `to` — only if
     /// it still is at `from`.
-    pub async fn record(&self, user_id: &str, entries: Vec<IndexEntry>, advance: Option<(i64, i64)>) -> Result<(), DbError> {
+    pub async fn record(
+        &self,
+        user_id: &str,
+        entries: Vec<IndexEntry>,
+        advance: Option<(i64, i64)>,
+    ) -> Result<(), DbError> {
         let user = user_id.to_string();
         self.db
             .call(move |connection| {

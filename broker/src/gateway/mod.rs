@@ -86,7 +86,11 @@ impl Gateway {
                 results[index] = Some(if *stored == digest {
                     PushResult { result: Some(push_result::Result::Offset(*offset)), duplicate: true }
                 } else {
-                    failed(tonic::Code::AlreadyExists, "change_id was already used for a different change".into(), false)
+                    failed(
+                        tonic::Code::AlreadyExists,
+                        "change_id was already used for a different change".into(),
+                        false,
+                    )
                 });
                 continue;
             }
@@ -121,7 +125,8 @@ impl Gateway {
                         origin_device_id: device.device_id.to_string(),
                         received_at_ms,
                     }));
-                    results[index] = Some(PushResult { result: Some(push_result::Result::Offset(offset)), duplicate: false });
+                    results[index] =
+                        Some(PushResult { result: Some(push_result::Result::Offset(offset)), duplicate: false });
                 }
                 Err(error) => {
                     // A failed produce may still have landed (librdkafka cannot always

@@ -20,7 +20,13 @@ fn collection_char(c: char) -> bool {
 }
 
 /// Checks a client-chosen identifier: present, not too long, allowed characters only.
-pub fn check_id(field: &str, value: &str, max_chars: usize, allowed: fn(char) -> bool, what: &str) -> Result<(), String> {
+pub fn check_id(
+    field: &str,
+    value: &str,
+    max_chars: usize,
+    allowed: fn(char) -> bool,
+    what: &str,
+) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("{field} is missing"));
     }
@@ -88,7 +94,8 @@ pub fn validate_batch(changes: &[Change], limits: &LimitsSettings) -> Result<(),
     }
     let mut seen = std::collections::HashMap::with_capacity(changes.len());
     for (index, change) in changes.iter().enumerate() {
-        validate_change(change, limits).map_err(|problem| ApiError::InvalidArgument(format!("changes[{index}]: {problem}")))?;
+        validate_change(change, limits)
+            .map_err(|problem| ApiError::InvalidArgument(format!("changes[{index}]: {problem}")))?;
         if let Some(first) = seen.insert(change.change_id.as_str(), index) {
             return Err(ApiError::InvalidArgument(format!(
                 "changes[{index}]: change_id {} repeats changes[{first}]",
@@ -145,8 +152,7 @@ mod tests {
     fn batch_limits() {
         let limits = LimitsSettings { max_changes_per_push: 2, ..Default::default() };
         assert!(validate_batch(&[], &limits).unwrap_err().to_string().contains("at least one"));
-        let three: Vec<Change> =
-            (0..3).map(|index| Change { change_id: format!("c{index}"), ..good() }).collect();
+        let three: Vec<Change> = (0..3).map(|index| Change { change_id: format!("c{index}"), ..good() }).collect();
         assert!(validate_batch(&three, &limits).unwrap_err().to_string().contains("at most 2 changes"));
         let twice = vec![good(), good()];
         assert!(validate_batch(&twice, &limits).unwrap_err().to_string().contains("repeats changes[0]"));

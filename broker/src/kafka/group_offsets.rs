@@ -16,15 +16,12 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::ResponseError;
-use kafka_protocol::messages::offset_commit_request::{
-    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
-};
+use kafka_protocol::messages::offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic};
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, DeleteGroupsRequest, DeleteGroupsResponse,
-    FindCoordinatorRequest, FindCoordinatorResponse, GroupId, OffsetCommitRequest,
-    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, RequestHeader, ResponseHeader,
-    TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, DeleteGroupsRequest, DeleteGroupsResponse, FindCoordinatorRequest,
+    FindCoordinatorResponse, GroupId, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+    OffsetFetchResponse, RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -78,34 +75,17 @@ pub enum GroupOffsetsError {
     #[error("invalid group offsets settings: {0}")]
     Config(String),
     #[error("cannot connect to kafka broker {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("connection to kafka broker {addr} lost: {reason}")]
     Disconnected { addr: String, reason: String },
     #[error("{api} to kafka broker {addr} timed out after {timeout:?}")]
-    Timeout {
-        api: &'static str,
-        addr: String,
-        timeout: Duration,
-    },
+    Timeout { api: &'static str, addr: String, timeout: Duration },
     /// `topic` is "topic-partition" when the error is about one.
     #[error("{api} for group {group}{} failed: {code} (kafka error code {})",
         .topic.as_deref().map(|t| format!(" on {t}")).unwrap_or_default(), .code.code())]
-    Kafka {
-        api: &'static str,
-        group: String,
-        topic: Option<String>,
-        code: ResponseError,
-    },
+    Kafka { api: &'static str, group: String, topic: Option<String>, code: ResponseError },
     #[error("kafka broker {addr} supports no version of {api} in {min}..={max}")]
-    Unsupported {
-        api: &'static str,
-        addr: String,
-        min: i16,
-        max: i16,
-    },
+    Unsupported { api: &'static str, addr: String, min: i16, max: i16 },
     #[error("bad response from kafka broker {addr}: {message}")]
     Protocol { addr: String, message: String },
 }
@@ -124,10 +104,9 @@ impl GroupOffsetsError {
         use ResponseError::{CoordinatorLoadInProgress, CoordinatorNotAvailable, NotCoordinator};
         match self {
             Self::Connect { .. } | Self::Disconnected { .. } | Self::Timeout { .. } => true,
-            Self::Kafka { code, .. } => matches!(
-                code,
-                NotCoordinator | CoordinatorNotAvailable | CoordinatorLoadInProgress
-            ),
+            Self::Kafka { code, .. } => {
+                matches!(code, NotCoordinator | CoordinatorNotAvailable | CoordinatorLoadInProgress)
+            }
             _ => false,
         }
     }
@@ -153,8 +132,7 @@ impl GroupOffsets {
     pub async fn connect(settings: GroupOffsetsSettings) -> Result<Self, GroupOffsetsError> {
         let servers = settings.bootstrap_servers.split(',').map(str::trim);
         let bootstrap: Vec<String> = servers.filter(|s| !s.is_empty()).map(Into::into).collect();
-        if bootstrap.is_empty() || settings.request_timeout.is_zero() || settings.max_attempts == 0
-        {
+        if bootstrap.is_empty() || settings.request_timeout.is_zero() || settings.max_attempts == 0 {
             return Err(GroupOffsetsError::Config(format!(
                 "need bootstrap servers, a request timeout and attempts: {settings:?}"
             )));
@@ -167,9 +145,7 @@ impl GroupOffsets {
             coordinators: Mutex::default(),
             next_bootstrap: AtomicUsize::new(0),
         };
-        let this = Self {
-            inner: Arc::new(inner),
-        };
+        let this = Self { inner: Arc::new(inner) };
         this.any_conn().await?;
         Ok(this)
     }
@@ -192,14 +168,10 @@ impl GroupOffsets {
             let wanted = OffsetCommitRequestTopic::default()
                 .with_name(TopicName(str_bytes(topic)))
                 .with_partitions(vec![offset]);
-            let req = OffsetCommitRequest::default()
-                .with_group_id(GroupId(str_bytes(group)))
-                .with_topics(vec![wanted]);
+            let req = OffsetCommitRequest::default().with_group_id(GroupId(str_bytes(group))).with_topics(vec![wanted]);
             let resp: OffsetCommitResponse = self.call(&conn, OFFSET_COMMIT, &req).await?;
             let found = resp.topics.iter().filter(|t| t.name.0.as_str() == topic);
-            let found = found
-                .flat_map(|t| &t.partitions)
-                .find(|p| p.partition_index == partition);
+            let found = found.flat_map(|t| &t.partitions).find(|p| p.partition_index == partition);
             let code = found.ok_or_else(|| conn.protocol(format!("no {topic}-{partition}")))?;
             check(OFFSET_COMMIT, group, tp, code.error_code)
         })
@@ -207,27 +179,19 @@ impl GroupOffsets {
     }
 
     /// The committed offset, or None when the group has none for that partition.
-    pub async fn fetch(
-        &self,
-        group: &str,
-        topic: &str,
-        partition: i32,
-    ) -> Result<Option<i64>, GroupOffsetsError> {
+    pub async fn fetch(&self, group: &str, topic: &str, partition: i32) -> Result<Option<i64>, GroupOffsetsError> {
         let tp = Some((topic, partition));
         self.retry(OFFSET_FETCH, group, || async move {
             let conn = self.coordinator(group).await?;
             let wanted = OffsetFetchRequestTopic::default()
                 .with_name(TopicName(str_bytes(topic)))
                 .with_partition_indexes(vec![partition]);
-            let req = OffsetFetchRequest::default()
-                .with_group_id(GroupId(str_bytes(group)))
-                .with_topics(Some(vec![wanted]));
+            let req =
+                OffsetFetchRequest::default().with_group_id(GroupId(str_bytes(group))).with_topics(Some(vec![wanted]));
             let resp: OffsetFetchResponse = self.call(&conn, OFFSET_FETCH, &req).await?;
             check(OFFSET_FETCH, group, None, resp.error_code)?;
             let found = resp.topics.iter().filter(|t| t.name.0.as_str() == topic);
-            let found = found
-                .flat_map(|t| &t.partitions)
-                .find(|p| p.partition_index == partition);
+            let found = found.flat_map(|t| &t.partitions).find(|p| p.partition_index == partition);
             let found = found.ok_or_else(|| conn.protocol(format!("no {topic}-{partition}")))?;
             check(OFFSET_FETCH, group, tp, found.error_code)?;
             Ok((found.committed_offset >= 0).then_some(found.committed_offset))
@@ -240,16 +204,12 @@ impl GroupOffsets {
     pub async fn delete_group(&self, group: &str) -> Result<(), GroupOffsetsError> {
         self.retry(DELETE_GROUPS, group, || async move {
             let conn = self.coordinator(group).await?;
-            let req =
-                DeleteGroupsRequest::default().with_groups_names(vec![GroupId(str_bytes(group))]);
+            let req = DeleteGroupsRequest::default().with_groups_names(vec![GroupId(str_bytes(group))]);
             let resp: DeleteGroupsResponse = self.call(&conn, DELETE_GROUPS, &req).await?;
             let found = resp.results.iter().find(|r| r.group_id.0.as_str() == group);
             let found = found.ok_or_else(|| conn.protocol(format!("no result for {group}")))?;
             match check(DELETE_GROUPS, group, None, found.error_code) {
-                Err(GroupOffsetsError::Kafka {
-                    code: ResponseError::GroupIdNotFound,
-                    ..
-                }) => Ok(()),
+                Err(GroupOffsetsError::Kafka { code: ResponseError::GroupIdNotFound, .. }) => Ok(()),
                 other => other,
             }
         })
@@ -296,10 +256,7 @@ impl GroupOffsets {
         };
         let resp: FindCoordinatorResponse = self.call(&conn, FIND_COORDINATOR, &req).await?;
         let (code, node, host, port) = if v4 {
-            let found = resp
-                .coordinators
-                .into_iter()
-                .find(|c| c.key.as_str() == group);
+            let found = resp.coordinators.into_iter().find(|c| c.key.as_str() == group);
             let c = found.ok_or_else(|| conn.protocol(format!("no coordinator for {group}")))?;
             (c.error_code, c.node_id, c.host, c.port)
         } else {
@@ -337,22 +294,13 @@ impl GroupOffsets {
 
     /// The live connection to `addr`, (re)connecting if there is none.
     async fn conn(&self, addr: &str) -> Result<Arc<Conn>> {
-        let slot = lock(&self.inner.conns)
-            .entry(addr.into())
-            .or_default()
-            .clone();
+        let slot = lock(&self.inner.conns).entry(addr.into()).or_default().clone();
         // Waiting behind another caller's connect is bounded too, so waits never add up.
         let timeout = self.inner.settings.request_timeout;
-        let mut slot = tokio::time::timeout(timeout, slot.lock())
-            .await
-            .map_err(|_| {
-                let addr = addr.to_owned();
-                GroupOffsetsError::Timeout {
-                    api: "connect",
-                    addr,
-                    timeout,
-                }
-            })?;
+        let mut slot = tokio::time::timeout(timeout, slot.lock()).await.map_err(|_| {
+            let addr = addr.to_owned();
+            GroupOffsetsError::Timeout { api: "connect", addr, timeout }
+        })?;
         if let Some(conn) = slot.as_ref().filter(|c| !c.shared.is_dead()) {
             return Ok(conn.clone());
         }
@@ -380,8 +328,7 @@ impl GroupOffsets {
             let got = header.correlation_id;
             return Err(conn.protocol(format!("correlation id {got}, expected {corr}")));
         }
-        Resp::decode(&mut body, version)
-            .map_err(|e| conn.protocol(format!("{name} v{version} response: {e}")))
+        Resp::decode(&mut body, version).map_err(|e| conn.protocol(format!("{name} v{version} response: {e}")))
     }
 }
 
@@ -437,29 +384,16 @@ impl Conn {
         };
         let (stream, advertised) = tokio::time::timeout(timeout, connect)
             .await
-            .map_err(|_| GroupOffsetsError::Timeout {
-                api: "connect",
-                addr: addr.into(),
-                timeout,
-            })?
-            .map_err(|source| GroupOffsetsError::Connect {
-                addr: addr.into(),
-                source,
-            })?;
+            .map_err(|_| GroupOffsetsError::Timeout { api: "connect", addr: addr.into(), timeout })?
+            .map_err(|source| GroupOffsetsError::Connect { addr: addr.into(), source })?;
         let versions = APIS.map(|(key, _, lo, hi)| {
-            let v = advertised
-                .api_keys
-                .iter()
-                .find(|v| v.api_key == key as i16)?;
+            let v = advertised.api_keys.iter().find(|v| v.api_key == key as i16)?;
             let best = v.max_version.min(hi);
             (best >= v.min_version.max(lo)).then_some(best)
         });
         debug!(addr, ?versions, "connected to kafka broker");
         let pending = Mutex::new(Some(HashMap::new()));
-        let shared = Arc::new(Shared {
-            addr: addr.to_owned(),
-            pending,
-        });
+        let shared = Arc::new(Shared { addr: addr.to_owned(), pending });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let (read, write) = stream.into_split();
         let reader = tokio::spawn(read_loop(read, shared.clone()));
@@ -476,28 +410,14 @@ impl Conn {
     fn version(&self, api: usize) -> Result<i16> {
         let (_, name, min, max) = APIS[api];
         let addr = self.shared.addr.clone();
-        self.versions[api].ok_or(GroupOffsetsError::Unsupported {
-            api: name,
-            addr,
-            min,
-            max,
-        })
+        self.versions[api].ok_or(GroupOffsetsError::Unsupported { api: name, addr, min, max })
     }
 
     fn protocol(&self, message: String) -> GroupOffsetsError {
-        GroupOffsetsError::Protocol {
-            addr: self.shared.addr.clone(),
-            message,
-        }
+        GroupOffsetsError::Protocol { addr: self.shared.addr.clone(), message }
     }
 
-    async fn round_trip(
-        &self,
-        corr: i32,
-        frame: Bytes,
-        api: &'static str,
-        timeout: Duration,
-    ) -> Result<Bytes> {
+    async fn round_trip(&self, corr: i32, frame: Bytes, api: &'static str, timeout: Duration) -> Result<Bytes> {
         let (tx, rx) = oneshot::channel();
         match lock(&self.shared.pending).as_mut() {
             Some(pending) => pending.insert(corr, tx),
@@ -506,8 +426,7 @@ impl Conn {
         let exchange = async {
             let sent = self.frames.send(frame).await;
             sent.map_err(|_| self.shared.disconnected("writer stopped"))?;
-            rx.await
-                .map_err(|_| self.shared.disconnected("reader stopped"))?
+            rx.await.map_err(|_| self.shared.disconnected("reader stopped"))?
         };
         let result = tokio::time::timeout(timeout, exchange).await;
         if let Some(pending) = lock(&self.shared.pending).as_mut() {
@@ -555,10 +474,7 @@ async fn read_loop(mut read: OwnedReadHalf, shared: Arc<Shared>) {
             Err(err) => break format!("read failed: {err}"),
         };
         // Every response header starts with the correlation id.
-        let corr = frame
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .map(i32::from_be_bytes);
+        let corr = frame.get(..4).and_then(|b| b.try_into().ok()).map(i32::from_be_bytes);
         let Some(corr) = corr else {
             break "response shorter than its header".to_owned();
         };
@@ -583,16 +499,12 @@ async fn read_frame<R: AsyncRead + Unpin>(read: &mut R) -> std::io::Result<Bytes
 }
 
 /// ApiVersions v3 (Kafka 2.4+), sent before anything else on a new connection.
-async fn negotiate(
-    stream: &mut TcpStream,
-    client_id: &StrBytes,
-) -> std::io::Result<ApiVersionsResponse> {
+async fn negotiate(stream: &mut TcpStream, client_id: &StrBytes) -> std::io::Result<ApiVersionsResponse> {
     const VERSION: i16 = 3;
     let req = ApiVersionsRequest::default()
         .with_client_software_name(StrBytes::from_static_str("lockstep"))
         .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
-    let frame =
-        encode_frame(ApiKey::ApiVersions, VERSION, 0, client_id, &req).map_err(invalid_data)?;
+    let frame = encode_frame(ApiKey::ApiVersions, VERSION, 0, client_id, &req).map_err(invalid_data)?;
     stream.write_all(&frame).await?;
     let mut body = read_frame(stream).await?;
     ResponseHeader::decode(&mut body, ApiVersionsResponse::header_version(VERSION))
@@ -618,9 +530,7 @@ fn encode_frame<R: Encodable + HeaderVersion>(
         .with_client_id(Some(client_id.clone()));
     let mut buf = BytesMut::with_capacity(128);
     buf.put_i32(0); // length, patched below
-    header
-        .encode(&mut buf, R::header_version(version))
-        .map_err(|e| e.to_string())?;
+    header.encode(&mut buf, R::header_version(version)).map_err(|e| e.to_string())?;
     req.encode(&mut buf, version).map_err(|e| e.to_string())?;
     let len = i32::try_from(buf.len() - 4).map_err(|e| e.to_string())?;
     buf[..4].copy_from_slice(&len.to_be_bytes());
@@ -634,12 +544,7 @@ fn check(api: usize, group: &str, topic: Option<(&str, i32)>, code: i16) -> Resu
     };
     let (api, group) = (APIS[api].1, group.to_owned());
     let topic = topic.map(|(t, p)| format!("{t}-{p}"));
-    Err(GroupOffsetsError::Kafka {
-        api,
-        group,
-        topic,
-        code,
-    })
+    Err(GroupOffsetsError::Kafka { api, group, topic, code })
 }
 
 fn str_bytes(s: &str) -> StrBytes {

@@ -32,11 +32,7 @@ pub enum KafkaError {
         source: rdkafka::error::KafkaError,
     },
     #[error("kafka {operation} for topic {topic} failed: {code}")]
-    Topic {
-        operation: &'static str,
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
+    Topic { operation: &'static str, topic: String, code: RDKafkaErrorCode },
     #[error("offset {offset} is no longer in topic {topic}")]
     OffsetOutOfRange { topic: String, offset: i64 },
     #[error("kafka group offsets: {0}")]

@@ -37,10 +37,8 @@ impl Producer {
         payload: &[u8],
     ) -> impl Future<Output = Result<i64, KafkaError>> + Send + 'static {
         let record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
-        let enqueued = self.inner.send_result(record).map_err(|(source, _)| KafkaError::Client {
-            operation: "produce",
-            source,
-        });
+        let enqueued =
+            self.inner.send_result(record).map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
         async move {
             match enqueued?.await {
                 Ok(Ok(delivery)) => Ok(delivery.offset),

@@ -80,20 +80,12 @@ impl ReaderPool {
                 .map_err(|error| KafkaError::Task(error.to_string()))?;
             idle.push(job_tx);
         }
-        Ok(Self {
-            idle: Arc::new(Mutex::new(idle)),
-            permits: Arc::new(Semaphore::new(readers)),
-        })
+        Ok(Self { idle: Arc::new(Mutex::new(idle)), permits: Arc::new(Semaphore::new(readers)) })
     }
 
     /// Waits for a free reader.
     pub async fn lease(&self) -> Result<ReaderLease, KafkaError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| KafkaError::WorkerGone("reader pool"))?;
+        let permit = self.permits.clone().acquire_owned().await.map_err(|_| KafkaError::WorkerGone("reader pool"))?;
         let job_tx = self
             .idle
             .lock()
@@ -184,7 +176,9 @@ fn run_job(
                     Some(Err(error)) => {
                         tracing::error!(topic = %job.topic, offset, %error, "skipping a record that is not a change envelope")
                     }
-                    None => tracing::error!(topic = %job.topic, offset, "skipping a record without a value"),
+                    None => {
+                        tracing::error!(topic = %job.topic, offset, "skipping a record without a value")
+                    }
                 }
                 if job.until.is_some_and(|until| chunk.next_offset >= until) {
                     break;
@@ -199,11 +193,37 @@ fn run_job(
                     error.rdkafka_error_code(),
                     Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
                 ) {
-                    return Err(KafkaError::OffsetOutOfRange { topic: job.topic.to_string(), offset: chunk.next_offset });
+                    return Err(KafkaError::OffsetOutOfRange {
+                        topic: job.topic.to_string(),
+                        offset: chunk.next_offset,
+                    });
+                }
+                if is_transient(&error) {
+                    // librdkafka reconnects by itself (e.g. the broker restarted):
+                    // keep polling until the job's deadline.
+                    tracing::debug!(topic = %job.topic, %error, "transient kafka error while reading");
+                    continue;
                 }
                 return Err(KafkaError::Client { operation: "read", source: error });
             }
         }
     }
     Ok(chunk)
+}
+
+/// Errors librdkafka reports while it recovers on its own.
+fn is_transient(error: &RdKafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+        )
+    )
 }

@@ -30,19 +30,14 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
-        let admin = base_config(settings, "lockstep-admin")
-            .create()
-            .map_err(KafkaError::client("admin client creation"))?;
+        let admin =
+            base_config(settings, "lockstep-admin").create().map_err(KafkaError::client("admin client creation"))?;
         let metadata = base_config(settings, "lockstep-metadata")
             .set("enable.auto.commit", "false")
             .set("group.id", "lockstep.metadata")
             .create()
             .map_err(KafkaError::client("metadata client creation"))?;
-        Ok(Self {
-            admin: Arc::new(admin),
-            metadata: Arc::new(metadata),
-            settings: settings.clone(),
-        })
+        Ok(Self { admin: Arc::new(admin), metadata: Arc::new(metadata), settings: settings.clone() })
     }
 
     /// Waits until the cluster answers a metadata request.
@@ -51,9 +46,7 @@ impl Topics {
         loop {
             let metadata = self.metadata.clone();
             let answer = tokio::task::spawn_blocking(move || {
-                metadata
-                    .fetch_metadata(None, Duration::from_secs(2))
-                    .map(|found| found.brokers().len())
+                metadata.fetch_metadata(None, Duration::from_secs(2)).map(|found| found.brokers().len())
             })
             .await
             .map_err(|error| KafkaError::Task(error.to_string()))?;
@@ -82,11 +75,8 @@ impl Topics {
         let options = AdminOptions::new()
             .request_timeout(Some(self.settings.request_timeout))
             .operation_timeout(Some(self.settings.request_timeout));
-        let results = self
-            .admin
-            .create_topics([&new_topic], &options)
-            .await
-            .map_err(KafkaError::client("create topic"))?;
+        let results =
+            self.admin.create_topics([&new_topic], &options).await.map_err(KafkaError::client("create topic"))?;
         for result in results {
             if let Err((topic, code)) = result {
                 return Err(KafkaError::Topic { operation: "create topic", topic, code });
@@ -97,15 +87,13 @@ impl Topics {
 
     pub async fn delete_topic(&self, topic: &str) -> Result<(), KafkaError> {
         let options = AdminOptions::new().operation_timeout(Some(self.settings.request_timeout));
-        let results = self
-            .admin
-            .delete_topics(&[topic], &options)
-            .await
-            .map_err(KafkaError::client("delete topic"))?;
+        let results = self.admin.delete_topics(&[topic], &options).await.map_err(KafkaError::client("delete topic"))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-                Err((topic, code)) => return Err(KafkaError::Topic { operation: "delete topic", topic, code }),
+                Err((topic, code)) => {
+                    return Err(KafkaError::Topic { operation: "delete topic", topic, code });
+                }
             }
         }
         Ok(())

@@ -25,9 +25,8 @@ fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedDevice, ApiE
     let header = request.metadata().get("authorization").ok_or_else(|| {
         ApiError::Unauthenticated("missing credentials: send `authorization: Bearer <device token>` metadata".into())
     })?;
-    let value = header
-        .to_str()
-        .map_err(|_| ApiError::Unauthenticated("authorization metadata is not readable text".into()))?;
+    let value =
+        header.to_str().map_err(|_| ApiError::Unauthenticated("authorization metadata is not readable text".into()))?;
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
@@ -36,9 +35,7 @@ fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedDevice, ApiE
     if token.is_empty() || token.len() > MAX_SECRET_CHARS {
         return Err(ApiError::Unauthenticated("device token is malformed".into()));
     }
-    app.accounts
-        .authenticate(token)
-        .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
+    app.accounts.authenticate(token).ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
 }
 
 fn check_device_name(name: &str) -> Result<String, ApiError> {
@@ -86,7 +83,8 @@ impl accounts_server::Accounts for AccountsApi {
             let given = request.metadata().get("x-lockstep-registration-secret").map(|value| value.as_bytes());
             if !given.is_some_and(|given| same_secret(given, expected.as_bytes())) {
                 return Err(ApiError::PermissionDenied(
-                    "creating an account needs the server's registration secret (x-lockstep-registration-secret)".into(),
+                    "creating an account needs the server's registration secret (x-lockstep-registration-secret)"
+                        .into(),
                 )
                 .into());
             }
@@ -117,8 +115,7 @@ impl accounts_server::Accounts for AccountsApi {
         request: Request<CreatePairingTicketRequest>,
     ) -> Result<Response<CreatePairingTicketResponse>, Status> {
         let device = authenticate(&self.app, &request)?;
-        let (ticket, expires_at_ms) =
-            self.app.accounts.create_pairing_ticket(&device).await.map_err(ApiError::from)?;
+        let (ticket, expires_at_ms) = self.app.accounts.create_pairing_ticket(&device).await.map_err(ApiError::from)?;
         Ok(Response::new(CreatePairingTicketResponse { ticket, expires_at_ms }))
     }
 
@@ -140,7 +137,10 @@ impl accounts_server::Accounts for AccountsApi {
         }))
     }
 
-    async fn list_devices(&self, request: Request<ListDevicesRequest>) -> Result<Response<ListDevicesResponse>, Status> {
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
         let caller = authenticate(&self.app, &request)?;
         let records = self.app.accounts.list_devices(&caller.user_id).await.map_err(ApiError::from)?;
         let mut devices = Vec::with_capacity(records.len());
