@@ -1,0 +1,30 @@
+//! The API through an independent gRPC implementation (Python grpcio, with
+//! stubs generated from our .proto files by grpcio-tools): what a non-Rust
+//! device would see. scripts/test installs grpcio; without it this test fails.
+
+use std::{path::Path, process::Command};
+
+use lockstep_e2e::{nisshi::Nisshi, server::Server};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_grpcio_device_can_sync() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let address = server.addr().to_string();
+    let output = tokio::task::spawn_blocking({
+        let script = here.join("python/grpc_check.py");
+        let protos = here.join("../proto/proto");
+        move || Command::new("python3").arg(script).arg(address).arg(protos).output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "grpcio check failed ({}); install with `python3 -m pip install grpcio grpcio-tools`\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("grpcio client: ok"), "{stdout}");
+    Ok(())
+}
