@@ -8,28 +8,24 @@
 //! group (cached), and "simple" member-less OffsetCommit/OffsetFetch (generation -1, empty member
 //! id), which is what Kafka tools (kcat, kafka-consumer-groups, confluent-kafka) read back.
 
+mod conn;
+
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use conn::{Conn, encode_frame};
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic};
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, DeleteGroupsRequest, DeleteGroupsResponse, FindCoordinatorRequest,
-    FindCoordinatorResponse, GroupId, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
-    OffsetFetchResponse, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, DeleteGroupsRequest, DeleteGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse, GroupId,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::AbortHandle;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// The APIs used and the versions this module speaks (inclusive). FindCoordinator v4+ batches
 /// keys; OffsetCommit v9+ is for KIP-848 members; OffsetFetch v8+ moves groups into an array.
@@ -305,7 +301,7 @@ impl GroupOffsets {
             return Ok(conn.clone());
         }
         *slot = None;
-        let conn = Arc::new(Conn::open(addr, &self.inner).await?);
+        let conn = Arc::new(Conn::open(addr, self.inner.settings.request_timeout, &self.inner.client_id).await?);
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -332,211 +328,6 @@ impl GroupOffsets {
     }
 }
 
-type Waiter = oneshot::Sender<Result<Bytes>>;
-
-/// State shared by a connection's handle, writer and reader. `pending` is None once the
-/// connection is dead, so no request can be registered after its waiters were failed.
-struct Shared {
-    addr: String,
-    pending: Mutex<Option<HashMap<i32, Waiter>>>,
-}
-
-impl Shared {
-    fn is_dead(&self) -> bool {
-        lock(&self.pending).is_none()
-    }
-
-    fn fail_all(&self, reason: &str) {
-        let Some(pending) = lock(&self.pending).take() else {
-            return;
-        };
-        warn!(addr = %self.addr, in_flight = pending.len(), reason, "kafka connection closed");
-        for (_, waiter) in pending {
-            let _ = waiter.send(Err(self.disconnected(reason)));
-        }
-    }
-
-    fn disconnected(&self, reason: &str) -> GroupOffsetsError {
-        let (addr, reason) = (self.addr.clone(), reason.to_owned());
-        GroupOffsetsError::Disconnected { addr, reason }
-    }
-}
-
-/// One pipelined connection: callers register a oneshot under their correlation id and queue
-/// the frame for the writer task; the reader task hands each response to its waiter.
-struct Conn {
-    shared: Arc<Shared>,
-    frames: mpsc::Sender<Bytes>,
-    /// Negotiated version per entry of `APIS`, None when the broker and we share none.
-    versions: [Option<i16>; APIS.len()],
-    next_correlation_id: AtomicI32,
-    tasks: [AbortHandle; 2],
-}
-
-impl Conn {
-    async fn open(addr: &str, inner: &Inner) -> Result<Self> {
-        let timeout = inner.settings.request_timeout;
-        let connect = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let versions = negotiate(&mut stream, &inner.client_id).await?;
-            Ok::<_, std::io::Error>((stream, versions))
-        };
-        let (stream, advertised) = tokio::time::timeout(timeout, connect)
-            .await
-            .map_err(|_| GroupOffsetsError::Timeout { api: "connect", addr: addr.into(), timeout })?
-            .map_err(|source| GroupOffsetsError::Connect { addr: addr.into(), source })?;
-        let versions = APIS.map(|(key, _, lo, hi)| {
-            let v = advertised.api_keys.iter().find(|v| v.api_key == key as i16)?;
-            let best = v.max_version.min(hi);
-            (best >= v.min_version.max(lo)).then_some(best)
-        });
-        debug!(addr, ?versions, "connected to kafka broker");
-        let pending = Mutex::new(Some(HashMap::new()));
-        let shared = Arc::new(Shared { addr: addr.to_owned(), pending });
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let (read, write) = stream.into_split();
-        let reader = tokio::spawn(read_loop(read, shared.clone()));
-        let writer = tokio::spawn(write_loop(write, rx, shared.clone()));
-        Ok(Self {
-            shared,
-            frames: tx,
-            versions,
-            next_correlation_id: AtomicI32::new(1),
-            tasks: [reader.abort_handle(), writer.abort_handle()],
-        })
-    }
-
-    fn version(&self, api: usize) -> Result<i16> {
-        let (_, name, min, max) = APIS[api];
-        let addr = self.shared.addr.clone();
-        self.versions[api].ok_or(GroupOffsetsError::Unsupported { api: name, addr, min, max })
-    }
-
-    fn protocol(&self, message: String) -> GroupOffsetsError {
-        GroupOffsetsError::Protocol { addr: self.shared.addr.clone(), message }
-    }
-
-    async fn round_trip(&self, corr: i32, frame: Bytes, api: &'static str, timeout: Duration) -> Result<Bytes> {
-        let (tx, rx) = oneshot::channel();
-        match lock(&self.shared.pending).as_mut() {
-            Some(pending) => pending.insert(corr, tx),
-            None => return Err(self.shared.disconnected("connection already closed")),
-        };
-        let exchange = async {
-            let sent = self.frames.send(frame).await;
-            sent.map_err(|_| self.shared.disconnected("writer stopped"))?;
-            rx.await.map_err(|_| self.shared.disconnected("reader stopped"))?
-        };
-        let result = tokio::time::timeout(timeout, exchange).await;
-        if let Some(pending) = lock(&self.shared.pending).as_mut() {
-            pending.remove(&corr);
-        }
-        result.unwrap_or_else(|_| {
-            // A broker that does not answer in time gets a fresh connection next time.
-            self.shared.fail_all("request timed out");
-            self.tasks.iter().for_each(AbortHandle::abort);
-            let addr = self.shared.addr.clone();
-            Err(GroupOffsetsError::Timeout { api, addr, timeout })
-        })
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.tasks.iter().for_each(AbortHandle::abort);
-    }
-}
-
-async fn write_loop(write: OwnedWriteHalf, mut frames: mpsc::Receiver<Bytes>, shared: Arc<Shared>) {
-    let mut write = BufWriter::new(write);
-    while let Some(frame) = frames.recv().await {
-        // Write everything already queued, then flush once.
-        let mut result = write.write_all(&frame).await;
-        while let (true, Ok(frame)) = (result.is_ok(), frames.try_recv()) {
-            result = write.write_all(&frame).await;
-        }
-        if let Err(err) = async {
-            result?;
-            write.flush().await
-        }
-        .await
-        {
-            return shared.fail_all(&format!("write failed: {err}"));
-        }
-    }
-}
-
-async fn read_loop(mut read: OwnedReadHalf, shared: Arc<Shared>) {
-    let reason = loop {
-        let frame = match read_frame(&mut read).await {
-            Ok(frame) => frame,
-            Err(err) => break format!("read failed: {err}"),
-        };
-        // Every response header starts with the correlation id.
-        let corr = frame.get(..4).and_then(|b| b.try_into().ok()).map(i32::from_be_bytes);
-        let Some(corr) = corr else {
-            break "response shorter than its header".to_owned();
-        };
-        match lock(&shared.pending).as_mut().and_then(|p| p.remove(&corr)) {
-            Some(waiter) => {
-                let _ = waiter.send(Ok(frame));
-            }
-            None => debug!(addr = %shared.addr, corr, "dropping response to an abandoned request"),
-        }
-    };
-    shared.fail_all(&reason);
-}
-
-async fn read_frame<R: AsyncRead + Unpin>(read: &mut R) -> std::io::Result<Bytes> {
-    let len = read.read_i32().await?;
-    let Some(len) = usize::try_from(len).ok().filter(|len| *len <= MAX_FRAME) else {
-        return Err(invalid_data(format!("bad frame length {len}")));
-    };
-    let mut buf = BytesMut::zeroed(len);
-    read.read_exact(&mut buf).await?;
-    Ok(buf.freeze())
-}
-
-/// ApiVersions v3 (Kafka 2.4+), sent before anything else on a new connection.
-async fn negotiate(stream: &mut TcpStream, client_id: &StrBytes) -> std::io::Result<ApiVersionsResponse> {
-    const VERSION: i16 = 3;
-    let req = ApiVersionsRequest::default()
-        .with_client_software_name(StrBytes::from_static_str("lockstep"))
-        .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
-    let frame = encode_frame(ApiKey::ApiVersions, VERSION, 0, client_id, &req).map_err(invalid_data)?;
-    stream.write_all(&frame).await?;
-    let mut body = read_frame(stream).await?;
-    ResponseHeader::decode(&mut body, ApiVersionsResponse::header_version(VERSION))
-        .and_then(|_| ApiVersionsResponse::decode(&mut body, VERSION))
-        .map_err(|e| invalid_data(format!("ApiVersions response: {e}")))
-        .and_then(|resp| match ResponseError::try_from_code(resp.error_code) {
-            Some(err) => Err(invalid_data(format!("ApiVersions failed: {err}"))),
-            None => Ok(resp),
-        })
-}
-
-fn encode_frame<R: Encodable + HeaderVersion>(
-    key: ApiKey,
-    version: i16,
-    corr: i32,
-    client_id: &StrBytes,
-    req: &R,
-) -> Result<Bytes, String> {
-    let header = RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(corr)
-        .with_client_id(Some(client_id.clone()));
-    let mut buf = BytesMut::with_capacity(128);
-    buf.put_i32(0); // length, patched below
-    header.encode(&mut buf, R::header_version(version)).map_err(|e| e.to_string())?;
-    req.encode(&mut buf, version).map_err(|e| e.to_string())?;
-    let len = i32::try_from(buf.len() - 4).map_err(|e| e.to_string())?;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    Ok(buf.freeze())
-}
-
 /// Maps a Kafka error code to a readable error naming the API, group and topic-partition.
 fn check(api: usize, group: &str, topic: Option<(&str, i32)>, code: i16) -> Result<()> {
     let Some(code) = ResponseError::try_from_code(code) else {
@@ -551,10 +342,6 @@ fn str_bytes(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_owned())
 }
 
-fn invalid_data(message: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
