@@ -1,0 +1,36 @@
+# shellcheck shell=bash
+# Shared by scripts/run and scripts/test (sourced, not run).
+
+NISSHI_VERSION="0.7.0-pre.2"
+
+log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+
+# Installs Nisshi (the Apache-Kafka-compatible local broker, formerly Tansu)
+# unless it is installed already. Prints the binary's path.
+ensure_nisshi() {
+    local bin
+    bin="$(command -v nisshi || true)"
+    if [[ -z "$bin" && -x "$HOME/.cargo/bin/nisshi" ]]; then
+        bin="$HOME/.cargo/bin/nisshi"
+    fi
+    if [[ -n "$bin" ]]; then
+        echo "$bin"
+        return
+    fi
+    log "installing nisshi $NISSHI_VERSION (once; about 11 minutes on 2 cores)"
+    cargo install nisshi --version "$NISSHI_VERSION" --locked --features libsql,dynostore >&2
+    echo "$HOME/.cargo/bin/nisshi"
+}
+
+# Makes a Python module importable, installing the PyPI package if needed.
+ensure_python_module() {
+    local module="$1" package="$2"
+    if python3 -c "import $module" 2>/dev/null; then
+        return
+    fi
+    log "installing Python package $package"
+    python3 -m pip install --quiet --user "$package" 2>/dev/null \
+        || python3 -m pip install --quiet --user --break-system-packages "$package" 2>/dev/null \
+        || python3 -m pip install --quiet "$package"
+    python3 -c "import $module"
+}
