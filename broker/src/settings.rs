@@ -267,6 +267,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_lists_the_defaults() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/lockstep.example.toml");
+        figment::Jail::expect_with(|_jail| {
+            let settings = Settings::load(Some(std::path::Path::new(example))).map_err(|e| e.to_string())?;
+            assert_eq!(settings, Settings::default());
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_are_hidden_from_debug() {
         let mut settings = Settings::default();
         settings.accounts.registration_secret = Some("hunter2".into());
