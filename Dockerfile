@@ -1,0 +1,19 @@
+# The Lockstep server. Built by docker-compose.yml; not built on the development
+# machine (it has no Docker engine), so keep it to plain, well-known steps.
+FROM rust:1.95-bookworm AS build
+# rdkafka builds its bundled librdkafka with make, gcc and g++ (no cmake).
+RUN apt-get update && apt-get install -y --no-install-recommends make gcc g++ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin lockstep
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /var/lib/lockstep --create-home lockstep
+COPY --from=build /src/target/release/lockstep /usr/local/bin/lockstep
+USER lockstep
+ENV LOCKSTEP_LISTEN=0.0.0.0:50051 \
+    LOCKSTEP_DATA_DIR=/var/lib/lockstep
+VOLUME ["/var/lib/lockstep"]
+EXPOSE 50051
+ENTRYPOINT ["/usr/local/bin/lockstep"]
