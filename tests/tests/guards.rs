@@ -342,5 +342,14 @@ async fn a_device_whose_history_expired_gets_a_resync() -> anyhow::Result<()> {
     assert_eq!(received.resyncs[0].previous_offset, 3);
     assert_eq!(received.offsets(), records.iter().map(|(offset, _)| *offset).collect::<Vec<_>>());
     assert_eq!(received.changes.last().and_then(|change| change.change.as_ref()), recent.last());
+    drop(stream);
+
+    // A device's own cursor below the log start gets the same explicit Resync.
+    let mut stream = laptop.subscribe(Some(0)).await?;
+    let mut received = Received::default();
+    receive_until(&mut stream, &mut received, WAIT, |seen| seen.changes.len() >= records.len()).await?;
+    assert_eq!(received.resyncs.len(), 1, "{:?}", received.resyncs);
+    assert_eq!((received.resyncs[0].log_start_offset, received.resyncs[0].previous_offset), (log_start, 0));
+    assert_eq!(received.offsets().first(), Some(&log_start));
     Ok(())
 }

@@ -121,7 +121,9 @@ impl Delivery {
     }
 
     /// Starts the device's stream. Fails before streaming if `from_offset` is
-    /// outside the log or the server holds too many streams.
+    /// negative or past the log end, or the server holds too many streams. A
+    /// `from_offset` below the log start is history that is gone: the stream
+    /// starts with a Resync, as for a committed offset below the log start.
     pub async fn subscribe(&self, device: AuthedDevice, from_offset: Option<i64>) -> Result<SubscribeStream, ApiError> {
         let inner = &self.inner;
         let permit = inner.subscriptions.clone().try_acquire_owned().map_err(|_| {
@@ -130,11 +132,11 @@ impl Delivery {
         let topic: Arc<str> = user_topic(&inner.kafka, &device.user_id).into();
         let watermarks = inner.topics.watermarks(&topic).await?;
         if let Some(from) = from_offset
-            && (from < watermarks.log_start || from > watermarks.log_end)
+            && (from < 0 || from > watermarks.log_end)
         {
             return Err(ApiError::OutOfRange(format!(
-                "from_offset {from} is outside the log [{}, {}]",
-                watermarks.log_start, watermarks.log_end
+                "from_offset {from} is outside the log [0, {}]",
+                watermarks.log_end
             )));
         }
         let state = self.device_state(&device.device_id);
