@@ -5,7 +5,9 @@
 //! - [`nisshi`]: one Nisshi broker per test, on a free port, sqlite storage.
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, restart.
 //! - [`device`]: a device's view of the API (bearer token, push, subscribe, ack).
+//! - [`cli`]: a device driven through the `lockstep-cli` binary, with its own store.
 
+pub mod cli;
 pub mod device;
 pub mod nisshi;
 pub mod server;

@@ -34,13 +34,18 @@ pub fn lockstep_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("LOCKSTEP_BIN") {
         return Ok(PathBuf::from(path));
     }
+    workspace_binary("lockstep", &["broker/src", "proto/proto", "schemas/avro", "schemas/src"])
+}
+
+/// A binary of this workspace in target/debug, refusing one older than `sources`.
+pub fn workspace_binary(name: &str, sources: &[&str]) -> anyhow::Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
-    let binary = target.join("debug").join("lockstep");
+    let binary = target.join("debug").join(name);
     let built = std::fs::metadata(&binary).and_then(|metadata| metadata.modified()).map_err(|_| {
         anyhow::anyhow!("{} is missing: run `cargo build --bins` first (scripts/test does)", binary.display())
     })?;
-    for sources in ["broker/src", "proto/proto", "schemas/avro", "schemas/src"] {
+    for sources in sources {
         let newest = newest_mtime(&workspace.join(sources));
         if newest > built {
             bail!("{} is older than {sources}: run `cargo build --bins` first (scripts/test does)", binary.display());

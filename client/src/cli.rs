@@ -1,0 +1,522 @@
+//! The `lockstep-cli` commands. Human-readable output by default, one JSON
+//! document per command with `--json`; progress goes to stderr.
+
+use std::{
+    io::{BufRead, IsTerminal, Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    pairing::PairingCode,
+    record::{PARENT_FIELD, UNFILED},
+    store::{Record, Store},
+    sync::{self, Progress, Report, Syncer, Until},
+};
+
+/// Lockstep client: an end-to-end-encrypted local store that syncs through a Lockstep server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// The local store (SQLite; holds the account key, keep it private).
+    #[arg(long, env = "LOCKSTEP_STORE", default_value = "lockstep-client.db", global = true)]
+    store: PathBuf,
+    /// Print one JSON document instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Refuse incoming changes stamped further than this in the future.
+    #[arg(long, default_value = "1h", value_parser = humantime_duration, global = true)]
+    max_clock_skew: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let number: u64 = number.parse().map_err(|_| format!("{text:?}: expected e.g. 90s, 10m, 1h"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: expected e.g. 90s, 10m, 1h")),
+    };
+    Ok(Duration::from_secs(number * seconds))
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create an account on a server; this store becomes its first device.
+    Init {
+        /// e.g. http://127.0.0.1:50051
+        #[arg(long)]
+        server: String,
+        /// A name for this device, e.g. laptop.
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "LOCKSTEP_REGISTRATION_SECRET")]
+        registration_secret: Option<String>,
+    },
+    /// Add a device: `pair show` on a device that has the account, `pair redeem` on the new one.
+    Pair {
+        #[command(subcommand)]
+        command: PairCommand,
+    },
+    /// Write fields into a record (JSON object; `-` reads stdin). Prints the record.
+    Put {
+        #[arg(long, short, default_value = "items")]
+        collection: String,
+        /// The record to change; a new record (with a new id) if omitted.
+        #[arg(long)]
+        id: Option<String>,
+        /// Fields as a JSON object, e.g. '{"title":"Milk","done":false}'; null removes a field.
+        fields: String,
+    },
+    /// Write many records: one JSON object per line, {"collection":…,"id":…,"fields":{…}}.
+    Import {
+        /// A file, or `-` for stdin.
+        file: PathBuf,
+    },
+    /// Show one record.
+    Get { id: String },
+    /// List records.
+    List {
+        #[arg(long, short)]
+        collection: Option<String>,
+        /// Include deleted records.
+        #[arg(long)]
+        deleted: bool,
+    },
+    /// Delete a record (it leaves a tombstone that syncs like an edit).
+    Delete { id: String },
+    /// Push local changes, receive everything new, then stop.
+    Sync,
+    /// Stay connected: push local changes as they are made, apply incoming ones live.
+    Watch,
+    /// This device: cursor, lag at the last sync, outbox, problems.
+    Status,
+    /// Integrity: records whose parent is gone (orphans) and incoming changes that could not be applied.
+    Check {
+        /// Move orphans to the "unfiled" parent (a local edit that syncs).
+        #[arg(long)]
+        fix: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PairCommand {
+    /// Issue a one-time pairing code for a new device (QR code and text).
+    Show {
+        /// Print the text only, no QR code.
+        #[arg(long)]
+        no_qr: bool,
+    },
+    /// Join the account of the device that showed CODE (`-` reads it from stdin).
+    Redeem {
+        code: String,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn record_json(record: &Record) -> Value {
+    json!({
+        "id": record.record_id,
+        "collection": record.collection,
+        "deleted": record.state.is_deleted(),
+        "fields": record.state.visible().unwrap_or_default(),
+    })
+}
+
+fn print_record(record: &Record) {
+    let fields =
+        record.state.visible().map_or_else(|| "(deleted)".to_string(), |fields| Value::Object(fields).to_string());
+    println!("{}  {}  {}", record.record_id, record.collection, fields);
+}
+
+fn read_arg(text: &str) -> anyhow::Result<String> {
+    if text == "-" {
+        let mut input = String::new();
+        std::io::stdin().read_to_string(&mut input).context("reading stdin")?;
+        return Ok(input);
+    }
+    Ok(text.to_string())
+}
+
+fn parse_fields(text: &str) -> anyhow::Result<Map<String, Value>> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => bail!("fields must be a JSON object, e.g. '{{\"title\":\"Milk\"}}'"),
+        Err(error) => bail!("fields are not valid JSON ({error}); e.g. '{{\"title\":\"Milk\"}}'"),
+    }
+}
+
+/// Progress on stderr, at most a few lines per second.
+struct Reporter {
+    last: Instant,
+    quiet: bool,
+}
+
+impl Reporter {
+    fn new() -> Self {
+        Self { last: Instant::now() - Duration::from_secs(1), quiet: false }
+    }
+
+    fn show(&mut self, progress: Progress) {
+        if self.quiet {
+            return;
+        }
+        let forced = matches!(progress, Progress::Resync { .. } | Progress::CaughtUp { .. });
+        if !forced && self.last.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last = Instant::now();
+        let line = match progress {
+            Progress::Pushed { done, total } => format!("pushed {done}/{total} local changes"),
+            Progress::Received { applied, cursor, log_end: Some(end) } => {
+                format!("received {applied} changes (at offset {cursor} of {end})")
+            }
+            Progress::Received { applied, cursor, log_end: None } => {
+                format!("received {applied} changes (at offset {cursor})")
+            }
+            Progress::Resync { log_start } => {
+                format!(
+                    "the server's history starts at offset {log_start} now: rebuilding from there (local edits kept)"
+                )
+            }
+            Progress::CaughtUp { cursor } => format!("up to date at offset {cursor}"),
+        };
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(stderr, "{line}");
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let open = || Store::open(&args.store, args.max_clock_skew);
+    match args.command {
+        Command::Init { server, name, registration_secret } => {
+            let mut store = open()?;
+            if let Some(account) = store.try_account()? {
+                bail!(
+                    "{} already holds device {} of user {}; use another --store",
+                    args.store.display(),
+                    account.device_id,
+                    account.user_id
+                );
+            }
+            let account = sync::create_account(&server, &name, registration_secret.as_deref()).await?;
+            store.save_account(&account)?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"user_id": account.user_id, "device_id": account.device_id, "store": args.store})
+                );
+            } else {
+                println!("created user {} with this device ({}) as {}", account.user_id, name, account.device_id);
+                println!(
+                    "next: `lockstep-cli put '{{\"title\":\"hello\"}}'`, then `lockstep-cli sync`; add a device with `lockstep-cli pair show`"
+                );
+            }
+        }
+        Command::Pair { command: PairCommand::Show { no_qr } } => {
+            let store = open()?;
+            let account = store.account()?;
+            let (ticket, expires_at_ms) = sync::pairing_ticket(&account).await?;
+            let code = PairingCode { server: account.server.clone(), ticket, key: account.key.clone() };
+            let text = code.encode();
+            if args.json {
+                println!("{}", json!({"code": &*text, "expires_at_ms": expires_at_ms}));
+            } else {
+                if !no_qr {
+                    println!("{}", code.qr());
+                }
+                let minutes = (expires_at_ms - now_ms()).max(0) / 60_000;
+                println!("{}", &*text);
+                println!();
+                println!("On the new device: lockstep-cli pair redeem '<the code above>' --name <its name>");
+                println!(
+                    "The code works once, for about {minutes} minutes. It contains the account key: show it to nobody else."
+                );
+            }
+        }
+        Command::Pair { command: PairCommand::Redeem { code, name } } => {
+            let mut store = open()?;
+            if let Some(account) = store.try_account()? {
+                bail!(
+                    "{} already holds device {} of user {}; use another --store",
+                    args.store.display(),
+                    account.device_id,
+                    account.user_id
+                );
+            }
+            let code = PairingCode::decode(&read_arg(&code)?)?;
+            let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), &name).await?;
+            store.save_account(&account)?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"user_id": account.user_id, "device_id": account.device_id, "store": args.store})
+                );
+            } else {
+                println!("this device ({name}) joined user {} as {}", account.user_id, account.device_id);
+                println!("next: `lockstep-cli sync` to receive the account's records");
+            }
+        }
+        Command::Put { collection, id, fields } => {
+            let mut store = open()?;
+            store.account()?;
+            let fields = parse_fields(&read_arg(&fields)?)?;
+            let record = store.put(&collection, id.as_deref(), &fields)?;
+            if args.json {
+                println!("{}", record_json(&record));
+            } else {
+                print_record(&record);
+            }
+        }
+        Command::Import { file } => {
+            let mut store = open()?;
+            store.account()?;
+            let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+                Box::new(std::io::stdin().lock())
+            } else {
+                Box::new(std::io::BufReader::new(
+                    std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?,
+                ))
+            };
+            let mut written = 0u64;
+            let mut pending: Vec<(String, Option<String>, Map<String, Value>)> = Vec::new();
+            let flush = |store: &mut Store, pending: &mut Vec<(String, Option<String>, Map<String, Value>)>| {
+                let puts: Vec<_> = pending
+                    .iter()
+                    .map(|(collection, id, fields)| (collection.as_str(), id.as_deref(), fields))
+                    .collect();
+                let result = store.put_many(&puts).map(|records| records.len() as u64);
+                pending.clear();
+                result
+            };
+            for (number, line) in reader.lines().enumerate() {
+                let line = line.context("reading the import")?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let entry: Value = serde_json::from_str(&line)
+                    .with_context(|| format!("line {}: not JSON (imported so far: {written})", number + 1))?;
+                let collection = entry.get("collection").and_then(Value::as_str).unwrap_or("items").to_string();
+                let id = entry.get("id").and_then(Value::as_str).map(str::to_string);
+                let Some(Value::Object(fields)) = entry.get("fields") else {
+                    bail!("line {}: needs \"fields\": {{…}} (imported so far: {written})", number + 1);
+                };
+                pending.push((collection, id, fields.clone()));
+                if pending.len() == 1000 {
+                    written += flush(&mut store, &mut pending)
+                        .with_context(|| format!("lines up to {} (imported so far: {written})", number + 1))?;
+                }
+            }
+            written += flush(&mut store, &mut pending)
+                .with_context(|| format!("the last lines (imported so far: {written})"))?;
+            if args.json {
+                println!("{}", json!({"written": written}));
+            } else {
+                println!("wrote {written} records; `lockstep-cli sync` sends them");
+            }
+        }
+        Command::Get { id } => {
+            let store = open()?;
+            let Some(record) = store.get(&id)? else {
+                bail!("no record {id} on this device (try `lockstep-cli sync`)")
+            };
+            if args.json {
+                println!("{}", record_json(&record));
+            } else {
+                print_record(&record);
+            }
+        }
+        Command::List { collection, deleted } => {
+            let store = open()?;
+            let records = store.list(collection.as_deref(), deleted)?;
+            if args.json {
+                println!("{}", Value::Array(records.iter().map(record_json).collect()));
+            } else {
+                records.iter().for_each(print_record);
+            }
+        }
+        Command::Delete { id } => {
+            let mut store = open()?;
+            store.account()?;
+            let record = store.delete(&id)?;
+            if args.json {
+                println!("{}", record_json(&record));
+            } else {
+                println!("deleted {id}; `lockstep-cli sync` sends it");
+            }
+        }
+        Command::Sync => {
+            let store = open()?;
+            let mut syncer = Syncer::new(store)?;
+            let mut reporter = Reporter::new();
+            reporter.quiet =
+                args.json && !std::io::stderr().is_terminal() && std::env::var_os("LOCKSTEP_PROGRESS").is_none();
+            let report = syncer.sync_once(&mut |progress| reporter.show(progress)).await?;
+            print_report(&report, args.json);
+        }
+        Command::Watch => watch(open()?, args.json).await?,
+        Command::Status => {
+            let store = open()?;
+            let status = store.status()?;
+            if args.json {
+                println!("{}", serde_json::to_value(&status)?);
+            } else {
+                println!("device      {} ({}) of user {}", status.device_name, status.device_id, status.user_id);
+                println!("server      {}", status.server);
+                println!("cursor      {}", status.cursor.map_or("none yet".into(), |cursor| cursor.to_string()));
+                match (status.lag_at_last_sync, status.last_sync_ms) {
+                    (Some(lag), Some(at)) => {
+                        println!("lag         {lag} changes at the last sync, {} s ago", (now_ms() - at).max(0) / 1000)
+                    }
+                    _ => println!("lag         never synced"),
+                }
+                println!("outbox      {} changes to push", status.outbox);
+                if status.outbox_rejected > 0 {
+                    println!("rejected    {} changes the server refused (kept locally)", status.outbox_rejected);
+                }
+                println!("records     {} ({} deleted)", status.records, status.deleted_records);
+                if status.problems > 0 {
+                    println!("problems    {} incoming changes not applied: `lockstep-cli check`", status.problems);
+                }
+            }
+        }
+        Command::Check { fix } => {
+            let mut store = open()?;
+            store.account()?;
+            let orphans = store.orphans()?;
+            let problems = store.problems()?;
+            let mut moved = Vec::new();
+            if fix {
+                for orphan in &orphans {
+                    let mut fields = Map::new();
+                    fields.insert(PARENT_FIELD.into(), Value::String(UNFILED.into()));
+                    fields.insert("previous_parent".into(), Value::String(orphan.parent.clone()));
+                    store.put(&orphan.collection, Some(&orphan.record_id), &fields)?;
+                    moved.push(orphan.record_id.clone());
+                }
+            }
+            if args.json {
+                println!("{}", json!({"orphans": orphans, "moved_to_unfiled": moved, "problems": problems}));
+            } else {
+                if orphans.is_empty() && problems.is_empty() {
+                    println!("ok: no orphans, every incoming change applied");
+                }
+                for orphan in &orphans {
+                    println!(
+                        "orphan   {} ({}) : parent {} is {}",
+                        orphan.record_id, orphan.collection, orphan.parent, orphan.parent_is
+                    );
+                }
+                if !orphans.is_empty() {
+                    if fix {
+                        println!(
+                            "moved {} orphans to parent \"{UNFILED}\"; `lockstep-cli sync` sends the change",
+                            moved.len()
+                        );
+                    } else {
+                        println!("`lockstep-cli check --fix` moves them to parent \"{UNFILED}\"");
+                    }
+                }
+                for problem in &problems {
+                    println!(
+                        "problem  offset {} record {} from device {}: {} ({})",
+                        problem.offset, problem.record_id, problem.origin_device_id, problem.kind, problem.detail
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_report(report: &Report, as_json: bool) {
+    if as_json {
+        println!("{}", serde_json::to_value(report).expect("reports serialize"));
+        return;
+    }
+    println!(
+        "pushed {} ({} already on the server), received {} ({} records changed), at offset {}",
+        report.pushed,
+        report.duplicates,
+        report.received,
+        report.changed_records,
+        report.cursor.map_or("-".into(), |cursor| cursor.to_string())
+    );
+    if report.rejected > 0 {
+        println!("{} changes were refused by the server and kept locally: `lockstep-cli status`", report.rejected);
+    }
+    if report.problems > 0 {
+        println!("{} incoming changes could not be applied: `lockstep-cli check`", report.problems);
+    }
+}
+
+async fn watch(store: Store, as_json: bool) -> anyhow::Result<()> {
+    let mut syncer = Syncer::new(store)?;
+    let mut attempt = 0u32;
+    let mut reporter = Reporter::new();
+    let mut report = Report::default();
+    let mut stop = Box::pin(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    loop {
+        let outcome = async {
+            syncer.push(&mut report, &mut |progress| reporter.show(progress)).await?;
+            attempt = 0;
+            syncer.receive(Until::Stopped, &mut report, &mut |progress| reporter.show(progress), &mut stop).await
+        }
+        .await;
+        match outcome {
+            // Stopped by Ctrl-C.
+            Ok(()) => {
+                print_report(&report, as_json);
+                return Ok(());
+            }
+            Err(error) if error.is_transient() => {
+                syncer.disconnect();
+                let delay = sync::backoff(attempt);
+                attempt += 1;
+                eprintln!("{error}; reconnecting in {:.1} s", delay.as_secs_f64());
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = &mut stop => {
+                        print_report(&report, as_json);
+                        return Ok(());
+                    }
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+}

@@ -1,0 +1,671 @@
+//! The device's local store (SQLite): its account, the merged records, the
+//! mirror (the last state of each record seen from the server), the outbox of
+//! local changes the server has not acknowledged yet, problems found in
+//! incoming changes, and the sync cursor.
+//!
+//! Every operation is one transaction. A local edit updates the record and
+//! queues its change together; an incoming batch is merged and the cursor moved
+//! together, and only then acknowledged to the server. A crash at any point
+//! loses no local edit, and a change applied twice (merge is idempotent)
+//! changes nothing.
+
+use std::{path::Path, time::Duration};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+use crate::{
+    crypto::AccountKey,
+    hlc::{Clock, ClockError},
+    ids,
+    record::{ChangePayload, PARENT_FIELD, RecordState, Stamp, UNFILED},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("local store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("local store {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("this store has no account yet: run `lockstep-cli init --server URL` or `lockstep-cli pair redeem CODE`")]
+    NoAccount,
+    #[error("this store already belongs to user {0}; use another --store for another account")]
+    HasAccount(String),
+    #[error("no record {0}")]
+    NoRecord(String),
+    #[error("record {record_id} is in collection {actual}, not {requested}")]
+    WrongCollection { record_id: String, actual: String, requested: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("corrupt local store: {0}")]
+    Corrupt(String),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    record_id TEXT PRIMARY KEY, collection TEXT NOT NULL, state TEXT NOT NULL, updated_hlc INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS records_by_collection ON records (collection, record_id);
+CREATE TABLE IF NOT EXISTS mirror (
+    record_id TEXT PRIMARY KEY, collection TEXT NOT NULL, state TEXT NOT NULL, offset INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, change_id TEXT NOT NULL UNIQUE, record_id TEXT NOT NULL,
+    collection TEXT NOT NULL, op INTEGER NOT NULL, hlc INTEGER NOT NULL, state TEXT NOT NULL,
+    rejected TEXT);
+CREATE TABLE IF NOT EXISTS problems (
+    offset INTEGER PRIMARY KEY, record_id TEXT NOT NULL, collection TEXT NOT NULL, origin_device_id TEXT NOT NULL,
+    kind TEXT NOT NULL, detail TEXT NOT NULL, seen_at_ms INTEGER NOT NULL);
+";
+
+/// The proto's op values.
+pub const OP_UPSERT: i32 = 1;
+pub const OP_DELETE: i32 = 2;
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub server: String,
+    pub user_id: String,
+    pub device_id: String,
+    pub device_name: String,
+    pub token: Zeroizing<String>,
+    pub key: AccountKey,
+    pub key_epoch: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub record_id: String,
+    pub collection: String,
+    pub state: RecordState,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub seq: i64,
+    pub change_id: String,
+    pub record_id: String,
+    pub collection: String,
+    pub op: i32,
+    pub hlc: u64,
+    pub payload: ChangePayload,
+}
+
+/// An incoming change, decrypted (or not) by the sync layer.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub offset: i64,
+    pub record_id: String,
+    pub collection: String,
+    pub origin_device_id: String,
+    pub content: Result<ChangePayload, (ProblemKind, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// The ciphertext failed authentication: tampered, moved, or another key.
+    Undecryptable,
+    /// The plaintext is not a change this client understands.
+    Malformed,
+    /// Its clock is further ahead than the bound.
+    ClockAhead,
+    /// It names a record this device holds in another collection.
+    CollectionConflict,
+}
+
+impl ProblemKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemKind::Undecryptable => "undecryptable",
+            ProblemKind::Malformed => "malformed",
+            ProblemKind::ClockAhead => "clock-ahead",
+            ProblemKind::CollectionConflict => "collection-conflict",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Problem {
+    pub offset: i64,
+    pub record_id: String,
+    pub collection: String,
+    pub origin_device_id: String,
+    pub kind: String,
+    pub detail: String,
+    pub seen_at_ms: i64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub changes: usize,
+    pub changed_records: usize,
+    pub problems: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Orphan {
+    pub record_id: String,
+    pub collection: String,
+    pub parent: String,
+    /// "deleted" or "missing".
+    pub parent_is: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Status {
+    pub user_id: String,
+    pub device_id: String,
+    pub device_name: String,
+    pub server: String,
+    /// The next offset this device will apply.
+    pub cursor: Option<i64>,
+    /// The log end seen at the last sync.
+    pub log_end_seen: Option<i64>,
+    pub lag_at_last_sync: Option<i64>,
+    pub outbox: i64,
+    pub outbox_rejected: i64,
+    pub records: i64,
+    pub deleted_records: i64,
+    pub problems: i64,
+    pub last_sync_ms: Option<i64>,
+}
+
+pub struct Store {
+    conn: Connection,
+    max_clock_ahead: Duration,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+fn to_json(state: &RecordState) -> String {
+    serde_json::to_string(state).expect("a record state always serializes")
+}
+
+fn from_json(text: &str) -> Result<RecordState> {
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("record state: {error}")))
+}
+
+fn get_meta(tx: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| row.get(0)).optional()?)
+}
+
+fn set_meta(tx: &Connection, key: &str, value: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+fn clock(tx: &Connection, max_clock_ahead: Duration) -> Result<Clock> {
+    let last = get_meta(tx, "hlc")?.and_then(|value| value.parse().ok()).unwrap_or(0);
+    Ok(Clock::new(last, max_clock_ahead))
+}
+
+fn load_record(tx: &Connection, table: &str, record_id: &str) -> Result<Option<(String, RecordState)>> {
+    let row: Option<(String, String)> = tx
+        .query_row(&format!("SELECT collection, state FROM {table} WHERE record_id = ?1"), [record_id], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    row.map(|(collection, state)| Ok((collection, from_json(&state)?))).transpose()
+}
+
+fn save_record(tx: &Connection, record_id: &str, collection: &str, state: &RecordState) -> Result<()> {
+    tx.execute(
+        "INSERT INTO records (record_id, collection, state, updated_hlc) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (record_id) DO UPDATE SET state = ?3, updated_hlc = ?4",
+        params![record_id, collection, to_json(state), state.max_hlc() as i64],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. The file holds the account key:
+    /// it is created readable by its owner only.
+    pub fn open(path: &Path, max_clock_ahead: Duration) -> Result<Self> {
+        let fail = |message: String| StoreError::Open { path: path.display().to_string(), message };
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|error| fail(error.to_string()))?;
+        }
+        let existed = path.exists();
+        let conn = Connection::open(path).map_err(|error| fail(error.to_string()))?;
+        #[cfg(unix)]
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|error| fail(error.to_string()))?;
+        }
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed transaction survives power loss too, so an offset is
+        // acknowledged to the server only once its changes are on disk.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn, max_clock_ahead })
+    }
+
+    pub fn account(&self) -> Result<Account> {
+        self.try_account()?.ok_or(StoreError::NoAccount)
+    }
+
+    pub fn try_account(&self) -> Result<Option<Account>> {
+        let Some(user_id) = get_meta(&self.conn, "user_id")? else { return Ok(None) };
+        let need = |key: &str| -> Result<String> {
+            get_meta(&self.conn, key)?.ok_or_else(|| StoreError::Corrupt(format!("account without {key}")))
+        };
+        let key = Zeroizing::new(need("account_key")?);
+        Ok(Some(Account {
+            server: need("server")?,
+            user_id,
+            device_id: need("device_id")?,
+            device_name: need("device_name")?,
+            token: Zeroizing::new(need("device_token")?),
+            key: AccountKey::from_base64(&key).map_err(|error| StoreError::Corrupt(error.to_string()))?,
+            key_epoch: need("key_epoch")?.parse().map_err(|_| StoreError::Corrupt("key_epoch".into()))?,
+        }))
+    }
+
+    pub fn save_account(&mut self, account: &Account) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        if let Some(user_id) = get_meta(&tx, "user_id")? {
+            return Err(StoreError::HasAccount(user_id));
+        }
+        set_meta(&tx, "user_id", &account.user_id)?;
+        set_meta(&tx, "server", &account.server)?;
+        set_meta(&tx, "device_id", &account.device_id)?;
+        set_meta(&tx, "device_name", &account.device_name)?;
+        set_meta(&tx, "device_token", &account.token)?;
+        set_meta(&tx, "account_key", &account.key.to_base64())?;
+        set_meta(&tx, "key_epoch", &account.key_epoch.to_string())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn local_change(
+        max_clock_ahead: Duration,
+        tx: &Transaction<'_>,
+        record_id: &str,
+        collection: &str,
+        op: i32,
+        edit: impl FnOnce(&mut RecordState, &Stamp),
+        existing: Option<RecordState>,
+    ) -> Result<Record> {
+        let device_id = get_meta(tx, "device_id")?.ok_or(StoreError::NoAccount)?;
+        let mut clock = clock(tx, max_clock_ahead)?;
+        let mut state = existing.unwrap_or_default();
+        // Stay ahead of every stamp in the record, also one written by a device whose clock runs fast.
+        let _ = clock.observe(state.max_hlc());
+        let stamp = Stamp { hlc: clock.tick(), device: device_id };
+        edit(&mut state, &stamp);
+        save_record(tx, record_id, collection, &state)?;
+        let payload = ChangePayload::new(state.clone());
+        tx.execute(
+            "INSERT INTO outbox (change_id, record_id, collection, op, hlc, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![ids::new_id(), record_id, collection, op, stamp.hlc as i64, to_json(&payload.state)],
+        )?;
+        set_meta(tx, "hlc", &clock.last().to_string())?;
+        Ok(Record { record_id: record_id.into(), collection: collection.into(), state })
+    }
+
+    /// Writes `fields` into a record (a new one when `record_id` is `None`) and
+    /// queues the change. A `null` value removes a field.
+    pub fn put(&mut self, collection: &str, record_id: Option<&str>, fields: &Map<String, Value>) -> Result<Record> {
+        let mut records = self.put_many(&[(collection, record_id, fields)])?;
+        Ok(records.pop().expect("one record per put"))
+    }
+
+    /// Several puts in one transaction: all of them or none.
+    pub fn put_many(&mut self, puts: &[(&str, Option<&str>, &Map<String, Value>)]) -> Result<Vec<Record>> {
+        let max_clock_ahead = self.max_clock_ahead;
+        let tx = self.conn.transaction()?;
+        let mut records = Vec::with_capacity(puts.len());
+        for (collection, record_id, fields) in puts {
+            records.push(Self::put_in(max_clock_ahead, &tx, collection, *record_id, fields)?);
+        }
+        tx.commit()?;
+        Ok(records)
+    }
+
+    fn put_in(
+        max_clock_ahead: Duration,
+        tx: &Transaction<'_>,
+        collection: &str,
+        record_id: Option<&str>,
+        fields: &Map<String, Value>,
+    ) -> Result<Record> {
+        ids::validate_collection(collection).map_err(StoreError::Invalid)?;
+        if fields.is_empty() {
+            return Err(StoreError::Invalid("nothing to write: give at least one field".into()));
+        }
+        if let Some(Value::String(parent)) = fields.get(PARENT_FIELD) {
+            ids::validate_record_id(parent).map_err(|error| StoreError::Invalid(format!("parent: {error}")))?;
+        }
+        let record_id = match record_id {
+            Some(id) => {
+                ids::validate_record_id(id).map_err(StoreError::Invalid)?;
+                id.to_string()
+            }
+            None => ids::new_id(),
+        };
+        let existing = load_record(tx, "records", &record_id)?;
+        if let Some((actual, _)) = &existing
+            && actual != collection
+        {
+            return Err(StoreError::WrongCollection {
+                record_id,
+                actual: actual.clone(),
+                requested: collection.into(),
+            });
+        }
+        Self::local_change(
+            max_clock_ahead,
+            tx,
+            &record_id,
+            collection,
+            OP_UPSERT,
+            |state, stamp| state.set(fields, stamp),
+            existing.map(|(_, state)| state),
+        )
+    }
+
+    /// Deletes a record (a tombstone) and queues the change.
+    pub fn delete(&mut self, record_id: &str) -> Result<Record> {
+        let tx = self.conn.transaction()?;
+        let Some((collection, state)) = load_record(&tx, "records", record_id)? else {
+            return Err(StoreError::NoRecord(record_id.into()));
+        };
+        if state.is_deleted() {
+            return Err(StoreError::NoRecord(format!("{record_id} (already deleted)")));
+        }
+        let record = Self::local_change(
+            self.max_clock_ahead,
+            &tx,
+            record_id,
+            &collection,
+            OP_DELETE,
+            |state, stamp| state.delete(stamp),
+            Some(state),
+        )?;
+        tx.commit()?;
+        Ok(record)
+    }
+
+    pub fn get(&self, record_id: &str) -> Result<Option<Record>> {
+        Ok(load_record(&self.conn, "records", record_id)?.map(|(collection, state)| Record {
+            record_id: record_id.into(),
+            collection,
+            state,
+        }))
+    }
+
+    /// Records in id order (creation order for generated ids), deleted ones only if asked.
+    pub fn list(&self, collection: Option<&str>, include_deleted: bool) -> Result<Vec<Record>> {
+        let mut statement = self.conn.prepare(
+            "SELECT record_id, collection, state FROM records WHERE ?1 IS NULL OR collection = ?1 ORDER BY record_id",
+        )?;
+        let rows = statement.query_map([collection], |row| Ok((row.get(0)?, row.get(1)?, row.get::<_, String>(2)?)))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (record_id, collection, state) = row?;
+            let state = from_json(&state)?;
+            if include_deleted || state.is_live() {
+                records.push(Record { record_id, collection, state });
+            }
+        }
+        Ok(records)
+    }
+
+    /// The oldest pending changes that the server has not rejected.
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
+        let mut statement = self.conn.prepare(
+            "SELECT seq, change_id, record_id, collection, op, hlc, state FROM outbox
+             WHERE rejected IS NULL ORDER BY seq LIMIT ?1",
+        )?;
+        let rows = statement.query_map([limit as i64], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, i32>(4)?,
+                row.get::<_, i64>(5)?,
+                row.get::<_, String>(6)?,
+            ))
+        })?;
+        let mut entries = Vec::new();
+        for row in rows {
+            let (seq, change_id, record_id, collection, op, hlc, state) = row?;
+            entries.push(OutboxEntry {
+                seq,
+                change_id,
+                record_id,
+                collection,
+                op,
+                hlc: hlc as u64,
+                payload: ChangePayload::new(from_json(&state)?),
+            });
+        }
+        Ok(entries)
+    }
+
+    pub fn outbox_len(&self) -> Result<i64> {
+        Ok(self.conn.query_row("SELECT count(*) FROM outbox WHERE rejected IS NULL", [], |row| row.get(0))?)
+    }
+
+    /// Removes the changes the server acknowledged (and only those).
+    pub fn outbox_done(&mut self, seqs: &[i64]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut statement = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for seq in seqs {
+                statement.execute([seq])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Keeps a change the server refused for good, out of later pushes; `status` shows it.
+    pub fn outbox_reject(&mut self, seq: i64, reason: &str) -> Result<()> {
+        self.conn.execute("UPDATE outbox SET rejected = ?2 WHERE seq = ?1", params![seq, reason])?;
+        Ok(())
+    }
+
+    pub fn cursor(&self) -> Result<Option<i64>> {
+        Ok(get_meta(&self.conn, "cursor")?.and_then(|value| value.parse().ok()))
+    }
+
+    /// Merges a batch of consecutive incoming changes and moves the cursor past
+    /// them, in one transaction.
+    pub fn apply(&mut self, batch: &[Incoming]) -> Result<Applied> {
+        let Some(last) = batch.last() else { return Ok(Applied::default()) };
+        let max_clock_ahead = self.max_clock_ahead;
+        let tx = self.conn.transaction()?;
+        let mut clock = clock(&tx, max_clock_ahead)?;
+        let mut applied = Applied::default();
+        for incoming in batch {
+            applied.changes += 1;
+            let problem = match &incoming.content {
+                Err((kind, detail)) => Some((*kind, detail.clone())),
+                Ok(payload) => match clock.observe(payload.state.max_hlc()) {
+                    Err(error @ ClockError::TooFarAhead { .. }) => Some((ProblemKind::ClockAhead, error.to_string())),
+                    Ok(()) => Self::merge_incoming(&tx, incoming, &payload.state, &mut applied)?,
+                },
+            };
+            if let Some((kind, detail)) = problem {
+                applied.problems += 1;
+                tx.execute(
+                    "INSERT OR IGNORE INTO problems (offset, record_id, collection, origin_device_id, kind, detail, seen_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        incoming.offset,
+                        incoming.record_id,
+                        incoming.collection,
+                        incoming.origin_device_id,
+                        kind.as_str(),
+                        detail,
+                        now_ms()
+                    ],
+                )?;
+            }
+        }
+        set_meta(&tx, "hlc", &clock.last().to_string())?;
+        set_meta(&tx, "cursor", &(last.offset + 1).to_string())?;
+        tx.commit()?;
+        Ok(applied)
+    }
+
+    fn merge_incoming(
+        tx: &Transaction<'_>,
+        incoming: &Incoming,
+        state: &RecordState,
+        applied: &mut Applied,
+    ) -> Result<Option<(ProblemKind, String)>> {
+        let local = load_record(tx, "records", &incoming.record_id)?;
+        if let Some((collection, _)) = &local
+            && *collection != incoming.collection
+        {
+            return Ok(Some((
+                ProblemKind::CollectionConflict,
+                format!("this device holds the record in collection {collection}"),
+            )));
+        }
+        let mut record = local.map(|(_, state)| state).unwrap_or_default();
+        if record.merge(state) {
+            applied.changed_records += 1;
+            save_record(tx, &incoming.record_id, &incoming.collection, &record)?;
+        }
+        let mut mirror = load_record(tx, "mirror", &incoming.record_id)?.map(|(_, state)| state).unwrap_or_default();
+        mirror.merge(state);
+        tx.execute(
+            "INSERT INTO mirror (record_id, collection, state, offset) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (record_id) DO UPDATE SET state = ?3, offset = ?4",
+            params![incoming.record_id, incoming.collection, to_json(&mirror), incoming.offset],
+        )?;
+        Ok(None)
+    }
+
+    /// The server's history before `log_start` is gone: rebuild from the log
+    /// start. Server-derived state goes; unsynced local edits stay (the outbox
+    /// holds them and they are merged back in).
+    pub fn resync(&mut self, log_start: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM mirror", [])?;
+        tx.execute("DELETE FROM records", [])?;
+        let pending: Vec<(String, String, String)> = {
+            let mut statement = tx.prepare("SELECT record_id, collection, state FROM outbox ORDER BY seq")?;
+            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (record_id, collection, state) in pending {
+            let state = from_json(&state)?;
+            let mut record = load_record(&tx, "records", &record_id)?.map(|(_, state)| state).unwrap_or_default();
+            record.merge(&state);
+            save_record(&tx, &record_id, &collection, &record)?;
+        }
+        set_meta(&tx, "cursor", &log_start.to_string())?;
+        let resyncs: i64 = get_meta(&tx, "resyncs")?.and_then(|value| value.parse().ok()).unwrap_or(0);
+        set_meta(&tx, "resyncs", &(resyncs + 1).to_string())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn note_sync(&mut self, log_end: i64) -> Result<()> {
+        set_meta(&self.conn, "log_end_seen", &log_end.to_string())?;
+        set_meta(&self.conn, "last_sync_ms", &now_ms().to_string())
+    }
+
+    pub fn problems(&self) -> Result<Vec<Problem>> {
+        let mut statement = self.conn.prepare(
+            "SELECT offset, record_id, collection, origin_device_id, kind, detail, seen_at_ms FROM problems ORDER BY offset",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok(Problem {
+                offset: row.get(0)?,
+                record_id: row.get(1)?,
+                collection: row.get(2)?,
+                origin_device_id: row.get(3)?,
+                kind: row.get(4)?,
+                detail: row.get(5)?,
+                seen_at_ms: row.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Live records whose parent is deleted or unknown here.
+    pub fn orphans(&self) -> Result<Vec<Orphan>> {
+        let mut orphans = Vec::new();
+        for record in self.list(None, false)? {
+            let Some(parent) = record.state.parent() else { continue };
+            if parent == UNFILED {
+                continue;
+            }
+            let parent_is = match self.get(parent)? {
+                Some(parent) if parent.state.is_live() => continue,
+                Some(_) => "deleted",
+                None => "missing",
+            };
+            orphans.push(Orphan {
+                record_id: record.record_id.clone(),
+                collection: record.collection.clone(),
+                parent: parent.to_string(),
+                parent_is,
+            });
+        }
+        Ok(orphans)
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let account = self.account()?;
+        let count = |sql: &str| -> Result<i64> { Ok(self.conn.query_row(sql, [], |row| row.get(0))?) };
+        let number = |key: &str| -> Result<Option<i64>> { Ok(get_meta(&self.conn, key)?.and_then(|v| v.parse().ok())) };
+        let mut live = 0;
+        let mut deleted = 0;
+        for record in self.list(None, true)? {
+            if record.state.is_live() {
+                live += 1;
+            } else if record.state.is_deleted() {
+                deleted += 1;
+            }
+        }
+        let cursor = self.cursor()?;
+        let log_end_seen = number("log_end_seen")?;
+        Ok(Status {
+            user_id: account.user_id,
+            device_id: account.device_id,
+            device_name: account.device_name,
+            server: account.server,
+            cursor,
+            log_end_seen,
+            lag_at_last_sync: log_end_seen.map(|end| (end - cursor.unwrap_or(0)).max(0)),
+            outbox: self.outbox_len()?,
+            outbox_rejected: count("SELECT count(*) FROM outbox WHERE rejected IS NOT NULL")?,
+            records: live,
+            deleted_records: deleted,
+            problems: count("SELECT count(*) FROM problems")?,
+            last_sync_ms: number("last_sync_ms")?,
+        })
+    }
+
+    /// A content digest of the visible records (ids, collections, fields), equal
+    /// on every device that holds the same data.
+    pub fn digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for record in self.list(None, false)? {
+            let visible = serde_json::to_string(&record.state.visible()).expect("json values serialize");
+            hash.update(format!("{}\0{}\0{}\n", record.record_id, record.collection, visible));
+        }
+        Ok(hex_lower(&hash.finalize()))
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}

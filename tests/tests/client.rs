@@ -1,0 +1,268 @@
+//! The client SDK and CLI end to end: real `lockstep-cli` processes with their
+//! own stores, the real server, a real Nisshi.
+
+use std::{collections::HashSet, time::Duration};
+
+use anyhow::Context;
+use lockstep_e2e::{
+    cli::Cli,
+    nisshi::{Nisshi, read_topic},
+    server::Server,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+async fn sync_all(devices: &[&Cli]) -> anyhow::Result<()> {
+    // Two rounds: what the last device pushed reaches the first ones too.
+    for _ in 0..2 {
+        for device in devices {
+            device.sync().await?;
+        }
+    }
+    Ok(())
+}
+
+async fn topic_len(nisshi: &Nisshi, device: &Cli) -> anyhow::Result<(usize, usize)> {
+    let status = device.json(&["status"]).await?;
+    let topic = format!("lockstep.user.{}", status["user_id"].as_str().context("user id")?);
+    let records = read_topic(nisshi.bootstrap(), &topic).await?;
+    let distinct: HashSet<String> = records.iter().map(|(_, envelope)| envelope.change_id.clone()).collect();
+    Ok((records.len(), distinct.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_converge_after_offline_edits_and_a_deleted_parent() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let phone = Cli::init("phone", &server).await?;
+    let laptop = phone.pair("laptop").await?;
+    let tablet = phone.pair("tablet").await?;
+
+    let folder = phone.json(&["put", "-c", "folders", r#"{"name":"Banking"}"#]).await?;
+    let folder_id = folder["id"].as_str().context("id")?.to_string();
+    let login_fields = json!({"title": "Bank", "password": "first", "parent": folder_id}).to_string();
+    let login = phone.json(&["put", "-c", "logins", &login_fields]).await?;
+    let login_id = login["id"].as_str().context("id")?.to_string();
+    sync_all(&[&phone, &laptop, &tablet]).await?;
+    assert_eq!(laptop.get(&login_id).await?["fields"]["password"], "first");
+
+    // Offline: phone and laptop edit the same field and each adds a new one;
+    // the laptop's edit is the later one. The tablet deletes the parent folder.
+    phone.json(&["put", "--id", &login_id, "-c", "logins", r#"{"password":"phone","note":"from phone"}"#]).await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    laptop.json(&["put", "--id", &login_id, "-c", "logins", r#"{"password":"laptop","url":"https://bank"}"#]).await?;
+    tablet.json(&["delete", &folder_id]).await?;
+    // Sync in an order that delivers the earlier edit last to some devices.
+    sync_all(&[&laptop, &tablet, &phone]).await?;
+
+    let states = [phone.records().await?, laptop.records().await?, tablet.records().await?];
+    assert_eq!(states[0], states[1], "phone and laptop differ");
+    assert_eq!(states[0], states[2], "phone and tablet differ");
+    let login = phone.get(&login_id).await?;
+    assert_eq!(login["fields"]["password"], "laptop", "the later HLC wins the shared field");
+    assert_eq!(login["fields"]["note"], "from phone", "both new fields survive");
+    assert_eq!(login["fields"]["url"], "https://bank");
+    assert_eq!(phone.get(&folder_id).await?["deleted"], true);
+
+    // The orphan is reported on every device, then filed away on one.
+    for device in [&phone, &laptop, &tablet] {
+        let check = device.json(&["check"]).await?;
+        assert_eq!(
+            check["orphans"],
+            json!([{"record_id": login_id, "collection": "logins", "parent": folder_id, "parent_is": "deleted"}])
+        );
+    }
+    let fixed = tablet.json(&["check", "--fix"]).await?;
+    assert_eq!(fixed["moved_to_unfiled"], json!([login_id]));
+    sync_all(&[&tablet, &phone, &laptop]).await?;
+    for device in [&phone, &laptop, &tablet] {
+        let login = device.get(&login_id).await?;
+        assert_eq!(login["fields"]["parent"], "unfiled");
+        assert_eq!(login["fields"]["previous_parent"], json!(folder_id));
+        assert_eq!(device.json(&["check"]).await?["orphans"], json!([]));
+    }
+    let states = [phone.records().await?, laptop.records().await?, tablet.records().await?];
+    assert!(states[0] == states[1] && states[1] == states[2]);
+
+    // The server only ever saw ciphertext.
+    let status = phone.json(&["status"]).await?;
+    let topic = format!("lockstep.user.{}", status["user_id"].as_str().context("user id")?);
+    for (_, envelope) in read_topic(nisshi.bootstrap(), &topic).await? {
+        let text = String::from_utf8_lossy(&envelope.ciphertext);
+        assert!(!text.contains("laptop") && !text.contains("Banking") && !text.contains("password"), "{text}");
+    }
+    assert_eq!(status["outbox"], 0);
+    assert_eq!(status["problems"], 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_example_the_laptops_later_password_wins() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let phone = Cli::init("phone", &server).await?;
+    let laptop = phone.pair("laptop").await?;
+    let login = phone.json(&["put", "-c", "passwords", r#"{"site":"mail","password":"hunter2"}"#]).await?;
+    let id = login["id"].as_str().context("id")?.to_string();
+    sync_all(&[&phone, &laptop]).await?;
+
+    phone.json(&["put", "--id", &id, "-c", "passwords", r#"{"password":"phone-secret"}"#]).await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    laptop.json(&["put", "--id", &id, "-c", "passwords", r#"{"password":"laptop-secret"}"#]).await?;
+    // The laptop syncs first, the phone's older edit arrives after it.
+    sync_all(&[&laptop, &phone]).await?;
+    for device in [&phone, &laptop] {
+        let record = device.get(&id).await?;
+        assert_eq!(record["fields"], json!({"site": "mail", "password": "laptop-secret"}), "{}", device.name);
+    }
+    Ok(())
+}
+
+/// Waits for a progress line on the child's stderr that `wanted` accepts.
+async fn wait_for_progress(child: &mut tokio::process::Child, wanted: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    let stderr = child.stderr.as_mut().context("piped stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if wanted(&line) {
+                return Ok::<_, anyhow::Error>(Some(line));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .context("no progress within 60 s")??;
+    found.context("the sync ended before the progress it waited for")
+}
+
+fn first_number(line: &str, after: &str) -> Option<u64> {
+    line.split(after).nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_syncing_10000_changes_loses_nothing() -> anyhow::Result<()> {
+    const TOTAL: u64 = 10_000;
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let writer = Cli::init("writer", &server).await?;
+    let reader = writer.pair("reader").await?;
+    let clean = writer.pair("clean").await?;
+
+    let import = writer.store.with_file_name("import.ndjson");
+    let lines: String = (0..TOTAL)
+        .map(|n| format!("{}\n", json!({"collection": "notes", "fields": {"n": n, "body": "x".repeat(200)}})))
+        .collect();
+    std::fs::write(&import, lines)?;
+    assert_eq!(writer.json(&["import", import.to_str().context("path")?]).await?["written"], TOTAL);
+
+    // The reader has a local edit of its own, made before it ever synced.
+    let own = reader.json(&["put", "-c", "notes", r#"{"mine":true}"#]).await?;
+    let own_id = own["id"].as_str().context("id")?.to_string();
+
+    // kill -9 the writer while it pushes.
+    let mut push = writer.spawn(&["sync"])?;
+    let line =
+        wait_for_progress(&mut push, |line| first_number(line, "pushed ").is_some_and(|done| done > 0 && done < TOTAL))
+            .await?;
+    push.start_kill()?;
+    push.wait().await?;
+    let outbox = writer.json(&["status"]).await?["outbox"].as_u64().context("outbox")?;
+    assert!(outbox < TOTAL, "some changes were acknowledged before the kill ({line}); {outbox} left");
+    writer.sync().await?;
+    assert_eq!(writer.json(&["status"]).await?["outbox"], 0);
+
+    // kill -9 the reader while it receives.
+    let mut pull = reader.spawn(&["sync"])?;
+    let line = wait_for_progress(&mut pull, |line| first_number(line, "received ").is_some_and(|n| n > 0 && n < TOTAL))
+        .await?;
+    pull.start_kill()?;
+    pull.wait().await?;
+    let cursor = reader.json(&["status"]).await?["cursor"].as_u64().unwrap_or(0);
+    assert!(cursor < TOTAL, "killed mid-way ({line}), cursor {cursor}");
+    reader.sync().await?;
+    assert_eq!(reader.get(&own_id).await?["fields"], json!({"mine": true}), "the local edit survived");
+
+    // Both stores equal one that synced cleanly, and the log holds every change once.
+    clean.sync().await?;
+    let (reader_records, clean_records) = (reader.records().await?, clean.records().await?);
+    assert_eq!(reader_records.as_array().map(Vec::len), Some(TOTAL as usize + 1));
+    assert_eq!(reader_records, clean_records);
+    assert_eq!(writer.records().await?.as_array().map(Vec::len), Some(TOTAL as usize), "writer has not synced since");
+    writer.sync().await?;
+    assert_eq!(writer.records().await?, clean_records);
+    let (records, distinct) = topic_len(&nisshi, &writer).await?;
+    assert_eq!((records, distinct), (TOTAL as usize + 1, TOTAL as usize + 1), "each change once on the topic");
+    let values: HashSet<u64> =
+        clean_records.as_array().context("list")?.iter().filter_map(|record| record["fields"]["n"].as_u64()).collect();
+    assert_eq!(values.len(), TOTAL as usize);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let fresh = Cli::new("fresh")?;
+    assert!(fresh.fail(&["put", r#"{"a":1}"#]).await?.contains("lockstep-cli init"));
+    assert!(fresh.fail(&["pair", "redeem", "hello", "--name", "x"]).await?.contains("LOCKSTEP1"));
+    let unreachable = fresh.fail(&["init", "--server", "http://127.0.0.1:9", "--name", "x"]).await?;
+    assert!(unreachable.contains("cannot reach the server"), "{unreachable}");
+
+    let phone = Cli::init("phone", &server).await?;
+    assert!(phone.fail(&["put", "not json"]).await?.contains("not valid JSON"));
+    assert!(phone.fail(&["put", "[1]"]).await?.contains("JSON object"));
+    assert!(phone.fail(&["put", "--id", "bad id", r#"{"a":1}"#]).await?.contains("may only contain"));
+    assert!(phone.fail(&["delete", "nope"]).await?.contains("no record"));
+    assert!(phone.fail(&["init", "--server", &server.endpoint(), "--name", "again"]).await?.contains("already holds"));
+
+    // A ciphertext moved to another record (what a malicious server could do)
+    // does not decrypt: the device reports it and applies nothing from it.
+    let laptop = phone.pair("laptop").await?;
+    phone.json(&["put", "--id", "note-1", r#"{"b":2}"#]).await?;
+    phone.sync().await?;
+    let phone_token = {
+        let conn = rusqlite::Connection::open(&phone.store)?;
+        conn.query_row("SELECT value FROM meta WHERE key = 'device_token'", [], |row| row.get::<_, String>(0))?
+    };
+    let status = phone.json(&["status"]).await?;
+    let topic = format!("lockstep.user.{}", status["user_id"].as_str().context("user id")?);
+    let (_, original) = read_topic(nisshi.bootstrap(), &topic).await?.pop().context("the phone's change")?;
+    let swapped = lockstep_proto::v1::Change {
+        change_id: "swapped-1".into(),
+        record_id: "note-2".into(),
+        collection: original.collection.clone(),
+        op: 1,
+        hlc: original.hlc as u64,
+        key_epoch: original.key_epoch,
+        nonce: original.nonce.clone().into(),
+        ciphertext: original.ciphertext.clone().into(),
+    };
+    let mut sync = server.sync().await?;
+    let request =
+        lockstep_e2e::device::with_token(lockstep_proto::v1::PushRequest { changes: vec![swapped] }, &phone_token);
+    sync.push(request).await?;
+    laptop.sync().await?;
+    assert_eq!(laptop.get("note-1").await?["fields"], json!({"b": 2}));
+    assert!(laptop.fail(&["get", "note-2"]).await?.contains("no record note-2"));
+    let check = laptop.json(&["check"]).await?;
+    let problems = check["problems"].as_array().context("problems")?;
+    assert_eq!(problems.len(), 1, "{check}");
+    assert_eq!(
+        (problems[0]["record_id"].as_str(), problems[0]["kind"].as_str()),
+        (Some("note-2"), Some("undecryptable"))
+    );
+    assert_eq!(laptop.json(&["status"]).await?["problems"], 1);
+
+    // Revoked: the CLI says what happened and what to do.
+    let laptop_id = laptop.json(&["status"]).await?["device_id"].as_str().context("id")?.to_string();
+    let mut accounts = server.accounts().await?;
+    let revoke = lockstep_e2e::device::with_token(
+        lockstep_proto::v1::RevokeDeviceRequest { device_id: laptop_id },
+        &phone_token,
+    );
+    accounts.revoke_device(revoke).await?;
+    let revoked = laptop.fail(&["sync"]).await?;
+    assert!(revoked.contains("revoked") && revoked.contains("pair it again"), "{revoked}");
+    let _: Value = phone.sync().await?;
+    Ok(())
+}
