@@ -96,6 +96,11 @@ enum Command {
     Delete { id: String },
     /// Push local changes, receive everything new, then stop.
     Sync,
+    /// The account's server moved to a new address (same server, same data).
+    SetServer {
+        /// e.g. https://sync.example.org:443
+        server: String,
+    },
     /// Stay connected: push local changes as they are made, apply incoming ones live.
     Watch,
     /// This device: cursor, lag at the last sync, outbox, problems.
@@ -383,6 +388,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             print_report(&report, args.json);
         }
         Command::Watch => watch(open()?, args.json).await?,
+        Command::SetServer { server } => {
+            let mut store = open()?;
+            store.set_server(&server)?;
+            if args.json {
+                println!("{}", json!({"server": server}));
+            } else {
+                println!("this device now syncs with {server}");
+            }
+        }
         Command::Status => {
             let store = open()?;
             let status = store.status()?;

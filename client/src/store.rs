@@ -286,6 +286,12 @@ impl Store {
         Ok(())
     }
 
+    /// Points the account at the server's new address (same server, moved).
+    pub fn set_server(&mut self, server: &str) -> Result<()> {
+        self.account()?;
+        set_meta(&self.conn, "server", server)
+    }
+
     fn local_change(
         max_clock_ahead: Duration,
         tx: &Transaction<'_>,
