@@ -266,3 +266,104 @@ async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result
     let _: Value = phone.sync().await?;
     Ok(())
 }
+
+/// Polls `get ID` until the record holds `expected` fields.
+async fn wait_for_record(device: &Cli, id: &str, expected: &Value) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(record) = device.get(id).await
+            && &record["fields"] == expected
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{}: {id} never became {expected}", device.name);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_applies_live_changes_and_reconnects_after_a_server_crash() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let mut server = Server::start(&nisshi).await?;
+    let phone = Cli::init("phone", &server).await?;
+    let laptop = phone.pair("laptop").await?;
+    let mut watch = laptop.spawn(&["watch"])?;
+
+    let note = phone.json(&["put", "-c", "notes", r#"{"text":"live"}"#]).await?;
+    let id = note["id"].as_str().context("id")?.to_string();
+    phone.sync().await?;
+    wait_for_record(&laptop, &id, &json!({"text": "live"})).await?;
+
+    // An edit made on the watching device goes up by itself.
+    let own = laptop.json(&["put", "-c", "notes", r#"{"text":"from the laptop"}"#]).await?;
+    let own_id = own["id"].as_str().context("id")?.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while laptop.json(&["status"]).await?["outbox"] != 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "watch never pushed the local edit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    phone.sync().await?;
+    assert_eq!(phone.get(&own_id).await?["fields"], json!({"text": "from the laptop"}));
+
+    // The server dies and comes back on the same port: watch reconnects.
+    server.kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.restart().await?;
+    phone.json(&["put", "--id", &id, "-c", "notes", r#"{"text":"after the crash"}"#]).await?;
+    phone.sync().await?;
+    wait_for_record(&laptop, &id, &json!({"text": "after the crash"})).await?;
+    assert!(watch.try_wait()?.is_none(), "watch is still running");
+    watch.start_kill()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_rebuilds_from_the_log_start_and_keeps_unsynced_edits() -> anyhow::Result<()> {
+    let mut nisshi = Nisshi::start().await?;
+    // Topics keep records for 3 s; Nisshi applies retention when it starts.
+    let server = Server::start_with(&nisshi, &[("LOCKSTEP_KAFKA__TOPIC_RETENTION_MS", "3000")]).await?;
+    let phone = Cli::init("phone", &server).await?;
+    let laptop = phone.pair("laptop").await?;
+    for n in 0..5 {
+        phone.json(&["put", "--id", &format!("early-{n}"), &json!({"n": n}).to_string()]).await?;
+    }
+    phone.sync().await?;
+    laptop.sync().await?;
+    for n in 0..5 {
+        phone.json(&["put", "--id", &format!("middle-{n}"), &json!({"n": n}).to_string()]).await?;
+    }
+    phone.sync().await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for n in 0..3 {
+        phone.json(&["put", "--id", &format!("late-{n}"), &json!({"n": n}).to_string()]).await?;
+    }
+    phone.sync().await?;
+    nisshi.restart().await?;
+    // The laptop edits while its position (offset 5) is gone from the log (which now starts at 10).
+    laptop.json(&["put", "--id", "early-0", r#"{"edited":"offline"}"#]).await?;
+
+    let report = loop {
+        match laptop.sync().await {
+            Ok(report) => break report,
+            // The server's Kafka clients reconnect to the restarted broker.
+            Err(error) if error.to_string().contains("Unavailable") => {
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            Err(error) => return Err(error),
+        }
+    };
+    assert_eq!(report["resyncs"], 1, "{report}");
+    let ids: Vec<String> = laptop
+        .json(&["list"])
+        .await?
+        .as_array()
+        .context("list")?
+        .iter()
+        .filter_map(|record| record["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids, ["early-0", "late-0", "late-1", "late-2"], "rebuilt from the log start, the local edit kept");
+    assert_eq!(laptop.get("early-0").await?["fields"], json!({"n": 0, "edited": "offline"}));
+    phone.sync().await?;
+    assert_eq!(phone.get("early-0").await?["fields"], json!({"n": 0, "edited": "offline"}), "and pushed");
+    Ok(())
+}
