@@ -219,19 +219,25 @@ impl Reporter {
     }
 }
 
+/// The store for a new device: it must not hold an account yet.
+fn open_empty(path: &std::path::Path, max_clock_skew: Duration) -> anyhow::Result<Store> {
+    let store = Store::open(path, max_clock_skew)?;
+    if let Some(account) = store.try_account()? {
+        bail!(
+            "{} already holds device {} of user {}; use another --store",
+            path.display(),
+            account.device_id,
+            account.user_id
+        );
+    }
+    Ok(store)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let open = || Store::open(&args.store, args.max_clock_skew);
     match args.command {
         Command::Init { server, name, registration_secret } => {
-            let mut store = open()?;
-            if let Some(account) = store.try_account()? {
-                bail!(
-                    "{} already holds device {} of user {}; use another --store",
-                    args.store.display(),
-                    account.device_id,
-                    account.user_id
-                );
-            }
+            let mut store = open_empty(&args.store, args.max_clock_skew)?;
             let account = sync::create_account(&server, &name, registration_secret.as_deref()).await?;
             store.save_account(&account)?;
             if args.json {
@@ -268,15 +274,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Command::Pair { command: PairCommand::Redeem { code, name } } => {
-            let mut store = open()?;
-            if let Some(account) = store.try_account()? {
-                bail!(
-                    "{} already holds device {} of user {}; use another --store",
-                    args.store.display(),
-                    account.device_id,
-                    account.user_id
-                );
-            }
+            let mut store = open_empty(&args.store, args.max_clock_skew)?;
             let code = PairingCode::decode(&read_arg(&code)?)?;
             let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), &name).await?;
             store.save_account(&account)?;
