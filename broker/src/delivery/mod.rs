@@ -130,6 +130,10 @@ impl Delivery {
             ApiError::ResourceExhausted("this server holds its maximum number of subscriptions; retry later".into())
         })?;
         let topic: Arc<str> = user_topic(&inner.kafka, &device.user_id).into();
+        // The user's live tail first, then the watermarks: every change Kafka
+        // acknowledges after this read reaches the tail, so the session may
+        // start the tail at the log end read here (see `Session::stream`).
+        let live_log = self.live_log(&device.user_id);
         let watermarks = inner.topics.watermarks(&topic).await?;
         if let Some(from) = from_offset
             && (from < 0 || from > watermarks.log_end)
@@ -152,7 +156,7 @@ impl Delivery {
         let (stream_tx, stream_rx) = mpsc::channel(inner.settings.stream_buffer);
         let session = session::Session {
             delivery: self.clone(),
-            live_log: self.live_log(&device.user_id),
+            live_log,
             topic,
             device,
             session_id,

@@ -69,6 +69,10 @@ impl Session {
             self.send(Event::Resync(Resync { log_start_offset: log_start, previous_offset: cursor })).await?;
             cursor = log_start;
         }
+        // The tail existed before these watermarks were read, so it holds every
+        // change from `log_end` on: a device at the end waits on the tail, and
+        // one behind reads from Kafka only up to here, never waiting for more.
+        self.live_log.note_end(log_end);
         let mut end_rx = self.live_log.watch_end();
         let mut heartbeat = tokio::time::interval(self.delivery.inner.settings.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
