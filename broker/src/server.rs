@@ -12,7 +12,6 @@ use lockstep_proto::{
     v1::{accounts_server::AccountsServer, sync_server::SyncServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use api::{AccountsApi, SyncApi};
 
@@ -127,6 +126,12 @@ pub async fn run(
         let _ = stop_tx.send(());
     });
 
+    // TCP_NODELAY: a response goes out in several small writes (headers, data,
+    // trailers); with Nagle on, the later ones wait for the client's delayed
+    // ACK, about 40 ms per call.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -135,7 +140,7 @@ pub async fn run(
         .add_service(reflection)
         .add_service(accounts_service)
         .add_service(sync_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
     if let Some(addr) = local_addr {
