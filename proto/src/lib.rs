@@ -10,5 +10,50 @@ pub mod v1 {
     tonic::include_proto!("lockstep.v1");
 }
 
+pub mod codec {
+    //! The generated clients and servers use [`LeanCodec`]: prost encoding with
+    //! a 1 KiB starting buffer per call instead of tonic's 8 KiB. Every open
+    //! Subscribe stream holds its encode buffer for as long as it lives, and a
+    //! server holds thousands of idle streams; the buffer grows on demand.
+
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstDecoder, ProstEncoder, prost::Message};
+
+    /// Starting size of the per-call encode buffer.
+    pub const ENCODE_BUFFER_BYTES: usize = 1024;
+    /// tonic's default: a stream yields encoded messages at least this often.
+    const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
+
+    #[derive(Debug)]
+    pub struct LeanCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for LeanCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for LeanCodec<T, U>
+    where
+        T: Message + Send + 'static,
+        U: Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstEncoder::new(BufferSettings::new(ENCODE_BUFFER_BYTES, YIELD_THRESHOLD_BYTES))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstDecoder::new(BufferSettings::default())
+        }
+    }
+}
+
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lockstep_descriptor.bin"));
