@@ -1,0 +1,207 @@
+//! `lockstep-bench`: starts Nisshi, Lockstep and Redis, drives them on an
+//! open-loop schedule, repeats each workload in interleaved rounds and writes
+//! BENCHMARKS.md. Not part of the test suite; run it with `scripts/bench`.
+
+mod client;
+mod lockstep;
+mod peer;
+mod procs;
+mod profile;
+mod report;
+mod stats;
+mod w0;
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+use crate::{
+    procs::{Lockstep, Nisshi, Redis},
+    stats::Metrics,
+};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks Lockstep against raw Kafka (Nisshi) and Redis Streams; writes BENCHMARKS.md")]
+pub struct Args {
+    /// Scaled-down counts and durations, one round: a smoke run of a minute or two.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rounds; each runs every workload once, in order (default 3, 1 with --quick).
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Workloads to run, in this order within each round.
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w2,w4,w3,w5")]
+    pub workloads: Vec<String>,
+    /// Where the report goes.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// The lockstep server binary (a release build).
+    #[arg(long, env = "LOCKSTEP_BIN", default_value = "target/release/lockstep")]
+    pub lockstep_bin: PathBuf,
+    #[arg(long, env = "NISSHI_BIN", default_value = "nisshi")]
+    pub nisshi_bin: PathBuf,
+    #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
+    pub redis_bin: PathBuf,
+    /// Changes per second of the open-loop latency phases of W0, W2 and W5.
+    #[arg(long, default_value_t = 200.0)]
+    pub latency_rate: f64,
+    /// HTTP/2 streams per client connection in W3 (the server allows 64).
+    #[arg(long, default_value_t = 50)]
+    pub streams_per_connection: usize,
+    /// Skip the extra round (not counted) that profiles the server with `perf` during W1, W2 and W4.
+    #[arg(long)]
+    pub no_profile: bool,
+    /// The command line to print in the report (scripts/bench passes its own).
+    #[arg(long)]
+    pub command: Option<String>,
+}
+
+/// Sizes and durations of one run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub payload_bytes: usize,
+    pub latency_rate: f64,
+    pub latency_time: Duration,
+    pub saturation_time: Duration,
+    pub pushers: usize,
+    pub w0_records: u64,
+    pub fanout_deliveries: u64,
+    pub fanout_devices: Vec<usize>,
+    pub resume_records: u64,
+    pub idle_devices: Vec<usize>,
+    pub settle_time: Duration,
+    pub cpu_time: Duration,
+    pub fanout_records: u64,
+    pub streams_per_connection: usize,
+}
+
+impl Config {
+    fn new(args: &Args) -> Self {
+        let full = !args.quick;
+        Self {
+            payload_bytes: 1024,
+            latency_rate: args.latency_rate,
+            latency_time: Duration::from_secs(if full { 8 } else { 2 }),
+            saturation_time: Duration::from_secs(if full { 5 } else { 2 }),
+            pushers: 4,
+            w0_records: if full { 30_000 } else { 5_000 },
+            fanout_deliveries: if full { 300_000 } else { 30_000 },
+            fanout_devices: vec![1, 10, 100],
+            resume_records: if full { 100_000 } else { 10_000 },
+            idle_devices: if full { vec![1_000, 10_000] } else { vec![100, 1_000] },
+            settle_time: Duration::from_secs(if full { 2 } else { 1 }),
+            cpu_time: Duration::from_secs(if full { 10 } else { 2 }),
+            fanout_records: 0,
+            streams_per_connection: args.streams_per_connection.clamp(1, 64),
+        }
+    }
+
+    /// Changes pushed in W2/W5 saturation with `devices` subscribers.
+    pub fn with_devices(&self, devices: usize) -> Self {
+        let mut config = self.clone();
+        let ceiling = if self.fanout_deliveries >= 300_000 { 20_000 } else { 2_000 };
+        config.fanout_records = (self.fanout_deliveries / devices as u64).clamp(ceiling / 10, ceiling);
+        config
+    }
+
+    pub fn latency_count(&self) -> u64 {
+        (self.latency_rate * self.latency_time.as_secs_f64()).ceil().max(10.0) as u64
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Config::new(&args);
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
+    let started = std::time::Instant::now();
+    let mut metrics = Metrics::default();
+    let mut profiles = Vec::new();
+    let profile_round = !args.no_profile && procs::command_line("perf", &["--version"]).starts_with("perf");
+    let mut discarded = Metrics::default();
+    for round in 0..rounds + usize::from(profile_round) {
+        let profiling = round == rounds;
+        let metrics = if profiling { &mut discarded } else { &mut metrics };
+        if profiling {
+            eprintln!("== profile round (perf record of the server; its figures are not counted)");
+        } else {
+            eprintln!("== round {} of {rounds}", round + 1);
+        }
+        let nisshi = Nisshi::start(&args.nisshi_bin)?;
+        let data = tempfile::Builder::new().prefix("lockstep-bench-server-").tempdir()?;
+        let server = Lockstep::start(&args.lockstep_bin, &nisshi.bootstrap, data.path(), &[])?;
+        let redis = if args.workloads.iter().any(|w| w == "w5") { Some(Redis::start(&args.redis_bin)?) } else { None };
+        let processes = [
+            ("server", server.pid()),
+            ("nisshi", nisshi.pid()),
+            ("redis", redis.as_ref().map_or(0, Redis::pid)),
+            ("bench", std::process::id()),
+        ];
+        for workload in &args.workloads {
+            if profiling && !matches!(workload.as_str(), "w1" | "w2" | "w4") {
+                continue;
+            }
+            eprintln!("  {workload}");
+            let cpu = procs::CpuSnapshot::take(&processes);
+            let outcome: anyhow::Result<()> = match workload.as_str() {
+                "w0" => w0::run(&nisshi.bootstrap, &config, round, metrics).await,
+                "w1" => {
+                    let profiler = profile::Profiler::start_if(profiling, server.pid(), "w1");
+                    let outcome = lockstep::w1(&server, &config, round, metrics).await;
+                    profiles.extend(profiler.map(profile::Profiler::finish));
+                    outcome
+                }
+                "w2" => {
+                    for &devices in &config.fanout_devices {
+                        let profiler = profile::Profiler::start_if(profiling, server.pid(), &format!("w2-{devices}"));
+                        let outcome =
+                            lockstep::w2(&server, &config.with_devices(devices), devices, round, metrics).await;
+                        profiles.extend(profiler.map(profile::Profiler::finish));
+                        if let Err(error) = outcome {
+                            metrics.failures.push(format!("round {} w2 ({devices} devices): {error:#}", round + 1));
+                        }
+                    }
+                    Ok(())
+                }
+                "w4" => {
+                    let profiler = profile::Profiler::start_if(profiling, server.pid(), "w4");
+                    let outcome = lockstep::w4(&server, &config, round, metrics).await;
+                    profiles.extend(profiler.map(profile::Profiler::finish));
+                    outcome
+                }
+                "w3" => lockstep::w3(&args.lockstep_bin, &args.nisshi_bin, &config, round, metrics).await,
+                "w5" => match &redis {
+                    Some(redis) => {
+                        for &devices in &config.fanout_devices {
+                            let outcome =
+                                peer::fanout(&redis.url, &config.with_devices(devices), devices, round, metrics).await;
+                            if let Err(error) = outcome {
+                                metrics.failures.push(format!("round {} w5 ({devices} devices): {error:#}", round + 1));
+                            }
+                        }
+                        peer::resume(&redis.url, &config, round, metrics).await
+                    }
+                    None => Ok(()),
+                },
+                other => Err(anyhow::anyhow!("unknown workload {other}")),
+            };
+            if workload != "w3" {
+                for (process, seconds) in cpu.since() {
+                    metrics.add(round, &format!("cpu.{workload}.{process}_s"), seconds);
+                }
+            }
+            if let Err(error) = outcome {
+                eprintln!("  {workload} failed: {error:#}");
+                metrics.failures.push(format!("round {} {workload}: {error:#}", round + 1));
+            }
+        }
+        if let Ok(rss) = procs::rss_kib(server.pid()) {
+            metrics.add(round, "server.rss_after_round_kib", rss as f64);
+        }
+    }
+    let elapsed = started.elapsed();
+    let text = report::render(&args, &config, rounds, &metrics, &profiles, elapsed);
+    std::fs::write(&args.out, text)?;
+    eprintln!("wrote {} after {:.0} s", args.out.display(), elapsed.as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! BENCHMARKS.md: the machine, the command, per workload the median and
+//! spread over rounds, and every target of issue #4 against its figure.
+
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+use crate::{
+    Args, Config,
+    procs::command_line,
+    profile::Profile,
+    stats::{Metrics, Summary},
+};
+
+fn format_value(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude >= 1000.0 {
+        let whole = value.round() as i64;
+        let digits = whole.abs().to_string();
+        let mut grouped = String::new();
+        for (index, digit) in digits.chars().enumerate() {
+            if index > 0 && (digits.len() - index) % 3 == 0 {
+                grouped.push(',');
+            }
+            grouped.push(digit);
+        }
+        if whole < 0 { format!("-{grouped}") } else { grouped }
+    } else if magnitude >= 100.0 {
+        format!("{value:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+fn summary_cells(summary: Option<Summary>) -> (String, String, String) {
+    match summary {
+        Some(summary) => (
+            format_value(summary.median),
+            format!("{} – {}", format_value(summary.min), format_value(summary.max)),
+            summary.count.to_string(),
+        ),
+        None => ("—".into(), "—".into(), "0".into()),
+    }
+}
+
+fn table(out: &mut String, metrics: &Metrics, rows: &[(String, String)]) {
+    out.push_str("| figure | median | spread (min – max) | rounds |\n| --- | ---: | ---: | ---: |\n");
+    for (key, label) in rows {
+        if metrics.get(key).is_none() {
+            continue;
+        }
+        let (median, spread, count) = summary_cells(metrics.summary(key));
+        let _ = writeln!(out, "| {label} | {median} | {spread} | {count} |");
+    }
+    out.push('\n');
+}
+
+struct Target {
+    name: String,
+    figure: String,
+    met: Option<bool>,
+}
+
+fn ratio_target(
+    metrics: &Metrics,
+    name: &str,
+    numerator: &str,
+    denominator: &str,
+    passes: impl Fn(f64) -> bool,
+) -> Target {
+    let ratios = metrics.combine(numerator, denominator, |a, b| a / b);
+    let summary = Summary::of(ratios);
+    Target {
+        name: name.to_string(),
+        figure: summary.map_or("not measured".into(), |s| format!("{:.2}× ({:.2} – {:.2})", s.median, s.min, s.max)),
+        met: summary.map(|s| passes(s.median)),
+    }
+}
+
+fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
+    let mut targets = vec![ratio_target(
+        metrics,
+        "W1 ingest ≥ 0.8× W0 produce (changes/s at saturation)",
+        "w1.sat_changes_rps",
+        "w0.produce_rps",
+        |ratio| ratio >= 0.8,
+    )];
+    for devices in &config.fanout_devices {
+        targets.push(ratio_target(
+            metrics,
+            &format!("W2 deliveries/s ≥ 0.8× W0 consume, {devices} devices"),
+            &format!("w2.d{devices}.deliveries_rps"),
+            "w0.consume_rps",
+            |ratio| ratio >= 0.8,
+        ));
+    }
+    for devices in &config.fanout_devices {
+        let taxes = Summary::of(metrics.combine(&format!("w2.d{devices}.p99_ms"), "w0.p99_ms", |a, b| a - b));
+        targets.push(Target {
+            name: format!("W2 latency tax ≤ 2 ms at p99 (Lockstep p99 − W0 p99), {devices} devices"),
+            figure: taxes
+                .map_or("not measured".into(), |s| format!("{:+.2} ms ({:+.2} – {:+.2})", s.median, s.min, s.max)),
+            met: taxes.map(|s| s.median <= 2.0),
+        });
+    }
+    let largest = config.idle_devices.iter().copied().max().unwrap_or(0);
+    let per_device = metrics.summary(&format!("w3.n{largest}.per_device_kib"));
+    targets.push(Target {
+        name: format!("W3 ≤ 10 KiB RSS per idle device at {largest} devices"),
+        figure: per_device
+            .map_or("not measured".into(), |s| format!("{:.2} KiB ({:.2} – {:.2})", s.median, s.min, s.max)),
+        met: per_device.map(|s| s.median <= 10.0),
+    });
+    targets.push(ratio_target(
+        metrics,
+        "W4 resume ≥ 0.8× W0 consume (records/s)",
+        "w4.rps",
+        "w0.consume_rps",
+        |ratio| ratio >= 0.8,
+    ));
+    let losses = metrics.summary("w4.losses");
+    targets.push(Target {
+        name: "W4 zero losses".into(),
+        figure: losses.map_or("not measured".into(), |s| format!("{} lost at most", format_value(s.max))),
+        met: losses.map(|s| s.max == 0.0),
+    });
+    let within = metrics.combine(
+        "w4.duplicates",
+        "w4.ack_window",
+        |duplicates, window| {
+            if duplicates <= window { 1.0 } else { 0.0 }
+        },
+    );
+    let duplicates = metrics.summary("w4.duplicates");
+    targets.push(Target {
+        name: "W4 duplicates only within one ack window".into(),
+        figure: duplicates.map_or("not measured".into(), |s| {
+            format!(
+                "{} duplicates at most; within the window in {} of {} rounds",
+                format_value(s.max),
+                within.iter().filter(|&&ok| ok == 1.0).count(),
+                within.len()
+            )
+        }),
+        met: (!within.is_empty()).then(|| within.iter().all(|&ok| ok == 1.0)),
+    });
+    for devices in &config.fanout_devices {
+        targets.push(ratio_target(
+            metrics,
+            &format!("W5 deliveries/s ≥ Redis Streams', {devices} devices (Lockstep / Redis)"),
+            &format!("w2.d{devices}.deliveries_rps"),
+            &format!("w5.d{devices}.deliveries_rps"),
+            |ratio| ratio >= 1.0,
+        ));
+        targets.push(ratio_target(
+            metrics,
+            &format!("W5 p99 latency ≤ Redis Streams', {devices} devices (Lockstep / Redis)"),
+            &format!("w2.d{devices}.p99_ms"),
+            &format!("w5.d{devices}.p99_ms"),
+            |ratio| ratio <= 1.0,
+        ));
+    }
+    targets.push(ratio_target(
+        metrics,
+        "W5 resume records/s ≥ Redis Streams' (Lockstep / Redis)",
+        "w4.rps",
+        "w5.resume.rps",
+        |ratio| ratio >= 1.0,
+    ));
+    targets
+}
+
+fn machine(out: &mut String, args: &Args) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| info.lines().find(|line| line.starts_with("model name")).map(str::to_string))
+        .and_then(|line| line.split(':').nth(1).map(|model| model.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| info.lines().next().map(str::to_string))
+        .and_then(|line| line.split_whitespace().nth(1).and_then(|kib| kib.parse::<f64>().ok()))
+        .map_or("unknown".into(), |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0));
+    let nisshi = args.nisshi_bin.to_string_lossy();
+    let redis = args.redis_bin.to_string_lossy();
+    let rows = [
+        ("CPUs (nproc)", command_line("nproc", &[])),
+        ("CPU model", cpu),
+        ("memory", memory),
+        ("kernel", command_line("uname", &["-sr"])),
+        ("nisshi", command_line(&nisshi, &["--version"])),
+        ("redis-server", command_line(&redis, &["--version"])),
+        ("rustc", command_line("rustc", &["--version"])),
+        ("lockstep", command_line(&args.lockstep_bin.to_string_lossy(), &["--version"])),
+        ("source", command_line("git", &["describe", "--always", "--dirty"])),
+    ];
+    out.push_str("| | |\n| --- | --- |\n");
+    for (name, value) in rows {
+        let _ = writeln!(out, "| {name} | {value} |");
+    }
+    out.push('\n');
+}
+
+pub fn render(
+    args: &Args,
+    config: &Config,
+    rounds: usize,
+    metrics: &Metrics,
+    profiles: &[Profile],
+    elapsed: Duration,
+) -> String {
+    let mut out = String::new();
+    let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    out.push_str("# Benchmarks\n\n");
+    let _ = writeln!(
+        out,
+        "Written by `lockstep-bench` (crate `bench/`) on {date} after {:.0} s. Every figure is the median over \
+         {rounds} interleaved round(s) (W0, W1, W2, W4, W3, W5, then again), with the spread (min – max). Ratios are \
+         taken within a round, then summarised. This machine is shared and noisy: compare ratios, not absolutes.\n",
+        elapsed.as_secs_f64()
+    );
+    let command = args.command.clone().unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+    let _ = writeln!(out, "Command: `{command}`\n");
+    out.push_str("## Machine\n\n");
+    machine(&mut out, args);
+
+    out.push_str("## Method\n\n");
+    let _ = writeln!(
+        out,
+        "- Each round starts a fresh Nisshi (sqlite storage), a fresh `lockstep` (release build, default settings) \
+         and a fresh `redis-server` (`--appendonly yes --save ''`, appendfsync everysec), all on 127.0.0.1, with the \
+         load generator in the same machine. W3 starts its own fresh Nisshi and server each round and creates its \
+         devices there.\n\
+         - Ciphertext {} bytes. Saturation phases push batches of 100 changes from {} concurrent pushers; W4's \
+         preload uses batches of 500.\n\
+         - Latency phases are open-loop: message `i` is due at `start + i / rate` and is sent then whatever happened \
+         before; latency runs from the due time, so a stall is charged to every message it delayed (no coordinated \
+         omission). HDR histograms, 3 significant digits. W0, W2 and W5 latency at {} changes/s for {} s; W1 at half \
+         of its measured saturation push rate.\n\
+         - W0 uses Lockstep's producer settings (idempotent, acks=all, linger 2 ms, no compression) and the settings \
+         of its catch-up readers (fetch.wait.max.ms 100).\n\
+         - W2/W5 saturation: {} deliveries in total per setting (changes = that / devices, clamped), rate = all \
+         deliveries / (last delivery − first push). Devices ack every batch they receive (one ack in flight, newest \
+         offset wins).\n\
+         - W4: the device is {} changes behind; half-way its stream is dropped without waiting for its acks and it \
+         subscribes again from its committed offset; records/s include the reconnection. Redis: the same crash after \
+         a read and before its XACK, then the pending entries (`0`) and new ones (`>`).\n\
+         - W3: idle devices, {} per user, {} streams per HTTP/2 connection; RSS from /proc/PID/status after {} s of \
+         settling, CPU from /proc/PID/stat over {} s.\n",
+        config.payload_bytes,
+        config.pushers,
+        config.latency_rate,
+        config.latency_time.as_secs(),
+        config.fanout_deliveries,
+        config.resume_records,
+        100,
+        config.streams_per_connection,
+        config.settle_time.as_secs(),
+        config.cpu_time.as_secs()
+    );
+
+    out.push_str("## Targets (issue #4)\n\n| target | figure: median (min – max) | |\n| --- | --- | --- |\n");
+    for target in targets(metrics, config) {
+        let verdict = match target.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let _ = writeln!(out, "| {} | {} | {verdict} |", target.name, target.figure);
+    }
+    out.push('\n');
+
+    let row = |key: &str, label: &str| (key.to_string(), label.to_string());
+    out.push_str("## W0 raw: rdkafka → Nisshi → rdkafka\n\n");
+    table(
+        &mut out,
+        metrics,
+        &[
+            row("w0.produce_rps", "produce, records/s"),
+            row("w0.consume_rps", "consume, records/s"),
+            row("w0.p50_ms", "produce→consume p50, ms"),
+            row("w0.p99_ms", "produce→consume p99, ms"),
+            row("w0.ack_p50_ms", "produce→ack p50 (same schedule), ms"),
+            row("w0.ack_p99_ms", "produce→ack p99 (same schedule), ms"),
+            row("w0.batch100_ms", "produce 100 records and wait for every ack (median of 30), ms"),
+        ],
+    );
+    out.push_str("## W1 ingest: Push through gRPC\n\n");
+    table(
+        &mut out,
+        metrics,
+        &[
+            row("w1.sat_changes_rps", "saturation, changes/s"),
+            row("w1.sat_pushes_rps", "saturation, pushes/s (100 changes each)"),
+            row("w1.sat_users_changes_rps", "saturation with each pusher its own user, changes/s"),
+            row("w1.lat_rate_pushes", "latency phase rate, pushes/s"),
+            row("w1.p50_ms", "push→ack p50, ms"),
+            row("w1.p99_ms", "push→ack p99, ms"),
+            row("w1.failed_pushes", "failed pushes"),
+        ],
+    );
+    for (prefix, title) in [("w2", "W2 fan-out: Lockstep"), ("w5", "W5 peer fan-out: Redis Streams")] {
+        let _ = writeln!(out, "## {title}\n");
+        let mut rows = Vec::new();
+        for devices in &config.fanout_devices {
+            let key = format!("{prefix}.d{devices}");
+            rows.push((format!("{key}.deliveries_rps"), format!("{devices} devices: deliveries/s")));
+            rows.push((format!("{key}.push_rps"), format!("{devices} devices: changes pushed/s meanwhile")));
+            rows.push((format!("{key}.p50_ms"), format!("{devices} devices: push→delivery p50, ms")));
+            rows.push((format!("{key}.p99_ms"), format!("{devices} devices: push→delivery p99, ms")));
+            rows.push((format!("{key}.first_stream_s"), format!("{devices} devices: first stream's first message, s")));
+            rows.push((format!("{key}.other_streams_s"), format!("{devices} devices: the other streams', s")));
+        }
+        table(&mut out, metrics, &rows);
+    }
+    out.push_str("## W4 resume\n\n");
+    table(
+        &mut out,
+        metrics,
+        &[
+            row("w4.rps", "Lockstep catch-up, records/s"),
+            row("w4.duplicates", "Lockstep duplicates"),
+            row("w4.losses", "Lockstep losses"),
+            row("w4.ack_window", "Lockstep unacked window at the crash"),
+            row("w5.resume.rps", "Redis catch-up, records/s"),
+            row("w5.resume.duplicates", "Redis duplicates"),
+            row("w5.resume.losses", "Redis losses"),
+            row("w5.resume.ack_window", "Redis unacked window at the crash"),
+        ],
+    );
+    out.push_str("## W3 idle devices\n\n");
+    let mut rows = vec![row("w3.rss0_kib", "server RSS with the devices created, no stream, KiB")];
+    for count in &config.idle_devices {
+        rows.push((format!("w3.n{count}.rss_kib"), format!("{count} devices: server RSS, KiB")));
+        rows.push((format!("w3.n{count}.per_device_kib"), format!("{count} devices: KiB per device")));
+        rows.push((format!("w3.n{count}.cpu_percent"), format!("{count} devices: idle CPU, % of one core")));
+        rows.push((
+            format!("w3.n{count}.first_s"),
+            format!("{count} devices: opening each new user's first stream, s"),
+        ));
+        rows.push((format!("w3.n{count}.open_s"), format!("{count} devices: opening the other new streams, s")));
+    }
+    table(&mut out, metrics, &rows);
+
+    out.push_str("## CPU seconds per workload and process\n\n");
+    let mut rows = Vec::new();
+    for workload in &args.workloads {
+        if workload == "w3" {
+            continue;
+        }
+        for process in ["server", "nisshi", "redis", "bench"] {
+            rows.push((format!("cpu.{workload}.{process}_s"), format!("{workload}: {process}")));
+        }
+    }
+    table(&mut out, metrics, &rows);
+
+    if !profiles.is_empty() {
+        out.push_str("## Where the server's time goes (`perf record -g` of `lockstep` in an extra round whose figures are not counted)\n\n");
+        for profile in profiles {
+            let _ = writeln!(
+                out,
+                "### {}\n\nBy thread:\n\n```\n{}\n```\n\nBy symbol (self time):\n\n```\n{}\n```\n",
+                profile.name, profile.by_thread, profile.by_symbol
+            );
+        }
+    }
+    if !metrics.failures.is_empty() {
+        out.push_str("## Failures\n\n");
+        for failure in &metrics.failures {
+            let _ = writeln!(out, "- {}", failure.replace('\n', " "));
+        }
+        out.push('\n');
+    }
+    let analysis = Path::new(env!("CARGO_MANIFEST_DIR")).join("ANALYSIS.md");
+    if let Ok(text) = std::fs::read_to_string(&analysis) {
+        out.push_str("## Analysis (bench/ANALYSIS.md, written by hand from the measurements)\n\n");
+        out.push_str(text.trim());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,212 @@
+//! W0 raw: an rdkafka producer with Lockstep's producer settings → Nisshi →
+//! an rdkafka consumer with the settings of Lockstep's catch-up readers.
+//! The baseline every ratio divides by.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+    error::{KafkaError, RDKafkaErrorCode},
+    producer::{FutureProducer, FutureRecord},
+};
+use tokio::time::Instant;
+
+use crate::{
+    Config,
+    stats::{self, Metrics, Schedule},
+};
+
+/// Lockstep's gateway producer (broker/src/kafka/producer.rs) with the default settings.
+pub fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", "bench-w0-producer")
+        .set("socket.keepalive.enable", "true")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "none")
+        .set("message.timeout.ms", "10000")
+        .set("queue.buffering.max.kbytes", "65536")
+        .create()?)
+}
+
+/// Lockstep's catch-up readers (broker/src/kafka/readers.rs).
+fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", "bench-w0-consumer")
+        .set("group.id", "bench.w0")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", "8192")
+        .create()?)
+}
+
+pub async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().context("admin client")?;
+    let results =
+        admin.create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()).await?;
+    for result in results {
+        if let Err((name, code)) = result {
+            bail!("creating topic {name}: {code}");
+        }
+    }
+    Ok(())
+}
+
+fn payload(seq: u64, size: usize) -> Vec<u8> {
+    let mut payload = vec![0x5a; size.max(8)];
+    payload[..8].copy_from_slice(&seq.to_le_bytes());
+    payload
+}
+
+/// Enqueues one record, waiting while librdkafka's queue is full.
+async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    seq: u64,
+    size: usize,
+) -> anyhow::Result<rdkafka::producer::DeliveryFuture> {
+    let key = format!("r{seq}");
+    let body = payload(seq, size);
+    loop {
+        let record = FutureRecord::to(topic).partition(0).key(key.as_bytes()).payload(&body);
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((error, _)) => return Err(error.into()),
+        }
+    }
+}
+
+/// Reads `count` records of `topic` from offset 0 on a blocking thread;
+/// calls `on_record(seq)` as each arrives; returns the time from the
+/// assignment (the consumer is connected already) to the last record.
+fn consume(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    timeout: Duration,
+    mut on_record: impl FnMut(u64),
+) -> anyhow::Result<Duration> {
+    let consumer = consumer(bootstrap)?;
+    // Connected and bootstrapped before the clock starts.
+    consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Offset(0))?;
+    consumer.assign(&assignment)?;
+    let started = std::time::Instant::now();
+    let mut received = 0;
+    while received < count {
+        if started.elapsed() > timeout {
+            bail!("consumer got {received} of {count} records within {timeout:?}");
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                let seq = message
+                    .payload()
+                    .and_then(|payload| payload.get(..8))
+                    .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+                    .context("record without a sequence number")?;
+                on_record(seq);
+                received += 1;
+            }
+            Some(Err(error)) => bail!("consume: {error}"),
+            None => {}
+        }
+    }
+    Ok(started.elapsed())
+}
+
+pub async fn run(bootstrap: &str, config: &Config, round: usize, metrics: &mut Metrics) -> anyhow::Result<()> {
+    let producer = producer(bootstrap)?;
+    let size = config.payload_bytes;
+
+    // Produce at saturation: enqueue everything, wait for every delivery report.
+    let topic = format!("bench.w0.sat.{round}.{}", uuid::Uuid::new_v4().simple());
+    create_topic(bootstrap, &topic).await?;
+    let count = config.w0_records;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(count as usize);
+    for seq in 0..count {
+        deliveries.push(enqueue(&producer, &topic, seq, size).await?);
+    }
+    for delivery in deliveries {
+        delivery.await.context("producer dropped")?.map_err(|(error, _)| error)?;
+    }
+    let produce_time = started.elapsed();
+    metrics.add(round, "w0.produce_rps", count as f64 / produce_time.as_secs_f64());
+
+    // One batch of 100 records at a time, waiting for every ack: the least a
+    // push of 100 changes can take.
+    let mut batch_times = Vec::new();
+    for batch in 0..30u64 {
+        let started = Instant::now();
+        let mut deliveries = Vec::with_capacity(100);
+        for seq in batch * 100..(batch + 1) * 100 {
+            deliveries.push(enqueue(&producer, &topic, count + seq, size).await?);
+        }
+        for delivery in deliveries {
+            delivery.await.context("producer dropped")?.map_err(|(error, _)| error)?;
+        }
+        batch_times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    if let Some(summary) = stats::Summary::of(batch_times) {
+        metrics.add(round, "w0.batch100_ms", summary.median);
+    }
+
+    // Consume what was written, from offset 0.
+    let (bootstrap_owned, topic_owned) = (bootstrap.to_string(), topic.clone());
+    let consume_time = tokio::task::spawn_blocking(move || {
+        consume(&bootstrap_owned, &topic_owned, count, Duration::from_secs(120), |_| {})
+    })
+    .await??;
+    metrics.add(round, "w0.consume_rps", count as f64 / consume_time.as_secs_f64());
+
+    // produce→consume latency on an open-loop schedule at the latency rate.
+    let topic = format!("bench.w0.lat.{round}.{}", uuid::Uuid::new_v4().simple());
+    create_topic(bootstrap, &topic).await?;
+    let count = config.latency_count();
+    let schedule = Schedule::new(config.latency_rate);
+    let (bootstrap_owned, topic_owned) = (bootstrap.to_string(), topic.clone());
+    let consumer = tokio::task::spawn_blocking(move || {
+        let mut histogram = stats::histogram();
+        consume(&bootstrap_owned, &topic_owned, count, Duration::from_secs(120), |seq| {
+            stats::record(&mut histogram, schedule.latency(seq, Instant::now()));
+        })
+        .map(|_| histogram)
+    });
+    let acks = std::sync::Arc::new(std::sync::Mutex::new(stats::histogram()));
+    let mut deliveries = Vec::with_capacity(count as usize);
+    for seq in 0..count {
+        tokio::time::sleep_until(schedule.due(seq)).await;
+        let delivery = enqueue(&producer, &topic, seq, size).await?;
+        let acks = acks.clone();
+        deliveries.push(tokio::spawn(async move {
+            let outcome = delivery.await;
+            stats::record(&mut acks.lock().unwrap(), schedule.latency(seq, Instant::now()));
+            outcome
+        }));
+    }
+    for delivery in deliveries {
+        delivery.await?.context("producer dropped")?.map_err(|(error, _)| error)?;
+    }
+    let histogram = consumer.await??;
+    let acks = acks.lock().unwrap();
+    metrics.add(round, "w0.ack_p50_ms", stats::quantile_ms(&acks, 0.5));
+    metrics.add(round, "w0.ack_p99_ms", stats::quantile_ms(&acks, 0.99));
+    metrics.add(round, "w0.p50_ms", stats::quantile_ms(&histogram, 0.5));
+    metrics.add(round, "w0.p99_ms", stats::quantile_ms(&histogram, 0.99));
+    Ok(())
+}
