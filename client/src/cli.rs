@@ -425,6 +425,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             store.account()?;
             let orphans = store.orphans()?;
             let problems = store.problems()?;
+            let rejected: Vec<Value> = store
+                .rejected()?
+                .into_iter()
+                .map(|(record_id, reason)| json!({"record_id": record_id, "reason": reason}))
+                .collect();
             let mut moved = Vec::new();
             if fix {
                 for orphan in &orphans {
@@ -436,10 +441,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
             if args.json {
-                println!("{}", json!({"orphans": orphans, "moved_to_unfiled": moved, "problems": problems}));
+                println!(
+                    "{}",
+                    json!({"orphans": orphans, "moved_to_unfiled": moved, "problems": problems, "rejected": rejected})
+                );
             } else {
-                if orphans.is_empty() && problems.is_empty() {
-                    println!("ok: no orphans, every incoming change applied");
+                if orphans.is_empty() && problems.is_empty() && rejected.is_empty() {
+                    println!("ok: no orphans, every incoming change applied, every local change accepted");
+                }
+                for entry in &rejected {
+                    println!("rejected {} : {} (kept on this device only)", entry["record_id"], entry["reason"]);
                 }
                 for orphan in &orphans {
                     println!(

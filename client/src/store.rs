@@ -482,6 +482,14 @@ impl Store {
         Ok(())
     }
 
+    /// Local changes the server refused for good: (record id, reason), oldest first.
+    pub fn rejected(&self) -> Result<Vec<(String, String)>> {
+        let mut statement =
+            self.conn.prepare("SELECT record_id, rejected FROM outbox WHERE rejected IS NOT NULL ORDER BY seq")?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn cursor(&self) -> Result<Option<i64>> {
         Ok(get_meta(&self.conn, "cursor")?.and_then(|value| value.parse().ok()))
     }

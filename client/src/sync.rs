@@ -262,15 +262,32 @@ impl Syncer {
             if entries.is_empty() {
                 return Ok(());
             }
+            let mut batch: Vec<&OutboxEntry> = Vec::with_capacity(entries.len());
             let mut changes = Vec::with_capacity(entries.len());
             let mut bytes = 0;
             for entry in &entries {
                 let change = self.encrypt(entry);
+                if change.ciphertext.len() > limits.max_ciphertext_bytes as usize {
+                    // The server would refuse the whole batch: keep this one aside, say so.
+                    let reason = format!(
+                        "record {} is {} bytes encrypted; this server takes at most {}",
+                        entry.record_id,
+                        change.ciphertext.len(),
+                        limits.max_ciphertext_bytes
+                    );
+                    self.store.outbox_reject(entry.seq, &reason)?;
+                    report.rejected += 1;
+                    continue;
+                }
                 bytes += change.ciphertext.len() + 256;
                 if !changes.is_empty() && bytes > byte_budget {
                     break;
                 }
+                batch.push(entry);
                 changes.push(change);
+            }
+            if changes.is_empty() {
+                continue;
             }
             let sent = changes.len();
             let response = sync
@@ -280,7 +297,7 @@ impl Syncer {
                 .into_inner();
             let mut acknowledged = Vec::with_capacity(sent);
             let mut stalled = None;
-            for (entry, result) in entries.iter().zip(response.results) {
+            for (entry, result) in batch.into_iter().zip(response.results) {
                 match result.result {
                     Some(push_result::Result::Offset(_)) => {
                         acknowledged.push(entry.seq);

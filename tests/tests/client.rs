@@ -215,6 +215,21 @@ async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result
     assert!(phone.fail(&["delete", "nope"]).await?.contains("no record"));
     assert!(phone.fail(&["init", "--server", &server.endpoint(), "--name", "again"]).await?.contains("already holds"));
 
+    // A record too large for the server is kept aside locally and reported;
+    // it does not block the changes queued after it.
+    let small = Server::start_with(&nisshi, &[("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "4096")]).await?;
+    let tight = Cli::init("tight", &small).await?;
+    let big = json!({"blob": "x".repeat(10_000)}).to_string();
+    tight.json(&["put", "--id", "big", &big]).await?;
+    tight.json(&["put", "--id", "after", r#"{"ok":true}"#]).await?;
+    let report = tight.sync().await?;
+    assert_eq!((report["pushed"].as_u64(), report["rejected"].as_u64()), (Some(1), Some(1)), "{report}");
+    let check = tight.json(&["check"]).await?;
+    assert_eq!(check["rejected"][0]["record_id"], "big");
+    assert!(check["rejected"][0]["reason"].as_str().is_some_and(|reason| reason.contains("at most 4096")), "{check}");
+    assert_eq!(tight.json(&["status"]).await?["outbox"], 0);
+    assert_eq!(tight.json(&["status"]).await?["outbox_rejected"], 1);
+
     // A ciphertext moved to another record (what a malicious server could do)
     // does not decrypt: the device reports it and applies nothing from it.
     let laptop = phone.pair("laptop").await?;
