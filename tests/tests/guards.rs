@@ -353,3 +353,28 @@ async fn a_device_whose_history_expired_gets_a_resync() -> anyhow::Result<()> {
     assert_eq!(received.offsets().first(), Some(&log_start));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_the_device_gave_up_on_is_still_appended_once() -> anyhow::Result<()> {
+    // A device whose push times out hangs up and pushes the same batch again.
+    // The server must finish what it started (Kafka ack, then the dedup record),
+    // or the retry appends the changes a second time.
+    let nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let phone = Device::create_account(&server, "phone").await?;
+    for attempt in 0..40u64 {
+        let batch = changes(100, 512);
+        let mut request = phone.request(PushRequest { changes: batch.clone() });
+        // From 0.5 ms up: some attempts end before the server starts, some mid-way.
+        request.set_timeout(Duration::from_micros(500 + attempt * 250));
+        let _ = phone.sync.clone().push(request).await;
+        // The retry comes right away, as a device's would.
+        let results = phone.push_ok(batch.clone()).await?;
+        assert_eq!(results.len(), batch.len());
+    }
+    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    let ids: std::collections::HashSet<_> = records.iter().map(|(_, record)| record.change_id.clone()).collect();
+    assert_eq!(ids.len(), 4_000, "every change is on the topic");
+    assert_eq!(records.len(), 4_000, "and none twice");
+    Ok(())
+}

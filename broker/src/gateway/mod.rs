@@ -65,8 +65,19 @@ impl Gateway {
         Self { producer, topics, readers, dedup, delivery, kafka, limits, users: Arc::default() }
     }
 
+    /// Appends a batch to the device's user's topic. The work runs in its own
+    /// task, so a device that hangs up (a timeout, a lost connection) does not
+    /// cancel it half-way: a change Kafka acknowledged but the dedup index never
+    /// recorded would be appended again by the device's retry.
     pub async fn push(&self, device: &AuthedDevice, changes: Vec<Change>) -> Result<Vec<PushResult>, ApiError> {
         validate::validate_batch(&changes, &self.limits)?;
+        let (gateway, device) = (self.clone(), device.clone());
+        tokio::spawn(async move { gateway.push_to_the_end(&device, changes).await })
+            .await
+            .map_err(|error| ApiError::Internal(format!("push task failed: {error}")))?
+    }
+
+    async fn push_to_the_end(&self, device: &AuthedDevice, changes: Vec<Change>) -> Result<Vec<PushResult>, ApiError> {
         let topic = user_topic(&self.kafka, &device.user_id);
         let user_state = self.user_state(&device.user_id);
         let mut state = user_state.lock().await;
