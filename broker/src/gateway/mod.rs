@@ -10,7 +10,7 @@ mod dedup;
 pub mod validate;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -29,13 +29,72 @@ use crate::{
     settings::{KafkaSettings, LimitsSettings},
 };
 
-/// Per-user push state; its mutex serialises a user's pushes, which keeps
-/// offsets contiguous with the deduplication mark.
+/// Per-user push state. A user's pushes are pipelined: each one enqueues its
+/// records under `enqueue` (which fixes their order in the partition) and
+/// takes a ticket; it then waits for Kafka's acks without holding anything,
+/// and finishes (dedup record, live publish) strictly in ticket order, which
+/// is offset order.
 #[derive(Default)]
-struct UserPushState {
+struct UserPush {
+    enqueue: tokio::sync::Mutex<EnqueueState>,
+    index: Mutex<IndexState>,
+    /// How many tickets have finished; ticket `n` finishes when this is `n`.
+    finished: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct EnqueueState {
+    next_ticket: u64,
+}
+
+#[derive(Default)]
+struct IndexState {
     /// The dedup index is known to cover the topic up to `indexed_through`.
     ready: bool,
     indexed_through: i64,
+    /// (device, change id) of changes enqueued but not yet recorded.
+    in_flight: HashSet<(Arc<str>, String)>,
+}
+
+impl UserPush {
+    fn index(&self) -> std::sync::MutexGuard<'_, IndexState> {
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn wait_finished(&self, count: u64) {
+        let mut finished = self.finished.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = finished.wait_for(|finished| *finished >= count).await;
+    }
+}
+
+/// Finishes a ticket even if its push fails or panics half-way, so that the
+/// user's later pushes are never stuck behind it.
+struct Ticket {
+    user: Arc<UserPush>,
+    number: u64,
+    done: bool,
+}
+
+impl Ticket {
+    fn finish(mut self) {
+        self.done = true;
+        self.user.finished.send_modify(|finished| *finished = self.number + 1);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (user, number) = (self.user.clone(), self.number);
+        tokio::spawn(async move {
+            user.wait_finished(number).await;
+            user.index().ready = false;
+            user.finished.send_modify(|finished| *finished = number + 1);
+        });
+    }
 }
 
 #[derive(Clone)]
@@ -50,7 +109,7 @@ pub struct Gateway {
     users: Arc<Mutex<HashMap<Arc<str>, SharedPushState>>>,
 }
 
-type SharedPushState = Arc<tokio::sync::Mutex<UserPushState>>;
+type SharedPushState = Arc<UserPush>;
 
 impl Gateway {
     pub fn new(
@@ -79,47 +138,93 @@ impl Gateway {
 
     async fn push_to_the_end(&self, device: &AuthedDevice, changes: Vec<Change>) -> Result<Vec<PushResult>, ApiError> {
         let topic = user_topic(&self.kafka, &device.user_id);
-        let user_state = self.user_state(&device.user_id);
-        let mut state = user_state.lock().await;
-        if !state.ready {
-            state.indexed_through = self.reindex(&device.user_id, &topic).await?;
-            state.ready = true;
-        }
-
-        let ids = changes.iter().map(|change| change.change_id.clone()).collect();
-        let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
+        let user = self.user_state(&device.user_id);
         let received_at_ms = now_ms();
         let mut results: Vec<Option<PushResult>> = vec![None; changes.len()];
-        let mut in_flight = Vec::new();
-        for (index, change) in changes.into_iter().enumerate() {
-            let digest = digest_of_change(&change);
-            if let Some((offset, stored)) = known.get(&change.change_id) {
-                results[index] = Some(if *stored == digest {
-                    PushResult { result: Some(push_result::Result::Offset(*offset)), duplicate: true }
-                } else {
-                    failed(
-                        tonic::Code::AlreadyExists,
-                        "change_id was already used for a different change".into(),
-                        false,
-                    )
-                });
-                continue;
-            }
-            let envelope = envelope(device, &change, received_at_ms);
-            let payload = encode_change(&envelope).map_err(|error| ApiError::Internal(error.to_string()))?;
-            let delivery = self.producer.enqueue(&topic, change.record_id.as_bytes(), &payload);
-            in_flight.push((index, digest, change, delivery));
-        }
 
-        let (indices, pending): (Vec<_>, Vec<_>) =
-            in_flight.into_iter().map(|(index, digest, change, delivery)| ((index, digest, change), delivery)).unzip();
+        // Enqueue, in request order, under the user's enqueue lock.
+        let mut enqueue = user.enqueue.lock().await;
+        let retrying_in_flight = {
+            let index = user.index();
+            changes.iter().any(|change| index.in_flight.contains(&(device.device_id.clone(), change.change_id.clone())))
+        };
+        if retrying_in_flight {
+            // A retry of a push still being written (the device gave up on it):
+            // let it finish, then answer from the index.
+            user.wait_finished(enqueue.next_ticket).await;
+        }
+        // After that wait: a push that finished meanwhile may have found the index behind.
+        if !user.index().ready {
+            // Re-read the topic once every earlier push has finished.
+            user.wait_finished(enqueue.next_ticket).await;
+            let through = self.reindex(&device.user_id, &topic).await?;
+            let mut index = user.index();
+            index.indexed_through = through;
+            index.ready = true;
+        }
+        let ids = changes.iter().map(|change| change.change_id.clone()).collect();
+        let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
+        let mut to_write = Vec::new();
+        {
+            let mut index = user.index();
+            for (index_in_batch, change) in changes.into_iter().enumerate() {
+                let digest = digest_of_change(&change);
+                if let Some((offset, stored)) = known.get(&change.change_id) {
+                    results[index_in_batch] = Some(if *stored == digest {
+                        PushResult { result: Some(push_result::Result::Offset(*offset)), duplicate: true }
+                    } else {
+                        failed(
+                            tonic::Code::AlreadyExists,
+                            "change_id was already used for a different change".into(),
+                            false,
+                        )
+                    });
+                    continue;
+                }
+                let key = (device.device_id.clone(), change.change_id.clone());
+                if !index.in_flight.insert(key) {
+                    results[index_in_batch] = Some(failed(
+                        tonic::Code::Unavailable,
+                        "this change_id appears twice in the batch; the first one is being written".into(),
+                        true,
+                    ));
+                    continue;
+                }
+                let envelope = envelope(device, &change, received_at_ms);
+                match encode_change(&envelope) {
+                    Ok(payload) => to_write.push((index_in_batch, digest, change, payload)),
+                    Err(error) => {
+                        index.in_flight.remove(&(device.device_id.clone(), change.change_id.clone()));
+                        results[index_in_batch] = Some(failed(tonic::Code::Internal, error.to_string(), false));
+                    }
+                }
+            }
+        }
+        let in_flight: Vec<_> = to_write
+            .into_iter()
+            .map(|(index_in_batch, digest, change, payload)| {
+                let delivery = self.producer.enqueue(&topic, change.record_id.as_bytes(), &payload);
+                ((index_in_batch, digest, change), delivery)
+            })
+            .collect();
+        let ticket = Ticket { user: user.clone(), number: enqueue.next_ticket, done: false };
+        enqueue.next_ticket += 1;
+        drop(enqueue);
+
+        // Kafka's acks, with nothing held: the user's next push enqueues meanwhile.
+        let (written, pending): (Vec<_>, Vec<_>) = in_flight.into_iter().unzip();
         let outcomes = futures::future::join_all(pending).await;
 
+        // Finish in ticket (= offset) order.
+        user.wait_finished(ticket.number).await;
         let mut entries = Vec::new();
         let mut published = Vec::new();
-        let mut next_expected = state.indexed_through;
+        let mut ids = Vec::new();
+        let mut next_expected = user.index().indexed_through;
+        let first_expected = next_expected;
         let mut contiguous = true;
-        for ((index, digest, change), outcome) in indices.into_iter().zip(outcomes) {
+        for ((index_in_batch, digest, change), outcome) in written.into_iter().zip(outcomes) {
+            ids.push(change.change_id.clone());
             match outcome {
                 Ok(offset) => {
                     contiguous &= offset == next_expected;
@@ -136,7 +241,7 @@ impl Gateway {
                         origin_device_id: device.device_id.to_string(),
                         received_at_ms,
                     }));
-                    results[index] =
+                    results[index_in_batch] =
                         Some(PushResult { result: Some(push_result::Result::Offset(offset)), duplicate: false });
                 }
                 Err(error) => {
@@ -145,26 +250,31 @@ impl Gateway {
                     contiguous = false;
                     tracing::warn!(topic, %error, "produce failed");
                     let error = ApiError::from(error);
-                    results[index] = Some(failed(error.code(), error.to_string(), error.is_retryable()));
+                    results[index_in_batch] = Some(failed(error.code(), error.to_string(), error.is_retryable()));
                 }
             }
         }
-
-        let advance = contiguous.then_some((state.indexed_through, next_expected));
-        match self.dedup.record(&device.user_id, entries, advance).await {
-            Ok(()) if contiguous => state.indexed_through = next_expected,
-            Ok(()) => state.ready = false,
-            Err(error) => {
-                // The changes are in Kafka: answer with their offsets anyway; the
-                // next push rebuilds the index from the topic.
-                tracing::error!(topic, %error, "failed to record pushed changes in the dedup index");
-                state.ready = false;
+        let advance = contiguous.then_some((first_expected, next_expected));
+        let recorded = self.dedup.record(&device.user_id, entries, advance).await;
+        {
+            let mut index = user.index();
+            match recorded {
+                Ok(()) if contiguous => index.indexed_through = next_expected,
+                Ok(()) => index.ready = false,
+                Err(error) => {
+                    // The changes are in Kafka: answer with their offsets anyway; the
+                    // next push rebuilds the index from the topic.
+                    tracing::error!(topic, %error, "failed to record pushed changes in the dedup index");
+                    index.ready = false;
+                }
+            }
+            for change_id in ids {
+                index.in_flight.remove(&(device.device_id.clone(), change_id));
             }
         }
-        // Published while the user's push lock is held, so the live tail sees
-        // this user's changes in offset order.
+        // Published in ticket order, so the live tail sees this user's changes in offset order.
         self.delivery.publish(&device.user_id, published);
-        drop(state);
+        ticket.finish();
         Ok(results.into_iter().map(|result| result.unwrap_or_default()).collect())
     }
 

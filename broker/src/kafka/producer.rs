@@ -35,7 +35,7 @@ impl Producer {
         topic: &str,
         key: &[u8],
         payload: &[u8],
-    ) -> impl Future<Output = Result<i64, KafkaError>> + Send + 'static {
+    ) -> impl Future<Output = Result<i64, KafkaError>> + Send + 'static + use<> {
         let record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
         let enqueued =
             self.inner.send_result(record).map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
