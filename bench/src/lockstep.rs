@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use lockstep_proto::v1::{
@@ -29,7 +29,6 @@ use crate::{
 /// Changes per push in the saturation phases (W1, W2) and in W4's preload.
 const SATURATION_BATCH: u64 = 100;
 const PRELOAD_BATCH: u64 = 500;
-const WAIT: Duration = Duration::from_secs(180);
 
 async fn accounts(lockstep: &Lockstep) -> anyhow::Result<AccountsClient<Channel>> {
     Ok(AccountsClient::new(channel(&lockstep.endpoint()).await?))
@@ -256,17 +255,6 @@ fn subscribe_reader(
     Subscriber { stats, tasks: vec![reader, acker] }
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
-}
-
 /// W2: one user, `devices` subscribed devices. Deliveries/s while a fifth
 /// device pushes at saturation, then push→delivery latency at the latency rate.
 pub async fn w2(
@@ -294,12 +282,12 @@ pub async fn w2(
             // The user's first stream finds the end of the topic through a
             // shared Kafka reader; the others then start from the live tail.
             let opening = Instant::now();
-            wait_until("the first device's first heartbeat", || ready.load(Ordering::Relaxed) >= 1).await?;
+            stats::wait_until("the first device's first heartbeat", || ready.load(Ordering::Relaxed) >= 1).await?;
             metrics.add(round, &format!("w2.d{devices}.first_stream_s"), opening.elapsed().as_secs_f64());
         }
     }
     let opening = Instant::now();
-    wait_until("the first heartbeat of every device", || ready.load(Ordering::Relaxed) >= devices).await?;
+    stats::wait_until("the first heartbeat of every device", || ready.load(Ordering::Relaxed) >= devices).await?;
     metrics.add(round, &format!("w2.d{devices}.other_streams_s"), opening.elapsed().as_secs_f64());
 
     let push_clients = clients(lockstep, 2).await?;
@@ -308,7 +296,7 @@ pub async fn w2(
     let started = Instant::now();
     push_all(&pusher, &push_clients, &maker, 'a', count, SATURATION_BATCH, config.pushers).await?;
     let pushed = started.elapsed();
-    wait_until("every device to receive the saturation changes", || {
+    stats::wait_until("every device to receive the saturation changes", || {
         subscribers.iter().all(|subscriber| subscriber.stats.lock().unwrap().saturation >= count)
     })
     .await?;
@@ -332,7 +320,7 @@ pub async fn w2(
     for task in tasks {
         task.await??;
     }
-    wait_until("every device to receive the latency changes", || {
+    stats::wait_until("every device to receive the latency changes", || {
         subscribers.iter().all(|subscriber| subscriber.stats.lock().unwrap().latency >= count)
     })
     .await?;
@@ -496,11 +484,11 @@ pub async fn w3(
                     }
                 }));
             }
-            wait_until("the first heartbeat of every idle device", || ready.load(Ordering::Relaxed) >= opened_so_far)
-                .await
-                .with_context(|| {
-                    format!("{} of {opened_so_far} idle streams started", ready.load(Ordering::Relaxed))
-                })?;
+            stats::wait_until("the first heartbeat of every idle device", || {
+                ready.load(Ordering::Relaxed) >= opened_so_far
+            })
+            .await
+            .with_context(|| format!("{} of {opened_so_far} idle streams started", ready.load(Ordering::Relaxed)))?;
             metrics.add(round, &format!("w3.n{count}.{phase}"), opening.elapsed().as_secs_f64());
         }
         let key = format!("w3.n{count}");

@@ -21,7 +21,6 @@ use crate::{
 const SATURATION_BATCH: u64 = 100;
 const PRELOAD_BATCH: u64 = 500;
 const READ_COUNT: usize = 256;
-const WAIT: Duration = Duration::from_secs(180);
 
 async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
     let client = redis::Client::open(url)?;
@@ -132,17 +131,6 @@ struct Seen {
 
 type Reader = (Arc<Mutex<Seen>>, JoinHandle<anyhow::Result<()>>);
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
-}
-
 /// The W2 shape: `devices` consumer groups on one stream; each device reads
 /// with its own connection and acks every batch it read.
 pub async fn fanout(
@@ -204,14 +192,14 @@ pub async fn fanout(
         });
         readers.push((seen, task));
     }
-    wait_until("every reader to start", || ready.load(Ordering::Relaxed) >= devices).await?;
+    stats::wait_until("every reader to start", || ready.load(Ordering::Relaxed) >= devices).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let count = config.fanout_records;
     let started = Instant::now();
     push_all(&producer, &key, 'a', count, SATURATION_BATCH, config.pushers, config.payload_bytes).await?;
     let pushed = started.elapsed();
-    wait_until("every device to receive the saturation entries", || {
+    stats::wait_until("every device to receive the saturation entries", || {
         readers.iter().all(|(seen, _)| seen.lock().unwrap().saturation >= count)
     })
     .await?;
@@ -234,7 +222,7 @@ pub async fn fanout(
     for task in tasks {
         task.await??;
     }
-    wait_until("every device to receive the latency entries", || {
+    stats::wait_until("every device to receive the latency entries", || {
         readers.iter().all(|(seen, _)| seen.lock().unwrap().latency >= count)
     })
     .await?;

@@ -11,6 +11,21 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
+/// Longest a workload waits for what it expects (deliveries, acks) before failing.
+const WAIT: Duration = Duration::from_secs(180);
+
+/// Polls `done` every 2 ms until it holds, or fails after [`WAIT`].
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
 pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
     histogram.saturating_record((latency.as_micros() as u64).max(1));
 }
