@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     pairing::PairingCode,
     record::{PARENT_FIELD, UNFILED},
-    store::{Record, Store},
+    store::{Account, Record, Store},
     sync::{self, Progress, Report, Syncer, Until},
 };
 
@@ -240,17 +240,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut store = open_empty(&args.store, args.max_clock_skew)?;
             let account = sync::create_account(&server, &name, registration_secret.as_deref()).await?;
             store.save_account(&account)?;
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"user_id": account.user_id, "device_id": account.device_id, "store": args.store})
-                );
-            } else {
-                println!("created user {} with this device ({}) as {}", account.user_id, name, account.device_id);
-                println!(
-                    "next: `lockstep-cli put '{{\"title\":\"hello\"}}'`, then `lockstep-cli sync`; add a device with `lockstep-cli pair show`"
-                );
-            }
+            print_new_device(
+                args.json,
+                &args.store,
+                &account,
+                &[
+                    format!("created user {} with this device ({name}) as {}", account.user_id, account.device_id),
+                    "next: `lockstep-cli put '{\"title\":\"hello\"}'`, then `lockstep-cli sync`; add a device with `lockstep-cli pair show`".into(),
+                ],
+            );
         }
         Command::Pair { command: PairCommand::Show { no_qr } } => {
             let store = open()?;
@@ -278,15 +276,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let code = PairingCode::decode(&read_arg(&code)?)?;
             let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), &name).await?;
             store.save_account(&account)?;
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"user_id": account.user_id, "device_id": account.device_id, "store": args.store})
-                );
-            } else {
-                println!("this device ({name}) joined user {} as {}", account.user_id, account.device_id);
-                println!("next: `lockstep-cli sync` to receive the account's records");
-            }
+            print_new_device(
+                args.json,
+                &args.store,
+                &account,
+                &[
+                    format!("this device ({name}) joined user {} as {}", account.user_id, account.device_id),
+                    "next: `lockstep-cli sync` to receive the account's records".into(),
+                ],
+            );
         }
         Command::Put { collection, id, fields } => {
             let mut store = open()?;
@@ -478,6 +476,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `init` and `pair redeem` print once the store holds the new device.
+fn print_new_device(as_json: bool, store: &std::path::Path, account: &Account, lines: &[String]) {
+    if as_json {
+        println!("{}", json!({"user_id": account.user_id, "device_id": account.device_id, "store": store}));
+    } else {
+        lines.iter().for_each(|line| println!("{line}"));
+    }
 }
 
 fn print_report(report: &Report, as_json: bool) {

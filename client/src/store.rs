@@ -676,10 +676,6 @@ impl Store {
             let visible = serde_json::to_string(&record.state.visible()).expect("json values serialize");
             hash.update(format!("{}\0{}\0{}\n", record.record_id, record.collection, visible));
         }
-        Ok(hex_lower(&hash.finalize()))
+        Ok(hex::encode(hash.finalize()))
     }
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
