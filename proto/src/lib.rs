@@ -57,3 +57,50 @@ pub mod codec {
 
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lockstep_descriptor.bin"));
+
+pub mod retry {
+    //! The retry contract between server and devices, in one place: the
+    //! server says whether a failed call may succeed unchanged later in the
+    //! [`RETRYABLE_METADATA`] trailer; clients read it with [`is_retryable`].
+
+    use tonic::{Code, Status, metadata::MetadataValue};
+
+    /// `true` or `false` on every error status the Lockstep server sends.
+    pub const RETRYABLE_METADATA: &str = "x-lockstep-retryable";
+
+    /// Marks `status` as retryable or not (the server's side).
+    pub fn mark(status: &mut Status, retryable: bool) {
+        status
+            .metadata_mut()
+            .insert(RETRYABLE_METADATA, MetadataValue::from_static(if retryable { "true" } else { "false" }));
+    }
+
+    /// Whether the same call may succeed later unchanged (the client's side).
+    /// The server's verdict wins; without one the call failed before reaching
+    /// a Lockstep handler (transport, proxy, deadline) and only transient codes
+    /// are retried.
+    pub fn is_retryable(status: &Status) -> bool {
+        if let Some(value) = status.metadata().get(RETRYABLE_METADATA) {
+            return value == "true";
+        }
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Unknown)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_servers_verdict_wins_and_bare_transport_errors_are_transient() {
+            for (code, retryable) in [(Code::Unavailable, false), (Code::Internal, true), (Code::DataLoss, false)] {
+                let mut status = Status::new(code, "x");
+                mark(&mut status, retryable);
+                assert_eq!(is_retryable(&status), retryable, "{code:?}");
+            }
+            assert!(is_retryable(&Status::unavailable("connection refused")));
+            assert!(is_retryable(&Status::deadline_exceeded("slow")));
+            assert!(!is_retryable(&Status::invalid_argument("bad")));
+            assert!(!is_retryable(&Status::data_loss("lost")));
+        }
+    }
+}
