@@ -95,7 +95,12 @@ impl Device {
     }
 
     pub async fn subscribe(&self, from_offset: Option<i64>) -> Result<Streaming<SubscribeResponse>, Status> {
-        Ok(self.sync.clone().subscribe(self.request(SubscribeRequest { from_offset })).await?.into_inner())
+        Ok(self
+            .sync
+            .clone()
+            .subscribe(self.request(SubscribeRequest { from_offset, ..Default::default() }))
+            .await?
+            .into_inner())
     }
 
     pub async fn ack(&self, offset: i64) -> Result<i64, Status> {

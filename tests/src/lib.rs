@@ -6,11 +6,17 @@
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, restart.
 //! - [`device`]: a device's view of the API (bearer token, push, subscribe, ack).
 //! - [`cli`]: a device driven through the `lockstep-cli` binary, with its own store.
+//! - [`proxy`]: a TCP proxy between the server and Kafka that tests cut or slow down.
+//! - [`workload`]: simulated devices for the fault tests, recording into a [`history`].
+//! - [`history`]: what the devices saw in a fault run, checked against the invariants.
 
 pub mod cli;
 pub mod device;
+pub mod history;
 pub mod nisshi;
+pub mod proxy;
 pub mod server;
+pub mod workload;
 
 use std::{net::TcpListener, path::Path};
 

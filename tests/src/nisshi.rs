@@ -1,6 +1,9 @@
 //! A real local Kafka for tests: one Nisshi process per test, on a free
 //! port of 127.0.0.1, with sqlite storage in a temporary directory (so a
 //! restart keeps everything). Killed when dropped.
+//!
+//! The fault tests start it with [`NisshiOptions`]: behind a proxy (it
+//! advertises the proxy's port), or with its data on a small tmpfs that fills up.
 
 use std::{
     net::TcpStream,
@@ -26,7 +29,25 @@ pub struct Nisshi {
     child: Option<Child>,
     port: u16,
     bootstrap: String,
+    advertised: String,
+    /// Where the sqlite file lives (Nisshi's working directory).
+    storage: PathBuf,
+    /// Unmounted after the process is killed and before `dir` is removed.
+    _tmpfs: Option<Tmpfs>,
     dir: TempDir,
+}
+
+/// How to start a broker other than [`Nisshi::start`]'s way.
+#[derive(Debug, Clone, Default)]
+pub struct NisshiOptions {
+    /// Listen on this port of 127.0.0.1 (one a proxy already forwards to). Default: a free port.
+    pub port: Option<u16>,
+    /// Advertise this port of 127.0.0.1 instead of the listener's, so that clients
+    /// (which connect to the advertised address) go through a proxy listening there.
+    pub advertised_port: Option<u16>,
+    /// Keep the sqlite data on a tmpfs of this many MiB mounted for this broker.
+    /// Needs root; where mounting is refused, starting fails with [`TmpfsRefused`].
+    pub storage_tmpfs_mib: Option<u64>,
 }
 
 /// The `nisshi` binary: `$NISSHI_BIN`, else `nisshi` on `PATH`, else `~/.cargo/bin/nisshi`.
@@ -57,19 +78,55 @@ pub fn nisshi_binary() -> anyhow::Result<PathBuf> {
 impl Nisshi {
     /// Starts a fresh, empty broker.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(NisshiOptions::default()).await
+    }
+
+    /// Starts a fresh, empty broker as `options` say.
+    pub async fn start_with(options: NisshiOptions) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("lockstep-nisshi-").tempdir()?;
-        let port = free_port()?;
-        let mut nisshi = Self { child: None, port, bootstrap: format!("127.0.0.1:{port}"), dir };
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        let (storage, tmpfs) = match options.storage_tmpfs_mib {
+            Some(mib) => {
+                let storage = dir.path().join("storage");
+                let tmpfs = Tmpfs::mount(&storage, mib)?;
+                (storage, Some(tmpfs))
+            }
+            None => (dir.path().to_path_buf(), None),
+        };
+        let advertised_port = options.advertised_port.unwrap_or(port);
+        let mut nisshi = Self {
+            child: None,
+            port,
+            bootstrap: format!("127.0.0.1:{port}"),
+            advertised: format!("tcp://127.0.0.1:{advertised_port}"),
+            storage,
+            _tmpfs: tmpfs,
+            dir,
+        };
         nisshi.spawn().await?;
         Ok(nisshi)
     }
 
+    /// The broker's own listener. Clients that bootstrap here still connect to
+    /// the advertised address afterwards.
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The directory holding the sqlite file (the tmpfs, if there is one).
+    pub fn storage_dir(&self) -> &Path {
+        &self.storage
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
@@ -78,10 +135,10 @@ impl Nisshi {
         let url = format!("tcp://{}", self.bootstrap);
         let mut command = Command::new(nisshi_binary()?);
         command
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &self.advertised])
             // Nisshi takes the sqlite path relative to its working directory.
             .args(["--storage-engine", "sqlite://kafka.db", "--silent"])
-            .current_dir(self.dir.path())
+            .current_dir(&self.storage)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -153,6 +210,51 @@ impl Nisshi {
 impl Drop for Nisshi {
     fn drop(&mut self) {
         self.kill();
+        // Then `_tmpfs` unmounts (nothing holds it open any more), then `dir` goes.
+    }
+}
+
+/// A tmpfs mounted for one broker's data, unmounted when dropped.
+#[derive(Debug)]
+struct Tmpfs {
+    path: PathBuf,
+}
+
+/// Mounting a tmpfs was not allowed here (not root, no `CAP_SYS_ADMIN`, no `mount`).
+#[derive(Debug)]
+pub struct TmpfsRefused(pub String);
+
+impl std::fmt::Display for TmpfsRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot mount a tmpfs: {}", self.0)
+    }
+}
+
+impl std::error::Error for TmpfsRefused {}
+
+impl Tmpfs {
+    fn mount(path: &Path, mib: u64) -> Result<Self, TmpfsRefused> {
+        std::fs::create_dir_all(path).map_err(|error| TmpfsRefused(format!("{}: {error}", path.display())))?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+            .arg(path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|error| TmpfsRefused(format!("running mount: {error}")))?;
+        if !output.status.success() {
+            return Err(TmpfsRefused(String::from_utf8_lossy(&output.stderr).trim().to_string()));
+        }
+        Ok(Self { path: path.to_path_buf() })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount").arg(&self.path).status().is_ok_and(|status| status.success());
+        if !unmounted {
+            // Still busy (a straggling process): detach it now, freed when released.
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
     }
 }
 

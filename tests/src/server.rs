@@ -79,12 +79,17 @@ impl Server {
 
     /// Like [`Server::start`], with extra `LOCKSTEP_*` settings.
     pub async fn start_with(nisshi: &Nisshi, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with_kafka(nisshi.bootstrap(), env).await
+    }
+
+    /// Like [`Server::start_with`], bootstrapping from `kafka` (e.g. a proxy in front of Nisshi).
+    pub async fn start_with_kafka(kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut settings = vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL".to_string(), "1s".to_string())];
         settings.extend(env.iter().map(|(key, value)| (key.to_string(), value.to_string())));
         let mut server = Self {
             child: None,
             addr: None,
-            kafka: nisshi.bootstrap().to_string(),
+            kafka: kafka.to_string(),
             env: settings,
             dir: tempfile::Builder::new().prefix("lockstep-server-").tempdir()?,
         };

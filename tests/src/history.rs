@@ -1,0 +1,522 @@
+//! What the devices of one user saw during a fault run, and the invariants
+//! it must satisfy once the faults are over.
+//!
+//! Devices record, in one shared order, every push result per change (an
+//! offset, a duplicate, or an error code), every stream they opened, every
+//! change delivered to them, and every ack result. [`History::check`] then
+//! compares that with the user's log as Kafka holds it at the end:
+//!
+//! - **I1** every change acknowledged with an offset is in the log at that
+//!   offset and was delivered to every other device of the user.
+//! - **I2** every device received exactly the change ids of the log, each at
+//!   its log offset (convergence).
+//! - **I4** each device applied offsets contiguously from where it started
+//!   (no hole; a stream's batches are consecutive), and its committed offset
+//!   never moved backwards (ack answers, where a new stream starts, what
+//!   Kafka holds at the end).
+//! - **I5** nothing but pushed changes reaches a device or the log; a change
+//!   whose every push failed and that is not in the log reached nobody.
+//! - **once**: no change id is in the log twice, and a change pushed again
+//!   after it was acknowledged gets `duplicate = true` and its first offset.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    sync::Mutex,
+};
+
+use tonic::Code;
+
+/// How one push attempt ended for one change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    Written {
+        offset: i64,
+        duplicate: bool,
+    },
+    /// A per-change error, or the whole call failing (then every change of it).
+    Failed {
+        code: Code,
+        retryable: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Push { device: String, change_id: String, outcome: PushOutcome, again: bool },
+    Call { call: &'static str, failed: Option<Code> },
+    Subscribed { device: String, session: u64 },
+    Delivered { device: String, session: u64, offset: i64, change_id: String },
+    Resync { device: String, log_start: i64 },
+    Acked { device: String, offset: i64, committed: Result<i64, Code> },
+}
+
+/// Shared by every simulated device of one run.
+#[derive(Default)]
+pub struct History {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The user's devices, with the offset each starts applying at.
+    devices: BTreeMap<String, i64>,
+    events: Vec<Event>,
+    /// Per device: every offset below this was applied (progress for waiting).
+    applied_until: HashMap<String, i64>,
+}
+
+/// The log as Kafka holds it at the end: (offset, change id), in offset order.
+pub type Log = Vec<(i64, String)>;
+
+impl History {
+    /// `devices`: each device of the user with the offset it starts at (0 for a fresh one).
+    pub fn new(devices: impl IntoIterator<Item = (String, i64)>) -> Self {
+        let devices: BTreeMap<String, i64> = devices.into_iter().collect();
+        let applied_until = devices.iter().map(|(device, start)| (device.clone(), *start)).collect();
+        Self { inner: Mutex::new(Inner { devices, events: Vec::new(), applied_until }) }
+    }
+
+    fn record(&self, event: Event) {
+        self.lock().events.push(event);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// One RPC (`push`, `ack`, `subscribe`) and whether it failed as a whole.
+    pub fn call(&self, call: &'static str, failed: Option<Code>) {
+        self.record(Event::Call { call, failed });
+    }
+
+    /// `again`: a deliberate push of a change that was acknowledged before.
+    pub fn push(&self, device: &str, change_id: &str, outcome: PushOutcome, again: bool) {
+        self.record(Event::Push { device: device.into(), change_id: change_id.into(), outcome, again });
+    }
+
+    pub fn subscribed(&self, device: &str, session: u64) {
+        self.record(Event::Subscribed { device: device.into(), session });
+    }
+
+    pub fn delivered(&self, device: &str, session: u64, offset: i64, change_id: &str) {
+        let mut inner = self.lock();
+        let until = inner.applied_until.entry(device.to_string()).or_default();
+        if offset == *until {
+            *until = offset + 1;
+        }
+        inner.events.push(Event::Delivered { device: device.into(), session, offset, change_id: change_id.into() });
+    }
+
+    pub fn resync(&self, device: &str, log_start: i64) {
+        self.record(Event::Resync { device: device.into(), log_start });
+    }
+
+    pub fn acked(&self, device: &str, offset: i64, committed: Result<i64, Code>) {
+        self.record(Event::Acked { device: device.into(), offset, committed });
+    }
+
+    /// Whether every device applied every offset below `log_end`.
+    pub fn all_applied(&self, log_end: i64) -> bool {
+        self.lock().applied_until.values().all(|until| *until >= log_end)
+    }
+
+    /// Per device, the offset below which it applied everything.
+    pub fn applied_until(&self) -> BTreeMap<String, i64> {
+        self.lock().applied_until.iter().map(|(device, until)| (device.clone(), *until)).collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let inner = self.lock();
+        let mut stats = Stats::default();
+        let mut written = BTreeSet::new();
+        for event in &inner.events {
+            match event {
+                Event::Call { call, failed } => {
+                    stats.ops += 1;
+                    if let Some(code) = failed {
+                        stats.errors += 1;
+                        *stats.error_codes.entry(format!("{call}:{code:?}")).or_default() += 1;
+                    }
+                }
+                Event::Push { change_id, outcome: PushOutcome::Written { .. }, .. } => {
+                    written.insert(change_id.clone());
+                }
+                Event::Push { outcome: PushOutcome::Failed { .. }, .. } => stats.change_errors += 1,
+                Event::Delivered { .. } => stats.deliveries += 1,
+                _ => {}
+            }
+        }
+        stats.pushes_ok = written.len();
+        stats
+    }
+
+    /// Checks the invariants against the final `log` and, per device, the
+    /// committed offset Kafka holds at the end (`None`: not read).
+    pub fn check(&self, log: &Log, committed_at_end: &BTreeMap<String, Option<i64>>) -> Report {
+        let inner = self.lock();
+        let mut report = Report::default();
+        let log_at: BTreeMap<i64, &str> = log.iter().map(|(offset, id)| (*offset, id.as_str())).collect();
+        let mut log_ids: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+        for (offset, id) in log {
+            log_ids.entry(id.as_str()).or_default().push(*offset);
+        }
+
+        // What the devices did, gathered in event order.
+        let mut pushed: BTreeMap<&str, &str> = BTreeMap::new(); // change id -> origin device
+        let mut first_written: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut delivered: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new(); // device -> id -> offset
+        let mut progress: BTreeMap<&str, DeviceProgress> = inner
+            .devices
+            .iter()
+            .map(|(device, start)| (device.as_str(), DeviceProgress::starting_at(*start)))
+            .collect();
+        for event in &inner.events {
+            match event {
+                Event::Push { device, change_id, outcome, again } => {
+                    pushed.entry(change_id).or_insert(device);
+                    let PushOutcome::Written { offset, duplicate } = outcome else { continue };
+                    match first_written.get(change_id.as_str()) {
+                        None => {
+                            first_written.insert(change_id, *offset);
+                        }
+                        Some(first) if first != offset || !duplicate => report.once.push(format!(
+                            "{change_id} acknowledged at {first}, then again at {offset} (duplicate = {duplicate})"
+                        )),
+                        Some(_) => {}
+                    }
+                    if *again && !duplicate {
+                        report.once.push(format!("{change_id} pushed again after its ack was not marked duplicate"));
+                    }
+                }
+                Event::Subscribed { device, session } => {
+                    if let Some(progress) = progress.get_mut(device.as_str()) {
+                        progress.session = Some(*session);
+                        progress.session_next = None;
+                    }
+                }
+                Event::Delivered { device, session, offset, change_id } => {
+                    delivered.entry(device).or_default().insert(change_id, *offset);
+                    if let Some(progress) = progress.get_mut(device.as_str()) {
+                        progress.delivered(device, *session, *offset, &mut report.i4);
+                    }
+                    match log_at.get(offset) {
+                        Some(id) if id == change_id => {}
+                        other => report.i2.push(format!(
+                            "{device} received {change_id} at offset {offset}, the log holds {other:?} there"
+                        )),
+                    }
+                }
+                Event::Resync { device, log_start } => {
+                    report.i4.push(format!("{device} got a Resync to {log_start} (no history was expired)"));
+                }
+                Event::Acked { device, offset, committed: Ok(committed) } => {
+                    if let Some(progress) = progress.get_mut(device.as_str()) {
+                        if *committed < progress.committed {
+                            report.i4.push(format!(
+                                "{device}: ack of {offset} answered committed {committed} after an earlier {}",
+                                progress.committed
+                            ));
+                        }
+                        progress.committed = progress.committed.max(*committed);
+                    }
+                }
+                Event::Acked { .. } | Event::Call { .. } => {}
+            }
+        }
+
+        // I1: acknowledged means in the log there, and delivered to the others.
+        for (change_id, offset) in &first_written {
+            if log_at.get(offset) != Some(change_id) {
+                report.i1.push(format!(
+                    "{change_id} was acknowledged at offset {offset}, the log holds {:?} there",
+                    log_at.get(offset)
+                ));
+            }
+            let origin = pushed.get(change_id).copied().unwrap_or_default();
+            for device in inner.devices.keys().filter(|device| device.as_str() != origin) {
+                if !delivered.get(device.as_str()).is_some_and(|ids| ids.contains_key(change_id)) {
+                    report.i1.push(format!("{change_id} (acknowledged at {offset}) never reached {device}"));
+                }
+            }
+        }
+        // I2: every device holds exactly the log's change ids.
+        for device in inner.devices.keys() {
+            let received: BTreeSet<&str> =
+                delivered.get(device.as_str()).map(|ids| ids.keys().copied().collect()).unwrap_or_default();
+            let missing: Vec<&&str> = log_ids.keys().filter(|id| !received.contains(**id)).collect();
+            let extra: Vec<&&str> = received.iter().filter(|id| !log_ids.contains_key(**id)).collect();
+            if !missing.is_empty() {
+                report.i2.push(format!(
+                    "{device} is missing {} of the log's {} changes, e.g. {:?}",
+                    missing.len(),
+                    log_ids.len(),
+                    &missing[..missing.len().min(3)]
+                ));
+            }
+            if !extra.is_empty() {
+                report.i2.push(format!(
+                    "{device} received {} changes the log does not hold, e.g. {:?}",
+                    extra.len(),
+                    &extra[..extra.len().min(3)]
+                ));
+            }
+        }
+        // I4, at the end: Kafka's committed offset is not below what acks answered.
+        for (device, progress) in &progress {
+            if let Some(Some(end)) = committed_at_end.get(*device)
+                && *end < progress.committed
+            {
+                report.i4.push(format!(
+                    "{device}: Kafka holds committed offset {end}, acks had answered {}",
+                    progress.committed
+                ));
+            }
+            if let Some(Some(end)) = committed_at_end.get(*device)
+                && let Some(log_end) = log.last().map(|(offset, _)| offset + 1)
+                && *end > log_end
+            {
+                report.i4.push(format!("{device}: committed offset {end} is beyond the log end {log_end}"));
+            }
+        }
+        // I5: only pushed changes anywhere; a failed change outside the log reached nobody.
+        for (id, _) in log_ids.iter().filter(|(id, _)| !pushed.contains_key(**id)) {
+            report.i5.push(format!("the log holds {id}, which no device pushed"));
+        }
+        for (device, ids) in &delivered {
+            for id in ids.keys().filter(|id| !pushed.contains_key(**id)) {
+                report.i5.push(format!("{device} received {id}, which no device pushed"));
+            }
+            for id in ids.keys().filter(|id| !first_written.contains_key(**id) && !log_ids.contains_key(**id)) {
+                report.i5.push(format!("{device} received {id}: its push failed and the log does not hold it"));
+            }
+        }
+        // once: each change at most once in the log.
+        for (id, offsets) in log_ids.iter().filter(|(_, offsets)| offsets.len() > 1) {
+            report.once.push(format!("{id} is in the log {} times, at {offsets:?}", offsets.len()));
+        }
+        report
+    }
+}
+
+/// A device's position while the checker replays its events.
+struct DeviceProgress {
+    /// Every offset below this was applied.
+    next: i64,
+    /// The highest committed offset an ack answered.
+    committed: i64,
+    session: Option<u64>,
+    /// The offset the current stream must deliver next (None before its first batch).
+    session_next: Option<i64>,
+}
+
+impl DeviceProgress {
+    fn starting_at(start: i64) -> Self {
+        Self { next: start, committed: i64::MIN, session: None, session_next: None }
+    }
+
+    fn delivered(&mut self, device: &str, session: u64, offset: i64, violations: &mut Vec<String>) {
+        if self.session != Some(session) {
+            violations.push(format!("{device}: delivery on session {session} outside its stream"));
+        }
+        match self.session_next {
+            None => {
+                // A stream (without from_offset) starts at the committed offset.
+                if offset < self.committed {
+                    violations.push(format!(
+                        "{device}: committed offset moved backwards: an ack answered {}, the next stream started at {offset}",
+                        self.committed
+                    ));
+                }
+            }
+            Some(expected) if offset != expected => violations.push(format!(
+                "{device}: stream {session} delivered offset {offset} after {} (not consecutive)",
+                expected - 1
+            )),
+            Some(_) => {}
+        }
+        self.session_next = Some(offset + 1);
+        if offset > self.next {
+            violations.push(format!(
+                "{device}: hole: offset {offset} delivered while {}..{offset} were never applied",
+                self.next
+            ));
+        }
+        self.next = self.next.max(offset + 1);
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// RPCs made (push, ack, subscribe).
+    pub ops: usize,
+    /// RPCs that failed as a whole.
+    pub errors: usize,
+    /// Per-change push errors (inside calls that returned results, or of failed calls).
+    pub change_errors: usize,
+    /// Distinct changes acknowledged with an offset.
+    pub pushes_ok: usize,
+    pub deliveries: usize,
+    /// Failed calls by `call:code` (e.g. `push:Unavailable`; `stream:` a stream that broke).
+    pub error_codes: BTreeMap<String, usize>,
+}
+
+/// Violations per invariant (empty: it held).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub i1: Vec<String>,
+    pub i2: Vec<String>,
+    pub i4: Vec<String>,
+    pub i5: Vec<String>,
+    pub once: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.invariants().iter().all(|(_, violations)| violations.is_empty())
+    }
+
+    fn invariants(&self) -> [(&'static str, &Vec<String>); 5] {
+        [("I1", &self.i1), ("I2", &self.i2), ("I4", &self.i4), ("I5", &self.i5), ("once", &self.once)]
+    }
+
+    /// `I1=ok I2=FAIL(3) …`
+    pub fn verdicts(&self) -> String {
+        self.invariants()
+            .iter()
+            .map(|(name, violations)| {
+                if violations.is_empty() { format!("{name}=ok") } else { format!("{name}=FAIL({})", violations.len()) }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl fmt::Display for Report {
+    /// The first violations of each invariant that failed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, violations) in self.invariants() {
+            for violation in violations.iter().take(5) {
+                writeln!(f, "  {name}: {violation}")?;
+            }
+            if violations.len() > 5 {
+                writeln!(f, "  {name}: … and {} more", violations.len() - 5)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(offset: i64) -> PushOutcome {
+        PushOutcome::Written { offset, duplicate: false }
+    }
+
+    fn log(ids: &[&str]) -> Log {
+        ids.iter().enumerate().map(|(offset, id)| (offset as i64, id.to_string())).collect()
+    }
+
+    fn two_devices() -> History {
+        History::new([("a".to_string(), 0), ("b".to_string(), 0)])
+    }
+
+    fn deliver_all(history: &History, device: &str, session: u64, ids: &[&str]) {
+        history.subscribed(device, session);
+        for (offset, id) in ids.iter().enumerate() {
+            history.delivered(device, session, offset as i64, id);
+        }
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let history = two_devices();
+        history.push("a", "c0", PushOutcome::Failed { code: Code::Unavailable, retryable: true }, false);
+        history.push("a", "c0", written(0), false);
+        history.push("a", "c1", written(1), false);
+        history.push("a", "c1", PushOutcome::Written { offset: 1, duplicate: true }, true);
+        deliver_all(&history, "a", 1, &["c0", "c1"]);
+        deliver_all(&history, "b", 1, &["c0", "c1"]);
+        history.acked("b", 1, Ok(2));
+        let report = history.check(&log(&["c0", "c1"]), &BTreeMap::from([("b".to_string(), Some(2))]));
+        assert!(report.ok(), "{report}");
+        assert!(history.all_applied(2));
+        assert_eq!(report.verdicts(), "I1=ok I2=ok I4=ok I5=ok once=ok");
+    }
+
+    #[test]
+    fn an_acknowledged_change_that_never_arrives_fails_i1_and_i2() {
+        let history = two_devices();
+        history.push("a", "c0", written(0), false);
+        history.push("a", "c1", written(1), false);
+        deliver_all(&history, "a", 1, &["c0", "c1"]);
+        deliver_all(&history, "b", 1, &["c0"]);
+        let report = history.check(&log(&["c0", "c1"]), &BTreeMap::new());
+        assert_eq!(report.i1.len(), 1, "{report}");
+        assert_eq!(report.i2.len(), 1, "{report}");
+        assert!(!history.all_applied(2));
+    }
+
+    #[test]
+    fn an_acknowledged_change_the_log_lost_fails_i1() {
+        let history = two_devices();
+        history.push("a", "c0", written(0), false);
+        let report = history.check(&log(&[]), &BTreeMap::new());
+        assert!(report.i1.iter().any(|violation| violation.contains("the log holds None")), "{report}");
+    }
+
+    #[test]
+    fn holes_backward_commits_and_non_consecutive_batches_fail_i4() {
+        let history = two_devices();
+        for (offset, id) in ["c0", "c1", "c2", "c3"].iter().enumerate() {
+            history.push("a", id, written(offset as i64), false);
+        }
+        deliver_all(&history, "a", 1, &["c0", "c1", "c2", "c3"]);
+        history.subscribed("b", 1);
+        history.delivered("b", 1, 0, "c0");
+        history.delivered("b", 1, 2, "c2"); // skipped 1
+        history.acked("b", 2, Ok(3));
+        history.subscribed("b", 2);
+        history.delivered("b", 2, 1, "c1"); // below the committed 3
+        history.delivered("b", 2, 2, "c2");
+        history.delivered("b", 2, 3, "c3");
+        history.acked("b", 3, Ok(2)); // backwards
+        let report = history.check(&log(&["c0", "c1", "c2", "c3"]), &BTreeMap::from([("b".to_string(), Some(1))]));
+        let text = report.to_string();
+        assert!(text.contains("hole"), "{text}");
+        assert!(text.contains("not consecutive"), "{text}");
+        assert!(text.contains("started at 1"), "{text}");
+        assert!(text.contains("answered committed 2"), "{text}");
+        assert!(text.contains("Kafka holds committed offset 1"), "{text}");
+        assert!(report.i1.is_empty() && report.i2.is_empty(), "{text}");
+    }
+
+    #[test]
+    fn failed_changes_reaching_a_device_fail_i5_unless_the_log_has_them() {
+        let history = two_devices();
+        let failed = PushOutcome::Failed { code: Code::Unavailable, retryable: true };
+        history.push("a", "landed", failed.clone(), false);
+        history.push("a", "lost", failed, false);
+        deliver_all(&history, "a", 1, &["landed"]);
+        deliver_all(&history, "b", 1, &["landed"]);
+        // A failed push that is in the log is delivered like any other.
+        assert!(history.check(&log(&["landed"]), &BTreeMap::new()).ok());
+        // A failed push that is not, and a change nobody pushed, must not arrive.
+        history.delivered("b", 1, 1, "lost");
+        history.delivered("b", 1, 2, "stranger");
+        let report = history.check(&log(&["landed"]), &BTreeMap::new());
+        assert!(report.i5.iter().any(|violation| violation.contains("lost")), "{report}");
+        assert!(report.i5.iter().any(|violation| violation.contains("stranger")), "{report}");
+    }
+
+    #[test]
+    fn a_change_appended_twice_or_answered_with_another_offset_fails_once() {
+        let history = two_devices();
+        history.push("a", "c0", written(0), false);
+        history.push("a", "c0", written(1), true);
+        let report = history.check(&log(&["c0", "c0"]), &BTreeMap::new());
+        assert_eq!(report.once.len(), 3, "{report}");
+    }
+}

@@ -1,0 +1,226 @@
+//! A TCP proxy the fault tests control, put between Lockstep and Kafka.
+//!
+//! Kafka clients connect to the broker address the metadata advertises, not
+//! to the bootstrap address, so the broker must advertise the proxy's address
+//! (see [`crate::nisshi::NisshiOptions::advertised_port`]) for every Kafka
+//! connection of the server to pass through here.
+//!
+//! - [`Proxy::cut`] drops every open connection and blackholes new ones (the
+//!   TCP handshake succeeds, nothing is ever forwarded): a network partition,
+//!   where a client learns nothing until its own timeouts fire.
+//! - [`Proxy::restore`] forwards again (blackholed connections are closed, so
+//!   clients reconnect).
+//! - [`Proxy::set_delay`] delays every chunk, in each direction, by a fixed
+//!   latency without limiting throughput (a slow link, not a narrow one).
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+/// Chunks queued per direction of a connection before the reader waits.
+const QUEUED_CHUNKS: usize = 1024;
+const CHUNK_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Link {
+    cut: bool,
+    delay: Duration,
+}
+
+pub struct Proxy {
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    link_tx: watch::Sender<Link>,
+    accept_task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free port of 127.0.0.1 and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (link_tx, link_rx) = watch::channel(Link::default());
+        let accept_task = tokio::spawn(accept_loop(listener, upstream, link_rx));
+        Ok(Self { addr, upstream, link_tx, accept_task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn upstream(&self) -> SocketAddr {
+        self.upstream
+    }
+
+    /// Drops every open connection; new ones are accepted and never forwarded.
+    pub fn cut(&self) {
+        self.link_tx.send_modify(|link| link.cut = true);
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.link_tx.send_modify(|link| link.cut = false);
+    }
+
+    /// Every chunk is forwarded `delay` after it was read (zero: at once).
+    pub fn set_delay(&self, delay: Duration) {
+        self.link_tx.send_modify(|link| link.delay = delay);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // Connections end when the link sender goes away (see `until_cut`).
+        self.accept_task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, link_rx: watch::Receiver<Link>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            // Out of file descriptors or similar: try again shortly rather than spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(serve(client, upstream, link_rx.clone()));
+    }
+}
+
+async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Receiver<Link>) {
+    if link_rx.borrow_and_update().cut {
+        // Blackholed: hold the socket, read nothing, until the link is back.
+        until_restored(&mut link_rx).await;
+        return;
+    }
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        // Upstream down (Kafka killed): close, as a refused connection would.
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let forward = futures::future::join(
+        pipe(client_read, server_write, link_rx.clone()),
+        pipe(server_read, client_write, link_rx.clone()),
+    );
+    tokio::select! {
+        _ = forward => {}
+        () = until_cut(&mut link_rx) => {}
+    }
+}
+
+/// Copies `from` to `to`, each chunk due `delay` after it was read; shuts
+/// `to` down once `from` ended and everything queued was written.
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link_rx: watch::Receiver<Link>) {
+    let (chunk_tx, mut chunk_rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
+    let read = async move {
+        let mut buffer = vec![0u8; CHUNK_BYTES];
+        loop {
+            let read = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            let due = Instant::now() + link_rx.borrow().delay;
+            if chunk_tx.send((due, buffer[..read].to_vec())).await.is_err() {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk)) = chunk_rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
+
+/// Returns when the link is cut or the proxy is gone.
+async fn until_cut(link_rx: &mut watch::Receiver<Link>) {
+    while !link_rx.borrow_and_update().cut {
+        if link_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Returns when the link is restored or the proxy is gone.
+async fn until_restored(link_rx: &mut watch::Receiver<Link>) {
+    while link_rx.borrow_and_update().cut {
+        if link_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = socket.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<Vec<u8>> {
+        stream.write_all(message).await?;
+        let mut answer = vec![0u8; message.len()];
+        stream.read_exact(&mut answer).await?;
+        Ok(answer)
+    }
+
+    #[tokio::test]
+    async fn forwards_cuts_blackholes_restores_and_delays() -> anyhow::Result<()> {
+        let proxy = Proxy::start(echo_server().await).await?;
+        let mut open = TcpStream::connect(proxy.addr()).await?;
+        assert_eq!(round_trip(&mut open, b"hello").await?, b"hello");
+
+        proxy.cut();
+        // The open connection is closed by the proxy.
+        let mut buffer = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buffer)).await?;
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        // A new one connects but hears nothing.
+        let mut blackholed = TcpStream::connect(proxy.addr()).await?;
+        blackholed.write_all(b"anyone?").await?;
+        let silent = tokio::time::timeout(Duration::from_millis(300), blackholed.read(&mut buffer)).await;
+        assert!(silent.is_err(), "a blackholed connection answered: {silent:?}");
+
+        proxy.restore();
+        let mut again = TcpStream::connect(proxy.addr()).await?;
+        assert_eq!(round_trip(&mut again, b"back").await?, b"back");
+
+        proxy.set_delay(Duration::from_millis(200));
+        let started = Instant::now();
+        assert_eq!(round_trip(&mut again, b"slow").await?, b"slow");
+        // One delay each way.
+        assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+        Ok(())
+    }
+}
