@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     pairing::PairingCode,
     record::{PARENT_FIELD, UNFILED},
-    store::{Account, Record, Store},
+    store::{Account, Record, ResyncState, Store},
     sync::{self, Progress, Report, Syncer, Until},
 };
 
@@ -29,11 +29,38 @@ pub struct Args {
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// Refuse incoming changes stamped further than this in the future.
-    #[arg(long, default_value = "1h", value_parser = humantime_duration, global = true)]
+    /// Incoming changes stamped further than this in the future wait (`status`
+    /// shows them) until this device's clock catches up, instead of winning
+    /// every later conflict.
+    #[arg(long, default_value = "7d", value_parser = humantime_duration, global = true)]
     max_clock_skew: Duration,
+    /// The deadline of each call to the server (and of a stream's first answer).
+    #[arg(long, default_value = "30s", value_parser = humantime_duration, global = true)]
+    rpc_timeout: Duration,
+    /// Shift this device's clock, e.g. -3h (tests of devices whose clocks differ).
+    #[arg(
+        long,
+        env = "LOCKSTEP_CLOCK_OFFSET",
+        default_value = "0s",
+        value_parser = signed_duration_ms,
+        allow_hyphen_values = true,
+        global = true,
+        hide = true
+    )]
+    clock_offset: i64,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A duration with an optional sign, in milliseconds: `-3h`, `+90s`, `10m`.
+fn signed_duration_ms(text: &str) -> Result<i64, String> {
+    let (sign, magnitude) = match text.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let duration = humantime_duration(magnitude)?;
+    let ms = i64::try_from(duration.as_millis()).map_err(|_| format!("{text:?}: too large"))?;
+    Ok(sign * ms)
 }
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -194,7 +221,7 @@ impl Reporter {
         if self.quiet {
             return;
         }
-        let forced = matches!(progress, Progress::Resync { .. } | Progress::CaughtUp { .. });
+        let forced = matches!(progress, Progress::Resync { .. } | Progress::Rebuilt { .. } | Progress::CaughtUp { .. });
         if !forced && self.last.elapsed() < Duration::from_millis(200) {
             return;
         }
@@ -207,10 +234,11 @@ impl Reporter {
             Progress::Received { applied, cursor, log_end: None } => {
                 format!("received {applied} changes (at offset {cursor})")
             }
-            Progress::Resync { log_start } => {
-                format!(
-                    "the server's history starts at offset {log_start} now: rebuilding from there (local edits kept)"
-                )
+            Progress::Resync { log_start, reason } => {
+                format!("{}: rebuilding from offset {log_start}, every local record kept", reason.describe())
+            }
+            Progress::Rebuilt { reason, repushed } => {
+                format!("{}: rebuilt; {repushed} records the log lacked go back up", reason.describe())
             }
             Progress::CaughtUp { cursor } => format!("up to date at offset {cursor}"),
         };
@@ -219,9 +247,17 @@ impl Reporter {
     }
 }
 
+/// The store at `--store`, its clock as the flags say.
+fn open_store(args: &Args) -> anyhow::Result<Store> {
+    let mut store = Store::open(&args.store, args.max_clock_skew)?;
+    store.set_clock_offset_ms(args.clock_offset);
+    Ok(store)
+}
+
 /// The store for a new device: it must not hold an account yet.
-fn open_empty(path: &std::path::Path, max_clock_skew: Duration) -> anyhow::Result<Store> {
-    let store = Store::open(path, max_clock_skew)?;
+fn open_empty(args: &Args) -> anyhow::Result<Store> {
+    let path = &args.store;
+    let store = open_store(args)?;
     if let Some(account) = store.try_account()? {
         bail!(
             "{} already holds device {} of user {}; use another --store",
@@ -234,11 +270,12 @@ fn open_empty(path: &std::path::Path, max_clock_skew: Duration) -> anyhow::Resul
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let open = || Store::open(&args.store, args.max_clock_skew);
-    match args.command {
+    let open = || open_store(&args);
+    let rpc_timeout = args.rpc_timeout;
+    match &args.command {
         Command::Init { server, name, registration_secret } => {
-            let mut store = open_empty(&args.store, args.max_clock_skew)?;
-            let account = sync::create_account(&server, &name, registration_secret.as_deref()).await?;
+            let mut store = open_empty(&args)?;
+            let account = sync::create_account(server, name, registration_secret.as_deref(), rpc_timeout).await?;
             store.save_account(&account)?;
             print_new_device(
                 args.json,
@@ -253,7 +290,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Pair { command: PairCommand::Show { no_qr } } => {
             let store = open()?;
             let account = store.account()?;
-            let (ticket, expires_at_ms) = sync::pairing_ticket(&account).await?;
+            let (ticket, expires_at_ms) = sync::pairing_ticket(&account, rpc_timeout).await?;
             let code = PairingCode { server: account.server.clone(), ticket, key: account.key.clone() };
             let text = code.encode();
             if args.json {
@@ -272,9 +309,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Command::Pair { command: PairCommand::Redeem { code, name } } => {
-            let mut store = open_empty(&args.store, args.max_clock_skew)?;
-            let code = PairingCode::decode(&read_arg(&code)?)?;
-            let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), &name).await?;
+            let mut store = open_empty(&args)?;
+            let code = PairingCode::decode(&read_arg(code)?)?;
+            let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), name, rpc_timeout).await?;
             store.save_account(&account)?;
             print_new_device(
                 args.json,
@@ -289,8 +326,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Put { collection, id, fields } => {
             let mut store = open()?;
             store.account()?;
-            let fields = parse_fields(&read_arg(&fields)?)?;
-            let record = store.put(&collection, id.as_deref(), &fields)?;
+            let fields = parse_fields(&read_arg(fields)?)?;
+            let record = store.put(collection, id.as_deref(), &fields)?;
             if args.json {
                 println!("{}", record_json(&record));
             } else {
@@ -304,7 +341,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Box::new(std::io::stdin().lock())
             } else {
                 Box::new(std::io::BufReader::new(
-                    std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?,
+                    std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
                 ))
             };
             let mut written = 0u64;
@@ -346,9 +383,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Get { id } => {
             let store = open()?;
-            let Some(record) = store.get(&id)? else {
-                bail!("no record {id} on this device (try `lockstep-cli sync`)")
-            };
+            let Some(record) = store.get(id)? else { bail!("no record {id} on this device (try `lockstep-cli sync`)") };
             if args.json {
                 println!("{}", record_json(&record));
             } else {
@@ -357,7 +392,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::List { collection, deleted } => {
             let store = open()?;
-            let records = store.list(collection.as_deref(), deleted)?;
+            let records = store.list(collection.as_deref(), *deleted)?;
             if args.json {
                 println!("{}", Value::Array(records.iter().map(record_json).collect()));
             } else {
@@ -367,7 +402,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Delete { id } => {
             let mut store = open()?;
             store.account()?;
-            let record = store.delete(&id)?;
+            let record = store.delete(id)?;
             if args.json {
                 println!("{}", record_json(&record));
             } else {
@@ -376,17 +411,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Sync => {
             let store = open()?;
-            let mut syncer = Syncer::new(store)?;
+            let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout);
             let mut reporter = Reporter::new();
             reporter.quiet =
                 args.json && !std::io::stderr().is_terminal() && std::env::var_os("LOCKSTEP_PROGRESS").is_none();
             let report = syncer.sync_once(&mut |progress| reporter.show(progress)).await?;
             print_report(&report, args.json);
         }
-        Command::Watch => watch(open()?, args.json).await?,
+        Command::Watch => watch(Syncer::new(open()?)?.with_rpc_timeout(rpc_timeout), args.json).await?,
         Command::SetServer { server } => {
             let mut store = open()?;
-            store.set_server(&server)?;
+            store.set_server(server)?;
             if args.json {
                 println!("{}", json!({"server": server}));
             } else {
@@ -416,13 +451,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if status.problems > 0 {
                     println!("problems    {} incoming changes not applied: `lockstep-cli check`", status.problems);
                 }
+                if status.deferred > 0 {
+                    println!(
+                        "deferred    {} incoming changes waiting to apply (clock ahead, newer format): `lockstep-cli check`",
+                        status.deferred
+                    );
+                }
+                if let Some(resync) = &status.resync {
+                    println!("resync      {}", describe_resync(resync));
+                }
+                if let Some(problem) = &status.server_problem {
+                    println!("server      problem at the last sync: {problem}");
+                }
             }
         }
         Command::Check { fix } => {
+            let fix = *fix;
             let mut store = open()?;
             store.account()?;
             let orphans = store.orphans()?;
             let problems = store.problems()?;
+            let deferred = store.deferred()?;
+            let status = store.status()?;
             let rejected: Vec<Value> = store
                 .rejected()?
                 .into_iter()
@@ -441,11 +491,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"orphans": orphans, "moved_to_unfiled": moved, "problems": problems, "rejected": rejected})
+                    json!({
+                        "orphans": orphans,
+                        "moved_to_unfiled": moved,
+                        "problems": problems,
+                        "deferred": deferred,
+                        "rejected": rejected,
+                        "resync": status.resync,
+                        "server_problem": status.server_problem,
+                    })
                 );
             } else {
-                if orphans.is_empty() && problems.is_empty() && rejected.is_empty() {
+                if orphans.is_empty() && problems.is_empty() && rejected.is_empty() && deferred.is_empty() {
                     println!("ok: no orphans, every incoming change applied, every local change accepted");
+                }
+                if let Some(resync) = &status.resync {
+                    println!("resync   {}", describe_resync(resync));
+                }
+                if let Some(problem) = &status.server_problem {
+                    println!("server   problem at the last sync: {problem}");
+                }
+                for change in &deferred {
+                    println!(
+                        "deferred offset {} record {} from device {}: {} ({}); retried at every sync",
+                        change.offset, change.record_id, change.origin_device_id, change.kind, change.reason
+                    );
                 }
                 for entry in &rejected {
                     println!("rejected {} : {} (kept on this device only)", entry["record_id"], entry["reason"]);
@@ -487,9 +557,31 @@ fn print_new_device(as_json: bool, store: &std::path::Path, account: &Account, l
     }
 }
 
+/// One line about a rebuild from the log start (in progress or the last one).
+fn describe_resync(resync: &ResyncState) -> String {
+    let ago = |at: i64| (now_ms() - at).max(0) / 1000;
+    match (resync.completed_at_ms, resync.repushed) {
+        (Some(done), Some(repushed)) => format!(
+            "{} ({} s ago): rebuilt from offset {}, every record kept, {repushed} records pushed back",
+            resync.reason.describe(),
+            ago(done),
+            resync.log_start.map_or("-".into(), |start| start.to_string())
+        ),
+        _ => format!(
+            "{} ({} s ago): rebuilding, resumes at the next sync; every record is kept",
+            resync.reason.describe(),
+            ago(resync.started_at_ms)
+        ),
+    }
+}
+
 fn print_report(report: &Report, as_json: bool) {
     if as_json {
-        println!("{}", serde_json::to_value(report).expect("reports serialize"));
+        let mut document = serde_json::to_value(report).expect("reports serialize");
+        if let (Some(notice), Value::Object(fields)) = (report.notice(), &mut document) {
+            fields.insert("notice".into(), Value::String(notice));
+        }
+        println!("{document}");
         return;
     }
     println!(
@@ -506,10 +598,15 @@ fn print_report(report: &Report, as_json: bool) {
     if report.problems > 0 {
         println!("{} incoming changes could not be applied: `lockstep-cli check`", report.problems);
     }
+    if report.deferred > 0 {
+        println!("{} incoming changes wait until they can apply: `lockstep-cli check`", report.deferred);
+    }
+    if let Some(notice) = report.notice() {
+        println!("{notice}");
+    }
 }
 
-async fn watch(store: Store, as_json: bool) -> anyhow::Result<()> {
-    let mut syncer = Syncer::new(store)?;
+async fn watch(mut syncer: Syncer, as_json: bool) -> anyhow::Result<()> {
     let mut attempt = 0u32;
     let mut reporter = Reporter::new();
     let mut report = Report::default();

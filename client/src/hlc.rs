@@ -34,18 +34,31 @@ pub struct Clock {
     last: u64,
     max_ahead: Duration,
     now_ms: fn() -> u64,
+    /// Added to the wall clock: a device whose clock is off (tests, `--clock-offset`).
+    offset_ms: i64,
 }
 
 impl Clock {
     /// A clock that has already issued or seen `last`, refusing remote stamps
     /// more than `max_ahead` past its own wall time.
     pub fn new(last: u64, max_ahead: Duration) -> Self {
-        Self { last, max_ahead, now_ms: wall_ms }
+        Self { last, max_ahead, now_ms: wall_ms, offset_ms: 0 }
     }
 
     /// A clock reading its wall time from `now_ms` (tests).
     pub fn with_wall_clock(last: u64, max_ahead: Duration, now_ms: fn() -> u64) -> Self {
-        Self { last, max_ahead, now_ms }
+        Self { last, max_ahead, now_ms, offset_ms: 0 }
+    }
+
+    /// The same clock with its wall time shifted by `offset_ms` (may be negative).
+    pub fn with_offset(mut self, offset_ms: i64) -> Self {
+        self.offset_ms = offset_ms;
+        self
+    }
+
+    /// Wall time as this clock reads it, in Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        ((self.now_ms)() as i64).saturating_add(self.offset_ms).max(0) as u64
     }
 
     pub fn last(&self) -> u64 {
@@ -54,14 +67,14 @@ impl Clock {
 
     /// A new stamp, greater than every stamp issued or observed before.
     pub fn tick(&mut self) -> u64 {
-        let physical = from_physical_ms((self.now_ms)());
+        let physical = from_physical_ms(self.now_ms());
         self.last = physical.max(self.last + 1);
         self.last
     }
 
     /// Checks a remote stamp against the bound without moving the clock.
     pub fn check(&self, remote: u64) -> Result<(), ClockError> {
-        let now = (self.now_ms)();
+        let now = self.now_ms();
         let bound_ms = self.max_ahead.as_millis() as u64;
         let remote_ms = physical_ms(remote);
         if remote_ms > now.saturating_add(bound_ms) {
@@ -75,6 +88,13 @@ impl Clock {
         self.check(remote)?;
         self.last = self.last.max(remote);
         Ok(())
+    }
+
+    /// Moves the clock past a stamp this device already holds, however far
+    /// ahead: a local edit must win over every stamp in the record it edits,
+    /// or the user's own edit would silently lose.
+    pub fn observe_held(&mut self, held: u64) {
+        self.last = self.last.max(held);
     }
 }
 
@@ -105,5 +125,17 @@ mod tests {
         let too_far = from_physical_ms(fixed() + 61_000);
         assert_eq!(clock.observe(too_far), Err(ClockError::TooFarAhead { ahead_ms: 61_000, bound_ms: 60_000 }));
         assert!(clock.last() < too_far, "a refused stamp does not move the clock");
+        clock.observe_held(too_far);
+        assert!(clock.tick() > too_far, "a stamp already held always does");
+    }
+
+    #[test]
+    fn an_offset_shifts_the_wall_clock_both_ways() {
+        let behind = Clock::with_wall_clock(0, Duration::from_secs(60), fixed).with_offset(-3_600_000);
+        assert_eq!(behind.now_ms(), fixed() - 3_600_000);
+        let remote = from_physical_ms(fixed());
+        assert!(behind.check(remote).is_err(), "an hour behind, now is too far ahead");
+        let ahead = Clock::with_wall_clock(0, Duration::from_secs(60), fixed).with_offset(3_600_000);
+        assert!(ahead.check(from_physical_ms(fixed() + 3_600_000)).is_ok());
     }
 }

@@ -138,6 +138,21 @@ impl RecordState {
     }
 }
 
+/// Why a plaintext is not a change this client can apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Not a change payload at all: it will never apply.
+    #[error("malformed payload: {0}")]
+    Malformed(String),
+    /// A payload from a newer client: it applies once this client reads that version.
+    #[error("payload version {found} is not supported (this client reads {supported})")]
+    UnknownVersion { found: u32, supported: u32 },
+}
+
+/// Reads a decrypted change. [`ChangePayload::decode`] by default; pluggable
+/// (`Store::set_payload_reader`) so that an upgraded reader can be tested.
+pub type PayloadReader = fn(&[u8]) -> Result<ChangePayload, PayloadError>;
+
 /// What one change carries inside its ciphertext: the pushing device's whole
 /// state of the record, so that applying any subset of changes in any order
 /// is a join of states.
@@ -158,17 +173,18 @@ impl ChangePayload {
         serde_json::to_vec(self).expect("a record state always serializes")
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let payload: ChangePayload =
-            serde_json::from_slice(bytes).map_err(|error| format!("malformed payload: {error}"))?;
-        if payload.v != Self::VERSION {
-            return Err(format!(
-                "payload version {} is not supported (this client reads {})",
-                payload.v,
-                Self::VERSION
-            ));
+    pub fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: u32,
         }
-        Ok(payload)
+        // The version first: a newer payload may not parse as this version's state.
+        let version: Version =
+            serde_json::from_slice(bytes).map_err(|error| PayloadError::Malformed(error.to_string()))?;
+        if version.v != Self::VERSION {
+            return Err(PayloadError::UnknownVersion { found: version.v, supported: Self::VERSION });
+        }
+        serde_json::from_slice(bytes).map_err(|error| PayloadError::Malformed(error.to_string()))
     }
 }
 
@@ -242,7 +258,10 @@ mod tests {
         state.set(&fields(json!({"a": 1})), &stamp(3, "d"));
         let payload = ChangePayload::new(state);
         assert_eq!(ChangePayload::decode(&payload.encode()).unwrap(), payload);
-        assert!(ChangePayload::decode(br#"{"v":2,"state":{}}"#).unwrap_err().contains("version 2"));
-        assert!(ChangePayload::decode(b"nonsense").is_err());
+        assert_eq!(
+            ChangePayload::decode(br#"{"v":2,"state":{"shape":"new"}}"#),
+            Err(PayloadError::UnknownVersion { found: 2, supported: 1 })
+        );
+        assert!(matches!(ChangePayload::decode(b"nonsense"), Err(PayloadError::Malformed(_))));
     }
 }

@@ -134,6 +134,7 @@ fn deliver(replica: &mut Replica, change: &(String, ChangePayload)) {
         collection: "items".into(),
         origin_device_id: "x".into(),
         content: Ok(change.1.clone()),
+        sealed: None,
     };
     replica.next_offset += 1;
     replica.store.apply(&[incoming]).unwrap();

@@ -1,7 +1,8 @@
 //! The device's local store (SQLite): its account, the merged records, the
 //! mirror (the last state of each record seen from the server), the outbox of
-//! local changes the server has not acknowledged yet, problems found in
-//! incoming changes, and the sync cursor.
+//! local changes the server has not acknowledged yet ([`outbox`]), problems
+//! found in incoming changes, changes set aside until they can apply
+//! ([`deferred`]), the resync marker ([`resync`]) and the sync cursor.
 //!
 //! Every operation is one transaction. A local edit updates the record and
 //! queues its change together; an incoming batch is merged and the cursor moved
@@ -9,17 +10,26 @@
 //! loses no local edit, and a change applied twice (merge is idempotent)
 //! changes nothing.
 
+mod deferred;
+mod outbox;
+mod resync;
+
 use std::{path::Path, time::Duration};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
+pub use self::{
+    deferred::{Deferred, open_change},
+    outbox::{OutboxEntry, Sealed},
+    resync::{ResyncReason, ResyncState},
+};
 use crate::{
     crypto::AccountKey,
     hlc::{Clock, ClockError},
     ids,
-    record::{ChangePayload, PARENT_FIELD, RecordState, Stamp, UNFILED},
+    record::{ChangePayload, PARENT_FIELD, PayloadReader, RecordState, Stamp, UNFILED},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +50,19 @@ pub enum StoreError {
     Invalid(String),
     #[error("corrupt local store: {0}")]
     Corrupt(String),
+    /// The server skipped offsets: nothing of the batch was applied.
+    #[error(
+        "the server sent offset {found} where offset {expected} was due: changes would be missing, \
+         so nothing was applied (reported by `lockstep-cli check`); syncing again retries"
+    )]
+    Gap { expected: i64, found: i64 },
+}
+
+impl StoreError {
+    /// Whether trying again may succeed (a gap is the server's, and may be transient).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Gap { .. })
+    }
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -54,11 +77,33 @@ CREATE TABLE IF NOT EXISTS mirror (
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, change_id TEXT NOT NULL UNIQUE, record_id TEXT NOT NULL,
     collection TEXT NOT NULL, op INTEGER NOT NULL, hlc INTEGER NOT NULL, state TEXT NOT NULL,
-    rejected TEXT);
+    rejected TEXT, key_epoch INTEGER, nonce BLOB, ciphertext BLOB);
 CREATE TABLE IF NOT EXISTS problems (
     offset INTEGER PRIMARY KEY, record_id TEXT NOT NULL, collection TEXT NOT NULL, origin_device_id TEXT NOT NULL,
     kind TEXT NOT NULL, detail TEXT NOT NULL, seen_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS deferred (
+    offset INTEGER PRIMARY KEY, record_id TEXT NOT NULL, collection TEXT NOT NULL, op INTEGER NOT NULL,
+    hlc INTEGER NOT NULL, key_epoch INTEGER NOT NULL, nonce BLOB NOT NULL, ciphertext BLOB NOT NULL,
+    origin_device_id TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, deferred_at_ms INTEGER NOT NULL);
 ";
+
+/// Columns added after the first release, created on open when missing.
+const ADDED_COLUMNS: &[(&str, &str, &str)] =
+    &[("outbox", "key_epoch", "INTEGER"), ("outbox", "nonce", "BLOB"), ("outbox", "ciphertext", "BLOB")];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, kind) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            &format!("SELECT count(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// The proto's op values.
 pub const OP_UPSERT: i32 = 1;
@@ -82,17 +127,6 @@ pub struct Record {
     pub state: RecordState,
 }
 
-#[derive(Debug, Clone)]
-pub struct OutboxEntry {
-    pub seq: i64,
-    pub change_id: String,
-    pub record_id: String,
-    pub collection: String,
-    pub op: i32,
-    pub hlc: u64,
-    pub payload: ChangePayload,
-}
-
 /// An incoming change, decrypted (or not) by the sync layer.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -101,6 +135,9 @@ pub struct Incoming {
     pub collection: String,
     pub origin_device_id: String,
     pub content: Result<ChangePayload, (ProblemKind, String)>,
+    /// The change as delivered: kept in `deferred` when it cannot apply yet
+    /// (clock ahead, newer payload version). Without it such a change is a problem.
+    pub sealed: Option<Sealed>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,10 +146,16 @@ pub enum ProblemKind {
     Undecryptable,
     /// The plaintext is not a change this client understands.
     Malformed,
-    /// Its clock is further ahead than the bound.
+    /// Its clock is further ahead than the bound (deferred until it is not).
     ClockAhead,
+    /// A payload version this client does not read yet (deferred until it does).
+    UnknownVersion,
     /// It names a record this device holds in another collection.
     CollectionConflict,
+    /// The server says the record at this offset is not a change it can read.
+    Undecodable,
+    /// The server skipped offsets.
+    Gap,
 }
 
 impl ProblemKind {
@@ -121,8 +164,16 @@ impl ProblemKind {
             ProblemKind::Undecryptable => "undecryptable",
             ProblemKind::Malformed => "malformed",
             ProblemKind::ClockAhead => "clock-ahead",
+            ProblemKind::UnknownVersion => "unknown-version",
             ProblemKind::CollectionConflict => "collection-conflict",
+            ProblemKind::Undecodable => "undecodable",
+            ProblemKind::Gap => "gap",
         }
+    }
+
+    /// Kinds that may apply later: kept in `deferred`, not filed as problems.
+    fn waits(self) -> bool {
+        matches!(self, ProblemKind::ClockAhead | ProblemKind::UnknownVersion)
     }
 }
 
@@ -142,6 +193,10 @@ pub struct Applied {
     pub changes: usize,
     pub changed_records: usize,
     pub problems: usize,
+    /// Changes set aside in `deferred` by this batch.
+    pub deferred: usize,
+    /// Changes from `deferred` that applied now.
+    pub from_deferred: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -169,12 +224,28 @@ pub struct Status {
     pub records: i64,
     pub deleted_records: i64,
     pub problems: i64,
+    /// Incoming changes waiting to apply (clock ahead, newer payload version).
+    pub deferred: i64,
     pub last_sync_ms: Option<i64>,
+    /// How many times the device rebuilt from the log start.
+    pub resyncs: i64,
+    /// The resync in progress, else the last one.
+    pub resync: Option<ResyncState>,
+    /// Something wrong on the server's side that the last sync stopped at.
+    pub server_problem: Option<String>,
+}
+
+/// How the store's hybrid logical clock reads time.
+#[derive(Debug, Clone, Copy)]
+struct ClockSettings {
+    max_ahead: Duration,
+    offset_ms: i64,
 }
 
 pub struct Store {
     conn: Connection,
-    max_clock_ahead: Duration,
+    clock: ClockSettings,
+    reader: PayloadReader,
 }
 
 fn now_ms() -> i64 {
@@ -201,9 +272,38 @@ fn set_meta(tx: &Connection, key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-fn clock(tx: &Connection, max_clock_ahead: Duration) -> Result<Clock> {
+fn clock(tx: &Connection, settings: ClockSettings) -> Result<Clock> {
     let last = get_meta(tx, "hlc")?.and_then(|value| value.parse().ok()).unwrap_or(0);
-    Ok(Clock::new(last, max_clock_ahead))
+    Ok(Clock::new(last, settings.max_ahead).with_offset(settings.offset_ms))
+}
+
+fn file_problem(tx: &Connection, incoming: &Incoming, kind: ProblemKind, detail: &str) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO problems (offset, record_id, collection, origin_device_id, kind, detail, seen_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            incoming.offset,
+            incoming.record_id,
+            incoming.collection,
+            incoming.origin_device_id,
+            kind.as_str(),
+            detail,
+            now_ms()
+        ],
+    )?;
+    Ok(())
+}
+
+/// The first place where `batch` does not continue from `cursor` offset by
+/// offset: (expected, found). Offsets before the cursor are a redelivery (at
+/// least once), harmless to merge again; offsets after it are missing changes.
+fn find_gap(cursor: Option<i64>, batch: &[Incoming]) -> Option<(i64, i64)> {
+    if let (Some(cursor), Some(first)) = (cursor, batch.first())
+        && first.offset > cursor
+    {
+        return Some((cursor, first.offset));
+    }
+    batch.windows(2).find(|pair| pair[1].offset != pair[0].offset + 1).map(|pair| (pair[0].offset + 1, pair[1].offset))
 }
 
 fn load_record(tx: &Connection, table: &str, record_id: &str) -> Result<Option<(String, RecordState)>> {
@@ -222,6 +322,23 @@ fn save_record(tx: &Connection, record_id: &str, collection: &str, state: &Recor
         params![record_id, collection, to_json(state), state.max_hlc() as i64],
     )?;
     Ok(())
+}
+
+fn account_in(conn: &Connection) -> Result<Option<Account>> {
+    let Some(user_id) = get_meta(conn, "user_id")? else { return Ok(None) };
+    let need = |key: &str| -> Result<String> {
+        get_meta(conn, key)?.ok_or_else(|| StoreError::Corrupt(format!("account without {key}")))
+    };
+    let key = Zeroizing::new(need("account_key")?);
+    Ok(Some(Account {
+        server: need("server")?,
+        user_id,
+        device_id: need("device_id")?,
+        device_name: need("device_name")?,
+        token: Zeroizing::new(need("device_token")?),
+        key: AccountKey::from_base64(&key).map_err(|error| StoreError::Corrupt(error.to_string()))?,
+        key_epoch: need("key_epoch")?.parse().map_err(|_| StoreError::Corrupt("key_epoch".into()))?,
+    }))
 }
 
 impl Store {
@@ -246,7 +363,26 @@ impl Store {
         // acknowledged to the server only once its changes are on disk.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn, max_clock_ahead })
+        migrate(&conn)?;
+        Ok(Self {
+            conn,
+            clock: ClockSettings { max_ahead: max_clock_ahead, offset_ms: 0 },
+            reader: ChangePayload::decode,
+        })
+    }
+
+    /// Shifts the wall clock this store's clock reads (a device whose clock is off; tests).
+    pub fn set_clock_offset_ms(&mut self, offset_ms: i64) {
+        self.clock.offset_ms = offset_ms;
+    }
+
+    /// Replaces the payload reader (default [`ChangePayload::decode`]).
+    pub fn set_payload_reader(&mut self, reader: PayloadReader) {
+        self.reader = reader;
+    }
+
+    pub fn payload_reader(&self) -> PayloadReader {
+        self.reader
     }
 
     pub fn account(&self) -> Result<Account> {
@@ -254,20 +390,7 @@ impl Store {
     }
 
     pub fn try_account(&self) -> Result<Option<Account>> {
-        let Some(user_id) = get_meta(&self.conn, "user_id")? else { return Ok(None) };
-        let need = |key: &str| -> Result<String> {
-            get_meta(&self.conn, key)?.ok_or_else(|| StoreError::Corrupt(format!("account without {key}")))
-        };
-        let key = Zeroizing::new(need("account_key")?);
-        Ok(Some(Account {
-            server: need("server")?,
-            user_id,
-            device_id: need("device_id")?,
-            device_name: need("device_name")?,
-            token: Zeroizing::new(need("device_token")?),
-            key: AccountKey::from_base64(&key).map_err(|error| StoreError::Corrupt(error.to_string()))?,
-            key_epoch: need("key_epoch")?.parse().map_err(|_| StoreError::Corrupt("key_epoch".into()))?,
-        }))
+        account_in(&self.conn)
     }
 
     pub fn save_account(&mut self, account: &Account) -> Result<()> {
@@ -293,7 +416,7 @@ impl Store {
     }
 
     fn local_change(
-        max_clock_ahead: Duration,
+        settings: ClockSettings,
         tx: &Transaction<'_>,
         record_id: &str,
         collection: &str,
@@ -302,18 +425,15 @@ impl Store {
         existing: Option<RecordState>,
     ) -> Result<Record> {
         let device_id = get_meta(tx, "device_id")?.ok_or(StoreError::NoAccount)?;
-        let mut clock = clock(tx, max_clock_ahead)?;
+        let mut clock = clock(tx, settings)?;
         let mut state = existing.unwrap_or_default();
-        // Stay ahead of every stamp in the record, also one written by a device whose clock runs fast.
-        let _ = clock.observe(state.max_hlc());
+        // Stay ahead of every stamp in the record, also one written by a device
+        // whose clock runs fast: otherwise this edit would lose to it.
+        clock.observe_held(state.max_hlc());
         let stamp = Stamp { hlc: clock.tick(), device: device_id };
         edit(&mut state, &stamp);
         save_record(tx, record_id, collection, &state)?;
-        let payload = ChangePayload::new(state.clone());
-        tx.execute(
-            "INSERT INTO outbox (change_id, record_id, collection, op, hlc, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![ids::new_id(), record_id, collection, op, stamp.hlc as i64, to_json(&payload.state)],
-        )?;
+        outbox::queue(tx, record_id, collection, op, stamp.hlc, &state)?;
         set_meta(tx, "hlc", &clock.last().to_string())?;
         Ok(Record { record_id: record_id.into(), collection: collection.into(), state })
     }
@@ -327,18 +447,18 @@ impl Store {
 
     /// Several puts in one transaction: all of them or none.
     pub fn put_many(&mut self, puts: &[(&str, Option<&str>, &Map<String, Value>)]) -> Result<Vec<Record>> {
-        let max_clock_ahead = self.max_clock_ahead;
+        let settings = self.clock;
         let tx = self.conn.transaction()?;
         let mut records = Vec::with_capacity(puts.len());
         for (collection, record_id, fields) in puts {
-            records.push(Self::put_in(max_clock_ahead, &tx, collection, *record_id, fields)?);
+            records.push(Self::put_in(settings, &tx, collection, *record_id, fields)?);
         }
         tx.commit()?;
         Ok(records)
     }
 
     fn put_in(
-        max_clock_ahead: Duration,
+        settings: ClockSettings,
         tx: &Transaction<'_>,
         collection: &str,
         record_id: Option<&str>,
@@ -369,7 +489,7 @@ impl Store {
             });
         }
         Self::local_change(
-            max_clock_ahead,
+            settings,
             tx,
             &record_id,
             collection,
@@ -389,7 +509,7 @@ impl Store {
             return Err(StoreError::NoRecord(format!("{record_id} (already deleted)")));
         }
         let record = Self::local_change(
-            self.max_clock_ahead,
+            self.clock,
             &tx,
             record_id,
             &collection,
@@ -426,82 +546,30 @@ impl Store {
         Ok(records)
     }
 
-    /// The oldest pending changes that the server has not rejected.
-    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
-        let mut statement = self.conn.prepare(
-            "SELECT seq, change_id, record_id, collection, op, hlc, state FROM outbox
-             WHERE rejected IS NULL ORDER BY seq LIMIT ?1",
-        )?;
-        let rows = statement.query_map([limit as i64], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, i32>(4)?,
-                row.get::<_, i64>(5)?,
-                row.get::<_, String>(6)?,
-            ))
-        })?;
-        let mut entries = Vec::new();
-        for row in rows {
-            let (seq, change_id, record_id, collection, op, hlc, state) = row?;
-            entries.push(OutboxEntry {
-                seq,
-                change_id,
-                record_id,
-                collection,
-                op,
-                hlc: hlc as u64,
-                payload: ChangePayload::new(from_json(&state)?),
-            });
-        }
-        Ok(entries)
-    }
-
-    pub fn outbox_len(&self) -> Result<i64> {
-        Ok(self.conn.query_row("SELECT count(*) FROM outbox WHERE rejected IS NULL", [], |row| row.get(0))?)
-    }
-
-    /// Removes the changes the server acknowledged (and only those).
-    pub fn outbox_done(&mut self, seqs: &[i64]) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut statement = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-            for seq in seqs {
-                statement.execute([seq])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Keeps a change the server refused for good, out of later pushes; `status` shows it.
-    pub fn outbox_reject(&mut self, seq: i64, reason: &str) -> Result<()> {
-        self.conn.execute("UPDATE outbox SET rejected = ?2 WHERE seq = ?1", params![seq, reason])?;
-        Ok(())
-    }
-
-    /// Local changes the server refused for good: (record id, reason), oldest first.
-    pub fn rejected(&self) -> Result<Vec<(String, String)>> {
-        let mut statement =
-            self.conn.prepare("SELECT record_id, rejected FROM outbox WHERE rejected IS NOT NULL ORDER BY seq")?;
-        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     pub fn cursor(&self) -> Result<Option<i64>> {
         Ok(get_meta(&self.conn, "cursor")?.and_then(|value| value.parse().ok()))
     }
 
     /// Merges a batch of consecutive incoming changes and moves the cursor past
-    /// them, in one transaction.
+    /// them, in one transaction. A batch that does not continue from the cursor
+    /// is refused whole (`StoreError::Gap`, filed as a problem): the cursor
+    /// stays where it is. Changes that cannot apply yet go to `deferred`, and
+    /// those deferred before are retried first.
     pub fn apply(&mut self, batch: &[Incoming]) -> Result<Applied> {
         let Some(last) = batch.last() else { return Ok(Applied::default()) };
-        let max_clock_ahead = self.max_clock_ahead;
+        let cursor = self.cursor()?;
+        if let Some((expected, found)) = find_gap(cursor, batch) {
+            let at = batch.iter().find(|incoming| incoming.offset == found).unwrap_or(last);
+            let detail = format!("expected offset {expected}, the server sent {found}: the batch was not applied");
+            file_problem(&self.conn, at, ProblemKind::Gap, &detail)?;
+            return Err(StoreError::Gap { expected, found });
+        }
+        let settings = self.clock;
+        let reader = self.reader;
         let tx = self.conn.transaction()?;
-        let mut clock = clock(&tx, max_clock_ahead)?;
+        let mut clock = clock(&tx, settings)?;
         let mut applied = Applied::default();
+        deferred::retry(&tx, &mut clock, reader, &mut applied)?;
         for incoming in batch {
             applied.changes += 1;
             let problem = match &incoming.content {
@@ -511,25 +579,22 @@ impl Store {
                     Ok(()) => Self::merge_incoming(&tx, incoming, &payload.state, &mut applied)?,
                 },
             };
-            if let Some((kind, detail)) = problem {
-                applied.problems += 1;
-                tx.execute(
-                    "INSERT OR IGNORE INTO problems (offset, record_id, collection, origin_device_id, kind, detail, seen_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        incoming.offset,
-                        incoming.record_id,
-                        incoming.collection,
-                        incoming.origin_device_id,
-                        kind.as_str(),
-                        detail,
-                        now_ms()
-                    ],
-                )?;
+            let Some((kind, detail)) = problem else { continue };
+            match &incoming.sealed {
+                Some(sealed) if kind.waits() => {
+                    deferred::insert(&tx, incoming, sealed, kind, &detail)?;
+                    applied.deferred += 1;
+                }
+                _ => {
+                    file_problem(&tx, incoming, kind, &detail)?;
+                    applied.problems += 1;
+                }
             }
         }
         set_meta(&tx, "hlc", &clock.last().to_string())?;
-        set_meta(&tx, "cursor", &(last.offset + 1).to_string())?;
+        // A redelivery of offsets already applied never moves the cursor back.
+        let next = cursor.map_or(last.offset + 1, |cursor| cursor.max(last.offset + 1));
+        set_meta(&tx, "cursor", &next.to_string())?;
         tx.commit()?;
         Ok(applied)
     }
@@ -564,34 +629,21 @@ impl Store {
         Ok(None)
     }
 
-    /// The server's history before `log_start` is gone: rebuild from the log
-    /// start. Server-derived state goes; unsynced local edits stay (the outbox
-    /// holds them and they are merged back in).
-    pub fn resync(&mut self, log_start: i64) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM mirror", [])?;
-        tx.execute("DELETE FROM records", [])?;
-        let pending: Vec<(String, String, String)> = {
-            let mut statement = tx.prepare("SELECT record_id, collection, state FROM outbox ORDER BY seq")?;
-            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        for (record_id, collection, state) in pending {
-            let state = from_json(&state)?;
-            let mut record = load_record(&tx, "records", &record_id)?.map(|(_, state)| state).unwrap_or_default();
-            record.merge(&state);
-            save_record(&tx, &record_id, &collection, &record)?;
-        }
-        set_meta(&tx, "cursor", &log_start.to_string())?;
-        let resyncs: i64 = get_meta(&tx, "resyncs")?.and_then(|value| value.parse().ok()).unwrap_or(0);
-        set_meta(&tx, "resyncs", &(resyncs + 1).to_string())?;
-        tx.commit()?;
-        Ok(())
-    }
-
     pub fn note_sync(&mut self, log_end: i64) -> Result<()> {
         set_meta(&self.conn, "log_end_seen", &log_end.to_string())?;
         set_meta(&self.conn, "last_sync_ms", &now_ms().to_string())
+    }
+
+    /// Keeps what went wrong on the server's side for `status` and `check`
+    /// (`None`: the last sync went through).
+    pub fn note_server_problem(&mut self, problem: Option<&str>) -> Result<()> {
+        match problem {
+            Some(problem) => set_meta(&self.conn, "server_problem", problem),
+            None => {
+                self.conn.execute("DELETE FROM meta WHERE key = 'server_problem'", [])?;
+                Ok(())
+            }
+        }
     }
 
     pub fn problems(&self) -> Result<Vec<Problem>> {
@@ -663,7 +715,14 @@ impl Store {
             records: live,
             deleted_records: deleted,
             problems: count("SELECT count(*) FROM problems")?,
+            deferred: count("SELECT count(*) FROM deferred")?,
             last_sync_ms: number("last_sync_ms")?,
+            resyncs: number("resyncs")?.unwrap_or(0),
+            resync: match self.pending_resync()? {
+                Some(pending) => Some(pending),
+                None => self.last_resync()?,
+            },
+            server_problem: get_meta(&self.conn, "server_problem")?,
         })
     }
 

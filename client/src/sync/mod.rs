@@ -6,18 +6,27 @@
 //!   which the server answers with the first offset.
 //! - Incoming batches are decrypted and merged in one local transaction; the
 //!   offset is acked to the server only after that transaction committed.
-//! - A Resync from the server rebuilds local state from the log start; the
-//!   outbox (unsynced local edits) survives it.
+//! - A change is sealed once, before its first push, and every retry sends
+//!   the same bytes (see `store::outbox`).
+//! - A Resync, a DATA_LOSS (the server's log lost changes) or a cursor past
+//!   the log end rebuild from the log start without deleting anything, and push
+//!   back what the log lacks ([`receive`], `store::resync`).
+//! - Every unary call has a deadline; a Subscribe stream that stays silent for
+//!   three heartbeat intervals is dead. Whether to retry is the server's
+//!   verdict ([`lockstep_proto::retry::is_retryable`]).
+
+mod receive;
 
 use std::{str::FromStr, time::Duration};
 
-use lockstep_proto::v1::{
-    AckRequest, Change, CreateAccountRequest, CreatePairingTicketRequest, DeliveredChange, GetServerInfoRequest,
-    GetServerInfoResponse, PushRequest, RedeemPairingTicketRequest, SubscribeRequest, accounts_client::AccountsClient,
-    push_result, subscribe_response::Event, sync_client::SyncClient,
+use lockstep_proto::{
+    retry::is_retryable,
+    v1::{
+        Change, CreateAccountRequest, CreatePairingTicketRequest, GetServerInfoRequest, GetServerInfoResponse,
+        PushRequest, RedeemPairingTicketRequest, accounts_client::AccountsClient, push_result, sync_client::SyncClient,
+    },
 };
 use rand::Rng;
-use tokio_stream::StreamExt;
 use tonic::{
     Code, Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -25,11 +34,14 @@ use tonic::{
 };
 use zeroize::Zeroizing;
 
-use crate::{
-    crypto::{AccountKey, Binding, CryptoError},
-    record::ChangePayload,
-    store::{Account, Incoming, OutboxEntry, ProblemKind, Store, StoreError},
-};
+pub use self::receive::Until;
+use crate::crypto::AccountKey;
+use crate::store::{Account, ResyncReason, Store, StoreError};
+
+/// How long a unary call may take unless told otherwise (`--rpc-timeout`).
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The decode limit when the server does not advertise `max_batch_bytes`.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -41,6 +53,13 @@ pub enum SyncError {
     Rpc { call: &'static str, status: Status },
     #[error("the server ended the stream")]
     StreamEnded,
+    #[error("the server sent nothing for {} s, not even a heartbeat: the connection is dead", .0.as_secs())]
+    StreamIdle(Duration),
+    #[error(
+        "the server asked this device to rebuild from offset {log_start} again, with nothing delivered since the \
+         last time: refusing to loop (a problem on the server's side; `lockstep-cli status` shows it)"
+    )]
+    ResyncLoop { log_start: i64 },
 }
 
 fn describe(status: &Status) -> String {
@@ -57,16 +76,19 @@ fn describe(status: &Status) -> String {
 }
 
 impl SyncError {
-    /// Whether trying again later may succeed.
+    /// Whether trying again later may succeed: the server's verdict for its
+    /// own answers, yes for a lost connection or a gap in what it sent.
     pub fn is_transient(&self) -> bool {
         match self {
-            SyncError::Connect { .. } | SyncError::StreamEnded => true,
-            SyncError::Rpc { status, .. } => matches!(
-                status.code(),
-                Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Unknown | Code::Internal
-            ),
-            SyncError::Store(_) => false,
+            SyncError::Connect { .. } | SyncError::StreamEnded | SyncError::StreamIdle(_) => true,
+            SyncError::Rpc { status, .. } => is_retryable(status),
+            SyncError::Store(error) => error.is_transient(),
+            SyncError::ResyncLoop { .. } => false,
         }
+    }
+
+    fn is_data_loss(&self) -> bool {
+        matches!(self, SyncError::Rpc { status, .. } if status.code() == Code::DataLoss)
     }
 }
 
@@ -96,10 +118,22 @@ fn bearer(token: &str) -> Result<MetadataValue<Ascii>, SyncError> {
     format!("Bearer {token}").parse().map_err(|_| SyncError::Store(StoreError::Corrupt("device token".into())))
 }
 
-fn authed<T>(token: &str, message: T) -> Result<Request<T>, SyncError> {
+/// A request with the device's token; a unary one also with its deadline.
+fn authed<T>(token: &str, message: T, deadline: Option<Duration>) -> Result<Request<T>, SyncError> {
     let mut request = Request::new(message);
     request.metadata_mut().insert("authorization", bearer(token)?);
+    if let Some(deadline) = deadline {
+        request.set_timeout(deadline);
+    }
     Ok(request)
+}
+
+/// The decode limit for Subscribe messages: the server's largest batch with headroom.
+fn max_message_bytes(max_batch_bytes: u32) -> usize {
+    match max_batch_bytes as usize {
+        0 => DEFAULT_MAX_MESSAGE_BYTES,
+        batch => batch.saturating_add((batch / 4).max(1024 * 1024)),
+    }
 }
 
 /// Creates an account on `server`: a user, this device, a new account key.
@@ -107,9 +141,11 @@ pub async fn create_account(
     server: &str,
     device_name: &str,
     registration_secret: Option<&str>,
+    rpc_timeout: Duration,
 ) -> Result<Account, SyncError> {
     let mut accounts = AccountsClient::new(connect(server).await?);
     let mut request = Request::new(CreateAccountRequest { device_name: device_name.into() });
+    request.set_timeout(rpc_timeout);
     if let Some(secret) = registration_secret {
         let value = secret
             .parse()
@@ -129,10 +165,10 @@ pub async fn create_account(
 }
 
 /// Asks the server for a one-time pairing ticket for `account`.
-pub async fn pairing_ticket(account: &Account) -> Result<(String, i64), SyncError> {
+pub async fn pairing_ticket(account: &Account, rpc_timeout: Duration) -> Result<(String, i64), SyncError> {
     let mut accounts = AccountsClient::new(connect(&account.server).await?);
     let ticket = accounts
-        .create_pairing_ticket(authed(&account.token, CreatePairingTicketRequest {})?)
+        .create_pairing_ticket(authed(&account.token, CreatePairingTicketRequest {}, Some(rpc_timeout))?)
         .await
         .map_err(rpc("CreatePairingTicket"))?
         .into_inner();
@@ -140,13 +176,18 @@ pub async fn pairing_ticket(account: &Account) -> Result<(String, i64), SyncErro
 }
 
 /// Redeems a ticket: this device joins the account of the device that issued it.
-pub async fn redeem(server: &str, ticket: &str, key: AccountKey, device_name: &str) -> Result<Account, SyncError> {
+pub async fn redeem(
+    server: &str,
+    ticket: &str,
+    key: AccountKey,
+    device_name: &str,
+    rpc_timeout: Duration,
+) -> Result<Account, SyncError> {
     let mut accounts = AccountsClient::new(connect(server).await?);
-    let redeemed = accounts
-        .redeem_pairing_ticket(RedeemPairingTicketRequest { ticket: ticket.into(), device_name: device_name.into() })
-        .await
-        .map_err(rpc("RedeemPairingTicket"))?
-        .into_inner();
+    let mut request =
+        Request::new(RedeemPairingTicketRequest { ticket: ticket.into(), device_name: device_name.into() });
+    request.set_timeout(rpc_timeout);
+    let redeemed = accounts.redeem_pairing_ticket(request).await.map_err(rpc("RedeemPairingTicket"))?.into_inner();
     Ok(Account {
         server: server.into(),
         user_id: redeemed.user_id,
@@ -161,10 +202,27 @@ pub async fn redeem(server: &str, ticket: &str, key: AccountKey, device_name: &s
 /// Progress of a sync, for people watching it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
-    Pushed { done: u64, total: u64 },
-    Received { applied: u64, cursor: i64, log_end: Option<i64> },
-    Resync { log_start: i64 },
-    CaughtUp { cursor: i64 },
+    Pushed {
+        done: u64,
+        total: u64,
+    },
+    Received {
+        applied: u64,
+        cursor: i64,
+        log_end: Option<i64>,
+    },
+    Resync {
+        log_start: i64,
+        reason: ResyncReason,
+    },
+    /// Caught up after a rebuild: `repushed` records the log lacked are queued.
+    Rebuilt {
+        reason: ResyncReason,
+        repushed: u64,
+    },
+    CaughtUp {
+        cursor: i64,
+    },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -175,8 +233,35 @@ pub struct Report {
     pub received: u64,
     pub changed_records: u64,
     pub problems: u64,
+    /// Incoming changes set aside until they can apply (`status`, `check`).
+    pub deferred: u64,
+    /// Changes set aside earlier that applied now.
+    pub applied_from_deferred: u64,
     pub resyncs: u64,
+    /// Why the device rebuilt from the log start, if it did.
+    pub resync_reason: Option<ResyncReason>,
+    /// The server's log lost changes; this device repaired it.
+    pub log_lost: bool,
+    /// Records pushed back because the log lacked them.
+    pub repushed: u64,
     pub cursor: Option<i64>,
+}
+
+impl Report {
+    /// What a person must know beyond the counts, if anything.
+    pub fn notice(&self) -> Option<String> {
+        let repushed = self.repushed;
+        match self.resync_reason? {
+            ResyncReason::LogLost => {
+                Some(format!("the server's log lost changes; this device pushed back {repushed} records it holds"))
+            }
+            reason => Some(format!(
+                "{}: this device rebuilt from the log start, kept every record and pushed back {repushed} records \
+                 the log lacked",
+                reason.describe()
+            )),
+        }
+    }
 }
 
 /// One device's store and its connection to the server.
@@ -184,20 +269,20 @@ pub struct Syncer {
     pub store: Store,
     account: Account,
     connection: Option<(SyncClient<Channel>, GetServerInfoResponse)>,
-}
-
-/// Stop receiving when caught up with the log end, or keep going (watch).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Until {
-    CaughtUp,
-    Stopped,
+    rpc_timeout: Duration,
 }
 
 impl Syncer {
     /// A syncer for the store's account; it connects when first needed.
     pub fn new(store: Store) -> Result<Self, SyncError> {
         let account = store.account()?;
-        Ok(Self { store, account, connection: None })
+        Ok(Self { store, account, connection: None, rpc_timeout: DEFAULT_RPC_TIMEOUT })
+    }
+
+    /// The deadline of every unary call, and of a Subscribe's first answer.
+    pub fn with_rpc_timeout(mut self, rpc_timeout: Duration) -> Self {
+        self.rpc_timeout = rpc_timeout;
+        self
     }
 
     /// Drops the connection; the next call reconnects.
@@ -210,40 +295,18 @@ impl Syncer {
             return Ok(connection.clone());
         }
         let channel = connect(&self.account.server).await?;
-        let max_message = 64 * 1024 * 1024;
-        let mut sync = SyncClient::new(channel).max_decoding_message_size(max_message);
-        let limits = sync
-            .get_server_info(authed(&self.account.token, GetServerInfoRequest {})?)
+        let limits = SyncClient::new(channel.clone())
+            .get_server_info(authed(&self.account.token, GetServerInfoRequest {}, Some(self.rpc_timeout))?)
             .await
             .map_err(rpc("GetServerInfo"))?
             .into_inner();
+        let sync = SyncClient::new(channel).max_decoding_message_size(max_message_bytes(limits.max_batch_bytes));
         self.connection = Some((sync.clone(), limits.clone()));
         Ok((sync, limits))
     }
 
     pub fn account(&self) -> &Account {
         &self.account
-    }
-
-    fn encrypt(&self, entry: &OutboxEntry) -> Change {
-        let binding = Binding {
-            user_id: &self.account.user_id,
-            record_id: &entry.record_id,
-            collection: &entry.collection,
-            op: entry.op,
-            key_epoch: self.account.key_epoch,
-        };
-        let (nonce, ciphertext) = self.account.key.seal(&binding, &entry.payload.encode());
-        Change {
-            change_id: entry.change_id.clone(),
-            record_id: entry.record_id.clone(),
-            collection: entry.collection.clone(),
-            op: entry.op,
-            hlc: entry.hlc,
-            key_epoch: self.account.key_epoch,
-            nonce: nonce.into(),
-            ciphertext: ciphertext.into(),
-        }
     }
 
     /// Pushes the whole outbox. Stops at the first change the server could not
@@ -258,15 +321,25 @@ impl Syncer {
         let byte_budget = (limits.max_request_bytes as usize / 2).max(64 * 1024);
         let mut done = 0;
         loop {
-            let entries = self.store.outbox_batch(max_changes)?;
+            // Sealed and stored before the first attempt: a retry sends the same bytes.
+            let entries = self.store.sealed_outbox_batch(max_changes)?;
             if entries.is_empty() {
                 return Ok(());
             }
-            let mut batch: Vec<&OutboxEntry> = Vec::with_capacity(entries.len());
+            let mut batch = Vec::with_capacity(entries.len());
             let mut changes = Vec::with_capacity(entries.len());
             let mut bytes = 0;
-            for entry in &entries {
-                let change = self.encrypt(entry);
+            for (entry, sealed) in &entries {
+                let change = Change {
+                    change_id: entry.change_id.clone(),
+                    record_id: entry.record_id.clone(),
+                    collection: entry.collection.clone(),
+                    op: sealed.op,
+                    hlc: sealed.hlc,
+                    key_epoch: sealed.key_epoch,
+                    nonce: sealed.nonce.clone().into(),
+                    ciphertext: sealed.ciphertext.clone().into(),
+                };
                 if change.ciphertext.len() > limits.max_ciphertext_bytes as usize {
                     // The server would refuse the whole batch: keep this one aside, say so.
                     let reason = format!(
@@ -291,7 +364,7 @@ impl Syncer {
             }
             let sent = changes.len();
             let response = sync
-                .push(authed(&self.account.token, PushRequest { changes })?)
+                .push(authed(&self.account.token, PushRequest { changes }, Some(self.rpc_timeout))?)
                 .await
                 .map_err(rpc("Push"))?
                 .into_inner();
@@ -307,6 +380,16 @@ impl Syncer {
                     Some(push_result::Result::Error(error)) if error.retryable => {
                         stalled = Some(error.message);
                         break;
+                    }
+                    Some(push_result::Result::Error(error)) if error.code == Code::AlreadyExists as i32 => {
+                        // The same change always carries the same bytes, so this is
+                        // another change under the same id: a true collision.
+                        let reason = format!(
+                            "change id {} of record {} collides with a different change already in the log ({})",
+                            entry.change_id, entry.record_id, error.message
+                        );
+                        self.store.outbox_reject(entry.seq, &reason)?;
+                        report.rejected += 1;
                     }
                     Some(push_result::Result::Error(error)) => {
                         // Refused for good: keep it, out of the way, and say so.
@@ -327,123 +410,6 @@ impl Syncer {
             }
         }
     }
-
-    fn decrypt(&self, delivered: DeliveredChange) -> Incoming {
-        let change = delivered.change.unwrap_or_default();
-        let binding = Binding {
-            user_id: &self.account.user_id,
-            record_id: &change.record_id,
-            collection: &change.collection,
-            op: change.op,
-            key_epoch: change.key_epoch,
-        };
-        let content = match self.account.key.open(&binding, &change.nonce, &change.ciphertext) {
-            Ok(plaintext) => ChangePayload::decode(&plaintext).map_err(|error| (ProblemKind::Malformed, error)),
-            Err(error @ (CryptoError::Decrypt | CryptoError::Nonce(_) | CryptoError::KeyFormat)) => {
-                Err((ProblemKind::Undecryptable, error.to_string()))
-            }
-        };
-        Incoming {
-            offset: delivered.offset,
-            record_id: change.record_id,
-            collection: change.collection,
-            origin_device_id: delivered.origin_device_id,
-            content,
-        }
-    }
-
-    /// Receives changes from the device's cursor and applies them, until caught
-    /// up or, with `Until::Stopped`, until `stop` resolves or the stream fails.
-    /// While receiving, local edits are pushed every `push_every`.
-    pub async fn receive(
-        &mut self,
-        until: Until,
-        report: &mut Report,
-        progress: &mut dyn FnMut(Progress),
-        stop: &mut (dyn std::future::Future<Output = ()> + Unpin + Send),
-    ) -> Result<(), SyncError> {
-        let cursor = self.store.cursor()?;
-        let (mut sync, _) = self.connection().await?;
-        let mut stream = self.subscribe(&mut sync, cursor).await?;
-        let mut log_end = None;
-        let mut push_tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            let message = tokio::select! {
-                message = stream.next() => message,
-                () = &mut *stop => return Ok(()),
-                _ = push_tick.tick(), if until == Until::Stopped => {
-                    if self.store.outbox_len()? > 0 {
-                        self.push(report, progress).await?;
-                    }
-                    continue;
-                }
-            };
-            let Some(message) = message else { return Err(SyncError::StreamEnded) };
-            let event = message.map_err(rpc("Subscribe"))?.event;
-            match event {
-                Some(Event::Changes(batch)) => {
-                    let Some(last) = batch.changes.last().map(|change| change.offset) else { continue };
-                    let incoming: Vec<Incoming> =
-                        batch.changes.into_iter().map(|change| self.decrypt(change)).collect();
-                    let applied = self.store.apply(&incoming)?;
-                    // Committed locally: now the server may forget it for this device.
-                    sync.ack(authed(&self.account.token, AckRequest { offset: last })?).await.map_err(rpc("Ack"))?;
-                    report.received += applied.changes as u64;
-                    report.changed_records += applied.changed_records as u64;
-                    report.problems += applied.problems as u64;
-                    report.cursor = Some(last + 1);
-                    progress(Progress::Received { applied: report.received, cursor: last + 1, log_end });
-                }
-                Some(Event::Heartbeat(heartbeat)) => {
-                    log_end = Some(heartbeat.log_end_offset);
-                    let cursor = self.store.cursor()?.unwrap_or(0);
-                    self.store.note_sync(heartbeat.log_end_offset)?;
-                    if cursor >= heartbeat.log_end_offset {
-                        progress(Progress::CaughtUp { cursor });
-                        if until == Until::CaughtUp {
-                            return Ok(());
-                        }
-                    }
-                }
-                Some(Event::Resync(resync)) => {
-                    self.store.resync(resync.log_start_offset)?;
-                    report.resyncs += 1;
-                    progress(Progress::Resync { log_start: resync.log_start_offset });
-                }
-                None => {}
-            }
-        }
-    }
-
-    async fn subscribe(
-        &mut self,
-        sync: &mut SyncClient<Channel>,
-        cursor: Option<i64>,
-    ) -> Result<tonic::Streaming<lockstep_proto::v1::SubscribeResponse>, SyncError> {
-        let token = self.account.token.clone();
-        let request = |from_offset| authed(&token, SubscribeRequest { from_offset });
-        match sync.subscribe(request(cursor)?).await {
-            Ok(response) => Ok(response.into_inner()),
-            // Our cursor is past the log end: the topic is not the one this
-            // store synced with. Start over from the server's side.
-            Err(status) if status.code() == Code::OutOfRange && cursor.is_some() => {
-                self.store.resync(0)?;
-                let response = sync.subscribe(request(Some(0))?).await.map_err(rpc("Subscribe"))?;
-                Ok(response.into_inner())
-            }
-            Err(status) => Err(rpc("Subscribe")(status)),
-        }
-    }
-
-    /// Push, then receive until caught up, then push what arrived meanwhile.
-    pub async fn sync_once(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Report, SyncError> {
-        let mut report = Report::default();
-        self.push(&mut report, progress).await?;
-        self.receive(Until::CaughtUp, &mut report, progress, &mut std::future::pending()).await?;
-        self.push(&mut report, progress).await?;
-        report.cursor = self.store.cursor()?;
-        Ok(report)
-    }
 }
 
 /// Delay before reconnect attempt `attempt` (0-based): exponential from
@@ -457,6 +423,26 @@ pub fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_decode_limit_follows_the_servers_batch_size() {
+        assert_eq!(max_message_bytes(0), DEFAULT_MAX_MESSAGE_BYTES, "an older server: the old limit");
+        assert_eq!(max_message_bytes(4 * 1024 * 1024), 5 * 1024 * 1024);
+        assert_eq!(max_message_bytes(128 * 1024 * 1024), 160 * 1024 * 1024);
+    }
+
+    #[test]
+    fn retry_decisions_are_the_servers() {
+        let mut refused = Status::internal("x");
+        lockstep_proto::retry::mark(&mut refused, false);
+        assert!(!SyncError::Rpc { call: "Push", status: refused }.is_transient());
+        let mut busy = Status::internal("x");
+        lockstep_proto::retry::mark(&mut busy, true);
+        assert!(SyncError::Rpc { call: "Push", status: busy }.is_transient());
+        assert!(!SyncError::Rpc { call: "Subscribe", status: Status::data_loss("lost") }.is_transient());
+        assert!(SyncError::Store(StoreError::Gap { expected: 3, found: 5 }).is_transient());
+        assert!(SyncError::StreamIdle(Duration::from_secs(3)).is_transient());
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_a_cap() {
