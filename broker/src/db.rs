@@ -45,6 +45,16 @@ CREATE TABLE IF NOT EXISTS pairing_tickets (
     expires_at_ms INTEGER NOT NULL,
     redeemed_at_ms INTEGER
 );
+CREATE TABLE IF NOT EXISTS log_incidents (
+    user_id TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    detected_at_ms INTEGER NOT NULL,
+    expected_end INTEGER NOT NULL,
+    found_start INTEGER NOT NULL,
+    found_end INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (user_id, generation)
+);
 CREATE TABLE IF NOT EXISTS pushed_changes (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -72,6 +82,7 @@ impl Db {
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(MIGRATIONS)?;
+        add_columns(&connection)?;
         Ok(Self { connection: Arc::new(Mutex::new(connection)) })
     }
 
@@ -89,6 +100,31 @@ impl Db {
         .await
         .map_err(|error| DbError::Task(error.to_string()))?
     }
+}
+
+/// Columns added after the first release, for databases created before them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // The highest log end Kafka acknowledged (log_guard); starts at what the dedup index covers.
+    ("users", "log_high_mark", "INTEGER NOT NULL DEFAULT 0"),
+    ("users", "log_generation", "INTEGER NOT NULL DEFAULT 0"),
+    ("devices", "log_generation", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+fn add_columns(connection: &Connection) -> Result<(), DbError> {
+    for (table, column, definition) in ADDED_COLUMNS {
+        let exists: bool = connection.query_row(
+            &format!("SELECT count(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |row| row.get(0),
+        )?;
+        if !exists {
+            connection.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))?;
+            if *column == "log_high_mark" {
+                connection.execute_batch("UPDATE users SET log_high_mark = dedup_indexed_through")?;
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn now_ms() -> i64 {

@@ -2,9 +2,11 @@
 //!
 //! Library modules return their own `thiserror` enums; handlers convert them
 //! into [`ApiError`], and `From<ApiError> for Status` decides the code and
-//! whether the client should retry (the `x-lockstep-retryable` metadata).
+//! whether the client should retry (the `x-lockstep-retryable` metadata,
+//! whose meaning `lockstep_proto::retry` owns for both sides).
 
-use tonic::{Code, Status, metadata::MetadataValue};
+use lockstep_proto::retry;
+use tonic::{Code, Status};
 
 use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError};
 
@@ -26,6 +28,9 @@ pub enum ApiError {
     ResourceExhausted(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The user's log lost changes Kafka had acknowledged; the device must repair (see `log_guard`).
+    #[error("{0}")]
+    LogLost(String),
     /// A newer subscription of the same device took over.
     #[error("{0}")]
     Aborted(String),
@@ -52,6 +57,7 @@ impl ApiError {
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Aborted(_) => Code::Aborted,
+            ApiError::LogLost(_) => Code::DataLoss,
             ApiError::Accounts(error) => match error {
                 AccountsError::TicketInvalid => Code::Unauthenticated,
                 AccountsError::DeviceNotFound => Code::NotFound,
@@ -79,9 +85,7 @@ impl From<ApiError> for Status {
         }
         let retryable = error.is_retryable();
         let mut status = Status::new(code, error.to_string());
-        status
-            .metadata_mut()
-            .insert("x-lockstep-retryable", MetadataValue::from_static(if retryable { "true" } else { "false" }));
+        retry::mark(&mut status, retryable);
         status
     }
 }
@@ -101,5 +105,28 @@ mod tests {
         assert_eq!(status.metadata().get("x-lockstep-retryable").unwrap(), "true");
         let status = Status::from(ApiError::Accounts(AccountsError::TicketInvalid));
         assert_eq!(status.code(), Code::Unauthenticated);
+        let status = Status::from(ApiError::LogLost("lost".into()));
+        assert_eq!(status.code(), Code::DataLoss);
+        assert!(!retry::is_retryable(&status), "a lost log needs a repair, not a retry");
+    }
+
+    #[test]
+    fn the_client_reads_every_verdict_the_server_gives() {
+        let errors = [
+            ApiError::InvalidArgument("x".into()),
+            ApiError::OutOfRange("x".into()),
+            ApiError::Unauthenticated("x".into()),
+            ApiError::ResourceExhausted("x".into()),
+            ApiError::Aborted("x".into()),
+            ApiError::LogLost("x".into()),
+            ApiError::ShuttingDown,
+            ApiError::Internal("x".into()),
+            ApiError::Kafka(KafkaError::Timeout("produce")),
+        ];
+        for error in errors {
+            let retryable = error.is_retryable();
+            let shown = error.to_string();
+            assert_eq!(retry::is_retryable(&Status::from(error)), retryable, "{shown}");
+        }
     }
 }

@@ -8,6 +8,8 @@
 //!   from their committed offsets; commits an offset when the device acks.
 //! - [`accounts`]: users, devices, bearer tokens, pairing tickets.
 //! - [`kafka`]: topics, the producer, the shared readers, group offsets.
+//! - [`log_guard`]: the log never silently shrinks: a log that lost acknowledged
+//!   changes is refused (DATA_LOSS) until each device repairs.
 //! - [`server`]: the gRPC services and the `run` entry point.
 //! - [`settings`], [`error`] (the one gRPC status mapping), [`db`].
 
@@ -17,6 +19,7 @@ pub mod delivery;
 pub mod error;
 pub mod gateway;
 pub mod kafka;
+pub mod log_guard;
 pub mod server;
 pub mod settings;
 pub mod telemetry;

@@ -21,8 +21,15 @@ use crate::{
     delivery::Delivery,
     gateway::{DedupIndex, Gateway},
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, Producer, ReaderPool, Topics},
-    settings::Settings,
+    log_guard::LogGuard,
+    settings::{LimitsSettings, Settings},
 };
+
+/// The server's cap on one encoded response message (Subscribe batches stay
+/// below it: `delivery.batch_max_bytes`).
+pub fn max_response_bytes(limits: &LimitsSettings) -> usize {
+    limits.max_request_bytes as usize * 2
+}
 
 /// How long start-up waits for Kafka to answer.
 const KAFKA_STARTUP_DEADLINE: Duration = Duration::from_secs(60);
@@ -71,10 +78,12 @@ impl App {
         })
         .await
         .map_err(KafkaError::from)?;
+        let guard = LogGuard::new(db.clone());
         let delivery = Delivery::new(
             topics.clone(),
             readers.clone(),
             offsets,
+            guard.clone(),
             settings.delivery.clone(),
             kafka.clone(),
             settings.limits.max_subscriptions as usize,
@@ -85,8 +94,8 @@ impl App {
             readers,
             DedupIndex::new(db),
             delivery.clone(),
-            kafka.clone(),
-            settings.limits.clone(),
+            guard,
+            &settings,
         );
         Ok((Self { settings, accounts, topics, gateway, delivery }, producer))
     }
@@ -114,7 +123,7 @@ pub async fn run(
         .max_encoding_message_size(max_message);
     let sync_service = SyncServer::new(SyncApi::new(app.clone()))
         .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message * 2);
+        .max_encoding_message_size(max_response_bytes(&limits));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let delivery = app.delivery.clone();

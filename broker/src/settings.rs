@@ -43,6 +43,11 @@ pub struct KafkaSettings {
     /// Timeout of admin and metadata requests. Default 10s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The longest any one Kafka wait inside a request may take in total, retries included
+    /// (offset commits and fetches, watermarks, catch-up reads); past it the request answers
+    /// UNAVAILABLE (retryable). A push waits at most `produce_timeout` plus this. Default 15s.
+    #[serde(with = "humantime_serde")]
+    pub operation_deadline: Duration,
     /// Producer `linger.ms`. Default 2.
     pub linger_ms: u32,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`). Default none.
@@ -60,6 +65,7 @@ impl fmt::Debug for KafkaSettings {
             .field("topic_retention_ms", &self.topic_retention_ms)
             .field("produce_timeout", &self.produce_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("operation_deadline", &self.operation_deadline)
             .field("linger_ms", &self.linger_ms)
             .field("client_config_keys", &self.client_config.keys().collect::<Vec<_>>())
             .finish()
@@ -95,6 +101,9 @@ pub struct DeliverySettings {
     pub live_cache_bytes: usize,
     /// Most changes in one message to a device. Default 256.
     pub batch_max_changes: usize,
+    /// Most encoded bytes in one message to a device (advertised in GetServerInfo); a single
+    /// change of the largest legal size always fits. Default 4 MiB.
+    pub batch_max_bytes: usize,
     /// Messages buffered per device stream before the server waits for the device. Default 4.
     pub stream_buffer: usize,
 }
@@ -144,6 +153,7 @@ impl Default for KafkaSettings {
             topic_retention_ms: -1,
             produce_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            operation_deadline: Duration::from_secs(15),
             linger_ms: 2,
             client_config: BTreeMap::new(),
         }
@@ -170,6 +180,7 @@ impl Default for DeliverySettings {
             live_cache_changes: 1024,
             live_cache_bytes: 4 * 1024 * 1024,
             batch_max_changes: 256,
+            batch_max_bytes: 4 * 1024 * 1024,
             stream_buffer: 4,
         }
     }
@@ -222,6 +233,18 @@ impl Settings {
         }
         if self.delivery.stream_buffer == 0 || self.delivery.heartbeat_interval.is_zero() {
             return fail("delivery.stream_buffer and delivery.heartbeat_interval must be non-zero");
+        }
+        // The largest change, framed, must fit in one message, and every message under the
+        // server's own encoding cap (see `server::max_response_bytes`).
+        let largest_change = self.limits.max_ciphertext_bytes as usize + crate::delivery::CHANGE_OVERHEAD_BYTES;
+        if self.delivery.batch_max_bytes < largest_change {
+            return fail("delivery.batch_max_bytes must hold one change of limits.max_ciphertext_bytes");
+        }
+        if self.delivery.batch_max_bytes > crate::server::max_response_bytes(&self.limits) - 64 * 1024 {
+            return fail("delivery.batch_max_bytes must stay 64 KiB below 2 × limits.max_request_bytes");
+        }
+        if self.kafka.operation_deadline.is_zero() || self.kafka.produce_timeout.is_zero() {
+            return fail("kafka.operation_deadline and kafka.produce_timeout must be non-zero");
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return fail("kafka.bootstrap_servers must not be empty");

@@ -155,8 +155,10 @@ impl Accounts {
                     )
                     .optional()?;
                 let Some(user) = user else { return Ok(None) };
+                // A new device starts from the log as it is now: it has nothing to repair.
                 transaction.execute(
-                    "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms, log_generation)
+                     VALUES (?1, ?2, ?3, ?4, ?5, (SELECT log_generation FROM users WHERE user_id = ?2))",
                     params![device, user, device_name, hash.as_slice(), now],
                 )?;
                 transaction.commit()?;

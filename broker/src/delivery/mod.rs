@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use live_log::{LiveLog, LogRead};
-use lockstep_proto::v1::{Change, DeliveredChange, Op, SubscribeResponse};
+use lockstep_proto::v1::{Change, DeliveredChange, Op, ResyncReason, SubscribeResponse};
 use lockstep_schemas::ChangeEnvelope;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,9 +28,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     accounts::AuthedDevice,
     error::ApiError,
-    kafka::{GroupOffsets, ReaderPool, Topics, device_group, user_topic},
+    kafka::{GroupOffsets, KafkaError, ReaderPool, Topics, device_group, user_topic},
+    log_guard::LogGuard,
     settings::{DeliverySettings, KafkaSettings},
 };
+
+/// Bytes a change adds to a message besides its ciphertext: ids, clocks,
+/// nonce and framing are bounded by validation (ids ≤ 128 chars, nonce ≤ 32 bytes).
+pub const CHANGE_OVERHEAD_BYTES: usize = 1024;
 
 /// Why the server ends a device's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +83,7 @@ struct Inner {
     topics: Topics,
     readers: ReaderPool,
     offsets: GroupOffsets,
+    guard: LogGuard,
     settings: DeliverySettings,
     kafka: KafkaSettings,
 }
@@ -92,6 +98,7 @@ impl Delivery {
         topics: Topics,
         readers: ReaderPool,
         offsets: GroupOffsets,
+        guard: LogGuard,
         settings: DeliverySettings,
         kafka: KafkaSettings,
         max_subscriptions: usize,
@@ -106,6 +113,7 @@ impl Delivery {
                 topics,
                 readers,
                 offsets,
+                guard,
                 settings,
                 kafka,
             }),
@@ -124,7 +132,15 @@ impl Delivery {
     /// negative or past the log end, or the server holds too many streams. A
     /// `from_offset` below the log start is history that is gone: the stream
     /// starts with a Resync, as for a committed offset below the log start.
-    pub async fn subscribe(&self, device: AuthedDevice, from_offset: Option<i64>) -> Result<SubscribeStream, ApiError> {
+    /// If the user's log lost acknowledged changes, only a `repair` stream is
+    /// served (DATA_LOSS otherwise): it starts at the log start with a Resync
+    /// (LOG_LOST), and the device's committed offset goes back there.
+    pub async fn subscribe(
+        &self,
+        device: AuthedDevice,
+        from_offset: Option<i64>,
+        repair: bool,
+    ) -> Result<SubscribeStream, ApiError> {
         let inner = &self.inner;
         let permit = inner.subscriptions.clone().try_acquire_owned().map_err(|_| {
             ApiError::ResourceExhausted("this server holds its maximum number of subscriptions; retry later".into())
@@ -144,7 +160,19 @@ impl Delivery {
             )));
         }
         let state = self.device_state(&device.device_id);
-        let committed = self.committed(&device, &topic, &state).await?;
+        let mut committed = self.committed(&device, &topic, &state).await?;
+        let guard = &inner.guard;
+        guard.check(&device.user_id, watermarks, committed.map(|committed| (&device.device_id, committed))).await?;
+        let mut first_resync = None;
+        if repair {
+            guard.mark_repaired(&device.user_id, &device.device_id).await?;
+            let log_start = watermarks.log_start;
+            self.commit(&device, &topic, &state, log_start).await?;
+            committed = Some(log_start);
+            first_resync = Some(ResyncReason::LogLost);
+        } else {
+            guard.ensure_repaired(&device.user_id, &device.device_id).await?;
+        }
 
         let session_id = inner.next_session_id.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = watch::channel(None);
@@ -160,7 +188,12 @@ impl Delivery {
             topic,
             device,
             session_id,
-            start: session::Start { from_offset, committed, watermarks },
+            start: session::Start {
+                from_offset: if repair { None } else { from_offset },
+                committed,
+                watermarks,
+                first_resync,
+            },
             device_state: state,
             stream_tx,
             stop_rx,
@@ -186,16 +219,47 @@ impl Delivery {
                 "offset {offset} is beyond the end of the log (next offset {log_end})"
             )));
         }
+        self.inner.guard.ensure_repaired(&device.user_id, &device.device_id).await?;
         let state = self.device_state(&device.device_id);
         let _serialised = state.ack_lock.lock().await;
         let committed = self.committed(device, &topic, &state).await?;
         if committed.is_some_and(|committed| offset < committed) {
             return Ok(committed.unwrap_or_default());
         }
-        let group = device_group(&self.inner.kafka, &device.device_id);
-        self.inner.offsets.commit(&group, &topic, 0, offset + 1).await.map_err(crate::kafka::KafkaError::from)?;
-        state.committed.store(offset + 1, Ordering::Release);
+        self.commit_locked(device, &topic, &state, offset + 1).await?;
         Ok(offset + 1)
+    }
+
+    /// Sets the device's committed position to `next`, also backwards (a repair).
+    async fn commit(&self, device: &AuthedDevice, topic: &str, state: &DeviceState, next: i64) -> Result<(), ApiError> {
+        let _serialised = state.ack_lock.lock().await;
+        self.commit_locked(device, topic, state, next).await
+    }
+
+    async fn commit_locked(
+        &self,
+        device: &AuthedDevice,
+        topic: &str,
+        state: &DeviceState,
+        next: i64,
+    ) -> Result<(), ApiError> {
+        let group = device_group(&self.inner.kafka, &device.device_id);
+        self.within("offset commit", self.inner.offsets.commit(&group, topic, 0, next)).await?;
+        state.committed.store(next, Ordering::Release);
+        Ok(())
+    }
+
+    /// Bounds one Kafka wait by `kafka.operation_deadline`: past it the request
+    /// answers UNAVAILABLE instead of holding the device (and a thread) for minutes.
+    async fn within<T, E: Into<KafkaError>>(
+        &self,
+        operation: &'static str,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.inner.kafka.operation_deadline, work).await {
+            Ok(result) => result.map_err(|error| ApiError::Kafka(error.into())),
+            Err(_) => Err(ApiError::Kafka(KafkaError::Timeout(operation))),
+        }
     }
 
     /// The device's committed position (next offset to deliver), if any.
@@ -238,7 +302,7 @@ impl Delivery {
             return Ok((known >= 0).then_some(known));
         }
         let group = device_group(&self.inner.kafka, &device.device_id);
-        let fetched = self.inner.offsets.fetch(&group, topic, 0).await.map_err(crate::kafka::KafkaError::from)?;
+        let fetched = self.within("offset fetch", self.inner.offsets.fetch(&group, topic, 0)).await?;
         // A concurrent ack may have stored a newer value meanwhile: keep it.
         let _ = state.committed.compare_exchange(UNKNOWN, fetched.unwrap_or(-1), Ordering::AcqRel, Ordering::Acquire);
         let now = state.committed.load(Ordering::Acquire);
@@ -280,6 +344,15 @@ impl Delivery {
     }
 }
 
+/// What a device receives for a record of the log: the change, or an
+/// explicit "undecodable" item (never a silent gap).
+pub fn delivered_record(offset: i64, record: Result<ChangeEnvelope, String>) -> DeliveredChange {
+    match record {
+        Ok(envelope) => delivered_change(offset, envelope),
+        Err(reason) => DeliveredChange { offset, undecodable: reason, ..Default::default() },
+    }
+}
+
 /// What a device receives for a change in the log.
 pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChange {
     let op = match envelope.op {
@@ -300,5 +373,67 @@ pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChang
         }),
         origin_device_id: envelope.origin_device_id,
         received_at_ms: envelope.received_at_ms,
+        undecodable: String::new(),
+    }
+}
+
+/// Splits consecutive changes into messages of at most `max_bytes` encoded
+/// (a change larger than that on its own still goes, alone).
+pub fn split_by_bytes(changes: Vec<DeliveredChange>, max_bytes: usize) -> Vec<Vec<DeliveredChange>> {
+    use prost::Message as _;
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for change in changes {
+        // Field tag and length prefix of the change inside the batch.
+        let size = change.encoded_len() + 8;
+        if !batch.is_empty() && bytes + size > max_bytes {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push(change);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn change(offset: i64, ciphertext_bytes: usize) -> DeliveredChange {
+        DeliveredChange {
+            offset,
+            change: Some(Change { ciphertext: Bytes::from(vec![7u8; ciphertext_bytes]), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_stay_under_the_byte_cap_keep_order_and_never_drop_a_change() {
+        use prost::Message as _;
+        let max_bytes = 1_000_000;
+        let changes: Vec<_> = (0..90).map(|offset| change(offset, 256 * 1024)).collect();
+        let batches = split_by_bytes(changes, max_bytes);
+        let offsets: Vec<i64> = batches.iter().flatten().map(|change| change.offset).collect();
+        assert_eq!(offsets, (0..90).collect::<Vec<_>>());
+        for batch in &batches {
+            let encoded = SubscribeResponse {
+                event: Some(lockstep_proto::v1::subscribe_response::Event::Changes(lockstep_proto::v1::ChangeBatch {
+                    changes: batch.clone(),
+                })),
+            }
+            .encoded_len();
+            assert!(encoded <= max_bytes, "{encoded} bytes in one message");
+        }
+        assert_eq!(batches.len(), 30, "three changes of 256 KiB per MB");
+        // A change larger than the cap still goes, alone.
+        let big = split_by_bytes(vec![change(0, 10), change(1, 2_000_000), change(2, 10)], max_bytes);
+        assert_eq!(big.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 1]);
     }
 }

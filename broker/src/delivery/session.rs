@@ -6,11 +6,11 @@ use std::{
 };
 
 use lockstep_proto::v1::{
-    ChangeBatch, DeliveredChange, Heartbeat, Resync, SubscribeResponse, subscribe_response::Event,
+    ChangeBatch, DeliveredChange, Heartbeat, Resync, ResyncReason, SubscribeResponse, subscribe_response::Event,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
-use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, delivered_change};
+use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, delivered_record, split_by_bytes};
 use crate::{
     accounts::AuthedDevice,
     db::now_ms,
@@ -25,6 +25,8 @@ pub(super) struct Start {
     pub from_offset: Option<i64>,
     pub committed: Option<i64>,
     pub watermarks: Watermarks,
+    /// A Resync to send first (a repair), whatever the position.
+    pub first_resync: Option<ResyncReason>,
 }
 
 pub(super) struct Session {
@@ -64,9 +66,13 @@ impl Session {
     async fn stream(&mut self) -> Result<End, ApiError> {
         let Watermarks { log_start, log_end } = self.start.watermarks;
         let mut cursor = self.start.from_offset.or(self.start.committed).unwrap_or(log_start);
-        if cursor < log_start || cursor > log_end {
-            // The device's history is gone (retention) or the log was replaced.
-            self.send(Event::Resync(Resync { log_start_offset: log_start, previous_offset: cursor })).await?;
+        if let Some(reason) = self.start.first_resync {
+            self.send_resync(log_start, cursor, reason).await?;
+            cursor = log_start;
+        } else if cursor < log_start || cursor > log_end {
+            // The device's history is gone (retention). (A position past the end
+            // is a lost log, which `Delivery::subscribe` refused before.)
+            self.send_resync(log_start, cursor, ResyncReason::HistoryExpired).await?;
             cursor = log_start;
         }
         // The tail existed before these watermarks were read, so it holds every
@@ -82,7 +88,7 @@ impl Session {
             match self.live_log.read(cursor, batch_max) {
                 LogRead::Changes(changes) => {
                     cursor = changes.last().map_or(cursor, |change| change.offset + 1);
-                    self.send(Event::Changes(ChangeBatch { changes })).await?;
+                    self.send_changes(changes).await?;
                 }
                 LogRead::Behind { until } => cursor = self.catch_up(cursor, until).await?,
                 LogRead::AtEnd => {
@@ -100,7 +106,8 @@ impl Session {
     /// Reads from Kafka from `cursor` up to `until` (or the end of the log)
     /// and forwards the changes. Returns the new cursor.
     async fn catch_up(&mut self, mut cursor: i64, until: Option<i64>) -> Result<i64, ApiError> {
-        let batch_max = self.delivery.inner.settings.batch_max_changes;
+        let settings = &self.delivery.inner.settings;
+        let limits = (settings.batch_max_changes, settings.batch_max_bytes);
         loop {
             self.check_stop()?;
             // One lease per chunk: a slow device never holds a shared reader
@@ -110,7 +117,7 @@ impl Session {
                     lease = self.delivery.inner.readers.lease() => lease?,
                     _ = self.stop_rx.changed() => continue,
                 };
-                lease.read(&self.topic, cursor, until, batch_max, READ_WAIT).await
+                lease.read(&self.topic, cursor, until, limits, READ_WAIT).await
             };
             let chunk = match chunk {
                 Ok(chunk) => chunk,
@@ -119,11 +126,7 @@ impl Session {
                     if cursor >= watermarks.log_start && cursor <= watermarks.log_end {
                         continue;
                     }
-                    self.send(Event::Resync(Resync {
-                        log_start_offset: watermarks.log_start,
-                        previous_offset: cursor,
-                    }))
-                    .await?;
+                    self.send_resync(watermarks.log_start, cursor, ResyncReason::HistoryExpired).await?;
                     return Ok(watermarks.log_start);
                 }
                 Err(error) => return Err(error.into()),
@@ -137,20 +140,17 @@ impl Session {
             {
                 let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
                 if cursor < watermarks.log_start {
-                    self.send(Event::Resync(Resync {
-                        log_start_offset: watermarks.log_start,
-                        previous_offset: cursor,
-                    }))
-                    .await?;
+                    self.send_resync(watermarks.log_start, cursor, ResyncReason::HistoryExpired).await?;
                     return Ok(watermarks.log_start);
                 }
-                tracing::warn!(topic = %self.topic, cursor, first, "offsets are not contiguous; delivering what the log has");
+                // The device checks contiguity and refuses to move its cursor over a hole.
+                tracing::error!(topic = %self.topic, cursor, first, "offsets of a user's log are not contiguous");
             }
             let got_records = !chunk.records.is_empty();
             if got_records {
                 let changes: Vec<DeliveredChange> =
-                    chunk.records.into_iter().map(|(offset, envelope)| delivered_change(offset, envelope)).collect();
-                self.send(Event::Changes(ChangeBatch { changes })).await?;
+                    chunk.records.into_iter().map(|(offset, record)| delivered_record(offset, record)).collect();
+                self.send_changes(changes).await?;
             }
             cursor = cursor.max(chunk.next_offset);
             if chunk.end_of_log {
@@ -173,6 +173,21 @@ impl Session {
                 return Ok(cursor);
             }
         }
+    }
+
+    /// Sends consecutive changes in messages of at most `batch_max_bytes`.
+    async fn send_changes(&mut self, changes: Vec<DeliveredChange>) -> Result<(), ApiError> {
+        let max_bytes = self.delivery.inner.settings.batch_max_bytes;
+        for changes in split_by_bytes(changes, max_bytes) {
+            self.send(Event::Changes(ChangeBatch { changes })).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_resync(&mut self, log_start: i64, previous: i64, reason: ResyncReason) -> Result<(), ApiError> {
+        tracing::info!(device_id = %self.device.device_id, log_start, previous, ?reason, "resync");
+        let resync = Resync { log_start_offset: log_start, previous_offset: previous, reason: reason as i32 };
+        self.send(Event::Resync(resync)).await
     }
 
     async fn send_heartbeat(&mut self, cursor: i64) -> Result<(), ApiError> {

@@ -155,6 +155,13 @@ impl DedupIndex {
                     for entry in &entries {
                         insert.execute(params![user, entry.device_id, entry.change_id, entry.offset, entry.digest.as_slice()])?;
                     }
+                    // Kafka acknowledged these offsets: the log must never end below them (log_guard).
+                    if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
+                        transaction.execute(
+                            "UPDATE users SET log_high_mark = MAX(log_high_mark, ?2) WHERE user_id = ?1",
+                            params![user, end],
+                        )?;
+                    }
                     if let Some((from, to)) = advance {
                         transaction.execute(
                             "UPDATE users SET dedup_indexed_through = ?3 WHERE user_id = ?1 AND dedup_indexed_through = ?2",

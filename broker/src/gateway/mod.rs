@@ -25,8 +25,9 @@ use crate::{
     db::now_ms,
     delivery::Delivery,
     error::ApiError,
-    kafka::{Producer, ReaderPool, Topics, user_topic},
-    settings::{KafkaSettings, LimitsSettings},
+    kafka::{KafkaError, Producer, ReaderPool, Topics, user_topic},
+    log_guard::LogGuard,
+    settings::{KafkaSettings, LimitsSettings, Settings},
 };
 
 /// Per-user push state. A user's pushes are pipelined: each one enqueues its
@@ -49,9 +50,11 @@ struct EnqueueState {
 
 #[derive(Default)]
 struct IndexState {
-    /// The dedup index is known to cover the topic up to `indexed_through`.
+    /// The dedup index is known to cover the topic up to `indexed_through`,
+    /// in the user's log generation `generation` (see `log_guard`).
     ready: bool,
     indexed_through: i64,
+    generation: i64,
     /// (device, change id) of changes enqueued but not yet recorded.
     in_flight: HashSet<(Arc<str>, String)>,
 }
@@ -104,6 +107,7 @@ pub struct Gateway {
     readers: ReaderPool,
     dedup: DedupIndex,
     delivery: Delivery,
+    guard: LogGuard,
     kafka: KafkaSettings,
     limits: LimitsSettings,
     users: Arc<Mutex<HashMap<Arc<str>, SharedPushState>>>,
@@ -118,22 +122,30 @@ impl Gateway {
         readers: ReaderPool,
         dedup: DedupIndex,
         delivery: Delivery,
-        kafka: KafkaSettings,
-        limits: LimitsSettings,
+        guard: LogGuard,
+        settings: &Settings,
     ) -> Self {
-        Self { producer, topics, readers, dedup, delivery, kafka, limits, users: Arc::default() }
+        let (kafka, limits) = (settings.kafka.clone(), settings.limits.clone());
+        Self { producer, topics, readers, dedup, delivery, guard, kafka, limits, users: Arc::default() }
     }
 
     /// Appends a batch to the device's user's topic. The work runs in its own
     /// task, so a device that hangs up (a timeout, a lost connection) does not
     /// cancel it half-way: a change Kafka acknowledged but the dedup index never
     /// recorded would be appended again by the device's retry.
+    ///
+    /// The device gets an answer within `produce_timeout + operation_deadline`:
+    /// past that it is told UNAVAILABLE while the push goes on; its retry then
+    /// waits for it and gets the offsets it got.
     pub async fn push(&self, device: &AuthedDevice, changes: Vec<Change>) -> Result<Vec<PushResult>, ApiError> {
         validate::validate_batch(&changes, &self.limits)?;
         let (gateway, device) = (self.clone(), device.clone());
-        tokio::spawn(async move { gateway.push_to_the_end(&device, changes).await })
-            .await
-            .map_err(|error| ApiError::Internal(format!("push task failed: {error}")))?
+        let task = tokio::spawn(async move { gateway.push_to_the_end(&device, changes).await });
+        let deadline = self.kafka.produce_timeout + self.kafka.operation_deadline;
+        match tokio::time::timeout(deadline, task).await {
+            Ok(joined) => joined.map_err(|error| ApiError::Internal(format!("push task failed: {error}")))?,
+            Err(_) => Err(ApiError::Kafka(KafkaError::Timeout("produce (the push goes on; retry it unchanged)"))),
+        }
     }
 
     async fn push_to_the_end(&self, device: &AuthedDevice, changes: Vec<Change>) -> Result<Vec<PushResult>, ApiError> {
@@ -153,13 +165,19 @@ impl Gateway {
             // let it finish, then answer from the index.
             user.wait_finished(enqueue.next_ticket).await;
         }
-        // After that wait: a push that finished meanwhile may have found the index behind.
-        if !user.index().ready {
+        // After that wait: a push that finished meanwhile may have found the index
+        // behind, and the log may have been found to have lost changes.
+        let current = {
+            let index = user.index();
+            index.ready && self.guard.cached_generation(&device.user_id) == Some(index.generation)
+        };
+        if !current {
             // Re-read the topic once every earlier push has finished.
             user.wait_finished(enqueue.next_ticket).await;
-            let through = self.reindex(&device.user_id, &topic).await?;
+            let (through, generation) = self.reindex(&device.user_id, &topic).await?;
             let mut index = user.index();
             index.indexed_through = through;
+            index.generation = generation;
             index.ready = true;
         }
         let ids = changes.iter().map(|change| change.change_id.clone()).collect();
@@ -240,6 +258,7 @@ impl Gateway {
                         change: Some(change),
                         origin_device_id: device.device_id.to_string(),
                         received_at_ms,
+                        undecodable: String::new(),
                     }));
                     results[index_in_batch] =
                         Some(PushResult { result: Some(push_result::Result::Offset(offset)), duplicate: false });
@@ -255,6 +274,9 @@ impl Gateway {
             }
         }
         let advance = contiguous.then_some((first_expected, next_expected));
+        if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
+            self.guard.note_acknowledged(&device.user_id, end);
+        }
         let recorded = self.dedup.record(&device.user_id, entries, advance).await;
         {
             let mut index = user.index();
@@ -279,10 +301,12 @@ impl Gateway {
     }
 
     /// Brings the dedup index up to the end of the user's topic by reading
-    /// what it is missing. Returns the new mark.
-    async fn reindex(&self, user_id: &str, topic: &str) -> Result<i64, ApiError> {
-        let from = self.dedup.indexed_through(user_id).await?;
+    /// what it is missing, after checking that the log did not lose changes
+    /// (which drops the index). Returns the new mark and the log generation.
+    async fn reindex(&self, user_id: &Arc<str>, topic: &str) -> Result<(i64, i64), ApiError> {
         let watermarks = self.topics.watermarks(topic).await?;
+        let generation = self.guard.check(user_id, watermarks, None).await?;
+        let from = self.dedup.indexed_through(user_id).await?;
         let mut cursor = from.max(watermarks.log_start);
         if cursor < watermarks.log_end {
             tracing::info!(topic, from = cursor, to = watermarks.log_end, "re-indexing pushed changes");
@@ -291,14 +315,16 @@ impl Gateway {
         while cursor < watermarks.log_end {
             let chunk = {
                 let lease = self.readers.lease().await?;
-                lease.read(&topic, cursor, Some(watermarks.log_end), 1000, Duration::from_secs(5)).await?
+                lease.read(&topic, cursor, Some(watermarks.log_end), (1000, 8 << 20), Duration::from_secs(5)).await?
             };
             if chunk.next_offset <= cursor {
                 return Err(ApiError::Kafka(crate::kafka::KafkaError::Timeout("re-indexing the user's topic")));
             }
+            // Records that are not envelopes were written by no device: nothing to index.
             let entries = chunk
                 .records
                 .iter()
+                .filter_map(|(offset, record)| record.as_ref().ok().map(|envelope| (offset, envelope)))
                 .map(|(offset, envelope)| IndexEntry {
                     device_id: envelope.origin_device_id.clone(),
                     change_id: envelope.change_id.clone(),
@@ -314,7 +340,7 @@ impl Gateway {
         }
         let through = cursor.max(from);
         self.dedup.set_indexed_through(user_id, through).await?;
-        Ok(through)
+        Ok((through, generation))
     }
 
     fn user_state(&self, user_id: &Arc<str>) -> SharedPushState {

@@ -1,31 +1,93 @@
 //! The gateway's one producer: idempotent, acks=all. A push is answered only
 //! after the delivery report for each of its records arrived.
+//!
+//! An idempotent producer can get stuck for good: after a fatal error, or
+//! when the broker keeps refusing its producer id or epoch (Nisshi 0.7 fails
+//! the epoch bump librdkafka makes after timed-out requests, and then answers
+//! "Unknown broker error" to that producer forever, while a new producer works
+//! at once). Such a producer is replaced by a fresh one, without a restart.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{
+    error::RDKafkaErrorCode,
+    producer::{FutureProducer, FutureRecord, Producer as _},
+};
 
 use super::{KafkaError, base_config};
 use crate::settings::KafkaSettings;
 
+/// Failures in a row, of the kinds a stuck producer shows, before it is replaced.
+const STUCK_AFTER_FAILURES: u32 = 2;
+/// A new producer is left alone this long before it may be replaced again.
+const MIN_PRODUCER_AGE: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: KafkaSettings,
+    current: RwLock<Arc<Instance>>,
+}
+
+/// One librdkafka producer and its recent failures.
+struct Instance {
+    producer: FutureProducer,
+    number: u64,
+    created: Instant,
+    failures_in_a_row: AtomicU32,
+}
+
+fn create(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
+    base_config(settings, "lockstep-gateway")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", settings.linger_ms.to_string())
+        // Ciphertext does not compress.
+        .set("compression.type", "none")
+        .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string())
+        .set("queue.buffering.max.kbytes", "65536")
+        .create()
+        .map_err(KafkaError::client("producer creation"))
+}
+
+/// Errors after which this producer instance will not recover by itself.
+fn is_stuck_error(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fatal
+            | RDKafkaErrorCode::Unknown
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::InvalidProducerIdMapping
+            | RDKafkaErrorCode::ProducerFenced
+    )
 }
 
 impl Producer {
     pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
-        let inner = base_config(settings, "lockstep-gateway")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", settings.linger_ms.to_string())
-            // Ciphertext does not compress.
-            .set("compression.type", "none")
-            .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string())
-            .set("queue.buffering.max.kbytes", "65536")
-            .create()
-            .map_err(KafkaError::client("producer creation"))?;
-        Ok(Self { inner })
+        let instance =
+            Instance { producer: create(settings)?, number: 1, created: Instant::now(), failures_in_a_row: 0.into() };
+        Ok(Self { inner: Arc::new(Inner { settings: settings.clone(), current: RwLock::new(Arc::new(instance)) }) })
+    }
+
+    fn current(&self) -> Arc<Instance> {
+        self.inner.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// How many producers this process has created (1 until one got stuck).
+    pub fn instance_number(&self) -> u64 {
+        self.current().number
     }
 
     /// Enqueues one record on partition 0 of `topic` now (so records enqueued
@@ -36,24 +98,104 @@ impl Producer {
         key: &[u8],
         payload: &[u8],
     ) -> impl Future<Output = Result<i64, KafkaError>> + Send + 'static + use<> {
+        let instance = self.current();
         let record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
-        let enqueued =
-            self.inner.send_result(record).map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
+        let enqueued = instance
+            .producer
+            .send_result(record)
+            .map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
+        let this = self.clone();
         async move {
-            match enqueued?.await {
+            let outcome = match enqueued?.await {
                 Ok(Ok(delivery)) => Ok(delivery.offset),
                 Ok(Err((source, _))) => Err(KafkaError::Client { operation: "produce", source }),
                 Err(_canceled) => Err(KafkaError::WorkerGone("producer")),
-            }
+            };
+            this.note_outcome(&instance, &outcome);
+            outcome
         }
+    }
+
+    fn note_outcome(&self, instance: &Arc<Instance>, outcome: &Result<i64, KafkaError>) {
+        let stuck = match outcome {
+            Ok(_) => {
+                instance.failures_in_a_row.store(0, Ordering::Relaxed);
+                return;
+            }
+            Err(KafkaError::Client { source, .. }) => source.rdkafka_error_code().is_some_and(is_stuck_error),
+            Err(_) => false,
+        };
+        let fatal = instance.producer.client().fatal_error();
+        if !stuck && fatal.is_none() {
+            instance.failures_in_a_row.store(0, Ordering::Relaxed);
+            return;
+        }
+        let failures = instance.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if (fatal.is_some() || failures >= STUCK_AFTER_FAILURES) && instance.created.elapsed() >= MIN_PRODUCER_AGE {
+            self.replace(instance, fatal.map(|(_, reason)| reason));
+        }
+    }
+
+    /// Swaps in a fresh producer unless someone already did.
+    fn replace(&self, stuck: &Arc<Instance>, fatal: Option<String>) {
+        let mut current = self.inner.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.number != stuck.number {
+            return;
+        }
+        let producer = match create(&self.inner.settings) {
+            Ok(producer) => producer,
+            Err(error) => {
+                tracing::error!(%error, "cannot create a new kafka producer to replace a stuck one");
+                return;
+            }
+        };
+        let number = stuck.number + 1;
+        tracing::warn!(
+            replaced = stuck.number,
+            failures_in_a_row = stuck.failures_in_a_row.load(Ordering::Relaxed),
+            fatal = fatal.as_deref().unwrap_or("none"),
+            "kafka producer is stuck: replaced by a new one"
+        );
+        let old = std::mem::replace(
+            &mut *current,
+            Arc::new(Instance { producer, number, created: Instant::now(), failures_in_a_row: 0.into() }),
+        );
+        drop(current);
+        // Records still queued in the old producer get their reports first;
+        // dropping it purges and flushes, which blocks: not on the runtime.
+        let grace = self.inner.settings.produce_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        });
     }
 
     /// Waits (on a blocking thread) until queued records are delivered.
     pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.flush(timeout))
+        let instance = self.current();
+        tokio::task::spawn_blocking(move || instance.producer.flush(timeout))
             .await
             .map_err(|error| KafkaError::Task(error.to_string()))?
             .map_err(KafkaError::client("flush"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_a_producer_does_not_recover_from_count_as_stuck() {
+        for code in [RDKafkaErrorCode::Unknown, RDKafkaErrorCode::Fatal, RDKafkaErrorCode::InvalidProducerEpoch] {
+            assert!(is_stuck_error(code), "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ] {
+            assert!(!is_stuck_error(code), "{code:?}");
+        }
     }
 }

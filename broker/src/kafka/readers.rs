@@ -28,9 +28,10 @@ use crate::settings::KafkaSettings;
 /// What one read job returns.
 #[derive(Debug, Default)]
 pub struct ReadChunk {
-    /// Decoded records in offset order. Records that are not Lockstep
-    /// envelopes are skipped (and logged), never returned half-read.
-    pub records: Vec<(i64, ChangeEnvelope)>,
+    /// Records in offset order, none skipped: a record that is not a Lockstep
+    /// change envelope comes back as `Err(reason)` (and is logged), so that no
+    /// offset ever disappears unnoticed.
+    pub records: Vec<(i64, Result<ChangeEnvelope, String>)>,
     /// The offset to continue from.
     pub next_offset: i64,
     /// True when the reader saw the end of the log.
@@ -42,6 +43,7 @@ struct ReadJob {
     from: i64,
     until: Option<i64>,
     max_records: usize,
+    max_bytes: usize,
     max_wait: Duration,
     reply_tx: oneshot::Sender<Result<ReadChunk, KafkaError>>,
 }
@@ -98,18 +100,19 @@ impl ReaderPool {
 
 impl ReaderLease {
     /// Reads records of `topic` from `from`, stopping before `until` (if
-    /// given), at the end of the log, after `max_records`, or after `max_wait`
-    /// without data.
+    /// given), at the end of the log, after `max_records` or `max_bytes` of
+    /// values (at least one record), or after `max_wait` without data.
     pub async fn read(
         &self,
         topic: &Arc<str>,
         from: i64,
         until: Option<i64>,
-        max_records: usize,
+        limits: (usize, usize),
         max_wait: Duration,
     ) -> Result<ReadChunk, KafkaError> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let job = ReadJob { topic: topic.clone(), from, until, max_records, max_wait, reply_tx };
+        let (max_records, max_bytes) = limits;
+        let job = ReadJob { topic: topic.clone(), from, until, max_records, max_bytes, max_wait, reply_tx };
         let job_tx = self.job_tx.as_ref().ok_or(KafkaError::WorkerGone("reader"))?;
         job_tx.send(job).await.map_err(|_| KafkaError::WorkerGone("reader"))?;
         reply_rx.await.map_err(|_| KafkaError::WorkerGone("reader"))?
@@ -157,7 +160,8 @@ fn run_job(
         return Ok(chunk);
     }
     let deadline = Instant::now() + job.max_wait;
-    while chunk.records.len() < job.max_records {
+    let mut bytes = 0;
+    while chunk.records.len() < job.max_records && bytes < job.max_bytes {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break;
@@ -171,15 +175,16 @@ fn run_job(
                 }
                 chunk.next_offset = offset + 1;
                 *position = Some((job.topic.clone(), chunk.next_offset));
-                match message.payload().map(decode_change) {
-                    Some(Ok(envelope)) => chunk.records.push((offset, envelope)),
-                    Some(Err(error)) => {
-                        tracing::error!(topic = %job.topic, offset, %error, "skipping a record that is not a change envelope")
-                    }
-                    None => {
-                        tracing::error!(topic = %job.topic, offset, "skipping a record without a value")
-                    }
+                bytes += message.payload_len();
+                let decoded = match message.payload().map(decode_change) {
+                    Some(Ok(envelope)) => Ok(envelope),
+                    Some(Err(error)) => Err(format!("not a change envelope this server can read: {error}")),
+                    None => Err("a record without a value".to_string()),
+                };
+                if let Err(reason) = &decoded {
+                    tracing::error!(topic = %job.topic, offset, reason, "undecodable record in a user's log");
                 }
+                chunk.records.push((offset, decoded));
                 if job.until.is_some_and(|until| chunk.next_offset >= until) {
                     break;
                 }

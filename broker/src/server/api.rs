@@ -196,8 +196,8 @@ impl sync_server::Sync for SyncApi {
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let device = authenticate(&self.app, &request)?;
-        let from_offset = request.get_ref().from_offset;
-        Ok(Response::new(self.app.delivery.subscribe(device, from_offset).await?))
+        let SubscribeRequest { from_offset, repair } = request.into_inner();
+        Ok(Response::new(self.app.delivery.subscribe(device, from_offset, repair).await?))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
@@ -219,6 +219,7 @@ impl sync_server::Sync for SyncApi {
             heartbeat_interval_ms: settings.delivery.heartbeat_interval.as_millis() as u32,
             max_change_id_chars: MAX_CHANGE_ID_CHARS as u32,
             max_record_id_chars: MAX_RECORD_ID_CHARS as u32,
+            max_batch_bytes: settings.delivery.batch_max_bytes as u32,
         }))
     }
 }

@@ -1,0 +1,440 @@
+//! The log never silently shrinks. Data flow step: a check between Kafka and
+//! both the gateway and delivery.
+//!
+//! The server remembers, per user, the highest log end it ever saw Kafka
+//! acknowledge (`users.log_high_mark`). When Kafka later reports a log end
+//! below that, or a device's committed offset past the log end, the log lost
+//! changes it had acknowledged: the broker was restarted without its data, the
+//! topic was deleted and recreated, an operator or a retention setting
+//! truncated it. Telling devices to "start over" would then wipe the one place
+//! where the data still exists, so instead:
+//!
+//! - the incident is recorded (`log_incidents`) and raised as an error log line;
+//! - the user's *log generation* goes up, the dedup index of the user is
+//!   dropped (its offsets point into the old log) and the new log is accepted
+//!   as the baseline;
+//! - every device of the user whose generation is older gets DATA_LOSS on
+//!   Subscribe and Ack until it subscribes with `repair = true`: it then
+//!   re-reads the log from its start (a Resync with reason LOG_LOST), merges,
+//!   and pushes back what it holds that the log no longer has. The account
+//!   heals from the union of its devices.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use rusqlite::{OptionalExtension, params};
+
+use crate::{
+    db::{Db, DbError, now_ms},
+    error::ApiError,
+    kafka::topics::Watermarks,
+};
+
+/// What the server knows about one user's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserMark {
+    /// No acknowledged change was ever at or past this offset... or the log end was at least here.
+    pub high_mark: i64,
+    /// Goes up by one with every recorded loss.
+    pub generation: i64,
+}
+
+/// Why the server decided the log lost changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossEvidence {
+    /// Kafka's log end is below the highest end the server saw acknowledged.
+    LogEndWentBack { expected_end: i64 },
+    /// A device committed an offset past Kafka's log end.
+    CommittedPastEnd { committed: i64 },
+}
+
+impl LossEvidence {
+    fn expected_end(self) -> i64 {
+        match self {
+            LossEvidence::LogEndWentBack { expected_end } => expected_end,
+            LossEvidence::CommittedPastEnd { committed } => committed,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            LossEvidence::LogEndWentBack { .. } => "log end went back",
+            LossEvidence::CommittedPastEnd { .. } => "a device committed past the log end",
+        }
+    }
+}
+
+/// The decision rule, on its own: does this view of the log contradict what
+/// the server knows?
+pub fn evidence_of_loss(mark: UserMark, watermarks: Watermarks, committed: Option<i64>) -> Option<LossEvidence> {
+    if watermarks.log_end < mark.high_mark {
+        return Some(LossEvidence::LogEndWentBack { expected_end: mark.high_mark });
+    }
+    match committed {
+        Some(committed) if committed > watermarks.log_end => Some(LossEvidence::CommittedPastEnd { committed }),
+        _ => None,
+    }
+}
+
+#[derive(Clone)]
+pub struct LogGuard {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    users: Mutex<HashMap<Arc<str>, UserMark>>,
+    /// device id -> the log generation it last repaired to.
+    devices: Mutex<HashMap<Arc<str>, i64>>,
+    /// Serialises recording incidents, so two requests that see the same
+    /// loss at once record it once.
+    incidents: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl LogGuard {
+    pub fn new(db: Db) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                users: Mutex::default(),
+                devices: Mutex::default(),
+                incidents: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The user's mark, read from the database once.
+    pub async fn mark(&self, user_id: &Arc<str>) -> Result<UserMark, DbError> {
+        if let Some(mark) = lock(&self.inner.users).get(user_id) {
+            return Ok(*mark);
+        }
+        let user = user_id.to_string();
+        let stored = self
+            .inner
+            .db
+            .call(move |connection| {
+                Ok(connection
+                    .query_row("SELECT log_high_mark, log_generation FROM users WHERE user_id = ?1", [user], |row| {
+                        Ok(UserMark { high_mark: row.get(0)?, generation: row.get(1)? })
+                    })
+                    .optional()?)
+            })
+            .await?
+            .unwrap_or(UserMark { high_mark: 0, generation: 0 });
+        let mut users = lock(&self.inner.users);
+        let mark = users.entry(user_id.clone()).or_insert(stored);
+        Ok(*mark)
+    }
+
+    /// The generation in memory, if this user was seen since start (cheap, for the push path).
+    pub fn cached_generation(&self, user_id: &str) -> Option<i64> {
+        lock(&self.inner.users).get(user_id).map(|mark| mark.generation)
+    }
+
+    /// Kafka acknowledged changes up to `end` (exclusive): raise the mark in
+    /// memory. The gateway stores it with its dedup record, in the same transaction.
+    pub fn note_acknowledged(&self, user_id: &Arc<str>, end: i64) {
+        if let Some(mark) = lock(&self.inner.users).get_mut(user_id) {
+            mark.high_mark = mark.high_mark.max(end);
+        }
+    }
+
+    /// Checks a fresh view of the user's log (and a device's committed
+    /// offset, if read) against what the server knows. Raises the mark when
+    /// the log grew; records an incident when it contradicts the mark.
+    /// Returns the user's generation after the check.
+    ///
+    /// A device that has not repaired since the last incident committed its
+    /// offset in the old log: that offset is no evidence (it is reset when the
+    /// device repairs).
+    pub async fn check(
+        &self,
+        user_id: &Arc<str>,
+        watermarks: Watermarks,
+        device_committed: Option<(&Arc<str>, i64)>,
+    ) -> Result<i64, ApiError> {
+        let mark = self.mark(user_id).await?;
+        let committed = match device_committed {
+            Some((device_id, committed)) if self.device_generation(device_id).await? >= mark.generation => {
+                Some(committed)
+            }
+            _ => None,
+        };
+        let Some(_) = evidence_of_loss(mark, watermarks, committed) else {
+            if watermarks.log_end > mark.high_mark {
+                self.raise(user_id, watermarks.log_end).await?;
+            }
+            return Ok(mark.generation);
+        };
+        let _serialised = self.inner.incidents.lock().await;
+        // Another request may have recorded it meanwhile (the mark is then the new log end).
+        let mark = self.mark(user_id).await?;
+        let Some(evidence) = evidence_of_loss(mark, watermarks, committed) else {
+            return Ok(mark.generation);
+        };
+        self.record_incident(user_id, mark, watermarks, evidence).await
+    }
+
+    async fn raise(&self, user_id: &Arc<str>, end: i64) -> Result<(), DbError> {
+        let user = user_id.to_string();
+        self.inner
+            .db
+            .call(move |connection| {
+                connection.execute(
+                    "UPDATE users SET log_high_mark = MAX(log_high_mark, ?2) WHERE user_id = ?1",
+                    params![user, end],
+                )?;
+                Ok(())
+            })
+            .await?;
+        self.note_acknowledged(user_id, end);
+        Ok(())
+    }
+
+    async fn record_incident(
+        &self,
+        user_id: &Arc<str>,
+        mark: UserMark,
+        watermarks: Watermarks,
+        evidence: LossEvidence,
+    ) -> Result<i64, ApiError> {
+        let generation = mark.generation + 1;
+        let expected_end = evidence.expected_end();
+        tracing::error!(
+            user_id = %user_id,
+            expected_end,
+            log_start = watermarks.log_start,
+            log_end = watermarks.log_end,
+            evidence = evidence.as_str(),
+            generation,
+            "the kafka log of a user lost changes it had acknowledged: its devices get DATA_LOSS until they repair"
+        );
+        let user = user_id.to_string();
+        let reason = evidence.as_str();
+        self.inner
+            .db
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                transaction.execute(
+                    "UPDATE users SET log_generation = ?2, log_high_mark = ?3, dedup_indexed_through = ?4 WHERE user_id = ?1",
+                    params![user, generation, watermarks.log_end, watermarks.log_start],
+                )?;
+                // Its offsets point into the old log.
+                transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", [&user])?;
+                transaction.execute(
+                    "INSERT INTO log_incidents (user_id, generation, detected_at_ms, expected_end, found_start, found_end, reason)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![user, generation, now_ms(), expected_end, watermarks.log_start, watermarks.log_end, reason],
+                )?;
+                transaction.commit()?;
+                Ok(())
+            })
+            .await?;
+        lock(&self.inner.users).insert(user_id.clone(), UserMark { high_mark: watermarks.log_end, generation });
+        Ok(generation)
+    }
+
+    /// The generation a device last repaired to.
+    async fn device_generation(&self, device_id: &Arc<str>) -> Result<i64, DbError> {
+        if let Some(generation) = lock(&self.inner.devices).get(device_id) {
+            return Ok(*generation);
+        }
+        let device = device_id.to_string();
+        let stored = self
+            .inner
+            .db
+            .call(move |connection| {
+                Ok(connection
+                    .query_row("SELECT log_generation FROM devices WHERE device_id = ?1", [device], |row| row.get(0))
+                    .optional()?)
+            })
+            .await?
+            .unwrap_or(0);
+        Ok(*lock(&self.inner.devices).entry(device_id.clone()).or_insert(stored))
+    }
+
+    /// DATA_LOSS unless the device has repaired since the user's last incident.
+    pub async fn ensure_repaired(&self, user_id: &Arc<str>, device_id: &Arc<str>) -> Result<(), ApiError> {
+        let mark = self.mark(user_id).await?;
+        if self.device_generation(device_id).await? >= mark.generation {
+            return Ok(());
+        }
+        let incident = self.last_incident(user_id).await?;
+        Err(ApiError::LogLost(format!(
+            "the server's log of this account lost changes it had acknowledged ({incident}); \
+             this device must repair: subscribe with repair = true, then push back what the log no longer has \
+             (lockstep-cli sync does this)"
+        )))
+    }
+
+    /// The device repairs: from now on it is served again.
+    pub async fn mark_repaired(&self, user_id: &Arc<str>, device_id: &Arc<str>) -> Result<(), DbError> {
+        let generation = self.mark(user_id).await?.generation;
+        if self.device_generation(device_id).await? >= generation {
+            return Ok(());
+        }
+        let device = device_id.to_string();
+        self.inner
+            .db
+            .call(move |connection| {
+                connection.execute(
+                    "UPDATE devices SET log_generation = MAX(log_generation, ?2) WHERE device_id = ?1",
+                    params![device, generation],
+                )?;
+                Ok(())
+            })
+            .await?;
+        lock(&self.inner.devices).insert(device_id.clone(), generation);
+        tracing::info!(user_id = %user_id, device_id = %device_id, generation, "device repairs after a lost log");
+        Ok(())
+    }
+
+    async fn last_incident(&self, user_id: &str) -> Result<String, DbError> {
+        let user = user_id.to_string();
+        self.inner
+            .db
+            .call(move |connection| {
+                let found = connection
+                    .query_row(
+                        "SELECT detected_at_ms, expected_end, found_start, found_end, reason FROM log_incidents
+                         WHERE user_id = ?1 ORDER BY generation DESC LIMIT 1",
+                        [user],
+                        |row| {
+                            Ok(format!(
+                                "{}: expected at least {} changes, Kafka holds offsets {}..{}, detected at {} ms",
+                                row.get::<_, String>(4)?,
+                                row.get::<_, i64>(1)?,
+                                row.get::<_, i64>(2)?,
+                                row.get::<_, i64>(3)?,
+                                row.get::<_, i64>(0)?,
+                            ))
+                        },
+                    )
+                    .optional()?;
+                Ok(found.unwrap_or_else(|| "no details recorded".into()))
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks(high_mark: i64) -> UserMark {
+        UserMark { high_mark, generation: 0 }
+    }
+
+    fn log(log_start: i64, log_end: i64) -> Watermarks {
+        Watermarks { log_start, log_end }
+    }
+
+    #[test]
+    fn a_log_that_grew_or_expired_history_is_no_loss() {
+        assert_eq!(evidence_of_loss(marks(10), log(0, 10), Some(10)), None);
+        assert_eq!(evidence_of_loss(marks(10), log(0, 15), Some(3)), None);
+        // Retention moved the log start: history expired, not lost (a Resync).
+        assert_eq!(evidence_of_loss(marks(10), log(8, 10), Some(2)), None);
+        assert_eq!(evidence_of_loss(marks(0), log(0, 0), None), None);
+    }
+
+    #[test]
+    fn a_log_end_below_the_mark_or_a_commit_past_the_end_is_loss() {
+        assert_eq!(
+            evidence_of_loss(marks(10), log(0, 3), None),
+            Some(LossEvidence::LogEndWentBack { expected_end: 10 })
+        );
+        assert_eq!(
+            evidence_of_loss(marks(3), log(0, 3), Some(7)),
+            Some(LossEvidence::CommittedPastEnd { committed: 7 })
+        );
+    }
+
+    fn guard() -> (LogGuard, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        (LogGuard::new(db), dir)
+    }
+
+    async fn add_user(guard: &LogGuard, user: &str, devices: &[&str]) {
+        let (user, devices): (String, Vec<String>) = (user.into(), devices.iter().map(|d| d.to_string()).collect());
+        guard
+            .inner
+            .db
+            .call(move |connection| {
+                connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, 0)", [&user])?;
+                for device in devices {
+                    connection.execute(
+                        "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?1, ?1, 0)",
+                        params![device, user],
+                    )?;
+                }
+                connection.execute(
+                    "INSERT INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest) VALUES (?1, 'a', 'c', 0, x'00')",
+                    [&user],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_loss_is_recorded_once_and_each_device_is_refused_until_it_repairs() {
+        let (guard, _dir) = guard();
+        add_user(&guard, "u", &["a", "b"]).await;
+        let (user, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("u".into(), "a".into(), "b".into());
+        assert_eq!(guard.check(&user, log(0, 5), None).await.unwrap(), 0);
+        guard.ensure_repaired(&user, &a).await.unwrap();
+        // Kafka came back without the last 5 changes.
+        assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1);
+        assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1, "recorded once");
+        for device in [&a, &b] {
+            let refused = guard.ensure_repaired(&user, device).await.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::DataLoss);
+            assert!(refused.to_string().contains("expected at least 5"), "{refused}");
+        }
+        guard.mark_repaired(&user, &a).await.unwrap();
+        guard.ensure_repaired(&user, &a).await.unwrap();
+        assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b has not repaired yet");
+
+        // A new guard (a restarted server) knows all of it from the database, and
+        // the user's dedup index is gone with the old log.
+        let restarted = LogGuard::new(guard.inner.db.clone());
+        assert_eq!(restarted.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
+        restarted.ensure_repaired(&user, &a).await.unwrap();
+        assert!(restarted.ensure_repaired(&user, &b).await.is_err());
+        let (dedup_rows, indexed_through): (i64, i64) = guard
+            .inner
+            .db
+            .call(|connection| {
+                Ok((
+                    connection.query_row("SELECT count(*) FROM pushed_changes", [], |row| row.get(0))?,
+                    connection.query_row("SELECT dedup_indexed_through FROM users", [], |row| row.get(0))?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!((dedup_rows, indexed_through), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_commit_past_the_end_is_a_loss_too() {
+        let (guard, _dir) = guard();
+        add_user(&guard, "u", &["a"]).await;
+        let user: Arc<str> = "u".into();
+        let a: Arc<str> = "a".into();
+        assert_eq!(guard.check(&user, log(0, 4), Some((&a, 9))).await.unwrap(), 1);
+        assert_eq!(guard.mark(&user).await.unwrap().high_mark, 4);
+        // Until it repairs, the device's offset is from the old log: no new incident.
+        assert_eq!(guard.check(&user, log(0, 4), Some((&a, 9))).await.unwrap(), 1);
+        guard.mark_repaired(&user, &a).await.unwrap();
+        assert_eq!(guard.check(&user, log(0, 4), Some((&a, 4))).await.unwrap(), 1);
+    }
+}
