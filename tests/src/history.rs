@@ -34,11 +34,33 @@ pub enum PushOutcome {
         offset: i64,
         duplicate: bool,
     },
-    /// A per-change error, or the whole call failing (then every change of it).
+    /// The call answered with an error for this change.
     Failed {
         code: Code,
         retryable: bool,
     },
+    /// The whole call failed (recorded for every change of it).
+    CallFailed {
+        code: Code,
+        retryable: bool,
+    },
+}
+
+impl PushOutcome {
+    pub fn offset(&self) -> Option<i64> {
+        match self {
+            PushOutcome::Written { offset, .. } => Some(*offset),
+            PushOutcome::Failed { .. } | PushOutcome::CallFailed { .. } => None,
+        }
+    }
+
+    /// Whether pushing the same change again may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            PushOutcome::Written { .. } => false,
+            PushOutcome::Failed { retryable, .. } | PushOutcome::CallFailed { retryable, .. } => *retryable,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +69,7 @@ enum Event {
     Call { call: &'static str, failed: Option<Code> },
     Subscribed { device: String, session: u64 },
     Delivered { device: String, session: u64, offset: i64, change_id: String },
-    Resync { device: String, log_start: i64 },
+    Resync { device: String, log_start: i64, reason: String },
     Acked { device: String, offset: i64, committed: Result<i64, Code> },
 }
 
@@ -108,8 +130,8 @@ impl History {
         inner.events.push(Event::Delivered { device: device.into(), session, offset, change_id: change_id.into() });
     }
 
-    pub fn resync(&self, device: &str, log_start: i64) {
-        self.record(Event::Resync { device: device.into(), log_start });
+    pub fn resync(&self, device: &str, log_start: i64, reason: &str) {
+        self.record(Event::Resync { device: device.into(), log_start, reason: reason.into() });
     }
 
     pub fn acked(&self, device: &str, offset: i64, committed: Result<i64, Code>) {
@@ -142,7 +164,10 @@ impl History {
                 Event::Push { change_id, outcome: PushOutcome::Written { .. }, .. } => {
                     written.insert(change_id.clone());
                 }
-                Event::Push { outcome: PushOutcome::Failed { .. }, .. } => stats.change_errors += 1,
+                Event::Push { outcome: PushOutcome::Failed { code, .. }, .. } => {
+                    stats.errors += 1;
+                    *stats.error_codes.entry(format!("push-change:{code:?}")).or_default() += 1;
+                }
                 Event::Delivered { .. } => stats.deliveries += 1,
                 _ => {}
             }
@@ -193,6 +218,7 @@ impl History {
                     if let Some(progress) = progress.get_mut(device.as_str()) {
                         progress.session = Some(*session);
                         progress.session_next = None;
+                        progress.resynced = false;
                     }
                 }
                 Event::Delivered { device, session, offset, change_id } => {
@@ -207,8 +233,13 @@ impl History {
                         )),
                     }
                 }
-                Event::Resync { device, log_start } => {
-                    report.i4.push(format!("{device} got a Resync to {log_start} (no history was expired)"));
+                Event::Resync { device, log_start, reason } => {
+                    // No retention here, and a lost log shows in I1: a Resync is a false alarm
+                    // that makes the device download everything again.
+                    report.i4.push(format!("{device} got a Resync ({reason}) to {log_start}, but no history expired"));
+                    if let Some(progress) = progress.get_mut(device.as_str()) {
+                        progress.resynced = true;
+                    }
                 }
                 Event::Acked { device, offset, committed: Ok(committed) } => {
                     if let Some(progress) = progress.get_mut(device.as_str()) {
@@ -308,11 +339,13 @@ struct DeviceProgress {
     session: Option<u64>,
     /// The offset the current stream must deliver next (None before its first batch).
     session_next: Option<i64>,
+    /// The current stream started with a Resync (reported already): it restarts below.
+    resynced: bool,
 }
 
 impl DeviceProgress {
     fn starting_at(start: i64) -> Self {
-        Self { next: start, committed: i64::MIN, session: None, session_next: None }
+        Self { next: start, committed: i64::MIN, session: None, session_next: None, resynced: false }
     }
 
     fn delivered(&mut self, device: &str, session: u64, offset: i64, violations: &mut Vec<String>) {
@@ -322,7 +355,7 @@ impl DeviceProgress {
         match self.session_next {
             None => {
                 // A stream (without from_offset) starts at the committed offset.
-                if offset < self.committed {
+                if offset < self.committed && !std::mem::take(&mut self.resynced) {
                     violations.push(format!(
                         "{device}: committed offset moved backwards: an ack answered {}, the next stream started at {offset}",
                         self.committed
@@ -350,14 +383,13 @@ impl DeviceProgress {
 pub struct Stats {
     /// RPCs made (push, ack, subscribe).
     pub ops: usize,
-    /// RPCs that failed as a whole.
+    /// RPCs that failed as a whole, plus changes a push call answered with an error.
     pub errors: usize,
-    /// Per-change push errors (inside calls that returned results, or of failed calls).
-    pub change_errors: usize,
     /// Distinct changes acknowledged with an offset.
     pub pushes_ok: usize,
     pub deliveries: usize,
-    /// Failed calls by `call:code` (e.g. `push:Unavailable`; `stream:` a stream that broke).
+    /// Errors by `call:code` (`push:Unavailable` a failed call, `push-change:Unavailable` a
+    /// change a push answered with an error, `stream:…` a stream that broke).
     pub error_codes: BTreeMap<String, usize>,
 }
 

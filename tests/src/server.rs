@@ -124,6 +124,13 @@ impl Server {
         // A restart listens where the previous process did, so clients reconnect.
         let listen = self.addr.map_or_else(|| "127.0.0.1:0".to_string(), |addr| addr.to_string());
         let mut command = Command::new(lockstep_binary()?);
+        // The server takes every `LOCKSTEP_*` variable as a setting and refuses unknown
+        // ones: it gets only the test's, never the harness's (LOCKSTEP_BIN, LOCKSTEP_FAULT_SEEDS).
+        for (variable, _) in std::env::vars_os() {
+            if variable.to_string_lossy().starts_with("LOCKSTEP_") {
+                command.env_remove(variable);
+            }
+        }
         command
             .args(["--listen", &listen, "--kafka-brokers", &self.kafka, "--data-dir"])
             .arg(self.data_dir())

@@ -6,7 +6,8 @@
 //! deadline; now and then it pushes an acknowledged batch again (a device that
 //! lost the answer), which must come back as duplicates. Each device also
 //! keeps one Subscribe stream open, "applies" (records) what arrives and
-//! acks after recording, and resubscribes when the stream breaks. Every call
+//! acks after recording, and resubscribes when the stream breaks (with
+//! `repair = true` after the server answered DATA_LOSS). Every call
 //! has a client deadline, every loop a deadline of its own.
 
 use std::{sync::Arc, time::Duration};
@@ -125,11 +126,11 @@ impl SimDevice {
             }
             Ok(_) => {
                 self.history.call("push", Some(Code::Internal));
-                vec![PushOutcome::Failed { code: Code::Internal, retryable: false }; changes.len()]
+                vec![PushOutcome::CallFailed { code: Code::Internal, retryable: false }; changes.len()]
             }
             Err(status) => {
                 self.history.call("push", Some(status.code()));
-                let failed = PushOutcome::Failed { code: status.code(), retryable: is_retryable(&status) };
+                let failed = PushOutcome::CallFailed { code: status.code(), retryable: is_retryable(&status) };
                 vec![failed; changes.len()]
             }
         };
@@ -155,10 +156,9 @@ impl SimDevice {
             let outcomes = self.push_once(&batch, false).await;
             let mut still_pending = Vec::new();
             for (index, outcome) in pending.into_iter().zip(outcomes) {
-                match outcome {
-                    PushOutcome::Written { offset, .. } => offsets[index] = Some(offset),
-                    PushOutcome::Failed { retryable: true, .. } => still_pending.push(index),
-                    PushOutcome::Failed { retryable: false, .. } => {}
+                offsets[index] = outcome.offset();
+                if outcome.retryable() {
+                    still_pending.push(index);
                 }
             }
             pending = still_pending;
@@ -179,10 +179,14 @@ impl SimDevice {
         answer
     }
 
-    /// Opens a stream from the committed offset (recorded as a call).
-    pub async fn subscribe(&self) -> Result<tonic::Streaming<lockstep_proto::v1::SubscribeResponse>, Status> {
+    /// Opens a stream from the committed offset (recorded as a call); `repair`
+    /// after the server answered DATA_LOSS, as a real device does.
+    pub async fn subscribe(
+        &self,
+        repair: bool,
+    ) -> Result<tonic::Streaming<lockstep_proto::v1::SubscribeResponse>, Status> {
         // The stream itself lives long: only opening it has the deadline.
-        let request = with_token(SubscribeRequest::default(), &self.token);
+        let request = with_token(SubscribeRequest { from_offset: None, repair }, &self.token);
         let answer = self.bounded(async { Ok(self.sync.clone().subscribe(request).await?.into_inner()) }).await;
         self.history.call("subscribe", answer.as_ref().err().map(Status::code));
         answer
@@ -223,10 +227,12 @@ impl Workload {
     /// Waits until every pusher finished its batches; false if `timeout` passed first.
     pub async fn pushers_done(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        for pusher in &mut self.pushers {
+        while let Some(pusher) = self.pushers.last_mut() {
             if tokio::time::timeout_at(deadline, pusher).await.is_err() {
                 return false;
             }
+            // Finished: a JoinHandle must not be polled again.
+            self.pushers.pop();
         }
         true
     }
@@ -286,16 +292,23 @@ async fn push_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop_rx: 
 
 async fn subscribe_loop(device: SimDevice, plan: Plan, mut stop_rx: watch::Receiver<bool>) {
     let mut session = 0u64;
+    // The server said the log lost changes: the next stream repairs.
+    let mut repair = false;
     while !*stop_rx.borrow() {
         session += 1;
         let stream = tokio::select! {
-            stream = device.subscribe() => stream,
+            stream = device.subscribe(repair) => stream,
             _ = stop_rx.wait_for(|stop| *stop) => return,
         };
-        let Ok(mut stream) = stream else {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            continue;
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(status) => {
+                repair |= status.code() == Code::DataLoss;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
         };
+        repair = false;
         device.history.subscribed(&device.id, session);
         loop {
             let message = tokio::select! {
@@ -308,6 +321,7 @@ async fn subscribe_loop(device: SimDevice, plan: Plan, mut stop_rx: watch::Recei
                 Ok(Ok(None)) => break,
                 Ok(Err(status)) => {
                     device.history.call("stream", Some(status.code()));
+                    repair |= status.code() == Code::DataLoss;
                     break;
                 }
                 Err(_) => {
@@ -324,9 +338,17 @@ async fn subscribe_loop(device: SimDevice, plan: Plan, mut stop_rx: watch::Recei
                     }
                     tokio::time::sleep(plan.apply_delay).await;
                     // A failed ack is fine: the next one covers it, or the change comes again.
-                    let _ = device.ack(last).await;
+                    if let Err(status) = device.ack(last).await
+                        && status.code() == Code::DataLoss
+                    {
+                        repair = true;
+                        break;
+                    }
                 }
-                Some(Event::Resync(resync)) => device.history.resync(&device.id, resync.log_start_offset),
+                Some(Event::Resync(resync)) => {
+                    let reason = format!("{:?}", resync.reason());
+                    device.history.resync(&device.id, resync.log_start_offset, &reason);
+                }
                 Some(Event::Heartbeat(_)) | None => {}
             }
         }

@@ -1,0 +1,615 @@
+//! The fault suite: the real `lockstep` binary and a real Kafka (Nisshi)
+//! under faults, while simulated devices push, receive and ack. Every run is
+//! checked by the history checker (`lockstep_e2e::history`: I1, I2, I4, I5
+//! and "once") and prints one line:
+//!
+//! `fault=kafka-kill9 seed=3 ops=412 pushes_ok=380 errors=32 faults=2 I1=ok I2=ok I4=ok I5=ok once=ok secs=21`
+//!
+//! Faults: Kafka `kill -9` during pushes and during delivery; the link
+//! between Lockstep and Kafka cut, or slowed by seconds (a proxy: Nisshi
+//! advertises the proxy's port); the server `kill -9` during pushes; Kafka's
+//! data on a small tmpfs that fills up. Plus two contracts: with Kafka
+//! unreachable, Push, Ack and Subscribe answer UNAVAILABLE within their
+//! deadline; after an outage that timed pushes out, pushes succeed again within
+//! seconds of Kafka's return, without restarting Lockstep.
+//!
+//! Seeds (they pick timings, counts and sizes): `LOCKSTEP_FAULT_SEEDS=N` runs
+//! seeds 1..=N of each fault (default 2), `LOCKSTEP_FAULT_SEED=K` seed K only.
+//! `scripts/soak` runs many and prints every summary line.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lockstep_e2e::{
+    device::{Device, change, changes},
+    history::{History, PushOutcome},
+    nisshi::{Nisshi, NisshiOptions, TmpfsRefused, committed_offset, read_topic},
+    proxy::Proxy,
+    server::Server,
+    workload::{Plan, SimDevice, Workload},
+};
+use lockstep_proto::v1::subscribe_response::Event;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tonic::Code;
+
+/// Short Kafka timeouts, so that faults surface as errors within seconds.
+const FAULT_SETTINGS: &[(&str, &str)] = &[
+    ("LOCKSTEP_KAFKA__PRODUCE_TIMEOUT", "3s"),
+    ("LOCKSTEP_KAFKA__REQUEST_TIMEOUT", "2s"),
+    ("LOCKSTEP_KAFKA__OPERATION_DEADLINE", "5s"),
+];
+/// After the faults: how long devices get to receive everything.
+const SETTLE: Duration = Duration::from_secs(60);
+/// The client deadline the contract tests give each call.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
+
+fn seeds() -> Vec<u64> {
+    if let Some(seed) = std::env::var("LOCKSTEP_FAULT_SEED").ok().and_then(|seed| seed.parse().ok()) {
+        return vec![seed];
+    }
+    let count = std::env::var("LOCKSTEP_FAULT_SEEDS").ok().and_then(|count| count.parse().ok()).unwrap_or(2);
+    (1..=count).collect()
+}
+
+/// Nisshi, optionally behind a proxy, and a server bootstrapping through it.
+struct Stack {
+    // Dropped in this order: the server, then Kafka, then the link.
+    server: Server,
+    nisshi: Nisshi,
+    proxy: Option<Proxy>,
+}
+
+#[derive(Default)]
+struct StackOptions {
+    behind_proxy: bool,
+    storage_tmpfs_mib: Option<u64>,
+    settings: Vec<(&'static str, &'static str)>,
+}
+
+impl Stack {
+    async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        let port = lockstep_e2e::free_port()?;
+        let proxy = match options.behind_proxy {
+            true => Some(Proxy::start(([127, 0, 0, 1], port).into()).await?),
+            false => None,
+        };
+        let nisshi = Nisshi::start_with(NisshiOptions {
+            port: Some(port),
+            advertised_port: proxy.as_ref().map(Proxy::port),
+            storage_tmpfs_mib: options.storage_tmpfs_mib,
+        })
+        .await?;
+        let kafka = proxy.as_ref().map_or_else(|| nisshi.bootstrap().to_string(), |proxy| proxy.addr().to_string());
+        let server = Server::start_with_kafka(&kafka, &options.settings).await?;
+        Ok(Self { server, nisshi, proxy })
+    }
+
+    fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("this stack runs behind a proxy")
+    }
+
+    /// The server's own warnings and errors (not librdkafka's connection
+    /// noise), and the end of Kafka's log, as evidence.
+    fn evidence(&self) -> String {
+        let server_log = strip_ansi(&self.server.log());
+        let warnings: Vec<&str> = server_log
+            .lines()
+            .filter(|line| line.contains("lockstep_broker") && (line.contains(" WARN ") || line.contains(" ERROR ")))
+            .collect();
+        let mut evidence = format!("  server warnings and errors ({} in all, the last 12):\n", warnings.len());
+        for line in &warnings[warnings.len().saturating_sub(12)..] {
+            evidence.push_str(&format!("    {}\n", truncate(line, 400)));
+        }
+        let nisshi_log = lockstep_e2e::log_tail(&self.nisshi.data_dir().join("nisshi.log"));
+        let nisshi_lines: Vec<&str> = nisshi_log.lines().collect();
+        evidence.push_str("  nisshi log (last 8 lines):\n");
+        for line in &nisshi_lines[nisshi_lines.len().saturating_sub(8)..] {
+            evidence.push_str(&format!("    {}\n", truncate(line, 400)));
+        }
+        evidence
+    }
+}
+
+/// The server's log without terminal colours.
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ … final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+fn truncate(line: &str, chars: usize) -> String {
+    line.chars().take(chars).collect()
+}
+
+/// One fault run: the stack, the user's simulated devices, their history.
+struct Run {
+    fault: &'static str,
+    seed: u64,
+    rng: StdRng,
+    stack: Stack,
+    history: Arc<History>,
+    topic: String,
+    devices: Vec<SimDevice>,
+    faults: usize,
+    notes: Vec<String>,
+    started: Instant,
+}
+
+impl Run {
+    /// Starts the stack and a user with `device_count` devices (while nothing is faulty).
+    async fn start(
+        fault: &'static str,
+        seed: u64,
+        options: StackOptions,
+        device_count: usize,
+        plan: &Plan,
+    ) -> anyhow::Result<Self> {
+        let stack = Stack::start(options).await?;
+        let first = Device::create_account(&stack.server, "device-0").await?;
+        let mut accounts = vec![first.clone()];
+        for index in 1..device_count {
+            accounts.push(first.pair(&stack.server, &format!("device-{index}")).await?);
+        }
+        let history = Arc::new(History::new(accounts.iter().map(|device| (device.device_id.clone(), 0))));
+        let endpoint = stack.server.endpoint();
+        let devices = accounts
+            .iter()
+            .map(|device| SimDevice::new(device, &endpoint, history.clone(), plan.call_timeout))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            fault,
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            topic: format!("lockstep.user.{}", first.user_id),
+            stack,
+            history,
+            devices,
+            faults: 0,
+            notes: Vec::new(),
+            started: Instant::now(),
+        })
+    }
+
+    async fn pause(&mut self, millis: std::ops::Range<u64>) {
+        tokio::time::sleep(Duration::from_millis(self.rng.random_range(millis))).await;
+    }
+
+    /// The user's log as any Kafka client reads it (retried while Kafka comes back).
+    async fn read_log(&self) -> anyhow::Result<Vec<(i64, String)>> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            match read_topic(self.stack.nisshi.bootstrap(), &self.topic).await {
+                Ok(records) => {
+                    return Ok(records.into_iter().map(|(offset, envelope)| (offset, envelope.change_id)).collect());
+                }
+                Err(error) if Instant::now() < deadline => {
+                    eprintln!("reading the log failed, retrying: {error:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error.context("reading the user's log after the faults")),
+            }
+        }
+    }
+
+    /// After the faults: lets pushers finish, waits until every device holds
+    /// the whole log, then checks the history and prints the summary line.
+    async fn finish(mut self, mut workload: Workload) -> anyhow::Result<Verdict> {
+        if !workload.pushers_done(Duration::from_secs(180)).await {
+            self.notes.push("pushers did not finish within 180 s".into());
+        }
+        let log = self.read_log().await?;
+        let log_end = log.last().map_or(0, |(offset, _)| offset + 1);
+        if !workload.settle(&self.history, log_end, SETTLE).await {
+            self.notes.push(format!(
+                "devices did not apply the whole log (end {log_end}) within {SETTLE:?}: applied until {:?}",
+                self.history.applied_until().values().collect::<Vec<_>>()
+            ));
+        }
+        workload.stop().await;
+        let mut committed = BTreeMap::new();
+        for device in &self.devices {
+            let group = format!("lockstep.device.{}", device.id);
+            let offset = committed_offset(self.stack.nisshi.bootstrap(), &group, &self.topic).await.ok().flatten();
+            committed.insert(device.id.clone(), offset);
+        }
+        let report = self.history.check(&log, &committed);
+        let stats = self.history.stats();
+        let line = format!(
+            "fault={} seed={} ops={} pushes_ok={} errors={} faults={} {} log={} secs={}",
+            self.fault,
+            self.seed,
+            stats.ops,
+            stats.pushes_ok,
+            stats.errors,
+            self.faults,
+            report.verdicts(),
+            log.len(),
+            self.started.elapsed().as_secs()
+        );
+        println!("{line}");
+        let ok = report.ok();
+        let mut details = String::new();
+        if !stats.error_codes.is_empty() {
+            details.push_str(&format!("  errors by call: {:?}\n", stats.error_codes));
+        }
+        for note in &self.notes {
+            details.push_str(&format!("  note: {note}\n"));
+        }
+        if !ok {
+            details.push_str(&report.to_string());
+            details.push_str(&self.stack.evidence());
+        }
+        print!("{details}");
+        let _ = std::io::stdout().flush();
+        Ok(Verdict { line, details, ok })
+    }
+}
+
+struct Verdict {
+    line: String,
+    details: String,
+    ok: bool,
+}
+
+/// Fails the test if any run broke an invariant, listing every run.
+fn judge(verdicts: Vec<Verdict>) {
+    let failed: Vec<&Verdict> = verdicts.iter().filter(|verdict| !verdict.ok).collect();
+    if !failed.is_empty() {
+        let lines: Vec<String> = verdicts.iter().map(|verdict| verdict.line.clone()).collect();
+        let details: Vec<String> =
+            failed.iter().map(|verdict| format!("{}\n{}", verdict.line, verdict.details)).collect();
+        panic!(
+            "{} of {} runs broke an invariant:\n{}\n\n{}",
+            failed.len(),
+            verdicts.len(),
+            lines.join("\n"),
+            details.join("\n")
+        );
+    }
+}
+
+fn fault_settings() -> Vec<(&'static str, &'static str)> {
+    FAULT_SETTINGS.to_vec()
+}
+
+/// Devices that push for a few seconds.
+fn pushing_plan() -> Plan {
+    Plan { batches_per_device: 25, pause_ms: 20..120, ..Plan::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_kill9_during_pushes() -> anyhow::Result<()> {
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = pushing_plan();
+        let options = StackOptions { settings: fault_settings(), ..Default::default() };
+        let mut run = Run::start("kafka-kill9", seed, options, 3, &plan).await?;
+        let workload = Workload::start(&run.devices, &plan, seed);
+        for _ in 0..run.rng.random_range(1..=2) {
+            run.pause(300..1500).await;
+            run.stack.nisshi.kill();
+            run.faults += 1;
+            run.pause(1000..4000).await;
+            run.stack.nisshi.restart().await?;
+        }
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_kill9_during_delivery() -> anyhow::Result<()> {
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        // Small batches applied slowly: the devices catch up for a few seconds.
+        let plan = Plan {
+            batches_per_device: 8,
+            apply_delay: Duration::from_millis(15),
+            pause_ms: 50..200,
+            ..Plan::default()
+        };
+        let mut settings = fault_settings();
+        settings.push(("LOCKSTEP_DELIVERY__BATCH_MAX_CHANGES", "20"));
+        let options = StackOptions { settings, ..Default::default() };
+        let mut run = Run::start("kafka-kill9-delivery", seed, options, 3, &plan).await?;
+        let backlog = run.rng.random_range(1000..2000);
+        for batch in changes(backlog, 128).chunks(250) {
+            let offsets = run.devices[0].push_with_retries(batch, Duration::from_secs(30), &mut run.rng).await;
+            anyhow::ensure!(offsets.iter().all(Option::is_some), "the backlog was not written before the faults");
+        }
+        let workload = Workload::start(&run.devices, &plan, seed);
+        for _ in 0..run.rng.random_range(1..=2) {
+            run.pause(200..1500).await;
+            run.stack.nisshi.kill();
+            run.faults += 1;
+            run.pause(1000..4000).await;
+            run.stack.nisshi.restart().await?;
+        }
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_to_kafka_cut_and_restored() -> anyhow::Result<()> {
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = pushing_plan();
+        let options = StackOptions { behind_proxy: true, settings: fault_settings(), ..Default::default() };
+        let mut run = Run::start("link-cut", seed, options, 3, &plan).await?;
+        let workload = Workload::start(&run.devices, &plan, seed);
+        for _ in 0..run.rng.random_range(1..=2) {
+            run.pause(300..1500).await;
+            run.stack.proxy().cut();
+            run.faults += 1;
+            run.pause(2000..6000).await;
+            run.stack.proxy().restore();
+        }
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_to_kafka_slowed_by_seconds() -> anyhow::Result<()> {
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = pushing_plan();
+        let options = StackOptions { behind_proxy: true, settings: fault_settings(), ..Default::default() };
+        let mut run = Run::start("link-slow", seed, options, 3, &plan).await?;
+        let workload = Workload::start(&run.devices, &plan, seed);
+        run.pause(300..1000).await;
+        // Each way, so a request waits twice this: around the 3 s produce timeout.
+        let delay = Duration::from_millis(run.rng.random_range(800..2500));
+        run.stack.proxy().set_delay(delay);
+        run.faults += 1;
+        run.notes.push(format!("link delay {delay:?} each way"));
+        run.pause(3000..8000).await;
+        run.stack.proxy().set_delay(Duration::ZERO);
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_kill9_during_pushes() -> anyhow::Result<()> {
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = pushing_plan();
+        let options = StackOptions { settings: fault_settings(), ..Default::default() };
+        let mut run = Run::start("server-kill9", seed, options, 4, &plan).await?;
+        let workload = Workload::start(&run.devices, &plan, seed);
+        for _ in 0..run.rng.random_range(2..=3) {
+            run.pause(300..1500).await;
+            run.stack.server.kill9();
+            run.faults += 1;
+            run.pause(200..1000).await;
+            run.stack.server.restart().await?;
+        }
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+/// Fills the filesystem of `dir` with a ballast file, leaving about `leave` bytes.
+fn fill_leaving(dir: &Path, leave: u64) -> std::io::Result<u64> {
+    let path = dir.join("ballast");
+    let mut file = std::fs::File::create(&path)?;
+    let chunk = vec![0xA5u8; 1 << 20];
+    loop {
+        match file.write_all(&chunk) {
+            Ok(()) => {}
+            Err(error) if error.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(error) => return Err(error),
+        }
+    }
+    let keep = file.metadata()?.len().saturating_sub(leave);
+    file.set_len(keep)?;
+    Ok(keep)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_disk_fills_up() -> anyhow::Result<()> {
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = Plan { batches_per_device: 40, ciphertext_bytes: 8 * 1024, pause_ms: 10..60, ..Plan::default() };
+        let options = StackOptions { storage_tmpfs_mib: Some(32), settings: fault_settings(), ..Default::default() };
+        let mut run = match Run::start("kafka-disk-full", seed, options, 3, &plan).await {
+            Err(error) if error.downcast_ref::<TmpfsRefused>().is_some() => {
+                println!("fault=kafka-disk-full SKIPPED: {error} (needs root or CAP_SYS_ADMIN to mount a tmpfs)");
+                return Ok(());
+            }
+            other => other?,
+        };
+        let leave = run.rng.random_range(1..4) << 20;
+        let ballast = fill_leaving(run.stack.nisshi.storage_dir(), leave)?;
+        run.notes.push(format!("ballast {} MiB, about {} MiB left", ballast >> 20, leave >> 20));
+        let workload = Workload::start(&run.devices, &plan, seed);
+        run.faults += 1;
+        // Push until the disk is full and pushes fail (or 30 s).
+        let full_by = Instant::now() + Duration::from_secs(30);
+        while run.history.stats().errors == 0 && Instant::now() < full_by {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let failed_while_full = run.history.stats().errors;
+        run.notes.push(format!("{failed_while_full} errors when the disk filled"));
+        run.pause(1000..3000).await;
+        // Space freed, and Kafka restarted on it.
+        std::fs::remove_file(run.stack.nisshi.storage_dir().join("ballast"))?;
+        run.stack.nisshi.restart().await?;
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+/// What a call answered and how long it took.
+fn describe(code: Result<(), Code>, elapsed: Duration) -> String {
+    match code {
+        Ok(()) => format!("OK after {elapsed:.1?}"),
+        Err(code) => format!("{code:?} after {elapsed:.1?}"),
+    }
+}
+
+/// The first message of a new stream, or the error that ended it, within the client deadline.
+async fn first_stream_answer(device: &SimDevice) -> Result<(), Code> {
+    let opened = tokio::time::timeout(CLIENT_DEADLINE, async {
+        let mut stream = device.subscribe(false).await?;
+        match stream.message().await? {
+            Some(message) => Ok(message.event),
+            None => Err(tonic::Status::unknown("stream ended without a status")),
+        }
+    })
+    .await;
+    match opened {
+        Err(_) => Err(Code::DeadlineExceeded),
+        Ok(Err(status)) => Err(status.code()),
+        Ok(Ok(Some(Event::Resync(_)))) => Err(Code::FailedPrecondition),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kafka_unreachable_push_ack_and_subscribe_answer_unavailable_within_their_deadline() -> anyhow::Result<()>
+{
+    // The server's own settings (default Kafka timeouts): what production does.
+    let plan = Plan { call_timeout: CLIENT_DEADLINE, ..Plan::default() };
+    let options = StackOptions { behind_proxy: true, ..Default::default() };
+    let mut run = Run::start("kafka-unreachable", 0, options, 4, &plan).await?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let before = changes(10, 64);
+    anyhow::ensure!(
+        run.devices[0].push_with_retries(&before, Duration::from_secs(30), &mut rng).await.iter().all(Option::is_some)
+    );
+
+    let mut problems = Vec::new();
+    let mut failed_pushes = Vec::new();
+    for outage in ["link cut", "kafka killed"] {
+        match outage {
+            "link cut" => run.stack.proxy().cut(),
+            _ => run.stack.nisshi.kill(),
+        }
+        run.faults += 1;
+        // Devices 1..3 never subscribed nor acked: the server knows nothing about them
+        // that it did not read from Kafka.
+        let pushed = vec![change("during-outage", 64)];
+        let started = Instant::now();
+        let (push, ack, subscribe) = tokio::join!(
+            async {
+                let outcome = run.devices[1].push_once(&pushed, false).await;
+                let code = match &outcome[0] {
+                    PushOutcome::Written { .. } => Ok(()),
+                    PushOutcome::Failed { code, .. } | PushOutcome::CallFailed { code, .. } => Err(*code),
+                };
+                (code, started.elapsed())
+            },
+            async { (run.devices[2].ack(3).await.map(|_| ()).map_err(|status| status.code()), started.elapsed()) },
+            async { (first_stream_answer(&run.devices[3]).await, started.elapsed()) },
+        );
+        failed_pushes.push(pushed);
+        let line = format!(
+            "kafka-unreachable ({outage}): Push {}, Ack {}, Subscribe {}",
+            describe(push.0, push.1),
+            describe(ack.0, ack.1),
+            describe(subscribe.0, subscribe.1)
+        );
+        println!("{line}");
+        for (call, (code, elapsed)) in [("Push", push), ("Ack", ack), ("Subscribe", subscribe)] {
+            if code != Err(Code::Unavailable) || elapsed >= CLIENT_DEADLINE {
+                problems.push(format!(
+                    "{outage}: {call} answered {} (want UNAVAILABLE within {CLIENT_DEADLINE:?})",
+                    describe(code, elapsed)
+                ));
+            }
+        }
+        match outage {
+            "link cut" => run.stack.proxy().restore(),
+            _ => run.stack.nisshi.restart().await?,
+        }
+        // Kafka is back: the device retries its change until it is written.
+        let offsets = run.devices[1]
+            .push_with_retries(&failed_pushes[failed_pushes.len() - 1], Duration::from_secs(60), &mut rng)
+            .await;
+        if offsets.iter().any(Option::is_none) {
+            problems.push(format!(
+                "{outage}: the change pushed during the outage was not written within 60 s of Kafka's return"
+            ));
+        }
+    }
+    // Everything acknowledged reaches every device.
+    let workload = Workload::subscribe_only(&run.devices, &plan);
+    let verdict = run.finish(workload).await?;
+    if !verdict.ok {
+        problems.push(format!("{}\n{}", verdict.line, verdict.details));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kafka_outage_pushes_succeed_again_within_seconds_without_restarting_lockstep() -> anyhow::Result<()> {
+    /// Kafka has been back this long at most when pushes must work again.
+    const RECOVERY: Duration = Duration::from_secs(30);
+    let plan = Plan::default();
+    let options = StackOptions { settings: fault_settings(), ..Default::default() };
+    let mut run = Run::start("producer-recovery", 0, options, 2, &plan).await?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let phone = run.devices[0].clone();
+    anyhow::ensure!(
+        phone.push_with_retries(&changes(20, 64), Duration::from_secs(30), &mut rng).await.iter().all(Option::is_some)
+    );
+
+    // Kafka goes away while the device pushes: its changes time out in the producer.
+    run.stack.nisshi.kill();
+    run.faults += 1;
+    let during = changes(5, 64);
+    let outage_ends = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < outage_ends {
+        phone.push_once(&during, false).await;
+    }
+    run.stack.nisshi.restart().await?;
+    let back = Instant::now();
+    // The same changes again until they are written.
+    let offsets = phone.push_with_retries(&during, Duration::from_secs(90), &mut rng).await;
+    let recovered_after = back.elapsed();
+    let recovered = offsets.iter().all(Option::is_some);
+    println!(
+        "producer-recovery: pushes written again {recovered_after:.1?} after Kafka's return (recovered: {recovered})"
+    );
+    // New changes go through at once as well.
+    let fresh = phone.push_with_retries(&changes(5, 64), Duration::from_secs(10), &mut rng).await;
+
+    let workload = Workload::subscribe_only(&run.devices, &plan);
+    let evidence = run.stack.evidence();
+    let verdict = run.finish(workload).await?;
+    assert!(
+        recovered && recovered_after < RECOVERY,
+        "pushes did not succeed within {RECOVERY:?} of Kafka's return (recovered: {recovered} after {recovered_after:.1?}) \
+         without restarting Lockstep\n{evidence}"
+    );
+    assert!(fresh.iter().all(Option::is_some), "a new push after the recovery failed");
+    judge(vec![verdict]);
+    Ok(())
+}
