@@ -86,7 +86,7 @@ impl Device {
         sync: &mut SyncClient<Channel>,
         from_offset: Option<i64>,
     ) -> anyhow::Result<Streaming<SubscribeResponse>> {
-        Ok(sync.subscribe(request(SubscribeRequest { from_offset }, &self.token)).await?.into_inner())
+        Ok(sync.subscribe(request(SubscribeRequest { from_offset, repair: false }, &self.token)).await?.into_inner())
     }
 
     pub async fn ack(&self, sync: &mut SyncClient<Channel>, offset: i64) -> anyhow::Result<i64> {

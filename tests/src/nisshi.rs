@@ -205,6 +205,24 @@ impl Nisshi {
         self.kill();
         self.spawn().await
     }
+
+    /// SIGTERM (what `scripts/run` sends on Ctrl-C), waiting for the exit;
+    /// then starts the broker again on the same port with the same data.
+    pub async fn restart_gracefully(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("nisshi did not stop within 30 s of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.spawn().await
+    }
 }
 
 impl Drop for Nisshi {

@@ -173,6 +173,11 @@ impl Server {
         Ok(())
     }
 
+    /// How the server process ended, if it did (a test that expects it alive checks this).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
     /// `kill -9`: no shutdown, no flush.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -150,17 +150,10 @@ impl Delivery {
         // acknowledges after this read reaches the tail, so the session may
         // start the tail at the log end read here (see `Session::stream`).
         let live_log = self.live_log(&device.user_id);
-        let watermarks = inner.topics.watermarks(&topic).await?;
-        if let Some(from) = from_offset
-            && (from < 0 || from > watermarks.log_end)
-        {
-            return Err(ApiError::OutOfRange(format!(
-                "from_offset {from} is outside the log [0, {}]",
-                watermarks.log_end
-            )));
-        }
+        let watermarks = inner.topics.user_log_watermarks(&topic).await?;
         let state = self.device_state(&device.device_id);
         let mut committed = self.committed(&device, &topic, &state).await?;
+        // A lost log first: a device must hear DATA_LOSS, not an offset error.
         let guard = &inner.guard;
         guard.check(&device.user_id, watermarks, committed.map(|committed| (&device.device_id, committed))).await?;
         let mut first_resync = None;
@@ -172,6 +165,14 @@ impl Delivery {
             first_resync = Some(ResyncReason::LogLost);
         } else {
             guard.ensure_repaired(&device.user_id, &device.device_id).await?;
+            if let Some(from) = from_offset
+                && (from < 0 || from > watermarks.log_end)
+            {
+                return Err(ApiError::OutOfRange(format!(
+                    "from_offset {from} is outside the log [0, {}]",
+                    watermarks.log_end
+                )));
+            }
         }
 
         let session_id = inner.next_session_id.fetch_add(1, Ordering::Relaxed);
@@ -209,17 +210,23 @@ impl Delivery {
         if offset < 0 {
             return Err(ApiError::OutOfRange(format!("offset {offset} is negative")));
         }
+        self.inner.guard.ensure_repaired(&device.user_id, &device.device_id).await?;
         let topic = user_topic(&self.inner.kafka, &device.user_id);
         let log_end = match self.live_log_if_active(&device.user_id).and_then(|log| log.end()) {
             Some(end) if offset < end => end,
-            _ => self.inner.topics.watermarks(&topic).await?.log_end,
+            _ => {
+                let watermarks = self.inner.topics.user_log_watermarks(&topic).await?;
+                // An ack past the end may be the first sign of a log that lost changes.
+                self.inner.guard.check(&device.user_id, watermarks, None).await?;
+                self.inner.guard.ensure_repaired(&device.user_id, &device.device_id).await?;
+                watermarks.log_end
+            }
         };
         if offset >= log_end {
             return Err(ApiError::OutOfRange(format!(
                 "offset {offset} is beyond the end of the log (next offset {log_end})"
             )));
         }
-        self.inner.guard.ensure_repaired(&device.user_id, &device.device_id).await?;
         let state = self.device_state(&device.device_id);
         let _serialised = state.ack_lock.lock().await;
         let committed = self.committed(device, &topic, &state).await?;

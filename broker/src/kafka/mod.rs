@@ -33,6 +33,8 @@ pub enum KafkaError {
     },
     #[error("kafka {operation} for topic {topic} failed: {code}")]
     Topic { operation: &'static str, topic: String, code: RDKafkaErrorCode },
+    #[error("topic {topic} does not exist")]
+    TopicMissing { topic: String },
     #[error("offset {offset} is no longer in topic {topic}")]
     OffsetOutOfRange { topic: String, offset: i64 },
     #[error("kafka group offsets: {0}")]
@@ -50,8 +52,9 @@ impl KafkaError {
         move |source| KafkaError::Client { operation, source }
     }
 
-    /// Transient trouble (broker away, timeouts, full queues) as opposed to a
-    /// request Kafka will never accept.
+    /// Transient trouble (broker away, timeouts, full queues, a user topic
+    /// that vanished and is created again) as opposed to a request Kafka will
+    /// never accept.
     pub fn is_retryable(&self) -> bool {
         match self {
             KafkaError::Client { source, .. } => !matches!(
@@ -61,7 +64,6 @@ impl KafkaError {
                         | RDKafkaErrorCode::InvalidMessageSize
                         | RDKafkaErrorCode::TopicAuthorizationFailed
                         | RDKafkaErrorCode::InvalidConfig
-                        | RDKafkaErrorCode::UnknownTopicOrPartition
                 )
             ),
             KafkaError::Topic { code, .. } => !matches!(
@@ -72,6 +74,7 @@ impl KafkaError {
                     | RDKafkaErrorCode::PolicyViolation
             ),
             KafkaError::OffsetOutOfRange { .. } => false,
+            KafkaError::TopicMissing { .. } => true,
             KafkaError::GroupOffsets(error) => error.is_retryable(),
             KafkaError::Timeout(_) | KafkaError::WorkerGone(_) | KafkaError::Task(_) => true,
         }

@@ -60,18 +60,21 @@ fn create(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
         .map_err(KafkaError::client("producer creation"))
 }
 
-/// Errors after which this producer instance will not recover by itself.
-fn is_stuck_error(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
+/// Errors after which this producer instance will not recover by itself:
+/// `Some(failures in a row)` that make it stuck. The broker forgot or refuses
+/// the producer's id, epoch or sequence (a recreated topic restarts its
+/// sequences at 0): at once. "Unknown broker error": when it repeats.
+fn stuck_after(code: RDKafkaErrorCode) -> Option<u32> {
+    match code {
         RDKafkaErrorCode::Fatal
-            | RDKafkaErrorCode::Unknown
-            | RDKafkaErrorCode::InvalidProducerEpoch
-            | RDKafkaErrorCode::UnknownProducerId
-            | RDKafkaErrorCode::OutOfOrderSequenceNumber
-            | RDKafkaErrorCode::InvalidProducerIdMapping
-            | RDKafkaErrorCode::ProducerFenced
-    )
+        | RDKafkaErrorCode::InvalidProducerEpoch
+        | RDKafkaErrorCode::UnknownProducerId
+        | RDKafkaErrorCode::OutOfOrderSequenceNumber
+        | RDKafkaErrorCode::InvalidProducerIdMapping
+        | RDKafkaErrorCode::ProducerFenced => Some(1),
+        RDKafkaErrorCode::Unknown => Some(STUCK_AFTER_FAILURES),
+        _ => None,
+    }
 }
 
 impl Producer {
@@ -106,10 +109,14 @@ impl Producer {
             .map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
         let this = self.clone();
         async move {
-            let outcome = match enqueued?.await {
-                Ok(Ok(delivery)) => Ok(delivery.offset),
-                Ok(Err((source, _))) => Err(KafkaError::Client { operation: "produce", source }),
-                Err(_canceled) => Err(KafkaError::WorkerGone("producer")),
+            // A producer in a fatal state refuses records at once: that counts too.
+            let outcome = match enqueued {
+                Err(error) => Err(error),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(delivery)) => Ok(delivery.offset),
+                    Ok(Err((source, _))) => Err(KafkaError::Client { operation: "produce", source }),
+                    Err(_canceled) => Err(KafkaError::WorkerGone("producer")),
+                },
             };
             this.note_outcome(&instance, &outcome);
             outcome
@@ -117,21 +124,22 @@ impl Producer {
     }
 
     fn note_outcome(&self, instance: &Arc<Instance>, outcome: &Result<i64, KafkaError>) {
-        let stuck = match outcome {
-            Ok(_) => {
-                instance.failures_in_a_row.store(0, Ordering::Relaxed);
-                return;
-            }
-            Err(KafkaError::Client { source, .. }) => source.rdkafka_error_code().is_some_and(is_stuck_error),
-            Err(_) => false,
+        let stuck_after = match outcome {
+            Ok(_) => None,
+            Err(KafkaError::Client { source, .. }) => source.rdkafka_error_code().and_then(stuck_after),
+            Err(_) => None,
         };
-        let fatal = instance.producer.client().fatal_error();
-        if !stuck && fatal.is_none() {
+        let fatal = match outcome {
+            Ok(_) => None,
+            Err(_) => instance.producer.client().fatal_error(),
+        };
+        let stuck_after = if fatal.is_some() { Some(1) } else { stuck_after };
+        let Some(stuck_after) = stuck_after else {
             instance.failures_in_a_row.store(0, Ordering::Relaxed);
             return;
-        }
+        };
         let failures = instance.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if (fatal.is_some() || failures >= STUCK_AFTER_FAILURES) && instance.created.elapsed() >= MIN_PRODUCER_AGE {
+        if failures >= stuck_after && instance.created.elapsed() >= MIN_PRODUCER_AGE {
             self.replace(instance, fatal.map(|(_, reason)| reason));
         }
     }
@@ -186,8 +194,13 @@ mod tests {
 
     #[test]
     fn only_errors_a_producer_does_not_recover_from_count_as_stuck() {
-        for code in [RDKafkaErrorCode::Unknown, RDKafkaErrorCode::Fatal, RDKafkaErrorCode::InvalidProducerEpoch] {
-            assert!(is_stuck_error(code), "{code:?}");
+        assert_eq!(stuck_after(RDKafkaErrorCode::Unknown), Some(STUCK_AFTER_FAILURES));
+        for code in [
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+        ] {
+            assert_eq!(stuck_after(code), Some(1), "{code:?}");
         }
         for code in [
             RDKafkaErrorCode::MessageTimedOut,
@@ -195,7 +208,7 @@ mod tests {
             RDKafkaErrorCode::BrokerTransportFailure,
             RDKafkaErrorCode::MessageSizeTooLarge,
         ] {
-            assert!(!is_stuck_error(code), "{code:?}");
+            assert_eq!(stuck_after(code), None, "{code:?}");
         }
     }
 }

@@ -102,12 +102,58 @@ impl Topics {
 
     pub async fn watermarks(&self, topic: &str) -> Result<Watermarks, KafkaError> {
         let metadata = self.metadata.clone();
-        let topic = topic.to_string();
+        let owned_topic = topic.to_string();
         let timeout = self.settings.request_timeout;
-        tokio::task::spawn_blocking(move || metadata.fetch_watermarks(&topic, 0, timeout))
-            .await
-            .map_err(|error| KafkaError::Task(error.to_string()))?
-            .map(|(log_start, log_end)| Watermarks { log_start, log_end })
-            .map_err(KafkaError::client("fetch watermarks"))
+        let fetched = tokio::task::spawn_blocking(move || {
+            let fetched = metadata.fetch_watermarks(&owned_topic, 0, timeout);
+
+            // Tell a topic that does not exist from a broker that does not answer.
+            let missing = fetched.is_err()
+                && metadata.fetch_metadata(Some(&owned_topic), timeout).is_ok_and(|found| {
+                    found.topics().iter().any(|found| {
+                        found.name() == owned_topic
+                            && (found.partitions().is_empty()
+                                || found.error().is_some_and(|error| {
+                                    RDKafkaErrorCode::from(error) == RDKafkaErrorCode::UnknownTopicOrPartition
+                                }))
+                    }) || found.topics().is_empty()
+                });
+            (fetched, missing)
+        })
+        .await
+        .map_err(|error| KafkaError::Task(error.to_string()))?;
+        match fetched {
+            (Ok((log_start, log_end)), _) => Ok(Watermarks { log_start, log_end }),
+            (Err(_), true) => Err(KafkaError::TopicMissing { topic: topic.to_string() }),
+            (Err(source), false) => Err(KafkaError::Client { operation: "fetch watermarks", source }),
+        }
+    }
+
+    /// The watermarks of a user's topic. A topic that vanished (deleted by an
+    /// operator or a tool) is created again, empty: the account stays usable,
+    /// and `log_guard` finds out what the log lost and has the devices repair it.
+    pub async fn user_log_watermarks(&self, topic: &str) -> Result<Watermarks, KafkaError> {
+        match self.watermarks(topic).await {
+            Err(KafkaError::TopicMissing { .. }) => {
+                tracing::error!(topic, "a user's topic is missing from kafka: creating it again, empty");
+                match self.create_user_topic(topic).await {
+                    Ok(()) | Err(KafkaError::Topic { code: RDKafkaErrorCode::TopicAlreadyExists, .. }) => {}
+                    Err(error) => return Err(error),
+                }
+                // The new topic takes a moment to show in metadata.
+                let deadline = std::time::Instant::now() + self.settings.request_timeout;
+                loop {
+                    match self.watermarks(topic).await {
+                        Err(KafkaError::TopicMissing { .. }) | Err(KafkaError::Client { .. })
+                            if std::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        other => return other,
+                    }
+                }
+            }
+            other => other,
+        }
     }
 }
