@@ -93,7 +93,17 @@ impl SyncError {
 }
 
 fn rpc(call: &'static str) -> impl FnOnce(Status) -> SyncError {
-    move |status| SyncError::Rpc { call, status }
+    move |status| SyncError::Rpc { call, status: deadline_as_such(status) }
+}
+
+/// tonic reports a call that ran past its own deadline (`Request::set_timeout`)
+/// as CANCELLED "Timeout expired", which no retry rule would retry: it is a
+/// deadline, and the call may well succeed next time.
+fn deadline_as_such(status: Status) -> Status {
+    if status.code() == Code::Cancelled && status.message() == tonic::TimeoutExpired(()).to_string() {
+        return Status::deadline_exceeded("no answer within the deadline (--rpc-timeout)");
+    }
+    status
 }
 
 pub async fn connect(server: &str) -> Result<Channel, SyncError> {
@@ -429,6 +439,13 @@ mod tests {
         assert_eq!(max_message_bytes(0), DEFAULT_MAX_MESSAGE_BYTES, "an older server: the old limit");
         assert_eq!(max_message_bytes(4 * 1024 * 1024), 5 * 1024 * 1024);
         assert_eq!(max_message_bytes(128 * 1024 * 1024), 160 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_call_past_its_own_deadline_is_worth_retrying() {
+        let timed_out = rpc("Push")(Status::cancelled(tonic::TimeoutExpired(()).to_string()));
+        assert!(timed_out.is_transient(), "{timed_out}");
+        assert!(!rpc("Push")(Status::cancelled("the device gave up")).is_transient());
     }
 
     #[test]
