@@ -502,7 +502,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     })
                 );
             } else {
-                if orphans.is_empty() && problems.is_empty() && rejected.is_empty() && deferred.is_empty() {
+                if orphans.is_empty()
+                    && problems.is_empty()
+                    && rejected.is_empty()
+                    && deferred.is_empty()
+                    && status.server_problem.is_none()
+                {
                     println!("ok: no orphans, every incoming change applied, every local change accepted");
                 }
                 if let Some(resync) = &status.resync {

@@ -120,6 +120,11 @@ pub(super) fn retry(
         rows.collect::<Result<_, _>>()?
     };
     for (incoming, sealed) in rows {
+        // The cleartext stamp is one of the payload's: if it is still too far
+        // ahead, so is the payload, and there is nothing to decrypt yet.
+        if clock.check(sealed.hlc).is_err() {
+            continue;
+        }
         let outcome =
             open_change(&account, &incoming.record_id, &incoming.collection, &sealed, reader).and_then(|payload| {
                 match clock.observe(payload.state.max_hlc()) {
