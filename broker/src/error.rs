@@ -28,6 +28,12 @@ pub enum ApiError {
     ResourceExhausted(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A change id already used for a change with other content.
+    #[error("{0}")]
+    ChangeIdReused(String),
+    /// Not now; the same request may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     /// The user's log lost changes Kafka had acknowledged; the device must repair (see `log_guard`).
     #[error("{0}")]
     LogLost(String),
@@ -58,6 +64,8 @@ impl ApiError {
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Aborted(_) => Code::Aborted,
             ApiError::LogLost(_) => Code::DataLoss,
+            ApiError::ChangeIdReused(_) => Code::AlreadyExists,
+            ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Accounts(error) => match error {
                 AccountsError::TicketInvalid => Code::Unauthenticated,
                 AccountsError::DeviceNotFound => Code::NotFound,
@@ -119,6 +127,8 @@ mod tests {
             ApiError::ResourceExhausted("x".into()),
             ApiError::Aborted("x".into()),
             ApiError::LogLost("x".into()),
+            ApiError::ChangeIdReused("x".into()),
+            ApiError::Unavailable("x".into()),
             ApiError::ShuttingDown,
             ApiError::Internal("x".into()),
             ApiError::Kafka(KafkaError::Timeout("produce")),

@@ -102,7 +102,8 @@ pub struct DeliverySettings {
     /// Most changes in one message to a device. Default 256.
     pub batch_max_changes: usize,
     /// Most encoded bytes in one message to a device (advertised in GetServerInfo); a single
-    /// change of the largest legal size always fits. Default 4 MiB.
+    /// change of the largest legal size always fits; lowered to 2 × `limits.max_request_bytes` − 64 KiB
+    /// when that is smaller. Default 4 MiB.
     pub batch_max_bytes: usize,
     /// Messages buffered per device stream before the server waits for the device. Default 4.
     pub stream_buffer: usize,
@@ -215,7 +216,11 @@ impl Settings {
                 .ignore(&["KAFKA_BROKERS", "CONFIG", "LISTEN", "LOG_JSON", "LOG"])
                 .split("__"),
         );
-        let settings: Settings = figment.extract().map_err(Box::new)?;
+        let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        // Messages to devices stay under the server's own encoding cap, also
+        // when a small `limits.max_request_bytes` lowers it.
+        let cap = crate::server::max_response_bytes(&settings.limits).saturating_sub(64 * 1024);
+        settings.delivery.batch_max_bytes = settings.delivery.batch_max_bytes.min(cap);
         settings.validate()?;
         Ok(settings)
     }
@@ -234,14 +239,14 @@ impl Settings {
         if self.delivery.stream_buffer == 0 || self.delivery.heartbeat_interval.is_zero() {
             return fail("delivery.stream_buffer and delivery.heartbeat_interval must be non-zero");
         }
-        // The largest change, framed, must fit in one message, and every message under the
-        // server's own encoding cap (see `server::max_response_bytes`).
+        // The largest change, framed, must fit in one message (under the server's own
+        // encoding cap, see `load`).
         let largest_change = self.limits.max_ciphertext_bytes as usize + crate::delivery::CHANGE_OVERHEAD_BYTES;
         if self.delivery.batch_max_bytes < largest_change {
-            return fail("delivery.batch_max_bytes must hold one change of limits.max_ciphertext_bytes");
-        }
-        if self.delivery.batch_max_bytes > crate::server::max_response_bytes(&self.limits) - 64 * 1024 {
-            return fail("delivery.batch_max_bytes must stay 64 KiB below 2 × limits.max_request_bytes");
+            return fail(
+                "delivery.batch_max_bytes (at most 2 × limits.max_request_bytes − 64 KiB) must hold one change of \
+                 limits.max_ciphertext_bytes",
+            );
         }
         if self.kafka.operation_deadline.is_zero() || self.kafka.produce_timeout.is_zero() {
             return fail("kafka.operation_deadline and kafka.produce_timeout must be non-zero");

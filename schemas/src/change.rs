@@ -17,6 +17,31 @@ pub enum Op {
     Delete,
 }
 
+/// The gRPC contract's op, as the device wrote it.
+impl From<Op> for lockstep_proto::v1::Op {
+    fn from(op: Op) -> Self {
+        match op {
+            Op::Upsert => lockstep_proto::v1::Op::Upsert,
+            Op::Delete => lockstep_proto::v1::Op::Delete,
+        }
+    }
+}
+
+/// A device's op in the envelope; `OP_UNSPECIFIED` has no envelope form.
+impl TryFrom<lockstep_proto::v1::Op> for Op {
+    type Error = SchemaError;
+
+    fn try_from(op: lockstep_proto::v1::Op) -> Result<Self, SchemaError> {
+        match op {
+            lockstep_proto::v1::Op::Upsert => Ok(Op::Upsert),
+            lockstep_proto::v1::Op::Delete => Ok(Op::Delete),
+            lockstep_proto::v1::Op::Unspecified => {
+                Err(SchemaError::FieldOutOfRange { field: "op", value: 0, range: "UPSERT or DELETE" })
+            }
+        }
+    }
+}
+
 impl Op {
     /// The Avro enum symbol and its index in `lockstep.v1.Op`.
     fn symbol(&self) -> (u32, &'static str) {

@@ -340,6 +340,8 @@ async fn a_device_whose_history_expired_gets_a_resync() -> anyhow::Result<()> {
     assert_eq!(received.resyncs.len(), 1, "one explicit resync, never a silent gap");
     assert_eq!(received.resyncs[0].log_start_offset, log_start);
     assert_eq!(received.resyncs[0].previous_offset, 3);
+    let expired = lockstep_proto::v1::ResyncReason::HistoryExpired as i32;
+    assert_eq!(received.resyncs[0].reason, expired, "history expired, not a lost log");
     assert_eq!(received.offsets(), records.iter().map(|(offset, _)| *offset).collect::<Vec<_>>());
     assert_eq!(received.changes.last().and_then(|change| change.change.as_ref()), recent.last());
     drop(stream);

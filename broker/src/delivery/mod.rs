@@ -362,10 +362,7 @@ pub fn delivered_record(offset: i64, record: Result<ChangeEnvelope, String>) -> 
 
 /// What a device receives for a change in the log.
 pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChange {
-    let op = match envelope.op {
-        lockstep_schemas::Op::Upsert => Op::Upsert,
-        lockstep_schemas::Op::Delete => Op::Delete,
-    };
+    let op = Op::from(envelope.op);
     DeliveredChange {
         offset,
         change: Some(Change {

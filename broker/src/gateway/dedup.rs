@@ -60,10 +60,7 @@ pub fn digest_of_change(change: &Change) -> Digest {
 }
 
 pub fn digest_of_envelope(envelope: &ChangeEnvelope) -> Digest {
-    let op = match envelope.op {
-        lockstep_schemas::Op::Upsert => lockstep_proto::v1::Op::Upsert,
-        lockstep_schemas::Op::Delete => lockstep_proto::v1::Op::Delete,
-    };
+    let op = lockstep_proto::v1::Op::from(envelope.op.clone());
     digest(
         &envelope.record_id,
         &envelope.collection,

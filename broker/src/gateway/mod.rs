@@ -7,18 +7,20 @@
 //! the user's live subscribers.
 
 mod dedup;
+mod pipeline;
 pub mod validate;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use dedup::digest_of_envelope;
 pub use dedup::{DedupIndex, IndexEntry};
-use dedup::{digest_of_change, digest_of_envelope};
-use lockstep_proto::v1::{Change, DeliveredChange, PushError, PushResult, push_result};
+use lockstep_proto::v1::{Change, PushResult};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, encode_change};
+use pipeline::{Plan, UserPush, Written, failed, plan_batch, settle};
 
 use crate::{
     accounts::AuthedDevice,
@@ -30,76 +32,6 @@ use crate::{
     settings::{KafkaSettings, LimitsSettings, Settings},
 };
 
-/// Per-user push state. A user's pushes are pipelined: each one enqueues its
-/// records under `enqueue` (which fixes their order in the partition) and
-/// takes a ticket; it then waits for Kafka's acks without holding anything,
-/// and finishes (dedup record, live publish) strictly in ticket order, which
-/// is offset order.
-#[derive(Default)]
-struct UserPush {
-    enqueue: tokio::sync::Mutex<EnqueueState>,
-    index: Mutex<IndexState>,
-    /// How many tickets have finished; ticket `n` finishes when this is `n`.
-    finished: tokio::sync::watch::Sender<u64>,
-}
-
-#[derive(Default)]
-struct EnqueueState {
-    next_ticket: u64,
-}
-
-#[derive(Default)]
-struct IndexState {
-    /// The dedup index is known to cover the topic up to `indexed_through`,
-    /// in the user's log generation `generation` (see `log_guard`).
-    ready: bool,
-    indexed_through: i64,
-    generation: i64,
-    /// (device, change id) of changes enqueued but not yet recorded.
-    in_flight: HashSet<(Arc<str>, String)>,
-}
-
-impl UserPush {
-    fn index(&self) -> std::sync::MutexGuard<'_, IndexState> {
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    async fn wait_finished(&self, count: u64) {
-        let mut finished = self.finished.subscribe();
-        // The sender lives as long as `self`: this cannot fail.
-        let _ = finished.wait_for(|finished| *finished >= count).await;
-    }
-}
-
-/// Finishes a ticket even if its push fails or panics half-way, so that the
-/// user's later pushes are never stuck behind it.
-struct Ticket {
-    user: Arc<UserPush>,
-    number: u64,
-    done: bool,
-}
-
-impl Ticket {
-    fn finish(mut self) {
-        self.done = true;
-        self.user.finished.send_modify(|finished| *finished = self.number + 1);
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let (user, number) = (self.user.clone(), self.number);
-        tokio::spawn(async move {
-            user.wait_finished(number).await;
-            user.index().ready = false;
-            user.finished.send_modify(|finished| *finished = number + 1);
-        });
-    }
-}
-
 #[derive(Clone)]
 pub struct Gateway {
     producer: Producer,
@@ -110,10 +42,8 @@ pub struct Gateway {
     guard: LogGuard,
     kafka: KafkaSettings,
     limits: LimitsSettings,
-    users: Arc<Mutex<HashMap<Arc<str>, SharedPushState>>>,
+    users: Arc<Mutex<HashMap<Arc<str>, Arc<UserPush>>>>,
 }
-
-type SharedPushState = Arc<UserPush>;
 
 impl Gateway {
     pub fn new(
@@ -154,134 +84,53 @@ impl Gateway {
         let received_at_ms = now_ms();
         let mut results: Vec<Option<PushResult>> = vec![None; changes.len()];
 
-        // Enqueue, in request order, under the user's enqueue lock.
+        // Plan and enqueue, in request order, under the user's enqueue lock.
         let mut enqueue = user.enqueue.lock().await;
-        let retrying_in_flight = {
-            let index = user.index();
-            changes.iter().any(|change| index.in_flight.contains(&(device.device_id.clone(), change.change_id.clone())))
-        };
-        if retrying_in_flight {
+        if user.retries_in_flight(&device.device_id, &changes) {
             // A retry of a push still being written (the device gave up on it):
             // let it finish, then answer from the index.
             user.wait_finished(enqueue.next_ticket).await;
         }
-        // After that wait: a push that finished meanwhile may have found the index
-        // behind, and the log may have been found to have lost changes.
-        let current = {
-            let index = user.index();
-            index.ready && self.guard.cached_generation(&device.user_id) == Some(index.generation)
-        };
-        if !current {
-            // Re-read the topic once every earlier push has finished.
-            user.wait_finished(enqueue.next_ticket).await;
-            let (through, generation) = self.reindex(&device.user_id, &topic).await?;
-            let mut index = user.index();
-            index.indexed_through = through;
-            index.generation = generation;
-            index.ready = true;
-        }
+        self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await?;
         let ids = changes.iter().map(|change| change.change_id.clone()).collect();
         let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
-        let mut to_write = Vec::new();
-        {
-            let mut index = user.index();
-            for (index_in_batch, change) in changes.into_iter().enumerate() {
-                let digest = digest_of_change(&change);
-                if let Some((offset, stored)) = known.get(&change.change_id) {
-                    results[index_in_batch] = Some(if *stored == digest {
-                        PushResult { result: Some(push_result::Result::Offset(*offset)), duplicate: true }
-                    } else {
-                        failed(
-                            tonic::Code::AlreadyExists,
-                            "change_id was already used for a different change".into(),
-                            false,
-                        )
-                    });
-                    continue;
-                }
-                let key = (device.device_id.clone(), change.change_id.clone());
-                if !index.in_flight.insert(key) {
-                    results[index_in_batch] = Some(failed(
-                        tonic::Code::Unavailable,
-                        "this change_id appears twice in the batch; the first one is being written".into(),
-                        true,
-                    ));
-                    continue;
-                }
-                let envelope = envelope(device, &change, received_at_ms);
-                match encode_change(&envelope) {
-                    Ok(payload) => to_write.push((index_in_batch, digest, change, payload)),
-                    Err(error) => {
-                        index.in_flight.remove(&(device.device_id.clone(), change.change_id.clone()));
-                        results[index_in_batch] = Some(failed(tonic::Code::Internal, error.to_string(), false));
+        let plans = plan_batch(&device.device_id, changes, &known, &mut user.index().in_flight);
+        let mut written = Vec::new();
+        let mut pending = Vec::new();
+        for (index_in_batch, plan) in plans.into_iter().enumerate() {
+            match plan {
+                Plan::Answer(result) => results[index_in_batch] = Some(result),
+                Plan::Write { digest, change } => match envelope(device, &change, received_at_ms) {
+                    Ok(payload) => {
+                        pending.push(self.producer.enqueue(&topic, change.record_id.as_bytes(), &payload));
+                        written.push(Written { index_in_batch, digest, change });
                     }
-                }
+                    Err(error) => {
+                        user.index().in_flight.remove(&(device.device_id.clone(), change.change_id.clone()));
+                        results[index_in_batch] = Some(failed(&error));
+                    }
+                },
             }
         }
-        let in_flight: Vec<_> = to_write
-            .into_iter()
-            .map(|(index_in_batch, digest, change, payload)| {
-                let delivery = self.producer.enqueue(&topic, change.record_id.as_bytes(), &payload);
-                ((index_in_batch, digest, change), delivery)
-            })
-            .collect();
-        let ticket = Ticket { user: user.clone(), number: enqueue.next_ticket, done: false };
-        enqueue.next_ticket += 1;
+        let ticket = user.ticket(&mut enqueue);
         drop(enqueue);
 
         // Kafka's acks, with nothing held: the user's next push enqueues meanwhile.
-        let (written, pending): (Vec<_>, Vec<_>) = in_flight.into_iter().unzip();
         let outcomes = futures::future::join_all(pending).await;
 
-        // Finish in ticket (= offset) order.
+        // Settle in ticket (= offset) order.
         user.wait_finished(ticket.number).await;
-        let mut entries = Vec::new();
-        let mut published = Vec::new();
-        let mut ids = Vec::new();
-        let mut next_expected = user.index().indexed_through;
-        let first_expected = next_expected;
-        let mut contiguous = true;
-        for ((index_in_batch, digest, change), outcome) in written.into_iter().zip(outcomes) {
-            ids.push(change.change_id.clone());
-            match outcome {
-                Ok(offset) => {
-                    contiguous &= offset == next_expected;
-                    next_expected = offset + 1;
-                    entries.push(IndexEntry {
-                        device_id: device.device_id.to_string(),
-                        change_id: change.change_id.clone(),
-                        offset,
-                        digest,
-                    });
-                    published.push(Arc::new(DeliveredChange {
-                        offset,
-                        change: Some(change),
-                        origin_device_id: device.device_id.to_string(),
-                        received_at_ms,
-                        undecodable: String::new(),
-                    }));
-                    results[index_in_batch] =
-                        Some(PushResult { result: Some(push_result::Result::Offset(offset)), duplicate: false });
-                }
-                Err(error) => {
-                    // A failed produce may still have landed (librdkafka cannot always
-                    // tell): make the next push re-read the topic before trusting the index.
-                    contiguous = false;
-                    tracing::warn!(topic, %error, "produce failed");
-                    let error = ApiError::from(error);
-                    results[index_in_batch] = Some(failed(error.code(), error.to_string(), error.is_retryable()));
-                }
-            }
-        }
-        let advance = contiguous.then_some((first_expected, next_expected));
-        if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
+        let indexed_through = user.index().indexed_through;
+        let settled = settle(device, received_at_ms, indexed_through, written, outcomes);
+        if let Some(end) = settled.entries.iter().map(|entry| entry.offset + 1).max() {
             self.guard.note_acknowledged(&device.user_id, end);
         }
-        let recorded = self.dedup.record(&device.user_id, entries, advance).await;
+        let advance = settled.contiguous.then_some((indexed_through, settled.next_expected));
+        let recorded = self.dedup.record(&device.user_id, settled.entries, advance).await;
         {
             let mut index = user.index();
             match recorded {
-                Ok(()) if contiguous => index.indexed_through = next_expected,
+                Ok(()) if settled.contiguous => index.indexed_through = settled.next_expected,
                 Ok(()) => index.ready = false,
                 Err(error) => {
                     // The changes are in Kafka: answer with their offsets anyway; the
@@ -290,14 +139,44 @@ impl Gateway {
                     index.ready = false;
                 }
             }
-            for change_id in ids {
+            // Only now: a retry arriving before would not find them in the index.
+            for change_id in settled.change_ids {
                 index.in_flight.remove(&(device.device_id.clone(), change_id));
             }
         }
         // Published in ticket order, so the live tail sees this user's changes in offset order.
-        self.delivery.publish(&device.user_id, published);
+        self.delivery.publish(&device.user_id, settled.published);
         ticket.finish();
+        for (index_in_batch, result) in settled.results {
+            results[index_in_batch] = Some(result);
+        }
         Ok(results.into_iter().map(|result| result.unwrap_or_default()).collect())
+    }
+
+    /// Re-reads the topic into the dedup index if the index is behind or
+    /// belongs to a log generation before the last loss, once every earlier
+    /// push (the first `tickets_before`) has finished.
+    async fn ensure_index_current(
+        &self,
+        user: &UserPush,
+        tickets_before: u64,
+        user_id: &Arc<str>,
+        topic: &str,
+    ) -> Result<(), ApiError> {
+        let current = {
+            let index = user.index();
+            index.ready && self.guard.cached_generation(user_id) == Some(index.generation)
+        };
+        if current {
+            return Ok(());
+        }
+        user.wait_finished(tickets_before).await;
+        let (through, generation) = self.reindex(user_id, topic).await?;
+        let mut index = user.index();
+        index.indexed_through = through;
+        index.generation = generation;
+        index.ready = true;
+        Ok(())
     }
 
     /// Brings the dedup index up to the end of the user's topic by reading
@@ -343,26 +222,16 @@ impl Gateway {
         Ok((through, generation))
     }
 
-    fn user_state(&self, user_id: &Arc<str>) -> SharedPushState {
+    fn user_state(&self, user_id: &Arc<str>) -> Arc<UserPush> {
         let mut users = self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         users.entry(user_id.clone()).or_default().clone()
     }
 }
 
-fn failed(code: tonic::Code, message: String, retryable: bool) -> PushResult {
-    PushResult {
-        result: Some(push_result::Result::Error(PushError { code: code as i32, message, retryable })),
-        duplicate: false,
-    }
-}
-
-fn envelope(device: &AuthedDevice, change: &Change, received_at_ms: i64) -> ChangeEnvelope {
-    let op = if change.op == lockstep_proto::v1::Op::Delete as i32 {
-        lockstep_schemas::Op::Delete
-    } else {
-        lockstep_schemas::Op::Upsert
-    };
-    ChangeEnvelope {
+/// The Avro envelope of a validated change, encoded.
+fn envelope(device: &AuthedDevice, change: &Change, received_at_ms: i64) -> Result<Vec<u8>, ApiError> {
+    let op = lockstep_schemas::Op::try_from(change.op()).map_err(|error| ApiError::Internal(error.to_string()))?;
+    let envelope = ChangeEnvelope {
         schema_version: CHANGE_ENVELOPE_VERSION,
         user_id: device.user_id.to_string(),
         origin_device_id: device.device_id.to_string(),
@@ -375,5 +244,39 @@ fn envelope(device: &AuthedDevice, change: &Change, received_at_ms: i64) -> Chan
         nonce: change.nonce.to_vec(),
         ciphertext: change.ciphertext.to_vec(),
         received_at_ms,
+    };
+    encode_change(&envelope).map_err(|error| ApiError::Internal(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use lockstep_proto::v1::Op;
+
+    use super::*;
+    use crate::gateway::dedup::digest_of_change;
+
+    #[test]
+    fn a_change_and_its_envelope_read_back_from_kafka_have_one_digest() {
+        let device = AuthedDevice { user_id: "u".into(), device_id: "d".into() };
+        for op in [Op::Upsert, Op::Delete] {
+            let change = Change {
+                change_id: "c1".into(),
+                record_id: "r1".into(),
+                collection: "notes".into(),
+                op: op as i32,
+                hlc: (1_700_000_000_000 << 16) | 3,
+                key_epoch: 2,
+                nonce: Bytes::from_static(&[9; 24]),
+                ciphertext: Bytes::from_static(b"sealed"),
+            };
+            let payload = envelope(&device, &change, 42).unwrap();
+            let read_back = lockstep_schemas::decode_change(&payload).unwrap();
+            assert_eq!(digest_of_envelope(&read_back), digest_of_change(&change), "{op:?}");
+            // Any other content is another digest (a reused id, not a retry).
+            let mut other = change.clone();
+            other.nonce = Bytes::from_static(&[8; 24]);
+            assert_ne!(digest_of_change(&other), digest_of_change(&change));
+        }
     }
 }

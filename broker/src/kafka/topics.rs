@@ -69,10 +69,14 @@ impl Topics {
     /// error: user ids are fresh UUIDs, so it would belong to someone else.
     pub async fn create_user_topic(&self, topic: &str) -> Result<(), KafkaError> {
         let retention = self.settings.topic_retention_ms.to_string();
-        // No explicit `cleanup.policy`: `delete` is Kafka's default anyway, and
-        // Nisshi 0.7 drops every record of a topic that sets it when it restarts.
-        let new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(self.settings.replication_factor))
+        let mut new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(self.settings.replication_factor))
             .set("retention.ms", &retention);
+        // `cleanup.policy` only with a finite retention: `delete` is Kafka's
+        // default anyway, but Nisshi 0.7 applies retention only to topics that set
+        // it — and when the policy is set, it can drop every record on a restart.
+        if self.settings.topic_retention_ms >= 0 {
+            new_topic = new_topic.set("cleanup.policy", "delete");
+        }
         let options = AdminOptions::new()
             .request_timeout(Some(self.settings.request_timeout))
             .operation_timeout(Some(self.settings.request_timeout));

@@ -1,0 +1,382 @@
+//! The phases of a push, each on its own so that each can be tested alone.
+//!
+//! A user's pushes are pipelined ([`UserPush`]): a push *plans* its batch and
+//! enqueues the records to write under the user's enqueue lock (which fixes
+//! their order in the partition) and takes a [`Ticket`]; it waits for Kafka's
+//! acks holding nothing; then it *settles* (dedup record, live publish)
+//! strictly in ticket order, which is offset order.
+//!
+//! 1. [`plan_batch`]: each change is answered from the dedup index (a retry, or
+//!    a reused id), refused as a repeat within the batch, or to be written.
+//! 2. enqueue (in `Gateway::push_to_the_end`): one produce per change to write.
+//! 3. [`settle`]: Kafka's outcomes become results, dedup entries, the changes
+//!    for live subscribers, and whether the offsets continued the index.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
+
+use lockstep_proto::v1::{Change, DeliveredChange, PushError, PushResult, push_result};
+
+use super::dedup::{Digest, IndexEntry, digest_of_change};
+use crate::{accounts::AuthedDevice, error::ApiError, kafka::KafkaError};
+
+/// Per-user push state.
+#[derive(Default)]
+pub(super) struct UserPush {
+    pub enqueue: tokio::sync::Mutex<EnqueueState>,
+    index: Mutex<IndexState>,
+    /// How many tickets have finished; ticket `n` finishes when this is `n`.
+    finished: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+pub(super) struct EnqueueState {
+    pub next_ticket: u64,
+}
+
+/// (device, change id) of a change.
+pub(super) type ChangeKey = (Arc<str>, String);
+
+#[derive(Default)]
+pub(super) struct IndexState {
+    /// The dedup index is known to cover the topic up to `indexed_through`,
+    /// in the user's log generation `generation` (see `log_guard`).
+    pub ready: bool,
+    pub indexed_through: i64,
+    pub generation: i64,
+    /// Changes enqueued but not yet recorded.
+    pub in_flight: HashSet<ChangeKey>,
+}
+
+impl UserPush {
+    pub fn index(&self) -> std::sync::MutexGuard<'_, IndexState> {
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until `count` tickets have finished.
+    pub async fn wait_finished(&self, count: u64) {
+        let mut finished = self.finished.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = finished.wait_for(|finished| *finished >= count).await;
+    }
+
+    /// Takes the next ticket; the caller holds the enqueue lock.
+    pub fn ticket(self: &Arc<Self>, enqueue: &mut EnqueueState) -> Ticket {
+        let ticket = Ticket { user: self.clone(), number: enqueue.next_ticket, done: false };
+        enqueue.next_ticket += 1;
+        ticket
+    }
+
+    /// Whether a change of the batch is still being written by an earlier push
+    /// (a device retrying a push it gave up on).
+    pub fn retries_in_flight(&self, device_id: &Arc<str>, changes: &[Change]) -> bool {
+        let index = self.index();
+        changes.iter().any(|change| index.in_flight.contains(&(device_id.clone(), change.change_id.clone())))
+    }
+}
+
+/// A push's place in its user's order. Finishes even if the push fails or
+/// panics half-way, so that the user's later pushes are never stuck behind it
+/// (the index is then marked for re-reading: the push may have written).
+pub(super) struct Ticket {
+    user: Arc<UserPush>,
+    pub number: u64,
+    done: bool,
+}
+
+impl Ticket {
+    pub fn finish(mut self) {
+        self.done = true;
+        self.user.finished.send_modify(|finished| *finished = self.number + 1);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (user, number) = (self.user.clone(), self.number);
+        tokio::spawn(async move {
+            user.wait_finished(number).await;
+            user.index().ready = false;
+            user.finished.send_modify(|finished| *finished = number + 1);
+        });
+    }
+}
+
+/// What becomes of one change of a batch.
+#[derive(Debug)]
+pub(super) enum Plan {
+    /// Answered without writing.
+    Answer(PushResult),
+    /// To be written.
+    Write { digest: Digest, change: Change },
+}
+
+/// Phase 1. `known` holds the dedup index's (offset, digest) of the batch's
+/// change ids; `in_flight` gets the changes to write (their keys are removed
+/// again in [`settle`], or by the caller for changes it could not enqueue).
+pub(super) fn plan_batch(
+    device_id: &Arc<str>,
+    changes: Vec<Change>,
+    known: &HashMap<String, (i64, Digest)>,
+    in_flight: &mut HashSet<ChangeKey>,
+) -> Vec<Plan> {
+    changes
+        .into_iter()
+        .map(|change| {
+            let digest = digest_of_change(&change);
+            if let Some((offset, stored)) = known.get(&change.change_id) {
+                return Plan::Answer(if *stored == digest {
+                    written_at(*offset, true)
+                } else {
+                    failed(&ApiError::ChangeIdReused(format!(
+                        "change_id {} was already used for a different change (at offset {offset})",
+                        change.change_id
+                    )))
+                });
+            }
+            if !in_flight.insert((device_id.clone(), change.change_id.clone())) {
+                return Plan::Answer(failed(&ApiError::Unavailable(format!(
+                    "change_id {} appears twice in the batch; the first one is being written",
+                    change.change_id
+                ))));
+            }
+            Plan::Write { digest, change }
+        })
+        .collect()
+}
+
+/// A change handed to Kafka, waiting for its outcome.
+#[derive(Debug)]
+pub(super) struct Written {
+    pub index_in_batch: usize,
+    pub digest: Digest,
+    pub change: Change,
+}
+
+/// What a push's Kafka outcomes come to.
+#[derive(Debug, Default)]
+pub(super) struct Settled {
+    pub results: Vec<(usize, PushResult)>,
+    pub entries: Vec<IndexEntry>,
+    pub published: Vec<Arc<DeliveredChange>>,
+    /// Every write succeeded, at the offsets right after the index's mark.
+    pub contiguous: bool,
+    /// The offset after the last write.
+    pub next_expected: i64,
+    /// The written changes' ids: in flight until the dedup index recorded them
+    /// (the caller releases them then; earlier, a retry would write them again).
+    pub change_ids: Vec<String>,
+}
+
+/// Phase 3: `outcomes[i]` is Kafka's answer for `written[i]`; the index
+/// covered the log up to `indexed_through` before this push.
+pub(super) fn settle(
+    device: &AuthedDevice,
+    received_at_ms: i64,
+    indexed_through: i64,
+    written: Vec<Written>,
+    outcomes: Vec<Result<i64, KafkaError>>,
+) -> Settled {
+    debug_assert_eq!(written.len(), outcomes.len(), "one outcome per written change");
+    let mut settled = Settled { contiguous: true, next_expected: indexed_through, ..Settled::default() };
+    for (Written { index_in_batch, digest, change }, outcome) in written.into_iter().zip(outcomes) {
+        settled.change_ids.push(change.change_id.clone());
+        match outcome {
+            Ok(offset) => {
+                settled.contiguous &= offset == settled.next_expected;
+                settled.next_expected = offset + 1;
+                settled.entries.push(IndexEntry {
+                    device_id: device.device_id.to_string(),
+                    change_id: change.change_id.clone(),
+                    offset,
+                    digest,
+                });
+                settled.published.push(Arc::new(DeliveredChange {
+                    offset,
+                    change: Some(change),
+                    origin_device_id: device.device_id.to_string(),
+                    received_at_ms,
+                    undecodable: String::new(),
+                }));
+                settled.results.push((index_in_batch, written_at(offset, false)));
+            }
+            Err(error) => {
+                // A failed produce may still have landed (librdkafka cannot always
+                // tell): the index must be re-read before it is trusted again.
+                settled.contiguous = false;
+                tracing::warn!(user_id = %device.user_id, %error, "produce failed");
+                settled.results.push((index_in_batch, failed(&ApiError::from(error))));
+            }
+        }
+    }
+    settled
+}
+
+fn written_at(offset: i64, duplicate: bool) -> PushResult {
+    PushResult { result: Some(push_result::Result::Offset(offset)), duplicate }
+}
+
+/// A per-change error, with the code and retry verdict `error.rs` gives it.
+pub(super) fn failed(error: &ApiError) -> PushResult {
+    PushResult {
+        result: Some(push_result::Result::Error(PushError {
+            code: error.code() as i32,
+            message: error.to_string(),
+            retryable: error.is_retryable(),
+        })),
+        duplicate: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn change(id: &str) -> Change {
+        Change {
+            change_id: id.into(),
+            record_id: "r".into(),
+            collection: "c".into(),
+            op: 1,
+            hlc: 1,
+            key_epoch: 1,
+            nonce: Bytes::from_static(&[1; 24]),
+            ciphertext: Bytes::from(id.as_bytes().to_vec()),
+        }
+    }
+
+    fn device() -> AuthedDevice {
+        AuthedDevice { user_id: "u".into(), device_id: "d".into() }
+    }
+
+    fn offset_of(result: &PushResult) -> Option<(i64, bool)> {
+        match result.result {
+            Some(push_result::Result::Offset(offset)) => Some((offset, result.duplicate)),
+            _ => None,
+        }
+    }
+
+    fn error_of(result: &PushResult) -> (i32, bool) {
+        match &result.result {
+            Some(push_result::Result::Error(error)) => (error.code, error.retryable),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_retry_is_answered_with_its_first_offset_and_a_reused_id_is_refused() {
+        let device_id: Arc<str> = "d".into();
+        let retried = change("a");
+        let mut reused = change("b");
+        let known = HashMap::from([
+            ("a".to_string(), (7, digest_of_change(&retried))),
+            ("b".to_string(), (8, digest_of_change(&reused))),
+        ]);
+        reused.ciphertext = Bytes::from_static(b"other content");
+        let mut in_flight = HashSet::new();
+        let plans = plan_batch(&device_id, vec![retried, reused, change("c")], &known, &mut in_flight);
+        assert!(matches!(&plans[0], Plan::Answer(result) if offset_of(result) == Some((7, true))));
+        assert!(
+            matches!(&plans[1], Plan::Answer(result) if error_of(result) == (tonic::Code::AlreadyExists as i32, false))
+        );
+        assert!(matches!(&plans[2], Plan::Write { change, .. } if change.change_id == "c"));
+        assert_eq!(in_flight, HashSet::from([(device_id, "c".to_string())]), "only what is written is in flight");
+    }
+
+    #[test]
+    fn a_change_in_flight_is_not_written_twice() {
+        let device_id: Arc<str> = "d".into();
+        let mut in_flight = HashSet::from([(device_id.clone(), "a".to_string())]);
+        let plans =
+            plan_batch(&device_id, vec![change("a"), change("b"), change("b")], &HashMap::new(), &mut in_flight);
+        assert!(
+            matches!(&plans[0], Plan::Answer(result) if error_of(result) == (tonic::Code::Unavailable as i32, true)),
+            "a change another push is writing: retry later"
+        );
+        assert!(matches!(&plans[1], Plan::Write { .. }));
+        assert!(matches!(&plans[2], Plan::Answer(result) if error_of(result).1), "a repeat within the batch");
+    }
+
+    #[test]
+    fn the_user_sees_a_retry_of_a_change_in_flight() {
+        let user = UserPush::default();
+        let device_id: Arc<str> = "d".into();
+        user.index().in_flight.insert((device_id.clone(), "a".into()));
+        assert!(user.retries_in_flight(&device_id, &[change("x"), change("a")]));
+        assert!(!user.retries_in_flight(&device_id, &[change("x")]));
+        assert!(!user.retries_in_flight(&"other".into(), &[change("a")]), "another device's id is another change");
+    }
+
+    fn written(ids: &[&str]) -> Vec<Written> {
+        ids.iter()
+            .enumerate()
+            .map(|(index_in_batch, id)| Written {
+                index_in_batch,
+                digest: digest_of_change(&change(id)),
+                change: change(id),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn settling_contiguous_offsets_moves_the_mark() {
+        let settled = settle(&device(), 5, 10, written(&["a", "b"]), vec![Ok(10), Ok(11)]);
+        assert!(settled.contiguous);
+        assert_eq!(settled.next_expected, 12);
+        assert_eq!(settled.entries.iter().map(|entry| entry.offset).collect::<Vec<_>>(), vec![10, 11]);
+        assert_eq!(settled.published.iter().map(|change| change.offset).collect::<Vec<_>>(), vec![10, 11]);
+        assert_eq!(
+            settled.results.iter().map(|(_, result)| offset_of(result)).collect::<Vec<_>>(),
+            vec![Some((10, false)), Some((11, false))]
+        );
+        assert_eq!(settled.change_ids, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn a_gap_or_a_failure_leaves_the_mark_for_re_reading() {
+        // Someone else wrote offset 10: our change landed at 11.
+        let gap = settle(&device(), 5, 10, written(&["a"]), vec![Ok(11)]);
+        assert!(!gap.contiguous);
+        let failure = settle(&device(), 5, 10, written(&["a", "b"]), vec![Ok(10), Err(KafkaError::Timeout("produce"))]);
+        assert!(!failure.contiguous);
+        assert_eq!(failure.entries.len(), 1, "what Kafka took is recorded");
+        assert_eq!(error_of(&failure.results[1].1), (tonic::Code::Unavailable as i32, true));
+    }
+
+    #[tokio::test]
+    async fn pushes_finish_in_ticket_order_even_when_one_is_abandoned() {
+        let user = Arc::new(UserPush::default());
+        let (first, second, third) = {
+            let mut enqueue = user.enqueue.lock().await;
+            (user.ticket(&mut enqueue), user.ticket(&mut enqueue), user.ticket(&mut enqueue))
+        };
+        user.index().ready = true;
+        let waiting = {
+            let user = user.clone();
+            tokio::spawn(async move {
+                user.wait_finished(third.number).await;
+                third.finish();
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "the third waits for the first two");
+        // The second push died half-way: its ticket still finishes, but only
+        // after the first, and marks the index for re-reading.
+        drop(second);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "an abandoned ticket does not overtake the first");
+        first.finish();
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert!(!user.index().ready, "an abandoned push may have written: re-read the topic");
+        tokio::time::timeout(Duration::from_secs(5), user.wait_finished(3)).await.unwrap();
+    }
+}
