@@ -1,12 +1,14 @@
 //! Lockstep's device side. The server routes ciphertext; everything that makes
 //! sync correct for a person happens here:
 //!
-//! - [`store`]: the local SQLite store (records, mirror, outbox, cursor),
+//! - [`store`]: the local SQLite store (records, mirror, sealed outbox, deferred changes,
+//!   problems, the resync marker, cursor),
 //! - [`ids`]: ids generated offline (UUIDv7),
 //! - [`crypto`]: XChaCha20-Poly1305 under per-epoch keys, bound to user, record, collection,
 //! - [`record`]: per-field last-writer-wins merge on a hybrid logical clock ([`hlc`]),
 //! - [`pairing`]: the code that moves the account key to a new device,
-//! - [`sync`]: push the outbox, subscribe, apply, ack.
+//! - [`sync`]: push the outbox, subscribe, apply, ack; repair from the log start when the
+//!   server's log lost changes, never by deleting.
 //!
 //! The `lockstep-cli` binary ([`cli`]) drives all of it for people and scripts.
 

@@ -10,9 +10,11 @@
 //! loses no local edit, and a change applied twice (merge is idempotent)
 //! changes nothing.
 
+mod apply;
 mod deferred;
 mod outbox;
 mod resync;
+mod views;
 
 use std::{path::Path, time::Duration};
 
@@ -20,6 +22,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
+use self::apply::file_problem;
 pub use self::{
     deferred::{Deferred, open_change},
     outbox::{OutboxEntry, Sealed},
@@ -27,9 +30,9 @@ pub use self::{
 };
 use crate::{
     crypto::AccountKey,
-    hlc::{Clock, ClockError},
+    hlc::Clock,
     ids,
-    record::{ChangePayload, PARENT_FIELD, PayloadReader, RecordState, Stamp, UNFILED},
+    record::{ChangePayload, PARENT_FIELD, PayloadReader, RecordState, Stamp},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -277,35 +280,6 @@ fn clock(tx: &Connection, settings: ClockSettings) -> Result<Clock> {
     Ok(Clock::new(last, settings.max_ahead).with_offset(settings.offset_ms))
 }
 
-fn file_problem(tx: &Connection, incoming: &Incoming, kind: ProblemKind, detail: &str) -> Result<()> {
-    tx.execute(
-        "INSERT OR IGNORE INTO problems (offset, record_id, collection, origin_device_id, kind, detail, seen_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            incoming.offset,
-            incoming.record_id,
-            incoming.collection,
-            incoming.origin_device_id,
-            kind.as_str(),
-            detail,
-            now_ms()
-        ],
-    )?;
-    Ok(())
-}
-
-/// The first place where `batch` does not continue from `cursor` offset by
-/// offset: (expected, found). Offsets before the cursor are a redelivery (at
-/// least once), harmless to merge again; offsets after it are missing changes.
-fn find_gap(cursor: Option<i64>, batch: &[Incoming]) -> Option<(i64, i64)> {
-    if let (Some(cursor), Some(first)) = (cursor, batch.first())
-        && first.offset > cursor
-    {
-        return Some((cursor, first.offset));
-    }
-    batch.windows(2).find(|pair| pair[1].offset != pair[0].offset + 1).map(|pair| (pair[0].offset + 1, pair[1].offset))
-}
-
 fn load_record(tx: &Connection, table: &str, record_id: &str) -> Result<Option<(String, RecordState)>> {
     let row: Option<(String, String)> = tx
         .query_row(&format!("SELECT collection, state FROM {table} WHERE record_id = ?1"), [record_id], |row| {
@@ -550,85 +524,6 @@ impl Store {
         Ok(get_meta(&self.conn, "cursor")?.and_then(|value| value.parse().ok()))
     }
 
-    /// Merges a batch of consecutive incoming changes and moves the cursor past
-    /// them, in one transaction. A batch that does not continue from the cursor
-    /// is refused whole (`StoreError::Gap`, filed as a problem): the cursor
-    /// stays where it is. Changes that cannot apply yet go to `deferred`, and
-    /// those deferred before are retried first.
-    pub fn apply(&mut self, batch: &[Incoming]) -> Result<Applied> {
-        let Some(last) = batch.last() else { return Ok(Applied::default()) };
-        let cursor = self.cursor()?;
-        if let Some((expected, found)) = find_gap(cursor, batch) {
-            let at = batch.iter().find(|incoming| incoming.offset == found).unwrap_or(last);
-            let detail = format!("expected offset {expected}, the server sent {found}: the batch was not applied");
-            file_problem(&self.conn, at, ProblemKind::Gap, &detail)?;
-            return Err(StoreError::Gap { expected, found });
-        }
-        let settings = self.clock;
-        let reader = self.reader;
-        let tx = self.conn.transaction()?;
-        let mut clock = clock(&tx, settings)?;
-        let mut applied = Applied::default();
-        deferred::retry(&tx, &mut clock, reader, &mut applied)?;
-        for incoming in batch {
-            applied.changes += 1;
-            let problem = match &incoming.content {
-                Err((kind, detail)) => Some((*kind, detail.clone())),
-                Ok(payload) => match clock.observe(payload.state.max_hlc()) {
-                    Err(error @ ClockError::TooFarAhead { .. }) => Some((ProblemKind::ClockAhead, error.to_string())),
-                    Ok(()) => Self::merge_incoming(&tx, incoming, &payload.state, &mut applied)?,
-                },
-            };
-            let Some((kind, detail)) = problem else { continue };
-            match &incoming.sealed {
-                Some(sealed) if kind.waits() => {
-                    deferred::insert(&tx, incoming, sealed, kind, &detail)?;
-                    applied.deferred += 1;
-                }
-                _ => {
-                    file_problem(&tx, incoming, kind, &detail)?;
-                    applied.problems += 1;
-                }
-            }
-        }
-        set_meta(&tx, "hlc", &clock.last().to_string())?;
-        // A redelivery of offsets already applied never moves the cursor back.
-        let next = cursor.map_or(last.offset + 1, |cursor| cursor.max(last.offset + 1));
-        set_meta(&tx, "cursor", &next.to_string())?;
-        tx.commit()?;
-        Ok(applied)
-    }
-
-    fn merge_incoming(
-        tx: &Transaction<'_>,
-        incoming: &Incoming,
-        state: &RecordState,
-        applied: &mut Applied,
-    ) -> Result<Option<(ProblemKind, String)>> {
-        let local = load_record(tx, "records", &incoming.record_id)?;
-        if let Some((collection, _)) = &local
-            && *collection != incoming.collection
-        {
-            return Ok(Some((
-                ProblemKind::CollectionConflict,
-                format!("this device holds the record in collection {collection}"),
-            )));
-        }
-        let mut record = local.map(|(_, state)| state).unwrap_or_default();
-        if record.merge(state) {
-            applied.changed_records += 1;
-            save_record(tx, &incoming.record_id, &incoming.collection, &record)?;
-        }
-        let mut mirror = load_record(tx, "mirror", &incoming.record_id)?.map(|(_, state)| state).unwrap_or_default();
-        mirror.merge(state);
-        tx.execute(
-            "INSERT INTO mirror (record_id, collection, state, offset) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (record_id) DO UPDATE SET state = ?3, offset = ?4",
-            params![incoming.record_id, incoming.collection, to_json(&mirror), incoming.offset],
-        )?;
-        Ok(None)
-    }
-
     pub fn note_sync(&mut self, log_end: i64) -> Result<()> {
         set_meta(&self.conn, "log_end_seen", &log_end.to_string())?;
         set_meta(&self.conn, "last_sync_ms", &now_ms().to_string())
@@ -644,97 +539,5 @@ impl Store {
                 Ok(())
             }
         }
-    }
-
-    pub fn problems(&self) -> Result<Vec<Problem>> {
-        let mut statement = self.conn.prepare(
-            "SELECT offset, record_id, collection, origin_device_id, kind, detail, seen_at_ms FROM problems ORDER BY offset",
-        )?;
-        let rows = statement.query_map([], |row| {
-            Ok(Problem {
-                offset: row.get(0)?,
-                record_id: row.get(1)?,
-                collection: row.get(2)?,
-                origin_device_id: row.get(3)?,
-                kind: row.get(4)?,
-                detail: row.get(5)?,
-                seen_at_ms: row.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Live records whose parent is deleted or unknown here.
-    pub fn orphans(&self) -> Result<Vec<Orphan>> {
-        let mut orphans = Vec::new();
-        for record in self.list(None, false)? {
-            let Some(parent) = record.state.parent() else { continue };
-            if parent == UNFILED {
-                continue;
-            }
-            let parent_is = match self.get(parent)? {
-                Some(parent) if parent.state.is_live() => continue,
-                Some(_) => "deleted",
-                None => "missing",
-            };
-            orphans.push(Orphan {
-                record_id: record.record_id.clone(),
-                collection: record.collection.clone(),
-                parent: parent.to_string(),
-                parent_is,
-            });
-        }
-        Ok(orphans)
-    }
-
-    pub fn status(&self) -> Result<Status> {
-        let account = self.account()?;
-        let count = |sql: &str| -> Result<i64> { Ok(self.conn.query_row(sql, [], |row| row.get(0))?) };
-        let number = |key: &str| -> Result<Option<i64>> { Ok(get_meta(&self.conn, key)?.and_then(|v| v.parse().ok())) };
-        let mut live = 0;
-        let mut deleted = 0;
-        for record in self.list(None, true)? {
-            if record.state.is_live() {
-                live += 1;
-            } else if record.state.is_deleted() {
-                deleted += 1;
-            }
-        }
-        let cursor = self.cursor()?;
-        let log_end_seen = number("log_end_seen")?;
-        Ok(Status {
-            user_id: account.user_id,
-            device_id: account.device_id,
-            device_name: account.device_name,
-            server: account.server,
-            cursor,
-            log_end_seen,
-            lag_at_last_sync: log_end_seen.map(|end| (end - cursor.unwrap_or(0)).max(0)),
-            outbox: self.outbox_len()?,
-            outbox_rejected: count("SELECT count(*) FROM outbox WHERE rejected IS NOT NULL")?,
-            records: live,
-            deleted_records: deleted,
-            problems: count("SELECT count(*) FROM problems")?,
-            deferred: count("SELECT count(*) FROM deferred")?,
-            last_sync_ms: number("last_sync_ms")?,
-            resyncs: number("resyncs")?.unwrap_or(0),
-            resync: match self.pending_resync()? {
-                Some(pending) => Some(pending),
-                None => self.last_resync()?,
-            },
-            server_problem: get_meta(&self.conn, "server_problem")?,
-        })
-    }
-
-    /// A content digest of the visible records (ids, collections, fields), equal
-    /// on every device that holds the same data.
-    pub fn digest(&self) -> Result<String> {
-        use sha2::{Digest, Sha256};
-        let mut hash = Sha256::new();
-        for record in self.list(None, false)? {
-            let visible = serde_json::to_string(&record.state.visible()).expect("json values serialize");
-            hash.update(format!("{}\0{}\0{}\n", record.record_id, record.collection, visible));
-        }
-        Ok(hex::encode(hash.finalize()))
     }
 }
