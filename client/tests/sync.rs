@@ -38,6 +38,10 @@ struct Script {
     subscribe_requests: Vec<SubscribeRequest>,
     /// Pushes whose answer never comes (the first N).
     hang_pushes: usize,
+    /// Answer every change with ALREADY_EXISTS (a change id used for other content).
+    collide: bool,
+    /// Acks answered with DATA_LOSS (the first N).
+    ack_data_loss: usize,
     pushes: Vec<Change>,
     acks: Vec<i64>,
     max_batch_bytes: u32,
@@ -49,13 +53,27 @@ struct Fake(Arc<Mutex<Script>>);
 #[tonic::async_trait]
 impl Sync for Fake {
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
-        let hang = {
+        let (hang, collide) = {
             let mut script = self.0.lock().unwrap();
             script.pushes.extend(request.get_ref().changes.iter().cloned());
             let hang = script.hang_pushes > 0;
             script.hang_pushes = script.hang_pushes.saturating_sub(1);
-            hang
+            (hang, script.collide)
         };
+        if collide {
+            let error = lockstep_proto::v1::PushError {
+                code: tonic::Code::AlreadyExists as i32,
+                message: "change_id was already used for a different change".into(),
+                retryable: false,
+            };
+            let results = request
+                .get_ref()
+                .changes
+                .iter()
+                .map(|_| PushResult { result: Some(push_result::Result::Error(error.clone())), duplicate: false })
+                .collect();
+            return Ok(Response::new(PushResponse { results }));
+        }
         if hang {
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
@@ -80,7 +98,14 @@ impl Sync for Fake {
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let offset = request.get_ref().offset;
-        self.0.lock().unwrap().acks.push(offset);
+        {
+            let mut script = self.0.lock().unwrap();
+            if script.ack_data_loss > 0 {
+                script.ack_data_loss -= 1;
+                return Err(Status::data_loss("the log lost changes"));
+            }
+            script.acks.push(offset);
+        }
         Ok(Response::new(AckResponse { committed_offset: offset + 1 }))
     }
 
@@ -366,4 +391,41 @@ async fn harness_with_default(events: impl Fn(&lockstep_client::crypto::AccountK
     let key = harness.key.clone();
     harness.script.lock().unwrap().subscribes = [Ok(events(&key))].into();
     harness
+}
+
+#[tokio::test]
+async fn a_change_id_collision_is_reported_as_such() {
+    let mut harness = harness(Script { collide: true, ..Script::default() }).await;
+    store(&mut harness).put("items", Some("r1"), &fields(json!({"x": 1}))).unwrap();
+    let change_id = store(&mut harness).outbox_batch(1).unwrap()[0].change_id.clone();
+    let mut report = Report::default();
+    harness.syncer.push(&mut report, &mut |_| {}).await.unwrap();
+    assert_eq!(report.rejected, 1);
+    let rejected = store(&mut harness).rejected().unwrap();
+    assert_eq!(rejected[0].0, "r1");
+    assert!(
+        rejected[0].1.starts_with(&format!(
+            "change id {change_id} of record r1 collides with a different change already in the log"
+        )),
+        "{}",
+        rejected[0].1
+    );
+}
+
+#[tokio::test]
+async fn data_loss_on_ack_makes_the_device_repair_too() {
+    let mut harness = harness(Script { ack_data_loss: 1, ..Script::default() }).await;
+    holds_two_records(&mut harness);
+    let key = harness.key.clone();
+    harness.script.lock().unwrap().subscribes = [
+        Ok(vec![batch(vec![delivered(&key, 0, "remote", 5)])]),
+        Ok(vec![resync(0, WireReason::LogLost), batch(vec![delivered(&key, 0, "remote", 5)]), heartbeat(1)]),
+    ]
+    .into();
+    let report = harness.syncer.sync_once(&mut |_| {}).await.unwrap();
+    let requests = harness.script.lock().unwrap().subscribe_requests.clone();
+    assert_eq!(requests.iter().map(|request| request.repair).collect::<Vec<_>>(), [false, true]);
+    assert!(report.log_lost, "{report:?}");
+    assert_eq!(report.repushed, 2, "the two records the log lacks");
+    assert_eq!(store(&mut harness).list(None, false).unwrap().len(), 3);
 }
