@@ -47,6 +47,9 @@ pub struct Plan {
     pub push_again: f64,
     /// A stream silent this long (no heartbeat) is given up and reopened.
     pub stream_idle: Duration,
+    /// Close each stream after this many milliseconds (a range) and open a new
+    /// one, as a device going in and out of coverage does. None: keep it.
+    pub reconnect_ms: Option<std::ops::Range<u64>>,
 }
 
 impl Default for Plan {
@@ -61,6 +64,7 @@ impl Default for Plan {
             retry_for: Duration::from_secs(90),
             push_again: 0.05,
             stream_idle: Duration::from_secs(15),
+            reconnect_ms: None,
         }
     }
 }
@@ -209,7 +213,8 @@ impl Workload {
         for (index, device) in devices.iter().enumerate() {
             let rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000).wrapping_add(index as u64));
             pushers.push(tokio::spawn(push_loop(device.clone(), plan.clone(), rng, stop_rx.clone())));
-            subscribers.push(tokio::spawn(subscribe_loop(device.clone(), plan.clone(), stop_rx.clone())));
+            let rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000).wrapping_add(500 + index as u64));
+            subscribers.push(tokio::spawn(subscribe_loop(device.clone(), plan.clone(), rng, stop_rx.clone())));
         }
         Self { pushers, subscribers, stop_tx }
     }
@@ -219,7 +224,11 @@ impl Workload {
         let (stop_tx, stop_rx) = watch::channel(false);
         let subscribers = devices
             .iter()
-            .map(|device| tokio::spawn(subscribe_loop(device.clone(), plan.clone(), stop_rx.clone())))
+            .enumerate()
+            .map(|(index, device)| {
+                let rng = StdRng::seed_from_u64(index as u64);
+                tokio::spawn(subscribe_loop(device.clone(), plan.clone(), rng, stop_rx.clone()))
+            })
             .collect();
         Self { pushers: Vec::new(), subscribers, stop_tx }
     }
@@ -290,7 +299,7 @@ async fn push_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop_rx: 
     }
 }
 
-async fn subscribe_loop(device: SimDevice, plan: Plan, mut stop_rx: watch::Receiver<bool>) {
+async fn subscribe_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop_rx: watch::Receiver<bool>) {
     let mut session = 0u64;
     // The server said the log lost changes: the next stream repairs.
     let mut repair = false;
@@ -310,10 +319,13 @@ async fn subscribe_loop(device: SimDevice, plan: Plan, mut stop_rx: watch::Recei
         };
         repair = false;
         device.history.subscribed(&device.id, session);
+        let reconnect_at =
+            plan.reconnect_ms.clone().map(|millis| Instant::now() + Duration::from_millis(rng.random_range(millis)));
         loop {
             let message = tokio::select! {
                 message = tokio::time::timeout(plan.stream_idle, stream.message()) => message,
                 _ = stop_rx.wait_for(|stop| *stop) => return,
+                () = until(reconnect_at) => break,
             };
             let event = match message {
                 Ok(Ok(Some(message))) => message.event,
@@ -353,5 +365,13 @@ async fn subscribe_loop(device: SimDevice, plan: Plan, mut stop_rx: watch::Recei
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

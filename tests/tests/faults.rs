@@ -329,6 +329,22 @@ fn pushing_plan() -> Plan {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_fault_baseline_with_devices_reconnecting() -> anyhow::Result<()> {
+    // The same workload without faults, devices dropping and reopening their
+    // streams while others push: whatever fails here is no fault's doing.
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = Plan { reconnect_ms: Some(100..800), ..pushing_plan() };
+        let options = StackOptions { settings: fault_settings(), ..Default::default() };
+        let run = Run::start("none", seed, options, 4, &plan).await?;
+        let workload = Workload::start(&run.devices, &plan, seed);
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_kill9_during_pushes() -> anyhow::Result<()> {
     let mut verdicts = Vec::new();
     for seed in seeds() {
