@@ -94,7 +94,7 @@ impl Db {
     {
         let connection = self.connection.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = connection.lock().map_err(|_| DbError::Task("connection mutex poisoned".into()))?;
+            let mut guard = crate::locks::lock(&connection);
             work(&mut guard)
         })
         .await

@@ -11,7 +11,8 @@
 //! - [`log_guard`]: the log never silently shrinks: a log that lost acknowledged
 //!   changes is refused (DATA_LOSS) until each device repairs.
 //! - [`server`]: the gRPC services and the `run` entry point.
-//! - [`settings`], [`error`] (the one gRPC status mapping), [`db`].
+//! - [`settings`], [`error`] (the one gRPC status mapping), [`db`], [`locks`]
+//!   (the one way to take a lock), [`shutdown`] (the one shutdown every task holds).
 
 pub mod accounts;
 pub mod db;
@@ -19,9 +20,11 @@ pub mod delivery;
 pub mod error;
 pub mod gateway;
 pub mod kafka;
+pub mod locks;
 pub mod log_guard;
 pub mod server;
 pub mod settings;
+pub mod shutdown;
 pub mod telemetry;
 
 pub use server::run;

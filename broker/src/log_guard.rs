@@ -30,6 +30,7 @@ use crate::{
     db::{Db, DbError, now_ms},
     error::ApiError,
     kafka::topics::Watermarks,
+    locks::lock,
 };
 
 /// What the server knows about one user's log.
@@ -91,10 +92,6 @@ struct Inner {
     /// Serialises recording incidents, so two requests that see the same
     /// loss at once record it once.
     incidents: tokio::sync::Mutex<()>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl LogGuard {

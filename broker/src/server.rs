@@ -20,9 +20,10 @@ use crate::{
     db::{Db, DbError},
     delivery::Delivery,
     gateway::{DedupIndex, Gateway},
-    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, Producer, ReaderPool, Topics},
+    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
     log_guard::LogGuard,
     settings::{LimitsSettings, Settings},
+    shutdown::{ShutdownController, ShutdownSource},
 };
 
 /// The server's cap on one encoded response message (Subscribe batches stay
@@ -61,7 +62,7 @@ pub struct App {
 }
 
 impl App {
-    pub async fn start(settings: Settings) -> Result<(Self, Producer), ServerError> {
+    pub async fn start(settings: Settings, shutdown: ShutdownSource) -> Result<(Self, Producer), ServerError> {
         let db = Db::open(&settings.data_dir)?;
         let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl).await?;
         let kafka = &settings.kafka;
@@ -79,24 +80,9 @@ impl App {
         .await
         .map_err(KafkaError::from)?;
         let guard = LogGuard::new(db.clone());
-        let delivery = Delivery::new(
-            topics.clone(),
-            readers.clone(),
-            offsets,
-            guard.clone(),
-            settings.delivery.clone(),
-            kafka.clone(),
-            settings.limits.max_subscriptions as usize,
-        );
-        let gateway = Gateway::new(
-            producer.clone(),
-            topics.clone(),
-            readers,
-            DedupIndex::new(db),
-            delivery.clone(),
-            guard,
-            &settings,
-        );
+        let clients = KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets };
+        let delivery = Delivery::new(&clients, guard.clone(), shutdown.clone(), &settings);
+        let gateway = Gateway::new(&clients, DedupIndex::new(db), delivery.clone(), guard, shutdown, &settings);
         Ok((Self { settings, accounts, topics, gateway, delivery }, producer))
     }
 }
@@ -107,7 +93,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let (app, producer) = App::start(settings).await?;
+    let controller = ShutdownController::default();
+    let (app, producer) = App::start(settings, controller.source()).await?;
     let limits = app.settings.limits.clone();
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
 
@@ -126,13 +113,17 @@ pub async fn run(
         .max_encoding_message_size(max_response_bytes(&limits));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let delivery = app.delivery.clone();
+    let trigger = controller.trigger();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down: ending device streams");
         health_reporter.set_not_serving::<SyncServer<SyncApi>>().await;
+        trigger.begin();
         delivery.shutdown();
         let _ = stop_tx.send(());
+        let _ = stopping_tx.send(true);
     });
 
     // TCP_NODELAY: a response goes out in several small writes (headers, data,
@@ -158,7 +149,19 @@ pub async fn run(
         // server on port 0.
         println!("LOCKSTEP_LISTENING {addr}");
     }
-    server.await?;
+    // Connections get the drain deadline to finish their requests; then they are dropped.
+    let deadline = async {
+        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(DRAIN_DEADLINE).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline: closed"),
+    }
+    drop(app);
+    if !controller.drained(DRAIN_DEADLINE).await {
+        tracing::warn!(deadline = ?DRAIN_DEADLINE, "pushes or streams still running at the drain deadline");
+    }
     tracing::info!("requests drained: flushing the producer");
     if let Err(error) = producer.flush(DRAIN_DEADLINE).await {
         tracing::warn!(%error, "producer flush did not finish");

@@ -16,7 +16,10 @@ use rusqlite::{OptionalExtension, params};
 
 pub use secrets::{TokenHash, hash_secret, new_secret};
 
-use crate::db::{Db, DbError, now_ms};
+use crate::{
+    db::{Db, DbError, now_ms},
+    locks::{read, write},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountsError {
@@ -83,7 +86,7 @@ impl Accounts {
 
     pub fn authenticate(&self, token: &str) -> Option<AuthedDevice> {
         let hash = hash_secret(token);
-        self.tokens.read().ok()?.get(&hash).cloned()
+        read(&self.tokens).get(&hash).cloned()
     }
 
     /// Records a new user and its first device. The caller has created the
@@ -224,16 +227,12 @@ impl Accounts {
         if !found {
             return Err(AccountsError::DeviceNotFound);
         }
-        if let Ok(mut tokens) = self.tokens.write() {
-            tokens.retain(|_, authed| &*authed.device_id != device_id);
-        }
+        write(&self.tokens).retain(|_, authed| &*authed.device_id != device_id);
         Ok(())
     }
 
     fn remember(&self, hash: TokenHash, user_id: &str, device_id: &str) {
-        if let Ok(mut tokens) = self.tokens.write() {
-            tokens.insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
-        }
+        write(&self.tokens).insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
     }
 }
 

@@ -15,6 +15,8 @@ use std::{
 use lockstep_proto::v1::DeliveredChange;
 use tokio::sync::watch;
 
+use crate::locks::lock;
+
 pub struct LiveLog {
     state: Mutex<LogState>,
     /// The offset after the newest cached change; changes when one is appended.
@@ -79,9 +81,7 @@ impl LiveLog {
     /// written by someone else that this process did not see) restarts the
     /// tail at the new change; devices before it read the gap from Kafka.
     pub fn append(&self, changes: impl IntoIterator<Item = Arc<DeliveredChange>>) {
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
+        let mut state = lock(&self.state);
         for change in changes {
             let offset = change.offset;
             if !state.known || offset > state.end() {
@@ -106,9 +106,7 @@ impl LiveLog {
     /// A reader reached the end of the log at `end`. If the tail knows less,
     /// start it there, so that waiting devices have a place to wait at.
     pub fn note_end(&self, end: i64) {
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
+        let mut state = lock(&self.state);
         if !state.known || end > state.end() {
             state.reset(end);
             drop(state);
@@ -118,14 +116,12 @@ impl LiveLog {
 
     /// The offset the next change will get, when known.
     pub fn end(&self) -> Option<i64> {
-        let state = self.state.lock().ok()?;
+        let state = lock(&self.state);
         state.known.then(|| state.end())
     }
 
     pub fn read(&self, cursor: i64, max_changes: usize) -> LogRead {
-        let Ok(state) = self.state.lock() else {
-            return LogRead::Behind { until: None };
-        };
+        let state = lock(&self.state);
         if !state.known {
             return LogRead::Behind { until: None };
         }

@@ -28,9 +28,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     accounts::AuthedDevice,
     error::ApiError,
-    kafka::{GroupOffsets, KafkaError, ReaderPool, Topics, device_group, user_topic},
+    kafka::{GroupOffsets, KafkaClients, KafkaError, ReaderPool, Topics, device_group, user_topic},
+    locks::lock,
     log_guard::LogGuard,
-    settings::{DeliverySettings, KafkaSettings},
+    settings::{DeliverySettings, KafkaSettings, Settings},
+    shutdown::ShutdownSource,
 };
 
 /// Bytes a change adds to a message besides its ciphertext: ids, clocks,
@@ -84,6 +86,7 @@ struct Inner {
     readers: ReaderPool,
     offsets: GroupOffsets,
     guard: LogGuard,
+    shutdown: ShutdownSource,
     settings: DeliverySettings,
     kafka: KafkaSettings,
 }
@@ -94,35 +97,28 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub fn new(
-        topics: Topics,
-        readers: ReaderPool,
-        offsets: GroupOffsets,
-        guard: LogGuard,
-        settings: DeliverySettings,
-        kafka: KafkaSettings,
-        max_subscriptions: usize,
-    ) -> Self {
+    pub fn new(clients: &KafkaClients, guard: LogGuard, shutdown: ShutdownSource, settings: &Settings) -> Self {
         Self {
             inner: Arc::new(Inner {
                 live_logs: Mutex::default(),
                 sessions: Mutex::default(),
                 devices: Mutex::default(),
-                subscriptions: Arc::new(Semaphore::new(max_subscriptions)),
+                subscriptions: Arc::new(Semaphore::new(settings.limits.max_subscriptions as usize)),
                 next_session_id: AtomicU64::new(1),
-                topics,
-                readers,
-                offsets,
+                topics: clients.topics.clone(),
+                readers: clients.readers.clone(),
+                offsets: clients.offsets.clone(),
                 guard,
-                settings,
-                kafka,
+                shutdown,
+                settings: settings.delivery.clone(),
+                kafka: settings.kafka.clone(),
             }),
         }
     }
 
     /// Hands changes Kafka just acknowledged to the user's live subscribers.
     pub fn publish(&self, user_id: &str, changes: Vec<Arc<DeliveredChange>>) {
-        let log = self.inner.live_logs.lock().ok().and_then(|logs| logs.get(user_id).and_then(Weak::upgrade));
+        let log = lock(&self.inner.live_logs).get(user_id).and_then(Weak::upgrade);
         if let Some(log) = log {
             log.append(changes);
         }
@@ -142,6 +138,7 @@ impl Delivery {
         repair: bool,
     ) -> Result<SubscribeStream, ApiError> {
         let inner = &self.inner;
+        let running = inner.shutdown.handle().ok_or(ApiError::ShuttingDown)?;
         let permit = inner.subscriptions.clone().try_acquire_owned().map_err(|_| {
             ApiError::ResourceExhausted("this server holds its maximum number of subscriptions; retry later".into())
         })?;
@@ -177,10 +174,16 @@ impl Delivery {
 
         let session_id = inner.next_session_id.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = watch::channel(None);
-        if let Ok(mut sessions) = inner.sessions.lock()
-            && let Some(previous) = sessions.insert(device.device_id.clone(), SessionEntry { id: session_id, stop_tx })
+        if let Some(previous) =
+            lock(&inner.sessions).insert(device.device_id.clone(), SessionEntry { id: session_id, stop_tx })
         {
             previous.stop_tx.send_replace(Some(StopReason::Superseded));
+        }
+        // After registering: either `shutdown` (which begins, then ends every
+        // registered stream) sees this one, or this sees that it began.
+        if inner.shutdown.has_begun() {
+            self.end_session(&device.device_id, session_id);
+            return Err(ApiError::ShuttingDown);
         }
         let (stream_tx, stream_rx) = mpsc::channel(inner.settings.stream_buffer);
         let session = session::Session {
@@ -199,6 +202,7 @@ impl Delivery {
             stream_tx,
             stop_rx,
             _permit: permit,
+            _running: running,
         };
         tokio::spawn(session.run());
         Ok(ReceiverStream::new(stream_rx))
@@ -278,24 +282,20 @@ impl Delivery {
 
     /// Ends a revoked device's stream.
     pub fn revoke(&self, device_id: &str) {
-        if let Ok(mut sessions) = self.inner.sessions.lock()
-            && let Some(entry) = sessions.remove(device_id)
-        {
+        if let Some(entry) = lock(&self.inner.sessions).remove(device_id) {
             entry.stop_tx.send_replace(Some(StopReason::Revoked));
         }
     }
 
     /// Ends every stream (clients reconnect to another instance or later).
     pub fn shutdown(&self) {
-        if let Ok(mut sessions) = self.inner.sessions.lock() {
-            for (_, entry) in sessions.drain() {
-                entry.stop_tx.send_replace(Some(StopReason::ShuttingDown));
-            }
+        for (_, entry) in lock(&self.inner.sessions).drain() {
+            entry.stop_tx.send_replace(Some(StopReason::ShuttingDown));
         }
     }
 
     pub fn active_streams(&self) -> usize {
-        self.inner.sessions.lock().map(|sessions| sessions.len()).unwrap_or(0)
+        lock(&self.inner.sessions).len()
     }
 
     async fn committed(
@@ -317,7 +317,7 @@ impl Delivery {
     }
 
     fn device_state(&self, device_id: &Arc<str>) -> Arc<DeviceState> {
-        let mut devices = self.inner.devices.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut devices = lock(&self.inner.devices);
         devices
             .entry(device_id.clone())
             .or_insert_with(|| {
@@ -327,7 +327,7 @@ impl Delivery {
     }
 
     fn live_log(&self, user_id: &Arc<str>) -> Arc<LiveLog> {
-        let mut logs = self.inner.live_logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut logs = lock(&self.inner.live_logs);
         if let Some(log) = logs.get(user_id).and_then(Weak::upgrade) {
             return log;
         }
@@ -339,13 +339,12 @@ impl Delivery {
     }
 
     fn live_log_if_active(&self, user_id: &str) -> Option<Arc<LiveLog>> {
-        self.inner.live_logs.lock().ok()?.get(user_id).and_then(Weak::upgrade)
+        lock(&self.inner.live_logs).get(user_id).and_then(Weak::upgrade)
     }
 
     fn end_session(&self, device_id: &str, session_id: u64) {
-        if let Ok(mut sessions) = self.inner.sessions.lock()
-            && sessions.get(device_id).is_some_and(|entry| entry.id == session_id)
-        {
+        let mut sessions = lock(&self.inner.sessions);
+        if sessions.get(device_id).is_some_and(|entry| entry.id == session_id) {
             sessions.remove(device_id);
         }
     }

@@ -16,10 +16,13 @@ use crate::{
     db::now_ms,
     error::ApiError,
     kafka::{KafkaError, topics::Watermarks},
+    shutdown::Shutdown,
 };
 
 /// Longest a reader waits for records it expects before re-checking the log.
 const READ_WAIT: Duration = Duration::from_secs(2);
+/// Longest a stream waits for room to tell the device why it ends.
+const FINAL_SEND_WAIT: Duration = Duration::from_secs(1);
 
 pub(super) struct Start {
     pub from_offset: Option<i64>,
@@ -40,6 +43,8 @@ pub(super) struct Session {
     pub stream_tx: mpsc::Sender<Result<SubscribeResponse, tonic::Status>>,
     pub stop_rx: watch::Receiver<Option<StopReason>>,
     pub _permit: OwnedSemaphorePermit,
+    /// Shutdown waits for this stream to end.
+    pub _running: Shutdown,
 }
 
 /// How a stream ended without an error to report.
@@ -57,7 +62,9 @@ impl Session {
             }
             Err(error) => {
                 tracing::debug!(device_id = %device_id, %error, "stream ended");
-                let _ = self.stream_tx.send(Err(error.into())).await;
+                // A device that stopped reading does not get to hold this task
+                // (and its subscription slot, and shutdown) forever.
+                let _ = tokio::time::timeout(FINAL_SEND_WAIT, self.stream_tx.send(Err(error.into()))).await;
             }
         }
         self.delivery.end_session(&device_id, self.session_id);

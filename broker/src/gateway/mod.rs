@@ -27,9 +27,11 @@ use crate::{
     db::now_ms,
     delivery::Delivery,
     error::ApiError,
-    kafka::{KafkaError, Producer, ReaderPool, Topics, user_topic},
+    kafka::{KafkaClients, KafkaError, Producer, ReaderPool, Topics, user_topic},
+    locks::lock,
     log_guard::LogGuard,
     settings::{KafkaSettings, LimitsSettings, Settings},
+    shutdown::{Shutdown, ShutdownSource},
 };
 
 #[derive(Clone)]
@@ -40,6 +42,7 @@ pub struct Gateway {
     dedup: DedupIndex,
     delivery: Delivery,
     guard: LogGuard,
+    shutdown: ShutdownSource,
     kafka: KafkaSettings,
     limits: LimitsSettings,
     users: Arc<Mutex<HashMap<Arc<str>, Arc<UserPush>>>>,
@@ -47,16 +50,25 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(
-        producer: Producer,
-        topics: Topics,
-        readers: ReaderPool,
+        clients: &KafkaClients,
         dedup: DedupIndex,
         delivery: Delivery,
         guard: LogGuard,
+        shutdown: ShutdownSource,
         settings: &Settings,
     ) -> Self {
-        let (kafka, limits) = (settings.kafka.clone(), settings.limits.clone());
-        Self { producer, topics, readers, dedup, delivery, guard, kafka, limits, users: Arc::default() }
+        Self {
+            producer: clients.producer.clone(),
+            topics: clients.topics.clone(),
+            readers: clients.readers.clone(),
+            dedup,
+            delivery,
+            guard,
+            shutdown,
+            kafka: settings.kafka.clone(),
+            limits: settings.limits.clone(),
+            users: Arc::default(),
+        }
     }
 
     /// Appends a batch to the device's user's topic. The work runs in its own
@@ -69,8 +81,11 @@ impl Gateway {
     /// waits for it and gets the offsets it got.
     pub async fn push(&self, device: &AuthedDevice, changes: Vec<Change>) -> Result<Vec<PushResult>, ApiError> {
         validate::validate_batch(&changes, &self.limits)?;
+        // Shutdown waits for a push that started (its dedup record must be
+        // written); a push after shutdown began is not started.
+        let running = self.shutdown.handle().filter(|running| !running.has_begun()).ok_or(ApiError::ShuttingDown)?;
         let (gateway, device) = (self.clone(), device.clone());
-        let task = tokio::spawn(async move { gateway.push_to_the_end(&device, changes).await });
+        let task = tokio::spawn(async move { gateway.push_to_the_end(&device, changes, running).await });
         let deadline = self.kafka.produce_timeout + self.kafka.operation_deadline;
         match tokio::time::timeout(deadline, task).await {
             Ok(joined) => joined.map_err(|error| ApiError::Internal(format!("push task failed: {error}")))?,
@@ -78,7 +93,12 @@ impl Gateway {
         }
     }
 
-    async fn push_to_the_end(&self, device: &AuthedDevice, changes: Vec<Change>) -> Result<Vec<PushResult>, ApiError> {
+    async fn push_to_the_end(
+        &self,
+        device: &AuthedDevice,
+        changes: Vec<Change>,
+        running: Shutdown,
+    ) -> Result<Vec<PushResult>, ApiError> {
         let topic = user_topic(&self.kafka, &device.user_id);
         let user = self.user_state(&device.user_id);
         let received_at_ms = now_ms();
@@ -112,7 +132,7 @@ impl Gateway {
                 },
             }
         }
-        let ticket = user.ticket(&mut enqueue);
+        let ticket = user.ticket(&mut enqueue, running);
         drop(enqueue);
 
         // Kafka's acks, with nothing held: the user's next push enqueues meanwhile.
@@ -223,7 +243,7 @@ impl Gateway {
     }
 
     fn user_state(&self, user_id: &Arc<str>) -> Arc<UserPush> {
-        let mut users = self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut users = lock(&self.users);
         users.entry(user_id.clone()).or_default().clone()
     }
 }

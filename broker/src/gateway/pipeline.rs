@@ -20,7 +20,7 @@ use std::{
 use lockstep_proto::v1::{Change, DeliveredChange, PushError, PushResult, push_result};
 
 use super::dedup::{Digest, IndexEntry, digest_of_change};
-use crate::{accounts::AuthedDevice, error::ApiError, kafka::KafkaError};
+use crate::{accounts::AuthedDevice, error::ApiError, kafka::KafkaError, locks::lock, shutdown::Shutdown};
 
 /// Per-user push state.
 #[derive(Default)]
@@ -52,7 +52,7 @@ pub(super) struct IndexState {
 
 impl UserPush {
     pub fn index(&self) -> std::sync::MutexGuard<'_, IndexState> {
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.index)
     }
 
     /// Waits until `count` tickets have finished.
@@ -62,9 +62,10 @@ impl UserPush {
         let _ = finished.wait_for(|finished| *finished >= count).await;
     }
 
-    /// Takes the next ticket; the caller holds the enqueue lock.
-    pub fn ticket(self: &Arc<Self>, enqueue: &mut EnqueueState) -> Ticket {
-        let ticket = Ticket { user: self.clone(), number: enqueue.next_ticket, done: false };
+    /// Takes the next ticket; the caller holds the enqueue lock. `running`
+    /// keeps shutdown waiting until the ticket finished, also when abandoned.
+    pub fn ticket(self: &Arc<Self>, enqueue: &mut EnqueueState, running: Shutdown) -> Ticket {
+        let ticket = Ticket { user: self.clone(), number: enqueue.next_ticket, done: false, running: Some(running) };
         enqueue.next_ticket += 1;
         ticket
     }
@@ -84,6 +85,7 @@ pub(super) struct Ticket {
     user: Arc<UserPush>,
     pub number: u64,
     done: bool,
+    running: Option<Shutdown>,
 }
 
 impl Ticket {
@@ -98,11 +100,12 @@ impl Drop for Ticket {
         if self.done {
             return;
         }
-        let (user, number) = (self.user.clone(), self.number);
+        let (user, number, running) = (self.user.clone(), self.number, self.running.take());
         tokio::spawn(async move {
             user.wait_finished(number).await;
             user.index().ready = false;
             user.finished.send_modify(|finished| *finished = number + 1);
+            drop(running);
         });
     }
 }
@@ -355,9 +358,14 @@ mod tests {
     #[tokio::test]
     async fn pushes_finish_in_ticket_order_even_when_one_is_abandoned() {
         let user = Arc::new(UserPush::default());
+        let shutdown = crate::shutdown::ShutdownController::default();
         let (first, second, third) = {
             let mut enqueue = user.enqueue.lock().await;
-            (user.ticket(&mut enqueue), user.ticket(&mut enqueue), user.ticket(&mut enqueue))
+            (
+                user.ticket(&mut enqueue, shutdown.handle()),
+                user.ticket(&mut enqueue, shutdown.handle()),
+                user.ticket(&mut enqueue, shutdown.handle()),
+            )
         };
         user.index().ready = true;
         let waiting = {
@@ -378,5 +386,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
         assert!(!user.index().ready, "an abandoned push may have written: re-read the topic");
         tokio::time::timeout(Duration::from_secs(5), user.wait_finished(3)).await.unwrap();
+        assert!(shutdown.drained(Duration::from_secs(5)).await, "no ticket keeps shutdown waiting after it finished");
     }
 }

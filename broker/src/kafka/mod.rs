@@ -81,6 +81,15 @@ impl KafkaError {
     }
 }
 
+/// The Kafka clients one server process shares between its parts.
+#[derive(Clone)]
+pub struct KafkaClients {
+    pub producer: Producer,
+    pub topics: Topics,
+    pub readers: ReaderPool,
+    pub offsets: GroupOffsets,
+}
+
 /// The base librdkafka configuration every Lockstep client starts from.
 pub fn base_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig {
     let mut config = ClientConfig::new();

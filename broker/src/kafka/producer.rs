@@ -22,7 +22,10 @@ use rdkafka::{
 };
 
 use super::{KafkaError, base_config};
-use crate::settings::KafkaSettings;
+use crate::{
+    locks::{read, write},
+    settings::KafkaSettings,
+};
 
 /// Failures in a row, of the kinds a stuck producer shows, before it is replaced.
 const STUCK_AFTER_FAILURES: u32 = 2;
@@ -85,7 +88,7 @@ impl Producer {
     }
 
     fn current(&self) -> Arc<Instance> {
-        self.inner.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        read(&self.inner.current).clone()
     }
 
     /// How many producers this process has created (1 until one got stuck).
@@ -146,7 +149,7 @@ impl Producer {
 
     /// Swaps in a fresh producer unless someone already did.
     fn replace(&self, stuck: &Arc<Instance>, fatal: Option<String>) {
-        let mut current = self.inner.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = write(&self.inner.current);
         if current.number != stuck.number {
             return;
         }

@@ -23,7 +23,7 @@ use rdkafka::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{KafkaError, base_config};
-use crate::settings::KafkaSettings;
+use crate::{locks::lock, settings::KafkaSettings};
 
 /// What one read job returns.
 #[derive(Debug, Default)]
@@ -88,12 +88,7 @@ impl ReaderPool {
     /// Waits for a free reader.
     pub async fn lease(&self) -> Result<ReaderLease, KafkaError> {
         let permit = self.permits.clone().acquire_owned().await.map_err(|_| KafkaError::WorkerGone("reader pool"))?;
-        let job_tx = self
-            .idle
-            .lock()
-            .map_err(|_| KafkaError::WorkerGone("reader pool"))?
-            .pop()
-            .ok_or(KafkaError::WorkerGone("reader pool"))?;
+        let job_tx = lock(&self.idle).pop().ok_or(KafkaError::WorkerGone("reader pool"))?;
         Ok(ReaderLease { job_tx: Some(job_tx), idle: self.idle.clone(), _permit: permit })
     }
 }
@@ -121,8 +116,8 @@ impl ReaderLease {
 
 impl Drop for ReaderLease {
     fn drop(&mut self) {
-        if let (Some(job_tx), Ok(mut idle)) = (self.job_tx.take(), self.idle.lock()) {
-            idle.push(job_tx);
+        if let Some(job_tx) = self.job_tx.take() {
+            lock(&self.idle).push(job_tx);
         }
     }
 }
