@@ -21,6 +21,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{Arc, Mutex},
 };
 
@@ -29,7 +30,7 @@ use rusqlite::{OptionalExtension, params};
 use crate::{
     db::{Db, DbError, now_ms},
     error::ApiError,
-    kafka::topics::Watermarks,
+    kafka::{KafkaError, Topics, topics::Watermarks},
     locks::lock,
 };
 
@@ -142,40 +143,65 @@ impl LogGuard {
         }
     }
 
-    /// Checks a fresh view of the user's log (and a device's committed
-    /// offset, if read) against what the server knows. Raises the mark when
+    /// Reads the user's log bounds and checks them (and a device's committed
+    /// offset, if given) against what the server knows. Raises the mark when
     /// the log grew; records an incident when it contradicts the mark.
-    /// Returns the user's generation after the check.
+    /// Returns the bounds and the user's generation after the check.
+    ///
+    /// The mark and the committed offset must be older than the bounds they
+    /// are compared with: pushes acknowledged (and acks committed) after the
+    /// bounds were read would look like a loss. So the mark is read here
+    /// before the bounds, and `device_committed` must have been read before
+    /// this call.
     ///
     /// A device that has not repaired since the last incident committed its
     /// offset in the old log: that offset is no evidence (it is reset when the
     /// device repairs).
-    pub async fn check(
+    pub async fn read_and_check(
+        &self,
+        topics: &Topics,
+        user_id: &Arc<str>,
+        topic: &str,
+        device_committed: Option<(&Arc<str>, i64)>,
+    ) -> Result<(Watermarks, i64), ApiError> {
+        self.check_bounds(user_id, || topics.user_log_watermarks(topic), device_committed).await
+    }
+
+    /// [`Self::read_and_check`] with the bounds read by `read_bounds`.
+    async fn check_bounds<F, Fut>(
         &self,
         user_id: &Arc<str>,
-        watermarks: Watermarks,
+        read_bounds: F,
         device_committed: Option<(&Arc<str>, i64)>,
-    ) -> Result<i64, ApiError> {
+    ) -> Result<(Watermarks, i64), ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Watermarks, KafkaError>>,
+    {
         let mark = self.mark(user_id).await?;
+        let watermarks = read_bounds().await?;
         let committed = match device_committed {
             Some((device_id, committed)) if self.device_generation(device_id).await? >= mark.generation => {
                 Some(committed)
             }
             _ => None,
         };
-        let Some(_) = evidence_of_loss(mark, watermarks, committed) else {
+        if evidence_of_loss(mark, watermarks, committed).is_none() {
             if watermarks.log_end > mark.high_mark {
                 self.raise(user_id, watermarks.log_end).await?;
             }
-            return Ok(mark.generation);
-        };
+            return Ok((watermarks, mark.generation));
+        }
         let _serialised = self.inner.incidents.lock().await;
-        // Another request may have recorded it meanwhile (the mark is then the new log end).
+        // Look again, in order: another request may have recorded it meanwhile
+        // (the mark is then the new log end).
         let mark = self.mark(user_id).await?;
+        let watermarks = read_bounds().await?;
         let Some(evidence) = evidence_of_loss(mark, watermarks, committed) else {
-            return Ok(mark.generation);
+            return Ok((watermarks, mark.generation));
         };
-        self.record_incident(user_id, mark, watermarks, evidence).await
+        let generation = self.record_incident(user_id, mark, watermarks, evidence).await?;
+        Ok((watermarks, generation))
     }
 
     async fn raise(&self, user_id: &Arc<str>, end: i64) -> Result<(), DbError> {
@@ -353,6 +379,18 @@ mod tests {
         );
     }
 
+    impl LogGuard {
+        async fn check(
+            &self,
+            user_id: &Arc<str>,
+            watermarks: Watermarks,
+            device_committed: Option<(&Arc<str>, i64)>,
+        ) -> Result<i64, ApiError> {
+            let read = || async move { Ok::<_, KafkaError>(watermarks) };
+            Ok(self.check_bounds(user_id, read, device_committed).await?.1)
+        }
+    }
+
     fn guard() -> (LogGuard, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
@@ -433,5 +471,21 @@ mod tests {
         assert_eq!(guard.check(&user, log(0, 4), Some((&a, 9))).await.unwrap(), 1);
         guard.mark_repaired(&user, &a).await.unwrap();
         assert_eq!(guard.check(&user, log(0, 4), Some((&a, 4))).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn pushes_acknowledged_while_the_bounds_are_read_are_no_loss() {
+        let (guard, _dir) = guard();
+        add_user(&guard, "u", &["a"]).await;
+        let user: Arc<str> = "u".into();
+        assert_eq!(guard.check(&user, log(0, 5), None).await.unwrap(), 0);
+        // The bounds say 5; meanwhile Kafka acknowledged pushes up to 9.
+        let read = || async {
+            guard.note_acknowledged(&user, 9);
+            Ok::<_, KafkaError>(log(0, 5))
+        };
+        let (_, generation) = guard.check_bounds(&user, read, None).await.unwrap();
+        assert_eq!(generation, 0, "a mark raised after the bounds were read is no evidence");
+        assert_eq!(guard.mark(&user).await.unwrap().high_mark, 9);
     }
 }

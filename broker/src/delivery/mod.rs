@@ -146,13 +146,15 @@ impl Delivery {
         // The user's live tail first, then the watermarks: every change Kafka
         // acknowledges after this read reaches the tail, so the session may
         // start the tail at the log end read here (see `Session::stream`).
-        let live_log = self.live_log(&device.user_id);
-        let watermarks = inner.topics.user_log_watermarks(&topic).await?;
+        // The committed offset before the log's bounds: an ack racing this
+        // subscribe must not look like a commit past the end (see `log_guard`).
         let state = self.device_state(&device.device_id);
         let mut committed = self.committed(&device, &topic, &state).await?;
+        let live_log = self.live_log(&device.user_id);
         // A lost log first: a device must hear DATA_LOSS, not an offset error.
         let guard = &inner.guard;
-        guard.check(&device.user_id, watermarks, committed.map(|committed| (&device.device_id, committed))).await?;
+        let device_committed = committed.map(|committed| (&device.device_id, committed));
+        let (watermarks, _) = guard.read_and_check(&inner.topics, &device.user_id, &topic, device_committed).await?;
         let mut first_resync = None;
         if repair {
             guard.mark_repaired(&device.user_id, &device.device_id).await?;
@@ -219,9 +221,9 @@ impl Delivery {
         let log_end = match self.live_log_if_active(&device.user_id).and_then(|log| log.end()) {
             Some(end) if offset < end => end,
             _ => {
-                let watermarks = self.inner.topics.user_log_watermarks(&topic).await?;
                 // An ack past the end may be the first sign of a log that lost changes.
-                self.inner.guard.check(&device.user_id, watermarks, None).await?;
+                let guard = &self.inner.guard;
+                let (watermarks, _) = guard.read_and_check(&self.inner.topics, &device.user_id, &topic, None).await?;
                 self.inner.guard.ensure_repaired(&device.user_id, &device.device_id).await?;
                 watermarks.log_end
             }

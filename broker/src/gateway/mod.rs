@@ -203,8 +203,7 @@ impl Gateway {
     /// what it is missing, after checking that the log did not lose changes
     /// (which drops the index). Returns the new mark and the log generation.
     async fn reindex(&self, user_id: &Arc<str>, topic: &str) -> Result<(i64, i64), ApiError> {
-        let watermarks = self.topics.user_log_watermarks(topic).await?;
-        let generation = self.guard.check(user_id, watermarks, None).await?;
+        let (watermarks, generation) = self.guard.read_and_check(&self.topics, user_id, topic, None).await?;
         let from = self.dedup.indexed_through(user_id).await?;
         let mut cursor = from.max(watermarks.log_start);
         if cursor < watermarks.log_end {
