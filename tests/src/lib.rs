@@ -9,9 +9,11 @@
 //! - [`proxy`]: a TCP proxy between the server and Kafka that tests cut or slow down.
 //! - [`workload`]: simulated devices for the fault tests, recording into a [`history`].
 //! - [`history`]: what the devices saw in a fault run, checked against the invariants.
+//! - [`fault_run`]: one run of the fault suite: stack, devices, verdict and evidence.
 
 pub mod cli;
 pub mod device;
+pub mod fault_run;
 pub mod history;
 pub mod nisshi;
 pub mod proxy;
