@@ -36,6 +36,8 @@ pub struct ReadChunk {
     pub next_offset: i64,
     /// True when the reader saw the end of the log.
     pub end_of_log: bool,
+    /// True when the read stopped at its size limits (more may follow at once).
+    pub filled: bool,
 }
 
 struct ReadJob {
@@ -65,16 +67,7 @@ impl ReaderPool {
     pub fn new(settings: &KafkaSettings, readers: usize) -> Result<Self, KafkaError> {
         let mut idle = Vec::with_capacity(readers);
         for index in 0..readers {
-            let consumer: BaseConsumer = base_config(settings, &format!("lockstep-reader-{index}"))
-                .set("group.id", "lockstep.readers")
-                .set("enable.auto.commit", "false")
-                .set("enable.auto.offset.store", "false")
-                .set("enable.partition.eof", "true")
-                .set("auto.offset.reset", "error")
-                .set("fetch.wait.max.ms", "100")
-                .set("queued.max.messages.kbytes", "8192")
-                .create()
-                .map_err(KafkaError::client("reader creation"))?;
+            let consumer = create_reader(settings, index)?;
             let (job_tx, job_rx) = mpsc::channel(1);
             std::thread::Builder::new()
                 .name(format!("lockstep-reader-{index}"))
@@ -122,12 +115,59 @@ impl Drop for ReaderLease {
     }
 }
 
+/// A reader with no job for this long gives up its assignment.
+const IDLE_UNASSIGN: Duration = Duration::from_secs(1);
+
+fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer, KafkaError> {
+    base_config(settings, &format!("lockstep-reader-{index}"))
+        .set("group.id", "lockstep.readers")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", "8192")
+        .create()
+        .map_err(KafkaError::client("reader creation"))
+}
+
 fn reader_thread(consumer: BaseConsumer, mut job_rx: mpsc::Receiver<ReadJob>) {
+    // Only to wait for the next job with a timeout on this thread.
+    let waiter = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start a kafka reader");
+            return;
+        }
+    };
     // Where the current assignment will deliver next, to avoid re-assigning
     // (and dropping prefetched data) when a job continues the previous one.
     let mut position: Option<(Arc<str>, i64)> = None;
-    while let Some(job) = job_rx.blocking_recv() {
+    loop {
+        let next = waiter.block_on(async { tokio::time::timeout(IDLE_UNASSIGN, job_rx.recv()).await });
+        let job = match next {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(_idle) => {
+                // An idle reader stops fetching its last topic: an idle fetch
+                // serves no one and costs the broker a request per fetch wait.
+                if position.take().is_some()
+                    && let Err(error) = consumer.unassign()
+                {
+                    tracing::warn!(%error, "kafka reader could not drop its assignment");
+                }
+                continue;
+            }
+        };
         let result = run_job(&consumer, &mut position, &job);
+        // Unless the read stopped at its size limits, no next job continues it
+        // (the requester goes on from the live tail): stop fetching (see IDLE_UNASSIGN).
+        if result.as_ref().is_ok_and(|chunk| !chunk.filled) && position.is_some() {
+            if let Err(error) = consumer.unassign() {
+                tracing::warn!(%error, "kafka reader could not drop its assignment");
+            }
+            position = None;
+        }
         if result.is_err() {
             position = None;
         }
@@ -150,13 +190,17 @@ fn run_job(
         consumer.assign(&assignment).map_err(KafkaError::client("assign"))?;
         *position = Some((job.topic.clone(), job.from));
     }
-    let mut chunk = ReadChunk { records: Vec::new(), next_offset: job.from, end_of_log: false };
+    let mut chunk = ReadChunk { records: Vec::new(), next_offset: job.from, end_of_log: false, filled: false };
     if job.until.is_some_and(|until| until <= job.from) {
         return Ok(chunk);
     }
     let deadline = Instant::now() + job.max_wait;
     let mut bytes = 0;
-    while chunk.records.len() < job.max_records && bytes < job.max_bytes {
+    loop {
+        if chunk.records.len() >= job.max_records || bytes >= job.max_bytes {
+            chunk.filled = true;
+            break;
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break;
