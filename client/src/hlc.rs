@@ -29,6 +29,12 @@ fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
+/// This machine's wall clock in Unix milliseconds, for timestamps shown to
+/// people (last sync, when a problem was seen); clocks of changes use [`Clock`].
+pub fn unix_ms() -> i64 {
+    wall_ms() as i64
+}
+
 #[derive(Debug, Clone)]
 pub struct Clock {
     last: u64,

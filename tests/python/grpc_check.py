@@ -13,6 +13,12 @@ import grpc
 from grpc_tools import protoc
 
 
+
+def check(condition: bool, message: object) -> None:
+    """Like `assert`, but also under `python -O`."""
+    if not condition:
+        sys.exit(f"check failed: {message}")
+
 def main(address: str, proto_dir: str) -> None:
     out = tempfile.mkdtemp(prefix="lockstep-py-")
     protos = [os.path.join("lockstep", "v1", name) for name in ("accounts.proto", "sync.proto")]
@@ -26,11 +32,11 @@ def main(address: str, proto_dir: str) -> None:
     grpc.channel_ready_future(channel).result(timeout=10)
 
     # Standard gRPC health checking, with hand-encoded messages (no generated code).
-    check = channel.unary_unary(
+    health = channel.unary_unary(
         "/grpc.health.v1.Health/Check", request_serializer=lambda m: m, response_deserializer=lambda m: m
     )
-    reply = check(b"", timeout=5)
-    assert reply == b"\x08\x01", f"health: expected SERVING, got {reply!r}"
+    reply = health(b"", timeout=5)
+    check(reply == b"\x08\x01", f"health: expected SERVING, got {reply!r}")
 
     accounts = accounts_pb2_grpc.AccountsStub(channel)
     sync = sync_pb2_grpc.SyncStub(channel)
@@ -40,7 +46,7 @@ def main(address: str, proto_dir: str) -> None:
     paired = accounts.RedeemPairingTicket(
         accounts_pb2.RedeemPairingTicketRequest(ticket=ticket.ticket, device_name="py-laptop"), timeout=10
     )
-    assert paired.user_id == created.user_id
+    check(paired.user_id == created.user_id, 'paired.user_id == created.user_id')
     laptop = [("authorization", f"Bearer {paired.device_token}")]
 
     changes = [
@@ -58,9 +64,9 @@ def main(address: str, proto_dir: str) -> None:
     ]
     pushed = sync.Push(sync_pb2.PushRequest(changes=changes), metadata=phone, timeout=10)
     offsets = [result.offset for result in pushed.results]
-    assert offsets == [0, 1, 2, 3, 4], f"offsets {offsets}"
+    check(offsets == [0, 1, 2, 3, 4], f"offsets {offsets}")
     again = sync.Push(sync_pb2.PushRequest(changes=changes[:1]), metadata=phone, timeout=10)
-    assert again.results[0].duplicate and again.results[0].offset == 0, again
+    check(again.results[0].duplicate and again.results[0].offset == 0, again)
 
     stream = sync.Subscribe(sync_pb2.SubscribeRequest(), metadata=laptop, timeout=30)
     delivered = []
@@ -70,27 +76,27 @@ def main(address: str, proto_dir: str) -> None:
         if len(delivered) >= len(changes):
             break
     stream.cancel()
-    assert [d.offset for d in delivered] == offsets
+    check([d.offset for d in delivered] == offsets, '[d.offset for d in delivered] == offsets')
     for sent, got in zip(changes, delivered):
-        assert got.change == sent, f"change at offset {got.offset} differs"
-        assert got.origin_device_id == created.device_id
+        check(got.change == sent, f"change at offset {got.offset} differs")
+        check(got.origin_device_id == created.device_id, 'got.origin_device_id == created.device_id')
 
     acked = sync.Ack(sync_pb2.AckRequest(offset=4), metadata=laptop, timeout=10)
-    assert acked.committed_offset == 5, acked
+    check(acked.committed_offset == 5, acked)
 
     try:
         sync.Push(sync_pb2.PushRequest(changes=changes), timeout=10)
         sys.exit("a push without a token was accepted")
     except grpc.RpcError as error:
-        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+        check(error.code() == grpc.StatusCode.UNAUTHENTICATED, error)
     try:
         sync.Ack(sync_pb2.AckRequest(offset=99), metadata=laptop, timeout=10)
         sys.exit("an ack beyond the log was accepted")
     except grpc.RpcError as error:
-        assert error.code() == grpc.StatusCode.OUT_OF_RANGE, error
-        assert "beyond the end of the log" in error.details(), error.details()
+        check(error.code() == grpc.StatusCode.OUT_OF_RANGE, error)
+        check("beyond the end of the log" in error.details(), error.details())
         retryable = dict(error.trailing_metadata()).get("x-lockstep-retryable")
-        assert retryable == "false", retryable
+        check(retryable == "false", retryable)
     print("grpcio client: ok")
 
 

@@ -483,6 +483,4 @@ async fn watch(mut syncer: Syncer, as_json: bool) -> anyhow::Result<()> {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
-}
+use crate::hlc::unix_ms as now_ms;

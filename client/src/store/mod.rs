@@ -251,9 +251,7 @@ pub struct Store {
     reader: PayloadReader,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
-}
+use crate::hlc::unix_ms as now_ms;
 
 fn to_json(state: &RecordState) -> String {
     serde_json::to_string(state).expect("a record state always serializes")
