@@ -246,7 +246,7 @@ impl Run {
         let stats = self.history.stats();
         let ok = report.ok() && self.problems.is_empty();
         let line = format!(
-            "fault={} seed={} ops={} pushes_ok={} errors={} faults={} {}{} log={} secs={}",
+            "fault={} seed={} ops={} pushes_ok={} errors={} faults={} {}{} unwritten={} log={} secs={}",
             self.fault,
             self.seed,
             stats.ops,
@@ -255,6 +255,7 @@ impl Run {
             self.faults,
             report.verdicts(),
             if self.problems.is_empty() { "" } else { " scenario=FAIL" },
+            stats.unwritten,
             log.len(),
             self.started.elapsed().as_secs()
         );

@@ -152,7 +152,11 @@ impl History {
         let inner = self.lock();
         let mut stats = Stats::default();
         let mut written = BTreeSet::new();
+        let mut pushed = BTreeSet::new();
         for event in &inner.events {
+            if let Event::Push { change_id, .. } = event {
+                pushed.insert(change_id);
+            }
             match event {
                 Event::Call { call, failed } => {
                     stats.ops += 1;
@@ -173,6 +177,7 @@ impl History {
             }
         }
         stats.pushes_ok = written.len();
+        stats.unwritten = pushed.iter().filter(|change_id| !written.contains(**change_id)).count();
         stats
     }
 
@@ -387,6 +392,8 @@ pub struct Stats {
     pub errors: usize,
     /// Distinct changes acknowledged with an offset.
     pub pushes_ok: usize,
+    /// Distinct changes pushed that never got an offset (given up on).
+    pub unwritten: usize,
     pub deliveries: usize,
     /// Errors by `call:code` (`push:Unavailable` a failed call, `push-change:Unavailable` a
     /// change a push answered with an error, `stream:…` a stream that broke).

@@ -3,8 +3,9 @@
 //!
 //! Each device pushes batches of changes with unique change ids and retries
 //! a change that failed retryably with the same bytes until its retry
-//! deadline; now and then it pushes an acknowledged batch again (a device that
-//! lost the answer), which must come back as duplicates. Each device also
+//! deadline (a few batches it never retries); now and then it pushes an
+//! acknowledged batch again (a device that lost the answer), which must come
+//! back as duplicates. Each device also
 //! keeps one Subscribe stream open, "applies" (records) what arrives and
 //! acks after recording, and resubscribes when the stream breaks (with
 //! `repair = true` after the server answered DATA_LOSS). Every call
@@ -45,6 +46,9 @@ pub struct Plan {
     pub retry_for: Duration,
     /// Chance that a device pushes an acknowledged batch again.
     pub push_again: f64,
+    /// Chance that a device pushes a batch once and never retries it (it
+    /// dropped the edit): a failed change of it must reach nobody unless logged.
+    pub no_retry: f64,
     /// A stream silent this long (no heartbeat) is given up and reopened.
     pub stream_idle: Duration,
     /// Close each stream after this many milliseconds (a range) and open a new
@@ -63,6 +67,7 @@ impl Default for Plan {
             call_timeout: Duration::from_secs(20),
             retry_for: Duration::from_secs(90),
             push_again: 0.05,
+            no_retry: 0.1,
             stream_idle: Duration::from_secs(15),
             reconnect_ms: None,
         }
@@ -283,7 +288,8 @@ async fn push_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop_rx: 
         let batch: Vec<Change> = (0..size)
             .map(|index| change(&format!("{}-{batch_number}-{index}", &device.id[..8]), plan.ciphertext_bytes))
             .collect();
-        let work = device.push_with_retries(&batch, plan.retry_for, &mut rng);
+        let retry_for = if rng.random_bool(plan.no_retry) { Duration::ZERO } else { plan.retry_for };
+        let work = device.push_with_retries(&batch, retry_for, &mut rng);
         let offsets = tokio::select! {
             offsets = work => offsets,
             _ = stop_rx.wait_for(|stop| *stop) => return,
