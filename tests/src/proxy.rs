@@ -8,8 +8,12 @@
 //! - [`Proxy::cut`] drops every open connection and blackholes new ones (the
 //!   TCP handshake succeeds, nothing is ever forwarded): a network partition,
 //!   where a client learns nothing until its own timeouts fire.
-//! - [`Proxy::restore`] forwards again (blackholed connections are closed, so
-//!   clients reconnect).
+//! - [`Proxy::freeze`] forwards nothing more on open connections, without
+//!   closing them, and blackholes new ones: a partition where packets are
+//!   dropped and no reset ever arrives, so only a client's own request
+//!   timeouts notice it (the harder case for "answer within a deadline").
+//! - [`Proxy::restore`] forwards again: frozen connections carry on where they
+//!   stopped, blackholed ones are closed (so clients reconnect).
 //! - [`Proxy::set_delay`] delays every chunk, in each direction, by a fixed
 //!   latency without limiting throughput (a slow link, not a narrow one).
 
@@ -33,7 +37,15 @@ const CHUNK_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Link {
     cut: bool,
+    frozen: bool,
     delay: Duration,
+}
+
+impl Link {
+    /// New connections are held, never forwarded.
+    fn blackholes(&self) -> bool {
+        self.cut || self.frozen
+    }
 }
 
 pub struct Proxy {
@@ -70,9 +82,18 @@ impl Proxy {
         self.link_tx.send_modify(|link| link.cut = true);
     }
 
-    /// Forwards new connections again.
+    /// Open connections stall (nothing forwarded, nothing closed); new ones
+    /// are accepted and never forwarded.
+    pub fn freeze(&self) {
+        self.link_tx.send_modify(|link| link.frozen = true);
+    }
+
+    /// Forwards again, after [`Proxy::cut`] or [`Proxy::freeze`].
     pub fn restore(&self) {
-        self.link_tx.send_modify(|link| link.cut = false);
+        self.link_tx.send_modify(|link| {
+            link.cut = false;
+            link.frozen = false;
+        });
     }
 
     /// Every chunk is forwarded `delay` after it was read (zero: at once).
@@ -100,7 +121,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, link_rx: watch
 }
 
 async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Receiver<Link>) {
-    if link_rx.borrow_and_update().cut {
+    if link_rx.borrow_and_update().blackholes() {
         // Blackholed: hold the socket, read nothing, until the link is back.
         until_restored(&mut link_rx).await;
         return;
@@ -127,14 +148,18 @@ async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Rece
 /// `to` down once `from` ended and everything queued was written.
 async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link_rx: watch::Receiver<Link>) {
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
+    let mut writer_link_rx = link_rx.clone();
+    let mut reader_link_rx = link_rx;
     let read = async move {
         let mut buffer = vec![0u8; CHUNK_BYTES];
         loop {
+            // Frozen: leave the bytes in the kernel, as a dead link would.
+            until_thawed(&mut reader_link_rx).await;
             let read = match from.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
                 Ok(read) => read,
             };
-            let due = Instant::now() + link_rx.borrow().delay;
+            let due = Instant::now() + reader_link_rx.borrow().delay;
             if chunk_tx.send((due, buffer[..read].to_vec())).await.is_err() {
                 break;
             }
@@ -143,6 +168,7 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link_rx: watch::R
     let write = async move {
         while let Some((due, chunk)) = chunk_rx.recv().await {
             tokio::time::sleep_until(due).await;
+            until_thawed(&mut writer_link_rx).await;
             if to.write_all(&chunk).await.is_err() {
                 return;
             }
@@ -161,9 +187,18 @@ async fn until_cut(link_rx: &mut watch::Receiver<Link>) {
     }
 }
 
+/// Returns when the link is not frozen (at once, usually) or the proxy is gone.
+async fn until_thawed(link_rx: &mut watch::Receiver<Link>) {
+    while link_rx.borrow_and_update().frozen {
+        if link_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Returns when the link is restored or the proxy is gone.
 async fn until_restored(link_rx: &mut watch::Receiver<Link>) {
-    while link_rx.borrow_and_update().cut {
+    while link_rx.borrow_and_update().blackholes() {
         if link_rx.changed().await.is_err() {
             return;
         }
@@ -215,6 +250,16 @@ mod tests {
         proxy.restore();
         let mut again = TcpStream::connect(proxy.addr()).await?;
         assert_eq!(round_trip(&mut again, b"back").await?, b"back");
+
+        // Frozen: the open connection stays open and silent, then carries on.
+        proxy.freeze();
+        again.write_all(b"held").await?;
+        let held = tokio::time::timeout(Duration::from_millis(300), again.read(&mut buffer)).await;
+        assert!(held.is_err(), "a frozen link forwarded: {held:?}");
+        proxy.restore();
+        let mut rest = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), again.read_exact(&mut rest)).await??;
+        assert_eq!(&rest, b"held");
 
         proxy.set_delay(Duration::from_millis(200));
         let started = Instant::now();

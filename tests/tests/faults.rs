@@ -138,6 +138,31 @@ async fn link_to_kafka_cut_and_restored() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_to_kafka_partitioned_without_resets() -> anyhow::Result<()> {
+    // Open connections go silent instead of closing: only the server's own
+    // timeouts can notice. Devices reconnect now and then, so new streams need
+    // Kafka during the partition too.
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = Plan { reconnect_ms: Some(1000..3000), ..pushing_plan() };
+        let options = StackOptions { behind_proxy: true, settings: fault_settings(), ..Default::default() };
+        let mut run = Run::start("link-partition", seed, options, 3, &plan).await?;
+        let workload = Workload::start(&run.devices, &plan, seed);
+        for _ in 0..run.rng.random_range(1..=2) {
+            run.pause(300..1500).await;
+            run.stack.proxy().freeze();
+            run.timeline("link frozen");
+            run.pause(2000..8000).await;
+            run.stack.proxy().restore();
+            run.timeline("restored");
+        }
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_to_kafka_slowed_by_seconds() -> anyhow::Result<()> {
     let mut verdicts = Vec::new();
     for seed in seeds() {
@@ -282,13 +307,14 @@ async fn with_kafka_unreachable_push_ack_and_subscribe_answer_unavailable_within
 
     let mut problems = Vec::new();
     let mut failed_pushes = Vec::new();
-    for outage in ["link cut", "kafka killed"] {
+    for outage in ["link cut", "link frozen", "kafka killed"] {
         match outage {
             "link cut" => run.stack.proxy().cut(),
+            "link frozen" => run.stack.proxy().freeze(),
             _ => run.stack.nisshi.kill(),
         }
         run.faults += 1;
-        // Devices 1..3 never subscribed nor acked: the server knows nothing about them
+        // Devices 1..3 never subscribed nor acked successfully: the server knows nothing about them
         // that it did not read from Kafka.
         let pushed = vec![change("during-outage", 64)];
         let started = Instant::now();
@@ -321,8 +347,8 @@ async fn with_kafka_unreachable_push_ack_and_subscribe_answer_unavailable_within
             }
         }
         match outage {
-            "link cut" => run.stack.proxy().restore(),
-            _ => run.stack.nisshi.restart().await?,
+            "kafka killed" => run.stack.nisshi.restart().await?,
+            _ => run.stack.proxy().restore(),
         }
         // Kafka is back: the device retries its change until it is written.
         let offsets = run.devices[1]
