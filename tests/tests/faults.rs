@@ -3,12 +3,13 @@
 //! checked by the history checker (`lockstep_e2e::history`: I1, I2, I4, I5
 //! and "once") and prints one line:
 //!
-//! `fault=kafka-kill9 seed=3 ops=412 pushes_ok=380 errors=32 faults=2 I1=ok I2=ok I4=ok I5=ok once=ok secs=21`
+//! `fault=kafka-kill9 seed=3 ops=412 pushes_ok=380 errors=32 faults=2 I1=ok I2=ok I4=ok I5=ok once=ok unwritten=3 log=383 secs=21`
 //!
 //! Faults: Kafka `kill -9` during pushes and during delivery; the link
-//! between Lockstep and Kafka cut, or slowed by seconds (a proxy: Nisshi
-//! advertises the proxy's port); the server `kill -9` during pushes; Kafka's
-//! data on a small tmpfs that fills up. Plus two contracts: with Kafka
+//! between Lockstep and Kafka cut, partitioned without resets, or slowed by
+//! seconds (a proxy: Nisshi advertises the proxy's port); the server `kill -9`
+//! during pushes; Kafka's data on a small tmpfs that fills up; and a baseline
+//! without faults (what fails there is no fault's doing). Plus two contracts: with Kafka
 //! unreachable, Push, Ack and Subscribe answer UNAVAILABLE within their
 //! deadline; after an outage that timed pushes out, pushes succeed again within
 //! seconds of Kafka's return, without restarting Lockstep.
