@@ -5,11 +5,11 @@
 //! a change that failed retryably with the same bytes until its retry
 //! deadline (a few batches it never retries); now and then it pushes an
 //! acknowledged batch again (a device that lost the answer), which must come
-//! back as duplicates. Each device also
-//! keeps one Subscribe stream open, "applies" (records) what arrives and
-//! acks after recording, and resubscribes when the stream breaks (with
-//! `repair = true` after the server answered DATA_LOSS). Every call
-//! has a client deadline, every loop a deadline of its own.
+//! back as duplicates. Each device also keeps one Subscribe stream open,
+//! "applies" (records) what arrives and acks after recording, and
+//! resubscribes when the stream breaks (with `repair = true` after the server
+//! answered DATA_LOSS). Every call has a client deadline, every loop a
+//! deadline of its own.
 
 use std::{sync::Arc, time::Duration};
 
