@@ -107,7 +107,9 @@ impl Topics {
     pub async fn watermarks(&self, topic: &str) -> Result<Watermarks, KafkaError> {
         let metadata = self.metadata.clone();
         let owned_topic = topic.to_string();
-        let timeout = self.settings.request_timeout;
+        // Two requests at most (the second only after a failure), together
+        // within `request_timeout`, so a blocking thread is never held longer.
+        let timeout = self.settings.request_timeout / 2;
         let fetched = tokio::task::spawn_blocking(move || {
             let fetched = metadata.fetch_watermarks(&owned_topic, 0, timeout);
 
