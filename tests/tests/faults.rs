@@ -207,6 +207,49 @@ async fn server_kill9_during_pushes() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_kill9_and_restart_while_kafka_is_down() -> anyhow::Result<()> {
+    // A server restarted during a Kafka outage serves once Kafka returns (it waits
+    // for Kafka before it listens: devices meanwhile see connections refused).
+    let mut verdicts = Vec::new();
+    for seed in seeds() {
+        let plan = pushing_plan();
+        let options = StackOptions { behind_proxy: true, settings: fault_settings(), ..Default::default() };
+        let mut run = Run::start("server-kill9-kafka-down", seed, options, 3, &plan).await?;
+        let workload = Workload::start(&run.devices, &plan, seed);
+        run.pause(300..1500).await;
+        let killed = run.rng.random_bool(0.5);
+        match killed {
+            true => run.stack.nisshi.kill(),
+            false => run.stack.proxy().cut(),
+        }
+        run.timeline(if killed { "kafka killed" } else { "link cut" });
+        run.pause(500..1500).await;
+        run.stack.server.kill9();
+        run.timeline("server killed");
+        run.pause(200..800).await;
+        run.timeline("server restarting, kafka still away");
+        let kafka_away = Duration::from_millis(run.rng.random_range(1000..4000));
+        let (server, nisshi, proxy) = (&mut run.stack.server, &mut run.stack.nisshi, run.stack.proxy.as_ref());
+        let kafka_back = async {
+            tokio::time::sleep(kafka_away).await;
+            match (killed, proxy) {
+                (true, _) => nisshi.restart().await?,
+                (false, Some(proxy)) => proxy.restore(),
+                (false, None) => anyhow::bail!("no proxy"),
+            }
+            anyhow::Ok(Instant::now())
+        };
+        let (restarted, back) = tokio::join!(server.restart(), kafka_back);
+        let listening_after = back?.elapsed();
+        restarted?;
+        run.timeline(&format!("restored: kafka back, the server listening {listening_after:.1?} later"));
+        verdicts.push(run.finish(workload).await?);
+    }
+    judge(verdicts);
+    Ok(())
+}
+
 /// Fills the filesystem of `dir` with a ballast file, leaving about `leave` bytes.
 fn fill_leaving(dir: &Path, leave: u64) -> std::io::Result<u64> {
     let path = dir.join("ballast");
