@@ -31,6 +31,8 @@ pub const FAULT_SETTINGS: &[(&str, &str)] = &[
 /// After the faults: how long devices get to receive everything.
 pub const SETTLE: Duration = Duration::from_secs(60);
 
+/// The seeds to run each fault with: `LOCKSTEP_FAULT_SEED=K` (K only), else
+/// `LOCKSTEP_FAULT_SEEDS=N` (1..=N), else 1 and 2.
 pub fn seeds() -> Vec<u64> {
     if let Some(seed) = std::env::var("LOCKSTEP_FAULT_SEED").ok().and_then(|seed| seed.parse().ok()) {
         return vec![seed];
