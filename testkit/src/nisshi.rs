@@ -6,9 +6,8 @@
 //! advertises the proxy's port), or with its data on a small tmpfs that fills up.
 
 use std::{
-    net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,13 +19,47 @@ use rdkafka::{
 };
 use tempfile::TempDir;
 
-use crate::{free_port, log_tail};
+use crate::{free_port, process::Process};
+
+/// Nisshi's command line as every Lockstep runner starts it (`scripts/run`
+/// writes the same; a test below keeps the two equal): `{listener}` and
+/// `{advertised}` are `tcp://HOST:PORT` URLs; the sqlite path is relative to
+/// the working directory.
+pub const NISSHI_ARGS: &[&str] = &[
+    "broker",
+    "--listener-url",
+    "{listener}",
+    "--advertised-listener-url",
+    "{advertised}",
+    "--storage-engine",
+    "sqlite://kafka.db",
+    "--silent",
+];
+
+/// Variables Nisshi reads as settings: cleared, so that a developer's
+/// environment cannot point the local broker elsewhere.
+pub const NISSHI_CLEARED_ENV: &[&str] =
+    &["OTEL_EXPORTER_OTLP_ENDPOINT", "CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"];
+
+/// The command that starts `binary` listening on `listener`, advertising
+/// `advertised`, storing in `storage_dir` (output still to be directed).
+pub fn nisshi_command(binary: &Path, listener: &str, advertised: &str, storage_dir: &Path) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .args(NISSHI_ARGS.iter().map(|arg| arg.replace("{listener}", listener).replace("{advertised}", advertised)))
+        .current_dir(storage_dir)
+        .stdin(Stdio::null());
+    for variable in NISSHI_CLEARED_ENV {
+        command.env_remove(variable);
+    }
+    command
+}
 
 /// How long Nisshi may take to answer after it was started.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Nisshi {
-    child: Option<Child>,
+    process: Option<Process>,
     port: u16,
     bootstrap: String,
     advertised: String,
@@ -98,7 +131,7 @@ impl Nisshi {
         };
         let advertised_port = options.advertised_port.unwrap_or(port);
         let mut nisshi = Self {
-            child: None,
+            process: None,
             port,
             bootstrap: format!("127.0.0.1:{port}"),
             advertised: format!("tcp://127.0.0.1:{advertised_port}"),
@@ -132,43 +165,18 @@ impl Nisshi {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let log_path = self.dir.path().join("nisshi.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let url = format!("tcp://{}", self.bootstrap);
-        let mut command = Command::new(nisshi_binary()?);
-        command
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &self.advertised])
-            // Nisshi takes the sqlite path relative to its working directory.
-            .args(["--storage-engine", "sqlite://kafka.db", "--silent"])
-            .current_dir(&self.storage)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        for variable in
-            ["OTEL_EXPORTER_OTLP_ENDPOINT", "CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"]
-        {
-            command.env_remove(variable);
-        }
-        let mut child = command.spawn().context("cannot start nisshi")?;
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("nisshi exited at start ({status}):\n{}", log_tail(&log_path));
-            }
-            if TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            if started.elapsed() > START_DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "nisshi did not answer on {} within {START_DEADLINE:?}:\n{}",
-                    self.bootstrap,
-                    log_tail(&log_path)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.child = Some(child);
+        let listener = format!("tcp://{}", self.bootstrap);
+        let mut command = nisshi_command(&nisshi_binary()?, &listener, &self.advertised, &self.storage);
+        command.stdout(log.try_clone()?).stderr(log);
+        let mut process = Process::spawn("nisshi", &mut command, &log_path)?;
+        process.wait_for_port(self.port, START_DEADLINE).await?;
+        self.process = Some(process);
         Ok(())
+    }
+
+    /// The broker's process id (0 when it is stopped).
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, Process::pid)
     }
 
     /// Creates a topic the way an operator would (tests that bypass Lockstep).
@@ -194,10 +202,7 @@ impl Nisshi {
 
     /// `kill -9`: the broker stops at once; its sqlite file stays.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process = None;
     }
 
     /// Starts the broker again on the same port with the same data.
@@ -209,17 +214,8 @@ impl Nisshi {
     /// SIGTERM (what `scripts/run` sends on Ctrl-C), waiting for the exit;
     /// then starts the broker again on the same port with the same data.
     pub async fn restart_gracefully(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait()?.is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("nisshi did not stop within 30 s of SIGTERM");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        if let Some(process) = self.process.take() {
+            process.terminate(Duration::from_secs(30))?;
         }
         self.spawn().await
     }
@@ -345,4 +341,25 @@ pub async fn committed_offset(bootstrap: &str, group: &str, topic: &str) -> anyh
         })
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scripts/run` starts the same Nisshi the tests and benchmarks do.
+    #[test]
+    fn the_run_script_starts_nisshi_the_same_way() {
+        let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/run")).unwrap();
+        let script: String = script.split_whitespace().collect::<Vec<_>>().join(" ").replace(" \\ ", " ");
+        let expected = NISSHI_ARGS
+            .iter()
+            .map(|arg| arg.replace("{listener}", "\"$url\"").replace("{advertised}", "\"$url\""))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(script.contains(&expected), "scripts/run does not run `nisshi {expected}`");
+        for variable in NISSHI_CLEARED_ENV {
+            assert!(script.contains(&format!("-u {variable} ")), "scripts/run does not clear {variable}");
+        }
+    }
 }

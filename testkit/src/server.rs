@@ -5,7 +5,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, SystemTime},
 };
@@ -15,12 +15,13 @@ use lockstep_proto::v1::{accounts_client::AccountsClient, sync_client::SyncClien
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{log_tail, nisshi::Nisshi};
+use crate::{log_tail, nisshi::Nisshi, process::Process};
 
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
 pub struct Server {
-    child: Option<Child>,
+    binary: PathBuf,
+    process: Option<Process>,
     addr: Option<SocketAddr>,
     kafka: String,
     env: Vec<(String, String)>,
@@ -84,10 +85,18 @@ impl Server {
 
     /// Like [`Server::start_with`], bootstrapping from `kafka` (e.g. a proxy in front of Nisshi).
     pub async fn start_with_kafka(kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut settings = vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL".to_string(), "1s".to_string())];
-        settings.extend(env.iter().map(|(key, value)| (key.to_string(), value.to_string())));
+        let mut settings = vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "1s")];
+        settings.extend_from_slice(env);
+        Self::start_binary(lockstep_binary()?, kafka, &settings).await
+    }
+
+    /// The server `binary` (e.g. a release build for benchmarks) against
+    /// `kafka`, with exactly the `LOCKSTEP_*` settings in `env`.
+    pub async fn start_binary(binary: PathBuf, kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let settings = env.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
         let mut server = Self {
-            child: None,
+            binary,
+            process: None,
             addr: None,
             kafka: kafka.to_string(),
             env: settings,
@@ -123,7 +132,7 @@ impl Server {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         // A restart listens where the previous process did, so clients reconnect.
         let listen = self.addr.map_or_else(|| "127.0.0.1:0".to_string(), |addr| addr.to_string());
-        let mut command = Command::new(lockstep_binary()?);
+        let mut command = Command::new(&self.binary);
         // The server takes every `LOCKSTEP_*` variable as a setting and refuses unknown
         // ones: it gets only the test's, never the harness's (LOCKSTEP_BIN, LOCKSTEP_FAULT_SEEDS).
         for (variable, _) in std::env::vars_os() {
@@ -139,8 +148,8 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log.try_clone()?);
-        let mut child = command.spawn().context("cannot start lockstep")?;
-        let stdout = child.stdout.take().context("lockstep stdout")?;
+        let mut process = Process::spawn("lockstep", &mut command, &log_path)?;
+        let stdout = process.child_mut().stdout.take().context("lockstep stdout")?;
         let (addr_tx, addr_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut log = log;
@@ -157,55 +166,40 @@ impl Server {
                 Ok(addr) => break addr,
                 Err(mpsc::TryRecvError::Empty) => {}
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    let _ = child.wait();
+                    // Its stdout closed: it exited (dropping `process` reaps it).
                     bail!("lockstep exited before listening:\n{}", log_tail(&log_path));
                 }
             }
             if started.elapsed() > START_DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
                 bail!("lockstep did not start within {START_DEADLINE:?}:\n{}", log_tail(&log_path));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         self.addr = Some(addr.parse().with_context(|| format!("listening address {addr:?}"))?);
-        self.child = Some(child);
+        self.process = Some(process);
         Ok(())
     }
 
     /// How the server process ended, if it did (a test that expects it alive checks this).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+        self.process.as_mut().and_then(Process::exited)
+    }
+
+    /// The server's process id (0 when it is stopped).
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, Process::pid)
     }
 
     /// `kill -9`: no shutdown, no flush.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process = None;
     }
 
     /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> anyhow::Result<bool> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(false);
-        };
-        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
-        if !status.success() {
-            bail!("kill -TERM failed");
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.success());
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("lockstep did not stop within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match self.process.take() {
+            Some(process) => process.terminate(Duration::from_secs(30)),
+            None => Ok(false),
         }
     }
 
