@@ -22,7 +22,7 @@ use tonic::{Streaming, transport::Channel};
 use crate::{
     Config,
     client::{ChangeMaker, Device, STREAMS_PER_CONNECTION, channel, parse_record, sync},
-    procs::{self, Lockstep, Nisshi},
+    procs::{self, Lockstep},
     stats::{self, Metrics, Schedule},
 };
 
@@ -415,9 +415,8 @@ pub async fn w3(
     round: usize,
     metrics: &mut Metrics,
 ) -> anyhow::Result<()> {
-    let nisshi = Nisshi::start(nisshi_bin)?;
-    let data = tempfile::Builder::new().prefix("lockstep-bench-idle-").tempdir()?;
-    let lockstep = Lockstep::start(lockstep_bin, &nisshi.bootstrap, data.path(), &[])?;
+    let nisshi = procs::start_nisshi(nisshi_bin).await?;
+    let lockstep = procs::start_lockstep(lockstep_bin, nisshi.bootstrap()).await?;
     let count = config.idle_devices.iter().copied().max().unwrap_or(0);
     let started = Instant::now();
     let users = count.div_ceil(DEVICES_PER_USER);

@@ -16,7 +16,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::Parser;
 
 use crate::{
-    procs::{Lockstep, Nisshi, Redis},
+    procs::Redis,
     stats::Metrics,
 };
 
@@ -127,10 +127,10 @@ async fn main() -> anyhow::Result<()> {
         } else {
             eprintln!("== round {} of {rounds}", round + 1);
         }
-        let nisshi = Nisshi::start(&args.nisshi_bin)?;
-        let data = tempfile::Builder::new().prefix("lockstep-bench-server-").tempdir()?;
-        let server = Lockstep::start(&args.lockstep_bin, &nisshi.bootstrap, data.path(), &[])?;
-        let redis = if args.workloads.iter().any(|w| w == "w5") { Some(Redis::start(&args.redis_bin)?) } else { None };
+        let nisshi = procs::start_nisshi(&args.nisshi_bin).await?;
+        let server = procs::start_lockstep(&args.lockstep_bin, nisshi.bootstrap()).await?;
+        let redis =
+            if args.workloads.iter().any(|w| w == "w5") { Some(Redis::start(&args.redis_bin).await?) } else { None };
         let processes = [
             ("server", server.pid()),
             ("nisshi", nisshi.pid()),
@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("  {workload}");
             let cpu = procs::CpuSnapshot::take(&processes);
             let outcome: anyhow::Result<()> = match workload.as_str() {
-                "w0" => w0::run(&nisshi.bootstrap, &config, round, metrics).await,
+                "w0" => w0::run(nisshi.bootstrap(), &config, round, metrics).await,
                 "w1" => {
                     let profiler = profile::Profiler::start_if(profiling, server.pid(), "w1");
                     let outcome = lockstep::w1(&server, &config, round, metrics).await;

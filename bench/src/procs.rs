@@ -1,193 +1,56 @@
-//! The processes a benchmark round drives: Nisshi (local Kafka), the
-//! `lockstep` server and `redis-server`, each on a free port of 127.0.0.1
-//! with its data in a temporary directory. Killed when dropped.
+//! The processes a benchmark round drives: Nisshi (local Kafka) and the
+//! `lockstep` server from the test kit (started as the tests start them), and
+//! `redis-server`, each on a free port of 127.0.0.1 with its data in a
+//! temporary directory. Killed when dropped. Also /proc readings.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+use std::{path::Path, process::Command};
+
+use anyhow::Context;
+
+use lockstep_testkit::{free_port, process::Process};
+pub use lockstep_testkit::{
+    nisshi::{Nisshi, NisshiOptions},
+    server::Server as Lockstep,
 };
-
-use anyhow::{Context, bail};
 use tempfile::TempDir;
 
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Nisshi from `binary` (the test kit's launcher, as the tests start it).
+pub async fn start_nisshi(binary: &Path) -> anyhow::Result<Nisshi> {
+    Nisshi::start_with(NisshiOptions { binary: Some(binary.to_path_buf()), ..NisshiOptions::default() }).await
 }
 
-fn wait_for_port(child: &mut Child, port: u16, what: &str, log: &Path) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited at start ({status}):\n{}", tail(log));
-        }
-        if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("{what} did not answer on port {port} within 30 s:\n{}", tail(log));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-fn kill(child: &mut Option<Child>) {
-    if let Some(mut child) = child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-pub struct Nisshi {
-    child: Option<Child>,
-    pub bootstrap: String,
-    _dir: TempDir,
-}
-
-impl Nisshi {
-    pub fn start(binary: &Path) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("lockstep-bench-nisshi-").tempdir()?;
-        let port = free_port()?;
-        let bootstrap = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{bootstrap}");
-        let log_path = dir.path().join("nisshi.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut command = Command::new(binary);
-        command
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://kafka.db", "--silent"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        for variable in
-            ["OTEL_EXPORTER_OTLP_ENDPOINT", "CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"]
-        {
-            command.env_remove(variable);
-        }
-        let mut child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
-        if let Err(error) = wait_for_port(&mut child, port, "nisshi", &log_path) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(error);
-        }
-        Ok(Self { child: Some(child), bootstrap, _dir: dir })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-}
-
-impl Drop for Nisshi {
-    fn drop(&mut self) {
-        kill(&mut self.child);
-    }
-}
-
-pub struct Lockstep {
-    child: Option<Child>,
-    pub addr: SocketAddr,
-}
-
-impl Lockstep {
-    /// Starts the server against `kafka` with its data in `data_dir` (kept by the caller).
-    pub fn start(binary: &Path, kafka: &str, data_dir: &Path, env: &[(&str, String)]) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir)?;
-        let log_path = data_dir.join("lockstep.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let mut command = Command::new(binary);
-        command
-            .args(["--listen", "127.0.0.1:0", "--kafka-brokers", kafka, "--data-dir"])
-            .arg(data_dir)
-            .envs(env.iter().map(|(key, value)| (*key, value)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log.try_clone()?);
-        let mut child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
-        let stdout = child.stdout.take().context("lockstep stdout")?;
-        let (addr_tx, addr_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut log = log;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("LOCKSTEP_LISTENING ") {
-                    let _ = addr_tx.send(addr.trim().to_string());
-                }
-                let _ = writeln!(log, "stdout: {line}");
-            }
-        });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("lockstep did not start:\n{}", tail(&log_path));
-            }
-        };
-        Ok(Self { child: Some(child), addr: addr.parse().context("LOCKSTEP_LISTENING address")? })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Lockstep {
-    fn drop(&mut self) {
-        kill(&mut self.child);
-    }
+/// The server `binary` (a release build) with its default settings against `kafka`.
+pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockstep> {
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &[]).await
 }
 
 pub struct Redis {
-    child: Option<Child>,
+    process: Process,
     pub url: String,
     _dir: TempDir,
 }
 
 impl Redis {
-    pub fn start(binary: &Path) -> anyhow::Result<Self> {
+    pub async fn start(binary: &Path) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("lockstep-bench-redis-").tempdir()?;
         let port = free_port()?;
         let log_path = dir.path().join("redis.log");
         let log = std::fs::File::create(&log_path)?;
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
             .args(["--protected-mode", "no", "--daemonize", "no", "--dir"])
             .arg(dir.path())
-            .stdin(Stdio::null())
+            .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        if let Err(error) = wait_for_port(&mut child, port, "redis-server", &log_path) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(error);
-        }
-        Ok(Self { child: Some(child), url: format!("redis://127.0.0.1:{port}/"), _dir: dir })
+            .stderr(log);
+        let mut process = Process::spawn("redis-server", &mut command, &log_path)?;
+        process.wait_for_port(port, std::time::Duration::from_secs(30)).await?;
+        Ok(Self { process, url: format!("redis://127.0.0.1:{port}/"), _dir: dir })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+        self.process.pid()
     }
 }
 

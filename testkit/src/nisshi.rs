@@ -59,6 +59,7 @@ pub fn nisshi_command(binary: &Path, listener: &str, advertised: &str, storage_d
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Nisshi {
+    binary: PathBuf,
     process: Option<Process>,
     port: u16,
     bootstrap: String,
@@ -81,6 +82,8 @@ pub struct NisshiOptions {
     /// Keep the sqlite data on a tmpfs of this many MiB mounted for this broker.
     /// Needs root; where mounting is refused, starting fails with [`TmpfsRefused`].
     pub storage_tmpfs_mib: Option<u64>,
+    /// This `nisshi` binary instead of [`nisshi_binary`]'s.
+    pub binary: Option<PathBuf>,
 }
 
 /// The `nisshi` binary: `$NISSHI_BIN`, else `nisshi` on `PATH`, else `~/.cargo/bin/nisshi`.
@@ -130,7 +133,12 @@ impl Nisshi {
             None => (dir.path().to_path_buf(), None),
         };
         let advertised_port = options.advertised_port.unwrap_or(port);
+        let binary = match options.binary {
+            Some(binary) => binary,
+            None => nisshi_binary()?,
+        };
         let mut nisshi = Self {
+            binary,
             process: None,
             port,
             bootstrap: format!("127.0.0.1:{port}"),
@@ -166,7 +174,7 @@ impl Nisshi {
         let log_path = self.dir.path().join("nisshi.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let listener = format!("tcp://{}", self.bootstrap);
-        let mut command = nisshi_command(&nisshi_binary()?, &listener, &self.advertised, &self.storage);
+        let mut command = nisshi_command(&self.binary, &listener, &self.advertised, &self.storage);
         command.stdout(log.try_clone()?).stderr(log);
         let mut process = Process::spawn("nisshi", &mut command, &log_path)?;
         process.wait_for_port(self.port, START_DEADLINE).await?;
