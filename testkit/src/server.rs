@@ -85,7 +85,8 @@ impl Server {
 
     /// Like [`Server::start_with`], bootstrapping from `kafka` (e.g. a proxy in front of Nisshi).
     pub async fn start_with_kafka(kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut settings = vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "1s"), ("LOCKSTEP_LOG", "info,lockstep_broker=debug")];
+        let mut settings =
+            vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "1s"), ("LOCKSTEP_LOG", "info,lockstep_broker=debug")];
         settings.extend_from_slice(env);
         Self::start_binary(lockstep_binary()?, kafka, &settings).await
     }

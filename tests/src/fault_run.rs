@@ -67,6 +67,7 @@ impl Stack {
             port: Some(port),
             advertised_port: proxy.as_ref().map(Proxy::port),
             storage_tmpfs_mib: options.storage_tmpfs_mib,
+            ..NisshiOptions::default()
         })
         .await?;
         let kafka = proxy.as_ref().map_or_else(|| nisshi.bootstrap().to_string(), |proxy| proxy.addr().to_string());
@@ -223,6 +224,24 @@ impl Run {
         }
     }
 
+    /// Copies the server's and Kafka's logs where they outlive the run:
+    /// `<target dir>/fault-runs/<fault>-seed<seed>-<time>/`.
+    fn keep_logs(&self) -> std::io::Result<std::path::PathBuf> {
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+            || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"),
+            std::path::PathBuf::from,
+        );
+        let time = utc_time_of_day().replace([':', '.'], "");
+        let dir = target.join("fault-runs").join(format!("{}-seed{}-{time}", self.fault, self.seed));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(self.stack.server.log_path(), dir.join("lockstep.log"))?;
+        let nisshi_log = self.stack.nisshi.data_dir().join("nisshi.log");
+        if nisshi_log.exists() {
+            std::fs::copy(nisshi_log, dir.join("nisshi.log"))?;
+        }
+        Ok(dir)
+    }
+
     /// After the faults: lets pushers finish, waits until every device holds
     /// the whole log, then checks the history and prints the summary line.
     pub async fn finish(mut self, mut workload: Workload) -> anyhow::Result<Verdict> {
@@ -275,6 +294,10 @@ impl Run {
         if !ok {
             details.push_str(&report.to_string());
             details.push_str(&self.stack.evidence());
+            match self.keep_logs() {
+                Ok(dir) => details.push_str(&format!("  full logs: {}\n", dir.display())),
+                Err(error) => details.push_str(&format!("  could not keep the logs: {error}\n")),
+            }
         }
         print!("{details}");
         let _ = std::io::stdout().flush();

@@ -8,6 +8,7 @@ use lockstep_e2e::{
     cli::Cli,
     nisshi::{Nisshi, read_topic},
     server::Server,
+    stack::CliStack,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -32,9 +33,7 @@ async fn topic_len(nisshi: &Nisshi, device: &Cli) -> anyhow::Result<(usize, usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_devices_converge_after_offline_edits_and_a_deleted_parent() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let phone = Cli::init("phone", &server).await?;
+    let CliStack { nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let tablet = phone.pair("tablet").await?;
 
@@ -98,9 +97,7 @@ async fn three_devices_converge_after_offline_edits_and_a_deleted_parent() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_example_the_laptops_later_password_wins() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let phone = Cli::init("phone", &server).await?;
+    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let login = phone.json(&["put", "-c", "passwords", r#"{"site":"mail","password":"hunter2"}"#]).await?;
     let id = login["id"].as_str().context("id")?.to_string();
@@ -142,9 +139,7 @@ fn first_number(line: &str, after: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_syncing_10000_changes_loses_nothing() -> anyhow::Result<()> {
     const TOTAL: u64 = 10_000;
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let writer = Cli::init("writer", &server).await?;
+    let CliStack { nisshi, server: _server, device: writer } = CliStack::start("writer").await?;
     let reader = writer.pair("reader").await?;
     let clean = writer.pair("clean").await?;
 
@@ -298,9 +293,7 @@ async fn wait_for_record(device: &Cli, id: &str, expected: &Value) -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_applies_live_changes_and_reconnects_after_a_server_crash() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let mut server = Server::start(&nisshi).await?;
-    let phone = Cli::init("phone", &server).await?;
+    let CliStack { nisshi: _nisshi, mut server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let mut watch = laptop.spawn(&["watch"])?;
 
@@ -371,9 +364,7 @@ fn ids(list: &Value) -> Vec<String> {
 // cover it (`client/tests/resync.rs`). A log that lost everything can be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_lost_changes_is_repaired_from_the_devices_and_nothing_is_deleted() -> anyhow::Result<()> {
-    let mut nisshi = Nisshi::start().await?;
-    let mut server = Server::start(&nisshi).await?;
-    let phone = Cli::init("phone", &server).await?;
+    let CliStack { mut nisshi, mut server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     for n in 0..5 {
         phone.json(&["put", "--id", &format!("early-{n}"), &json!({"n": n}).to_string()]).await?;
@@ -501,9 +492,7 @@ async fn kill_9_of_sync_at_random_moments_rejects_nothing_and_writes_each_change
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_whose_clocks_are_hours_apart_converge_and_nothing_is_skipped() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let phone = Cli::init("phone", &server).await?;
+    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let tablet = phone.pair("tablet").await?;
     // Syncs only at the end: its stamps never saw the laptop's fast clock.

@@ -6,8 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use lockstep_e2e::{
     device::{Device, Received, change, changes, receive_changes, receive_until, with_token},
-    nisshi::{Nisshi, read_topic},
+    nisshi::read_topic,
     server::Server,
+    stack::Stack,
 };
 use lockstep_proto::v1::{
     AckRequest, Change, CreatePairingTicketRequest, GetServerInfoRequest, ListDevicesRequest, PushRequest,
@@ -23,9 +24,7 @@ fn topic_of(device: &Device) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_are_isolated_and_credentials_are_checked() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let alice = Device::create_account(&server, "alice-phone").await?;
+    let Stack { nisshi: _nisshi, server, device: alice } = Stack::start("alice-phone").await?;
     let alice_laptop = alice.pair(&server, "alice-laptop").await?;
     let mallory = Device::create_account(&server, "mallory-phone").await?;
     assert_ne!(alice.user_id, mallory.user_id);
@@ -121,9 +120,7 @@ async fn users_are_isolated_and_credentials_are_checked() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_change_is_appended_once() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let mut server = Server::start(&nisshi).await?;
-    let mut phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, mut server, device: mut phone } = Stack::start("phone").await?;
     let batch = changes(50, 128);
     let first = phone.push_ok(batch.clone()).await?;
 
@@ -180,9 +177,7 @@ async fn a_lost_dedup_index_is_rebuilt_from_the_topic() -> anyhow::Result<()> {
     // The server's table of pushed change ids is a cache of the topic: when it
     // is lost (or behind, after a crash between Kafka's ack and the table
     // write), the server re-reads the topic before it trusts it.
-    let nisshi = Nisshi::start().await?;
-    let mut server = Server::start(&nisshi).await?;
-    let mut phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, mut server, device: mut phone } = Stack::start("phone").await?;
     let batch = changes(30, 64);
     let offsets = phone.push_ok(batch.clone()).await?;
     server.kill9();
@@ -208,13 +203,8 @@ fn bad(mut change: Change, edit: impl FnOnce(&mut Change)) -> Change {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_status_and_changes_nothing() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start_with(
-        &nisshi,
-        &[("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20"), ("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "4096")],
-    )
-    .await?;
-    let phone = Device::create_account(&server, "phone").await?;
+    let limits = [("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20"), ("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "4096")];
+    let Stack { nisshi, server, device: phone } = Stack::start_with("phone", &limits).await?;
     phone.push_ok(changes(3, 16)).await?;
     let info = phone.sync.clone().get_server_info(GetServerInfoRequest {}).await?.into_inner();
     assert_eq!(info.max_changes_per_push, 20);
@@ -308,10 +298,9 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_whose_history_expired_gets_a_resync() -> anyhow::Result<()> {
-    let mut nisshi = Nisshi::start().await?;
     // Topics keep records for 3 s; Nisshi applies retention when it starts.
-    let server = Server::start_with(&nisshi, &[("LOCKSTEP_KAFKA__TOPIC_RETENTION_MS", "3000")]).await?;
-    let phone = Device::create_account(&server, "phone").await?;
+    let retention = [("LOCKSTEP_KAFKA__TOPIC_RETENTION_MS", "3000")];
+    let Stack { mut nisshi, server, device: phone } = Stack::start_with("phone", &retention).await?;
     let laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(10, 32)).await?;
     let mut stream = laptop.subscribe(None).await?;
@@ -361,9 +350,7 @@ async fn a_push_the_device_gave_up_on_is_still_appended_once() -> anyhow::Result
     // A device whose push times out hangs up and pushes the same batch again.
     // The server must finish what it started (Kafka ack, then the dedup record),
     // or the retry appends the changes a second time.
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, server: _server, device: phone } = Stack::start("phone").await?;
     for attempt in 0..40u64 {
         let batch = changes(100, 512);
         let mut request = phone.request(PushRequest { changes: batch.clone() });

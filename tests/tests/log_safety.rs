@@ -10,7 +10,7 @@ use lockstep_e2e::{
     cli::Cli,
     device::{Device, changes, receive_changes},
     nisshi::Nisshi,
-    server::Server,
+    stack::{CliStack, Stack},
 };
 use rdkafka::{
     ClientConfig,
@@ -79,9 +79,7 @@ async fn push_retrying(device: &Device, changes: Vec<lockstep_proto::v1::Change>
 /// syncs without a resync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_the_local_kafka_keeps_every_record() -> anyhow::Result<()> {
-    let mut nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let laptop = Cli::init("laptop", &server).await?;
+    let CliStack { mut nisshi, server: _server, device: laptop } = CliStack::start("laptop").await?;
     for title in ["one", "two", "three"] {
         put(&laptop, json!({ "title": title })).await?;
     }
@@ -127,9 +125,7 @@ async fn delete_and_recreate_topic(nisshi: &Nisshi, topic: &str) -> anyhow::Resu
 /// to the union of what the devices held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_topic_is_repaired_from_the_devices() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let laptop = Cli::init("laptop", &server).await?;
+    let CliStack { nisshi, server, device: laptop } = CliStack::start("laptop").await?;
     let shared = put(&laptop, json!({"title": "shared", "body": "v1"})).await?;
     laptop.sync().await?;
     let phone = laptop.pair("phone").await?;
@@ -191,9 +187,7 @@ async fn a_recreated_topic_is_repaired_from_the_devices() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_log_is_refused_until_each_device_repairs() -> anyhow::Result<()> {
     use lockstep_proto::v1::{ResyncReason, SubscribeRequest, subscribe_response::Event};
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let first = Device::create_account(&server, "first").await?;
+    let Stack { nisshi, server, device: first } = Stack::start("first").await?;
     let second = first.pair(&server, "second").await?;
     let offsets = first.push_ok(changes(5, 100)).await?;
     assert_eq!(second.ack(*offsets.last().context("offsets")?).await?, 5);
@@ -249,9 +243,7 @@ async fn a_lost_log_is_refused_until_each_device_repairs() -> anyhow::Result<()>
 /// told about that offset (a problem in `check`), and what follows arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_in_a_users_log_is_reported_never_skipped_silently() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let laptop = Cli::init("laptop", &server).await?;
+    let CliStack { nisshi, server, device: laptop } = CliStack::start("laptop").await?;
     put(&laptop, json!({"title": "before"})).await?;
     laptop.sync().await?;
     let phone = laptop.pair("phone").await?;
@@ -289,9 +281,7 @@ async fn junk_in_a_users_log_is_reported_never_skipped_silently() -> anyhow::Res
 /// (they used to make one response of 23 MB, over the server's own cap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_legal_changes_are_deliverable() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let first = Device::create_account(&server, "first").await?;
+    let Stack { nisshi: _nisshi, server, device: first } = Stack::start("first").await?;
     let info = first
         .sync
         .clone()
@@ -318,9 +308,7 @@ async fn the_largest_legal_changes_are_deliverable() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_mid_push_keeps_every_acknowledged_change() -> anyhow::Result<()> {
     use lockstep_proto::v1::push_result;
-    let nisshi = Nisshi::start().await?;
-    let mut server = Server::start(&nisshi).await?;
-    let phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, mut server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     // A device that stopped reading its stream: the stop must not wait for it
     // for longer than the drain deadline.

@@ -5,8 +5,8 @@ use std::{collections::BTreeSet, time::Duration};
 
 use lockstep_e2e::{
     device::{Device, Received, changes, receive_changes, receive_until},
-    nisshi::{Nisshi, committed_offset, read_topic},
-    server::Server,
+    nisshi::{committed_offset, read_topic},
+    stack::Stack,
 };
 use lockstep_proto::v1::ListDevicesRequest;
 
@@ -33,9 +33,7 @@ fn assert_same_changes(received: &Received, pushed: &[lockstep_proto::v1::Change
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_changes_reach_the_other_device_in_order_and_unchanged() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     assert_eq!(laptop.user_id, phone.user_id);
     assert_ne!(laptop.device_id, phone.device_id);
@@ -67,9 +65,7 @@ async fn a_thousand_changes_reach_the_other_device_in_order_and_unchanged() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_resumes_after_its_last_ack() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
     let tablet = phone.pair(&server, "tablet").await?;
 
     let first = changes(300, 512);
@@ -113,9 +109,7 @@ async fn an_offline_device_resumes_after_its_last_ack() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_delivering_loses_nothing_that_was_acknowledged() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let mut server = Server::start(&nisshi).await?;
-    let mut phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, mut server, device: mut phone } = Stack::start("phone").await?;
     let mut laptop = phone.pair(&server, "laptop").await?;
 
     let pushed = changes(2000, 1024);
@@ -168,9 +162,7 @@ async fn concurrent_pushes_of_one_user_are_ordered_once_and_retryable() -> anyho
     // The gateway pipelines a user's pushes (the next one enqueues while the
     // previous waits for Kafka): offsets stay contiguous, each change is written
     // once, live delivery stays in offset order, retries answer with first offsets.
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
-    let phone = Device::create_account(&server, "phone").await?;
+    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     let watcher = phone.pair(&server, "watcher").await?;
     let mut stream = watcher.subscribe(None).await?;

@@ -132,7 +132,13 @@ impl Syncer {
         let mut log_end = None;
         let mut push_tick = tokio::time::interval(Duration::from_millis(500));
         let mut silent_until = Instant::now() + self.rpc_timeout.max(idle);
+        let mut heard = false;
         loop {
+            // Silence counts from when this device is ready for more: applying
+            // and acking the last batch (slow on a busy machine) is not the server's.
+            if std::mem::take(&mut heard) {
+                silent_until = Instant::now() + idle;
+            }
             let message = tokio::select! {
                 message = stream.next() => message,
                 () = tokio::time::sleep_until(silent_until) => return Err(SyncError::StreamIdle(idle)),
@@ -144,7 +150,7 @@ impl Syncer {
                     continue;
                 }
             };
-            silent_until = Instant::now() + idle;
+            heard = true;
             let Some(message) = message else { return Err(SyncError::StreamEnded) };
             let event = message.map_err(rpc("Subscribe"))?.event;
             if let Some(reason) = repairing.take()
