@@ -15,10 +15,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 
-use crate::{
-    procs::Redis,
-    stats::Metrics,
-};
+use crate::{procs::Redis, stats::Metrics};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks Lockstep against raw Kafka (Nisshi) and Redis Streams; writes BENCHMARKS.md")]
