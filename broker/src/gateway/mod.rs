@@ -13,14 +13,14 @@ pub mod validate;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use dedup::digest_of_envelope;
 pub use dedup::{DedupIndex, IndexEntry};
-use lockstep_proto::v1::{Change, PushResult};
+use lockstep_proto::v1::{Change, PushResult, push_result};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, encode_change};
-use pipeline::{Plan, UserPush, Written, failed, plan_batch, settle};
+use pipeline::{Plan, Settled, UserPush, Written, failed, plan_batch, settle};
 
 use crate::{
     accounts::AuthedDevice,
@@ -111,10 +111,11 @@ impl Gateway {
             // let it finish, then answer from the index.
             user.wait_finished(enqueue.next_ticket).await;
         }
+        user.index().settle_doubts(&device.device_id, &changes, Instant::now());
         self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await?;
         let ids = changes.iter().map(|change| change.change_id.clone()).collect();
         let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
-        let plans = plan_batch(&device.device_id, changes, &known, &mut user.index().in_flight);
+        let plans = plan_batch(&device.device_id, changes, &known, &mut user.index());
         let mut written = Vec::new();
         let mut pending = Vec::new();
         for (index_in_batch, plan) in plans.into_iter().enumerate() {
@@ -141,36 +142,118 @@ impl Gateway {
         // Settle in ticket (= offset) order.
         user.wait_finished(ticket.number).await;
         let indexed_through = user.index().indexed_through;
-        let settled = settle(device, received_at_ms, indexed_through, written, outcomes);
-        if let Some(end) = settled.entries.iter().map(|entry| entry.offset + 1).max() {
-            self.guard.note_acknowledged(&device.user_id, end);
+        let mut settled = settle(device, received_at_ms, indexed_through, written, outcomes);
+        if settled.contiguous {
+            self.record(&user, device, &topic, indexed_through, &mut settled).await;
+        } else {
+            // A failure, a gap, or an offset out of sequence (librdkafka reports
+            // -1, or another change's offset, after a DuplicateSequenceNumber):
+            // Kafka's answers are not to be trusted as they are. Read the log.
+            self.verify(&user, device, &topic, &mut settled).await;
         }
-        let advance = settled.contiguous.then_some((indexed_through, settled.next_expected));
-        let recorded = self.dedup.record(&device.user_id, settled.entries, advance).await;
         {
             let mut index = user.index();
-            match recorded {
-                Ok(()) if settled.contiguous => index.indexed_through = settled.next_expected,
-                Ok(()) => index.ready = false,
-                Err(error) => {
-                    // The changes are in Kafka: answer with their offsets anyway; the
-                    // next push rebuilds the index from the topic.
-                    tracing::error!(topic, %error, "failed to record pushed changes in the dedup index");
-                    index.ready = false;
-                }
-            }
             // Only now: a retry arriving before would not find them in the index.
-            for change_id in settled.change_ids {
-                index.in_flight.remove(&(device.device_id.clone(), change_id));
+            for change_id in &settled.change_ids {
+                index.in_flight.remove(&(device.device_id.clone(), change_id.clone()));
+            }
+            let until = Instant::now() + self.kafka.produce_timeout;
+            for change_id in &settled.failed_ids {
+                index.in_doubt.insert((device.device_id.clone(), change_id.clone()), until);
             }
         }
         // Published in ticket order, so the live tail sees this user's changes in offset order.
-        self.delivery.publish(&device.user_id, settled.published);
+        self.delivery.publish(&device.user_id, std::mem::take(&mut settled.published));
         ticket.finish();
         for (index_in_batch, result) in settled.results {
             results[index_in_batch] = Some(result);
         }
         Ok(results.into_iter().map(|result| result.unwrap_or_default()).collect())
+    }
+
+    /// Records contiguous, trusted offsets in the dedup index and moves its mark.
+    async fn record(
+        &self,
+        user: &UserPush,
+        device: &AuthedDevice,
+        topic: &str,
+        indexed_through: i64,
+        settled: &mut Settled,
+    ) {
+        if let Some(end) = settled.entries.iter().map(|entry| entry.offset + 1).max() {
+            self.guard.note_acknowledged(&device.user_id, end);
+        }
+        let advance = Some((indexed_through, settled.next_expected));
+        let recorded = self.dedup.record(&device.user_id, std::mem::take(&mut settled.entries), advance).await;
+        let mut index = user.index();
+        match recorded {
+            Ok(()) => index.indexed_through = settled.next_expected,
+            Err(error) => {
+                // The changes are in Kafka: answer with their offsets anyway; the
+                // next push rebuilds the index from the topic.
+                tracing::error!(topic, %error, "failed to record pushed changes in the dedup index");
+                index.ready = false;
+            }
+        }
+    }
+
+    /// Re-reads the log and answers each written change with the offset the
+    /// log holds it at; a change Kafka acknowledged that the log does not
+    /// show is answered UNAVAILABLE (its retry finds it or writes it).
+    async fn verify(&self, user: &UserPush, device: &AuthedDevice, topic: &str, settled: &mut Settled) {
+        user.index().ready = false;
+        let found = match self.reindex(&device.user_id, topic).await {
+            Ok((through, generation)) => {
+                {
+                    let mut index = user.index();
+                    index.indexed_through = through;
+                    index.generation = generation;
+                    index.ready = true;
+                }
+                let ids = settled.change_ids.clone();
+                match self.dedup.lookup(&device.user_id, &device.device_id, ids).await {
+                    Ok(found) => found,
+                    Err(error) => {
+                        tracing::warn!(topic, %error, "cannot look a push's changes up in the dedup index");
+                        HashMap::new()
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(topic, %error, "cannot re-read the log to check a push's offsets");
+                HashMap::new()
+            }
+        };
+        let mut offsets = HashMap::new();
+        for ((_, result), change_id) in settled.results.iter_mut().zip(&settled.change_ids) {
+            match found.get(change_id) {
+                Some((offset, _)) => {
+                    *result = PushResult { result: Some(push_result::Result::Offset(*offset)), duplicate: false };
+                    offsets.insert(change_id.clone(), *offset);
+                }
+                None if matches!(result.result, Some(push_result::Result::Offset(_))) => {
+                    *result = failed(&ApiError::Unavailable(format!(
+                        "kafka acknowledged change_id {change_id} but the log does not show it; retry"
+                    )));
+                }
+                None => {}
+            }
+        }
+        // A change found in the log waits for no late copy of itself.
+        settled.failed_ids.retain(|change_id| !offsets.contains_key(change_id));
+        settled.entries.clear();
+        let mut published: Vec<_> = std::mem::take(&mut settled.published)
+            .into_iter()
+            .filter_map(|change| {
+                let change_id = change.change.as_ref().map(|change| change.change_id.clone())?;
+                let offset = *offsets.get(&change_id)?;
+                let mut change = Arc::unwrap_or_clone(change);
+                change.offset = offset;
+                Some(Arc::new(change))
+            })
+            .collect();
+        published.sort_by_key(|change| change.offset);
+        settled.published = published;
     }
 
     /// Re-reads the topic into the dedup index if the index is behind or

@@ -15,6 +15,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use lockstep_proto::v1::{Change, DeliveredChange, PushError, PushResult, push_result};
@@ -36,6 +37,9 @@ pub(super) struct EnqueueState {
     pub next_ticket: u64,
 }
 
+/// Doubts kept before the expired ones are swept.
+const MAX_DOUBTS: usize = 1024;
+
 /// (device, change id) of a change.
 pub(super) type ChangeKey = (Arc<str>, String);
 
@@ -48,6 +52,29 @@ pub(super) struct IndexState {
     pub generation: i64,
     /// Changes enqueued but not yet recorded.
     pub in_flight: HashSet<ChangeKey>,
+    /// Changes whose produce failed but may still land (a request Kafka had
+    /// not answered), until when. A retry before then could append them twice.
+    pub in_doubt: HashMap<ChangeKey, Instant>,
+}
+
+impl IndexState {
+    /// Forgets doubts about `changes` that are over; if there were any, the
+    /// index must be re-read (a late copy may have landed meanwhile).
+    pub fn settle_doubts(&mut self, device_id: &Arc<str>, changes: &[Change], now: Instant) {
+        // Doubts of changes never retried: forgotten in bulk (any later retry
+        // of them then finds the index re-read).
+        if self.in_doubt.len() > MAX_DOUBTS {
+            self.in_doubt.retain(|_, until| *until > now);
+            self.ready = false;
+        }
+        for change in changes {
+            let key = (device_id.clone(), change.change_id.clone());
+            if self.in_doubt.get(&key).is_some_and(|until| *until <= now) {
+                self.in_doubt.remove(&key);
+                self.ready = false;
+            }
+        }
+    }
 }
 
 impl UserPush {
@@ -120,13 +147,14 @@ pub(super) enum Plan {
 }
 
 /// Phase 1. `known` holds the dedup index's (offset, digest) of the batch's
-/// change ids; `in_flight` gets the changes to write (their keys are removed
-/// again in [`settle`], or by the caller for changes it could not enqueue).
+/// change ids; `index.in_flight` gets the changes to write (their keys are
+/// removed again after the dedup record, or by the caller for changes it could
+/// not enqueue); a change still in doubt is not written again yet.
 pub(super) fn plan_batch(
     device_id: &Arc<str>,
     changes: Vec<Change>,
     known: &HashMap<String, (i64, Digest)>,
-    in_flight: &mut HashSet<ChangeKey>,
+    index: &mut IndexState,
 ) -> Vec<Plan> {
     changes
         .into_iter()
@@ -142,7 +170,13 @@ pub(super) fn plan_batch(
                     )))
                 });
             }
-            if !in_flight.insert((device_id.clone(), change.change_id.clone())) {
+            if index.in_doubt.contains_key(&(device_id.clone(), change.change_id.clone())) {
+                return Plan::Answer(failed(&ApiError::Unavailable(format!(
+                    "an earlier attempt of change_id {} may still land in the log; retry in a few seconds",
+                    change.change_id
+                ))));
+            }
+            if !index.in_flight.insert((device_id.clone(), change.change_id.clone())) {
                 return Plan::Answer(failed(&ApiError::Unavailable(format!(
                     "change_id {} appears twice in the batch; the first one is being written",
                     change.change_id
@@ -174,6 +208,8 @@ pub(super) struct Settled {
     /// The written changes' ids: in flight until the dedup index recorded them
     /// (the caller releases them then; earlier, a retry would write them again).
     pub change_ids: Vec<String>,
+    /// Ids of changes whose produce failed: they may still land.
+    pub failed_ids: Vec<String>,
 }
 
 /// Phase 3: `outcomes[i]` is Kafka's answer for `written[i]`; the index
@@ -212,6 +248,7 @@ pub(super) fn settle(
                 // A failed produce may still have landed (librdkafka cannot always
                 // tell): the index must be re-read before it is trusted again.
                 settled.contiguous = false;
+                settled.failed_ids.push(change.change_id.clone());
                 tracing::warn!(user_id = %device.user_id, %error, "produce failed");
                 settled.results.push((index_in_batch, failed(&ApiError::from(error))));
             }
@@ -285,22 +322,22 @@ mod tests {
             ("b".to_string(), (8, digest_of_change(&reused))),
         ]);
         reused.ciphertext = Bytes::from_static(b"other content");
-        let mut in_flight = HashSet::new();
-        let plans = plan_batch(&device_id, vec![retried, reused, change("c")], &known, &mut in_flight);
+        let mut index = IndexState::default();
+        let plans = plan_batch(&device_id, vec![retried, reused, change("c")], &known, &mut index);
         assert!(matches!(&plans[0], Plan::Answer(result) if offset_of(result) == Some((7, true))));
         assert!(
             matches!(&plans[1], Plan::Answer(result) if error_of(result) == (tonic::Code::AlreadyExists as i32, false))
         );
         assert!(matches!(&plans[2], Plan::Write { change, .. } if change.change_id == "c"));
-        assert_eq!(in_flight, HashSet::from([(device_id, "c".to_string())]), "only what is written is in flight");
+        assert_eq!(index.in_flight, HashSet::from([(device_id, "c".to_string())]), "only what is written is in flight");
     }
 
     #[test]
     fn a_change_in_flight_is_not_written_twice() {
         let device_id: Arc<str> = "d".into();
-        let mut in_flight = HashSet::from([(device_id.clone(), "a".to_string())]);
-        let plans =
-            plan_batch(&device_id, vec![change("a"), change("b"), change("b")], &HashMap::new(), &mut in_flight);
+        let mut index = IndexState::default();
+        index.in_flight.insert((device_id.clone(), "a".to_string()));
+        let plans = plan_batch(&device_id, vec![change("a"), change("b"), change("b")], &HashMap::new(), &mut index);
         assert!(
             matches!(&plans[0], Plan::Answer(result) if error_of(result) == (tonic::Code::Unavailable as i32, true)),
             "a change another push is writing: retry later"
@@ -387,5 +424,24 @@ mod tests {
         assert!(!user.index().ready, "an abandoned push may have written: re-read the topic");
         tokio::time::timeout(Duration::from_secs(5), user.wait_finished(3)).await.unwrap();
         assert!(shutdown.drained(Duration::from_secs(5)).await, "no ticket keeps shutdown waiting after it finished");
+    }
+
+    #[test]
+    fn a_change_whose_produce_failed_is_not_written_again_while_it_may_still_land() {
+        let device_id: Arc<str> = "d".into();
+        let now = Instant::now();
+        let mut index = IndexState { ready: true, ..IndexState::default() };
+        index.in_doubt.insert((device_id.clone(), "a".into()), now + Duration::from_secs(3));
+        index.settle_doubts(&device_id, &[change("a")], now);
+        assert!(index.ready, "the doubt is not over");
+        let plans = plan_batch(&device_id, vec![change("a")], &HashMap::new(), &mut index);
+        assert!(
+            matches!(&plans[0], Plan::Answer(result) if error_of(result) == (tonic::Code::Unavailable as i32, true))
+        );
+        // Once it is over, the index is re-read before the change may be written.
+        index.settle_doubts(&device_id, &[change("a")], now + Duration::from_secs(4));
+        assert!(!index.ready && index.in_doubt.is_empty());
+        let plans = plan_batch(&device_id, vec![change("a")], &HashMap::new(), &mut index);
+        assert!(matches!(&plans[0], Plan::Write { .. }));
     }
 }

@@ -15,7 +15,7 @@ use crate::{
     delivery::SubscribeStream,
     error::ApiError,
     gateway::validate::{MAX_CHANGE_ID_CHARS, MAX_RECORD_ID_CHARS},
-    kafka::user_topic,
+    kafka::{KafkaError, user_topic},
 };
 
 const MAX_DEVICE_NAME_CHARS: usize = 64;
@@ -36,6 +36,19 @@ fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedDevice, ApiE
         return Err(ApiError::Unauthenticated("device token is malformed".into()));
     }
     app.accounts.authenticate(token).ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
+}
+
+/// Everything a Subscribe or an Ack waits for (watermarks, group offsets,
+/// the log guard) within `kafka.operation_deadline`, then UNAVAILABLE.
+async fn bounded<T>(
+    app: &App,
+    operation: &'static str,
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(app.settings.kafka.operation_deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::Kafka(KafkaError::Timeout(operation))),
+    }
 }
 
 fn check_device_name(name: &str) -> Result<String, ApiError> {
@@ -197,12 +210,14 @@ impl sync_server::Sync for SyncApi {
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let device = authenticate(&self.app, &request)?;
         let SubscribeRequest { from_offset, repair } = request.into_inner();
-        Ok(Response::new(self.app.delivery.subscribe(device, from_offset, repair).await?))
+        let subscribed = bounded(&self.app, "subscribe", self.app.delivery.subscribe(device, from_offset, repair));
+        Ok(Response::new(subscribed.await?))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let device = authenticate(&self.app, &request)?;
-        let committed_offset = self.app.delivery.ack(&device, request.get_ref().offset).await?;
+        let committed_offset =
+            bounded(&self.app, "ack", self.app.delivery.ack(&device, request.get_ref().offset)).await?;
         Ok(Response::new(AckResponse { committed_offset }))
     }
 
