@@ -232,6 +232,9 @@ impl Nisshi {
 impl Drop for Nisshi {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- nisshi log (last lines) ---\n{}", crate::log_tail(&self.dir.path().join("nisshi.log")));
+        }
         // Then `_tmpfs` unmounts (nothing holds it open any more), then `dir` goes.
     }
 }
