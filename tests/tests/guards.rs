@@ -316,11 +316,14 @@ async fn a_device_whose_history_expired_gets_a_resync() -> anyhow::Result<()> {
     let log_start = records.first().map(|(offset, _)| *offset).expect("recent records kept");
     assert!(log_start > 3, "retention removed the laptop's position (log starts at {log_start})");
 
+    let reconnect_by = tokio::time::Instant::now() + WAIT;
     let mut stream = loop {
         // Lockstep's Kafka clients reconnect to the restarted broker.
         match laptop.subscribe(None).await {
             Ok(stream) => break stream,
-            Err(status) if status.code() == Code::Unavailable => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(status) if status.code() == Code::Unavailable && tokio::time::Instant::now() < reconnect_by => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
             Err(status) => return Err(status.into()),
         }
     };
