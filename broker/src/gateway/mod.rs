@@ -202,14 +202,8 @@ impl Gateway {
     /// show is answered UNAVAILABLE (its retry finds it or writes it).
     async fn verify(&self, user: &UserPush, device: &AuthedDevice, topic: &str, settled: &mut Settled) {
         user.index().ready = false;
-        let found = match self.reindex(&device.user_id, topic).await {
-            Ok((through, generation)) => {
-                {
-                    let mut index = user.index();
-                    index.indexed_through = through;
-                    index.generation = generation;
-                    index.ready = true;
-                }
+        let found = match self.reindex(user, &device.user_id, topic).await {
+            Ok(()) => {
                 let ids = settled.change_ids.clone();
                 match self.dedup.lookup(&device.user_id, &device.device_id, ids).await {
                     Ok(found) => found,
@@ -274,18 +268,13 @@ impl Gateway {
             return Ok(());
         }
         user.wait_finished(tickets_before).await;
-        let (through, generation) = self.reindex(user_id, topic).await?;
-        let mut index = user.index();
-        index.indexed_through = through;
-        index.generation = generation;
-        index.ready = true;
-        Ok(())
+        self.reindex(user, user_id, topic).await
     }
 
     /// Brings the dedup index up to the end of the user's topic by reading
     /// what it is missing, after checking that the log did not lose changes
-    /// (which drops the index). Returns the new mark and the log generation.
-    async fn reindex(&self, user_id: &Arc<str>, topic: &str) -> Result<(i64, i64), ApiError> {
+    /// (which drops the index); then marks `user`'s index current.
+    async fn reindex(&self, user: &UserPush, user_id: &Arc<str>, topic: &str) -> Result<(), ApiError> {
         let (watermarks, generation) = self.guard.read_and_check(&self.topics, user_id, topic, None).await?;
         let from = self.dedup.indexed_through(user_id).await?;
         let mut cursor = from.max(watermarks.log_start);
@@ -321,7 +310,11 @@ impl Gateway {
         }
         let through = cursor.max(from);
         self.dedup.set_indexed_through(user_id, through).await?;
-        Ok((through, generation))
+        let mut index = user.index();
+        index.indexed_through = through;
+        index.generation = generation;
+        index.ready = true;
+        Ok(())
     }
 
     fn user_state(&self, user_id: &Arc<str>) -> Arc<UserPush> {
