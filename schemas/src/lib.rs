@@ -28,16 +28,23 @@
 //! - `src/wire.rs` — the single-object framing (magic + fingerprint header).
 //! - `src/change.rs` — [`ChangeEnvelope`] / [`Op`] and their mapping to and
 //!   from Avro values.
+//! - `src/event.rs` — [`Event`]: the metadata-only notifications on the
+//!   events topic (`avro/event.avsc`), same framing.
 //! - this file — the public API and [`SchemaError`].
 
 mod canonical;
 mod change;
+mod event;
 mod registry;
 mod wire;
 
 use std::fmt;
 
 pub use change::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Op};
+pub use event::{
+    BODY_KINDS, EVENT_AVSC, Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, decode_event,
+    encode_event, event_canonical_form, event_fingerprint, event_schema,
+};
 pub use wire::{SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MAGIC};
 
 /// The text of `avro/change_envelope.avsc`, the current (writer) schema of
@@ -66,6 +73,14 @@ pub enum SchemaError {
         registry::known_fingerprints_hex()
     )]
     UnknownFingerprint { fingerprint: [u8; 8] },
+
+    /// An events-topic record whose header names another schema.
+    #[error(
+        "unknown event schema fingerprint {} (CRC-64-AVRO, little-endian as on the wire); \
+         this build reads events with fingerprint {known}",
+        Hex(fingerprint)
+    )]
+    UnknownEventFingerprint { fingerprint: [u8; 8], known: String },
 
     /// The Avro body could not be decoded with the writer schema (truncated or
     /// corrupt), or could not be resolved to the current reader schema.

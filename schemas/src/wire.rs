@@ -78,6 +78,16 @@ fn walk(schema: &Schema, field: &str, rest: &mut &[u8]) -> Result<bool, SchemaEr
                 Err(_) => Ok(false), // negative: apache-avro rejects it
             }
         }
+        Schema::Null => Ok(true),
+        Schema::Union(union) => {
+            let Some(index) = read_varint(rest) else {
+                return Ok(false);
+            };
+            match usize::try_from(index).ok().and_then(|i| union.variants().get(i)) {
+                Some(variant) => walk(variant, field, rest),
+                None => Ok(false), // apache-avro reports the bad index
+            }
+        }
         Schema::Record(record) => {
             for f in &record.fields {
                 if !walk(&f.schema, &f.name, rest)? {

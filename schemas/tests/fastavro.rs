@@ -169,3 +169,73 @@ fn fastavro_reads_ours_and_we_read_fastavros() {
         assert!(bytes == encode_change(e).unwrap(), "py_{i}.bin differs from Rust's encoding");
     }
 }
+
+/// The events topic's format, read by fastavro from `avro/event.avsc` alone.
+#[test]
+fn fastavro_reads_our_events_byte_for_byte() {
+    use lockstep_schemas::{
+        Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, encode_event, event_fingerprint,
+    };
+
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = manifest.join("tests/fastavro_events.py");
+    let avsc = manifest.join("avro/event.avsc");
+    let dir = tempfile::tempdir().unwrap();
+    let event = |body| Event { user_id: "user-1".into(), node_id: "node-a".into(), at_ms: 1_732_470_000_999, body };
+    let events = [
+        event(EventBody::LogAppended {
+            log_generation: 1,
+            first_offset: 5,
+            log_end: 1005,
+            count: 1000,
+            origin_device_id: "laptop".into(),
+            first_received_at_ms: 1_732_470_000_000,
+        }),
+        event(EventBody::DeviceAcked { device_id: "phone".into(), log_generation: 1, committed_offset: 1005 }),
+        event(EventBody::DeviceConnected { device_id: "phone".into(), lease_until_ms: 1_732_470_090_000 }),
+        event(EventBody::PushTargetSet {
+            device_id: "phone".into(),
+            target: PushTarget::WebPush {
+                endpoint: "https://push.example/x".into(),
+                p256dh: vec![4; 65],
+                auth: vec![9; 16],
+            },
+        }),
+        event(EventBody::PushTargetSet {
+            device_id: "phone".into(),
+            target: PushTarget::Webhook {
+                url: "https://gw.example/_matrix/push/v1/notify".into(),
+                app_id: "a".into(),
+                pushkey: "k".into(),
+            },
+        }),
+        event(EventBody::PushTargetRemoved { device_id: "phone".into(), reason: TargetRemovedReason::DeviceRevoked }),
+        event(EventBody::WakeUp {
+            device_id: "phone".into(),
+            log_end: 1005,
+            outcome: WakeUpOutcome::Sent,
+            http_status: 201,
+        }),
+    ];
+    for (i, e) in events.iter().enumerate() {
+        fs::write(dir.path().join(format!("rust_{i}.bin")), encode_event(e).unwrap()).unwrap();
+    }
+    let output =
+        Command::new("python3").arg(&script).arg(&avsc).arg(dir.path()).output().expect("python3 with fastavro");
+    assert!(output.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["fingerprint"].as_str().unwrap(), hex(&event_fingerprint()));
+
+    let decoded = |i: usize| report["decoded"][format!("rust_{i}.bin")].clone();
+    assert_eq!(decoded(0)["body"]["branch"], "lockstep.events.v1.LogAppended");
+    assert_eq!(decoded(0)["body"]["record"]["log_end"], 1005);
+    assert_eq!(decoded(0)["body"]["record"]["first_received_at"], 1_732_470_000_000_i64);
+    assert_eq!(decoded(0)["at"], 1_732_470_000_999_i64);
+    assert_eq!(decoded(1)["body"]["record"]["committed_offset"], 1005);
+    assert_eq!(decoded(3)["body"]["record"]["target"]["branch"], "lockstep.events.v1.WebPushTarget");
+    assert_eq!(decoded(3)["body"]["record"]["target"]["record"]["auth"], hex(&[9; 16]));
+    assert_eq!(decoded(4)["body"]["record"]["target"]["branch"], "lockstep.events.v1.WebhookTarget");
+    assert_eq!(decoded(5)["body"]["record"]["reason"], "DEVICE_REVOKED");
+    assert_eq!(decoded(6)["body"]["record"]["outcome"], "SENT");
+    assert_eq!(decoded(6)["body"]["record"]["http_status"], 201);
+}

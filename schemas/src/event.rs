@@ -1,0 +1,481 @@
+//! [`Event`]: the metadata-only notifications on Lockstep's events topic, and
+//! their mapping to and from the `lockstep.events.v1.Event` Avro record
+//! (`avro/event.avsc`, single-object encoded like the change envelope).
+//!
+//! Every event states absolute state (a log end, a committed offset, a
+//! lease), so a consumer that sees a duplicate, or a coalesced run instead of
+//! each step, ends in the same state. Nothing here can carry a ciphertext, a
+//! nonce, a record id or a collection.
+
+use std::{fmt, sync::LazyLock};
+
+use apache_avro::{Schema, types::Value};
+
+use crate::{Hex, SchemaError, canonical, wire};
+
+/// The text of `avro/event.avsc`.
+pub const EVENT_AVSC: &str = include_str!("../avro/event.avsc");
+
+struct EventSchema {
+    schema: Schema,
+    canonical_form: String,
+    fingerprint: [u8; 8],
+}
+
+static EVENT_SCHEMA: LazyLock<EventSchema> = LazyLock::new(|| {
+    // Compiled in; the crate's tests catch a schema that does not parse.
+    let schema = Schema::parse_str(EVENT_AVSC).unwrap_or_else(|e| panic!("avro/event.avsc does not parse: {e}"));
+    let canonical_form =
+        canonical::parsing_canonical_form(EVENT_AVSC).unwrap_or_else(|e| panic!("avro/event.avsc: {e}"));
+    let fingerprint = canonical::crc64_avro(canonical_form.as_bytes()).to_le_bytes();
+    EventSchema { schema, canonical_form, fingerprint }
+});
+
+/// The parsed event schema, for tools and tests.
+pub fn event_schema() -> &'static Schema {
+    &EVENT_SCHEMA.schema
+}
+
+/// CRC-64-AVRO of the event schema's Parsing Canonical Form, as on the wire.
+pub fn event_fingerprint() -> [u8; 8] {
+    EVENT_SCHEMA.fingerprint
+}
+
+/// The Parsing Canonical Form [`event_fingerprint`] is computed from.
+pub fn event_canonical_form() -> &'static str {
+    &EVENT_SCHEMA.canonical_form
+}
+
+/// One event. The Kafka record key is `user_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub user_id: String,
+    /// The server node or push worker that published it.
+    pub node_id: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    pub body: EventBody,
+}
+
+/// What happened. Field docs live in `avro/event.avsc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBody {
+    LogAppended {
+        log_generation: i64,
+        first_offset: i64,
+        log_end: i64,
+        count: i64,
+        origin_device_id: String,
+        first_received_at_ms: i64,
+    },
+    DeviceAcked {
+        device_id: String,
+        log_generation: i64,
+        committed_offset: i64,
+    },
+    DeviceConnected {
+        device_id: String,
+        lease_until_ms: i64,
+    },
+    DeviceDisconnected {
+        device_id: String,
+    },
+    DeviceAdded {
+        device_id: String,
+    },
+    DeviceRevoked {
+        device_id: String,
+    },
+    PushTargetSet {
+        device_id: String,
+        target: PushTarget,
+    },
+    PushTargetRemoved {
+        device_id: String,
+        reason: TargetRemovedReason,
+    },
+    WakeUp {
+        device_id: String,
+        log_end: i64,
+        outcome: WakeUpOutcome,
+        http_status: i32,
+    },
+}
+
+impl EventBody {
+    /// The device the event is about, if any (`LogAppended` is about the user).
+    pub fn device_id(&self) -> Option<&str> {
+        match self {
+            EventBody::LogAppended { .. } => None,
+            EventBody::DeviceAcked { device_id, .. }
+            | EventBody::DeviceConnected { device_id, .. }
+            | EventBody::DeviceDisconnected { device_id }
+            | EventBody::DeviceAdded { device_id }
+            | EventBody::DeviceRevoked { device_id }
+            | EventBody::PushTargetSet { device_id, .. }
+            | EventBody::PushTargetRemoved { device_id, .. }
+            | EventBody::WakeUp { device_id, .. } => Some(device_id),
+        }
+    }
+
+    /// The Avro record name of this kind, e.g. `"LogAppended"`.
+    pub fn kind(&self) -> &'static str {
+        BODY_KINDS[self.union_index() as usize]
+    }
+
+    fn union_index(&self) -> u32 {
+        match self {
+            EventBody::LogAppended { .. } => 0,
+            EventBody::DeviceAcked { .. } => 1,
+            EventBody::DeviceConnected { .. } => 2,
+            EventBody::DeviceDisconnected { .. } => 3,
+            EventBody::DeviceAdded { .. } => 4,
+            EventBody::DeviceRevoked { .. } => 5,
+            EventBody::PushTargetSet { .. } => 6,
+            EventBody::PushTargetRemoved { .. } => 7,
+            EventBody::WakeUp { .. } => 8,
+        }
+    }
+}
+
+/// The body union's branches, in schema order.
+pub const BODY_KINDS: [&str; 9] = [
+    "LogAppended",
+    "DeviceAcked",
+    "DeviceConnected",
+    "DeviceDisconnected",
+    "DeviceAdded",
+    "DeviceRevoked",
+    "PushTargetSet",
+    "PushTargetRemoved",
+    "WakeUp",
+];
+
+/// Where a device can be woken. The endpoint / url is a secret: `Debug`
+/// shows only its origin.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PushTarget {
+    /// An RFC 8030 push subscription (Web Push, UnifiedPush).
+    WebPush { endpoint: String, p256dh: Vec<u8>, auth: Vec<u8> },
+    /// A Matrix-push-gateway-shaped webhook.
+    Webhook { url: String, app_id: String, pushkey: String },
+}
+
+impl PushTarget {
+    /// `scheme://host[:port]` of the endpoint, safe to log.
+    pub fn origin(&self) -> &str {
+        let url = match self {
+            PushTarget::WebPush { endpoint, .. } => endpoint,
+            PushTarget::Webhook { url, .. } => url,
+        };
+        let after_scheme = url.find("://").map_or(0, |i| i + 3);
+        let end = url[after_scheme..].find(['/', '?', '#']).map_or(url.len(), |i| after_scheme + i);
+        &url[..end]
+    }
+}
+
+impl fmt::Debug for PushTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PushTarget::WebPush { .. } => write!(f, "WebPush({}/…)", self.origin()),
+            PushTarget::Webhook { app_id, .. } => write!(f, "Webhook({}/…, app_id={app_id})", self.origin()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetRemovedReason {
+    RemovedByDevice,
+    DeviceRevoked,
+    /// The push service answered 404 or 410.
+    Gone,
+    /// A webhook listed the pushkey as rejected.
+    Rejected,
+}
+
+const REMOVED_REASONS: [(TargetRemovedReason, &str); 4] = [
+    (TargetRemovedReason::RemovedByDevice, "REMOVED_BY_DEVICE"),
+    (TargetRemovedReason::DeviceRevoked, "DEVICE_REVOKED"),
+    (TargetRemovedReason::Gone, "GONE"),
+    (TargetRemovedReason::Rejected, "REJECTED"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WakeUpOutcome {
+    Sent,
+    Gone,
+    Throttled,
+    Retrying,
+    Failed,
+}
+
+const OUTCOMES: [(WakeUpOutcome, &str); 5] = [
+    (WakeUpOutcome::Sent, "SENT"),
+    (WakeUpOutcome::Gone, "GONE"),
+    (WakeUpOutcome::Throttled, "THROTTLED"),
+    (WakeUpOutcome::Retrying, "RETRYING"),
+    (WakeUpOutcome::Failed, "FAILED"),
+];
+
+impl WakeUpOutcome {
+    pub fn as_str(self) -> &'static str {
+        symbol_of(&OUTCOMES, self).1
+    }
+}
+
+impl TargetRemovedReason {
+    pub fn as_str(self) -> &'static str {
+        symbol_of(&REMOVED_REASONS, self).1
+    }
+}
+
+fn symbol_of<T: PartialEq + Copy>(table: &[(T, &'static str)], value: T) -> (u32, &'static str) {
+    let index = table.iter().position(|(v, _)| *v == value).unwrap_or(0);
+    (index as u32, table[index].1)
+}
+
+/// Single-object encodes an event with the current schema.
+pub fn encode_event(event: &Event) -> Result<Vec<u8>, SchemaError> {
+    let body = apache_avro::to_avro_datum(&EVENT_SCHEMA.schema, event_to_value(event)).map_err(SchemaError::Encode)?;
+    let mut out = Vec::with_capacity(crate::SINGLE_OBJECT_HEADER_LEN + body.len());
+    wire::write_header(&EVENT_SCHEMA.fingerprint, &mut out);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes one single-object encoded event; never panics on arbitrary input.
+pub fn decode_event(bytes: &[u8]) -> Result<Event, SchemaError> {
+    let (fingerprint, mut body) = wire::split_header(bytes)?;
+    if fingerprint != EVENT_SCHEMA.fingerprint {
+        return Err(SchemaError::UnknownEventFingerprint {
+            fingerprint,
+            known: Hex(&EVENT_SCHEMA.fingerprint).to_string(),
+        });
+    }
+    wire::check_lengths(&EVENT_SCHEMA.schema, body)?;
+    let value =
+        apache_avro::from_avro_datum(&EVENT_SCHEMA.schema, &mut body, None).map_err(SchemaError::MalformedBody)?;
+    if !body.is_empty() {
+        return Err(SchemaError::TrailingBytes { count: body.len() });
+    }
+    event_from_value(value)
+}
+
+fn s(v: &str) -> Value {
+    Value::String(v.to_owned())
+}
+
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+}
+
+fn event_to_value(event: &Event) -> Value {
+    let body = match &event.body {
+        EventBody::LogAppended {
+            log_generation,
+            first_offset,
+            log_end,
+            count,
+            origin_device_id,
+            first_received_at_ms,
+        } => record(vec![
+            ("log_generation", Value::Long(*log_generation)),
+            ("first_offset", Value::Long(*first_offset)),
+            ("log_end", Value::Long(*log_end)),
+            ("count", Value::Long(*count)),
+            ("origin_device_id", s(origin_device_id)),
+            ("first_received_at", Value::TimestampMillis(*first_received_at_ms)),
+        ]),
+        EventBody::DeviceAcked { device_id, log_generation, committed_offset } => record(vec![
+            ("device_id", s(device_id)),
+            ("log_generation", Value::Long(*log_generation)),
+            ("committed_offset", Value::Long(*committed_offset)),
+        ]),
+        EventBody::DeviceConnected { device_id, lease_until_ms } => {
+            record(vec![("device_id", s(device_id)), ("lease_until", Value::TimestampMillis(*lease_until_ms))])
+        }
+        EventBody::DeviceDisconnected { device_id }
+        | EventBody::DeviceAdded { device_id }
+        | EventBody::DeviceRevoked { device_id } => record(vec![("device_id", s(device_id))]),
+        EventBody::PushTargetSet { device_id, target } => {
+            let target = match target {
+                PushTarget::WebPush { endpoint, p256dh, auth } => Value::Union(
+                    0,
+                    Box::new(record(vec![
+                        ("endpoint", s(endpoint)),
+                        ("p256dh", Value::Bytes(p256dh.clone())),
+                        ("auth", Value::Bytes(auth.clone())),
+                    ])),
+                ),
+                PushTarget::Webhook { url, app_id, pushkey } => Value::Union(
+                    1,
+                    Box::new(record(vec![("url", s(url)), ("app_id", s(app_id)), ("pushkey", s(pushkey))])),
+                ),
+            };
+            record(vec![("device_id", s(device_id)), ("target", target)])
+        }
+        EventBody::PushTargetRemoved { device_id, reason } => {
+            let (index, symbol) = symbol_of(&REMOVED_REASONS, *reason);
+            record(vec![("device_id", s(device_id)), ("reason", Value::Enum(index, symbol.into()))])
+        }
+        EventBody::WakeUp { device_id, log_end, outcome, http_status } => {
+            let (index, symbol) = symbol_of(&OUTCOMES, *outcome);
+            record(vec![
+                ("device_id", s(device_id)),
+                ("log_end", Value::Long(*log_end)),
+                ("outcome", Value::Enum(index, symbol.into())),
+                ("http_status", Value::Int(*http_status)),
+            ])
+        }
+    };
+    record(vec![
+        ("user_id", s(&event.user_id)),
+        ("node_id", s(&event.node_id)),
+        ("at", Value::TimestampMillis(event.at_ms)),
+        ("body", Value::Union(event.body.union_index(), Box::new(body))),
+    ])
+}
+
+/// A decoded record's fields by name (the schema fixes their order, but
+/// looking them up by name keeps the mapping obvious).
+struct Fields(Vec<(String, Value)>);
+
+impl Fields {
+    fn of(value: Value, what: &'static str) -> Result<Self, SchemaError> {
+        match value {
+            Value::Record(fields) => Ok(Fields(fields)),
+            other => Err(unexpected(what, "a record", &other)),
+        }
+    }
+
+    fn take(&mut self, field: &'static str) -> Result<Value, SchemaError> {
+        let index = self.0.iter().position(|(name, _)| name == field).ok_or(SchemaError::UnexpectedValue {
+            field,
+            expected: "this field in the record",
+            found: "no such field".into(),
+        })?;
+        Ok(self.0.swap_remove(index).1)
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, SchemaError> {
+        match self.take(field)? {
+            Value::String(s) => Ok(s),
+            other => Err(unexpected(field, "a string", &other)),
+        }
+    }
+
+    fn bytes(&mut self, field: &'static str) -> Result<Vec<u8>, SchemaError> {
+        match self.take(field)? {
+            Value::Bytes(b) => Ok(b),
+            other => Err(unexpected(field, "bytes", &other)),
+        }
+    }
+
+    fn long(&mut self, field: &'static str) -> Result<i64, SchemaError> {
+        match self.take(field)? {
+            Value::Long(l) | Value::TimestampMillis(l) => Ok(l),
+            other => Err(unexpected(field, "a long", &other)),
+        }
+    }
+
+    fn int(&mut self, field: &'static str) -> Result<i32, SchemaError> {
+        match self.take(field)? {
+            Value::Int(i) => Ok(i),
+            other => Err(unexpected(field, "an int", &other)),
+        }
+    }
+
+    fn symbol<T: Copy>(&mut self, field: &'static str, table: &[(T, &'static str)]) -> Result<T, SchemaError> {
+        match self.take(field)? {
+            Value::Enum(_, symbol) => table
+                .iter()
+                .find(|(_, name)| *name == symbol)
+                .map(|(v, _)| *v)
+                .ok_or_else(|| unexpected(field, "a known enum symbol", &Value::Enum(0, symbol))),
+            other => Err(unexpected(field, "an enum symbol", &other)),
+        }
+    }
+}
+
+fn event_from_value(value: Value) -> Result<Event, SchemaError> {
+    let mut f = Fields::of(value, "Event")?;
+    let user_id = f.string("user_id")?;
+    let node_id = f.string("node_id")?;
+    let at_ms = f.long("at")?;
+    let (index, body) = match f.take("body")? {
+        Value::Union(index, body) => (index, *body),
+        other => return Err(unexpected("body", "a union branch", &other)),
+    };
+    let mut b = Fields::of(body, "body")?;
+    let body = match index {
+        0 => EventBody::LogAppended {
+            log_generation: b.long("log_generation")?,
+            first_offset: b.long("first_offset")?,
+            log_end: b.long("log_end")?,
+            count: b.long("count")?,
+            origin_device_id: b.string("origin_device_id")?,
+            first_received_at_ms: b.long("first_received_at")?,
+        },
+        1 => EventBody::DeviceAcked {
+            device_id: b.string("device_id")?,
+            log_generation: b.long("log_generation")?,
+            committed_offset: b.long("committed_offset")?,
+        },
+        2 => EventBody::DeviceConnected { device_id: b.string("device_id")?, lease_until_ms: b.long("lease_until")? },
+        3 => EventBody::DeviceDisconnected { device_id: b.string("device_id")? },
+        4 => EventBody::DeviceAdded { device_id: b.string("device_id")? },
+        5 => EventBody::DeviceRevoked { device_id: b.string("device_id")? },
+        6 => {
+            let device_id = b.string("device_id")?;
+            let target = match b.take("target")? {
+                Value::Union(0, target) => {
+                    let mut t = Fields::of(*target, "target")?;
+                    PushTarget::WebPush {
+                        endpoint: t.string("endpoint")?,
+                        p256dh: t.bytes("p256dh")?,
+                        auth: t.bytes("auth")?,
+                    }
+                }
+                Value::Union(1, target) => {
+                    let mut t = Fields::of(*target, "target")?;
+                    PushTarget::Webhook {
+                        url: t.string("url")?,
+                        app_id: t.string("app_id")?,
+                        pushkey: t.string("pushkey")?,
+                    }
+                }
+                other => return Err(unexpected("target", "WebPushTarget or WebhookTarget", &other)),
+            };
+            EventBody::PushTargetSet { device_id, target }
+        }
+        7 => EventBody::PushTargetRemoved {
+            device_id: b.string("device_id")?,
+            reason: b.symbol("reason", &REMOVED_REASONS)?,
+        },
+        8 => EventBody::WakeUp {
+            device_id: b.string("device_id")?,
+            log_end: b.long("log_end")?,
+            outcome: b.symbol("outcome", &OUTCOMES)?,
+            http_status: b.int("http_status")?,
+        },
+        other => {
+            return Err(SchemaError::FieldOutOfRange {
+                field: "body",
+                value: i64::from(other),
+                range: "a known event kind",
+            });
+        }
+    };
+    Ok(Event { user_id, node_id, at_ms, body })
+}
+
+fn unexpected(field: &'static str, expected: &'static str, found: &Value) -> SchemaError {
+    SchemaError::UnexpectedValue {
+        field,
+        expected,
+        found: format!("{:?}", apache_avro::schema::SchemaKind::from(found)),
+    }
+}
+
+#[cfg(test)]
+mod tests;
