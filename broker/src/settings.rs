@@ -21,6 +21,8 @@ pub struct Settings {
     pub limits: LimitsSettings,
     pub delivery: DeliverySettings,
     pub accounts: AccountsSettings,
+    pub events: EventsSettings,
+    pub push: PushSettings,
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
@@ -131,6 +133,53 @@ impl fmt::Debug for AccountsSettings {
     }
 }
 
+/// The metadata-only events topic (see `events/`): what push workers, the
+/// dashboard and other nodes consume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsSettings {
+    /// Whether the server publishes events. Default true.
+    pub enabled: bool,
+    /// The events topic, created at start when missing. Default `lockstep.events`.
+    pub topic: String,
+    /// Partitions of the events topic when Lockstep creates it (key = user id). Default 16.
+    pub partitions: i32,
+    /// How often a node renews the `DeviceConnected` lease of each live stream; a lease
+    /// runs for three intervals, so a crashed node's devices stop counting as connected
+    /// after at most that long. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub lease_interval: Duration,
+    /// Most distinct pending facts (per user log, per device ack/presence/target) held while
+    /// the events topic is unreachable; newer facts about the same thing replace older ones,
+    /// so this bounds memory by the fleet's size, not by traffic. Default 1,000,000.
+    pub max_pending: usize,
+    /// This server's id in events. Default: a random id kept in `<data_dir>/node_id`.
+    pub node_id: Option<String>,
+}
+
+/// Wake-ups (the push worker reads targets from the events topic).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushSettings {
+    /// The push worker's VAPID public key (base64url, uncompressed P-256 point), advertised in
+    /// GetServerInfo so that browsers can subscribe (`lockstep-push vapid-public-key` prints it).
+    /// Default unset.
+    pub vapid_public_key: Option<String>,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            topic: "lockstep.events".into(),
+            partitions: 16,
+            lease_interval: Duration::from_secs(30),
+            max_pending: 1_000_000,
+            node_id: None,
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -140,6 +189,8 @@ impl Default for Settings {
             limits: LimitsSettings::default(),
             delivery: DeliverySettings::default(),
             accounts: AccountsSettings::default(),
+            events: EventsSettings::default(),
+            push: PushSettings::default(),
         }
     }
 }
@@ -250,6 +301,12 @@ impl Settings {
         }
         if self.kafka.operation_deadline.is_zero() || self.kafka.produce_timeout.is_zero() {
             return fail("kafka.operation_deadline and kafka.produce_timeout must be non-zero");
+        }
+        if self.events.topic.trim().is_empty() || self.events.partitions < 1 || self.events.max_pending == 0 {
+            return fail("events.topic must not be empty; events.partitions and events.max_pending must be at least 1");
+        }
+        if self.events.lease_interval < Duration::from_secs(1) {
+            return fail("events.lease_interval must be at least 1s");
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return fail("kafka.bootstrap_servers must not be empty");

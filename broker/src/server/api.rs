@@ -235,6 +235,7 @@ impl sync_server::Sync for SyncApi {
             max_change_id_chars: MAX_CHANGE_ID_CHARS as u32,
             max_record_id_chars: MAX_RECORD_ID_CHARS as u32,
             max_batch_bytes: settings.delivery.batch_max_bytes as u32,
+            vapid_public_key: settings.push.vapid_public_key.clone().unwrap_or_default(),
         }))
     }
 }
