@@ -8,7 +8,7 @@
 use lockstep_proto::retry;
 use tonic::{Code, Status};
 
-use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError};
+use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError, push_targets::TargetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -46,6 +46,8 @@ pub enum ApiError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    PushTarget(#[from] TargetError),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -74,6 +76,11 @@ impl ApiError {
             ApiError::Kafka(error) if error.is_retryable() => Code::Unavailable,
             ApiError::Kafka(_) => Code::Internal,
             ApiError::Db(_) => Code::Internal,
+            ApiError::PushTarget(error) => match error {
+                TargetError::Invalid(_) => Code::InvalidArgument,
+                TargetError::NotFound => Code::NotFound,
+                TargetError::Db(_) => Code::Internal,
+            },
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }

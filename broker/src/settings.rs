@@ -155,6 +155,9 @@ pub struct EventsSettings {
     pub max_pending: usize,
     /// This server's id in events. Default: a random id kept in `<data_dir>/node_id`.
     pub node_id: Option<String>,
+    /// Kafka cluster of the events topic, when it is not `kafka.bootstrap_servers` (same
+    /// `kafka.client_config`). Default unset: the same cluster.
+    pub bootstrap_servers: Option<String>,
 }
 
 /// Wake-ups (the push worker reads targets from the events topic).
@@ -176,6 +179,7 @@ impl Default for EventsSettings {
             lease_interval: Duration::from_secs(30),
             max_pending: 1_000_000,
             node_id: None,
+            bootstrap_servers: None,
         }
     }
 }

@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use lockstep_proto::v1::{accounts_client::AccountsClient, sync_client::SyncClient};
+use lockstep_proto::v1::{
+    accounts_client::AccountsClient, push_targets_client::PushTargetsClient, sync_client::SyncClient,
+};
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
@@ -215,6 +217,10 @@ impl Server {
 
     pub async fn accounts(&self) -> anyhow::Result<AccountsClient<Channel>> {
         Ok(AccountsClient::new(self.channel().await?))
+    }
+
+    pub async fn push_targets(&self) -> anyhow::Result<PushTargetsClient<Channel>> {
+        Ok(PushTargetsClient::new(self.channel().await?))
     }
 
     pub async fn sync(&self) -> anyhow::Result<SyncClient<Channel>> {
