@@ -273,3 +273,68 @@ async fn pushes_go_on_while_the_events_cluster_is_down() -> anyhow::Result<()> {
     assert!(appends < 11, "facts about one log were coalesced while the cluster was down ({appends} appends)");
     Ok(())
 }
+
+/// `lockstep-cli push set|show|remove`, as a user types them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_shows_and_removes_its_push_target() -> anyhow::Result<()> {
+    use lockstep_e2e::stack::CliStack;
+    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let laptop = phone.pair("laptop").await?;
+    let shown = phone.json(&["push", "show"]).await?;
+    assert_eq!(shown["target"], serde_json::Value::Null);
+
+    // A browser's PushSubscription.toJSON(), from a file.
+    let p256dh = {
+        let mut key = vec![4u8; 65];
+        key[1] = 9;
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&key)
+    };
+    let subscription = serde_json::json!({
+        "endpoint": "https://push.example.net/wpush/v2/very-secret",
+        "expirationTime": null,
+        "keys": {"p256dh": p256dh, "auth": "AAECAwQFBgcICQoLDA0ODw"}
+    });
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("subscription.json");
+    std::fs::write(&file, subscription.to_string())?;
+    let set = phone.json(&["push", "set", "--subscription", file.to_str().unwrap_or_default()]).await?;
+    assert_eq!(set["origin"], "https://push.example.net");
+    let shown = phone.json(&["push", "show"]).await?;
+    assert_eq!(shown["kind"], "web-push");
+    assert_eq!(shown["url"], "https://push.example.net/…", "the endpoint is a secret: hidden by default");
+    let revealed = phone.json(&["push", "show", "--reveal"]).await?;
+    assert_eq!(revealed["url"], "https://push.example.net/wpush/v2/very-secret");
+    // The other device has its own (none).
+    assert_eq!(laptop.json(&["push", "show"]).await?["target"], serde_json::Value::Null);
+
+    // Bad input is refused with the server's reason, and changes nothing.
+    let error = phone
+        .fail(&["push", "set", "--endpoint", "https://push.example/x", "--p256dh", "AAAA", "--auth", "AAAA"])
+        .await?;
+    assert!(error.contains("p256dh") && error.contains("InvalidArgument"), "{error}");
+    let error = phone
+        .fail(&["push", "set", "--webhook", "https://gw.example/notify", "--app-id", "a", "--pushkey", "k"])
+        .await?;
+    assert!(error.contains("_matrix/push/v1/notify"), "{error}");
+    assert_eq!(
+        phone.json(&["push", "show", "--reveal"]).await?["url"],
+        "https://push.example.net/wpush/v2/very-secret"
+    );
+
+    let webhook = [
+        "push",
+        "set",
+        "--webhook",
+        "https://gw.example.org/_matrix/push/v1/notify",
+        "--app-id",
+        "org.example",
+        "--pushkey",
+        "pk",
+    ];
+    assert_eq!(phone.json(&webhook).await?["kind"], "webhook");
+    assert_eq!(phone.json(&["push", "remove"]).await?["removed"], true);
+    assert_eq!(phone.json(&["push", "remove"]).await?["removed"], false);
+    assert_eq!(phone.json(&["push", "show"]).await?["target"], serde_json::Value::Null);
+    Ok(())
+}
