@@ -144,7 +144,11 @@ pub async fn w1(
     for task in tasks {
         spread_written += task.await??;
     }
-    metrics.add(round, &format!("{name}.sat_users_changes_rps"), spread_written as f64 / started.elapsed().as_secs_f64());
+    metrics.add(
+        round,
+        &format!("{name}.sat_users_changes_rps"),
+        spread_written as f64 / started.elapsed().as_secs_f64(),
+    );
 
     // Latency at half of saturation, same batch size.
     let rate = pushes_per_second / 2.0;

@@ -15,10 +15,12 @@
 //! - [`log_guard`]: the log never silently shrinks: a log that lost acknowledged
 //!   changes is refused (DATA_LOSS) until each device repairs.
 //! - [`server`]: the gRPC services and the `run` entry point.
+//! - [`admin`]: `/metrics` (Prometheus), `/healthz`, `/readyz` on a private port.
 //! - [`settings`], [`error`] (the one gRPC status mapping), [`db`], [`locks`]
 //!   (the one way to take a lock), [`shutdown`] (the one shutdown every task holds).
 
 pub mod accounts;
+pub mod admin;
 pub mod db;
 pub mod delivery;
 pub mod error;

@@ -51,6 +51,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("grpc reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot listen on the admin address {addr}: {source}")]
+    AdminListen { addr: String, source: std::io::Error },
 }
 
 /// Everything the handlers share.
@@ -138,6 +140,29 @@ pub async fn run(
     let (app, Background { producer, publisher }) = App::start(settings, controller.source()).await?;
     let limits = app.settings.limits.clone();
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+    crate::admin::install();
+    let admin_addr = app.settings.admin_listen_addr;
+    let admin_listener = crate::admin::bind(admin_addr).await.map_err(|source| ServerError::AdminListen {
+        addr: admin_addr.map(|addr| addr.to_string()).unwrap_or_default(),
+        source,
+    })?;
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(admin_listener) = admin_listener {
+        if let Ok(addr) = admin_listener.local_addr() {
+            tracing::info!(%addr, "admin endpoints (/metrics, /healthz, /readyz) listening");
+            println!("LOCKSTEP_ADMIN_LISTENING {addr}");
+        }
+        let stop = async {
+            let _ = admin_stop_rx.await;
+        };
+        tokio::spawn(crate::admin::serve(
+            admin_listener,
+            app.topics.clone(),
+            app.delivery.clone(),
+            app.events.clone(),
+            stop,
+        ));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AccountsServer<AccountsApi>>().await;
@@ -216,6 +241,7 @@ pub async fn run(
     if let Some(publisher) = publisher {
         publisher.drain(DRAIN_DEADLINE).await;
     }
+    let _ = admin_stop_tx.send(());
     tracing::info!("stopped");
     Ok(())
 }

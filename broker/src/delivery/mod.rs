@@ -250,6 +250,7 @@ impl Delivery {
             return Ok(committed.unwrap_or_default());
         }
         self.commit_locked(device, &topic, &state, offset + 1).await?;
+        metrics::counter!("lockstep_acks_total").increment(1);
         Ok(offset + 1)
     }
 

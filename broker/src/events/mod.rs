@@ -151,8 +151,10 @@ impl Events {
         let event =
             Event { user_id: user_id.to_owned(), node_id: inner.node_id.clone(), at_ms: now_ms(), body: body() };
         inner.recorded.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("lockstep_events_recorded_total").increment(1);
         let kept = lock(&inner.buffer).insert(event, inner.settings.max_pending);
         if !kept {
+            metrics::counter!("lockstep_events_dropped_total").increment(1);
             tracing::warn!(
                 max_pending = inner.settings.max_pending,
                 "events buffer is full (events topic unreachable?): an event was dropped; consumers resync from kafka offsets"

@@ -139,6 +139,7 @@ async fn run(
         let failed = send(&producer, &topic, batch).await;
         let published = failed.published;
         inner.published.fetch_add(published, Ordering::Relaxed);
+        metrics::counter!("lockstep_events_published_total").increment(published);
         if failed.records.is_empty() {
             failures_in_a_row = 0;
             continue;

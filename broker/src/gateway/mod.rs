@@ -169,6 +169,10 @@ impl Gateway {
         if let (Some(first), Some(last)) = (settled.published.first(), settled.published.last()) {
             let generation = self.guard.cached_generation(&device.user_id).unwrap_or_default();
             let appended = (first.offset, last.offset + 1, settled.published.len() as i64);
+            let bytes: usize =
+                settled.published.iter().filter_map(|d| d.change.as_ref()).map(|c| c.ciphertext.len()).sum();
+            metrics::counter!("lockstep_changes_pushed_total").increment(settled.published.len() as u64);
+            metrics::counter!("lockstep_pushed_bytes_total").increment(bytes as u64);
             self.events.log_appended(&device.user_id, generation, appended, &device.device_id, received_at_ms);
         }
         // Published in ticket order, so the live tail sees this user's changes in offset order.

@@ -209,14 +209,23 @@ impl SyncApi {
     pub fn new(app: App) -> Self {
         Self { app }
     }
+
+    async fn push_inner(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
+        Ok(Response::new(PushResponse { results }))
+    }
 }
 
 #[tonic::async_trait]
 impl sync_server::Sync for SyncApi {
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
-        let device = authenticate(&self.app, &request)?;
-        let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
-        Ok(Response::new(PushResponse { results }))
+        let started = std::time::Instant::now();
+        let answer = self.push_inner(request).await;
+        let code = answer.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        metrics::counter!("lockstep_pushes_total", "code" => crate::error::code_name(code)).increment(1);
+        metrics::histogram!("lockstep_push_duration_seconds").record(started.elapsed().as_secs_f64());
+        answer
     }
 
     type SubscribeStream = SubscribeStream;
