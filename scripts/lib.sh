@@ -34,3 +34,15 @@ ensure_python_module() {
         || python3 -m pip install --quiet "$package"
     python3 -c "import $module"
 }
+
+# Makes a command available, installing its Debian package if needed
+# (e.g. `ensure_debian_package promtool prometheus`).
+ensure_debian_package() {
+    local command="$1" package="$2"
+    if command -v "$command" >/dev/null; then
+        return
+    fi
+    log "installing Debian package $package (for $command)"
+    apt-get install -y -qq "$package" >&2 || { apt-get update -qq && apt-get install -y -qq "$package" >&2; }
+    command -v "$command" >/dev/null
+}

@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Workloads to run, in this order within each round.
-    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w2,w4,w3,w5")]
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w2,w4,w3,w5")]
     pub workloads: Vec<String>,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -144,10 +144,15 @@ async fn main() -> anyhow::Result<()> {
                 "w0" => w0::run(nisshi.bootstrap(), &config, round, metrics).await,
                 "w1" => {
                     let profiler = profile::Profiler::start_if(profiling, server.pid(), "w1");
-                    let outcome = lockstep::w1(&server, &config, round, metrics).await;
+                    let outcome = lockstep::w1(&server, "w1", &config, round, metrics).await;
                     profiles.extend(profiler.map(profile::Profiler::finish));
                     outcome
                 }
+                // W1 again against a second server on the same Kafka with events off: the events' cost.
+                "w1off" => match procs::start_lockstep_without_events(&args.lockstep_bin, nisshi.bootstrap()).await {
+                    Ok(without_events) => lockstep::w1(&without_events, "w1off", &config, round, metrics).await,
+                    Err(error) => Err(error),
+                },
                 "w2" => {
                     for &devices in &config.fanout_devices {
                         let profiler = profile::Profiler::start_if(profiling, server.pid(), &format!("w2-{devices}"));

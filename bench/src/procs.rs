@@ -24,6 +24,11 @@ pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockst
     Lockstep::start_binary(binary.to_path_buf(), kafka, &[]).await
 }
 
+/// The same server with the events topic turned off (`events.enabled = false`).
+pub async fn start_lockstep_without_events(binary: &Path, kafka: &str) -> anyhow::Result<Lockstep> {
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &[("LOCKSTEP_EVENTS__ENABLED", "false")]).await
+}
+
 pub struct Redis {
     process: Process,
     pub url: String,

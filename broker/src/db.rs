@@ -55,6 +55,17 @@ CREATE TABLE IF NOT EXISTS log_incidents (
     reason TEXT NOT NULL,
     PRIMARY KEY (user_id, generation)
 );
+CREATE TABLE IF NOT EXISTS push_targets (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    user_id TEXT NOT NULL,
+    kind TEXT NOT NULL,           -- web_push | webhook
+    endpoint TEXT NOT NULL,       -- a secret: never logged
+    p256dh BLOB,
+    auth BLOB,
+    app_id TEXT,
+    pushkey TEXT,
+    updated_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pushed_changes (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL,

@@ -9,19 +9,21 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use lockstep_proto::{
     FILE_DESCRIPTOR_SET,
-    v1::{accounts_server::AccountsServer, sync_server::SyncServer},
+    v1::{accounts_server::AccountsServer, push_targets_server::PushTargetsServer, sync_server::SyncServer},
 };
 use tokio::net::TcpListener;
 
-pub use api::{AccountsApi, SyncApi};
+pub use api::{AccountsApi, PushTargetsApi, SyncApi};
 
 use crate::{
     accounts::{Accounts, AccountsError},
     db::{Db, DbError},
     delivery::Delivery,
+    events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
     log_guard::LogGuard,
+    push_targets::PushTargets,
     settings::{LimitsSettings, Settings},
     shutdown::{ShutdownController, ShutdownSource},
 };
@@ -49,6 +51,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("grpc reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot listen on the admin address {addr}: {source}")]
+    AdminListen { addr: String, source: std::io::Error },
 }
 
 /// Everything the handlers share.
@@ -59,10 +63,18 @@ pub struct App {
     pub topics: Topics,
     pub gateway: Gateway,
     pub delivery: Delivery,
+    pub events: Events,
+    pub push_targets: PushTargets,
+}
+
+/// What `run` stops after the requests drained.
+pub struct Background {
+    pub producer: Producer,
+    pub publisher: Option<Publisher>,
 }
 
 impl App {
-    pub async fn start(settings: Settings, shutdown: ShutdownSource) -> Result<(Self, Producer), ServerError> {
+    pub async fn start(settings: Settings, shutdown: ShutdownSource) -> Result<(Self, Background), ServerError> {
         let db = Db::open(&settings.data_dir)?;
         let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl).await?;
         let kafka = &settings.kafka;
@@ -70,6 +82,7 @@ impl App {
         tracing::info!(bootstrap_servers = %kafka.bootstrap_servers, "waiting for kafka");
         topics.wait_until_reachable(KAFKA_STARTUP_DEADLINE).await?;
         let producer = Producer::new(kafka)?;
+        let (events, publisher) = Publisher::start(&settings)?;
         let readers = ReaderPool::new(kafka, settings.delivery.catchup_readers)?;
         let offsets = GroupOffsets::connect(GroupOffsetsSettings {
             bootstrap_servers: kafka.bootstrap_servers.clone(),
@@ -81,9 +94,39 @@ impl App {
         .map_err(KafkaError::from)?;
         let guard = LogGuard::new(db.clone());
         let clients = KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets };
-        let delivery = Delivery::new(&clients, guard.clone(), shutdown.clone(), &settings);
-        let gateway = Gateway::new(&clients, DedupIndex::new(db), delivery.clone(), guard, shutdown, &settings);
-        Ok((Self { settings, accounts, topics, gateway, delivery }, producer))
+        let delivery = Delivery::new(&clients, guard.clone(), events.clone(), shutdown.clone(), &settings);
+        let dedup = DedupIndex::new(db.clone());
+        let gateway =
+            Gateway::new(&clients, dedup, delivery.clone(), guard, events.clone(), shutdown.clone(), &settings);
+        let push_targets = PushTargets::new(db, events.clone());
+        if events.is_enabled() {
+            tokio::spawn(announce(delivery.clone(), push_targets.clone(), settings.events.lease_interval, shutdown));
+        }
+        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets };
+        Ok((app, Background { producer, publisher }))
+    }
+}
+
+/// How often every stored push target is announced again on the events topic.
+const TARGETS_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(6 * 3600);
+
+/// Renews the connected leases of this node's streams every `lease_interval`,
+/// and announces the stored push targets at start and every few hours, until
+/// shutdown begins.
+async fn announce(delivery: Delivery, push_targets: PushTargets, lease_interval: Duration, shutdown: ShutdownSource) {
+    let Some(mut running) = shutdown.handle() else { return };
+    let mut leases = tokio::time::interval(lease_interval);
+    let mut targets = tokio::time::interval(TARGETS_ANNOUNCE_INTERVAL);
+    leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = leases.tick() => delivery.renew_leases(),
+            _ = targets.tick() => match push_targets.announce_all().await {
+                Ok(count) => tracing::debug!(count, "push targets announced"),
+                Err(error) => tracing::warn!(%error, "cannot announce push targets"),
+            },
+            () = running.begun() => return,
+        }
     }
 }
 
@@ -94,13 +137,37 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let controller = ShutdownController::default();
-    let (app, producer) = App::start(settings, controller.source()).await?;
+    let (app, Background { producer, publisher }) = App::start(settings, controller.source()).await?;
     let limits = app.settings.limits.clone();
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+    crate::admin::install();
+    let admin_addr = app.settings.admin_listen_addr;
+    let admin_listener = crate::admin::bind(admin_addr).await.map_err(|source| ServerError::AdminListen {
+        addr: admin_addr.map(|addr| addr.to_string()).unwrap_or_default(),
+        source,
+    })?;
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(admin_listener) = admin_listener {
+        if let Ok(addr) = admin_listener.local_addr() {
+            tracing::info!(%addr, "admin endpoints (/metrics, /healthz, /readyz) listening");
+            println!("LOCKSTEP_ADMIN_LISTENING {addr}");
+        }
+        let stop = async {
+            let _ = admin_stop_rx.await;
+        };
+        tokio::spawn(crate::admin::serve(
+            admin_listener,
+            app.topics.clone(),
+            app.delivery.clone(),
+            app.events.clone(),
+            stop,
+        ));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AccountsServer<AccountsApi>>().await;
     health_reporter.set_serving::<SyncServer<SyncApi>>().await;
+    health_reporter.set_serving::<PushTargetsServer<PushTargetsApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -108,6 +175,9 @@ pub async fn run(
     let accounts_service = AccountsServer::new(AccountsApi::new(app.clone()))
         .max_decoding_message_size(64 * 1024)
         .max_encoding_message_size(max_message);
+    let push_targets_service = PushTargetsServer::new(PushTargetsApi::new(app.clone()))
+        .max_decoding_message_size(64 * 1024)
+        .max_encoding_message_size(64 * 1024);
     let sync_service = SyncServer::new(SyncApi::new(app.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_response_bytes(&limits));
@@ -140,6 +210,7 @@ pub async fn run(
         .add_service(reflection)
         .add_service(accounts_service)
         .add_service(sync_service)
+        .add_service(push_targets_service)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
@@ -166,6 +237,11 @@ pub async fn run(
     if let Err(error) = producer.flush(DRAIN_DEADLINE).await {
         tracing::warn!(%error, "producer flush did not finish");
     }
+    // Last: the facts of the drained requests and ended streams.
+    if let Some(publisher) = publisher {
+        publisher.drain(DRAIN_DEADLINE).await;
+    }
+    let _ = admin_stop_tx.send(());
     tracing::info!("stopped");
     Ok(())
 }

@@ -17,6 +17,10 @@ pub struct Settings {
     pub listen_addr: SocketAddr,
     /// Directory for the accounts database (`lockstep.db`). Default `./data`.
     pub data_dir: PathBuf,
+    /// Admin HTTP listener: Prometheus `/metrics`, `/healthz`, `/readyz`. Keep it private.
+    /// Default `127.0.0.1:50052`; port 0 picks a free port; unset (`""` in env) turns it off.
+    #[serde(deserialize_with = "optional_addr")]
+    pub admin_listen_addr: Option<SocketAddr>,
     pub kafka: KafkaSettings,
     pub limits: LimitsSettings,
     pub delivery: DeliverySettings,
@@ -155,6 +159,9 @@ pub struct EventsSettings {
     pub max_pending: usize,
     /// This server's id in events. Default: a random id kept in `<data_dir>/node_id`.
     pub node_id: Option<String>,
+    /// Kafka cluster of the events topic, when it is not `kafka.bootstrap_servers` (same
+    /// `kafka.client_config`). Default unset: the same cluster.
+    pub bootstrap_servers: Option<String>,
 }
 
 /// Wake-ups (the push worker reads targets from the events topic).
@@ -176,6 +183,7 @@ impl Default for EventsSettings {
             lease_interval: Duration::from_secs(30),
             max_pending: 1_000_000,
             node_id: None,
+            bootstrap_servers: None,
         }
     }
 }
@@ -185,6 +193,7 @@ impl Default for Settings {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
+            admin_listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
             kafka: KafkaSettings::default(),
             limits: LimitsSettings::default(),
             delivery: DeliverySettings::default(),
@@ -241,6 +250,16 @@ impl Default for DeliverySettings {
 impl Default for AccountsSettings {
     fn default() -> Self {
         Self { allow_registration: true, registration_secret: None, pairing_ticket_ttl: Duration::from_secs(600) }
+    }
+}
+
+/// An address, or nothing for an empty string (so that an environment
+/// variable can turn a listener off).
+fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    match text.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
     }
 }
 

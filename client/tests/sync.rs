@@ -122,6 +122,7 @@ impl Sync for Fake {
             max_change_id_chars: 64,
             max_record_id_chars: 128,
             max_batch_bytes: self.0.lock().unwrap().max_batch_bytes,
+            ..Default::default()
         }))
     }
 }

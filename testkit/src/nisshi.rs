@@ -328,6 +328,66 @@ pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(i64
     .await?
 }
 
+/// One record of the events topic: partition, offset, raw value, decoded event.
+pub type EventRecord = (i32, i64, Vec<u8>, lockstep_schemas::Event);
+
+/// Every record of every partition of the events topic `topic`, read by a plain
+/// rdkafka consumer, decoded as events (raw values kept, to scan them for bytes
+/// that must never be there).
+pub async fn read_events(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<EventRecord>> {
+    use rdkafka::{
+        Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("lockstep-test-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let mut ends = std::collections::HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for &partition in &partitions {
+            let (_, end) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+            if end > 0 {
+                ends.insert(partition, end);
+                assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+            }
+        }
+        let mut records = Vec::new();
+        if ends.is_empty() {
+            return Ok(records);
+        }
+        consumer.assign(&assignment)?;
+        let mut reached = std::collections::HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while reached.len() < ends.len() {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    let payload = message.payload().context("event without a value")?.to_vec();
+                    let event = lockstep_schemas::decode_event(&payload)?;
+                    if message.offset() + 1 >= ends[&message.partition()] {
+                        reached.insert(message.partition(), ());
+                    }
+                    records.push((message.partition(), message.offset(), payload, event));
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
+                Some(Err(error)) => return Err(error.into()),
+            }
+            if Instant::now() > deadline {
+                bail!("reading {topic} did not finish: {} records", records.len());
+            }
+        }
+        Ok(records)
+    })
+    .await?
+}
+
 /// The committed offset of `group` on partition 0 of `topic`, as rdkafka reads it
 /// (`None` when the group has none).
 pub async fn committed_offset(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<Option<i64>> {

@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     accounts::AuthedDevice,
     error::ApiError,
+    events::Events,
     kafka::{GroupOffsets, KafkaClients, KafkaError, ReaderPool, Topics, device_group, user_topic},
     locks::lock,
     log_guard::LogGuard,
@@ -73,6 +74,7 @@ const UNKNOWN: i64 = i64::MIN;
 
 struct SessionEntry {
     id: u64,
+    user_id: Arc<str>,
     stop_tx: watch::Sender<Option<StopReason>>,
 }
 
@@ -86,6 +88,7 @@ struct Inner {
     readers: ReaderPool,
     offsets: GroupOffsets,
     guard: LogGuard,
+    events: Events,
     shutdown: ShutdownSource,
     settings: DeliverySettings,
     kafka: KafkaSettings,
@@ -97,7 +100,13 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub fn new(clients: &KafkaClients, guard: LogGuard, shutdown: ShutdownSource, settings: &Settings) -> Self {
+    pub fn new(
+        clients: &KafkaClients,
+        guard: LogGuard,
+        events: Events,
+        shutdown: ShutdownSource,
+        settings: &Settings,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 live_logs: Mutex::default(),
@@ -109,6 +118,7 @@ impl Delivery {
                 readers: clients.readers.clone(),
                 offsets: clients.offsets.clone(),
                 guard,
+                events,
                 shutdown,
                 settings: settings.delivery.clone(),
                 kafka: settings.kafka.clone(),
@@ -176,11 +186,11 @@ impl Delivery {
 
         let session_id = inner.next_session_id.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = watch::channel(None);
-        if let Some(previous) =
-            lock(&inner.sessions).insert(device.device_id.clone(), SessionEntry { id: session_id, stop_tx })
-        {
+        let entry = SessionEntry { id: session_id, user_id: device.user_id.clone(), stop_tx };
+        if let Some(previous) = lock(&inner.sessions).insert(device.device_id.clone(), entry) {
             previous.stop_tx.send_replace(Some(StopReason::Superseded));
         }
+        inner.events.connected(&device.user_id, &device.device_id);
         // After registering: either `shutdown` (which begins, then ends every
         // registered stream) sees this one, or this sees that it began.
         if inner.shutdown.has_begun() {
@@ -240,6 +250,7 @@ impl Delivery {
             return Ok(committed.unwrap_or_default());
         }
         self.commit_locked(device, &topic, &state, offset + 1).await?;
+        metrics::counter!("lockstep_acks_total").increment(1);
         Ok(offset + 1)
     }
 
@@ -259,6 +270,8 @@ impl Delivery {
         let group = device_group(&self.inner.kafka, &device.device_id);
         self.within("offset commit", self.inner.offsets.commit(&group, topic, 0, next)).await?;
         state.committed.store(next, Ordering::Release);
+        let generation = self.inner.guard.cached_generation(&device.user_id).unwrap_or_default();
+        self.inner.events.device_acked(&device.user_id, &device.device_id, generation, next);
         Ok(())
     }
 
@@ -286,13 +299,26 @@ impl Delivery {
     pub fn revoke(&self, device_id: &str) {
         if let Some(entry) = lock(&self.inner.sessions).remove(device_id) {
             entry.stop_tx.send_replace(Some(StopReason::Revoked));
+            self.inner.events.disconnected(&entry.user_id, device_id);
         }
     }
 
     /// Ends every stream (clients reconnect to another instance or later).
     pub fn shutdown(&self) {
-        for (_, entry) in lock(&self.inner.sessions).drain() {
+        for (device_id, entry) in lock(&self.inner.sessions).drain() {
             entry.stop_tx.send_replace(Some(StopReason::ShuttingDown));
+            self.inner.events.disconnected(&entry.user_id, &device_id);
+        }
+    }
+
+    /// Renews the `DeviceConnected` lease of every live stream on this node.
+    pub fn renew_leases(&self) {
+        let live: Vec<(Arc<str>, Arc<str>)> = lock(&self.inner.sessions)
+            .iter()
+            .map(|(device_id, entry)| (entry.user_id.clone(), device_id.clone()))
+            .collect();
+        for (user_id, device_id) in live {
+            self.inner.events.connected(&user_id, &device_id);
         }
     }
 
@@ -346,8 +372,11 @@ impl Delivery {
 
     fn end_session(&self, device_id: &str, session_id: u64) {
         let mut sessions = lock(&self.inner.sessions);
-        if sessions.get(device_id).is_some_and(|entry| entry.id == session_id) {
-            sessions.remove(device_id);
+        if sessions.get(device_id).is_some_and(|entry| entry.id == session_id)
+            && let Some(entry) = sessions.remove(device_id)
+        {
+            drop(sessions);
+            self.inner.events.disconnected(&entry.user_id, device_id);
         }
     }
 }

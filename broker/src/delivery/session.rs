@@ -95,6 +95,7 @@ impl Session {
             match self.live_log.read(cursor, batch_max) {
                 LogRead::Changes(changes) => {
                     cursor = changes.last().map_or(cursor, |change| change.offset + 1);
+                    metrics::counter!("lockstep_deliveries_total", "source" => "live").increment(changes.len() as u64);
                     self.send_changes(changes).await?;
                 }
                 LogRead::Behind { until } => cursor = self.catch_up(cursor, until).await?,
@@ -157,6 +158,7 @@ impl Session {
             if got_records {
                 let changes: Vec<DeliveredChange> =
                     chunk.records.into_iter().map(|(offset, record)| delivered_record(offset, record)).collect();
+                metrics::counter!("lockstep_deliveries_total", "source" => "catchup").increment(changes.len() as u64);
                 self.send_changes(changes).await?;
             }
             cursor = cursor.max(chunk.next_offset);
@@ -193,6 +195,7 @@ impl Session {
 
     async fn send_resync(&mut self, log_start: i64, previous: i64, reason: ResyncReason) -> Result<(), ApiError> {
         tracing::info!(device_id = %self.device.device_id, log_start, previous, ?reason, "resync");
+        metrics::counter!("lockstep_resyncs_total", "reason" => reason.as_str_name()).increment(1);
         let resync = Resync { log_start_offset: log_start, previous_offset: previous, reason: reason as i32 };
         self.send(Event::Resync(resync)).await
     }

@@ -27,6 +27,7 @@ use crate::{
     db::now_ms,
     delivery::Delivery,
     error::ApiError,
+    events::Events,
     kafka::{KafkaClients, KafkaError, Producer, ReaderPool, Topics, user_topic},
     locks::lock,
     log_guard::LogGuard,
@@ -42,6 +43,7 @@ pub struct Gateway {
     dedup: DedupIndex,
     delivery: Delivery,
     guard: LogGuard,
+    events: Events,
     shutdown: ShutdownSource,
     kafka: KafkaSettings,
     limits: LimitsSettings,
@@ -54,6 +56,7 @@ impl Gateway {
         dedup: DedupIndex,
         delivery: Delivery,
         guard: LogGuard,
+        events: Events,
         shutdown: ShutdownSource,
         settings: &Settings,
     ) -> Self {
@@ -64,6 +67,7 @@ impl Gateway {
             dedup,
             delivery,
             guard,
+            events,
             shutdown,
             kafka: settings.kafka.clone(),
             limits: settings.limits.clone(),
@@ -161,6 +165,15 @@ impl Gateway {
             for change_id in &settled.failed_ids {
                 index.in_doubt.insert((device.device_id.clone(), change_id.clone()), until);
             }
+        }
+        if let (Some(first), Some(last)) = (settled.published.first(), settled.published.last()) {
+            let generation = self.guard.cached_generation(&device.user_id).unwrap_or_default();
+            let appended = (first.offset, last.offset + 1, settled.published.len() as i64);
+            let bytes: usize =
+                settled.published.iter().filter_map(|d| d.change.as_ref()).map(|c| c.ciphertext.len()).sum();
+            metrics::counter!("lockstep_changes_pushed_total").increment(settled.published.len() as u64);
+            metrics::counter!("lockstep_pushed_bytes_total").increment(bytes as u64);
+            self.events.log_appended(&device.user_id, generation, appended, &device.device_id, received_at_ms);
         }
         // Published in ticket order, so the live tail sees this user's changes in offset order.
         self.delivery.publish(&device.user_id, std::mem::take(&mut settled.published));

@@ -111,6 +111,7 @@ impl Producer {
             .send_result(record)
             .map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
         let this = self.clone();
+        let enqueued_at = Instant::now();
         async move {
             // A producer in a fatal state refuses records at once: that counts too.
             let outcome = match enqueued {
@@ -122,6 +123,10 @@ impl Producer {
                 },
             };
             this.note_outcome(&instance, &outcome);
+            if outcome.is_ok() {
+                metrics::histogram!("lockstep_kafka_produce_duration_seconds")
+                    .record(enqueued_at.elapsed().as_secs_f64());
+            }
             outcome
         }
     }

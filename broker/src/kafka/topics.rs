@@ -90,6 +90,26 @@ impl Topics {
         Ok(())
     }
 
+    /// Creates a shared topic (the events topic) with `partitions` unless it
+    /// exists. No `cleanup.policy`: the broker's default retention applies
+    /// (and Nisshi 0.7 would drop every record of a topic that sets it).
+    pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.settings.replication_factor));
+        let options = AdminOptions::new()
+            .request_timeout(Some(self.settings.request_timeout))
+            .operation_timeout(Some(self.settings.request_timeout));
+        let results =
+            self.admin.create_topics([&new_topic], &options).await.map_err(KafkaError::client("create topic"))?;
+        for result in results {
+            match result {
+                Ok(_) => tracing::info!(topic, partitions, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(KafkaError::Topic { operation: "create topic", topic, code }),
+            }
+        }
+        Ok(())
+    }
+
     pub async fn delete_topic(&self, topic: &str) -> Result<(), KafkaError> {
         let options = AdminOptions::new().operation_timeout(Some(self.settings.request_timeout));
         let results = self.admin.delete_topics(&[topic], &options).await.map_err(KafkaError::client("delete topic"))?;

@@ -3,10 +3,13 @@
 
 use lockstep_proto::v1::{
     AckRequest, AckResponse, CreateAccountRequest, CreateAccountResponse, CreatePairingTicketRequest,
-    CreatePairingTicketResponse, Device, GetServerInfoRequest, GetServerInfoResponse, ListDevicesRequest,
-    ListDevicesResponse, PushRequest, PushResponse, RedeemPairingTicketRequest, RedeemPairingTicketResponse,
-    RevokeDeviceRequest, RevokeDeviceResponse, SubscribeRequest, accounts_server, sync_server,
+    CreatePairingTicketResponse, Device, GetPushTargetRequest, GetPushTargetResponse, GetServerInfoRequest,
+    GetServerInfoResponse, ListDevicesRequest, ListDevicesResponse, PushRequest, PushResponse,
+    RedeemPairingTicketRequest, RedeemPairingTicketResponse, RemovePushTargetRequest, RemovePushTargetResponse,
+    RevokeDeviceRequest, RevokeDeviceResponse, SetPushTargetRequest, SetPushTargetResponse, SubscribeRequest,
+    WebPushTarget, WebhookTarget, accounts_server, push_target, push_targets_server, sync_server,
 };
+use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use tonic::{Request, Response, Status};
 
 use super::App;
@@ -16,6 +19,7 @@ use crate::{
     error::ApiError,
     gateway::validate::{MAX_CHANGE_ID_CHARS, MAX_RECORD_ID_CHARS},
     kafka::{KafkaError, user_topic},
+    push_targets::{StoredTarget, TargetError},
 };
 
 const MAX_DEVICE_NAME_CHARS: usize = 64;
@@ -116,6 +120,7 @@ impl accounts_server::Accounts for AccountsApi {
             }
         };
         tracing::info!(user_id = created.user_id, device_id = created.device_id, "account created");
+        self.app.events.device_added(&created.user_id, &created.device_id);
         Ok(Response::new(CreateAccountResponse {
             user_id: created.user_id,
             device_id: created.device_id,
@@ -143,6 +148,7 @@ impl accounts_server::Accounts for AccountsApi {
         let name = check_device_name(&request.device_name)?;
         let created = self.app.accounts.redeem_pairing_ticket(&request.ticket, name).await.map_err(ApiError::from)?;
         tracing::info!(user_id = created.user_id, device_id = created.device_id, "device paired");
+        self.app.events.device_added(&created.user_id, &created.device_id);
         Ok(Response::new(RedeemPairingTicketResponse {
             user_id: created.user_id,
             device_id: created.device_id,
@@ -182,6 +188,14 @@ impl accounts_server::Accounts for AccountsApi {
         }
         self.app.accounts.revoke_device(&caller.user_id, device_id).await.map_err(ApiError::from)?;
         self.app.delivery.revoke(device_id);
+        self.app.events.device_revoked(&caller.user_id, device_id);
+        let revoked = AuthedDevice { user_id: caller.user_id.clone(), device_id: device_id.as_str().into() };
+        match self.app.push_targets.remove(&revoked, TargetRemovedReason::DeviceRevoked).await {
+            Ok(()) | Err(TargetError::NotFound) => {}
+            // The device is revoked; its target stays until the next revocation
+            // attempt, and the push worker drops targets of revoked devices anyway.
+            Err(error) => tracing::error!(%error, device_id, "could not remove a revoked device's push target"),
+        }
         tracing::info!(user_id = %caller.user_id, device_id, revoked_by = %caller.device_id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse {}))
     }
@@ -195,14 +209,23 @@ impl SyncApi {
     pub fn new(app: App) -> Self {
         Self { app }
     }
+
+    async fn push_inner(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
+        Ok(Response::new(PushResponse { results }))
+    }
 }
 
 #[tonic::async_trait]
 impl sync_server::Sync for SyncApi {
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
-        let device = authenticate(&self.app, &request)?;
-        let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
-        Ok(Response::new(PushResponse { results }))
+        let started = std::time::Instant::now();
+        let answer = self.push_inner(request).await;
+        let code = answer.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        metrics::counter!("lockstep_pushes_total", "code" => crate::error::code_name(code)).increment(1);
+        metrics::histogram!("lockstep_push_duration_seconds").record(started.elapsed().as_secs_f64());
+        answer
     }
 
     type SubscribeStream = SubscribeStream;
@@ -237,5 +260,71 @@ impl sync_server::Sync for SyncApi {
             max_batch_bytes: settings.delivery.batch_max_bytes as u32,
             vapid_public_key: settings.push.vapid_public_key.clone().unwrap_or_default(),
         }))
+    }
+}
+
+pub struct PushTargetsApi {
+    app: App,
+}
+
+impl PushTargetsApi {
+    pub fn new(app: App) -> Self {
+        Self { app }
+    }
+}
+
+/// The proto's target, as the device sent it (unvalidated).
+fn target_from_proto(target: Option<lockstep_proto::v1::PushTarget>) -> Result<PushTarget, ApiError> {
+    match target.and_then(|target| target.target) {
+        Some(push_target::Target::WebPush(WebPushTarget { endpoint, p256dh, auth })) => {
+            Ok(PushTarget::WebPush { endpoint, p256dh: p256dh.to_vec(), auth: auth.to_vec() })
+        }
+        Some(push_target::Target::Webhook(WebhookTarget { url, app_id, pushkey })) => {
+            Ok(PushTarget::Webhook { url, app_id, pushkey })
+        }
+        None => Err(ApiError::InvalidArgument("target is missing: set web_push or webhook".into())),
+    }
+}
+
+fn target_to_proto(stored: StoredTarget) -> lockstep_proto::v1::PushTarget {
+    let target = match stored.target {
+        PushTarget::WebPush { endpoint, p256dh, auth } => {
+            push_target::Target::WebPush(WebPushTarget { endpoint, p256dh: p256dh.into(), auth: auth.into() })
+        }
+        PushTarget::Webhook { url, app_id, pushkey } => {
+            push_target::Target::Webhook(WebhookTarget { url, app_id, pushkey })
+        }
+    };
+    lockstep_proto::v1::PushTarget { target: Some(target), updated_at_ms: stored.updated_at_ms }
+}
+
+#[tonic::async_trait]
+impl push_targets_server::PushTargets for PushTargetsApi {
+    async fn set_push_target(
+        &self,
+        request: Request<SetPushTargetRequest>,
+    ) -> Result<Response<SetPushTargetResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let target = target_from_proto(request.into_inner().target)?;
+        self.app.push_targets.set(&device, target).await.map_err(ApiError::from)?;
+        Ok(Response::new(SetPushTargetResponse {}))
+    }
+
+    async fn get_push_target(
+        &self,
+        request: Request<GetPushTargetRequest>,
+    ) -> Result<Response<GetPushTargetResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let stored = self.app.push_targets.get(&device).await.map_err(ApiError::from)?;
+        Ok(Response::new(GetPushTargetResponse { target: Some(target_to_proto(stored)) }))
+    }
+
+    async fn remove_push_target(
+        &self,
+        request: Request<RemovePushTargetRequest>,
+    ) -> Result<Response<RemovePushTargetResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        self.app.push_targets.remove(&device, TargetRemovedReason::RemovedByDevice).await.map_err(ApiError::from)?;
+        Ok(Response::new(RemovePushTargetResponse {}))
     }
 }
