@@ -8,6 +8,7 @@
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, SIGTERM, restart.
 //! - [`device`]: a device's view of the gRPC API (bearer token, push, subscribe, ack).
 //! - [`cli`]: a device driven through the `lockstep-cli` binary, with its own store.
+//! - [`push`]: the `lockstep-push` worker, and a local push service (Python) that verifies and decrypts.
 //! - [`stack`]: Kafka + server + first device in one line.
 //! - [`user_topic`], [`device_group`]: Kafka names, from the server's own naming functions.
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod device;
 pub mod nisshi;
 pub mod process;
+pub mod push;
 pub mod server;
 pub mod stack;
 

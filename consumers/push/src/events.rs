@@ -155,7 +155,9 @@ impl GroupMember {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "range,roundrobin");
+            .set("partition.assignment.strategy", "range,roundrobin")
+            .set("session.timeout.ms", settings.events.session_timeout.as_millis().to_string())
+            .set("heartbeat.interval.ms", (settings.events.session_timeout.as_millis() / 4).max(100).to_string());
         // Wake-ups should follow an event within a second; brokers that do not wake
         // waiting fetches at once (Nisshi) answer after this. A setting can override it.
         if !settings.kafka.client_config.contains_key("fetch.wait.max.ms") {
@@ -215,6 +217,33 @@ fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, incoming_tx: mpsc::Sende
             }
         }
     }
+}
+
+/// Waits until the events topic exists (the server creates it at start): a
+/// consumer subscribed to a missing topic would only notice it at its next
+/// metadata refresh, minutes later.
+pub async fn wait_for_topic(settings: &Settings) -> Result<(), Error> {
+    let config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
+    let (topic, timeout) = (settings.events.topic.clone(), settings.kafka.request_timeout);
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create().map_err(Error::kafka("create metadata client"))?;
+        let mut logged = false;
+        loop {
+            let exists = consumer.fetch_metadata(Some(&topic), timeout).is_ok_and(|metadata| {
+                metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            });
+            if exists {
+                return Ok(());
+            }
+            if !logged {
+                tracing::info!(topic, "waiting for the events topic to exist");
+                logged = true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+    .await
+    .map_err(|e| Error::Encode(format!("metadata task: {e}")))?
 }
 
 /// Publishes the worker's own events (key = user id, like the server's).

@@ -69,6 +69,7 @@ pub fn vapid_key(settings: &Settings) -> Result<vapid::VapidKey, Error> {
 
 /// Runs the worker until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    let mut shutdown = std::pin::pin!(shutdown);
     let vapid = vapid_key(&settings)?;
     let worker_id = settings
         .worker_id
@@ -84,6 +85,10 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     })
     .await?;
     let waker = Arc::new(wake::Waker::new(settings.clone(), vapid, worker_id, publisher)?);
+    tokio::select! {
+        waited = events::wait_for_topic(&settings) => waited?,
+        () = &mut shutdown => return Ok(()),
+    }
     let (member, incoming_rx) = events::GroupMember::start(&settings)?;
     worker::Worker::new(settings, member, waker, offsets).run(incoming_rx, shutdown).await
 }

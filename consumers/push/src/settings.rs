@@ -46,6 +46,11 @@ pub struct EventsSettings {
     pub commit_interval: Duration,
     /// Events buffered between the Kafka poll thread and the worker. Default 1,024.
     pub channel_capacity: usize,
+    /// The group's `session.timeout.ms`: how soon a crashed instance's partitions move to
+    /// the others. Also bounds how long joining takes (Nisshi answers a join after about
+    /// half of it). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -130,6 +135,7 @@ impl Default for EventsSettings {
             group: "lockstep.push-worker".into(),
             commit_interval: Duration::from_secs(1),
             channel_capacity: 1024,
+            session_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -189,6 +195,8 @@ impl Settings {
             Env::prefixed("LOCKSTEP_PUSH_")
                 // Flags of the binary (clap reads these), not settings keys.
                 .ignore(&["KAFKA_BROKERS", "CONFIG", "DATA_DIR", "LOG_JSON", "LOG"])
+                // `LOCKSTEP_PUSH__…` is the server's `[push]` section, not ours.
+                .filter(|key| !key.as_str().starts_with('_'))
                 .split("__"),
         );
         let settings: Settings = figment.extract().map_err(Box::new)?;
@@ -203,6 +211,9 @@ impl Settings {
         }
         if self.events.channel_capacity == 0 || self.events.commit_interval.is_zero() {
             return fail("events.channel_capacity and events.commit_interval must be non-zero");
+        }
+        if self.events.session_timeout < Duration::from_secs(1) {
+            return fail("events.session_timeout must be at least 1s");
         }
         if self.wake.max_concurrent == 0 || self.wake.max_attempts == 0 || self.wake.max_devices == 0 {
             return fail("wake.max_concurrent, wake.max_attempts and wake.max_devices must be at least 1");
@@ -242,6 +253,8 @@ mod tests {
             jail.set_env("LOCKSTEP_PUSH_WAKE__MAX_CONCURRENT", "7");
             jail.set_env("LOCKSTEP_PUSH_EVENTS__TOPIC", "t.events");
             jail.set_env("LOCKSTEP_PUSH_KAFKA_BROKERS", "kafka:9092");
+            // The server's setting, in a shared environment: not ours, not an error.
+            jail.set_env("LOCKSTEP_PUSH__VAPID_PUBLIC_KEY", "BPub");
             let settings = Settings::load(Some(std::path::Path::new("push.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(settings.wake.min_interval, Duration::from_secs(10));
             assert_eq!(settings.wake.max_concurrent, 7);
