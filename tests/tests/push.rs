@@ -191,6 +191,11 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     assert_eq!((phone_wakes[0].0, phone_wakes[0].1), (WakeUpOutcome::Sent, 201));
     assert_eq!(Some(phone_wakes[0].2), seen[0].payload().and_then(|p| p["log_end"].as_i64()));
     assert!(phone_wakes[0].3.starts_with("push-"), "published by the worker: {}", phone_wakes[0].3);
+    // The worker's events share the user's partition (the server's partitioner), so a
+    // replay of that partition sees "already woken".
+    let partitions: HashSet<i32> =
+        events.iter().filter(|(_, _, _, e)| e.user_id == laptop.user_id).map(|(p, _, _, _)| *p).collect();
+    assert_eq!(partitions.len(), 1, "{partitions:?}");
     // Not one byte of what was pushed to the service reaches the events topic.
     let ciphertext = seen[0].ciphertext();
     assert!(ciphertext.len() > 16);

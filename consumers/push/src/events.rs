@@ -258,6 +258,9 @@ impl Publisher {
     pub fn new(settings: &Settings) -> Result<Self, Error> {
         let mut config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
         config.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5");
+        // The server's partitioner (Java clients' murmur2): a user's events, ours included,
+        // must share one partition, or a replay would miss "already woken".
+        config.set("partitioner", "murmur2_random");
         config.set("message.timeout.ms", settings.kafka.produce_timeout.as_millis().to_string());
         let producer = config.create().map_err(Error::kafka("create producer"))?;
         Ok(Self { producer, topic: settings.events.topic.clone(), timeout: settings.kafka.produce_timeout })
