@@ -390,3 +390,94 @@ async fn two_workers_split_the_partitions_and_wake_each_device_once() -> anyhow:
     assert!(partitions.len() > 1, "{partitions:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_kafka_client_reads_the_scenario_and_no_content_from_the_events_topic() -> anyhow::Result<()> {
+    let PushStack { nisshi, server, worker: _worker, service } = push_stack(&[]).await?;
+    let laptop = Device::create_account(&server, "laptop").await?;
+    let phone = laptop.pair(&server, "phone").await?;
+    let subscription = service.subscribe().await?;
+    set_web_push(&server, &phone, &subscription).await?;
+
+    // Changes whose record ids, collection, nonces and ciphertexts must never reach the topic.
+    let mut forbidden: Vec<Vec<u8>> = Vec::new();
+    let pushed: Vec<_> = (0..20)
+        .map(|_| {
+            let record_id = uuid::Uuid::new_v4().to_string();
+            let mut change = lockstep_e2e::device::change(&record_id, 64);
+            change.collection = format!("diary-{}", uuid::Uuid::new_v4().simple());
+            forbidden.extend([
+                record_id.into_bytes(),
+                change.collection.clone().into_bytes(),
+                change.nonce.to_vec(),
+                change.ciphertext.to_vec(),
+            ]);
+            change
+        })
+        .collect();
+    laptop.push_ok(pushed).await?;
+    let seen = service.wait_for(&subscription.id, 1, WAIT).await?;
+    assert_clean_wake_up(&seen[0], 20);
+    forbidden.push(seen[0].ciphertext());
+
+    // The woken phone syncs, acks and goes; then it removes its target.
+    let mut stream = phone.subscribe(None).await?;
+    receive_changes(&mut stream, 20, WAIT).await?;
+    phone.ack(19).await?;
+    drop(stream);
+    let request = with_token(lockstep_proto::v1::RemovePushTargetRequest {}, &phone.token);
+    server.push_targets().await?.remove_push_target(request).await?;
+    events_until(&nisshi, "the scenario's last events", |events| {
+        let phone_events = |kind: &str| {
+            events.iter().any(|(_, _, _, e)| e.body.kind() == kind && e.body.device_id() == Some(&phone.device_id))
+        };
+        phone_events("DeviceAcked") && phone_events("DeviceDisconnected") && phone_events("PushTargetRemoved")
+    })
+    .await?;
+
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new("python3")
+        .arg(manifest.join("python/events_check.py"))
+        .arg(nisshi.bootstrap())
+        .arg(EVENTS_TOPIC)
+        .arg(manifest.join("../schemas/avro/event.avsc"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped");
+        for needle in &forbidden {
+            writeln!(stdin, "{}", hex::encode(needle))?;
+        }
+        // A control: the subscription's public key is in the topic (the target), so the
+        // scan must find it.
+        writeln!(stdin, "{}", hex::encode(unb64(&subscription.p256dh)))?;
+    }
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    assert!(output.status.success(), "events_check.py: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let control = hex::encode(unb64(&subscription.p256dh));
+    assert_eq!(report["forbidden_found"], serde_json::json!([control]), "content reached the events topic");
+
+    let mine: Vec<&serde_json::Value> =
+        report["events"].as_array().expect("events").iter().filter(|e| e["user_id"] == laptop.user_id).collect();
+    let position = |kind: &str, device: Option<&str>, extra: &dyn Fn(&serde_json::Value) -> bool| {
+        mine.iter()
+            .position(|e| e["kind"] == kind && device.is_none_or(|d| e["body"]["device_id"] == d) && extra(&e["body"]))
+            .unwrap_or_else(|| panic!("no {kind} for {device:?} among {mine:#?}"))
+    };
+    let any = |_: &serde_json::Value| true;
+    let phone_id = Some(phone.device_id.as_str());
+    let added = position("DeviceAdded", phone_id, &any);
+    let target_set = position("PushTargetSet", phone_id, &|b| b["target"]["branch"] == "WebPushTarget");
+    let appended = position("LogAppended", None, &|b| b["log_end"] == 20 && b["count"] == 20);
+    let woken = position("WakeUp", phone_id, &|b| b["outcome"] == "SENT" && b["http_status"] == 201);
+    let acked = position("DeviceAcked", phone_id, &|b| b["committed_offset"] == 20);
+    let removed = position("PushTargetRemoved", phone_id, &|b| b["reason"] == "REMOVED_BY_DEVICE");
+    assert!(added < target_set && target_set < appended && appended < woken && woken < acked && acked < removed);
+    let partitions: HashSet<i64> = mine.iter().filter_map(|e| e["partition"].as_i64()).collect();
+    assert_eq!(partitions.len(), 1, "one user, one partition: {partitions:?}");
+    Ok(())
+}
