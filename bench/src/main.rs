@@ -10,6 +10,7 @@ mod profile;
 mod report;
 mod stats;
 mod w0;
+mod w6;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -27,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Workloads to run, in this order within each round.
-    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w2,w4,w3,w5")]
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w2,w4,w3,w5,w6")]
     pub workloads: Vec<String>,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -35,6 +36,9 @@ pub struct Args {
     /// The lockstep server binary (a release build).
     #[arg(long, env = "LOCKSTEP_BIN", default_value = "target/release/lockstep")]
     pub lockstep_bin: PathBuf,
+    /// The push worker binary (a release build), for W6.
+    #[arg(long, env = "LOCKSTEP_PUSH_BIN", default_value = "target/release/lockstep-push")]
+    pub push_bin: PathBuf,
     #[arg(long, env = "NISSHI_BIN", default_value = "nisshi")]
     pub nisshi_bin: PathBuf,
     #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
@@ -70,6 +74,8 @@ pub struct Config {
     pub cpu_time: Duration,
     pub fanout_records: u64,
     pub streams_per_connection: usize,
+    /// W6: users with 10 offline devices each.
+    pub w6_users: usize,
 }
 
 impl Config {
@@ -90,6 +96,7 @@ impl Config {
             cpu_time: Duration::from_secs(if full { 10 } else { 2 }),
             fanout_records: 0,
             streams_per_connection: args.streams_per_connection.clamp(1, 64),
+            w6_users: if full { 100 } else { 20 },
         }
     }
 
@@ -171,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
                     profiles.extend(profiler.map(profile::Profiler::finish));
                     outcome
                 }
+                "w6" => w6::run(&server, &args.push_bin, nisshi.bootstrap(), &config, round, metrics).await,
                 "w3" => lockstep::w3(&args.lockstep_bin, &args.nisshi_bin, &config, round, metrics).await,
                 "w5" => match &redis {
                     Some(redis) => {

@@ -338,6 +338,29 @@ pub fn render(
             row("w5.resume.ack_window", "Redis unacked window at the crash"),
         ],
     );
+    out.push_str("## W6 wake-ups: push → wake-up received (lockstep-push, local push service)\n\n");
+    let _ = writeln!(
+        out,
+        "{} users × 10 offline devices with Web Push targets; every user pushes a burst of 100 changes (10 \
+         pushes), all users at once. Latency: Kafka's ack of a user's first change → each of its devices' \
+         wake-up arriving (VAPID verified, body decrypted) at tests/python/push_service.py. Target: p99 ≤ 1 s, \
+         1 wake-up per device per burst.\n",
+        config.w6_users
+    );
+    table(
+        &mut out,
+        metrics,
+        &[
+            row("w6.p50_ms", "ack → wake-up p50, ms"),
+            row("w6.p99_ms", "ack → wake-up p99, ms"),
+            row("w6.max_ms", "ack → wake-up max, ms"),
+            row("w6.wakeups_per_device", "wake-ups per device per burst"),
+            row("w6.max_wakeups_per_device", "most wake-ups of one device"),
+            row("w6.not_woken", "devices not woken"),
+            row("w6.unverified", "wake-ups the push service could not verify or decrypt"),
+            row("w6.premature", "wake-ups before the burst (devices were caught up)"),
+        ],
+    );
     out.push_str("## W3 idle devices\n\n");
     let mut rows = vec![row("w3.rss0_kib", "server RSS with the devices created, no stream, KiB")];
     for count in &config.idle_devices {

@@ -48,6 +48,11 @@ impl PushWorker {
     /// Like [`PushWorker::start`] without starting it: its data directory and VAPID
     /// key exist (e.g. to give the key to the server first); [`PushWorker::restart`] starts it.
     pub fn prepare(kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::prepare_binary(push_binary()?, kafka, env)
+    }
+
+    /// Like [`PushWorker::prepare`] with the worker `binary` (e.g. a release build for benchmarks).
+    pub fn prepare_binary(binary: PathBuf, kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut settings = vec![
             ("LOCKSTEP_PUSH_EVENTS__COMMIT_INTERVAL".to_string(), "200ms".to_string()),
             // Nisshi answers a group join after about half the session timeout.
@@ -56,7 +61,7 @@ impl PushWorker {
         ];
         settings.extend(env.iter().map(|(key, value)| (key.to_string(), value.to_string())));
         let mut worker = Self {
-            binary: push_binary()?,
+            binary,
             process: None,
             kafka: kafka.to_string(),
             env: settings,

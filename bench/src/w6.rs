@@ -1,0 +1,153 @@
+//! W6 wake-ups: 100 users with 10 offline devices each (1,000 devices with Web
+//! Push targets at the local push service), each user pushes a burst of 100
+//! changes; measured: Kafka's ack of a user's first change → each of its
+//! devices' wake-up arriving at the push service (decrypted and verified
+//! there), and wake-ups per device per burst. The worker runs with its
+//! default `min_interval` (60 s), so a second wake-up within the run would be
+//! a coalescing failure.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use lockstep_proto::v1::{PushTarget, SetPushTargetRequest, WebPushTarget, push_target::Target};
+use lockstep_testkit::{
+    device::{Device, changes, with_token},
+    push::{PushService, PushWorker, Subscription},
+    server::Server as Lockstep,
+};
+
+use crate::{Config, stats::Metrics};
+
+fn now_s() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+/// One user: the device that pushes, and its offline devices' subscriptions.
+struct User {
+    pusher: Device,
+    subscriptions: Vec<Subscription>,
+}
+
+async fn make_user(lockstep: &Lockstep, service: &PushService, index: usize, devices: usize) -> anyhow::Result<User> {
+    let pusher = Device::create_account(lockstep, &format!("w6-pusher-{index}")).await?;
+    pusher.push_ok(changes(1, 64)).await?;
+    let mut targets = lockstep.push_targets().await?;
+    let mut subscriptions = Vec::new();
+    for device_index in 0..devices {
+        let device = pusher.pair(lockstep, &format!("w6-{index}-{device_index}")).await?;
+        // Caught up before the burst: the worker learns its offset from the event.
+        device.ack(0).await?;
+        let subscription = service.subscribe().await?;
+        let target = Target::WebPush(WebPushTarget {
+            endpoint: subscription.endpoint.clone(),
+            p256dh: Bytes::from(URL_SAFE_NO_PAD.decode(&subscription.p256dh)?),
+            auth: Bytes::from(URL_SAFE_NO_PAD.decode(&subscription.auth)?),
+        });
+        let request = SetPushTargetRequest { target: Some(PushTarget { target: Some(target), updated_at_ms: 0 }) };
+        targets.set_push_target(with_token(request, &device.token)).await?;
+        subscriptions.push(subscription);
+    }
+    Ok(User { pusher, subscriptions })
+}
+
+pub async fn run(
+    lockstep: &Lockstep,
+    push_bin: &Path,
+    bootstrap: &str,
+    config: &Config,
+    round: usize,
+    metrics: &mut Metrics,
+) -> anyhow::Result<()> {
+    let (users_count, devices_per_user) = (config.w6_users, 10);
+    let service = PushService::start().await?;
+    let mut worker = PushWorker::prepare_binary(push_bin.to_path_buf(), bootstrap, &[])?;
+    worker.restart()?;
+    worker.wait_until_acting(1).await?;
+    let setup = Instant::now();
+    let mut users = Vec::new();
+    for chunk in (0..users_count).collect::<Vec<_>>().chunks(10) {
+        let made = futures::future::join_all(
+            chunk.iter().map(|&index| make_user(lockstep, &service, index, devices_per_user)),
+        )
+        .await;
+        for user in made {
+            users.push(user?);
+        }
+    }
+    // Let the worker read the acks and targets; nobody is behind yet.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let premature = service.requests().await?.len();
+    eprintln!(
+        "    {} users, {} offline devices set up in {:.1} s ({premature} wake-ups before the burst)",
+        users.len(),
+        users.len() * devices_per_user,
+        setup.elapsed().as_secs_f64()
+    );
+
+    // The burst: every user pushes 100 changes in 10 pushes, all users at once.
+    let bursts = futures::future::join_all(users.iter().map(|user| async move {
+        let first = user.pusher.push_ok(changes(10, 64)).await?;
+        let acked_at = now_s();
+        for _ in 0..9 {
+            user.pusher.push_ok(changes(10, 64)).await?;
+        }
+        anyhow::Ok((first, acked_at))
+    }))
+    .await;
+    let mut acked_at = Vec::new();
+    for burst in bursts {
+        acked_at.push(burst?.1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let total = users.len() * devices_per_user;
+    loop {
+        let seen = service.requests().await?;
+        let woken: std::collections::HashSet<&str> = seen.iter().map(|s| s.subscription()).collect();
+        if woken.len() >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Room for duplicates to show (well under min_interval).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = service.requests().await?;
+    let mut histogram = crate::stats::histogram();
+    let (mut missing, mut wakeups, mut max_wakeups, mut failed) = (0usize, 0usize, 0usize, 0usize);
+    for (user, acked_at) in users.iter().zip(&acked_at) {
+        for subscription in &user.subscriptions {
+            let mine: Vec<_> = seen.iter().filter(|s| s.subscription() == subscription.id).collect();
+            failed += mine.iter().filter(|s| s.error().is_some() || s.status() != 201).count();
+            wakeups += mine.len();
+            max_wakeups = max_wakeups.max(mine.len());
+            match mine.first() {
+                Some(first) => {
+                    let latency = (first.arrived() - acked_at).max(0.0);
+                    crate::stats::record(&mut histogram, Duration::from_secs_f64(latency));
+                }
+                None => missing += 1,
+            }
+        }
+    }
+    let p50 = crate::stats::quantile_ms(&histogram, 0.5);
+    let p99 = crate::stats::quantile_ms(&histogram, 0.99);
+    let max = crate::stats::quantile_ms(&histogram, 1.0);
+    let per_device = wakeups as f64 / total as f64;
+    eprintln!(
+        "    w6: ack→wake-up p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; {per_device:.3} wake-ups per device \
+         (max {max_wakeups}), {missing} devices not woken, {failed} requests not verified"
+    );
+    metrics.add(round, "w6.p50_ms", p50);
+    metrics.add(round, "w6.p99_ms", p99);
+    metrics.add(round, "w6.max_ms", max);
+    metrics.add(round, "w6.wakeups_per_device", per_device);
+    metrics.add(round, "w6.max_wakeups_per_device", max_wakeups as f64);
+    metrics.add(round, "w6.not_woken", missing as f64);
+    metrics.add(round, "w6.unverified", failed as f64);
+    metrics.add(round, "w6.premature", premature as f64);
+    worker.terminate()?;
+    Ok(())
+}
