@@ -100,7 +100,14 @@ impl App {
             Gateway::new(&clients, dedup, delivery.clone(), guard, events.clone(), shutdown.clone(), &settings);
         let push_targets = PushTargets::new(db, events.clone());
         if events.is_enabled() {
-            tokio::spawn(announce(delivery.clone(), push_targets.clone(), settings.events.lease_interval, shutdown));
+            tokio::spawn(announce(
+                delivery.clone(),
+                push_targets.clone(),
+                settings.events.lease_interval,
+                shutdown.clone(),
+            ));
+            let events_kafka = crate::events::events_kafka(&settings);
+            tokio::spawn(crate::events::follower::run(settings.clone(), events_kafka, push_targets.clone(), shutdown));
         }
         let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets };
         Ok((app, Background { producer, publisher }))

@@ -408,6 +408,7 @@ pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChang
         origin_device_id: envelope.origin_device_id,
         received_at_ms: envelope.received_at_ms,
         undecodable: String::new(),
+        traceparent: String::new(),
     }
 }
 

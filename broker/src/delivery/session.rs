@@ -156,8 +156,13 @@ impl Session {
             }
             let got_records = !chunk.records.is_empty();
             if got_records {
-                let changes: Vec<DeliveredChange> =
+                let mut changes: Vec<DeliveredChange> =
                     chunk.records.into_iter().map(|(offset, record)| delivered_record(offset, record)).collect();
+                for (offset, traceparent) in chunk.traceparents {
+                    if let Some(change) = changes.iter_mut().find(|change| change.offset == offset) {
+                        change.traceparent = traceparent;
+                    }
+                }
                 metrics::counter!("lockstep_deliveries_total", "source" => "catchup").increment(changes.len() as u64);
                 self.send_changes(changes).await?;
             }
@@ -187,6 +192,7 @@ impl Session {
     /// Sends consecutive changes in messages of at most `batch_max_bytes`.
     async fn send_changes(&mut self, changes: Vec<DeliveredChange>) -> Result<(), ApiError> {
         let max_bytes = self.delivery.inner.settings.batch_max_bytes;
+        let _spans = delivery_spans(&changes);
         for changes in split_by_bytes(changes, max_bytes) {
             self.send(Event::Changes(ChangeBatch { changes })).await?;
         }
@@ -227,4 +233,38 @@ impl Session {
             _ = self.stop_rx.changed() => self.check_stop(),
         }
     }
+}
+
+/// Most traces one message to a device continues (one span each).
+const MAX_DELIVERY_SPANS: usize = 8;
+
+/// A `lockstep.deliver` span, child of the producing push's `kafka.produce`
+/// span, for each traced push among `changes` (when traces are on); they end
+/// when the returned guard is dropped, after the send.
+fn delivery_spans(changes: &[DeliveredChange]) -> Vec<tracing::Span> {
+    if !crate::telemetry::tracing_on() {
+        return Vec::new();
+    }
+    let mut traces: Vec<&str> = Vec::new();
+    for change in changes {
+        if !change.traceparent.is_empty() && !traces.contains(&change.traceparent.as_str()) {
+            traces.push(&change.traceparent);
+            if traces.len() == MAX_DELIVERY_SPANS {
+                break;
+            }
+        }
+    }
+    traces
+        .into_iter()
+        .map(|traceparent| {
+            let span = tracing::info_span!(
+                target: crate::telemetry::TRACE_TARGET,
+                "lockstep.deliver",
+                otel.kind = "producer",
+                messaging.batch.message_count = changes.len(),
+            );
+            crate::telemetry::set_parent_traceparent(&span, traceparent);
+            span
+        })
+        .collect()
 }

@@ -18,6 +18,7 @@ use std::{
 
 use rdkafka::{
     error::RDKafkaErrorCode,
+    message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, Producer as _},
 };
 
@@ -98,14 +99,20 @@ impl Producer {
 
     /// Enqueues one record on partition 0 of `topic` now (so records enqueued
     /// one after the other keep their order) and returns a future of its offset.
+    /// `traceparent` (W3C trace context) goes into the record's headers.
     pub fn enqueue(
         &self,
         topic: &str,
         key: &[u8],
         payload: &[u8],
+        traceparent: Option<&str>,
     ) -> impl Future<Output = Result<i64, KafkaError>> + Send + 'static + use<> {
         let instance = self.current();
-        let record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
+        let mut record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
+        if let Some(traceparent) = traceparent {
+            record =
+                record.headers(OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(traceparent) }));
+        }
         let enqueued = instance
             .producer
             .send_result(record)

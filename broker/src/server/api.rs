@@ -11,6 +11,7 @@ use lockstep_proto::v1::{
 };
 use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::App;
 use crate::{
@@ -221,7 +222,21 @@ impl SyncApi {
 impl sync_server::Sync for SyncApi {
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let started = std::time::Instant::now();
-        let answer = self.push_inner(request).await;
+        let span = if crate::telemetry::tracing_on() {
+            let span = tracing::info_span!(
+                target: crate::telemetry::TRACE_TARGET,
+                "lockstep.push",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = "Push",
+                lockstep.changes = request.get_ref().changes.len(),
+            );
+            crate::telemetry::continue_from(request.metadata(), &span);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let answer = self.push_inner(request).instrument(span).await;
         let code = answer.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
         metrics::counter!("lockstep_pushes_total", "code" => crate::error::code_name(code)).increment(1);
         metrics::histogram!("lockstep_push_duration_seconds").record(started.elapsed().as_secs_f64());

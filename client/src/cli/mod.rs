@@ -39,6 +39,10 @@ pub struct Args {
     /// The deadline of each call to the server (and of a stream's first answer).
     #[arg(long, default_value = "30s", value_parser = humantime_duration, global = true)]
     rpc_timeout: Duration,
+    /// A W3C trace context (00-<trace id>-<span id>-<flags>) to send with every request, so that
+    /// the server's traces (when it exports them) join the caller's trace.
+    #[arg(long, env = "TRACEPARENT", global = true)]
+    traceparent: Option<String>,
     /// Shift this device's clock, e.g. -3h (tests of devices whose clocks differ).
     #[arg(
         long,
@@ -312,6 +316,9 @@ fn open_empty(args: &Args) -> anyhow::Result<Store> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(traceparent) = &args.traceparent {
+        sync::send_traceparent(traceparent).map_err(anyhow::Error::msg)?;
+    }
     let open = || open_store(&args);
     let rpc_timeout = args.rpc_timeout;
     match &args.command {
