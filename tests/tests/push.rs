@@ -348,6 +348,9 @@ async fn a_killed_worker_restarts_without_a_storm_and_wakes_who_is_still_behind(
         assert_eq!(count, 1, "device {} was woken again after the restart", device.device_id);
     }
     assert_eq!(service.requests_to(&late_sub.id).await?.len(), 1);
+    // SIGTERM: it commits what it acted on and leaves the group cleanly.
+    assert!(worker.terminate()?, "lockstep-push exited with an error on SIGTERM:\n{}", worker.log());
+    assert!(worker.log().contains("lockstep-push stopped"));
     Ok(())
 }
 

@@ -155,9 +155,11 @@ impl Worker {
         if tokio::time::timeout(deadline, finish).await.is_err() {
             tracing::warn!("wake-ups still in flight at the shutdown deadline; their events stay uncommitted");
         }
-        let consumer = self.member.consumer.clone();
         let offsets = self.commit_offsets();
         if offsets.count() > 0 {
+            // Cloned only here: the last reference must go in `close`, off the runtime
+            // (dropping the consumer leaves the group, whose callback blocks).
+            let consumer = self.member.consumer.clone();
             let committed = tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync)).await;
             if !matches!(committed, Ok(Ok(()))) {
                 tracing::warn!(?committed, "cannot commit offsets at shutdown");
