@@ -349,3 +349,34 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(live: bool, next_offset: i64, committed: i64) -> PartitionProgress {
+        PartitionProgress { epoch: 1, live, high_watermark: 0, next_offset, committed, holds: BTreeMap::new() }
+    }
+
+    #[test]
+    fn offsets_are_committed_behind_wake_ups_in_flight_and_only_forward() {
+        let mut replaying = progress(false, 50, 10);
+        assert_eq!(replaying.commit_point(), None, "nothing while replaying");
+        replaying.live = true;
+        assert_eq!(replaying.commit_point(), Some(50));
+        let mut acting = progress(true, 50, 10);
+        *acting.holds.entry(20).or_default() += 2;
+        *acting.holds.entry(30).or_default() += 1;
+        assert_eq!(acting.commit_point(), Some(20), "the event of the oldest wake-up in flight");
+        acting.release(20);
+        assert_eq!(acting.commit_point(), Some(20), "one of its two wake-ups is still in flight");
+        acting.release(20);
+        assert_eq!(acting.commit_point(), Some(30));
+        acting.release(30);
+        assert_eq!(acting.commit_point(), Some(50));
+        acting.committed = 50;
+        assert_eq!(acting.commit_point(), None, "never the same or an older offset again");
+        let behind = progress(true, 5, 10);
+        assert_eq!(behind.commit_point(), None, "never below what the group had committed");
+    }
+}
