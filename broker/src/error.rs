@@ -8,7 +8,9 @@
 use lockstep_proto::retry;
 use tonic::{Code, Status};
 
-use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError, push_targets::TargetError};
+use crate::{
+    accounts::AccountsError, db::DbError, erasure::ErasureError, kafka::KafkaError, push_targets::TargetError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -48,6 +50,8 @@ pub enum ApiError {
     Db(#[from] DbError),
     #[error(transparent)]
     PushTarget(#[from] TargetError),
+    #[error(transparent)]
+    Erasure(#[from] ErasureError),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -81,6 +85,8 @@ impl ApiError {
                 TargetError::NotFound => Code::NotFound,
                 TargetError::Db(_) => Code::Internal,
             },
+            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => Code::Unavailable,
+            ApiError::Erasure(_) => Code::Internal,
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }

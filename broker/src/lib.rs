@@ -11,6 +11,7 @@
 //! - [`events`]: metadata-only facts (log appended, device acked, connected,
 //!   push target set, …) published to the events topic for push workers, the
 //!   dashboard and other nodes; never content.
+//! - [`erasure`]: deleting an account: its topic, groups and rows, resumable.
 //! - [`push_targets`]: where each device can be woken (stored, validated, announced as events).
 //! - [`log_guard`]: the log never silently shrinks: a log that lost acknowledged
 //!   changes is refused (DATA_LOSS) until each device repairs.
@@ -23,6 +24,7 @@ pub mod accounts;
 pub mod admin;
 pub mod db;
 pub mod delivery;
+pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod gateway;

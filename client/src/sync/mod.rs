@@ -15,6 +15,7 @@
 //!   three heartbeat intervals is dead. Whether to retry is the server's
 //!   verdict ([`lockstep_proto::retry::is_retryable`]).
 
+pub mod account;
 pub mod push_target;
 mod receive;
 
