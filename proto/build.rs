@@ -4,11 +4,8 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
-        "proto/lockstep/v1/accounts.proto",
-        "proto/lockstep/v1/sync.proto",
-        "proto/lockstep/v1/push_targets.proto",
-    ];
+    let protos =
+        ["proto/lockstep/v1/accounts.proto", "proto/lockstep/v1/sync.proto", "proto/lockstep/v1/push_targets.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -15,4 +15,6 @@ pub mod history;
 pub mod proxy;
 pub mod workload;
 
-pub use lockstep_testkit::{cli, device, device_group, free_port, log_tail, nisshi, server, stack, user_topic};
+pub use lockstep_testkit::{
+    cli, dashboard, device, device_group, free_port, log_tail, nisshi, server, stack, user_topic,
+};

@@ -128,6 +128,9 @@ pub struct RefreshReport {
     pub devices: usize,
     pub records: usize,
     pub errors: usize,
+    pub watermarks_ms: u128,
+    pub offsets_ms: u128,
+    pub records_ms: u128,
 }
 
 impl Refresher {
@@ -164,6 +167,7 @@ impl Refresher {
         let (users, devices) = locked(fleet).refresh_targets();
         let mut report = RefreshReport { users: users.len(), devices: devices.len(), ..RefreshReport::default() };
         let at_ms = now_ms();
+        let phase = Instant::now();
         let watermarks: Vec<_> = stream::iter(users)
             .map(|user_id| async move {
                 let topic = user_topic(&self.kafka, &user_id);
@@ -183,7 +187,9 @@ impl Refresher {
                 }
             }
         }
+        report.watermarks_ms = phase.elapsed().as_millis();
         let at_ms = now_ms();
+        let phase = Instant::now();
         let committed: Vec<_> = stream::iter(devices)
             .map(|(device_id, user_id)| async move {
                 let group = device_group(&self.kafka, &device_id);
@@ -202,6 +208,8 @@ impl Refresher {
                 }
             }
         }
+        report.offsets_ms = phase.elapsed().as_millis();
+        let phase = Instant::now();
         let wanted = locked(fleet).wanted_records(self.max_record_reads);
         for record in wanted {
             match self.received_at(&record).await {
@@ -216,6 +224,7 @@ impl Refresher {
                 }
             }
         }
+        report.records_ms = phase.elapsed().as_millis();
         report
     }
 

@@ -92,7 +92,7 @@ fn metrics_handle() -> Result<PrometheusHandle, DashboardError> {
         "lockstep_dashboard_events_undecodable_total",
         "Events topic records that did not decode."
     );
-    metrics::describe_gauge!("lockstep_dashboard_devices", "Devices per status (at the last refresh).");
+    metrics::describe_gauge!("lockstep_dashboard_devices", "Devices per status.");
     metrics::describe_gauge!("lockstep_dashboard_users", "Users seen in the events.");
     metrics::describe_histogram!(
         "lockstep_dashboard_device_lag_changes",
@@ -107,7 +107,9 @@ fn metrics_handle() -> Result<PrometheusHandle, DashboardError> {
     Ok(handle)
 }
 
-fn record_fleet_metrics(app: &App) {
+/// Sets the gauges (devices per status, users) to the fleet as it is now;
+/// `/metrics` calls it before it renders.
+pub fn record_status_gauges(app: &App) -> Vec<fleet::DeviceView> {
     let now = now_ms();
     let fleet = locked(&app.fleet);
     let views = fleet.devices(now, &app.settings.status);
@@ -118,6 +120,12 @@ fn record_fleet_metrics(app: &App) {
         metrics::gauge!("lockstep_dashboard_devices", "status" => status.as_str()).set(count as f64);
     }
     metrics::gauge!("lockstep_dashboard_users").set(summary.users as f64);
+    views
+}
+
+/// The gauges, and one observation per device of the lag histograms.
+fn record_fleet_metrics(app: &App) {
+    let views = record_status_gauges(app);
     let lag_changes = metrics::histogram!("lockstep_dashboard_device_lag_changes");
     let lag_seconds = metrics::histogram!("lockstep_dashboard_device_lag_seconds");
     for view in views.iter().filter(|view| !view.revoked) {
