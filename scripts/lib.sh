@@ -34,3 +34,16 @@ ensure_python_module() {
         || python3 -m pip install --quiet "$package"
     python3 -c "import $module"
 }
+
+# Installs Debian package $2 when command $1 is missing (apt-get update first
+# if the package lists are stale or empty).
+ensure_debian_command() {
+    local command="$1" package="$2"
+    if command -v "$command" >/dev/null; then
+        return
+    fi
+    log "installing Debian package $package (for $command)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq "$package" >&2 || { apt-get update -qq && apt-get install -y -qq "$package" >&2; }
+    command -v "$command" >/dev/null
+}

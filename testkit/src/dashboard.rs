@@ -191,6 +191,21 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// `apt-get install -y <package>`, after `apt-get update` if the first try fails.
+pub fn apt_install(package: &str) -> bool {
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    install()
+        || (Command::new("apt-get").args(["update", "-qq"]).stdin(Stdio::null()).status().is_ok_and(|s| s.success())
+            && install())
+}
+
 /// Headless Chromium (Debian's `chromium`), for tests that read the DOM a real browser built.
 pub mod chromium {
     use std::{
@@ -210,13 +225,7 @@ pub mod chromium {
         if let Some(path) = found("chromium") {
             return Ok(path);
         }
-        let installed = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "chromium"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-            .context("running apt-get install chromium")?;
-        if !installed.success() {
+        if !super::apt_install("chromium") {
             bail!("chromium is missing and `apt-get install -y chromium` failed");
         }
         found("chromium").context("chromium not on PATH after installing it")

@@ -331,14 +331,8 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
 }
 
 fn promtool_check(metrics: &str) -> anyhow::Result<()> {
-    let promtool = which("promtool").or_else(|| {
-        let installed = std::process::Command::new("apt-get")
-            .args(["install", "-y", "-qq", "prometheus"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|status| status.success());
-        if installed { which("promtool") } else { None }
-    });
+    let promtool = which("promtool")
+        .or_else(|| if lockstep_e2e::dashboard::apt_install("prometheus") { which("promtool") } else { None });
     let promtool = promtool.context("promtool is missing and `apt-get install -y prometheus` failed")?;
     let mut child = std::process::Command::new(promtool)
         .args(["check", "metrics"])

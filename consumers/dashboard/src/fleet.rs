@@ -72,6 +72,8 @@ struct DeviceState {
     /// `None` value: Kafka holds no offset for the device's group.
     committed: Option<Observed<Option<i64>>>,
     ack_generation: Option<i64>,
+    /// The committed offset of its last `DeviceAcked` event (for how far each ack moved).
+    last_acked: Option<i64>,
     last_commit_ms: Option<i64>,
     last_move_ms: Option<i64>,
     /// node id -> lease end.
@@ -255,7 +257,8 @@ impl Fleet {
             EventBody::DeviceAcked { device_id, log_generation, committed_offset } => {
                 let log_end = self.users.get(user_id).and_then(|u| u.log_end).map_or(*committed_offset, |o| o.value);
                 let device = self.device(user_id, device_id);
-                let before = device.committed.and_then(|c| c.value).unwrap_or(0);
+                let before = device.last_acked.unwrap_or(0);
+                device.last_acked = Some(*committed_offset);
                 if observe(&mut device.committed, Some(*committed_offset), at_ms) {
                     device.last_move_ms = Some(at_ms);
                 }
