@@ -206,6 +206,7 @@ pub async fn wd(
         rss_max = rss_max.max(procs::rss_kib(pid).unwrap_or(0));
     };
     let pid = dashboard.pid();
+    metrics.add(round, &format!("wd.n{devices}.rss_ready_kib"), procs::rss_kib(pid).unwrap_or(0) as f64);
     let (mut page, mut page_all, mut api) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..10 {
         let started = Instant::now();

@@ -351,7 +351,8 @@ pub fn render(
         ("page_all_rows_ms", "the page with every row, ms"),
         ("api_ms", "/api/v1/devices (every device), ms"),
         ("refresh_s", "one Kafka refresh (watermarks, offsets, record times), s"),
-        ("rss_kib", "dashboard RSS, KiB (max while serving)"),
+        ("rss_ready_kib", "dashboard RSS once it shows the fleet, KiB"),
+        ("rss_kib", "dashboard RSS, KiB (max while serving the page and the API)"),
     ]
     .iter()
     .map(|(key, label)| (format!("wd.n{count}.{key}"), format!("{count} devices: {label}")))

@@ -58,6 +58,8 @@ pub fn read_events_blocking(
         .set("auto.offset.reset", "earliest")
         // Nisshi wakes waiting fetches late: keep the wait short so acks show within a second.
         .set("fetch.wait.max.ms", "50")
+        // librdkafka prefetches up to 64 MiB by default; events are tiny and folded at once.
+        .set("queued.max.messages.kbytes", "4096")
         .create()?;
     let partitions = loop {
         if stop.load(Ordering::Relaxed) {
@@ -150,6 +152,9 @@ impl Refresher {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "20")
+            // One record is wanted at a time: no deep prefetch.
+            .set("queued.max.messages.kbytes", "1024")
+            .set("fetch.max.bytes", "1048576")
             .create()?;
         Ok(Self {
             kafka,

@@ -14,7 +14,7 @@ use axum::{
     response::{Html, IntoResponse, Response},
     routing::get,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{App, fleet::DeviceView, locked, now_ms, status::Status};
 
@@ -31,6 +31,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new().route("/healthz", get(healthz)).merge(protected).with_state(app)
+}
+
+#[derive(Serialize)]
+struct DevicesResponse {
+    devices: Vec<DeviceView>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,7 +152,8 @@ async fn user_page(State(app): State<Arc<App>>, Path(user_id): Path<String>) -> 
 async fn api_devices(State(app): State<Arc<App>>, Query(filter): Query<DeviceFilter>) -> Response {
     let views = locked(&app.fleet).devices(now_ms(), &app.settings.status);
     match filter.apply(views) {
-        Ok(devices) => Json(serde_json::json!({ "devices": devices })).into_response(),
+        // Serialized straight from the views (no intermediate JSON tree).
+        Ok(devices) => Json(DevicesResponse { devices }).into_response(),
         Err(message) => (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": message }))).into_response(),
     }
 }
