@@ -35,9 +35,9 @@ ensure_python_module() {
     python3 -c "import $module"
 }
 
-# Installs Debian package $2 when command $1 is missing (apt-get update first
-# if the package lists are stale or empty).
-ensure_debian_command() {
+# Makes a command available, installing its Debian package if needed
+# (e.g. `ensure_debian_package promtool prometheus`).
+ensure_debian_package() {
     local command="$1" package="$2"
     if command -v "$command" >/dev/null; then
         return

@@ -79,8 +79,15 @@ async fn clients(lockstep: &Lockstep, count: usize) -> anyhow::Result<Vec<SyncCl
 }
 
 /// W1: changes/s at saturation (batches of 100, 4 pushers), then push→ack
-/// latency on an open-loop schedule at half the saturated push rate.
-pub async fn w1(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mut Metrics) -> anyhow::Result<()> {
+/// latency on an open-loop schedule at half the saturated push rate. `name`
+/// prefixes the figures (`w1`, or `w1off` for a server without events).
+pub async fn w1(
+    lockstep: &Lockstep,
+    name: &str,
+    config: &Config,
+    round: usize,
+    metrics: &mut Metrics,
+) -> anyhow::Result<()> {
     let device = Device::create_account(&mut accounts(lockstep).await?, "w1").await?;
     let clients = clients(lockstep, 2).await?;
     let maker = ChangeMaker::new(config.payload_bytes);
@@ -109,8 +116,8 @@ pub async fn w1(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
     }
     let elapsed = started.elapsed().as_secs_f64();
     let pushes_per_second = written as f64 / SATURATION_BATCH as f64 / elapsed;
-    metrics.add(round, "w1.sat_changes_rps", written as f64 / elapsed);
-    metrics.add(round, "w1.sat_pushes_rps", pushes_per_second);
+    metrics.add(round, &format!("{name}.sat_changes_rps"), written as f64 / elapsed);
+    metrics.add(round, &format!("{name}.sat_pushes_rps"), pushes_per_second);
 
     // The same saturation spread over as many users as pushers: a push holds
     // its user's lock until Kafka acked it, so one user's pushes do not overlap.
@@ -137,7 +144,11 @@ pub async fn w1(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
     for task in tasks {
         spread_written += task.await??;
     }
-    metrics.add(round, "w1.sat_users_changes_rps", spread_written as f64 / started.elapsed().as_secs_f64());
+    metrics.add(
+        round,
+        &format!("{name}.sat_users_changes_rps"),
+        spread_written as f64 / started.elapsed().as_secs_f64(),
+    );
 
     // Latency at half of saturation, same batch size.
     let rate = pushes_per_second / 2.0;
@@ -164,10 +175,10 @@ pub async fn w1(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
         task.await?;
     }
     let histogram = histogram.lock().unwrap();
-    metrics.add(round, "w1.lat_rate_pushes", rate);
-    metrics.add(round, "w1.p50_ms", stats::quantile_ms(&histogram, 0.5));
-    metrics.add(round, "w1.p99_ms", stats::quantile_ms(&histogram, 0.99));
-    metrics.add(round, "w1.failed_pushes", failures.load(Ordering::Relaxed) as f64);
+    metrics.add(round, &format!("{name}.lat_rate_pushes"), rate);
+    metrics.add(round, &format!("{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
+    metrics.add(round, &format!("{name}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
+    metrics.add(round, &format!("{name}.failed_pushes"), failures.load(Ordering::Relaxed) as f64);
     Ok(())
 }
 

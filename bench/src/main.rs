@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Workloads to run, in this order within each round.
-    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w2,w4,w3,w5,wd")]
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,wd")]
     pub workloads: Vec<String>,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -148,10 +148,27 @@ async fn main() -> anyhow::Result<()> {
                 "w0" => w0::run(nisshi.bootstrap(), &config, round, metrics).await,
                 "w1" => {
                     let profiler = profile::Profiler::start_if(profiling, server.pid(), "w1");
-                    let outcome = lockstep::w1(&server, &config, round, metrics).await;
+                    let outcome = lockstep::w1(&server, "w1", &config, round, metrics).await;
                     profiles.extend(profiler.map(profile::Profiler::finish));
                     outcome
                 }
+                // W1 again against a second server on the same Kafka with events off: the events' cost.
+                // W1 against a server exporting traces (10 % sampled) to a real OTLP receiver.
+                "w1trace" => match procs::OtlpReceiver::start().await {
+                    Ok(receiver) => {
+                        match procs::start_lockstep_tracing(&args.lockstep_bin, nisshi.bootstrap(), &receiver.endpoint)
+                            .await
+                        {
+                            Ok(traced) => lockstep::w1(&traced, "w1trace", &config, round, metrics).await,
+                            Err(error) => Err(error),
+                        }
+                    }
+                    Err(error) => Err(error),
+                },
+                "w1off" => match procs::start_lockstep_without_events(&args.lockstep_bin, nisshi.bootstrap()).await {
+                    Ok(without_events) => lockstep::w1(&without_events, "w1off", &config, round, metrics).await,
+                    Err(error) => Err(error),
+                },
                 "w2" => {
                     for &devices in &config.fanout_devices {
                         let profiler = profile::Profiler::start_if(profiling, server.pid(), &format!("w2-{devices}"));

@@ -24,6 +24,48 @@ pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockst
     Lockstep::start_binary(binary.to_path_buf(), kafka, &[]).await
 }
 
+/// The same server exporting traces to `otlp_endpoint`, sampling 10 % of pushes.
+pub async fn start_lockstep_tracing(binary: &Path, kafka: &str, otlp_endpoint: &str) -> anyhow::Result<Lockstep> {
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint), ("OTEL_TRACES_SAMPLER_ARG", "0.1")];
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
+}
+
+/// The tests' OTLP receiver (`tests/otlp_receiver.py`), so that traced runs export for real.
+pub struct OtlpReceiver {
+    _process: Process,
+    pub endpoint: String,
+    _dir: TempDir,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("lockstep-bench-otlp-").tempdir()?;
+        let spans = dir.path().join("spans.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/otlp_receiver.py");
+        let log_path = dir.path().join("receiver.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = Command::new("python3");
+        command.arg(&script).arg(&spans).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let process = Process::spawn("otlp-receiver", &mut command, &log_path)?;
+        let port_file = dir.path().join("spans.jsonl.port");
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse::<u16>().ok()) {
+                return Ok(Self { _process: process, endpoint: format!("http://127.0.0.1:{port}"), _dir: dir });
+            }
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                anyhow::bail!("the OTLP receiver did not start: {}", std::fs::read_to_string(&log_path)?);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The same server with the events topic turned off (`events.enabled = false`).
+pub async fn start_lockstep_without_events(binary: &Path, kafka: &str) -> anyhow::Result<Lockstep> {
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &[("LOCKSTEP_EVENTS__ENABLED", "false")]).await
+}
+
 pub struct Redis {
     process: Process,
     pub url: String,

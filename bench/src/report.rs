@@ -85,6 +85,20 @@ fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
         "w0.produce_rps",
         |ratio| ratio >= 0.8,
     )];
+    targets.push(ratio_target(
+        metrics,
+        "W1 with events ≥ 0.95× W1 without (changes/s at saturation: events cost ≤ 5 %)",
+        "w1.sat_changes_rps",
+        "w1off.sat_changes_rps",
+        |ratio| ratio >= 0.95,
+    ));
+    targets.push(ratio_target(
+        metrics,
+        "W1 tracing on (10 % sampled, OTLP export) ≥ 0.95× tracing off (changes/s at saturation: cost ≤ 5 %)",
+        "w1trace.sat_changes_rps",
+        "w1.sat_changes_rps",
+        |ratio| ratio >= 0.95,
+    ));
     for devices in &config.fanout_devices {
         targets.push(ratio_target(
             metrics,
@@ -297,6 +311,11 @@ pub fn render(
             row("w1.p50_ms", "push→ack p50, ms"),
             row("w1.p99_ms", "push→ack p99, ms"),
             row("w1.failed_pushes", "failed pushes"),
+            row("w1off.sat_changes_rps", "events off: saturation, changes/s"),
+            row("w1off.p50_ms", "events off: push→ack p50, ms"),
+            row("w1off.p99_ms", "events off: push→ack p99, ms"),
+            row("w1trace.sat_changes_rps", "tracing on (10 %): saturation, changes/s"),
+            row("w1trace.p99_ms", "tracing on (10 %): push→ack p99, ms"),
         ],
     );
     for (prefix, title) in [("w2", "W2 fan-out: Lockstep"), ("w5", "W5 peer fan-out: Redis Streams")] {

@@ -8,7 +8,9 @@
 use lockstep_proto::retry;
 use tonic::{Code, Status};
 
-use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError, push_targets::TargetError};
+use crate::{
+    accounts::AccountsError, db::DbError, erasure::ErasureError, kafka::KafkaError, push_targets::TargetError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -48,6 +50,8 @@ pub enum ApiError {
     Db(#[from] DbError),
     #[error(transparent)]
     PushTarget(#[from] TargetError),
+    #[error(transparent)]
+    Erasure(#[from] ErasureError),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -81,6 +85,8 @@ impl ApiError {
                 TargetError::NotFound => Code::NotFound,
                 TargetError::Db(_) => Code::Internal,
             },
+            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => Code::Unavailable,
+            ApiError::Erasure(_) => Code::Internal,
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
@@ -92,9 +98,33 @@ impl ApiError {
     }
 }
 
+/// The gRPC code's canonical name, e.g. `UNAVAILABLE` (a bounded metric label).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         let code = error.code();
+        metrics::counter!("lockstep_errors_total", "code" => code_name(code)).increment(1);
         if code == Code::Internal {
             tracing::error!(error = %error, "request failed");
         }

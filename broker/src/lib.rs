@@ -11,16 +11,20 @@
 //! - [`events`]: metadata-only facts (log appended, device acked, connected,
 //!   push target set, …) published to the events topic for push workers, the
 //!   dashboard and other nodes; never content.
+//! - [`erasure`]: deleting an account: its topic, groups and rows, resumable.
 //! - [`push_targets`]: where each device can be woken (stored, validated, announced as events).
 //! - [`log_guard`]: the log never silently shrinks: a log that lost acknowledged
 //!   changes is refused (DATA_LOSS) until each device repairs.
 //! - [`server`]: the gRPC services and the `run` entry point.
+//! - [`admin`]: `/metrics` (Prometheus), `/healthz`, `/readyz` on a private port.
 //! - [`settings`], [`error`] (the one gRPC status mapping), [`db`], [`locks`]
 //!   (the one way to take a lock), [`shutdown`] (the one shutdown every task holds).
 
 pub mod accounts;
+pub mod admin;
 pub mod db;
 pub mod delivery;
+pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod gateway;

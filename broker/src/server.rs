@@ -19,6 +19,7 @@ use crate::{
     accounts::{Accounts, AccountsError},
     db::{Db, DbError},
     delivery::Delivery,
+    erasure::Erasure,
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
@@ -51,6 +52,10 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("grpc reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot resume account deletions: {0}")]
+    Erasure(String),
+    #[error("cannot listen on the admin address {addr}: {source}")]
+    AdminListen { addr: String, source: std::io::Error },
 }
 
 /// Everything the handlers share.
@@ -63,6 +68,7 @@ pub struct App {
     pub delivery: Delivery,
     pub events: Events,
     pub push_targets: PushTargets,
+    pub erasure: Erasure,
 }
 
 /// What `run` stops after the requests drained.
@@ -91,16 +97,35 @@ impl App {
         .await
         .map_err(KafkaError::from)?;
         let guard = LogGuard::new(db.clone());
-        let clients = KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets };
+        let clients =
+            KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets: offsets.clone() };
         let delivery = Delivery::new(&clients, guard.clone(), events.clone(), shutdown.clone(), &settings);
         let dedup = DedupIndex::new(db.clone());
         let gateway =
             Gateway::new(&clients, dedup, delivery.clone(), guard, events.clone(), shutdown.clone(), &settings);
-        let push_targets = PushTargets::new(db, events.clone());
+        let push_targets = PushTargets::new(db.clone(), events.clone());
+        let erasure = Erasure::new(
+            db,
+            accounts.clone(),
+            delivery.clone(),
+            events.clone(),
+            topics.clone(),
+            offsets,
+            settings.kafka.clone(),
+            shutdown.clone(),
+        );
+        erasure.resume().await.map_err(|error| ServerError::Erasure(error.to_string()))?;
         if events.is_enabled() {
-            tokio::spawn(announce(delivery.clone(), push_targets.clone(), settings.events.lease_interval, shutdown));
+            tokio::spawn(announce(
+                delivery.clone(),
+                push_targets.clone(),
+                settings.events.lease_interval,
+                shutdown.clone(),
+            ));
+            let events_kafka = crate::events::events_kafka(&settings);
+            tokio::spawn(crate::events::follower::run(settings.clone(), events_kafka, push_targets.clone(), shutdown));
         }
-        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets };
+        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, erasure };
         Ok((app, Background { producer, publisher }))
     }
 }
@@ -138,6 +163,29 @@ pub async fn run(
     let (app, Background { producer, publisher }) = App::start(settings, controller.source()).await?;
     let limits = app.settings.limits.clone();
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+    crate::admin::install();
+    let admin_addr = app.settings.admin_listen_addr;
+    let admin_listener = crate::admin::bind(admin_addr).await.map_err(|source| ServerError::AdminListen {
+        addr: admin_addr.map(|addr| addr.to_string()).unwrap_or_default(),
+        source,
+    })?;
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(admin_listener) = admin_listener {
+        if let Ok(addr) = admin_listener.local_addr() {
+            tracing::info!(%addr, "admin endpoints (/metrics, /healthz, /readyz) listening");
+            println!("LOCKSTEP_ADMIN_LISTENING {addr}");
+        }
+        let stop = async {
+            let _ = admin_stop_rx.await;
+        };
+        tokio::spawn(crate::admin::serve(
+            admin_listener,
+            app.topics.clone(),
+            app.delivery.clone(),
+            app.events.clone(),
+            stop,
+        ));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AccountsServer<AccountsApi>>().await;
@@ -216,6 +264,7 @@ pub async fn run(
     if let Some(publisher) = publisher {
         publisher.drain(DRAIN_DEADLINE).await;
     }
+    let _ = admin_stop_tx.send(());
     tracing::info!("stopped");
     Ok(())
 }

@@ -17,6 +17,10 @@ pub struct Settings {
     pub listen_addr: SocketAddr,
     /// Directory for the accounts database (`lockstep.db`). Default `./data`.
     pub data_dir: PathBuf,
+    /// Admin HTTP listener: Prometheus `/metrics`, `/healthz`, `/readyz`. Keep it private.
+    /// Default `127.0.0.1:50052`; port 0 picks a free port; unset (`""` in env) turns it off.
+    #[serde(deserialize_with = "optional_addr")]
+    pub admin_listen_addr: Option<SocketAddr>,
     pub kafka: KafkaSettings,
     pub limits: LimitsSettings,
     pub delivery: DeliverySettings,
@@ -54,6 +58,10 @@ pub struct KafkaSettings {
     pub linger_ms: u32,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`). Default none.
     pub client_config: BTreeMap<String, String>,
+    /// Whether deleting an account (or a failed account creation) deletes its topic. Default
+    /// true. Set false on Nisshi 0.7: its DeleteTopics deletes every topic of the cluster (its
+    /// `topic_delete_by.sql` matches the cluster, not the topic) — the account's topic then stays.
+    pub delete_topics: bool,
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -70,6 +78,7 @@ impl fmt::Debug for KafkaSettings {
             .field("operation_deadline", &self.operation_deadline)
             .field("linger_ms", &self.linger_ms)
             .field("client_config_keys", &self.client_config.keys().collect::<Vec<_>>())
+            .field("delete_topics", &self.delete_topics)
             .finish()
     }
 }
@@ -189,6 +198,7 @@ impl Default for Settings {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
+            admin_listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
             kafka: KafkaSettings::default(),
             limits: LimitsSettings::default(),
             delivery: DeliverySettings::default(),
@@ -212,6 +222,7 @@ impl Default for KafkaSettings {
             operation_deadline: Duration::from_secs(15),
             linger_ms: 2,
             client_config: BTreeMap::new(),
+            delete_topics: true,
         }
     }
 }
@@ -245,6 +256,16 @@ impl Default for DeliverySettings {
 impl Default for AccountsSettings {
     fn default() -> Self {
         Self { allow_registration: true, registration_secret: None, pairing_ticket_ttl: Duration::from_secs(600) }
+    }
+}
+
+/// An address, or nothing for an empty string (so that an environment
+/// variable can turn a listener off).
+fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    match text.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
     }
 }
 

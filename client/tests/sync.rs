@@ -187,6 +187,7 @@ fn delivered(key: &lockstep_client::crypto::AccountKey, offset: i64, record_id: 
         origin_device_id: "other".into(),
         received_at_ms: 0,
         undecodable: String::new(),
+        traceparent: String::new(),
     }
 }
 

@@ -45,3 +45,41 @@ pub fn user_topic(user_id: &str) -> String {
 pub fn device_group(device_id: &str) -> String {
     lockstep_broker::kafka::device_group(&KafkaSettings::default(), device_id)
 }
+
+/// `GET path` over plain HTTP/1.1 (`Connection: close`): the status and the body.
+/// Enough for the admin endpoints; no redirects, no chunked decoding.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut response)).await??;
+    let response = String::from_utf8(response)?;
+    let (head, body) =
+        response.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("no HTTP head in {response:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").ok_or_else(|| anyhow::anyhow!("truncated chunk"))?;
+        let size = usize::from_str_radix(size.trim(), 16)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..size).ok_or_else(|| anyhow::anyhow!("short chunk"))?);
+        body = rest.get(size + 2..).unwrap_or_default();
+    }
+}

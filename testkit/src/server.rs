@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, SystemTime},
 };
 
@@ -25,6 +25,7 @@ pub struct Server {
     binary: PathBuf,
     process: Option<Process>,
     addr: Option<SocketAddr>,
+    admin_addr: Arc<Mutex<Option<SocketAddr>>>,
     kafka: String,
     env: Vec<(String, String)>,
     dir: TempDir,
@@ -101,6 +102,7 @@ impl Server {
             binary,
             process: None,
             addr: None,
+            admin_addr: Arc::default(),
             kafka: kafka.to_string(),
             env: settings,
             dir: tempfile::Builder::new().prefix("lockstep-server-").tempdir()?,
@@ -118,6 +120,11 @@ impl Server {
     }
 
     /// The server's `--data-dir` (its accounts database).
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`) of the running process.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        *self.admin_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -143,6 +150,14 @@ impl Server {
                 command.env_remove(variable);
             }
         }
+        // Every server of a test run has its own admin port (the default one is shared).
+        if !self.env.iter().any(|(key, _)| key == "LOCKSTEP_ADMIN_LISTEN_ADDR") {
+            command.env("LOCKSTEP_ADMIN_LISTEN_ADDR", "127.0.0.1:0");
+        }
+        // Nisshi 0.7's DeleteTopics deletes every topic of the cluster (see KafkaSettings::delete_topics).
+        if !self.env.iter().any(|(key, _)| key == "LOCKSTEP_KAFKA__DELETE_TOPICS") {
+            command.env("LOCKSTEP_KAFKA__DELETE_TOPICS", "false");
+        }
         command
             .args(["--listen", &listen, "--kafka-brokers", &self.kafka, "--data-dir"])
             .arg(self.data_dir())
@@ -153,9 +168,13 @@ impl Server {
         let mut process = Process::spawn("lockstep", &mut command, &log_path)?;
         let stdout = process.child_mut().stdout.take().context("lockstep stdout")?;
         let (addr_tx, addr_rx) = mpsc::channel();
+        let admin_addr = self.admin_addr.clone();
         std::thread::spawn(move || {
             let mut log = log;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("LOCKSTEP_ADMIN_LISTENING ") {
+                    *admin_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = addr.trim().parse().ok();
+                }
                 if let Some(addr) = line.strip_prefix("LOCKSTEP_LISTENING ") {
                     let _ = addr_tx.send(addr.trim().to_string());
                 }

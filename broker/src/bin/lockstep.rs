@@ -31,7 +31,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(args.log_json);
+    let telemetry = telemetry::init(args.log_json);
     let mut settings = Settings::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         settings.listen_addr = listen;
@@ -46,8 +46,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen_addr))?;
-    lockstep_broker::run(settings, listener, shutdown_signal()).await?;
-    Ok(())
+    let served = lockstep_broker::run(settings, listener, shutdown_signal()).await;
+    telemetry.shutdown();
+    Ok(served?)
 }
 
 async fn shutdown_signal() {

@@ -250,6 +250,7 @@ impl Delivery {
             return Ok(committed.unwrap_or_default());
         }
         self.commit_locked(device, &topic, &state, offset + 1).await?;
+        metrics::counter!("lockstep_acks_total").increment(1);
         Ok(offset + 1)
     }
 
@@ -407,6 +408,7 @@ pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChang
         origin_device_id: envelope.origin_device_id,
         received_at_ms: envelope.received_at_ms,
         undecodable: String::new(),
+        traceparent: String::new(),
     }
 }
 

@@ -95,6 +95,7 @@ impl Session {
             match self.live_log.read(cursor, batch_max) {
                 LogRead::Changes(changes) => {
                     cursor = changes.last().map_or(cursor, |change| change.offset + 1);
+                    metrics::counter!("lockstep_deliveries_total", "source" => "live").increment(changes.len() as u64);
                     self.send_changes(changes).await?;
                 }
                 LogRead::Behind { until } => cursor = self.catch_up(cursor, until).await?,
@@ -155,8 +156,14 @@ impl Session {
             }
             let got_records = !chunk.records.is_empty();
             if got_records {
-                let changes: Vec<DeliveredChange> =
+                let mut changes: Vec<DeliveredChange> =
                     chunk.records.into_iter().map(|(offset, record)| delivered_record(offset, record)).collect();
+                for (offset, traceparent) in chunk.traceparents {
+                    if let Some(change) = changes.iter_mut().find(|change| change.offset == offset) {
+                        change.traceparent = traceparent;
+                    }
+                }
+                metrics::counter!("lockstep_deliveries_total", "source" => "catchup").increment(changes.len() as u64);
                 self.send_changes(changes).await?;
             }
             cursor = cursor.max(chunk.next_offset);
@@ -185,6 +192,7 @@ impl Session {
     /// Sends consecutive changes in messages of at most `batch_max_bytes`.
     async fn send_changes(&mut self, changes: Vec<DeliveredChange>) -> Result<(), ApiError> {
         let max_bytes = self.delivery.inner.settings.batch_max_bytes;
+        let _spans = delivery_spans(&changes);
         for changes in split_by_bytes(changes, max_bytes) {
             self.send(Event::Changes(ChangeBatch { changes })).await?;
         }
@@ -193,6 +201,7 @@ impl Session {
 
     async fn send_resync(&mut self, log_start: i64, previous: i64, reason: ResyncReason) -> Result<(), ApiError> {
         tracing::info!(device_id = %self.device.device_id, log_start, previous, ?reason, "resync");
+        metrics::counter!("lockstep_resyncs_total", "reason" => reason.as_str_name()).increment(1);
         let resync = Resync { log_start_offset: log_start, previous_offset: previous, reason: reason as i32 };
         self.send(Event::Resync(resync)).await
     }
@@ -224,4 +233,38 @@ impl Session {
             _ = self.stop_rx.changed() => self.check_stop(),
         }
     }
+}
+
+/// Most traces one message to a device continues (one span each).
+const MAX_DELIVERY_SPANS: usize = 8;
+
+/// A `lockstep.deliver` span, child of the producing push's `kafka.produce`
+/// span, for each traced push among `changes` (when traces are on); they end
+/// when the returned guard is dropped, after the send.
+fn delivery_spans(changes: &[DeliveredChange]) -> Vec<tracing::Span> {
+    if !crate::telemetry::tracing_on() {
+        return Vec::new();
+    }
+    let mut traces: Vec<&str> = Vec::new();
+    for change in changes {
+        if !change.traceparent.is_empty() && !traces.contains(&change.traceparent.as_str()) {
+            traces.push(&change.traceparent);
+            if traces.len() == MAX_DELIVERY_SPANS {
+                break;
+            }
+        }
+    }
+    traces
+        .into_iter()
+        .map(|traceparent| {
+            let span = tracing::info_span!(
+                target: crate::telemetry::TRACE_TARGET,
+                "lockstep.deliver",
+                otel.kind = "producer",
+                messaging.batch.message_count = changes.len(),
+            );
+            crate::telemetry::set_parent_traceparent(&span, traceparent);
+            span
+        })
+        .collect()
 }

@@ -18,6 +18,7 @@
 //! node renews every `events.lease_interval`, so a crashed node's devices stop
 //! counting as connected after three intervals.
 
+pub mod follower;
 mod pending;
 mod publisher;
 
@@ -35,7 +36,7 @@ use tokio::sync::Notify;
 
 use crate::{db::now_ms, locks::lock, settings::EventsSettings};
 
-pub use publisher::Publisher;
+pub use publisher::{Publisher, events_kafka};
 
 /// Records facts for the events topic. Cheap to clone; a disabled instance
 /// ignores everything.
@@ -151,8 +152,10 @@ impl Events {
         let event =
             Event { user_id: user_id.to_owned(), node_id: inner.node_id.clone(), at_ms: now_ms(), body: body() };
         inner.recorded.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("lockstep_events_recorded_total").increment(1);
         let kept = lock(&inner.buffer).insert(event, inner.settings.max_pending);
         if !kept {
+            metrics::counter!("lockstep_events_dropped_total").increment(1);
             tracing::warn!(
                 max_pending = inner.settings.max_pending,
                 "events buffer is full (events topic unreachable?): an event was dropped; consumers resync from kafka offsets"

@@ -31,7 +31,7 @@ pub struct Publisher {
 }
 
 /// The Kafka settings of the events cluster.
-fn events_kafka(settings: &Settings) -> KafkaSettings {
+pub fn events_kafka(settings: &Settings) -> KafkaSettings {
     let mut kafka = settings.kafka.clone();
     if let Some(servers) = settings.events.bootstrap_servers.as_ref().filter(|s| !s.trim().is_empty()) {
         kafka.bootstrap_servers = servers.clone();
@@ -139,6 +139,7 @@ async fn run(
         let failed = send(&producer, &topic, batch).await;
         let published = failed.published;
         inner.published.fetch_add(published, Ordering::Relaxed);
+        metrics::counter!("lockstep_events_published_total").increment(published);
         if failed.records.is_empty() {
             failures_in_a_row = 0;
             continue;

@@ -21,6 +21,7 @@ pub use dedup::{DedupIndex, IndexEntry};
 use lockstep_proto::v1::{Change, PushResult, push_result};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, encode_change};
 use pipeline::{Plan, Settled, UserPush, Written, failed, plan_batch, settle};
+use tracing::Instrument;
 
 use crate::{
     accounts::AuthedDevice,
@@ -33,6 +34,7 @@ use crate::{
     log_guard::LogGuard,
     settings::{KafkaSettings, LimitsSettings, Settings},
     shutdown::{Shutdown, ShutdownSource},
+    telemetry,
 };
 
 #[derive(Clone)]
@@ -89,7 +91,10 @@ impl Gateway {
         // written); a push after shutdown began is not started.
         let running = self.shutdown.handle().filter(|running| !running.has_begun()).ok_or(ApiError::ShuttingDown)?;
         let (gateway, device) = (self.clone(), device.clone());
-        let task = tokio::spawn(async move { gateway.push_to_the_end(&device, changes, running).await });
+        let task = tokio::spawn(
+            async move { gateway.push_to_the_end(&device, changes, running).await }
+                .instrument(tracing::Span::current()),
+        );
         let deadline = self.kafka.produce_timeout + self.kafka.operation_deadline;
         match tokio::time::timeout(deadline, task).await {
             Ok(joined) => joined.map_err(|error| ApiError::Internal(format!("push task failed: {error}")))?,
@@ -118,6 +123,13 @@ impl Gateway {
         user.index().settle_doubts(&device.device_id, &changes, Instant::now());
         self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await?;
         let ids = changes.iter().map(|change| change.change_id.clone()).collect();
+        // The span of Kafka's part; its context travels in each record's headers.
+        let produce_span = if telemetry::tracing_on() {
+            tracing::info_span!(target: telemetry::TRACE_TARGET, "kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.batch.message_count = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        let traceparent = telemetry::traceparent_of(&produce_span);
         let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
         let plans = plan_batch(&device.device_id, changes, &known, &mut user.index());
         let mut written = Vec::new();
@@ -127,7 +139,8 @@ impl Gateway {
                 Plan::Answer(result) => results[index_in_batch] = Some(result),
                 Plan::Write { digest, change } => match envelope(device, &change, received_at_ms) {
                     Ok(payload) => {
-                        pending.push(self.producer.enqueue(&topic, change.record_id.as_bytes(), &payload));
+                        let key = change.record_id.as_bytes();
+                        pending.push(self.producer.enqueue(&topic, key, &payload, traceparent.as_deref()));
                         written.push(Written { index_in_batch, digest, change });
                     }
                     Err(error) => {
@@ -141,12 +154,13 @@ impl Gateway {
         drop(enqueue);
 
         // Kafka's acks, with nothing held: the user's next push enqueues meanwhile.
-        let outcomes = futures::future::join_all(pending).await;
+        produce_span.record("messaging.batch.message_count", pending.len());
+        let outcomes = futures::future::join_all(pending).instrument(produce_span).await;
 
         // Settle in ticket (= offset) order.
         user.wait_finished(ticket.number).await;
         let indexed_through = user.index().indexed_through;
-        let mut settled = settle(device, received_at_ms, indexed_through, written, outcomes);
+        let mut settled = settle(device, received_at_ms, indexed_through, written, outcomes, &traceparent);
         if settled.contiguous {
             self.record(&user, device, &topic, indexed_through, &mut settled).await;
         } else {
@@ -169,6 +183,10 @@ impl Gateway {
         if let (Some(first), Some(last)) = (settled.published.first(), settled.published.last()) {
             let generation = self.guard.cached_generation(&device.user_id).unwrap_or_default();
             let appended = (first.offset, last.offset + 1, settled.published.len() as i64);
+            let bytes: usize =
+                settled.published.iter().filter_map(|d| d.change.as_ref()).map(|c| c.ciphertext.len()).sum();
+            metrics::counter!("lockstep_changes_pushed_total").increment(settled.published.len() as u64);
+            metrics::counter!("lockstep_pushed_bytes_total").increment(bytes as u64);
             self.events.log_appended(&device.user_id, generation, appended, &device.device_id, received_at_ms);
         }
         // Published in ticket order, so the live tail sees this user's changes in offset order.

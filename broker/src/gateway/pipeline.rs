@@ -220,6 +220,7 @@ pub(super) fn settle(
     indexed_through: i64,
     written: Vec<Written>,
     outcomes: Vec<Result<i64, KafkaError>>,
+    traceparent: &Option<String>,
 ) -> Settled {
     debug_assert_eq!(written.len(), outcomes.len(), "one outcome per written change");
     let mut settled = Settled { contiguous: true, next_expected: indexed_through, ..Settled::default() };
@@ -241,6 +242,7 @@ pub(super) fn settle(
                     origin_device_id: device.device_id.to_string(),
                     received_at_ms,
                     undecodable: String::new(),
+                    traceparent: traceparent.clone().unwrap_or_default(),
                 }));
                 settled.results.push((index_in_batch, written_at(offset, false)));
             }
@@ -369,7 +371,7 @@ mod tests {
 
     #[test]
     fn settling_contiguous_offsets_moves_the_mark() {
-        let settled = settle(&device(), 5, 10, written(&["a", "b"]), vec![Ok(10), Ok(11)]);
+        let settled = settle(&device(), 5, 10, written(&["a", "b"]), vec![Ok(10), Ok(11)], &None);
         assert!(settled.contiguous);
         assert_eq!(settled.next_expected, 12);
         assert_eq!(settled.entries.iter().map(|entry| entry.offset).collect::<Vec<_>>(), vec![10, 11]);
@@ -384,9 +386,10 @@ mod tests {
     #[test]
     fn a_gap_or_a_failure_leaves_the_mark_for_re_reading() {
         // Someone else wrote offset 10: our change landed at 11.
-        let gap = settle(&device(), 5, 10, written(&["a"]), vec![Ok(11)]);
+        let gap = settle(&device(), 5, 10, written(&["a"]), vec![Ok(11)], &None);
         assert!(!gap.contiguous);
-        let failure = settle(&device(), 5, 10, written(&["a", "b"]), vec![Ok(10), Err(KafkaError::Timeout("produce"))]);
+        let failure =
+            settle(&device(), 5, 10, written(&["a", "b"]), vec![Ok(10), Err(KafkaError::Timeout("produce"))], &None);
         assert!(!failure.contiguous);
         assert_eq!(failure.entries.len(), 1, "what Kafka took is recorded");
         assert_eq!(error_of(&failure.results[1].1), (tonic::Code::Unavailable as i32, true));

@@ -18,6 +18,7 @@ use std::{
 
 use rdkafka::{
     error::RDKafkaErrorCode,
+    message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, Producer as _},
 };
 
@@ -98,19 +99,26 @@ impl Producer {
 
     /// Enqueues one record on partition 0 of `topic` now (so records enqueued
     /// one after the other keep their order) and returns a future of its offset.
+    /// `traceparent` (W3C trace context) goes into the record's headers.
     pub fn enqueue(
         &self,
         topic: &str,
         key: &[u8],
         payload: &[u8],
+        traceparent: Option<&str>,
     ) -> impl Future<Output = Result<i64, KafkaError>> + Send + 'static + use<> {
         let instance = self.current();
-        let record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
+        let mut record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
+        if let Some(traceparent) = traceparent {
+            record =
+                record.headers(OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(traceparent) }));
+        }
         let enqueued = instance
             .producer
             .send_result(record)
             .map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
         let this = self.clone();
+        let enqueued_at = Instant::now();
         async move {
             // A producer in a fatal state refuses records at once: that counts too.
             let outcome = match enqueued {
@@ -122,6 +130,10 @@ impl Producer {
                 },
             };
             this.note_outcome(&instance, &outcome);
+            if outcome.is_ok() {
+                metrics::histogram!("lockstep_kafka_produce_duration_seconds")
+                    .record(enqueued_at.elapsed().as_secs_f64());
+            }
             outcome
         }
     }

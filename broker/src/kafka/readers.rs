@@ -38,6 +38,21 @@ pub struct ReadChunk {
     pub end_of_log: bool,
     /// True when the read stopped at its size limits (more may follow at once).
     pub filled: bool,
+    /// The `traceparent` header of records that carry one, by offset.
+    pub traceparents: Vec<(i64, String)>,
+}
+
+/// A record's `traceparent` header (see `telemetry`), if it has a readable one.
+fn traceparent_header(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|header| header.key == "traceparent")
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .filter(|value| value.len() <= 128)
+        .map(str::to_owned)
 }
 
 struct ReadJob {
@@ -190,7 +205,13 @@ fn run_job(
         consumer.assign(&assignment).map_err(KafkaError::client("assign"))?;
         *position = Some((job.topic.clone(), job.from));
     }
-    let mut chunk = ReadChunk { records: Vec::new(), next_offset: job.from, end_of_log: false, filled: false };
+    let mut chunk = ReadChunk {
+        records: Vec::new(),
+        next_offset: job.from,
+        end_of_log: false,
+        filled: false,
+        traceparents: Vec::new(),
+    };
     if job.until.is_some_and(|until| until <= job.from) {
         return Ok(chunk);
     }
@@ -222,6 +243,9 @@ fn run_job(
                 };
                 if let Err(reason) = &decoded {
                     tracing::error!(topic = %job.topic, offset, reason, "undecodable record in a user's log");
+                }
+                if let Some(traceparent) = traceparent_header(&message) {
+                    chunk.traceparents.push((offset, traceparent));
                 }
                 chunk.records.push((offset, decoded));
                 if job.until.is_some_and(|until| chunk.next_offset >= until) {

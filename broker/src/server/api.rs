@@ -3,14 +3,15 @@
 
 use lockstep_proto::v1::{
     AckRequest, AckResponse, CreateAccountRequest, CreateAccountResponse, CreatePairingTicketRequest,
-    CreatePairingTicketResponse, Device, GetPushTargetRequest, GetPushTargetResponse, GetServerInfoRequest,
-    GetServerInfoResponse, ListDevicesRequest, ListDevicesResponse, PushRequest, PushResponse,
-    RedeemPairingTicketRequest, RedeemPairingTicketResponse, RemovePushTargetRequest, RemovePushTargetResponse,
-    RevokeDeviceRequest, RevokeDeviceResponse, SetPushTargetRequest, SetPushTargetResponse, SubscribeRequest,
-    WebPushTarget, WebhookTarget, accounts_server, push_target, push_targets_server, sync_server,
+    CreatePairingTicketResponse, DeleteAccountRequest, DeleteAccountResponse, Device, GetPushTargetRequest,
+    GetPushTargetResponse, GetServerInfoRequest, GetServerInfoResponse, ListDevicesRequest, ListDevicesResponse,
+    PushRequest, PushResponse, RedeemPairingTicketRequest, RedeemPairingTicketResponse, RemovePushTargetRequest,
+    RemovePushTargetResponse, RevokeDeviceRequest, RevokeDeviceResponse, SetPushTargetRequest, SetPushTargetResponse,
+    SubscribeRequest, WebPushTarget, WebhookTarget, accounts_server, push_target, push_targets_server, sync_server,
 };
 use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::App;
 use crate::{
@@ -113,7 +114,9 @@ impl accounts_server::Accounts for AccountsApi {
         let created = match self.app.accounts.create_account(user_id, name).await {
             Ok(created) => created,
             Err(error) => {
-                if let Err(cleanup) = self.app.topics.delete_topic(&topic).await {
+                if !self.app.settings.kafka.delete_topics {
+                    tracing::warn!(topic, "kafka.delete_topics is off: the topic of a failed account stays");
+                } else if let Err(cleanup) = self.app.topics.delete_topic(&topic).await {
                     tracing::warn!(topic, error = %cleanup, "could not delete the topic of a failed account");
                 }
                 return Err(ApiError::from(error).into());
@@ -199,7 +202,34 @@ impl accounts_server::Accounts for AccountsApi {
         tracing::info!(user_id = %caller.user_id, device_id, revoked_by = %caller.device_id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse {}))
     }
+
+    async fn delete_account(
+        &self,
+        request: Request<DeleteAccountRequest>,
+    ) -> Result<Response<DeleteAccountResponse>, Status> {
+        let caller = authenticate(&self.app, &request)?;
+        if request.get_ref().confirm_user_id != *caller.user_id {
+            return Err(ApiError::InvalidArgument(
+                "confirm_user_id must repeat this account's user id: deleting an account cannot be undone".into(),
+            )
+            .into());
+        }
+        let (purged, completed) =
+            self.app.erasure.delete_account(&caller, DELETE_ACCOUNT_DEADLINE).await.map_err(ApiError::from)?;
+        tracing::info!(user_id = %caller.user_id, by = %caller.device_id, completed, "account deleted by its device");
+        Ok(Response::new(DeleteAccountResponse {
+            topic_deleted: purged.topic_deleted,
+            device_groups_deleted: purged.device_groups_deleted,
+            devices_removed: purged.devices_removed,
+            push_targets_removed: purged.push_targets_removed,
+            dedup_entries_removed: purged.dedup_entries_removed,
+            completed,
+        }))
+    }
 }
+
+/// How long DeleteAccount waits for Kafka before it answers `completed = false`.
+const DELETE_ACCOUNT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub struct SyncApi {
     app: App,
@@ -209,14 +239,37 @@ impl SyncApi {
     pub fn new(app: App) -> Self {
         Self { app }
     }
+
+    async fn push_inner(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
+        let device = authenticate(&self.app, &request)?;
+        let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
+        Ok(Response::new(PushResponse { results }))
+    }
 }
 
 #[tonic::async_trait]
 impl sync_server::Sync for SyncApi {
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
-        let device = authenticate(&self.app, &request)?;
-        let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
-        Ok(Response::new(PushResponse { results }))
+        let started = std::time::Instant::now();
+        let span = if crate::telemetry::tracing_on() {
+            let span = tracing::info_span!(
+                target: crate::telemetry::TRACE_TARGET,
+                "lockstep.push",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = "Push",
+                lockstep.changes = request.get_ref().changes.len(),
+            );
+            crate::telemetry::continue_from(request.metadata(), &span);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let answer = self.push_inner(request).instrument(span).await;
+        let code = answer.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        metrics::counter!("lockstep_pushes_total", "code" => crate::error::code_name(code)).increment(1);
+        metrics::histogram!("lockstep_push_duration_seconds").record(started.elapsed().as_secs_f64());
+        answer
     }
 
     type SubscribeStream = SubscribeStream;

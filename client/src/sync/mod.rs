@@ -15,6 +15,7 @@
 //!   three heartbeat intervals is dead. Whether to retry is the server's
 //!   verdict ([`lockstep_proto::retry::is_retryable`]).
 
+pub mod account;
 pub mod push_target;
 mod receive;
 
@@ -129,10 +130,31 @@ fn bearer(token: &str) -> Result<MetadataValue<Ascii>, SyncError> {
     format!("Bearer {token}").parse().map_err(|_| SyncError::Store(StoreError::Corrupt("device token".into())))
 }
 
+/// A W3C trace context every request of this process carries (`--traceparent`).
+static TRACEPARENT: std::sync::OnceLock<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+    std::sync::OnceLock::new();
+
+/// Makes every request carry `traceparent` (W3C trace context:
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`), so that a server
+/// exporting traces continues the caller's trace. Set once per process.
+pub fn send_traceparent(traceparent: &str) -> Result<(), String> {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let hex = |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = parts.len() == 4 && hex(parts[0], 2) && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2);
+    if !valid {
+        return Err(format!("not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): {traceparent:?}"));
+    }
+    let value = traceparent.parse().map_err(|_| "not ASCII".to_string())?;
+    TRACEPARENT.set(value).map_err(|_| "a traceparent was set already".to_string())
+}
+
 /// A request with the device's token; a unary one also with its deadline.
 fn authed<T>(token: &str, message: T, deadline: Option<Duration>) -> Result<Request<T>, SyncError> {
     let mut request = Request::new(message);
     request.metadata_mut().insert("authorization", bearer(token)?);
+    if let Some(traceparent) = TRACEPARENT.get() {
+        request.metadata_mut().insert("traceparent", traceparent.clone());
+    }
     if let Some(deadline) = deadline {
         request.set_timeout(deadline);
     }

@@ -28,7 +28,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    lockstep_broker::telemetry::init(args.log_json);
+    let telemetry = lockstep_broker::telemetry::init_service("lockstep-dashboard", args.log_json);
     let mut settings = Settings::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         settings.listen_addr = listen;
@@ -41,8 +41,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen_addr))?;
-    lockstep_dashboard::run(settings, listener, shutdown_signal()).await?;
-    Ok(())
+    let result = lockstep_dashboard::run(settings, listener, shutdown_signal()).await;
+    telemetry.shutdown();
+    Ok(result?)
 }
 
 async fn shutdown_signal() {

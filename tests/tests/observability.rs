@@ -1,0 +1,163 @@
+//! What an operator sees of a running server: Prometheus metrics that count
+//! what happened (checked by `promtool` and scraped by a real Prometheus),
+//! `/healthz`, and a `/readyz` that follows Kafka's reachability.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use lockstep_e2e::{
+    device::{changes, receive_changes, with_token},
+    free_port, http_get,
+    process::Process,
+    stack::Stack,
+};
+use lockstep_proto::v1::PushRequest;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `name{labels}` → value, from the Prometheus text format.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn promtool_check(text: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus; scripts/test installs it)")?;
+    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
+    let Stack { mut nisshi, server, device: phone } = Stack::start("phone").await?;
+    let admin = server.admin_addr().context("the server printed its admin address")?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    let mut stream = laptop.subscribe(None).await?;
+    phone.push_ok(changes(10, 100)).await?;
+    receive_changes(&mut stream, 10, WAIT).await?;
+    laptop.ack(9).await?;
+    let status =
+        phone.sync.clone().push(with_token(PushRequest { changes: changes(1, 8) }, "lst_wrong")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let started = Instant::now();
+    let (text, found) = loop {
+        let (code, text) = http_get(admin, "/metrics").await?;
+        assert_eq!(code, 200);
+        let found = samples(&text);
+        if found.get("lockstep_events_published_total").copied().unwrap_or_default() >= 4.0 {
+            break (text, found);
+        }
+        anyhow::ensure!(started.elapsed() < WAIT, "events never published:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let value = |name: &str| found.get(name).copied().unwrap_or_else(|| panic!("{name} missing in:\n{text}"));
+    assert_eq!(value("lockstep_changes_pushed_total"), 10.0);
+    assert_eq!(value("lockstep_pushed_bytes_total"), 1000.0);
+    assert_eq!(value(r#"lockstep_pushes_total{code="OK"}"#), 1.0);
+    assert_eq!(value(r#"lockstep_pushes_total{code="UNAUTHENTICATED"}"#), 1.0);
+    assert!(value(r#"lockstep_errors_total{code="UNAUTHENTICATED"}"#) >= 1.0);
+    assert_eq!(value("lockstep_push_duration_seconds_count"), 2.0);
+    assert_eq!(value("lockstep_kafka_produce_duration_seconds_count"), 10.0);
+    let delivered = found.get(r#"lockstep_deliveries_total{source="live"}"#).copied().unwrap_or_default()
+        + found.get(r#"lockstep_deliveries_total{source="catchup"}"#).copied().unwrap_or_default();
+    assert_eq!(delivered, 10.0, "{text}");
+    assert_eq!(value("lockstep_acks_total"), 1.0);
+    assert_eq!(value("lockstep_live_streams"), 1.0);
+    assert!(text.contains("# HELP lockstep_push_duration_seconds"), "metrics are described");
+    assert!(!text.contains(&phone.user_id) && !text.contains(&laptop.device_id), "no per-user or per-device labels");
+    promtool_check(&text)?;
+
+    // Health is the process; readiness is Kafka.
+    assert_eq!(http_get(admin, "/healthz").await?.0, 200);
+    assert_eq!(http_get(admin, "/readyz").await?.0, 200);
+    nisshi.kill();
+    let started = Instant::now();
+    while http_get(admin, "/readyz").await?.0 != 503 {
+        anyhow::ensure!(started.elapsed() < WAIT, "/readyz never noticed that Kafka is gone");
+    }
+    assert_eq!(http_get(admin, "/healthz").await?.0, 200, "the process is still healthy");
+    nisshi.restart().await?;
+    let started = Instant::now();
+    while http_get(admin, "/readyz").await?.0 != 200 {
+        anyhow::ensure!(started.elapsed() < WAIT, "/readyz never saw Kafka come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, text) = http_get(admin, "/metrics").await?;
+    assert_eq!(samples(&text).get("lockstep_kafka_reachable"), Some(&1.0));
+    drop(stream);
+    Ok(())
+}
+
+/// A real Prometheus (Debian's `prometheus`) scrapes the admin port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_server() -> anyhow::Result<()> {
+    let Stack { nisshi: _nisshi, server, device: phone } = Stack::start("phone").await?;
+    let admin = server.admin_addr().context("admin address")?;
+    phone.push_ok(changes(7, 32)).await?;
+
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lockstep\n    static_configs:\n      - targets: ['{admin}']\n"
+        ),
+    )?;
+    let port = free_port()?;
+    let log_path = dir.path().join("prometheus.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = Command::new("prometheus");
+    command
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut prometheus = Process::spawn("prometheus", &mut command, &log_path)?;
+    prometheus.wait_for_port(port, WAIT).await?;
+    let query_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let started = Instant::now();
+    loop {
+        let (_, body) = http_get(query_addr, "/api/v1/query?query=lockstep_changes_pushed_total").await?;
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let value = answer["data"]["result"][0]["value"][1].as_str().map(str::to_string);
+        if value.as_deref() == Some("7") {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < WAIT,
+            "prometheus never scraped the count: {body}\n{}",
+            std::fs::read_to_string(&log_path)?
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, body) = http_get(query_addr, "/api/v1/targets").await?;
+    assert!(body.contains(r#""health":"up""#), "{body}");
+    Ok(())
+}
