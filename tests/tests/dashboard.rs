@@ -356,3 +356,59 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|path| path.is_file()))
 }
+
+/// A real Prometheus (Debian's `prometheus`) scrapes the dashboard's `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_dashboard() -> anyhow::Result<()> {
+    use lockstep_e2e::{free_port, process::Process, stack::Stack};
+    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let _laptop = phone.pair(&server, "laptop").await?;
+    phone.push_ok(changes(3, 32)).await?;
+    let dashboard = Dashboard::start(nisshi.bootstrap(), &[("LOCKSTEP_DASHBOARD_REFRESH__INTERVAL", "500ms")]).await?;
+
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: dashboard\n    static_configs:\n      - targets: ['{}']\n",
+            dashboard.addr()
+        ),
+    )?;
+    if which("prometheus").is_none() {
+        anyhow::ensure!(lockstep_e2e::dashboard::apt_install("prometheus"), "prometheus is missing");
+    }
+    let port = free_port()?;
+    let log_path = dir.path().join("prometheus.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = std::process::Command::new("prometheus");
+    command
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut prometheus = Process::spawn("prometheus", &mut command, &log_path)?;
+    prometheus.wait_for_port(port, WAIT).await?;
+    let query_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let started = Instant::now();
+    // Both devices are behind and not connected.
+    let query = "/api/v1/query?query=lockstep_dashboard_devices%7Bstatus%3D%22OFFLINE%22%7D";
+    loop {
+        let (_, body) = lockstep_e2e::http_get(query_addr, query).await?;
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if answer["data"]["result"][0]["value"][1].as_str() == Some("2") {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < WAIT,
+            "prometheus never scraped two OFFLINE devices: {body}\n{}",
+            std::fs::read_to_string(&log_path)?
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, body) = lockstep_e2e::http_get(query_addr, "/api/v1/targets").await?;
+    assert!(body.contains(r#""health":"up""#), "{body}");
+    Ok(())
+}
