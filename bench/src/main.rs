@@ -3,6 +3,7 @@
 //! BENCHMARKS.md. Not part of the test suite; run it with `scripts/bench`.
 
 mod client;
+mod dashboard;
 mod lockstep;
 mod peer;
 mod procs;
@@ -28,7 +29,7 @@ pub struct Args {
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Workloads to run, in this order within each round.
-    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,w6")]
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,wd,w6")]
     pub workloads: Vec<String>,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -39,6 +40,9 @@ pub struct Args {
     /// The push worker binary (a release build), for W6.
     #[arg(long, env = "LOCKSTEP_PUSH_BIN", default_value = "target/release/lockstep-push")]
     pub push_bin: PathBuf,
+    /// The dashboard binary (a release build), for WD.
+    #[arg(long, env = "LOCKSTEP_DASHBOARD_BIN", default_value = "target/release/lockstep-dashboard")]
+    pub dashboard_bin: PathBuf,
     #[arg(long, env = "NISSHI_BIN", default_value = "nisshi")]
     pub nisshi_bin: PathBuf,
     #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
@@ -191,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
                     outcome
                 }
                 "w6" => w6::run(&server, &args.push_bin, nisshi.bootstrap(), &config, round, metrics).await,
+                "wd" => dashboard::wd(&nisshi, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
                 "w3" => lockstep::w3(&args.lockstep_bin, &args.nisshi_bin, &config, round, metrics).await,
                 "w5" => match &redis {
                     Some(redis) => {
