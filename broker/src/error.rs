@@ -8,7 +8,7 @@
 use lockstep_proto::retry;
 use tonic::{Code, Status};
 
-use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError, push_targets::TargetError};
+use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError, keys::KeysError, push_targets::TargetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -48,6 +48,8 @@ pub enum ApiError {
     Db(#[from] DbError),
     #[error(transparent)]
     PushTarget(#[from] TargetError),
+    #[error(transparent)]
+    Keys(#[from] KeysError),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -80,6 +82,11 @@ impl ApiError {
                 TargetError::Invalid(_) => Code::InvalidArgument,
                 TargetError::NotFound => Code::NotFound,
                 TargetError::Db(_) => Code::Internal,
+            },
+            ApiError::Keys(error) => match error {
+                KeysError::Invalid(_) => Code::InvalidArgument,
+                KeysError::Precondition(_) => Code::FailedPrecondition,
+                KeysError::Db(_) => Code::Internal,
             },
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
@@ -147,6 +154,9 @@ mod tests {
         let status = Status::from(ApiError::LogLost("lost".into()));
         assert_eq!(status.code(), Code::DataLoss);
         assert!(!retry::is_retryable(&status), "a lost log needs a repair, not a retry");
+        let status = Status::from(ApiError::Keys(KeysError::Precondition("stale key epoch".into())));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(!retry::is_retryable(&status), "a stale epoch needs new keys, not the same request again");
     }
 
     #[test]
