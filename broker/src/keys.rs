@@ -258,11 +258,9 @@ impl KeyDirectory {
             .call(move |connection| {
                 let tx = connection.transaction()?;
                 let existing: Option<(Vec<u8>, Vec<u8>)> = tx
-                    .query_row(
-                        "SELECT public_key, proof FROM device_keys WHERE device_id = ?1",
-                        [&device_id],
-                        |row| Ok((row.get(0)?, row.get(1)?)),
-                    )
+                    .query_row("SELECT public_key, proof FROM device_keys WHERE device_id = ?1", [&device_id], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
                     .optional()?;
                 match existing {
                     Some((stored_key, stored_proof)) if stored_key == public_key && stored_proof == proof => {}
@@ -301,11 +299,7 @@ impl KeyDirectory {
                      WHERE d.user_id = ?1 AND d.revoked_at_ms IS NULL ORDER BY d.created_at_ms, d.device_id",
                 )?;
                 let rows = statement.query_map([&user], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, Option<Vec<u8>>>(1)?,
-                        row.get::<_, Option<Vec<u8>>>(2)?,
-                    ))
+                    Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?, row.get::<_, Option<Vec<u8>>>(2)?))
                 })?;
                 let mut devices = Vec::new();
                 for row in rows {
@@ -372,10 +366,7 @@ impl KeyDirectory {
                         ))));
                     }
                     if !covered.insert(sealed.device_id.as_str()) {
-                        return Ok(Err(KeysError::Invalid(format!(
-                            "two sealed keys for device {}",
-                            sealed.device_id
-                        ))));
+                        return Ok(Err(KeysError::Invalid(format!("two sealed keys for device {}", sealed.device_id))));
                     }
                 }
                 if let Some(left_out) = active.keys().find(|device_id| !covered.contains(device_id.as_str())) {

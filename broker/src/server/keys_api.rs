@@ -2,8 +2,8 @@
 
 use lockstep_proto::v1::{
     DeviceKey, GetEpochKeysRequest, GetEpochKeysResponse, ListDeviceKeysRequest, ListDeviceKeysResponse,
-    RegisterDeviceKeyRequest, RegisterDeviceKeyResponse, SealedEpochKey, ShareEpochKeysRequest,
-    ShareEpochKeysResponse, StartKeyEpochRequest, StartKeyEpochResponse, keys_server,
+    RegisterDeviceKeyRequest, RegisterDeviceKeyResponse, SealedEpochKey, ShareEpochKeysRequest, ShareEpochKeysResponse,
+    StartKeyEpochRequest, StartKeyEpochResponse, keys_server,
 };
 use tonic::{Request, Response, Status};
 

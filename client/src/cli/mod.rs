@@ -589,7 +589,10 @@ async fn revoke(store: Store, device_id: &str, rpc_timeout: Duration, as_json: b
         )
     })?;
     if as_json {
-        println!("{}", json!({"revoked": device_id, "started_epoch": keys.started_epoch, "key_epoch": keys.held_epoch}));
+        println!(
+            "{}",
+            json!({"revoked": device_id, "started_epoch": keys.started_epoch, "key_epoch": keys.held_epoch})
+        );
     } else {
         println!("revoked {device_id}: its token no longer works");
         match keys.started_epoch {

@@ -18,11 +18,9 @@ fn a_sealed_epoch_key_opens_only_for_its_recipient_device_and_epoch() {
     // Another device's private key, another epoch, device or user: refused.
     let stolen = DeviceSecret::generate();
     assert_eq!(open_epoch_key(&account, &stolen, &sealed_for(2), &sealed), Err(CryptoError::SealedKey));
-    for other in [
-        sealed_for(3),
-        SealedFor { device_id: "d3", ..sealed_for(2) },
-        SealedFor { user_id: "u2", ..sealed_for(2) },
-    ] {
+    for other in
+        [sealed_for(3), SealedFor { device_id: "d3", ..sealed_for(2) }, SealedFor { user_id: "u2", ..sealed_for(2) }]
+    {
         assert_eq!(open_epoch_key(&account, &phone, &other, &sealed), Err(CryptoError::SealedKey), "{other:?}");
     }
     // A key made by someone without the account key (the server) is refused

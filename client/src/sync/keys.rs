@@ -14,9 +14,7 @@ use lockstep_proto::v1::{
 use tonic::{Code, transport::Channel};
 
 use super::{SyncError, Syncer, authed, rpc};
-use crate::epochs::{
-    EpochKey, SealedFor, device_key_proof, open_epoch_key, seal_epoch_key, verify_device_key,
-};
+use crate::epochs::{EpochKey, SealedFor, device_key_proof, open_epoch_key, seal_epoch_key, verify_device_key};
 
 /// Sealed keys per ShareEpochKeys call (the server takes up to 1,024).
 const SHARE_CHUNK: usize = 512;
@@ -96,8 +94,11 @@ impl Syncer {
                 if sealed.epoch < 2 || self.account.epoch_keys.get(sealed.epoch).is_some() {
                     continue;
                 }
-                let sealed_for =
-                    SealedFor { user_id: &self.account.user_id, device_id: &self.account.device_id, epoch: sealed.epoch };
+                let sealed_for = SealedFor {
+                    user_id: &self.account.user_id,
+                    device_id: &self.account.device_id,
+                    epoch: sealed.epoch,
+                };
                 match open_epoch_key(&self.account.key, &secret, &sealed_for, &sealed.sealed) {
                     Ok(key) => opened.push((sealed.epoch, key, sealed.sealed_by_device_id.clone())),
                     Err(error) => tracing::warn!(

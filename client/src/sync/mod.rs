@@ -419,21 +419,19 @@ impl Syncer {
                 continue;
             }
             let sent = changes.len();
-            let response = match sync
-                .push(authed(&self.account.token, PushRequest { changes }, Some(self.rpc_timeout))?)
-                .await
-            {
-                Ok(response) => response.into_inner(),
-                // Sealed under an epoch older than the account's: fetch the new
-                // keys (which unseals those changes), seal again, push again.
-                Err(status) if status.code() == Code::FailedPrecondition && !refreshed_keys => {
-                    tracing::info!(message = status.message(), "push refused under a stale key epoch");
-                    refreshed_keys = true;
-                    self.sync_keys().await?;
-                    continue;
-                }
-                Err(status) => return Err(rpc("Push")(status)),
-            };
+            let response =
+                match sync.push(authed(&self.account.token, PushRequest { changes }, Some(self.rpc_timeout))?).await {
+                    Ok(response) => response.into_inner(),
+                    // Sealed under an epoch older than the account's: fetch the new
+                    // keys (which unseals those changes), seal again, push again.
+                    Err(status) if status.code() == Code::FailedPrecondition && !refreshed_keys => {
+                        tracing::info!(message = status.message(), "push refused under a stale key epoch");
+                        refreshed_keys = true;
+                        self.sync_keys().await?;
+                        continue;
+                    }
+                    Err(status) => return Err(rpc("Push")(status)),
+                };
             let mut acknowledged = Vec::with_capacity(sent);
             let mut stalled = None;
             for (entry, result) in batch.into_iter().zip(response.results) {
