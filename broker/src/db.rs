@@ -119,6 +119,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("users", "log_high_mark", "INTEGER NOT NULL DEFAULT 0"),
     ("users", "log_generation", "INTEGER NOT NULL DEFAULT 0"),
     ("devices", "log_generation", "INTEGER NOT NULL DEFAULT 0"),
+    // Set when the account's deletion began; the row goes once Kafka's copy is gone.
+    ("users", "deleting_at_ms", "INTEGER"),
 ];
 
 fn add_columns(connection: &Connection) -> Result<(), DbError> {

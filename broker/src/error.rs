@@ -8,7 +8,10 @@
 use lockstep_proto::retry;
 use tonic::{Code, Status};
 
-use crate::{accounts::AccountsError, db::DbError, kafka::KafkaError, keys::KeysError, push_targets::TargetError};
+use crate::{
+    accounts::AccountsError, db::DbError, erasure::ErasureError, kafka::KafkaError, keys::KeysError,
+    push_targets::TargetError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -50,6 +53,8 @@ pub enum ApiError {
     PushTarget(#[from] TargetError),
     #[error(transparent)]
     Keys(#[from] KeysError),
+    #[error(transparent)]
+    Erasure(#[from] ErasureError),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -88,6 +93,8 @@ impl ApiError {
                 KeysError::Precondition(_) => Code::FailedPrecondition,
                 KeysError::Db(_) => Code::Internal,
             },
+            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => Code::Unavailable,
+            ApiError::Erasure(_) => Code::Internal,
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }

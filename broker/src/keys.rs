@@ -39,6 +39,10 @@ pub const MAX_SEALED_KEYS_PER_REQUEST: usize = 1024;
 /// The highest epoch an account can reach (the wire field is a u32; this leaves room).
 pub const MAX_EPOCH: u32 = 1 << 30;
 
+/// The tables that hold rows of a user (all keyed by `user_id` too): what
+/// deleting an account deletes.
+pub const TABLES_BY_USER: [&str; 3] = ["sealed_epoch_keys", "key_epochs", "device_keys"];
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS device_keys (
     device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
@@ -173,8 +177,11 @@ fn rotation_due_in(tx: &rusqlite::Connection, user_id: &str) -> rusqlite::Result
     Ok(revoked > covered.unwrap_or(0))
 }
 
+/// A registered public key and its proof.
+type KeyAndProof = (Vec<u8>, Vec<u8>);
+
 /// The user's active devices that registered a key: device id → (key, proof).
-fn active_keys_in(tx: &rusqlite::Connection, user_id: &str) -> rusqlite::Result<HashMap<String, (Vec<u8>, Vec<u8>)>> {
+fn active_keys_in(tx: &rusqlite::Connection, user_id: &str) -> rusqlite::Result<HashMap<String, KeyAndProof>> {
     let mut statement = tx.prepare(
         "SELECT k.device_id, k.public_key, k.proof FROM device_keys k JOIN devices d ON d.device_id = k.device_id
          WHERE d.user_id = ?1 AND d.revoked_at_ms IS NULL",

@@ -11,6 +11,7 @@
 //! - [`events`]: metadata-only facts (log appended, device acked, connected,
 //!   push target set, …) published to the events topic for push workers, the
 //!   dashboard and other nodes; never content.
+//! - [`erasure`]: deleting an account: its topic, groups and rows, resumable.
 //! - [`keys`]: each device's X25519 public key and the account's key epochs
 //!   (sealed epoch keys, rotation after a revocation); the stale-epoch check
 //!   for pushes.
@@ -26,6 +27,7 @@ pub mod accounts;
 pub mod admin;
 pub mod db;
 pub mod delivery;
+pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod gateway;

@@ -212,6 +212,23 @@ impl PushTargets {
         Ok(())
     }
 
+    /// A push worker found the device's target gone (`at_ms`): deletes it
+    /// unless the device set a new one since. `true` if a row was deleted.
+    /// Publishes nothing: the worker announced the removal itself.
+    pub async fn forget_gone(&self, user_id: &str, device_id: &str, at_ms: i64) -> Result<bool, TargetError> {
+        let (user, device) = (user_id.to_owned(), device_id.to_owned());
+        let removed = self
+            .db
+            .call(move |connection| {
+                Ok(connection.execute(
+                    "DELETE FROM push_targets WHERE device_id = ?1 AND user_id = ?2 AND updated_at_ms <= ?3",
+                    params![device, user, at_ms],
+                )?)
+            })
+            .await?;
+        Ok(removed > 0)
+    }
+
     /// Announces every stored target again, so that a push worker reading the
     /// events topic from its start finds them even after the broker's
     /// retention dropped the original events.

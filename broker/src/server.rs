@@ -24,6 +24,7 @@ use crate::{
     accounts::{Accounts, AccountsError},
     db::{Db, DbError},
     delivery::Delivery,
+    erasure::Erasure,
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
@@ -59,6 +60,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("grpc reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot resume account deletions: {0}")]
+    Erasure(String),
     #[error("cannot listen on the admin address {addr}: {source}")]
     AdminListen { addr: String, source: std::io::Error },
 }
@@ -74,6 +77,7 @@ pub struct App {
     pub events: Events,
     pub push_targets: PushTargets,
     pub keys: KeyDirectory,
+    pub erasure: Erasure,
 }
 
 /// What `run` stops after the requests drained.
@@ -103,16 +107,35 @@ impl App {
         .await
         .map_err(KafkaError::from)?;
         let guard = LogGuard::new(db.clone());
-        let clients = KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets };
+        let clients =
+            KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets: offsets.clone() };
         let delivery = Delivery::new(&clients, guard.clone(), events.clone(), shutdown.clone(), &settings);
         let dedup = DedupIndex::new(db.clone());
         let gateway =
             Gateway::new(&clients, dedup, delivery.clone(), guard, events.clone(), shutdown.clone(), &settings);
-        let push_targets = PushTargets::new(db, events.clone());
+        let push_targets = PushTargets::new(db.clone(), events.clone());
+        let erasure = Erasure::new(
+            db,
+            accounts.clone(),
+            delivery.clone(),
+            events.clone(),
+            topics.clone(),
+            offsets,
+            settings.kafka.clone(),
+            shutdown.clone(),
+        );
+        erasure.resume().await.map_err(|error| ServerError::Erasure(error.to_string()))?;
         if events.is_enabled() {
-            tokio::spawn(announce(delivery.clone(), push_targets.clone(), settings.events.lease_interval, shutdown));
+            tokio::spawn(announce(
+                delivery.clone(),
+                push_targets.clone(),
+                settings.events.lease_interval,
+                shutdown.clone(),
+            ));
+            let events_kafka = crate::events::events_kafka(&settings);
+            tokio::spawn(crate::events::follower::run(settings.clone(), events_kafka, push_targets.clone(), shutdown));
         }
-        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, keys };
+        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, erasure, keys };
         Ok((app, Background { producer, publisher }))
     }
 }

@@ -58,6 +58,10 @@ pub struct KafkaSettings {
     pub linger_ms: u32,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`). Default none.
     pub client_config: BTreeMap<String, String>,
+    /// Whether deleting an account (or a failed account creation) deletes its topic. Default
+    /// true. Set false on Nisshi 0.7: its DeleteTopics deletes every topic of the cluster (its
+    /// `topic_delete_by.sql` matches the cluster, not the topic) — the account's topic then stays.
+    pub delete_topics: bool,
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -74,6 +78,7 @@ impl fmt::Debug for KafkaSettings {
             .field("operation_deadline", &self.operation_deadline)
             .field("linger_ms", &self.linger_ms)
             .field("client_config_keys", &self.client_config.keys().collect::<Vec<_>>())
+            .field("delete_topics", &self.delete_topics)
             .finish()
     }
 }
@@ -217,6 +222,7 @@ impl Default for KafkaSettings {
             operation_deadline: Duration::from_secs(15),
             linger_ms: 2,
             client_config: BTreeMap::new(),
+            delete_topics: true,
         }
     }
 }

@@ -149,13 +149,15 @@ pub fn continue_from(metadata: &tonic::metadata::MetadataMap, span: &tracing::Sp
     }
 }
 
-/// The W3C `traceparent` of `span`, if traces are on and it is sampled.
+/// The W3C `traceparent` of `span`, if traces are on and it is sampled (an
+/// unsampled push sends no context on, so its delivery makes no spans).
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     if !tracing_on() {
         return None;
     }
     let context = span.context();
-    if !context.span().span_context().is_valid() {
+    let span_context = context.span().span_context().clone();
+    if !span_context.is_valid() || !span_context.is_sampled() {
         return None;
     }
     let mut carrier = HashMap::new();

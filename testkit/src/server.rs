@@ -154,6 +154,10 @@ impl Server {
         if !self.env.iter().any(|(key, _)| key == "LOCKSTEP_ADMIN_LISTEN_ADDR") {
             command.env("LOCKSTEP_ADMIN_LISTEN_ADDR", "127.0.0.1:0");
         }
+        // Nisshi 0.7's DeleteTopics deletes every topic of the cluster (see KafkaSettings::delete_topics).
+        if !self.env.iter().any(|(key, _)| key == "LOCKSTEP_KAFKA__DELETE_TOPICS") {
+            command.env("LOCKSTEP_KAFKA__DELETE_TOPICS", "false");
+        }
         command
             .args(["--listen", &listen, "--kafka-brokers", &self.kafka, "--data-dir"])
             .arg(self.data_dir())

@@ -338,3 +338,55 @@ async fn the_cli_sets_shows_and_removes_its_push_target() -> anyhow::Result<()> 
     assert_eq!(phone.json(&["push", "show"]).await?["target"], serde_json::Value::Null);
     Ok(())
 }
+
+/// A push worker found a target gone (404/410): the server forgets it, unless
+/// the device set a new one after the worker's verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> {
+    use lockstep_schemas::{Event, encode_event};
+    use rdkafka::{
+        ClientConfig,
+        producer::{FutureProducer, FutureRecord},
+    };
+    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    let started = Instant::now();
+    while !server.log().contains("following the events topic") {
+        anyhow::ensure!(started.elapsed() < WAIT, "the server never followed the events topic");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut targets = server.push_targets().await?;
+    for device in [&phone, &laptop] {
+        let endpoint = format!("https://push.example.net/{}", device.device_id);
+        targets.set_push_target(with_token(web_push(&endpoint, p256dh(), vec![9; 16]), &device.token)).await?;
+    }
+    let set_at = lockstep_broker::db::now_ms();
+
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", nisshi.bootstrap()).create()?;
+    let gone = |device: &Device, at_ms: i64| Event {
+        user_id: phone.user_id.clone(),
+        node_id: "push-worker-test".into(),
+        at_ms,
+        body: EventBody::PushTargetRemoved { device_id: device.device_id.clone(), reason: TargetRemovedReason::Gone },
+    };
+    // A verdict from before the phone's target was set: stale, ignored. Then a current one for the laptop.
+    for event in [gone(&phone, set_at - 60_000), gone(&laptop, set_at + 1)] {
+        let payload = encode_event(&event)?;
+        let record = FutureRecord::to(EVENTS_TOPIC).key(&event.user_id).payload(&payload);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(error, _)| error)?;
+    }
+    let started = Instant::now();
+    loop {
+        let answer = targets.get_push_target(with_token(GetPushTargetRequest {}, &laptop.token)).await;
+        match answer {
+            Err(status) if status.code() == Code::NotFound => break,
+            Ok(_) => {}
+            Err(status) => anyhow::bail!("unexpected {status:?}"),
+        }
+        anyhow::ensure!(started.elapsed() < WAIT, "the laptop's gone target was never forgotten:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Same user, same partition: the stale verdict was read before; it changed nothing.
+    targets.get_push_target(with_token(GetPushTargetRequest {}, &phone.token)).await?;
+    Ok(())
+}

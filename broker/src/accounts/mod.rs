@@ -231,6 +231,11 @@ impl Accounts {
         Ok(())
     }
 
+    /// Forgets a device's token in memory (its row was revoked already).
+    pub fn forget_device(&self, device_id: &str) {
+        write(&self.tokens).retain(|_, authed| &*authed.device_id != device_id);
+    }
+
     fn remember(&self, hash: TokenHash, user_id: &str, device_id: &str) {
         write(&self.tokens).insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
     }

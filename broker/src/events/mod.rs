@@ -18,6 +18,7 @@
 //! node renews every `events.lease_interval`, so a crashed node's devices stop
 //! counting as connected after three intervals.
 
+pub mod follower;
 mod pending;
 mod publisher;
 
@@ -35,7 +36,7 @@ use tokio::sync::Notify;
 
 use crate::{db::now_ms, locks::lock, settings::EventsSettings};
 
-pub use publisher::Publisher;
+pub use publisher::{Publisher, events_kafka};
 
 /// Records facts for the events topic. Cheap to clone; a disabled instance
 /// ignores everything.

@@ -31,7 +31,7 @@ pub struct Publisher {
 }
 
 /// The Kafka settings of the events cluster.
-fn events_kafka(settings: &Settings) -> KafkaSettings {
+pub fn events_kafka(settings: &Settings) -> KafkaSettings {
     let mut kafka = settings.kafka.clone();
     if let Some(servers) = settings.events.bootstrap_servers.as_ref().filter(|s| !s.trim().is_empty()) {
         kafka.bootstrap_servers = servers.clone();

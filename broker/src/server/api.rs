@@ -3,11 +3,11 @@
 
 use lockstep_proto::v1::{
     AckRequest, AckResponse, CreateAccountRequest, CreateAccountResponse, CreatePairingTicketRequest,
-    CreatePairingTicketResponse, Device, GetPushTargetRequest, GetPushTargetResponse, GetServerInfoRequest,
-    GetServerInfoResponse, ListDevicesRequest, ListDevicesResponse, PushRequest, PushResponse,
-    RedeemPairingTicketRequest, RedeemPairingTicketResponse, RemovePushTargetRequest, RemovePushTargetResponse,
-    RevokeDeviceRequest, RevokeDeviceResponse, SetPushTargetRequest, SetPushTargetResponse, SubscribeRequest,
-    WebPushTarget, WebhookTarget, accounts_server, push_target, push_targets_server, sync_server,
+    CreatePairingTicketResponse, DeleteAccountRequest, DeleteAccountResponse, Device, GetPushTargetRequest,
+    GetPushTargetResponse, GetServerInfoRequest, GetServerInfoResponse, ListDevicesRequest, ListDevicesResponse,
+    PushRequest, PushResponse, RedeemPairingTicketRequest, RedeemPairingTicketResponse, RemovePushTargetRequest,
+    RemovePushTargetResponse, RevokeDeviceRequest, RevokeDeviceResponse, SetPushTargetRequest, SetPushTargetResponse,
+    SubscribeRequest, WebPushTarget, WebhookTarget, accounts_server, push_target, push_targets_server, sync_server,
 };
 use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use tonic::{Request, Response, Status};
@@ -114,7 +114,9 @@ impl accounts_server::Accounts for AccountsApi {
         let created = match self.app.accounts.create_account(user_id, name).await {
             Ok(created) => created,
             Err(error) => {
-                if let Err(cleanup) = self.app.topics.delete_topic(&topic).await {
+                if !self.app.settings.kafka.delete_topics {
+                    tracing::warn!(topic, "kafka.delete_topics is off: the topic of a failed account stays");
+                } else if let Err(cleanup) = self.app.topics.delete_topic(&topic).await {
                     tracing::warn!(topic, error = %cleanup, "could not delete the topic of a failed account");
                 }
                 return Err(ApiError::from(error).into());
@@ -200,7 +202,34 @@ impl accounts_server::Accounts for AccountsApi {
         tracing::info!(user_id = %caller.user_id, device_id, revoked_by = %caller.device_id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse {}))
     }
+
+    async fn delete_account(
+        &self,
+        request: Request<DeleteAccountRequest>,
+    ) -> Result<Response<DeleteAccountResponse>, Status> {
+        let caller = authenticate(&self.app, &request)?;
+        if request.get_ref().confirm_user_id != *caller.user_id {
+            return Err(ApiError::InvalidArgument(
+                "confirm_user_id must repeat this account's user id: deleting an account cannot be undone".into(),
+            )
+            .into());
+        }
+        let (purged, completed) =
+            self.app.erasure.delete_account(&caller, DELETE_ACCOUNT_DEADLINE).await.map_err(ApiError::from)?;
+        tracing::info!(user_id = %caller.user_id, by = %caller.device_id, completed, "account deleted by its device");
+        Ok(Response::new(DeleteAccountResponse {
+            topic_deleted: purged.topic_deleted,
+            device_groups_deleted: purged.device_groups_deleted,
+            devices_removed: purged.devices_removed,
+            push_targets_removed: purged.push_targets_removed,
+            dedup_entries_removed: purged.dedup_entries_removed,
+            completed,
+        }))
+    }
 }
+
+/// How long DeleteAccount waits for Kafka before it answers `completed = false`.
+const DELETE_ACCOUNT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub struct SyncApi {
     app: App,

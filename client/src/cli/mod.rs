@@ -153,10 +153,35 @@ enum Command {
         #[arg(long)]
         fix: bool,
     },
+    /// The account on the server: `account delete` deletes the server's copy of everything.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// This device leaves the account: the server revokes it; with --wipe, its local store is deleted too.
+    Leave {
+        /// Also delete this device's local store (the other devices keep their copies).
+        #[arg(long)]
+        wipe: bool,
+        /// Do it: leaving cannot be undone (pair again to come back).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Where this device is woken when it is offline and behind (Web Push or a Matrix push gateway).
     Push {
         #[command(subcommand)]
         command: PushCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Delete the account from the server: its Kafka topic, every device's offsets, devices, tokens,
+    /// push targets. Every device is signed out; local stores keep their records.
+    Delete {
+        /// The account's user id, repeated to confirm (`lockstep-cli status` shows it).
+        #[arg(long)]
+        confirm: String,
     },
 }
 
@@ -518,6 +543,68 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Revoke { device_id } => revoke(open()?, device_id, rpc_timeout, args.json).await?,
         Command::Check { fix } => show::check(&mut open()?, *fix, args.json)?,
         Command::Push { command } => push(&args, command, &open()?.account()?).await?,
+        Command::Account { command: AccountCommand::Delete { confirm } } => {
+            let account = open()?.account()?;
+            if *confirm != account.user_id {
+                bail!("--confirm must be this account's user id ({}): deleting it cannot be undone", account.user_id);
+            }
+            let deleted = sync::account::delete_account(&account, rpc_timeout).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "topic_deleted": deleted.topic_deleted,
+                        "device_groups_deleted": deleted.device_groups_deleted,
+                        "devices_removed": deleted.devices_removed,
+                        "push_targets_removed": deleted.push_targets_removed,
+                        "dedup_entries_removed": deleted.dedup_entries_removed,
+                        "completed": deleted.completed,
+                    })
+                );
+            } else if deleted.completed {
+                println!("deleted account {} from the server:", account.user_id);
+                println!("  its Kafka topic (every change it held)");
+                println!("  {} device consumer groups (their offsets)", deleted.device_groups_deleted);
+                println!("  {} devices and their tokens", deleted.devices_removed);
+                println!("  {} push targets", deleted.push_targets_removed);
+                println!("  {} deduplication entries", deleted.dedup_entries_removed);
+                println!(
+                    "this device's local store still holds its records: delete {} to remove them",
+                    args.store.display()
+                );
+            } else {
+                println!(
+                    "account {} is closed: every device is signed out; the server finishes deleting its Kafka data \
+                     in the background (Kafka did not answer in time)",
+                    account.user_id
+                );
+            }
+        }
+        Command::Leave { wipe, yes } => {
+            if !yes {
+                bail!("leaving revokes this device (pair again to come back); run again with --yes");
+            }
+            let account = open()?.account()?;
+            sync::account::leave(&account, rpc_timeout).await?;
+            let mut wiped = Vec::new();
+            if *wipe {
+                for suffix in ["", "-wal", "-shm"] {
+                    let path = PathBuf::from(format!("{}{suffix}", args.store.display()));
+                    if path.exists() {
+                        std::fs::remove_file(&path).with_context(|| format!("cannot delete {}", path.display()))?;
+                        wiped.push(path.display().to_string());
+                    }
+                }
+            }
+            if args.json {
+                println!("{}", json!({"revoked": account.device_id, "wiped": wiped}));
+            } else {
+                println!("this device ({}) left the account", account.device_id);
+                if *wipe {
+                    println!("deleted its local store: {}", wiped.join(", "));
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -15,6 +15,7 @@
 //!   three heartbeat intervals is dead. Whether to retry is the server's
 //!   verdict ([`lockstep_proto::retry::is_retryable`]).
 
+pub mod account;
 mod devices;
 mod keys;
 pub mod push_target;

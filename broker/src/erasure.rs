@@ -1,0 +1,228 @@
+//! Deleting an account: the server forgets a user completely.
+//!
+//! Two steps, so that a deletion is never half-done for good:
+//! 1. [`Erasure::begin`] — one transaction marks the user as being deleted,
+//!    revokes every device and spends every pairing ticket; tokens stop
+//!    working and streams end at once. From here on no client can reach the
+//!    account, nor write to its topic.
+//! 2. [`Erasure::purge`] — deletes the user's topic and every device's
+//!    consumer group in Kafka, then every row (push targets, dedup entries,
+//!    incidents, devices, the user). If Kafka is away, the purge is retried in
+//!    the background and at the next start ([`Erasure::resume`]), until done.
+
+use std::{sync::Arc, time::Duration};
+
+use rusqlite::params;
+
+use crate::{
+    accounts::{Accounts, AuthedDevice},
+    db::{Db, DbError, now_ms},
+    delivery::Delivery,
+    events::Events,
+    kafka::{GroupOffsets, KafkaError, Topics, device_group, user_topic},
+    settings::KafkaSettings,
+    shutdown::ShutdownSource,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErasureError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub topic_deleted: bool,
+    pub device_groups_deleted: u32,
+    pub devices_removed: u32,
+    pub push_targets_removed: u32,
+    pub dedup_entries_removed: u64,
+}
+
+#[derive(Clone)]
+pub struct Erasure {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    accounts: Accounts,
+    delivery: Delivery,
+    events: Events,
+    topics: Topics,
+    offsets: GroupOffsets,
+    kafka: KafkaSettings,
+    shutdown: ShutdownSource,
+}
+
+impl Erasure {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        db: Db,
+        accounts: Accounts,
+        delivery: Delivery,
+        events: Events,
+        topics: Topics,
+        offsets: GroupOffsets,
+        kafka: KafkaSettings,
+        shutdown: ShutdownSource,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { db, accounts, delivery, events, topics, offsets, kafka, shutdown }) }
+    }
+
+    /// Step 1: the account is closed for every client. Returns its device ids.
+    pub async fn begin(&self, user_id: &str) -> Result<Vec<String>, ErasureError> {
+        let user = user_id.to_owned();
+        let devices = self
+            .inner
+            .db
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                let now = now_ms();
+                transaction.execute(
+                    "UPDATE users SET deleting_at_ms = ?2 WHERE user_id = ?1 AND deleting_at_ms IS NULL",
+                    params![user, now],
+                )?;
+                transaction.execute(
+                    "UPDATE devices SET revoked_at_ms = ?2 WHERE user_id = ?1 AND revoked_at_ms IS NULL",
+                    params![user, now],
+                )?;
+                transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", params![user])?;
+                let devices = {
+                    let mut statement = transaction.prepare("SELECT device_id FROM devices WHERE user_id = ?1")?;
+                    let rows = statement.query_map([&user], |row| row.get::<_, String>(0))?;
+                    rows.collect::<Result<Vec<_>, _>>()?
+                };
+                transaction.commit()?;
+                Ok(devices)
+            })
+            .await?;
+        for device_id in &devices {
+            self.inner.accounts.forget_device(device_id);
+            self.inner.delivery.revoke(device_id);
+            self.inner.events.device_revoked(user_id, device_id);
+        }
+        tracing::info!(user_id, devices = devices.len(), "account deletion began: every device signed out");
+        Ok(devices)
+    }
+
+    /// Step 2: Kafka's copy, then the rows. Idempotent: a topic or group that
+    /// is gone already counts as deleted.
+    pub async fn purge(&self, user_id: &str) -> Result<Purged, ErasureError> {
+        let inner = &self.inner;
+        let user = user_id.to_owned();
+        let devices: Vec<(String, bool)> = inner
+            .db
+            .call(move |connection| {
+                let mut statement = connection.prepare(
+                    "SELECT d.device_id, EXISTS (SELECT 1 FROM push_targets t WHERE t.device_id = d.device_id)
+                     FROM devices d WHERE d.user_id = ?1",
+                )?;
+                let rows = statement.query_map([&user], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        let mut purged = Purged::default();
+        let topic = user_topic(&inner.kafka, user_id);
+        if inner.kafka.delete_topics {
+            inner.topics.delete_topic(&topic).await?;
+            purged.topic_deleted = true;
+        } else {
+            tracing::warn!(topic, "kafka.delete_topics is off: the deleted account's topic stays in Kafka");
+        }
+        for (device_id, had_target) in &devices {
+            inner.offsets.delete_group(&device_group(&inner.kafka, device_id)).await.map_err(KafkaError::from)?;
+            purged.device_groups_deleted += 1;
+            if *had_target {
+                inner.events.target_removed(user_id, device_id, lockstep_schemas::TargetRemovedReason::DeviceRevoked);
+            }
+        }
+        let user = user_id.to_owned();
+        let (targets, dedup, devices_removed) = inner
+            .db
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                let targets = transaction.execute("DELETE FROM push_targets WHERE user_id = ?1", params![user])?;
+                let dedup = transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", params![user])?;
+                transaction.execute("DELETE FROM log_incidents WHERE user_id = ?1", params![user])?;
+                transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", params![user])?;
+                // Key tables (`keys`): device_keys references devices, so before them.
+                for table in crate::keys::TABLES_BY_USER {
+                    transaction.execute(&format!("DELETE FROM {table} WHERE user_id = ?1"), params![user])?;
+                }
+                let devices = transaction.execute("DELETE FROM devices WHERE user_id = ?1", params![user])?;
+                transaction.execute("DELETE FROM users WHERE user_id = ?1", params![user])?;
+                transaction.commit()?;
+                Ok((targets, dedup, devices))
+            })
+            .await?;
+        purged.push_targets_removed = targets as u32;
+        purged.dedup_entries_removed = dedup as u64;
+        purged.devices_removed = devices_removed as u32;
+        tracing::info!(user_id, ?purged, "account deleted");
+        Ok(purged)
+    }
+
+    /// Purges in the background until it succeeds or shutdown begins.
+    pub fn purge_later(&self, user_id: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Some(mut running) = this.inner.shutdown.handle() else { return };
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                match this.purge(&user_id).await {
+                    Ok(_) => return,
+                    Err(error) => tracing::warn!(user_id, %error, "account deletion not finished yet; retrying"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = running.begun() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        });
+    }
+
+    /// At start: finishes the deletions a previous process began.
+    pub async fn resume(&self) -> Result<usize, ErasureError> {
+        let users: Vec<String> = self
+            .inner
+            .db
+            .call(|connection| {
+                let mut statement = connection.prepare("SELECT user_id FROM users WHERE deleting_at_ms IS NOT NULL")?;
+                let rows = statement.query_map([], |row| row.get(0))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        for user_id in &users {
+            tracing::info!(user_id, "finishing an account deletion begun before the restart");
+            self.purge_later(user_id.clone());
+        }
+        Ok(users.len())
+    }
+
+    /// The whole deletion for the device's account; `completed = false` in
+    /// the answer when Kafka's part continues in the background.
+    pub async fn delete_account(
+        &self,
+        caller: &AuthedDevice,
+        deadline: Duration,
+    ) -> Result<(Purged, bool), ErasureError> {
+        self.begin(&caller.user_id).await?;
+        match tokio::time::timeout(deadline, self.purge(&caller.user_id)).await {
+            Ok(Ok(purged)) => Ok((purged, true)),
+            Ok(Err(error)) => {
+                tracing::warn!(user_id = %caller.user_id, %error, "account deletion continues in the background");
+                self.purge_later(caller.user_id.to_string());
+                Ok((Purged::default(), false))
+            }
+            Err(_) => {
+                self.purge_later(caller.user_id.to_string());
+                Ok((Purged::default(), false))
+            }
+        }
+    }
+}

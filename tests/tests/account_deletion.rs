@@ -1,0 +1,224 @@
+//! Deleting an account: afterwards the server knows nothing of that user —
+//! checked with an independent Kafka client (Python `confluent-kafka`) and
+//! the server's database — while devices keep their local copies. A device
+//! can also leave on its own. A deletion that Kafka interrupts finishes later.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use lockstep_e2e::{
+    cli::Cli,
+    device::{Device, changes},
+    nisshi::Nisshi,
+    server::Server,
+    stack::CliStack,
+};
+use lockstep_proto::v1::{DeleteAccountRequest, ListDevicesRequest};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What `confluent-kafka` sees of a topic and groups.
+fn kafka_state(bootstrap: &str, topic: &str, groups: &[String]) -> anyhow::Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/kafka_state.py");
+    let output = Command::new("python3").arg(&script).arg(bootstrap).arg(topic).args(groups).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{} failed (needs confluent-kafka): {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Rows that still name `user_id`, per table of the server's database.
+fn rows_of(server: &Server, user_id: &str) -> anyhow::Result<Vec<(String, i64)>> {
+    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
+    let mut found = Vec::new();
+    let tables = ["users", "devices", "pairing_tickets", "push_targets", "pushed_changes", "log_incidents"];
+    for table in tables.into_iter().chain(lockstep_broker::keys::TABLES_BY_USER) {
+        let count: i64 =
+            db.query_row(&format!("SELECT count(*) FROM {table} WHERE user_id = ?1"), [user_id], |r| r.get(0))?;
+        found.push((table.to_string(), count));
+    }
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Result<()> {
+    let CliStack { nisshi, server, device: phone } = CliStack::start("phone").await?;
+    let laptop = phone.pair("laptop").await?;
+    let bystander = Cli::init("bystander", &server).await?;
+    let mine = phone.json(&["put", r#"{"title":"keep me locally"}"#]).await?;
+    phone.sync().await?;
+    laptop.sync().await?;
+    laptop
+        .run(&[
+            "push",
+            "set",
+            "--webhook",
+            "https://gw.example/_matrix/push/v1/notify",
+            "--app-id",
+            "a",
+            "--pushkey",
+            "k",
+        ])
+        .await?;
+    bystander.json(&["put", r#"{"title":"not yours"}"#]).await?;
+    bystander.sync().await?;
+
+    let status = phone.json(&["status"]).await?;
+    let user_id = status["user_id"].as_str().context("user_id in status")?.to_string();
+    let device_ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for cli in [&phone, &laptop] {
+            ids.push(cli.json(&["status"]).await?["device_id"].as_str().context("device_id")?.to_string());
+        }
+        ids
+    };
+    let topic = format!("lockstep.user.{user_id}");
+    let groups: Vec<String> = device_ids.iter().map(|id| format!("lockstep.device.{id}")).collect();
+    let before = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    assert_eq!(before["topic_exists"], true, "{before}");
+    assert!(
+        groups.iter().any(|g| before["groups"][g]["offsets"].as_object().is_some_and(|o| !o.is_empty())),
+        "{before}"
+    );
+    assert!(
+        rows_of(&server, &user_id)?
+            .iter()
+            .all(|(table, n)| *n > 0 || table == "log_incidents" || table == "pairing_tickets")
+    );
+
+    // A wrong confirmation deletes nothing.
+    let error = phone.fail(&["account", "delete", "--confirm", "not-my-account"]).await?;
+    assert!(error.contains("--confirm"), "{error}");
+    assert_eq!(kafka_state(nisshi.bootstrap(), &topic, &[])?["topic_exists"], true);
+
+    let deleted = phone.json(&["account", "delete", "--confirm", &user_id]).await?;
+    assert_eq!(deleted["completed"], true, "{deleted}");
+    // Nisshi 0.7 deletes every topic of the cluster on DeleteTopics, so the tests' servers run with
+    // kafka.delete_topics = false: the topic stays (see the next test for a real deletion).
+    assert_eq!(deleted["topic_deleted"], false);
+    assert_eq!(deleted["devices_removed"], 2);
+    assert_eq!(deleted["device_groups_deleted"], 2);
+    assert_eq!(deleted["push_targets_removed"], 1);
+    assert!(deleted["dedup_entries_removed"].as_u64().unwrap_or_default() >= 1, "{deleted}");
+
+    // Kafka, as an independent client sees it: no offsets, no group.
+    let after = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    for group in &groups {
+        assert_eq!(after["groups"][group]["listed"], false, "{after}");
+        let offsets = &after["groups"][group]["offsets"];
+        assert!(offsets.as_object().is_none_or(|o| o.is_empty() || o.contains_key("error")), "{group}: {offsets}");
+    }
+    // The database: no row names the user.
+    for (table, count) in rows_of(&server, &user_id)? {
+        assert_eq!(count, 0, "{table} still has rows of the deleted user");
+    }
+    // Every device is signed out; the local copies stay.
+    let error = laptop.fail(&["sync"]).await?;
+    assert!(error.contains("Unauthenticated"), "{error}");
+    let records = phone.records().await?;
+    assert!(records.to_string().contains(mine["id"].as_str().unwrap_or("?")), "{records}");
+    // Someone else's account is untouched.
+    assert_eq!(bystander.sync().await?["pushed"], 0);
+    let bystander_user = bystander.json(&["status"]).await?["user_id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(kafka_state(nisshi.bootstrap(), &format!("lockstep.user.{bystander_user}"), &[])?["topic_exists"], true);
+    Ok(())
+}
+
+/// With `kafka.delete_topics` on (Apache Kafka), the topic goes too. Alone on its Nisshi, with
+/// the events topic off: Nisshi 0.7's DeleteTopics deletes every topic of the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
+    let nisshi = Nisshi::start().await?;
+    let env = [("LOCKSTEP_KAFKA__DELETE_TOPICS", "true"), ("LOCKSTEP_EVENTS__ENABLED", "false")];
+    let server = Server::start_with(&nisshi, &env).await?;
+    let phone = Device::create_account(&server, "phone").await?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    phone.push_ok(changes(5, 16)).await?;
+    laptop.ack(4).await.ok();
+    let topic = format!("lockstep.user.{}", phone.user_id);
+    let groups: Vec<String> =
+        [&phone, &laptop].iter().map(|device| format!("lockstep.device.{}", device.device_id)).collect();
+    assert_eq!(kafka_state(nisshi.bootstrap(), &topic, &groups)?["topic_exists"], true);
+    let answer = phone
+        .accounts
+        .clone()
+        .delete_account(phone.request(DeleteAccountRequest { confirm_user_id: phone.user_id.clone() }))
+        .await?
+        .into_inner();
+    assert!(answer.completed && answer.topic_deleted, "{answer:?}");
+    assert_eq!(answer.device_groups_deleted, 2);
+    let after = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    assert_eq!(after["topic_exists"], false, "{after}");
+    for group in &groups {
+        assert_eq!(after["groups"][group]["listed"], false, "{after}");
+    }
+    for (table, count) in rows_of(&server, &phone.user_id)? {
+        assert_eq!(count, 0, "{table}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_leaves_and_wipes_its_store() -> anyhow::Result<()> {
+    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let tablet = phone.pair("tablet").await?;
+    phone.json(&["put", r#"{"title":"x"}"#]).await?;
+    phone.sync().await?;
+    tablet.sync().await?;
+    let tablet_id = tablet.json(&["status"]).await?["device_id"].as_str().context("device_id")?.to_string();
+    let error = tablet.fail(&["leave"]).await?;
+    assert!(error.contains("--yes"), "{error}");
+    let left = tablet.json(&["leave", "--wipe", "--yes"]).await?;
+    assert_eq!(left["revoked"], tablet_id.as_str());
+    assert!(!tablet.store.exists(), "the local store is gone");
+    // The account goes on without it.
+    phone.json(&["put", r#"{"title":"y"}"#]).await?;
+    assert_eq!(phone.sync().await?["pushed"], 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_kafka_interrupted_finishes_when_it_returns() -> anyhow::Result<()> {
+    let mut nisshi = Nisshi::start().await?;
+    let server = Server::start(&nisshi).await?;
+    let phone = Device::create_account(&server, "phone").await?;
+    phone.push_ok(changes(3, 16)).await?;
+    let group = format!("lockstep.device.{}", phone.device_id);
+    phone.ack(2).await?;
+
+    nisshi.kill();
+    let started = Instant::now();
+    let answer = phone
+        .accounts
+        .clone()
+        .delete_account(phone.request(DeleteAccountRequest { confirm_user_id: phone.user_id.clone() }))
+        .await?
+        .into_inner();
+    assert!(!answer.completed, "Kafka is down: the deletion cannot be complete");
+    assert!(started.elapsed() < Duration::from_secs(40), "answered within the deadline");
+    // Closed for clients at once.
+    let status = phone.accounts.clone().list_devices(phone.request(ListDevicesRequest {})).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    nisshi.restart().await?;
+    let started = Instant::now();
+    loop {
+        let gone = rows_of(&server, &phone.user_id)?.iter().all(|(_, n)| *n == 0);
+        if gone {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < WAIT, "the deletion never finished:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = kafka_state(nisshi.bootstrap(), "-", std::slice::from_ref(&group))?;
+    assert_eq!(after["groups"][&group]["listed"], false, "the group went too: {after}");
+    Ok(())
+}
