@@ -675,6 +675,12 @@ async fn revoke(store: Store, device_id: &str, rpc_timeout: Duration, as_json: b
              the next `lockstep-cli sync` of any remaining device finishes it"
         )
     })?;
+    if !keys.supported {
+        bail!(
+            "device {device_id} is revoked (its token no longer works), but this server cannot rotate keys (it has \
+             no Keys service): the revoked device can still read what is written from now on if it gets hold of it"
+        );
+    }
     if as_json {
         println!(
             "{}",

@@ -36,6 +36,8 @@ pub struct KeySync {
     pub current_epoch: u32,
     /// The newest epoch this device holds.
     pub held_epoch: u32,
+    /// The server has the Keys service (a server from before key rotation does not).
+    pub supported: bool,
 }
 
 impl Syncer {
@@ -44,10 +46,23 @@ impl Syncer {
         self.keys.clone().ok_or(SyncError::StreamEnded)
     }
 
-    /// Brings this device's keys up to date with the account (see the module doc).
+    /// Brings this device's keys up to date with the account (see the module
+    /// doc). Against a server without the Keys service (older than key
+    /// rotation) it does nothing and says so (`supported: false`).
     pub async fn sync_keys(&mut self) -> Result<KeySync, SyncError> {
+        match self.sync_keys_with_server().await {
+            Err(SyncError::Rpc { status, .. }) if status.code() == Code::Unimplemented => {
+                tracing::warn!("the server has no Keys service: no key rotation with it");
+                let held_epoch = self.account.key_epoch;
+                Ok(KeySync { held_epoch, current_epoch: held_epoch, ..KeySync::default() })
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn sync_keys_with_server(&mut self) -> Result<KeySync, SyncError> {
         let mut keys = self.keys_client().await?;
-        let mut outcome = KeySync::default();
+        let mut outcome = KeySync { supported: true, ..KeySync::default() };
         if !self.store.device_key_registered()? {
             self.register_device_key(&mut keys).await?;
             outcome.registered = true;
