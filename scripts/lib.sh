@@ -43,6 +43,7 @@ ensure_debian_package() {
         return
     fi
     log "installing Debian package $package (for $command)"
+    export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq "$package" >&2 || { apt-get update -qq && apt-get install -y -qq "$package" >&2; }
     command -v "$command" >/dev/null
 }

@@ -3,6 +3,7 @@
 //! BENCHMARKS.md. Not part of the test suite; run it with `scripts/bench`.
 
 mod client;
+mod dashboard;
 mod lockstep;
 mod peer;
 mod procs;
@@ -27,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Workloads to run, in this order within each round.
-    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5")]
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,wd")]
     pub workloads: Vec<String>,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -35,6 +36,9 @@ pub struct Args {
     /// The lockstep server binary (a release build).
     #[arg(long, env = "LOCKSTEP_BIN", default_value = "target/release/lockstep")]
     pub lockstep_bin: PathBuf,
+    /// The dashboard binary (a release build), for WD.
+    #[arg(long, env = "LOCKSTEP_DASHBOARD_BIN", default_value = "target/release/lockstep-dashboard")]
+    pub dashboard_bin: PathBuf,
     #[arg(long, env = "NISSHI_BIN", default_value = "nisshi")]
     pub nisshi_bin: PathBuf,
     #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
@@ -183,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
                     profiles.extend(profiler.map(profile::Profiler::finish));
                     outcome
                 }
+                "wd" => dashboard::wd(&nisshi, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
                 "w3" => lockstep::w3(&args.lockstep_bin, &args.nisshi_bin, &config, round, metrics).await,
                 "w5" => match &redis {
                     Some(redis) => {

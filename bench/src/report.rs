@@ -361,6 +361,23 @@ pub fn render(
     }
     table(&mut out, metrics, &rows);
 
+    out.push_str("## WD the dashboard with a large fleet\n\n");
+    let count = crate::dashboard::devices(config);
+    let rows: Vec<(String, String)> = [
+        ("setup_s", "writing the fleet to Kafka (topics, changes, offsets, events), s"),
+        ("ready_s", "dashboard start until every device is shown and two refreshes ran, s"),
+        ("page_ms", "the page (summary + 500 worst rows), ms"),
+        ("page_all_rows_ms", "the page with every row, ms"),
+        ("api_ms", "/api/v1/devices (every device), ms"),
+        ("refresh_s", "one Kafka refresh (watermarks, offsets, record times), s"),
+        ("rss_ready_kib", "dashboard RSS once it shows the fleet, KiB"),
+        ("rss_kib", "dashboard RSS, KiB (max while serving the page and the API)"),
+    ]
+    .iter()
+    .map(|(key, label)| (format!("wd.n{count}.{key}"), format!("{count} devices: {label}")))
+    .collect();
+    table(&mut out, metrics, &rows);
+
     out.push_str("## CPU seconds per workload and process\n\n");
     let mut rows = Vec::new();
     for workload in &args.workloads {

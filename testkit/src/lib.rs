@@ -7,11 +7,13 @@
 //! - [`nisshi`]: one Nisshi broker (the local Kafka) on a free port, sqlite storage.
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, SIGTERM, restart.
 //! - [`device`]: a device's view of the gRPC API (bearer token, push, subscribe, ack).
+//! - [`dashboard`]: the `lockstep-dashboard` binary, a plain HTTP GET, headless Chromium.
 //! - [`cli`]: a device driven through the `lockstep-cli` binary, with its own store.
 //! - [`stack`]: Kafka + server + first device in one line.
 //! - [`user_topic`], [`device_group`]: Kafka names, from the server's own naming functions.
 
 pub mod cli;
+pub mod dashboard;
 pub mod device;
 pub mod nisshi;
 pub mod process;

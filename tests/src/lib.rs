@@ -16,5 +16,5 @@ pub mod proxy;
 pub mod workload;
 
 pub use lockstep_testkit::{
-    cli, device, device_group, free_port, http_get, log_tail, nisshi, process, server, stack, user_topic,
+    cli, dashboard, device, device_group, free_port, http_get, log_tail, nisshi, process, server, stack, user_topic,
 };
