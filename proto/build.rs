@@ -4,8 +4,12 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos =
-        ["proto/lockstep/v1/accounts.proto", "proto/lockstep/v1/sync.proto", "proto/lockstep/v1/push_targets.proto"];
+    let protos = [
+        "proto/lockstep/v1/accounts.proto",
+        "proto/lockstep/v1/sync.proto",
+        "proto/lockstep/v1/push_targets.proto",
+        "proto/lockstep/v1/keys.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

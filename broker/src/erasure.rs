@@ -149,6 +149,10 @@ impl Erasure {
                 let dedup = transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", params![user])?;
                 transaction.execute("DELETE FROM log_incidents WHERE user_id = ?1", params![user])?;
                 transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", params![user])?;
+                // Key tables (`keys`): device_keys references devices, so before them.
+                for table in crate::keys::TABLES_BY_USER {
+                    transaction.execute(&format!("DELETE FROM {table} WHERE user_id = ?1"), params![user])?;
+                }
                 let devices = transaction.execute("DELETE FROM devices WHERE user_id = ?1", params![user])?;
                 transaction.execute("DELETE FROM users WHERE user_id = ?1", params![user])?;
                 transaction.commit()?;

@@ -9,7 +9,8 @@ use lockstep_proto::retry;
 use tonic::{Code, Status};
 
 use crate::{
-    accounts::AccountsError, db::DbError, erasure::ErasureError, kafka::KafkaError, push_targets::TargetError,
+    accounts::AccountsError, db::DbError, erasure::ErasureError, kafka::KafkaError, keys::KeysError,
+    push_targets::TargetError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,8 @@ pub enum ApiError {
     #[error(transparent)]
     PushTarget(#[from] TargetError),
     #[error(transparent)]
+    Keys(#[from] KeysError),
+    #[error(transparent)]
     Erasure(#[from] ErasureError),
     #[error("server is shutting down")]
     ShuttingDown,
@@ -84,6 +87,11 @@ impl ApiError {
                 TargetError::Invalid(_) => Code::InvalidArgument,
                 TargetError::NotFound => Code::NotFound,
                 TargetError::Db(_) => Code::Internal,
+            },
+            ApiError::Keys(error) => match error {
+                KeysError::Invalid(_) => Code::InvalidArgument,
+                KeysError::Precondition(_) => Code::FailedPrecondition,
+                KeysError::Db(_) => Code::Internal,
             },
             ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => Code::Unavailable,
             ApiError::Erasure(_) => Code::Internal,
@@ -153,6 +161,9 @@ mod tests {
         let status = Status::from(ApiError::LogLost("lost".into()));
         assert_eq!(status.code(), Code::DataLoss);
         assert!(!retry::is_retryable(&status), "a lost log needs a repair, not a retry");
+        let status = Status::from(ApiError::Keys(KeysError::Precondition("stale key epoch".into())));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(!retry::is_retryable(&status), "a stale epoch needs new keys, not the same request again");
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //!   push target set, …) published to the events topic for push workers, the
 //!   dashboard and other nodes; never content.
 //! - [`erasure`]: deleting an account: its topic, groups and rows, resumable.
+//! - [`keys`]: each device's X25519 public key and the account's key epochs
+//!   (sealed epoch keys, rotation after a revocation); the stale-epoch check
+//!   for pushes.
 //! - [`push_targets`]: where each device can be woken (stored, validated, announced as events).
 //! - [`log_guard`]: the log never silently shrinks: a log that lost acknowledged
 //!   changes is refused (DATA_LOSS) until each device repairs.
@@ -29,6 +32,7 @@ pub mod error;
 pub mod events;
 pub mod gateway;
 pub mod kafka;
+pub mod keys;
 pub mod locks;
 pub mod log_guard;
 pub mod push_targets;

@@ -4,16 +4,21 @@
 //! flushes the producer, in that order.
 
 mod api;
+mod keys_api;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use lockstep_proto::{
     FILE_DESCRIPTOR_SET,
-    v1::{accounts_server::AccountsServer, push_targets_server::PushTargetsServer, sync_server::SyncServer},
+    v1::{
+        accounts_server::AccountsServer, keys_server::KeysServer, push_targets_server::PushTargetsServer,
+        sync_server::SyncServer,
+    },
 };
 use tokio::net::TcpListener;
 
 pub use api::{AccountsApi, PushTargetsApi, SyncApi};
+pub use keys_api::KeysApi;
 
 use crate::{
     accounts::{Accounts, AccountsError},
@@ -23,6 +28,7 @@ use crate::{
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
+    keys::{KeyDirectory, KeysError},
     log_guard::LogGuard,
     push_targets::PushTargets,
     settings::{LimitsSettings, Settings},
@@ -48,6 +54,8 @@ pub enum ServerError {
     Accounts(#[from] AccountsError),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Keys(#[from] KeysError),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("grpc reflection: {0}")]
@@ -68,6 +76,7 @@ pub struct App {
     pub delivery: Delivery,
     pub events: Events,
     pub push_targets: PushTargets,
+    pub keys: KeyDirectory,
     pub erasure: Erasure,
 }
 
@@ -81,6 +90,7 @@ impl App {
     pub async fn start(settings: Settings, shutdown: ShutdownSource) -> Result<(Self, Background), ServerError> {
         let db = Db::open(&settings.data_dir)?;
         let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl).await?;
+        let keys = KeyDirectory::open(db.clone()).await?;
         let kafka = &settings.kafka;
         let topics = Topics::new(kafka)?;
         tracing::info!(bootstrap_servers = %kafka.bootstrap_servers, "waiting for kafka");
@@ -125,7 +135,7 @@ impl App {
             let events_kafka = crate::events::events_kafka(&settings);
             tokio::spawn(crate::events::follower::run(settings.clone(), events_kafka, push_targets.clone(), shutdown));
         }
-        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, erasure };
+        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, erasure, keys };
         Ok((app, Background { producer, publisher }))
     }
 }
@@ -191,6 +201,7 @@ pub async fn run(
     health_reporter.set_serving::<AccountsServer<AccountsApi>>().await;
     health_reporter.set_serving::<SyncServer<SyncApi>>().await;
     health_reporter.set_serving::<PushTargetsServer<PushTargetsApi>>().await;
+    health_reporter.set_serving::<KeysServer<KeysApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -201,6 +212,10 @@ pub async fn run(
     let push_targets_service = PushTargetsServer::new(PushTargetsApi::new(app.clone()))
         .max_decoding_message_size(64 * 1024)
         .max_encoding_message_size(64 * 1024);
+    // Up to MAX_SEALED_KEYS_PER_REQUEST sealed keys of about 200 bytes each.
+    let keys_service = KeysServer::new(KeysApi::new(app.clone()))
+        .max_decoding_message_size(256 * 1024)
+        .max_encoding_message_size(1024 * 1024);
     let sync_service = SyncServer::new(SyncApi::new(app.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_response_bytes(&limits));
@@ -234,6 +249,7 @@ pub async fn run(
         .add_service(accounts_service)
         .add_service(sync_service)
         .add_service(push_targets_service)
+        .add_service(keys_service)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

@@ -1,10 +1,14 @@
 //! Encryption on the device. One random 32-byte account key per user, shared
-//! between the user's devices only through pairing. Each key epoch has its own
-//! subkey, `HKDF-SHA256(account key, info = "lockstep.v1 epoch" ‖ epoch)`.
+//! between the user's devices only through pairing. Epoch 1's subkey is
+//! `HKDF-SHA256(account key, info = "lockstep.v1 epoch" ‖ 1)`.
 //! Changes are sealed with XChaCha20-Poly1305 (random 24-byte nonces) and the
 //! associated data binds the ciphertext to the user, record, collection, op and
 //! epoch: a server that moves a ciphertext to another record, user or
 //! collection, or turns an update into a delete, makes decryption fail.
+//!
+//! Epoch 1 uses the subkey derived from the account key; every later epoch
+//! (started when a device is revoked) has a random key of its own, sealed to
+//! each remaining device ([`crate::epochs`]).
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chacha20poly1305::{
@@ -28,6 +32,14 @@ pub enum CryptoError {
     Nonce(usize),
     #[error("an account key is 32 bytes in base64url; this one is not")]
     KeyFormat,
+    #[error("this device has no key for key epoch {0} (yet): another device of the account must share it")]
+    NoEpochKey(u32),
+    #[error("a sealed epoch key does not open with this device's key, or its proof does not verify")]
+    SealedKey,
+    #[error("device key proof does not verify: the key was not registered by a holder of the account key")]
+    DeviceProof,
+    #[error("a device public key must be 32 bytes and not of low order")]
+    PublicKey,
 }
 
 /// The account key. Zeroized on drop; `Debug` does not show it.
@@ -84,7 +96,19 @@ impl AccountKey {
         Zeroizing::new(URL_SAFE_NO_PAD.encode(self.0))
     }
 
-    fn epoch_cipher(&self, epoch: u32) -> XChaCha20Poly1305 {
+    /// A MAC key for `label`, derived from the account key (proofs that a
+    /// device key or an epoch key comes from a holder of the account key).
+    pub(crate) fn mac_key(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        let hkdf = Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.0);
+        let mut key = Zeroizing::new([0u8; 32]);
+        hkdf.expand(label, key.as_mut()).expect("32 bytes is a valid HKDF-SHA256 output length");
+        key
+    }
+
+    /// The subkey of `epoch` derived from the account key. Only epoch 1 uses
+    /// it: later epochs have random keys (`epochs`), which the account key
+    /// cannot derive.
+    pub(crate) fn epoch_cipher(&self, epoch: u32) -> XChaCha20Poly1305 {
         let hkdf = Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.0);
         let mut info = b"lockstep.v1 epoch".to_vec();
         info.extend_from_slice(&epoch.to_be_bytes());

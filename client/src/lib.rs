@@ -5,6 +5,8 @@
 //!   problems, the resync marker, cursor),
 //! - [`ids`]: ids generated offline (UUIDv7),
 //! - [`crypto`]: XChaCha20-Poly1305 under per-epoch keys, bound to user, record, collection,
+//! - [`epochs`]: device X25519 key pairs, random epoch keys sealed to each device, the keyring
+//!   (key rotation after a revocation),
 //! - [`record`]: per-field last-writer-wins merge on a hybrid logical clock ([`hlc`]),
 //! - [`pairing`]: the code that moves the account key to a new device,
 //! - [`sync`]: push the outbox, subscribe, apply, ack; repair from the log start when the
@@ -14,6 +16,7 @@
 
 pub mod cli;
 pub mod crypto;
+pub mod epochs;
 pub mod hlc;
 pub mod ids;
 pub mod pairing;

@@ -121,6 +121,7 @@ fn replica(index: usize) -> Replica {
             token: Zeroizing::new("token".into()),
             key: AccountKey::generate(),
             key_epoch: 1,
+            epoch_keys: Default::default(),
         })
         .unwrap();
     Replica { store, _dir: dir, next_offset: 0 }

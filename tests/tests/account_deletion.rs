@@ -39,7 +39,8 @@ fn kafka_state(bootstrap: &str, topic: &str, groups: &[String]) -> anyhow::Resul
 fn rows_of(server: &Server, user_id: &str) -> anyhow::Result<Vec<(String, i64)>> {
     let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
     let mut found = Vec::new();
-    for table in ["users", "devices", "pairing_tickets", "push_targets", "pushed_changes", "log_incidents"] {
+    let tables = ["users", "devices", "pairing_tickets", "push_targets", "pushed_changes", "log_incidents"];
+    for table in tables.into_iter().chain(lockstep_broker::keys::TABLES_BY_USER) {
         let count: i64 =
             db.query_row(&format!("SELECT count(*) FROM {table} WHERE user_id = ?1"), [user_id], |r| r.get(0))?;
         found.push((table.to_string(), count));
@@ -87,11 +88,8 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
         groups.iter().any(|g| before["groups"][g]["offsets"].as_object().is_some_and(|o| !o.is_empty())),
         "{before}"
     );
-    assert!(
-        rows_of(&server, &user_id)?
-            .iter()
-            .all(|(table, n)| *n > 0 || table == "log_incidents" || table == "pairing_tickets")
-    );
+    assert!(rows_of(&server, &user_id)?.iter().all(|(table, n)| *n > 0
+        || ["log_incidents", "pairing_tickets", "key_epochs", "sealed_epoch_keys"].contains(&table.as_str())));
 
     // A wrong confirmation deletes nothing.
     let error = phone.fail(&["account", "delete", "--confirm", "not-my-account"]).await?;

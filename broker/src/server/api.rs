@@ -26,7 +26,7 @@ use crate::{
 const MAX_DEVICE_NAME_CHARS: usize = 64;
 const MAX_SECRET_CHARS: usize = 128;
 
-fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedDevice, ApiError> {
+pub(super) fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedDevice, ApiError> {
     let header = request.metadata().get("authorization").ok_or_else(|| {
         ApiError::Unauthenticated("missing credentials: send `authorization: Bearer <device token>` metadata".into())
     })?;
@@ -242,6 +242,8 @@ impl SyncApi {
 
     async fn push_inner(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let device = authenticate(&self.app, &request)?;
+        let epochs: Vec<u32> = request.get_ref().changes.iter().map(|change| change.key_epoch).collect();
+        self.app.keys.check_push_epochs(&device, epochs.into_iter()).await.map_err(ApiError::from)?;
         let results = self.app.gateway.push(&device, request.into_inner().changes).await?;
         Ok(Response::new(PushResponse { results }))
     }

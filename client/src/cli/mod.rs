@@ -136,8 +136,17 @@ enum Command {
     },
     /// Stay connected: push local changes as they are made, apply incoming ones live.
     Watch,
-    /// This device: cursor, lag at the last sync, outbox, problems.
+    /// This device: cursor, lag at the last sync, outbox, problems, key epoch.
     Status,
+    /// The account's devices.
+    Devices,
+    /// Revoke a device (a lost or stolen one): its token stops working, and this
+    /// device starts a new key epoch sealed to the remaining devices only, so the
+    /// revoked device cannot read what is written from now on.
+    Revoke {
+        /// The device id (`lockstep-cli devices` lists them).
+        device_id: String,
+    },
     /// Integrity: records whose parent is gone (orphans) and incoming changes that could not be applied.
     Check {
         /// Move orphans to the "unfiled" parent (a local edit that syncs).
@@ -224,6 +233,11 @@ enum PairCommand {
         code: String,
         #[arg(long)]
         name: String,
+        /// If the account rotated its keys (a device was revoked), wait this long
+        /// for a device of the account to share the newer epoch keys (it does at
+        /// its next sync); `sync` fetches them later otherwise.
+        #[arg(long, default_value = "60s", value_parser = humantime_duration)]
+        key_wait: Duration,
     },
 }
 
@@ -351,6 +365,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut store = open_empty(&args)?;
             let account = sync::create_account(server, name, registration_secret.as_deref(), rpc_timeout).await?;
             store.save_account(&account)?;
+            register_device_key(open()?, rpc_timeout, Duration::ZERO).await;
             print_new_device(
                 args.json,
                 &args.store,
@@ -382,11 +397,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Pair { command: PairCommand::Redeem { code, name } } => {
+        Command::Pair { command: PairCommand::Redeem { code, name, key_wait } } => {
             let mut store = open_empty(&args)?;
             let code = PairingCode::decode(&read_arg(code)?)?;
             let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), name, rpc_timeout).await?;
             store.save_account(&account)?;
+            register_device_key(open()?, rpc_timeout, *key_wait).await;
             print_new_device(
                 args.json,
                 &args.store,
@@ -503,6 +519,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Command::Status => show::status(&open()?.status()?, args.json)?,
+        Command::Devices => {
+            let account = open()?.account()?;
+            let devices = sync::list_devices(&account, rpc_timeout).await?;
+            if args.json {
+                let devices: Vec<Value> = devices
+                    .iter()
+                    .map(|device| {
+                        json!({"device_id": device.device_id, "name": device.name, "created_at_ms": device.created_at_ms,
+                               "revoked_at_ms": device.revoked_at_ms, "committed_offset": device.committed_offset,
+                               "this_device": device.device_id == account.device_id})
+                    })
+                    .collect();
+                println!("{}", Value::Array(devices));
+            } else {
+                for device in devices {
+                    let state = if device.revoked_at_ms > 0 { "revoked" } else { "active" };
+                    let this = if device.device_id == account.device_id { "  (this device)" } else { "" };
+                    println!("{}  {:<7}  {}{this}", device.device_id, state, device.name);
+                }
+            }
+        }
+        Command::Revoke { device_id } => revoke(open()?, device_id, rpc_timeout, args.json).await?,
         Command::Check { fix } => show::check(&mut open()?, *fix, args.json)?,
         Command::Push { command } => push(&args, command, &open()?.account()?).await?,
         Command::Account { command: AccountCommand::Delete { confirm } } => {
@@ -580,6 +618,87 @@ fn print_new_device(as_json: bool, store: &std::path::Path, account: &Account, l
     }
 }
 
+/// Registers a new device's public key and, if the account is past epoch 1,
+/// waits up to `key_wait` for another device to share the epoch keys. A
+/// failure is only a notice: the next `sync` registers and fetches again.
+async fn register_device_key(store: Store, rpc_timeout: Duration, key_wait: Duration) {
+    let mut syncer = match Syncer::new(store) {
+        Ok(syncer) => syncer.with_rpc_timeout(rpc_timeout),
+        Err(error) => return eprintln!("note: {error}; the next `lockstep-cli sync` registers this device's key"),
+    };
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        match syncer.sync_keys().await {
+            Ok(keys) if keys.held_epoch >= keys.current_epoch => return,
+            Ok(keys) if started.elapsed() >= key_wait => {
+                return eprintln!(
+                    "note: the account is at key epoch {}; this device holds keys up to epoch {}. A device of the \
+                     account shares the newer keys at its next sync; `lockstep-cli sync` here fetches them then.",
+                    keys.current_epoch, keys.held_epoch
+                );
+            }
+            Ok(keys) => {
+                if !std::mem::replace(&mut told, true) {
+                    eprintln!(
+                        "the account rotated its keys (epoch {}): waiting up to {} s for a device of the account to \
+                         share them — run `lockstep-cli sync` on the device that showed the code",
+                        keys.current_epoch,
+                        key_wait.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => {
+                return eprintln!("note: {error}; the next `lockstep-cli sync` registers this device's key");
+            }
+        }
+    }
+}
+
+/// Revokes a device, then starts the next key epoch for the remaining ones.
+async fn revoke(store: Store, device_id: &str, rpc_timeout: Duration, as_json: bool) -> anyhow::Result<()> {
+    let account = store.account()?;
+    sync::revoke_device(&account, device_id, rpc_timeout).await?;
+    if device_id == account.device_id {
+        if as_json {
+            println!("{}", json!({"revoked": device_id, "started_epoch": null}));
+        } else {
+            println!("revoked this device; the account's other devices start a new key epoch at their next sync");
+        }
+        return Ok(());
+    }
+    let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout);
+    let keys = syncer.sync_keys().await.with_context(|| {
+        format!(
+            "device {device_id} is revoked (its token no longer works), but the key rotation did not finish; \
+             the next `lockstep-cli sync` of any remaining device finishes it"
+        )
+    })?;
+    if !keys.supported {
+        bail!(
+            "device {device_id} is revoked (its token no longer works), but this server cannot rotate keys (it has \
+             no Keys service): the revoked device can still read what is written from now on if it gets hold of it"
+        );
+    }
+    if as_json {
+        println!(
+            "{}",
+            json!({"revoked": device_id, "started_epoch": keys.started_epoch, "key_epoch": keys.held_epoch})
+        );
+    } else {
+        println!("revoked {device_id}: its token no longer works");
+        match keys.started_epoch {
+            Some(epoch) => println!(
+                "started key epoch {epoch}: what is written from now on is readable by the remaining devices only \
+                 (the revoked device keeps what it had already received)"
+            ),
+            None => println!("key epoch {} (another device started it already)", keys.held_epoch),
+        }
+    }
+    Ok(())
+}
+
 async fn watch(mut syncer: Syncer, as_json: bool) -> anyhow::Result<()> {
     let mut attempt = 0u32;
     let mut reporter = Reporter::new();
@@ -589,6 +708,7 @@ async fn watch(mut syncer: Syncer, as_json: bool) -> anyhow::Result<()> {
     });
     loop {
         let outcome = async {
+            syncer.sync_keys().await?;
             syncer.push(&mut report, &mut |progress| reporter.show(progress)).await?;
             attempt = 0;
             syncer.receive(Until::Stopped, &mut report, &mut |progress| reporter.show(progress), &mut stop).await

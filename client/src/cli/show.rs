@@ -27,6 +27,14 @@ pub(super) fn status(status: &Status, as_json: bool) -> anyhow::Result<()> {
             println!("rejected    {} changes the server refused (kept locally)", status.outbox_rejected);
         }
         println!("records     {} ({} deleted)", status.records, status.deleted_records);
+        match status.server_key_epoch {
+            Some(current) if current > status.key_epoch => println!(
+                "key epoch   {} (the account is at epoch {current}: waiting for another device to share its key; \
+                 sync again once a device that has it synced)",
+                status.key_epoch
+            ),
+            _ => println!("key epoch   {}", status.key_epoch),
+        }
         if status.problems > 0 {
             println!("problems    {} incoming changes not applied: `lockstep-cli check`", status.problems);
         }

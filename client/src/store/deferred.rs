@@ -9,7 +9,7 @@ use rusqlite::{Connection, params};
 
 use super::{Applied, Incoming, ProblemKind, Result, Sealed, Store, account_in, file_problem, now_ms};
 use crate::{
-    crypto::{Binding, CryptoError},
+    crypto::Binding,
     hlc::Clock,
     record::{ChangePayload, PayloadError, PayloadReader},
     store::Account,
@@ -38,14 +38,14 @@ pub fn open_change(
 ) -> Result<ChangePayload, (ProblemKind, String)> {
     let binding =
         Binding { user_id: &account.user_id, record_id, collection, op: sealed.op, key_epoch: sealed.key_epoch };
-    match account.key.open(&binding, &sealed.nonce, &sealed.ciphertext) {
+    match account.keyring().open(&binding, &sealed.nonce, &sealed.ciphertext) {
         Ok(plaintext) => reader(&plaintext).map_err(|error| match error {
             PayloadError::UnknownVersion { .. } => (ProblemKind::UnknownVersion, error.to_string()),
             PayloadError::Malformed(_) => (ProblemKind::Malformed, error.to_string()),
         }),
-        Err(error @ (CryptoError::Decrypt | CryptoError::Nonce(_) | CryptoError::KeyFormat)) => {
-            Err((ProblemKind::Undecryptable, error.to_string()))
-        }
+        // The sync layer fetches missing epoch keys before it applies a batch;
+        // a change under an epoch still missing after that is undecryptable.
+        Err(error) => Err((ProblemKind::Undecryptable, error.to_string())),
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod apply;
 mod deferred;
+mod keys;
 mod outbox;
 mod resync;
 mod views;
@@ -30,6 +31,7 @@ pub use self::{
 };
 use crate::{
     crypto::AccountKey,
+    epochs::{EpochKeys, Keyring},
     hlc::Clock,
     ids,
     record::{ChangePayload, PARENT_FIELD, PayloadReader, RecordState, Stamp},
@@ -88,6 +90,8 @@ CREATE TABLE IF NOT EXISTS deferred (
     offset INTEGER PRIMARY KEY, record_id TEXT NOT NULL, collection TEXT NOT NULL, op INTEGER NOT NULL,
     hlc INTEGER NOT NULL, key_epoch INTEGER NOT NULL, nonce BLOB NOT NULL, ciphertext BLOB NOT NULL,
     origin_device_id TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, deferred_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS epoch_keys (
+    epoch INTEGER PRIMARY KEY, key TEXT NOT NULL, sealed_by_device TEXT NOT NULL, received_at_ms INTEGER NOT NULL);
 ";
 
 /// Columns added after the first release, created on open when missing.
@@ -120,7 +124,17 @@ pub struct Account {
     pub device_name: String,
     pub token: Zeroizing<String>,
     pub key: AccountKey,
+    /// The newest key epoch this device holds: every change it seals uses it.
     pub key_epoch: u32,
+    /// The random keys of the epochs after the first that this device holds.
+    pub epoch_keys: EpochKeys,
+}
+
+impl Account {
+    /// Seals and opens changes under every epoch this device holds.
+    pub fn keyring(&self) -> Keyring<'_> {
+        Keyring { account: &self.key, epochs: &self.epoch_keys }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -236,6 +250,10 @@ pub struct Status {
     pub resync: Option<ResyncState>,
     /// Something wrong on the server's side that the last sync stopped at.
     pub server_problem: Option<String>,
+    /// The newest key epoch this device holds (what it encrypts with).
+    pub key_epoch: u32,
+    /// The account's current key epoch as the server said at the last sync.
+    pub server_key_epoch: Option<u32>,
 }
 
 /// How the store's hybrid logical clock reads time.
@@ -302,6 +320,8 @@ fn account_in(conn: &Connection) -> Result<Option<Account>> {
         get_meta(conn, key)?.ok_or_else(|| StoreError::Corrupt(format!("account without {key}")))
     };
     let key = Zeroizing::new(need("account_key")?);
+    let epoch_keys = keys::epoch_keys_in(conn)?;
+    let stored_epoch: u32 = need("key_epoch")?.parse().map_err(|_| StoreError::Corrupt("key_epoch".into()))?;
     Ok(Some(Account {
         server: need("server")?,
         user_id,
@@ -309,7 +329,8 @@ fn account_in(conn: &Connection) -> Result<Option<Account>> {
         device_name: need("device_name")?,
         token: Zeroizing::new(need("device_token")?),
         key: AccountKey::from_base64(&key).map_err(|error| StoreError::Corrupt(error.to_string()))?,
-        key_epoch: need("key_epoch")?.parse().map_err(|_| StoreError::Corrupt("key_epoch".into()))?,
+        key_epoch: stored_epoch.max(epoch_keys.newest()),
+        epoch_keys,
     }))
 }
 

@@ -129,7 +129,10 @@ impl Store {
                         op: entry.op,
                         key_epoch: account.key_epoch,
                     };
-                    let (nonce, ciphertext) = account.key.seal(&binding, &entry.payload.encode());
+                    let (nonce, ciphertext) = account
+                        .keyring()
+                        .seal(&binding, &entry.payload.encode())
+                        .map_err(|error| StoreError::Corrupt(error.to_string()))?;
                     tx.execute(
                         "UPDATE outbox SET key_epoch = ?2, nonce = ?3, ciphertext = ?4 WHERE seq = ?1",
                         params![entry.seq, account.key_epoch, nonce, ciphertext],

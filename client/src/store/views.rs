@@ -81,6 +81,8 @@ impl Store {
                 None => self.last_resync()?,
             },
             server_problem: get_meta(&self.conn, "server_problem")?,
+            key_epoch: account.key_epoch,
+            server_key_epoch: self.server_key_epoch()?,
         })
     }
 

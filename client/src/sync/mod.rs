@@ -16,6 +16,8 @@
 //!   verdict ([`lockstep_proto::retry::is_retryable`]).
 
 pub mod account;
+mod devices;
+mod keys;
 pub mod push_target;
 mod receive;
 
@@ -25,7 +27,8 @@ use lockstep_proto::{
     retry::is_retryable,
     v1::{
         Change, CreateAccountRequest, CreatePairingTicketRequest, GetServerInfoRequest, GetServerInfoResponse,
-        PushRequest, RedeemPairingTicketRequest, accounts_client::AccountsClient, push_result, sync_client::SyncClient,
+        PushRequest, RedeemPairingTicketRequest, accounts_client::AccountsClient, keys_client::KeysClient, push_result,
+        sync_client::SyncClient,
     },
 };
 use rand::Rng;
@@ -36,7 +39,11 @@ use tonic::{
 };
 use zeroize::Zeroizing;
 
-pub use self::receive::Until;
+pub use self::{
+    devices::{list_devices, revoke_device},
+    keys::KeySync,
+    receive::Until,
+};
 use crate::crypto::AccountKey;
 use crate::store::{Account, ResyncReason, Store, StoreError};
 
@@ -62,6 +69,14 @@ pub enum SyncError {
          last time: refusing to loop (a problem on the server's side; `lockstep-cli status` shows it)"
     )]
     ResyncLoop { log_start: i64 },
+    /// Key material that does not check out (a device key without a valid proof, …).
+    #[error("keys: {0}")]
+    Keys(String),
+    #[error(
+        "changes sealed under key epoch {epoch} arrived, but no device of the account has shared that epoch's key \
+         with this device yet: sync a device that has it (e.g. the one that paired this device), then sync again"
+    )]
+    MissingEpochKey { epoch: u32 },
 }
 
 fn describe(status: &Status) -> String {
@@ -72,6 +87,7 @@ fn describe(status: &Status) -> String {
         Code::Aborted => " (another sync or watch of this device is running)",
         Code::Unavailable => " (the server or its Kafka is unavailable; try again)",
         Code::PermissionDenied => " (the server needs a registration secret: --registration-secret)",
+        Code::FailedPrecondition => " (the account's keys changed: sync again to fetch them)",
         _ => "",
     };
     format!("{} ({:?}){hint}", status.message(), status.code())
@@ -85,7 +101,8 @@ impl SyncError {
             SyncError::Connect { .. } | SyncError::StreamEnded | SyncError::StreamIdle(_) => true,
             SyncError::Rpc { status, .. } => is_retryable(status),
             SyncError::Store(error) => error.is_transient(),
-            SyncError::ResyncLoop { .. } => false,
+            SyncError::ResyncLoop { .. } | SyncError::Keys(_) => false,
+            SyncError::MissingEpochKey { .. } => true,
         }
     }
 
@@ -194,6 +211,7 @@ pub async fn create_account(
         token: Zeroizing::new(created.device_token),
         key: AccountKey::generate(),
         key_epoch: 1,
+        epoch_keys: Default::default(),
     })
 }
 
@@ -229,6 +247,7 @@ pub async fn redeem(
         token: Zeroizing::new(redeemed.device_token),
         key,
         key_epoch: 1,
+        epoch_keys: Default::default(),
     })
 }
 
@@ -302,6 +321,8 @@ pub struct Syncer {
     pub store: Store,
     account: Account,
     connection: Option<(SyncClient<Channel>, GetServerInfoResponse)>,
+    /// The Keys service on the same connection.
+    keys: Option<KeysClient<Channel>>,
     rpc_timeout: Duration,
 }
 
@@ -309,7 +330,7 @@ impl Syncer {
     /// A syncer for the store's account; it connects when first needed.
     pub fn new(store: Store) -> Result<Self, SyncError> {
         let account = store.account()?;
-        Ok(Self { store, account, connection: None, rpc_timeout: DEFAULT_RPC_TIMEOUT })
+        Ok(Self { store, account, connection: None, keys: None, rpc_timeout: DEFAULT_RPC_TIMEOUT })
     }
 
     /// The deadline of every unary call, and of a Subscribe's first answer.
@@ -321,6 +342,7 @@ impl Syncer {
     /// Drops the connection; the next call reconnects.
     pub fn disconnect(&mut self) {
         self.connection = None;
+        self.keys = None;
     }
 
     async fn connection(&mut self) -> Result<(SyncClient<Channel>, GetServerInfoResponse), SyncError> {
@@ -333,6 +355,7 @@ impl Syncer {
             .await
             .map_err(rpc("GetServerInfo"))?
             .into_inner();
+        self.keys = Some(KeysClient::new(channel.clone()));
         let sync = SyncClient::new(channel).max_decoding_message_size(max_message_bytes(limits.max_batch_bytes));
         self.connection = Some((sync.clone(), limits.clone()));
         Ok((sync, limits))
@@ -353,6 +376,7 @@ impl Syncer {
         let max_changes = (limits.max_changes_per_push as usize).clamp(1, 500);
         let byte_budget = (limits.max_request_bytes as usize / 2).max(64 * 1024);
         let mut done = 0;
+        let mut refreshed_keys = false;
         loop {
             // Sealed and stored before the first attempt: a retry sends the same bytes.
             let entries = self.store.sealed_outbox_batch(max_changes)?;
@@ -396,11 +420,19 @@ impl Syncer {
                 continue;
             }
             let sent = changes.len();
-            let response = sync
-                .push(authed(&self.account.token, PushRequest { changes }, Some(self.rpc_timeout))?)
-                .await
-                .map_err(rpc("Push"))?
-                .into_inner();
+            let response =
+                match sync.push(authed(&self.account.token, PushRequest { changes }, Some(self.rpc_timeout))?).await {
+                    Ok(response) => response.into_inner(),
+                    // Sealed under an epoch older than the account's: fetch the new
+                    // keys (which unseals those changes), seal again, push again.
+                    Err(status) if status.code() == Code::FailedPrecondition && !refreshed_keys => {
+                        tracing::info!(message = status.message(), "push refused under a stale key epoch");
+                        refreshed_keys = true;
+                        self.sync_keys().await?;
+                        continue;
+                    }
+                    Err(status) => return Err(rpc("Push")(status)),
+                };
             let mut acknowledged = Vec::with_capacity(sent);
             let mut stalled = None;
             for (entry, result) in batch.into_iter().zip(response.results) {

@@ -31,6 +31,9 @@ pub enum Until {
     Stopped,
 }
 
+/// While watching, keys are synced every this many push ticks (10 s).
+const KEY_SYNC_TICKS: u32 = 20;
+
 /// How often in a row the server may answer DATA_LOSS to one receive.
 const MAX_REPAIR_REQUESTS: u32 = 3;
 
@@ -85,6 +88,25 @@ impl Syncer {
         }
     }
 
+    /// Before a batch applies: every epoch it uses must be held, or fetched
+    /// now; a change is never filed as undecryptable for a key that is on its way.
+    async fn ensure_epoch_keys(&mut self, changes: &[DeliveredChange]) -> Result<(), SyncError> {
+        let missing = |syncer: &Self| {
+            changes
+                .iter()
+                .filter_map(|delivered| delivered.change.as_ref().map(|change| change.key_epoch))
+                .find(|epoch| *epoch > 1 && syncer.account.epoch_keys.get(*epoch).is_none())
+        };
+        if missing(self).is_none() {
+            return Ok(());
+        }
+        self.sync_keys().await?;
+        match missing(self) {
+            None => Ok(()),
+            Some(epoch) => Err(SyncError::MissingEpochKey { epoch }),
+        }
+    }
+
     /// Receives changes from the device's cursor and applies them, until caught
     /// up or, with `Until::Stopped`, until `stop` resolves or the stream fails.
     /// While receiving, local edits are pushed every half second.
@@ -133,6 +155,7 @@ impl Syncer {
         let mut push_tick = tokio::time::interval(Duration::from_millis(500));
         let mut silent_until = Instant::now() + self.rpc_timeout.max(idle);
         let mut heard = false;
+        let mut ticks = 0u32;
         loop {
             // Silence counts from when this device is ready for more: applying
             // and acking the last batch (slow on a busy machine) is not the server's.
@@ -144,6 +167,11 @@ impl Syncer {
                 () = tokio::time::sleep_until(silent_until) => return Err(SyncError::StreamIdle(idle)),
                 () = &mut *stop => return Ok(()),
                 _ = push_tick.tick(), if until == Until::Stopped => {
+                    ticks += 1;
+                    if ticks % KEY_SYNC_TICKS == 0 {
+                        // Devices paired meanwhile get the epoch keys; a due rotation happens.
+                        self.sync_keys().await?;
+                    }
                     if self.store.outbox_len()? > 0 {
                         self.push(report, progress).await?;
                     }
@@ -162,6 +190,7 @@ impl Syncer {
             match event {
                 Some(Event::Changes(batch)) => {
                     let Some(last) = batch.changes.last().map(|change| change.offset) else { continue };
+                    self.ensure_epoch_keys(&batch.changes).await?;
                     let incoming: Vec<Incoming> =
                         batch.changes.into_iter().map(|change| self.incoming(change)).collect();
                     let applied = self.store.apply(&incoming)?;
@@ -287,6 +316,7 @@ impl Syncer {
     /// (and what a rebuild found the log lacks).
     pub async fn sync_once(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Report, SyncError> {
         let mut report = Report::default();
+        self.sync_keys().await?;
         match self.push(&mut report, progress).await {
             // The log lost changes: receiving repairs it first, then the push goes through.
             Err(error) if error.is_data_loss() => tracing::warn!(%error, "push refused until this device repairs"),

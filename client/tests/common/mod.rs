@@ -25,6 +25,7 @@ pub fn store_at(path: &Path, max_clock_ahead: Duration) -> (Store, (), AccountKe
             token: Zeroizing::new("token".into()),
             key: key.clone(),
             key_epoch: 1,
+            epoch_keys: Default::default(),
         })
         .unwrap();
     (store, (), key)

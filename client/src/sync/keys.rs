@@ -1,0 +1,255 @@
+//! Key sync: register this device's public key, fetch and open the epoch keys
+//! sealed to it, start the next epoch when a revocation made one due, and seal
+//! the epochs this device holds to devices that lack them (a device paired
+//! after a rotation gets them from whichever device syncs next).
+//!
+//! Every device sealed to must show a proof made with the account key, and
+//! every epoch key opened must carry one: the server relays keys but cannot
+//! make one that a device accepts.
+
+use lockstep_proto::v1::{
+    DeviceKey, GetEpochKeysRequest, ListDeviceKeysRequest, ListDeviceKeysResponse, RegisterDeviceKeyRequest,
+    SealedEpochKey, ShareEpochKeysRequest, StartKeyEpochRequest, keys_client::KeysClient,
+};
+use tonic::{Code, transport::Channel};
+
+use super::{SyncError, Syncer, authed, rpc};
+use crate::epochs::{EpochKey, SealedFor, device_key_proof, open_epoch_key, seal_epoch_key, verify_device_key};
+
+/// Sealed keys per ShareEpochKeys call (the server takes up to 1,024).
+const SHARE_CHUNK: usize = 512;
+/// StartKeyEpoch attempts when another device rotates or a device appears at the same time.
+const ROTATION_ATTEMPTS: u32 = 3;
+
+/// What a key sync did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KeySync {
+    /// This device registered its public key now.
+    pub registered: bool,
+    /// Epoch keys received and opened.
+    pub received: u32,
+    /// The epoch this device started (after a revocation).
+    pub started_epoch: Option<u32>,
+    /// Sealed copies shared with devices that lacked them.
+    pub shared: u32,
+    /// The account's current epoch, as the server says.
+    pub current_epoch: u32,
+    /// The newest epoch this device holds.
+    pub held_epoch: u32,
+    /// The server has the Keys service (a server from before key rotation does not).
+    pub supported: bool,
+}
+
+impl Syncer {
+    async fn keys_client(&mut self) -> Result<KeysClient<Channel>, SyncError> {
+        self.connection().await?;
+        self.keys.clone().ok_or(SyncError::StreamEnded)
+    }
+
+    /// Brings this device's keys up to date with the account (see the module
+    /// doc). Against a server without the Keys service (older than key
+    /// rotation) it does nothing and says so (`supported: false`).
+    pub async fn sync_keys(&mut self) -> Result<KeySync, SyncError> {
+        match self.sync_keys_with_server().await {
+            Err(SyncError::Rpc { status, .. }) if status.code() == Code::Unimplemented => {
+                tracing::warn!("the server has no Keys service: no key rotation with it");
+                let held_epoch = self.account.key_epoch;
+                Ok(KeySync { held_epoch, current_epoch: held_epoch, ..KeySync::default() })
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn sync_keys_with_server(&mut self) -> Result<KeySync, SyncError> {
+        let mut keys = self.keys_client().await?;
+        let mut outcome = KeySync { supported: true, ..KeySync::default() };
+        if !self.store.device_key_registered()? {
+            self.register_device_key(&mut keys).await?;
+            outcome.registered = true;
+        }
+        let rotation_due = self.fetch_epoch_keys(&mut keys, &mut outcome).await?;
+        if rotation_due {
+            self.rotate(&mut keys, &mut outcome).await?;
+        }
+        self.share_missing(&mut keys, &mut outcome).await?;
+        outcome.held_epoch = self.account.key_epoch;
+        Ok(outcome)
+    }
+
+    async fn register_device_key(&mut self, keys: &mut KeysClient<Channel>) -> Result<(), SyncError> {
+        let public_key = self.store.device_secret()?.public_key();
+        let proof = device_key_proof(&self.account.key, &self.account.user_id, &self.account.device_id, &public_key);
+        let request = RegisterDeviceKeyRequest { public_key: public_key.to_vec().into(), proof: proof.to_vec().into() };
+        keys.register_device_key(authed(&self.account.token, request, Some(self.rpc_timeout))?)
+            .await
+            .map_err(rpc("RegisterDeviceKey"))?;
+        self.store.note_device_key_registered()?;
+        Ok(())
+    }
+
+    /// Fetches every epoch key sealed to this device that it does not hold
+    /// yet; returns whether a rotation is due.
+    async fn fetch_epoch_keys(
+        &mut self,
+        keys: &mut KeysClient<Channel>,
+        outcome: &mut KeySync,
+    ) -> Result<bool, SyncError> {
+        let secret = self.store.device_secret()?;
+        let mut since_epoch = 0;
+        loop {
+            let request = GetEpochKeysRequest { since_epoch };
+            let answer = keys
+                .get_epoch_keys(authed(&self.account.token, request, Some(self.rpc_timeout))?)
+                .await
+                .map_err(rpc("GetEpochKeys"))?
+                .into_inner();
+            let mut opened = Vec::new();
+            for sealed in &answer.sealed_keys {
+                since_epoch = since_epoch.max(sealed.epoch);
+                if sealed.epoch < 2 || self.account.epoch_keys.get(sealed.epoch).is_some() {
+                    continue;
+                }
+                let sealed_for = SealedFor {
+                    user_id: &self.account.user_id,
+                    device_id: &self.account.device_id,
+                    epoch: sealed.epoch,
+                };
+                match open_epoch_key(&self.account.key, &secret, &sealed_for, &sealed.sealed) {
+                    Ok(key) => opened.push((sealed.epoch, key, sealed.sealed_by_device_id.clone())),
+                    Err(error) => tracing::warn!(
+                        epoch = sealed.epoch,
+                        sealed_by = sealed.sealed_by_device_id,
+                        %error,
+                        "ignoring an epoch key that does not open or verify"
+                    ),
+                }
+            }
+            if !opened.is_empty() {
+                outcome.received += opened.len() as u32;
+                self.store.add_epoch_keys(&opened)?;
+                self.account = self.store.account()?;
+            }
+            outcome.current_epoch = answer.current_epoch;
+            self.store.note_server_key_epoch(answer.current_epoch)?;
+            if !answer.more || answer.sealed_keys.is_empty() {
+                return Ok(answer.rotation_due);
+            }
+        }
+    }
+
+    async fn list_device_keys(&self, keys: &mut KeysClient<Channel>) -> Result<ListDeviceKeysResponse, SyncError> {
+        Ok(keys
+            .list_device_keys(authed(&self.account.token, ListDeviceKeysRequest {}, Some(self.rpc_timeout))?)
+            .await
+            .map_err(rpc("ListDeviceKeys"))?
+            .into_inner())
+    }
+
+    /// A listed device's public key, once its proof verified.
+    fn verified_key(&self, device: &DeviceKey) -> Result<[u8; 32], SyncError> {
+        verify_device_key(
+            &self.account.key,
+            &self.account.user_id,
+            &device.device_id,
+            &device.public_key,
+            &device.proof,
+        )
+        .map_err(|error| SyncError::Keys(format!("device {}: {error}; no key is sealed to it", device.device_id)))
+    }
+
+    /// Starts the next epoch with a fresh random key sealed to every active
+    /// device with a registered key.
+    async fn rotate(&mut self, keys: &mut KeysClient<Channel>, outcome: &mut KeySync) -> Result<(), SyncError> {
+        for _ in 0..ROTATION_ATTEMPTS {
+            let listed = self.list_device_keys(keys).await?;
+            if !listed.rotation_due {
+                return Ok(());
+            }
+            let epoch = listed.current_epoch + 1;
+            let key = EpochKey::generate();
+            let mut sealed_keys = Vec::with_capacity(listed.devices.len());
+            for device in listed.devices.iter().filter(|device| !device.public_key.is_empty()) {
+                let public_key = self.verified_key(device)?;
+                let sealed_for = SealedFor { user_id: &self.account.user_id, device_id: &device.device_id, epoch };
+                let sealed = seal_epoch_key(&self.account.key, &public_key, &sealed_for, &key)
+                    .map_err(|error| SyncError::Keys(format!("device {}: {error}", device.device_id)))?;
+                sealed_keys.push(SealedEpochKey {
+                    device_id: device.device_id.clone(),
+                    epoch,
+                    sealed: sealed.into(),
+                    sealed_by_device_id: String::new(),
+                });
+            }
+            let request = StartKeyEpochRequest { epoch, sealed_keys };
+            match keys.start_key_epoch(authed(&self.account.token, request, Some(self.rpc_timeout))?).await {
+                Ok(_) => {
+                    self.store.add_epoch_keys(&[(epoch, key, self.account.device_id.clone())])?;
+                    self.account = self.store.account()?;
+                    self.store.note_server_key_epoch(epoch)?;
+                    outcome.started_epoch = Some(epoch);
+                    outcome.current_epoch = epoch;
+                    tracing::info!(epoch, recipients = listed.devices.len(), "started a new key epoch");
+                    return Ok(());
+                }
+                // Another device rotated first, or the device set changed meanwhile.
+                Err(status) if status.code() == Code::FailedPrecondition => {
+                    tracing::info!(message = status.message(), "key rotation raced; checking again");
+                    if !self.fetch_epoch_keys(keys, outcome).await? {
+                        return Ok(());
+                    }
+                }
+                Err(status) => return Err(rpc("StartKeyEpoch")(status)),
+            }
+        }
+        Err(SyncError::Keys(format!(
+            "the key rotation did not go through after {ROTATION_ATTEMPTS} attempts (devices changing meanwhile?); \
+             the next sync tries again"
+        )))
+    }
+
+    /// Seals the epochs this device holds to each device that lacks them.
+    async fn share_missing(&mut self, keys: &mut KeysClient<Channel>, outcome: &mut KeySync) -> Result<(), SyncError> {
+        let listed = self.list_device_keys(keys).await?;
+        let mut sealed_keys = Vec::new();
+        for device in &listed.devices {
+            let held: Vec<(u32, &EpochKey)> = device
+                .missing_epochs
+                .iter()
+                .filter_map(|epoch| self.account.epoch_keys.get(*epoch).map(|key| (*epoch, key)))
+                .collect();
+            if device.device_id == self.account.device_id || device.public_key.is_empty() || held.is_empty() {
+                continue;
+            }
+            let public_key = match self.verified_key(device) {
+                Ok(public_key) => public_key,
+                Err(error) => {
+                    tracing::warn!(%error, "not sharing epoch keys");
+                    continue;
+                }
+            };
+            for (epoch, key) in held {
+                let sealed_for = SealedFor { user_id: &self.account.user_id, device_id: &device.device_id, epoch };
+                let Ok(sealed) = seal_epoch_key(&self.account.key, &public_key, &sealed_for, key) else {
+                    tracing::warn!(device_id = device.device_id, "not sharing with a low-order public key");
+                    break;
+                };
+                sealed_keys.push(SealedEpochKey {
+                    device_id: device.device_id.clone(),
+                    epoch,
+                    sealed: sealed.into(),
+                    sealed_by_device_id: String::new(),
+                });
+            }
+        }
+        for chunk in sealed_keys.chunks(SHARE_CHUNK) {
+            let request = ShareEpochKeysRequest { sealed_keys: chunk.to_vec() };
+            let answer = keys
+                .share_epoch_keys(authed(&self.account.token, request, Some(self.rpc_timeout))?)
+                .await
+                .map_err(rpc("ShareEpochKeys"))?
+                .into_inner();
+            outcome.shared += answer.stored;
+        }
+        Ok(())
+    }
+}

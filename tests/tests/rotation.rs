@@ -1,0 +1,194 @@
+//! Key rotation end to end (real `lockstep-cli` devices, the real server, a
+//! real Nisshi): after a device is revoked, what is written later is sealed
+//! under a new random epoch key that the revoked device's keys — kept here,
+//! store and all — cannot open, while every remaining device and a device
+//! paired after the rotation read old and new changes alike; a push under the
+//! old epoch is refused.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context;
+use lockstep_client::{crypto::Binding, store::Store};
+use lockstep_e2e::{cli::Cli, device::with_token, nisshi::read_topic, stack::CliStack};
+use lockstep_proto::v1::{Change, PushRequest, sync_client::SyncClient};
+use lockstep_schemas::ChangeEnvelope;
+use serde_json::Value;
+
+fn store_of(device: &Cli) -> anyhow::Result<Store> {
+    Ok(Store::open(Path::new(&device.store), Duration::from_secs(3600))?)
+}
+
+/// Opens a change from the log with a device's keys, as its store holds them.
+fn open_with(device: &Cli, envelope: &ChangeEnvelope) -> anyhow::Result<Result<Vec<u8>, String>> {
+    let account = store_of(device)?.account()?;
+    let binding = Binding {
+        user_id: &envelope.user_id,
+        record_id: &envelope.record_id,
+        collection: &envelope.collection,
+        op: wire_op(envelope),
+        key_epoch: envelope.key_epoch,
+    };
+    Ok(account
+        .keyring()
+        .open(&binding, &envelope.nonce, &envelope.ciphertext)
+        .map(|plaintext| plaintext.to_vec())
+        .map_err(|error| error.to_string()))
+}
+
+fn wire_op(envelope: &ChangeEnvelope) -> i32 {
+    lockstep_proto::v1::Op::from(envelope.op.clone()) as i32
+}
+
+fn id_of(record: &Value) -> anyhow::Result<String> {
+    Ok(record["id"].as_str().context("a record id")?.to_string())
+}
+
+async fn key_epoch(device: &Cli) -> anyhow::Result<u64> {
+    device.json(&["status"]).await?["key_epoch"].as_u64().context("status has key_epoch")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_cannot_read_what_is_written_after_the_rotation() -> anyhow::Result<()> {
+    let CliStack { nisshi, server, device: laptop } = CliStack::start("laptop").await?;
+    let phone = laptop.pair("phone").await?;
+    let stolen = laptop.pair("stolen").await?;
+    let before = id_of(&laptop.json(&["put", "-c", "notes", r#"{"text":"before"}"#]).await?)?;
+    for device in [&laptop, &phone, &stolen] {
+        device.sync().await?;
+    }
+    assert_eq!(stolen.get(&before).await?["fields"]["text"], "before");
+    let status = stolen.json(&["status"]).await?;
+    let stolen_id = status["device_id"].as_str().context("device id")?.to_string();
+    let user_id = status["user_id"].as_str().context("user id")?.to_string();
+    assert_eq!(key_epoch(&laptop).await?, 1);
+
+    let revoked = laptop.json(&["revoke", &stolen_id]).await?;
+    assert_eq!(revoked["started_epoch"], 2, "{revoked}");
+    assert_eq!(key_epoch(&laptop).await?, 2);
+    let devices = laptop.json(&["devices"]).await?;
+    let listed = devices.as_array().context("devices")?;
+    assert!(listed.iter().any(|device| device["device_id"] == stolen_id && device["revoked_at_ms"].as_i64() > Some(0)));
+
+    let after = id_of(&laptop.json(&["put", "-c", "notes", r#"{"text":"after the revocation"}"#]).await?)?;
+    laptop.sync().await?;
+    phone.sync().await?;
+    assert_eq!(phone.get(&after).await?["fields"]["text"], "after the revocation");
+    assert_eq!(key_epoch(&phone).await?, 2);
+    let refused = stolen.fail(&["sync"]).await?;
+    assert!(refused.contains("Unauthenticated"), "{refused}");
+
+    // The log as Kafka holds it: the later change is under epoch 2.
+    let log = read_topic(nisshi.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let envelope_of = |record_id: &str| {
+        log.iter().rev().map(|(_, envelope)| envelope).find(|envelope| envelope.record_id == record_id).cloned()
+    };
+    let old = envelope_of(&before).context("the earlier change is in the log")?;
+    let new = envelope_of(&after).context("the later change is in the log")?;
+    assert_eq!((old.key_epoch, new.key_epoch), (1, 2));
+
+    // The revoked device's keys open what it could read before, not what came after…
+    assert!(open_with(&stolen, &old)?.is_ok(), "the harness opens what the stolen keys can open");
+    let stolen_account = store_of(&stolen)?.account()?;
+    assert!(stolen_account.epoch_keys.get(2).is_none());
+    let opened = open_with(&stolen, &new)?;
+    assert!(opened.is_err(), "the revoked device read a change written after its revocation");
+    // …not even by deriving epoch 2 from the account key, as epoch 1 is derived.
+    let binding = Binding {
+        user_id: &new.user_id,
+        record_id: &new.record_id,
+        collection: &new.collection,
+        op: wire_op(&new),
+        key_epoch: 2,
+    };
+    assert!(stolen_account.key.open(&binding, &new.nonce, &new.ciphertext).is_err());
+    // Every remaining device opens it.
+    for device in [&laptop, &phone] {
+        assert!(open_with(device, &new)?.is_ok(), "{} cannot open the new change", device.name);
+        assert!(open_with(device, &old)?.is_ok(), "{} cannot open the old change", device.name);
+    }
+
+    // A push under the old epoch is refused.
+    let phone_token = store_of(&phone)?.account()?.token.to_string();
+    let mut sync = SyncClient::connect(server.endpoint()).await?;
+    let stale = Change {
+        change_id: uuid::Uuid::now_v7().to_string(),
+        record_id: "stale".into(),
+        collection: "notes".into(),
+        op: 1,
+        hlc: 1 << 40,
+        key_epoch: 1,
+        nonce: vec![0; 24].into(),
+        ciphertext: vec![1; 32].into(),
+    };
+    let status = sync
+        .push(with_token(PushRequest { changes: vec![stale.clone()] }, &phone_token))
+        .await
+        .expect_err("a push under a stale epoch");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("older than the account's current key epoch 2"), "{}", status.message());
+    let current = Change { key_epoch: 2, change_id: uuid::Uuid::now_v7().to_string(), ..stale };
+    sync.push(with_token(PushRequest { changes: vec![current] }, &phone_token)).await?;
+
+    // A device paired after the rotation: `pair redeem` waits for a device to
+    // share the epoch keys, which the laptop does at its next sync.
+    let shown = laptop.json(&["pair", "show"]).await?;
+    let code = shown["code"].as_str().context("pair show --json has a code")?.to_string();
+    let tablet = Cli::new("tablet")?;
+    let mut redeem = tablet.command(&["pair", "redeem", &code, "--name", "tablet", "--key-wait", "60s"], true);
+    let redeem = tokio::spawn(async move { redeem.output().await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !redeem.is_finished() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "pair redeem never received the epoch keys");
+        laptop.sync().await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let output = redeem.await??;
+    anyhow::ensure!(output.status.success(), "pair redeem failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(key_epoch(&tablet).await?, 2, "the tablet holds the current epoch before its first sync");
+    tablet.sync().await?;
+    assert_eq!(tablet.get(&before).await?["fields"]["text"], "before");
+    assert_eq!(tablet.get(&after).await?["fields"]["text"], "after the revocation");
+    // The one problem is the test's own junk change under epoch 2 (pushed raw above).
+    let check = tablet.json(&["check"]).await?;
+    let problems = check["problems"].as_array().context("check lists problems")?;
+    let unreadable: Vec<&Value> = problems.iter().map(|problem| &problem["record_id"]).collect();
+    assert_eq!(unreadable, [&Value::from("stale")], "{check}");
+
+    // What the tablet writes, the phone reads; the stolen keys still do not.
+    let from_tablet = id_of(&tablet.json(&["put", "-c", "notes", r#"{"text":"from the tablet"}"#]).await?)?;
+    tablet.sync().await?;
+    phone.sync().await?;
+    assert_eq!(phone.get(&from_tablet).await?["fields"]["text"], "from the tablet");
+    let log = read_topic(nisshi.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let written = log.iter().map(|(_, envelope)| envelope).find(|envelope| envelope.record_id == from_tablet);
+    let written = written.context("the tablet's change is in the log")?;
+    assert_eq!(written.key_epoch, 2);
+    assert!(open_with(&stolen, written)?.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_was_offline_during_the_rotation_writes_under_the_new_epoch() -> anyhow::Result<()> {
+    let CliStack { nisshi, server: _server, device: laptop } = CliStack::start("laptop").await?;
+    let phone = laptop.pair("phone").await?;
+    let stolen = laptop.pair("stolen").await?;
+    for device in [&laptop, &phone, &stolen] {
+        device.sync().await?;
+    }
+    // The phone writes while offline; meanwhile the laptop revokes and rotates.
+    let pending = id_of(&phone.json(&["put", "-c", "notes", r#"{"text":"written offline"}"#]).await?)?;
+    let stolen_id = stolen.json(&["status"]).await?["device_id"].as_str().context("id")?.to_string();
+    laptop.json(&["revoke", &stolen_id]).await?;
+
+    // Its next sync learns epoch 2 before it seals and pushes.
+    phone.sync().await?;
+    assert_eq!(key_epoch(&phone).await?, 2);
+    laptop.sync().await?;
+    assert_eq!(laptop.get(&pending).await?["fields"]["text"], "written offline");
+    let user_id = laptop.json(&["status"]).await?["user_id"].as_str().context("user")?.to_string();
+    let log = read_topic(nisshi.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let epochs: Vec<u32> =
+        log.iter().filter(|(_, envelope)| envelope.record_id == pending).map(|(_, e)| e.key_epoch).collect();
+    assert_eq!(epochs, [2]);
+    Ok(())
+}
