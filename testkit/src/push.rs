@@ -58,6 +58,7 @@ impl PushWorker {
             // Nisshi answers a group join after about half the session timeout.
             ("LOCKSTEP_PUSH_EVENTS__SESSION_TIMEOUT".to_string(), "4s".to_string()),
             ("LOCKSTEP_PUSH_LOG".to_string(), "info,lockstep_push=debug".to_string()),
+            ("LOCKSTEP_PUSH_METRICS_LISTEN_ADDR".to_string(), "127.0.0.1:0".to_string()),
         ];
         settings.extend(env.iter().map(|(key, value)| (key.to_string(), value.to_string())));
         let mut worker = Self {
@@ -84,6 +85,13 @@ impl PushWorker {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Where the running process serves `/metrics` (from its log's last announcement).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.log().lines().rev().find_map(|line| {
+            line.split_once("LOCKSTEP_PUSH_METRICS_LISTENING ").and_then(|(_, addr)| addr.trim().parse().ok())
+        })
     }
 
     fn command(&self) -> Command {

@@ -211,6 +211,27 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(service.requests_to(&tablet_sub.id).await?.len(), 1);
     assert!(!worker.log().contains(&phone_sub.endpoint), "the worker never logs an endpoint");
+
+    // Its /metrics count the wake-ups (aggregates only) and pass promtool.
+    let metrics_addr = worker.metrics_addr().ok_or_else(|| anyhow::anyhow!("no metrics address in the log"))?;
+    let (code, text) = lockstep_e2e::http_get(metrics_addr, "/metrics").await?;
+    assert_eq!(code, 200);
+    let sent = text
+        .lines()
+        .find_map(|line| line.strip_prefix(r#"lockstep_push_wakeup_attempts_total{outcome="SENT"} "#))
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    assert!(sent.is_some_and(|sent| sent >= 2.0), "{text}");
+    assert!(!text.contains(&phone.device_id) && !text.contains(&laptop.user_id), "no per-device labels");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), text.as_bytes())?;
+    let checked = promtool.wait_with_output()?;
+    assert!(checked.status.success(), "promtool: {}", String::from_utf8_lossy(&checked.stdout));
+    assert_eq!(lockstep_e2e::http_get(metrics_addr, "/healthz").await?.0, 200);
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //! - [`vapid`]: the VAPID key pair and JWT.
 
 pub mod events;
+pub mod metrics_http;
 pub mod settings;
 pub mod state;
 pub mod vapid;
@@ -85,6 +86,16 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     })
     .await?;
     let waker = Arc::new(wake::Waker::new(settings.clone(), vapid, worker_id, publisher)?);
+    if let Some(addr) = settings.metrics_listen_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Io { path: std::path::PathBuf::from(addr.to_string()), source })?;
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics (/metrics, /healthz) listening");
+            println!("LOCKSTEP_PUSH_METRICS_LISTENING {addr}");
+        }
+        tokio::spawn(metrics_http::serve(listener));
+    }
     tokio::select! {
         waited = events::wait_for_topic(&settings) => waited?,
         () = &mut shutdown => return Ok(()),

@@ -21,6 +21,10 @@ pub struct Settings {
     /// Directory of the VAPID key pair (`vapid_private_key`, mode 0600) when
     /// `vapid.private_key` is unset. Default `./data-push`.
     pub data_dir: PathBuf,
+    /// Prometheus `/metrics` and `/healthz`. Default `127.0.0.1:50053`; port 0 picks a free
+    /// port; `""` turns it off.
+    #[serde(deserialize_with = "optional_addr")]
+    pub metrics_listen_addr: Option<std::net::SocketAddr>,
     /// This worker's id in the `WakeUp` events it publishes. Default: `push-` and a random id.
     pub worker_id: Option<String>,
     /// Kafka connection (the same keys as the server's `[kafka]` section; only
@@ -114,10 +118,20 @@ impl fmt::Debug for VapidSettings {
     }
 }
 
+/// An address, or nothing for an empty string (so that a variable can turn a listener off).
+fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    match text.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("data-push"),
+            metrics_listen_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 50053))),
             worker_id: None,
             kafka: KafkaSettings::default(),
             events: EventsSettings::default(),

@@ -120,6 +120,7 @@ impl Waker {
                 Answer::Status(..) => (WakeUpOutcome::Failed, None, None),
             };
             let at_ms = now_ms();
+            metrics::counter!("lockstep_push_wakeup_attempts_total", "outcome" => outcome.as_str()).increment(1);
             tracing::info!(
                 user_id = %order.user_id,
                 device_id = %order.device_id,

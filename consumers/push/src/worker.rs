@@ -206,6 +206,7 @@ impl Worker {
         let became_live = !progress.live && offset + 1 >= progress.high_watermark;
         progress.live |= became_live;
         let live = progress.live;
+        metrics::counter!("lockstep_push_events_consumed_total").increment(1);
         let affected = match decode_event(payload) {
             Ok(event) => match self.state.apply(partition, offset, &event) {
                 Some(devices) => Some((event.user_id, devices)),
@@ -289,9 +290,11 @@ impl Worker {
                 (in_flight, result)
             });
         }
+        metrics::gauge!("lockstep_push_wakeups_in_flight").set(self.wakes.len() as f64);
     }
 
     fn on_woken(&mut self, in_flight: InFlight, result: WakeResult) {
+        metrics::gauge!("lockstep_push_wakeups_in_flight").set(self.wakes.len() as f64);
         if let Some(progress) = self.partitions.get_mut(&in_flight.partition)
             && progress.epoch == in_flight.epoch
         {
