@@ -21,12 +21,39 @@ pub struct Settings {
     /// Default `127.0.0.1:50052`; port 0 picks a free port; unset (`""` in env) turns it off.
     #[serde(deserialize_with = "optional_addr")]
     pub admin_listen_addr: Option<SocketAddr>,
+    pub tls: TlsSettings,
     pub kafka: KafkaSettings,
     pub limits: LimitsSettings,
     pub delivery: DeliverySettings,
     pub accounts: AccountsSettings,
     pub events: EventsSettings,
     pub push: PushSettings,
+}
+
+/// TLS of the gRPC listener. Off unless both files are set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain (leaf first). Default unset (plaintext).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the certificate. Default unset.
+    pub key_file: Option<PathBuf>,
+    /// How often the files are checked for changes (a changed file is loaded for new
+    /// connections; SIGHUP reloads at once). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl TlsSettings {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self { cert_file: None, key_file: None, watch_interval: Duration::from_secs(30) }
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
@@ -199,6 +226,7 @@ impl Default for Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
             admin_listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
+            tls: TlsSettings::default(),
             kafka: KafkaSettings::default(),
             limits: LimitsSettings::default(),
             delivery: DeliverySettings::default(),
@@ -332,6 +360,12 @@ impl Settings {
         }
         if self.events.lease_interval < Duration::from_secs(1) {
             return fail("events.lease_interval must be at least 1s");
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return fail("tls.cert_file and tls.key_file must be set together");
+        }
+        if self.tls.watch_interval.is_zero() {
+            return fail("tls.watch_interval must be non-zero");
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return fail("kafka.bootstrap_servers must not be empty");

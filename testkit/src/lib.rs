@@ -10,6 +10,7 @@
 //! - [`dashboard`]: the `lockstep-dashboard` binary, a plain HTTP GET, headless Chromium.
 //! - [`cli`]: a device driven through the `lockstep-cli` binary, with its own store.
 //! - [`stack`]: Kafka + server + first device in one line.
+//! - [`tls`]: a CA made by the test, its certificates, a TLS-terminating proxy.
 //! - [`user_topic`], [`device_group`]: Kafka names, from the server's own naming functions.
 
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod nisshi;
 pub mod process;
 pub mod server;
 pub mod stack;
+pub mod tls;
 
 use std::{net::TcpListener, path::Path};
 

@@ -119,6 +119,18 @@ impl Server {
         format!("http://{}", self.addr())
     }
 
+    /// The address as a client of a TLS server names it.
+    pub fn https_endpoint(&self) -> String {
+        format!("https://{}", self.addr())
+    }
+
+    /// Sends SIGHUP (the server reloads its TLS certificate).
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill").args(["-HUP", &self.pid().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -HUP {} failed", self.pid());
+        Ok(())
+    }
+
     /// The server's `--data-dir` (its accounts database).
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`) of the running process.
     pub fn admin_addr(&self) -> Option<SocketAddr> {

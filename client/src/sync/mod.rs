@@ -35,7 +35,7 @@ use rand::Rng;
 use tonic::{
     Code, Request, Status,
     metadata::{Ascii, MetadataValue},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 use zeroize::Zeroizing;
 
@@ -125,13 +125,48 @@ fn deadline_as_such(status: Status) -> Status {
     status
 }
 
-pub async fn connect(server: &str) -> Result<Channel, SyncError> {
+/// Which certificate authorities an `https://` server's certificate must chain to.
+#[derive(Debug, Clone, Default)]
+pub enum Trust {
+    /// The operating system's roots.
+    #[default]
+    SystemRoots,
+    /// Only this CA (PEM), e.g. a self-hosted server's own CA (`--ca-file`).
+    PinnedCa(Vec<u8>),
+}
+
+impl Trust {
+    /// Pins the CA certificate(s) in the PEM file at `path`.
+    pub fn ca_file(path: &std::path::Path) -> Result<Self, SyncError> {
+        let pem = std::fs::read(path).map_err(|error| SyncError::Connect {
+            server: String::new(),
+            message: format!("cannot read the CA file {}: {error}", path.display()),
+        })?;
+        Ok(Self::PinnedCa(pem))
+    }
+
+    fn tls_config(&self) -> ClientTlsConfig {
+        match self {
+            Trust::SystemRoots => ClientTlsConfig::new().with_native_roots(),
+            Trust::PinnedCa(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+        }
+    }
+}
+
+/// A channel to `server`: `http://` in the clear (loopback and tests), `https://` with TLS,
+/// the server's certificate checked against `trust`.
+pub async fn connect(server: &str, trust: &Trust) -> Result<Channel, SyncError> {
     let fail = |message: String| SyncError::Connect { server: server.into(), message };
-    let endpoint = Endpoint::from_str(server)
-        .map_err(|error| fail(format!("not a server address ({error}); expected e.g. http://127.0.0.1:50051")))?
+    let mut endpoint = Endpoint::from_str(server)
+        .map_err(|error| fail(format!("not a server address ({error}); expected e.g. https://sync.example.org")))?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    if endpoint.uri().scheme_str() == Some("https") {
+        endpoint = endpoint.tls_config(trust.tls_config()).map_err(|error| fail(format!("tls: {error}")))?;
+    } else if matches!(trust, Trust::PinnedCa(_)) {
+        return Err(fail("a CA file was given but the server address is not https://".into()));
+    }
     endpoint.connect().await.map_err(|error| {
         let mut message = error.to_string();
         let mut source = std::error::Error::source(&error);
@@ -192,8 +227,9 @@ pub async fn create_account(
     device_name: &str,
     registration_secret: Option<&str>,
     rpc_timeout: Duration,
+    trust: &Trust,
 ) -> Result<Account, SyncError> {
-    let mut accounts = AccountsClient::new(connect(server).await?);
+    let mut accounts = AccountsClient::new(connect(server, trust).await?);
     let mut request = Request::new(CreateAccountRequest { device_name: device_name.into() });
     request.set_timeout(rpc_timeout);
     if let Some(secret) = registration_secret {
@@ -216,8 +252,12 @@ pub async fn create_account(
 }
 
 /// Asks the server for a one-time pairing ticket for `account`.
-pub async fn pairing_ticket(account: &Account, rpc_timeout: Duration) -> Result<(String, i64), SyncError> {
-    let mut accounts = AccountsClient::new(connect(&account.server).await?);
+pub async fn pairing_ticket(
+    account: &Account,
+    rpc_timeout: Duration,
+    trust: &Trust,
+) -> Result<(String, i64), SyncError> {
+    let mut accounts = AccountsClient::new(connect(&account.server, trust).await?);
     let ticket = accounts
         .create_pairing_ticket(authed(&account.token, CreatePairingTicketRequest {}, Some(rpc_timeout))?)
         .await
@@ -233,8 +273,9 @@ pub async fn redeem(
     key: AccountKey,
     device_name: &str,
     rpc_timeout: Duration,
+    trust: &Trust,
 ) -> Result<Account, SyncError> {
-    let mut accounts = AccountsClient::new(connect(server).await?);
+    let mut accounts = AccountsClient::new(connect(server, trust).await?);
     let mut request =
         Request::new(RedeemPairingTicketRequest { ticket: ticket.into(), device_name: device_name.into() });
     request.set_timeout(rpc_timeout);
@@ -324,13 +365,27 @@ pub struct Syncer {
     /// The Keys service on the same connection.
     keys: Option<KeysClient<Channel>>,
     rpc_timeout: Duration,
+    trust: Trust,
 }
 
 impl Syncer {
     /// A syncer for the store's account; it connects when first needed.
     pub fn new(store: Store) -> Result<Self, SyncError> {
         let account = store.account()?;
-        Ok(Self { store, account, connection: None, keys: None, rpc_timeout: DEFAULT_RPC_TIMEOUT })
+        Ok(Self {
+            store,
+            account,
+            connection: None,
+            keys: None,
+            rpc_timeout: DEFAULT_RPC_TIMEOUT,
+            trust: Trust::default(),
+        })
+    }
+
+    /// The CAs the server's certificate must chain to (for `https://` servers).
+    pub fn with_trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
     }
 
     /// The deadline of every unary call, and of a Subscribe's first answer.
@@ -349,7 +404,7 @@ impl Syncer {
         if let Some(connection) = &self.connection {
             return Ok(connection.clone());
         }
-        let channel = connect(&self.account.server).await?;
+        let channel = connect(&self.account.server, &self.trust).await?;
         let limits = SyncClient::new(channel.clone())
             .get_server_info(authed(&self.account.token, GetServerInfoRequest {}, Some(self.rpc_timeout))?)
             .await
