@@ -4,6 +4,7 @@
 //! flushes the producer, in that order.
 
 mod api;
+pub mod guard;
 mod keys_api;
 pub mod tls;
 
@@ -246,6 +247,8 @@ pub async fn run(
 
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
+        .concurrency_limit_per_connection(limits.max_concurrent_requests_per_connection as usize)
+        .layer(guard::GuardLayer::new(app.accounts.clone(), &limits))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)

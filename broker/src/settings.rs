@@ -123,6 +123,23 @@ pub struct LimitsSettings {
     pub max_streams_per_connection: u32,
     /// Live Subscribe streams the server holds at once. Default 20,000.
     pub max_subscriptions: u32,
+    /// Calls in handlers at once over all connections (a stream counts until it started);
+    /// more are shed with RESOURCE_EXHAUSTED. Default 1,024.
+    pub max_concurrent_requests: u32,
+    /// Calls in handlers at once on one connection; more wait. Default 32.
+    pub max_concurrent_requests_per_connection: u32,
+    /// Bytes of Push bodies held at once (counted as they arrive, given back when the push
+    /// is answered); past it pushes are shed with RESOURCE_EXHAUSTED. At least
+    /// `max_request_bytes`. Default 128 MiB.
+    pub max_inflight_push_bytes: u64,
+    /// The longest a call may take, its body upload included (a stream: until it started);
+    /// then UNAVAILABLE. More than `kafka.produce_timeout` + `kafka.operation_deadline`.
+    /// Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// What a shed call's `x-lockstep-retry-after-ms` asks the client to wait. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -263,6 +280,11 @@ impl Default for LimitsSettings {
             max_request_bytes: 8 * 1024 * 1024,
             max_streams_per_connection: 64,
             max_subscriptions: 20_000,
+            max_concurrent_requests: 1024,
+            max_concurrent_requests_per_connection: 32,
+            max_inflight_push_bytes: 128 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
         }
     }
 }
@@ -360,6 +382,20 @@ impl Settings {
         }
         if self.events.lease_interval < Duration::from_secs(1) {
             return fail("events.lease_interval must be at least 1s");
+        }
+        let limits = &self.limits;
+        if limits.max_concurrent_requests == 0 || limits.max_concurrent_requests_per_connection == 0 {
+            return fail(
+                "limits.max_concurrent_requests and limits.max_concurrent_requests_per_connection must be at least 1",
+            );
+        }
+        if limits.max_inflight_push_bytes < u64::from(limits.max_request_bytes)
+            || limits.max_inflight_push_bytes > u64::from(u32::MAX)
+        {
+            return fail("limits.max_inflight_push_bytes must be between limits.max_request_bytes and 4 GiB");
+        }
+        if limits.request_timeout <= self.kafka.produce_timeout + self.kafka.operation_deadline {
+            return fail("limits.request_timeout must be longer than kafka.produce_timeout + kafka.operation_deadline");
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return fail("tls.cert_file and tls.key_file must be set together");

@@ -744,7 +744,8 @@ async fn watch(mut syncer: Syncer, as_json: bool) -> anyhow::Result<()> {
             }
             Err(error) if error.is_transient() => {
                 syncer.disconnect();
-                let delay = sync::backoff(attempt);
+                // A busy server says how long to stay away; never come back sooner.
+                let delay = sync::backoff(attempt).max(error.retry_after().unwrap_or_default());
                 attempt += 1;
                 eprintln!("{error}; reconnecting in {:.1} s", delay.as_secs_f64());
                 tokio::select! {

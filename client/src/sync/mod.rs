@@ -24,7 +24,7 @@ mod receive;
 use std::{str::FromStr, time::Duration};
 
 use lockstep_proto::{
-    retry::is_retryable,
+    retry::{is_retryable, retry_after},
     v1::{
         Change, CreateAccountRequest, CreatePairingTicketRequest, GetServerInfoRequest, GetServerInfoResponse,
         PushRequest, RedeemPairingTicketRequest, accounts_client::AccountsClient, keys_client::KeysClient, push_result,
@@ -49,6 +49,8 @@ use crate::store::{Account, ResyncReason, Store, StoreError};
 
 /// How long a unary call may take unless told otherwise (`--rpc-timeout`).
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pushes the server shed (busy, with a retry-after) retried within one `push` before it gives up.
+const MAX_SHED_RETRIES: u32 = 3;
 /// The decode limit when the server does not advertise `max_batch_bytes`.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -103,6 +105,14 @@ impl SyncError {
             SyncError::Store(error) => error.is_transient(),
             SyncError::ResyncLoop { .. } | SyncError::Keys(_) => false,
             SyncError::MissingEpochKey { .. } => true,
+        }
+    }
+
+    /// How long the server asked to wait before trying again, if it shed the call.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SyncError::Rpc { status, .. } => retry_after(status),
+            _ => None,
         }
     }
 
@@ -475,19 +485,29 @@ impl Syncer {
                 continue;
             }
             let sent = changes.len();
-            let response =
-                match sync.push(authed(&self.account.token, PushRequest { changes }, Some(self.rpc_timeout))?).await {
-                    Ok(response) => response.into_inner(),
+            let mut shed = 0;
+            let response = loop {
+                let request =
+                    authed(&self.account.token, PushRequest { changes: changes.clone() }, Some(self.rpc_timeout))?;
+                match sync.push(request).await {
+                    Ok(response) => break Some(response.into_inner()),
+                    // The server was busy and said when to come back: wait that long, a few times.
+                    Err(status) if shed < MAX_SHED_RETRIES && retry_after(&status).is_some() => {
+                        shed += 1;
+                        tokio::time::sleep(retry_after(&status).unwrap_or_default()).await;
+                    }
                     // Sealed under an epoch older than the account's: fetch the new
                     // keys (which unseals those changes), seal again, push again.
                     Err(status) if status.code() == Code::FailedPrecondition && !refreshed_keys => {
                         tracing::info!(message = status.message(), "push refused under a stale key epoch");
                         refreshed_keys = true;
                         self.sync_keys().await?;
-                        continue;
+                        break None;
                     }
                     Err(status) => return Err(rpc("Push")(status)),
-                };
+                }
+            };
+            let Some(response) = response else { continue };
             let mut acknowledged = Vec::with_capacity(sent);
             let mut stalled = None;
             for (entry, result) in batch.into_iter().zip(response.results) {
