@@ -19,9 +19,10 @@ pub async fn start_nisshi(binary: &Path) -> anyhow::Result<Nisshi> {
     Nisshi::start_with(NisshiOptions { binary: Some(binary.to_path_buf()), ..NisshiOptions::default() }).await
 }
 
-/// The server `binary` (a release build) with its default settings against `kafka`.
+/// The server `binary` (a release build) with its default settings against `kafka`, less
+/// the abuse limits (a benchmark creates thousands of devices from one address).
 pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockstep> {
-    Lockstep::start_binary(binary.to_path_buf(), kafka, &[]).await
+    Lockstep::start_binary(binary.to_path_buf(), kafka, lockstep_testkit::server::UNTHROTTLED).await
 }
 
 /// The same server exporting traces to `otlp_endpoint`, sampling 10 % of pushes.

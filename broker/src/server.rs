@@ -6,6 +6,7 @@
 mod api;
 pub mod guard;
 mod keys_api;
+pub mod rate_limit;
 pub mod tls;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
@@ -94,7 +95,9 @@ pub struct Background {
 impl App {
     pub async fn start(settings: Settings, shutdown: ShutdownSource) -> Result<(Self, Background), ServerError> {
         let db = Db::open(&settings.data_dir)?;
-        let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl).await?;
+        let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl)
+            .await?
+            .with_max_devices(settings.accounts.max_devices_per_account);
         let keys = KeyDirectory::open(db.clone()).await?;
         let kafka = &settings.kafka;
         let topics = Topics::new(kafka)?;
@@ -180,6 +183,16 @@ pub async fn run(
         true => Some(tls::CertStore::load(&settings.tls)?),
         false => None,
     };
+    let accounts = &settings.accounts;
+    if accounts.allow_registration && accounts.registration_secret.is_none() {
+        match (accounts.allow_open_registration, settings.listen_addr.ip().is_loopback()) {
+            (true, false) => tracing::warn!("registration is open: anyone who reaches this server can create accounts"),
+            (false, false) => tracing::warn!(
+                "no accounts.registration_secret: this server, listening beyond loopback, takes no new accounts"
+            ),
+            _ => {}
+        }
+    }
     let controller = ShutdownController::default();
     let (app, Background { producer, publisher }) = App::start(settings, controller.source()).await?;
     let limits = app.settings.limits.clone();
@@ -248,7 +261,7 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .concurrency_limit_per_connection(limits.max_concurrent_requests_per_connection as usize)
-        .layer(guard::GuardLayer::new(app.accounts.clone(), &limits))
+        .layer(guard::GuardLayer::new(app.accounts.clone(), &limits, &app.settings.rate_limits))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)

@@ -28,6 +28,7 @@ pub struct Settings {
     pub accounts: AccountsSettings,
     pub events: EventsSettings,
     pub push: PushSettings,
+    pub rate_limits: RateLimitSettings,
 }
 
 /// TLS of the gRPC listener. Off unless both files are set.
@@ -167,13 +168,65 @@ pub struct DeliverySettings {
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccountsSettings {
-    /// Whether CreateAccount is open. Default true.
+    /// Whether CreateAccount is possible at all. Default true.
     pub allow_registration: bool,
     /// When set, CreateAccount needs this value in `x-lockstep-registration-secret`. Default unset.
     pub registration_secret: Option<String>,
+    /// CreateAccount without the secret on a server that listens beyond loopback (anyone who
+    /// reaches it can then create accounts, each with a Kafka topic). Default false: without a
+    /// secret, only a server listening on loopback takes new accounts.
+    pub allow_open_registration: bool,
     /// Lifetime of a pairing ticket. Default 10 minutes.
     #[serde(with = "humantime_serde")]
     pub pairing_ticket_ttl: Duration,
+    /// Devices (not revoked) one account may have; pairing one more is refused. Default 50.
+    pub max_devices_per_account: u32,
+}
+
+impl AccountsSettings {
+    /// Whether CreateAccount may proceed without a registration secret on a server
+    /// listening on `listen_addr`.
+    pub fn open_registration(&self, listen_addr: SocketAddr) -> bool {
+        self.allow_open_registration || listen_addr.ip().is_loopback()
+    }
+}
+
+/// A token bucket: `burst` calls at once, refilled at `per_hour` calls an hour.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub burst: u32,
+    pub per_hour: u32,
+}
+
+/// Rate limits of the calls an attacker would repeat; a call past its limit is shed with
+/// RESOURCE_EXHAUSTED and `x-lockstep-retry-after-ms`. Behind a reverse proxy every device
+/// shares the proxy's address: raise the per-address limits there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// CreateAccount per peer IP address. Default burst 5, 20 an hour.
+    pub create_account_per_address: Rate,
+    /// CreateAccount on the whole server (each one creates a Kafka topic). Default burst 50, 500 an hour.
+    pub create_account_total: Rate,
+    /// CreatePairingTicket per account. Default burst 10, 60 an hour.
+    pub pairing_ticket_per_account: Rate,
+    /// RedeemPairingTicket per peer IP address (each one is a guess). Default burst 10, 60 an hour.
+    pub redeem_per_address: Rate,
+    /// Push per account. Default burst 1,000, 3,600,000 an hour (1,000 a second).
+    pub push_per_account: Rate,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            create_account_per_address: Rate { burst: 5, per_hour: 20 },
+            create_account_total: Rate { burst: 50, per_hour: 500 },
+            pairing_ticket_per_account: Rate { burst: 10, per_hour: 60 },
+            redeem_per_address: Rate { burst: 10, per_hour: 60 },
+            push_per_account: Rate { burst: 1000, per_hour: 3_600_000 },
+        }
+    }
 }
 
 impl fmt::Debug for AccountsSettings {
@@ -181,7 +234,9 @@ impl fmt::Debug for AccountsSettings {
         f.debug_struct("AccountsSettings")
             .field("allow_registration", &self.allow_registration)
             .field("registration_secret", &self.registration_secret.as_ref().map(|_| "<hidden>"))
+            .field("allow_open_registration", &self.allow_open_registration)
             .field("pairing_ticket_ttl", &self.pairing_ticket_ttl)
+            .field("max_devices_per_account", &self.max_devices_per_account)
             .finish()
     }
 }
@@ -250,6 +305,7 @@ impl Default for Settings {
             accounts: AccountsSettings::default(),
             events: EventsSettings::default(),
             push: PushSettings::default(),
+            rate_limits: RateLimitSettings::default(),
         }
     }
 }
@@ -305,7 +361,13 @@ impl Default for DeliverySettings {
 
 impl Default for AccountsSettings {
     fn default() -> Self {
-        Self { allow_registration: true, registration_secret: None, pairing_ticket_ttl: Duration::from_secs(600) }
+        Self {
+            allow_registration: true,
+            registration_secret: None,
+            allow_open_registration: false,
+            pairing_ticket_ttl: Duration::from_secs(600),
+            max_devices_per_account: 50,
+        }
     }
 }
 
@@ -397,6 +459,21 @@ impl Settings {
         if limits.request_timeout <= self.kafka.produce_timeout + self.kafka.operation_deadline {
             return fail("limits.request_timeout must be longer than kafka.produce_timeout + kafka.operation_deadline");
         }
+        let rates = &self.rate_limits;
+        for (name, rate) in [
+            ("create_account_per_address", rates.create_account_per_address),
+            ("create_account_total", rates.create_account_total),
+            ("pairing_ticket_per_account", rates.pairing_ticket_per_account),
+            ("redeem_per_address", rates.redeem_per_address),
+            ("push_per_account", rates.push_per_account),
+        ] {
+            if rate.burst == 0 {
+                return fail(&format!("rate_limits.{name}.burst must be at least 1"));
+            }
+        }
+        if self.accounts.max_devices_per_account == 0 {
+            return fail("accounts.max_devices_per_account must be at least 1");
+        }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return fail("tls.cert_file and tls.key_file must be set together");
         }
@@ -454,6 +531,17 @@ mod tests {
             assert_eq!(settings, Settings::default());
             Ok(())
         });
+    }
+
+    #[test]
+    fn without_a_secret_only_loopback_or_an_explicit_choice_opens_registration() {
+        let mut accounts = AccountsSettings::default();
+        assert!(accounts.open_registration("127.0.0.1:50051".parse().unwrap()));
+        assert!(accounts.open_registration("[::1]:50051".parse().unwrap()));
+        assert!(!accounts.open_registration("0.0.0.0:50051".parse().unwrap()));
+        assert!(!accounts.open_registration("192.0.2.7:50051".parse().unwrap()));
+        accounts.allow_open_registration = true;
+        assert!(accounts.open_registration("0.0.0.0:50051".parse().unwrap()));
     }
 
     #[test]

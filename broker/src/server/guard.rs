@@ -12,12 +12,17 @@
 //!    `limits.max_inflight_push_bytes` of Push bodies are held at once, counted
 //!    as the bytes arrive. Either limit sheds with RESOURCE_EXHAUSTED (retryable)
 //!    and `x-lockstep-retry-after-ms`, which clients wait out before retrying.
-//! 3. **Time out.** A call (body upload included) that is not answered within
+//! 3. **Rate-limit** what an attacker would repeat (see `rate_limit`):
+//!    CreateAccount and RedeemPairingTicket per peer address (and CreateAccount
+//!    for the whole server), CreatePairingTicket and Push per account; shed the
+//!    same way, with the wait until the next token.
+//! 4. **Time out.** A call (body upload included) that is not answered within
 //!    `limits.request_timeout` ends UNAVAILABLE (retryable); a stream counts
 //!    until its first message.
 
 use std::{
     future::Future,
+    net::IpAddr,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -28,10 +33,20 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame};
 use lockstep_proto::retry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::{Status, body::Body};
+use tonic::{
+    Status,
+    body::Body,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
 use tower::{Layer, Service};
 
-use crate::{accounts::Accounts, error::ApiError, locks::lock, settings::LimitsSettings};
+use super::rate_limit::RateLimiter;
+use crate::{
+    accounts::Accounts,
+    error::ApiError,
+    locks::lock,
+    settings::{LimitsSettings, RateLimitSettings},
+};
 
 /// Calls anyone may make without a device token.
 pub const OPEN_RPCS: &[&str] = &[
@@ -40,6 +55,9 @@ pub const OPEN_RPCS: &[&str] = &[
     "/lockstep.v1.Sync/GetServerInfo",
 ];
 const PUSH: &str = "/lockstep.v1.Sync/Push";
+const CREATE_ACCOUNT: &str = "/lockstep.v1.Accounts/CreateAccount";
+const REDEEM: &str = "/lockstep.v1.Accounts/RedeemPairingTicket";
+const PAIRING_TICKET: &str = "/lockstep.v1.Accounts/CreatePairingTicket";
 /// The services this gate guards; health and reflection stay open.
 const GUARDED_PREFIX: &str = "/lockstep.v1.";
 const MAX_TOKEN_CHARS: usize = 128;
@@ -50,6 +68,16 @@ struct Shared {
     push_bytes: Arc<Semaphore>,
     request_timeout: Duration,
     retry_after: Duration,
+    rates: Rates,
+}
+
+/// One limiter per rate-limited call; `None` keys a peer whose address is unknown.
+struct Rates {
+    create_account_per_address: RateLimiter<Option<IpAddr>>,
+    create_account_total: RateLimiter<()>,
+    pairing_ticket_per_account: RateLimiter<Arc<str>>,
+    redeem_per_address: RateLimiter<Option<IpAddr>>,
+    push_per_account: RateLimiter<Arc<str>>,
 }
 
 #[derive(Clone)]
@@ -58,7 +86,7 @@ pub struct GuardLayer {
 }
 
 impl GuardLayer {
-    pub fn new(accounts: Accounts, limits: &LimitsSettings) -> Self {
+    pub fn new(accounts: Accounts, limits: &LimitsSettings, rates: &RateLimitSettings) -> Self {
         Self {
             shared: Arc::new(Shared {
                 accounts,
@@ -66,6 +94,13 @@ impl GuardLayer {
                 push_bytes: Arc::new(Semaphore::new(limits.max_inflight_push_bytes as usize)),
                 request_timeout: limits.request_timeout,
                 retry_after: limits.retry_after,
+                rates: Rates {
+                    create_account_per_address: RateLimiter::new(rates.create_account_per_address),
+                    create_account_total: RateLimiter::new(rates.create_account_total),
+                    pairing_ticket_per_account: RateLimiter::new(rates.pairing_ticket_per_account),
+                    redeem_per_address: RateLimiter::new(rates.redeem_per_address),
+                    push_per_account: RateLimiter::new(rates.push_per_account),
+                },
             }),
         }
     }
@@ -109,6 +144,40 @@ impl Shared {
         retry::set_retry_after(&mut status, self.retry_after);
         status
     }
+
+    /// The rate limit of the call at `path`, if it has one.
+    fn rate_limit(&self, path: &str, peer: Option<IpAddr>, user_id: Option<&Arc<str>>) -> Result<(), Status> {
+        let rates = &self.rates;
+        let (verdict, what) = match (path, user_id) {
+            (CREATE_ACCOUNT, _) => (
+                rates.create_account_per_address.check(&peer).and_then(|()| rates.create_account_total.check(&())),
+                "new accounts",
+            ),
+            (REDEEM, _) => (rates.redeem_per_address.check(&peer), "pairing attempts"),
+            (PAIRING_TICKET, Some(user)) => (rates.pairing_ticket_per_account.check(user), "pairing tickets"),
+            (PUSH, Some(user)) => (rates.push_per_account.check(user), "pushes"),
+            _ => (Ok(()), ""),
+        };
+        verdict.map_err(|wait| {
+            tracing::debug!(path, ?peer, ?wait, "rate limited");
+            let mut status = Status::from(ApiError::ResourceExhausted(format!(
+                "too many {what} from here; retry in {} s",
+                wait.as_secs().max(1)
+            )));
+            retry::set_retry_after(&mut status, wait);
+            status
+        })
+    }
+}
+
+/// The address of the peer that sent `request`, in the clear or through TLS.
+fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|info| info.get_ref().remote_addr()))
+        .map(|addr| addr.ip())
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -137,6 +206,7 @@ where
             return Box::pin(inner.call(request));
         }
         let refuse = |status: Status| -> Self::Future { Box::pin(std::future::ready(Ok(status.into_http()))) };
+        let mut user_id = None;
         if !OPEN_RPCS.contains(&path) {
             let device = bearer_token(request.headers()).and_then(|token| {
                 shared
@@ -144,9 +214,13 @@ where
                     .authenticate(token)
                     .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
             });
-            if let Err(error) = device {
-                return refuse(error.into());
+            match device {
+                Ok(device) => user_id = Some(device.user_id),
+                Err(error) => return refuse(error.into()),
             }
+        }
+        if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id.as_ref()) {
+            return refuse(status);
         }
         let Ok(call_permit) = shared.requests.clone().try_acquire_owned() else {
             tracing::debug!(path, "request shed: limits.max_concurrent_requests reached");
