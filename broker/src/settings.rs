@@ -124,6 +124,9 @@ pub struct LimitsSettings {
     pub max_streams_per_connection: u32,
     /// Live Subscribe streams the server holds at once. Default 20,000.
     pub max_subscriptions: u32,
+    /// Live Subscribe streams of one user's devices at once (a device's newer stream ends its
+    /// older one). Default 100.
+    pub max_subscriptions_per_user: u32,
     /// Calls in handlers at once over all connections (a stream counts until it started);
     /// more are shed with RESOURCE_EXHAUSTED. Default 1,024.
     pub max_concurrent_requests: u32,
@@ -163,6 +166,10 @@ pub struct DeliverySettings {
     pub batch_max_bytes: usize,
     /// Messages buffered per device stream before the server waits for the device. Default 4.
     pub stream_buffer: usize,
+    /// How long a stream waits for its device to take the next message; then the stream ends
+    /// UNAVAILABLE (retryable) and its slot is free. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
@@ -336,6 +343,7 @@ impl Default for LimitsSettings {
             max_request_bytes: 8 * 1024 * 1024,
             max_streams_per_connection: 64,
             max_subscriptions: 20_000,
+            max_subscriptions_per_user: 100,
             max_concurrent_requests: 1024,
             max_concurrent_requests_per_connection: 32,
             max_inflight_push_bytes: 128 * 1024 * 1024,
@@ -355,6 +363,7 @@ impl Default for DeliverySettings {
             batch_max_changes: 256,
             batch_max_bytes: 4 * 1024 * 1024,
             stream_buffer: 4,
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -424,8 +433,15 @@ impl Settings {
         if self.delivery.catchup_readers == 0 || self.delivery.batch_max_changes == 0 {
             return fail("delivery.catchup_readers and delivery.batch_max_changes must be at least 1");
         }
-        if self.delivery.stream_buffer == 0 || self.delivery.heartbeat_interval.is_zero() {
-            return fail("delivery.stream_buffer and delivery.heartbeat_interval must be non-zero");
+        if self.delivery.stream_buffer == 0
+            || self.delivery.heartbeat_interval.is_zero()
+            || self.delivery.send_timeout.is_zero()
+            || self.limits.max_subscriptions_per_user == 0
+        {
+            return fail(
+                "delivery.stream_buffer, delivery.heartbeat_interval, delivery.send_timeout and \
+                 limits.max_subscriptions_per_user must be non-zero",
+            );
         }
         // The largest change, framed, must fit in one message (under the server's own
         // encoding cap, see `load`).
