@@ -22,6 +22,21 @@ ensure_nisshi() {
     echo "$HOME/.cargo/bin/nisshi"
 }
 
+# librdkafka is built with TLS (and so SASL PLAIN/SCRAM) against the system's
+# OpenSSL: its headers and pkg-config must be there (Debian: libssl-dev).
+ensure_build_packages() {
+    if pkg-config --exists openssl 2>/dev/null; then
+        return
+    fi
+    log "installing libssl-dev and pkg-config (librdkafka's TLS)"
+    local sudo=""
+    if [[ "$(id -u)" != 0 ]]; then
+        sudo="sudo"
+    fi
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libssl-dev pkg-config >&2
+}
+
 # Makes a Python module importable, installing the PyPI package if needed.
 ensure_python_module() {
     local module="$1" package="$2"

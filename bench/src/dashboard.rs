@@ -114,6 +114,7 @@ pub async fn wd(
         client_id: "bench-wd".into(),
         request_timeout: Duration::from_secs(10),
         max_attempts: 3,
+        security: Default::default(),
     })
     .await?;
     let mut fleet = Vec::with_capacity(devices);

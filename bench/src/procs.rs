@@ -19,14 +19,16 @@ pub async fn start_nisshi(binary: &Path) -> anyhow::Result<Nisshi> {
     Nisshi::start_with(NisshiOptions { binary: Some(binary.to_path_buf()), ..NisshiOptions::default() }).await
 }
 
-/// The server `binary` (a release build) with its default settings against `kafka`.
+/// The server `binary` (a release build) with its default settings against `kafka`, less
+/// the abuse limits (a benchmark creates thousands of devices from one address).
 pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockstep> {
-    Lockstep::start_binary(binary.to_path_buf(), kafka, &[]).await
+    Lockstep::start_binary(binary.to_path_buf(), kafka, lockstep_testkit::server::UNTHROTTLED).await
 }
 
 /// The same server exporting traces to `otlp_endpoint`, sampling 10 % of pushes.
 pub async fn start_lockstep_tracing(binary: &Path, kafka: &str, otlp_endpoint: &str) -> anyhow::Result<Lockstep> {
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint), ("OTEL_TRACES_SAMPLER_ARG", "0.1")];
+    let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint), ("OTEL_TRACES_SAMPLER_ARG", "0.1")];
+    env.extend_from_slice(lockstep_testkit::server::UNTHROTTLED);
     Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
 }
 
@@ -63,7 +65,9 @@ impl OtlpReceiver {
 
 /// The same server with the events topic turned off (`events.enabled = false`).
 pub async fn start_lockstep_without_events(binary: &Path, kafka: &str) -> anyhow::Result<Lockstep> {
-    Lockstep::start_binary(binary.to_path_buf(), kafka, &[("LOCKSTEP_EVENTS__ENABLED", "false")]).await
+    let mut env = vec![("LOCKSTEP_EVENTS__ENABLED", "false")];
+    env.extend_from_slice(lockstep_testkit::server::UNTHROTTLED);
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
 }
 
 pub struct Redis {

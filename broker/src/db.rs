@@ -76,6 +76,25 @@ CREATE TABLE IF NOT EXISTS pushed_changes (
 ) WITHOUT ROWID;
 ";
 
+/// The data directory (0700) and the database (0600) are the server's alone: they hold token
+/// and ticket hashes and push targets' endpoints. SQLite gives its `-wal` and `-shm` files the
+/// database's mode. A directory the server does not own (a mount point) is left as it is.
+#[cfg(unix)]
+fn restrict_to_owner(data_dir: &Path, database: &Path) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Err(error) = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(path = %data_dir.display(), %error, "cannot make the data directory private (0700)");
+    }
+    let created = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(database);
+    let restricted = created.and_then(|_| std::fs::set_permissions(database, std::fs::Permissions::from_mode(0o600)));
+    if let Err(error) = restricted {
+        tracing::warn!(path = %database.display(), %error, "cannot make the database private (0600)");
+    }
+}
+
+#[cfg(not(unix))]
+fn restrict_to_owner(_data_dir: &Path, _database: &Path) {}
+
 #[derive(Clone)]
 pub struct Db {
     connection: Arc<Mutex<Connection>>,
@@ -85,7 +104,9 @@ impl Db {
     pub fn open(data_dir: &Path) -> Result<Self, DbError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|source| DbError::DataDir { path: data_dir.display().to_string(), source })?;
-        let connection = Connection::open(data_dir.join("lockstep.db"))?;
+        let path = data_dir.join("lockstep.db");
+        restrict_to_owner(data_dir, &path);
+        let connection = Connection::open(&path)?;
         // WAL + NORMAL survives a killed process (the kill -9 case); FULL would
         // also survive power loss at the cost of an fsync per commit.
         connection.pragma_update(None, "journal_mode", "WAL")?;
@@ -145,4 +166,31 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_data_directory_and_database_are_the_owners_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let db = Db::open(&data_dir).unwrap();
+        drop(db);
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data_dir), 0o700);
+        for name in ["lockstep.db", "lockstep.db-wal", "lockstep.db-shm"] {
+            let path = data_dir.join(name);
+            if path.exists() {
+                assert_eq!(mode(&path), 0o600, "{name}");
+            }
+        }
+        // An existing, looser database is tightened on the next open.
+        std::fs::set_permissions(data_dir.join("lockstep.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Db::open(&data_dir).unwrap());
+        assert_eq!(mode(&data_dir.join("lockstep.db")), 0o600);
+    }
 }

@@ -78,6 +78,7 @@ impl ApiError {
             ApiError::Accounts(error) => match error {
                 AccountsError::TicketInvalid => Code::Unauthenticated,
                 AccountsError::DeviceNotFound => Code::NotFound,
+                AccountsError::TooManyDevices(_) => Code::FailedPrecondition,
                 AccountsError::Db(_) => Code::Internal,
             },
             ApiError::Kafka(error) if error.is_retryable() => Code::Unavailable,

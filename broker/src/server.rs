@@ -4,7 +4,10 @@
 //! flushes the producer, in that order.
 
 mod api;
+pub mod guard;
 mod keys_api;
+pub mod rate_limit;
+pub mod tls;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -27,6 +30,7 @@ use crate::{
     erasure::Erasure,
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
+    kafka::group_offsets::security::KafkaSecurity,
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
     keys::{KeyDirectory, KeysError},
     log_guard::LogGuard,
@@ -64,6 +68,8 @@ pub enum ServerError {
     Erasure(String),
     #[error("cannot listen on the admin address {addr}: {source}")]
     AdminListen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Everything the handlers share.
@@ -89,7 +95,9 @@ pub struct Background {
 impl App {
     pub async fn start(settings: Settings, shutdown: ShutdownSource) -> Result<(Self, Background), ServerError> {
         let db = Db::open(&settings.data_dir)?;
-        let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl).await?;
+        let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl)
+            .await?
+            .with_max_devices(settings.accounts.max_devices_per_account);
         let keys = KeyDirectory::open(db.clone()).await?;
         let kafka = &settings.kafka;
         let topics = Topics::new(kafka)?;
@@ -103,6 +111,7 @@ impl App {
             client_id: "lockstep-offsets".into(),
             request_timeout: kafka.request_timeout,
             max_attempts: 5,
+            security: KafkaSecurity::from_client_config(&kafka.client_config).map_err(KafkaError::from)?,
         })
         .await
         .map_err(KafkaError::from)?;
@@ -169,6 +178,21 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // A bad certificate stops the server before it touches Kafka.
+    let tls_store = match settings.tls.enabled() {
+        true => Some(tls::CertStore::load(&settings.tls)?),
+        false => None,
+    };
+    let accounts = &settings.accounts;
+    if accounts.allow_registration && accounts.registration_secret.is_none() {
+        match (accounts.allow_open_registration, settings.listen_addr.ip().is_loopback()) {
+            (true, false) => tracing::warn!("registration is open: anyone who reaches this server can create accounts"),
+            (false, false) => tracing::warn!(
+                "no accounts.registration_secret: this server, listening beyond loopback, takes no new accounts"
+            ),
+            _ => {}
+        }
+    }
     let controller = ShutdownController::default();
     let (app, Background { producer, publisher }) = App::start(settings, controller.source()).await?;
     let limits = app.settings.limits.clone();
@@ -234,14 +258,10 @@ pub async fn run(
         let _ = stopping_tx.send(true);
     });
 
-    // TCP_NODELAY: a response goes out in several small writes (headers, data,
-    // trailers); with Nagle on, the later ones wait for the client's delayed
-    // ACK, about 40 ms per call.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
+        .concurrency_limit_per_connection(limits.max_concurrent_requests_per_connection as usize)
+        .layer(guard::GuardLayer::new(app.accounts.clone(), &limits, &app.settings.rate_limits))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -249,12 +269,28 @@ pub async fn run(
         .add_service(accounts_service)
         .add_service(sync_service)
         .add_service(push_targets_service)
-        .add_service(keys_service)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
+        .add_service(keys_service);
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls_store {
+        Some(store) => {
+            store.clone().watch(app.settings.tls.watch_interval);
+            let incoming = tls::incoming(listener, tls::server_config(store));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+        None => {
+            // TCP_NODELAY: a response goes out in several small writes (headers, data,
+            // trailers); with Nagle on, the later ones wait for the client's delayed
+            // ACK, about 40 ms per call.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60)));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+    };
     if let Some(addr) = local_addr {
-        tracing::info!(%addr, "lockstep listening");
+        tracing::info!(%addr, tls = app.settings.tls.enabled(), "lockstep listening");
         // A machine-readable line on stdout, for scripts and tests that start the
         // server on port 0.
         println!("LOCKSTEP_LISTENING {addr}");

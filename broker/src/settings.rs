@@ -21,12 +21,40 @@ pub struct Settings {
     /// Default `127.0.0.1:50052`; port 0 picks a free port; unset (`""` in env) turns it off.
     #[serde(deserialize_with = "optional_addr")]
     pub admin_listen_addr: Option<SocketAddr>,
+    pub tls: TlsSettings,
     pub kafka: KafkaSettings,
     pub limits: LimitsSettings,
     pub delivery: DeliverySettings,
     pub accounts: AccountsSettings,
     pub events: EventsSettings,
     pub push: PushSettings,
+    pub rate_limits: RateLimitSettings,
+}
+
+/// TLS of the gRPC listener. Off unless both files are set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain (leaf first). Default unset (plaintext).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the certificate. Default unset.
+    pub key_file: Option<PathBuf>,
+    /// How often the files are checked for changes (a changed file is loaded for new
+    /// connections; SIGHUP reloads at once). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl TlsSettings {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self { cert_file: None, key_file: None, watch_interval: Duration::from_secs(30) }
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
@@ -96,6 +124,26 @@ pub struct LimitsSettings {
     pub max_streams_per_connection: u32,
     /// Live Subscribe streams the server holds at once. Default 20,000.
     pub max_subscriptions: u32,
+    /// Live Subscribe streams of one user's devices at once (a device's newer stream ends its
+    /// older one). Default 100.
+    pub max_subscriptions_per_user: u32,
+    /// Calls in handlers at once over all connections (a stream counts until it started);
+    /// more are shed with RESOURCE_EXHAUSTED. Default 1,024.
+    pub max_concurrent_requests: u32,
+    /// Calls in handlers at once on one connection; more wait. Default 32.
+    pub max_concurrent_requests_per_connection: u32,
+    /// Bytes of Push bodies held at once (counted as they arrive, given back when the push
+    /// is answered); past it pushes are shed with RESOURCE_EXHAUSTED. At least
+    /// `max_request_bytes`. Default 128 MiB.
+    pub max_inflight_push_bytes: u64,
+    /// The longest a call may take, its body upload included (a stream: until it started);
+    /// then UNAVAILABLE. More than `kafka.produce_timeout` + `kafka.operation_deadline`.
+    /// Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// What a shed call's `x-lockstep-retry-after-ms` asks the client to wait. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,18 +166,74 @@ pub struct DeliverySettings {
     pub batch_max_bytes: usize,
     /// Messages buffered per device stream before the server waits for the device. Default 4.
     pub stream_buffer: usize,
+    /// How long a stream waits for its device to take the next message; then the stream ends
+    /// UNAVAILABLE (retryable) and its slot is free. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccountsSettings {
-    /// Whether CreateAccount is open. Default true.
+    /// Whether CreateAccount is possible at all. Default true.
     pub allow_registration: bool,
     /// When set, CreateAccount needs this value in `x-lockstep-registration-secret`. Default unset.
     pub registration_secret: Option<String>,
+    /// CreateAccount without the secret on a server that listens beyond loopback (anyone who
+    /// reaches it can then create accounts, each with a Kafka topic). Default false: without a
+    /// secret, only a server listening on loopback takes new accounts.
+    pub allow_open_registration: bool,
     /// Lifetime of a pairing ticket. Default 10 minutes.
     #[serde(with = "humantime_serde")]
     pub pairing_ticket_ttl: Duration,
+    /// Devices (not revoked) one account may have; pairing one more is refused. Default 50.
+    pub max_devices_per_account: u32,
+}
+
+impl AccountsSettings {
+    /// Whether CreateAccount may proceed without a registration secret on a server
+    /// listening on `listen_addr`.
+    pub fn open_registration(&self, listen_addr: SocketAddr) -> bool {
+        self.allow_open_registration || listen_addr.ip().is_loopback()
+    }
+}
+
+/// A token bucket: `burst` calls at once, refilled at `per_hour` calls an hour.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub burst: u32,
+    pub per_hour: u32,
+}
+
+/// Rate limits of the calls an attacker would repeat; a call past its limit is shed with
+/// RESOURCE_EXHAUSTED and `x-lockstep-retry-after-ms`. Behind a reverse proxy every device
+/// shares the proxy's address: raise the per-address limits there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// CreateAccount per peer IP address. Default burst 5, 20 an hour.
+    pub create_account_per_address: Rate,
+    /// CreateAccount on the whole server (each one creates a Kafka topic). Default burst 50, 500 an hour.
+    pub create_account_total: Rate,
+    /// CreatePairingTicket per account. Default burst 10, 60 an hour.
+    pub pairing_ticket_per_account: Rate,
+    /// RedeemPairingTicket per peer IP address (each one is a guess). Default burst 10, 60 an hour.
+    pub redeem_per_address: Rate,
+    /// Push per account. Default burst 1,000, 3,600,000 an hour (1,000 a second).
+    pub push_per_account: Rate,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            create_account_per_address: Rate { burst: 5, per_hour: 20 },
+            create_account_total: Rate { burst: 50, per_hour: 500 },
+            pairing_ticket_per_account: Rate { burst: 10, per_hour: 60 },
+            redeem_per_address: Rate { burst: 10, per_hour: 60 },
+            push_per_account: Rate { burst: 1000, per_hour: 3_600_000 },
+        }
+    }
 }
 
 impl fmt::Debug for AccountsSettings {
@@ -137,7 +241,9 @@ impl fmt::Debug for AccountsSettings {
         f.debug_struct("AccountsSettings")
             .field("allow_registration", &self.allow_registration)
             .field("registration_secret", &self.registration_secret.as_ref().map(|_| "<hidden>"))
+            .field("allow_open_registration", &self.allow_open_registration)
             .field("pairing_ticket_ttl", &self.pairing_ticket_ttl)
+            .field("max_devices_per_account", &self.max_devices_per_account)
             .finish()
     }
 }
@@ -199,12 +305,14 @@ impl Default for Settings {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("data"),
             admin_listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
+            tls: TlsSettings::default(),
             kafka: KafkaSettings::default(),
             limits: LimitsSettings::default(),
             delivery: DeliverySettings::default(),
             accounts: AccountsSettings::default(),
             events: EventsSettings::default(),
             push: PushSettings::default(),
+            rate_limits: RateLimitSettings::default(),
         }
     }
 }
@@ -235,6 +343,12 @@ impl Default for LimitsSettings {
             max_request_bytes: 8 * 1024 * 1024,
             max_streams_per_connection: 64,
             max_subscriptions: 20_000,
+            max_subscriptions_per_user: 100,
+            max_concurrent_requests: 1024,
+            max_concurrent_requests_per_connection: 32,
+            max_inflight_push_bytes: 128 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
         }
     }
 }
@@ -249,13 +363,20 @@ impl Default for DeliverySettings {
             batch_max_changes: 256,
             batch_max_bytes: 4 * 1024 * 1024,
             stream_buffer: 4,
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
 
 impl Default for AccountsSettings {
     fn default() -> Self {
-        Self { allow_registration: true, registration_secret: None, pairing_ticket_ttl: Duration::from_secs(600) }
+        Self {
+            allow_registration: true,
+            registration_secret: None,
+            allow_open_registration: false,
+            pairing_ticket_ttl: Duration::from_secs(600),
+            max_devices_per_account: 50,
+        }
     }
 }
 
@@ -312,8 +433,15 @@ impl Settings {
         if self.delivery.catchup_readers == 0 || self.delivery.batch_max_changes == 0 {
             return fail("delivery.catchup_readers and delivery.batch_max_changes must be at least 1");
         }
-        if self.delivery.stream_buffer == 0 || self.delivery.heartbeat_interval.is_zero() {
-            return fail("delivery.stream_buffer and delivery.heartbeat_interval must be non-zero");
+        if self.delivery.stream_buffer == 0
+            || self.delivery.heartbeat_interval.is_zero()
+            || self.delivery.send_timeout.is_zero()
+            || self.limits.max_subscriptions_per_user == 0
+        {
+            return fail(
+                "delivery.stream_buffer, delivery.heartbeat_interval, delivery.send_timeout and \
+                 limits.max_subscriptions_per_user must be non-zero",
+            );
         }
         // The largest change, framed, must fit in one message (under the server's own
         // encoding cap, see `load`).
@@ -332,6 +460,41 @@ impl Settings {
         }
         if self.events.lease_interval < Duration::from_secs(1) {
             return fail("events.lease_interval must be at least 1s");
+        }
+        let limits = &self.limits;
+        if limits.max_concurrent_requests == 0 || limits.max_concurrent_requests_per_connection == 0 {
+            return fail(
+                "limits.max_concurrent_requests and limits.max_concurrent_requests_per_connection must be at least 1",
+            );
+        }
+        if limits.max_inflight_push_bytes < u64::from(limits.max_request_bytes)
+            || limits.max_inflight_push_bytes > u64::from(u32::MAX)
+        {
+            return fail("limits.max_inflight_push_bytes must be between limits.max_request_bytes and 4 GiB");
+        }
+        if limits.request_timeout <= self.kafka.produce_timeout + self.kafka.operation_deadline {
+            return fail("limits.request_timeout must be longer than kafka.produce_timeout + kafka.operation_deadline");
+        }
+        let rates = &self.rate_limits;
+        for (name, rate) in [
+            ("create_account_per_address", rates.create_account_per_address),
+            ("create_account_total", rates.create_account_total),
+            ("pairing_ticket_per_account", rates.pairing_ticket_per_account),
+            ("redeem_per_address", rates.redeem_per_address),
+            ("push_per_account", rates.push_per_account),
+        ] {
+            if rate.burst == 0 {
+                return fail(&format!("rate_limits.{name}.burst must be at least 1"));
+            }
+        }
+        if self.accounts.max_devices_per_account == 0 {
+            return fail("accounts.max_devices_per_account must be at least 1");
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return fail("tls.cert_file and tls.key_file must be set together");
+        }
+        if self.tls.watch_interval.is_zero() {
+            return fail("tls.watch_interval must be non-zero");
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return fail("kafka.bootstrap_servers must not be empty");
@@ -384,6 +547,17 @@ mod tests {
             assert_eq!(settings, Settings::default());
             Ok(())
         });
+    }
+
+    #[test]
+    fn without_a_secret_only_loopback_or_an_explicit_choice_opens_registration() {
+        let mut accounts = AccountsSettings::default();
+        assert!(accounts.open_registration("127.0.0.1:50051".parse().unwrap()));
+        assert!(accounts.open_registration("[::1]:50051".parse().unwrap()));
+        assert!(!accounts.open_registration("0.0.0.0:50051".parse().unwrap()));
+        assert!(!accounts.open_registration("192.0.2.7:50051".parse().unwrap()));
+        accounts.allow_open_registration = true;
+        assert!(accounts.open_registration("0.0.0.0:50051".parse().unwrap()));
     }
 
     #[test]

@@ -75,6 +75,23 @@ pub mod retry {
             .insert(RETRYABLE_METADATA, MetadataValue::from_static(if retryable { "true" } else { "false" }));
     }
 
+    /// Milliseconds the client should wait before retrying a call the server shed
+    /// (RESOURCE_EXHAUSTED because it is busy).
+    pub const RETRY_AFTER_METADATA: &str = "x-lockstep-retry-after-ms";
+
+    /// Asks the client to wait `after` before retrying (the server's side).
+    pub fn set_retry_after(status: &mut Status, after: std::time::Duration) {
+        let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        status.metadata_mut().insert(RETRY_AFTER_METADATA, MetadataValue::from(millis));
+    }
+
+    /// How long the server asked the client to wait before retrying, if it did
+    /// (the client's side); at most a minute, whatever the server says.
+    pub fn retry_after(status: &Status) -> Option<std::time::Duration> {
+        let millis: u64 = status.metadata().get(RETRY_AFTER_METADATA)?.to_str().ok()?.parse().ok()?;
+        Some(std::time::Duration::from_millis(millis.min(60_000)))
+    }
+
     /// Whether the same call may succeed later unchanged (the client's side).
     /// The server's verdict wins; without one the call failed before reaching
     /// a Lockstep handler (transport, proxy, deadline) and only transient codes
@@ -89,6 +106,16 @@ pub mod retry {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn retry_after_round_trips_and_is_capped() {
+            let mut status = Status::resource_exhausted("busy");
+            assert_eq!(retry_after(&status), None);
+            set_retry_after(&mut status, std::time::Duration::from_millis(1500));
+            assert_eq!(retry_after(&status), Some(std::time::Duration::from_millis(1500)));
+            set_retry_after(&mut status, std::time::Duration::from_secs(3600));
+            assert_eq!(retry_after(&status), Some(std::time::Duration::from_secs(60)));
+        }
 
         #[test]
         fn the_servers_verdict_wins_and_bare_transport_errors_are_transient() {

@@ -11,6 +11,7 @@
 //! - [`cli`]: a device driven through the `lockstep-cli` binary, with its own store.
 //! - [`push`]: the `lockstep-push` worker, and a local push service (Python) that verifies and decrypts.
 //! - [`stack`]: Kafka + server + first device in one line.
+//! - [`tls`]: a CA made by the test, its certificates, a TLS-terminating proxy.
 //! - [`user_topic`], [`device_group`]: Kafka names, from the server's own naming functions.
 
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod process;
 pub mod push;
 pub mod server;
 pub mod stack;
+pub mod tls;
 
 use std::{net::TcpListener, path::Path};
 

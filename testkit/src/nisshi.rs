@@ -66,6 +66,7 @@ pub struct Nisshi {
     advertised: String,
     /// Where the sqlite file lives (Nisshi's working directory).
     storage: PathBuf,
+    authentication: bool,
     /// Unmounted after the process is killed and before `dir` is removed.
     _tmpfs: Option<Tmpfs>,
     dir: TempDir,
@@ -84,6 +85,9 @@ pub struct NisshiOptions {
     pub storage_tmpfs_mib: Option<u64>,
     /// This `nisshi` binary instead of [`nisshi_binary`]'s.
     pub binary: Option<PathBuf>,
+    /// Require SASL (`--authentication`): every request but ApiVersions and the SASL
+    /// exchange is refused until the connection authenticated.
+    pub authentication: bool,
 }
 
 /// The `nisshi` binary: `$NISSHI_BIN`, else `nisshi` on `PATH`, else `~/.cargo/bin/nisshi`.
@@ -144,6 +148,7 @@ impl Nisshi {
             bootstrap: format!("127.0.0.1:{port}"),
             advertised: format!("tcp://127.0.0.1:{advertised_port}"),
             storage,
+            authentication: options.authentication,
             _tmpfs: tmpfs,
             dir,
         };
@@ -175,6 +180,9 @@ impl Nisshi {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let listener = format!("tcp://{}", self.bootstrap);
         let mut command = nisshi_command(&self.binary, &listener, &self.advertised, &self.storage);
+        if self.authentication {
+            command.arg("--authentication");
+        }
         command.stdout(log.try_clone()?).stderr(log);
         let mut process = Process::spawn("nisshi", &mut command, &log_path)?;
         process.wait_for_port(self.port, START_DEADLINE).await?;
@@ -217,6 +225,23 @@ impl Nisshi {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn().await
+    }
+
+    /// From the next (re)start on, require SASL (`--authentication`) or not.
+    pub fn set_authentication(&mut self, required: bool) {
+        self.authentication = required;
+    }
+
+    /// Stores a SCRAM-SHA-256 user (the one mechanism this Nisshi build offers) with
+    /// Nisshi's own CLI, over the broker's listener (before authentication is required).
+    pub async fn create_scram_user(&self, name: &str, password: &str) -> anyhow::Result<()> {
+        let output = tokio::process::Command::new(&self.binary)
+            .args(["user", "create", "--broker", &format!("tcp://{}", self.bootstrap), name, password])
+            .args(["--mechanism", "scram256"])
+            .output()
+            .await?;
+        anyhow::ensure!(output.status.success(), "nisshi user create: {}", String::from_utf8_lossy(&output.stderr));
+        Ok(())
     }
 
     /// SIGTERM (what `scripts/run` sends on Ctrl-C), waiting for the exit;

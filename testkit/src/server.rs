@@ -21,6 +21,23 @@ use crate::{log_tail, nisshi::Nisshi, process::Process};
 
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Settings that lift the abuse limits (rate limits, devices per account) for tests and
+/// benchmarks that create many accounts and devices from one address; the tests of those
+/// limits set their own.
+pub const UNTHROTTLED: &[(&str, &str)] = &[
+    ("LOCKSTEP_RATE_LIMITS__CREATE_ACCOUNT_PER_ADDRESS__BURST", "1000000"),
+    ("LOCKSTEP_RATE_LIMITS__CREATE_ACCOUNT_PER_ADDRESS__PER_HOUR", "1000000000"),
+    ("LOCKSTEP_RATE_LIMITS__CREATE_ACCOUNT_TOTAL__BURST", "1000000"),
+    ("LOCKSTEP_RATE_LIMITS__CREATE_ACCOUNT_TOTAL__PER_HOUR", "1000000000"),
+    ("LOCKSTEP_RATE_LIMITS__PAIRING_TICKET_PER_ACCOUNT__BURST", "1000000"),
+    ("LOCKSTEP_RATE_LIMITS__PAIRING_TICKET_PER_ACCOUNT__PER_HOUR", "1000000000"),
+    ("LOCKSTEP_RATE_LIMITS__REDEEM_PER_ADDRESS__BURST", "1000000"),
+    ("LOCKSTEP_RATE_LIMITS__REDEEM_PER_ADDRESS__PER_HOUR", "1000000000"),
+    ("LOCKSTEP_RATE_LIMITS__PUSH_PER_ACCOUNT__BURST", "1000000"),
+    ("LOCKSTEP_RATE_LIMITS__PUSH_PER_ACCOUNT__PER_HOUR", "1000000000"),
+    ("LOCKSTEP_ACCOUNTS__MAX_DEVICES_PER_ACCOUNT", "1000000"),
+];
+
 pub struct Server {
     binary: PathBuf,
     process: Option<Process>,
@@ -76,7 +93,8 @@ fn newest_mtime(dir: &Path) -> SystemTime {
 }
 
 impl Server {
-    /// Starts a server against `nisshi` with test-friendly settings (1 s heartbeats).
+    /// Starts a server against `nisshi` with test-friendly settings (1 s heartbeats,
+    /// [`UNTHROTTLED`]).
     pub async fn start(nisshi: &Nisshi) -> anyhow::Result<Self> {
         Self::start_with(nisshi, &[]).await
     }
@@ -86,10 +104,21 @@ impl Server {
         Self::start_with_kafka(nisshi.bootstrap(), env).await
     }
 
+    /// Like [`Server::start_with`] but with the server's own abuse limits (rate limits,
+    /// devices per account), not [`UNTHROTTLED`]: for the tests of those limits.
+    pub async fn start_with_default_limits(nisshi: &Nisshi, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut settings =
+            vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "1s"), ("LOCKSTEP_LOG", "info,lockstep_broker=debug")];
+        settings.extend_from_slice(env);
+        Self::start_binary(lockstep_binary()?, nisshi.bootstrap(), &settings).await
+    }
+
     /// Like [`Server::start_with`], bootstrapping from `kafka` (e.g. a proxy in front of Nisshi).
     pub async fn start_with_kafka(kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut settings =
             vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "1s"), ("LOCKSTEP_LOG", "info,lockstep_broker=debug")];
+        settings.extend_from_slice(UNTHROTTLED);
+        // The test's own settings come last and win.
         settings.extend_from_slice(env);
         Self::start_binary(lockstep_binary()?, kafka, &settings).await
     }
@@ -117,6 +146,18 @@ impl Server {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr())
+    }
+
+    /// The address as a client of a TLS server names it.
+    pub fn https_endpoint(&self) -> String {
+        format!("https://{}", self.addr())
+    }
+
+    /// Sends SIGHUP (the server reloads its TLS certificate).
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill").args(["-HUP", &self.pid().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -HUP {} failed", self.pid());
+        Ok(())
     }
 
     /// The server's `--data-dir` (its accounts database).

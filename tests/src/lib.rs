@@ -4,7 +4,7 @@
 //! (`lockstep-testkit`, shared with `bench/`); this crate adds the fault suite.
 //!
 //! # Layout
-//! - [`nisshi`], [`server`], [`device`], [`cli`], [`stack`]: re-exported from the test kit.
+//! - [`nisshi`], [`server`], [`device`], [`cli`], [`stack`], [`tls`]: re-exported from the test kit.
 //! - [`proxy`]: a TCP proxy between the server and Kafka that tests cut or slow down.
 //! - [`workload`]: simulated devices for the fault tests, recording into a [`history`].
 //! - [`history`]: what the devices saw in a fault run, checked against the invariants.
@@ -16,6 +16,6 @@ pub mod proxy;
 pub mod workload;
 
 pub use lockstep_testkit::{
-    cli, dashboard, device, device_group, free_port, http_get, log_tail, nisshi, process, push, server, stack,
+    cli, dashboard, device, device_group, free_port, http_get, log_tail, nisshi, process, push, server, stack, tls,
     user_topic,
 };

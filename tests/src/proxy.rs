@@ -16,8 +16,17 @@
 //!   stopped, blackholed ones are closed (so clients reconnect).
 //! - [`Proxy::set_delay`] delays every chunk, in each direction, by a fixed
 //!   latency without limiting throughput (a slow link, not a narrow one).
+//! - [`Proxy::bytes_to_upstream`] counts what it delivered upstream (how much
+//!   of a request a server let its client send).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -53,6 +62,7 @@ pub struct Proxy {
     upstream: SocketAddr,
     link_tx: watch::Sender<Link>,
     accept_task: JoinHandle<()>,
+    bytes_up: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -61,8 +71,14 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (link_tx, link_rx) = watch::channel(Link::default());
-        let accept_task = tokio::spawn(accept_loop(listener, upstream, link_rx));
-        Ok(Self { addr, upstream, link_tx, accept_task })
+        let bytes_up = Arc::new(AtomicU64::new(0));
+        let accept_task = tokio::spawn(accept_loop(listener, upstream, link_rx, bytes_up.clone()));
+        Ok(Self { addr, upstream, link_tx, accept_task, bytes_up })
+    }
+
+    /// Bytes written to upstream so far, over all connections.
+    pub fn bytes_to_upstream(&self) -> u64 {
+        self.bytes_up.load(Ordering::Relaxed)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -109,18 +125,23 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: SocketAddr, link_rx: watch::Receiver<Link>) {
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    link_rx: watch::Receiver<Link>,
+    bytes_up: Arc<AtomicU64>,
+) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             // Out of file descriptors or similar: try again shortly rather than spin.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        tokio::spawn(serve(client, upstream, link_rx.clone()));
+        tokio::spawn(serve(client, upstream, link_rx.clone(), bytes_up.clone()));
     }
 }
 
-async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Receiver<Link>) {
+async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Receiver<Link>, bytes_up: Arc<AtomicU64>) {
     if link_rx.borrow_and_update().blackholes() {
         // Blackholed: hold the socket, read nothing, until the link is back.
         until_restored(&mut link_rx).await;
@@ -135,8 +156,8 @@ async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Rece
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let forward = futures::future::join(
-        pipe(client_read, server_write, link_rx.clone()),
-        pipe(server_read, client_write, link_rx.clone()),
+        pipe(client_read, server_write, link_rx.clone(), Some(bytes_up)),
+        pipe(server_read, client_write, link_rx.clone(), None),
     );
     tokio::select! {
         _ = forward => {}
@@ -146,7 +167,12 @@ async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Rece
 
 /// Copies `from` to `to`, each chunk due `delay` after it was read; shuts
 /// `to` down once `from` ended and everything queued was written.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link_rx: watch::Receiver<Link>) {
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    link_rx: watch::Receiver<Link>,
+    written: Option<Arc<AtomicU64>>,
+) {
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
     let mut writer_link_rx = link_rx.clone();
     let mut reader_link_rx = link_rx;
@@ -171,6 +197,9 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link_rx: watch::R
             until_thawed(&mut writer_link_rx).await;
             if to.write_all(&chunk).await.is_err() {
                 return;
+            }
+            if let Some(written) = &written {
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
         }
         let _ = to.shutdown().await;

@@ -14,6 +14,7 @@ fn settings(bootstrap: &str) -> GroupOffsetsSettings {
         client_id: "lockstep-test".to_owned(),
         request_timeout: Duration::from_secs(5),
         max_attempts: 4,
+        security: Default::default(),
     }
 }
 

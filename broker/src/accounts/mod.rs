@@ -27,6 +27,8 @@ pub enum AccountsError {
     TicketInvalid,
     #[error("no such device in this account")]
     DeviceNotFound,
+    #[error("the account has {0} devices, the most this server allows: revoke one before pairing another")]
+    TooManyDevices(u32),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -58,6 +60,8 @@ pub struct Accounts {
     db: Db,
     tokens: Arc<RwLock<HashMap<TokenHash, AuthedDevice>>>,
     ticket_ttl: Duration,
+    /// Devices (not revoked) an account may have.
+    max_devices: u32,
 }
 
 impl Accounts {
@@ -81,7 +85,13 @@ impl Accounts {
             tokens.insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
         }
         tracing::info!(active_devices = tokens.len(), "accounts loaded");
-        Ok(Self { db, tokens: Arc::new(RwLock::new(tokens)), ticket_ttl })
+        Ok(Self { db, tokens: Arc::new(RwLock::new(tokens)), ticket_ttl, max_devices: u32::MAX })
+    }
+
+    /// Caps the devices (not revoked) of one account; redeeming a ticket past it fails.
+    pub fn with_max_devices(mut self, max_devices: u32) -> Self {
+        self.max_devices = max_devices;
+        self
     }
 
     pub fn authenticate(&self, token: &str) -> Option<AuthedDevice> {
@@ -142,6 +152,7 @@ impl Accounts {
         let token = new_secret("lst_", 32);
         let hash = hash_secret(&token);
         let device = device_id.clone();
+        let max_devices = self.max_devices;
         let user_id = self
             .db
             .call(move |connection| {
@@ -157,7 +168,16 @@ impl Accounts {
                         |row| row.get(0),
                     )
                     .optional()?;
-                let Some(user) = user else { return Ok(None) };
+                let Some(user) = user else { return Ok(Err(AccountsError::TicketInvalid)) };
+                let devices: i64 = transaction.query_row(
+                    "SELECT COUNT(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NULL",
+                    [&user],
+                    |row| row.get(0),
+                )?;
+                if devices >= i64::from(max_devices) {
+                    // Rolled back: the ticket stays valid for after a revocation.
+                    return Ok(Err(AccountsError::TooManyDevices(max_devices)));
+                }
                 // A new device starts from the log as it is now: it has nothing to repair.
                 transaction.execute(
                     "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms, log_generation)
@@ -165,10 +185,9 @@ impl Accounts {
                     params![device, user, device_name, hash.as_slice(), now],
                 )?;
                 transaction.commit()?;
-                Ok(Some(user))
+                Ok(Ok(user))
             })
-            .await?
-            .ok_or(AccountsError::TicketInvalid)?;
+            .await??;
         self.remember(hash, &user_id, &device_id);
         Ok(NewDevice { user_id, device_id, token })
     }

@@ -78,7 +78,27 @@ struct SessionEntry {
     stop_tx: watch::Sender<Option<StopReason>>,
 }
 
+/// One of a user's subscription slots (`limits.max_subscriptions_per_user`), given back on drop.
+pub(crate) struct UserSlot {
+    counts: Arc<Mutex<HashMap<Arc<str>, u32>>>,
+    user_id: Arc<str>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.counts);
+        if let Some(count) = counts.get_mut(&self.user_id) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.user_id);
+            }
+        }
+    }
+}
+
 struct Inner {
+    user_streams: Arc<Mutex<HashMap<Arc<str>, u32>>>,
+    max_streams_per_user: u32,
     live_logs: Mutex<HashMap<Arc<str>, Weak<LiveLog>>>,
     sessions: Mutex<HashMap<Arc<str>, SessionEntry>>,
     devices: Mutex<HashMap<Arc<str>, Arc<DeviceState>>>,
@@ -109,6 +129,8 @@ impl Delivery {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                user_streams: Arc::default(),
+                max_streams_per_user: settings.limits.max_subscriptions_per_user,
                 live_logs: Mutex::default(),
                 sessions: Mutex::default(),
                 devices: Mutex::default(),
@@ -152,6 +174,7 @@ impl Delivery {
         let permit = inner.subscriptions.clone().try_acquire_owned().map_err(|_| {
             ApiError::ResourceExhausted("this server holds its maximum number of subscriptions; retry later".into())
         })?;
+        let user_slot = self.user_slot(&device.user_id)?;
         let topic: Arc<str> = user_topic(&inner.kafka, &device.user_id).into();
         // The user's live tail first, then the watermarks: every change Kafka
         // acknowledges after this read reaches the tail, so the session may
@@ -214,6 +237,7 @@ impl Delivery {
             stream_tx,
             stop_rx,
             _permit: permit,
+            _user_slot: user_slot,
             _running: running,
         };
         tokio::spawn(session.run());
@@ -368,6 +392,19 @@ impl Delivery {
 
     fn live_log_if_active(&self, user_id: &str) -> Option<Arc<LiveLog>> {
         lock(&self.inner.live_logs).get(user_id).and_then(Weak::upgrade)
+    }
+
+    /// Takes one of the user's subscription slots, unless all are taken.
+    fn user_slot(&self, user_id: &Arc<str>) -> Result<UserSlot, ApiError> {
+        let mut counts = lock(&self.inner.user_streams);
+        let count = counts.entry(user_id.clone()).or_insert(0);
+        if *count >= self.inner.max_streams_per_user {
+            return Err(ApiError::ResourceExhausted(format!(
+                "this account's devices hold {count} streams, the most this server allows; retry later"
+            )));
+        }
+        *count += 1;
+        Ok(UserSlot { counts: self.inner.user_streams.clone(), user_id: user_id.clone() })
     }
 
     fn end_session(&self, device_id: &str, session_id: u64) {

@@ -43,6 +43,7 @@ pub(super) struct Session {
     pub stream_tx: mpsc::Sender<Result<SubscribeResponse, tonic::Status>>,
     pub stop_rx: watch::Receiver<Option<StopReason>>,
     pub _permit: OwnedSemaphorePermit,
+    pub _user_slot: super::UserSlot,
     /// Shutdown waits for this stream to end.
     pub _running: Shutdown,
 }
@@ -50,6 +51,25 @@ pub(super) struct Session {
 /// How a stream ended without an error to report.
 enum End {
     DeviceGone,
+}
+
+/// How a stream ended with one.
+enum Ended {
+    /// The device took no message within `delivery.send_timeout`.
+    Stuck(ApiError),
+    Error(ApiError),
+}
+
+impl From<ApiError> for Ended {
+    fn from(error: ApiError) -> Self {
+        Ended::Error(error)
+    }
+}
+
+impl From<KafkaError> for Ended {
+    fn from(error: KafkaError) -> Self {
+        Ended::Error(error.into())
+    }
 }
 
 impl Session {
@@ -60,7 +80,12 @@ impl Session {
             Ok(End::DeviceGone) => {
                 tracing::debug!(device_id = %device_id, "device closed its stream")
             }
-            Err(error) => {
+            Err(Ended::Stuck(error)) => {
+                tracing::info!(device_id = %device_id, %error, "stream ended: the device takes no data");
+                // Its buffer is full: say why only if there is room, and free the slot now.
+                let _ = self.stream_tx.try_send(Err(error.into()));
+            }
+            Err(Ended::Error(error)) => {
                 tracing::debug!(device_id = %device_id, %error, "stream ended");
                 // A device that stopped reading does not get to hold this task
                 // (and its subscription slot, and shutdown) forever.
@@ -70,7 +95,7 @@ impl Session {
         self.delivery.end_session(&device_id, self.session_id);
     }
 
-    async fn stream(&mut self) -> Result<End, ApiError> {
+    async fn stream(&mut self) -> Result<End, Ended> {
         let Watermarks { log_start, log_end } = self.start.watermarks;
         let mut cursor = self.start.from_offset.or(self.start.committed).unwrap_or(log_start);
         if let Some(reason) = self.start.first_resync {
@@ -113,7 +138,7 @@ impl Session {
 
     /// Reads from Kafka from `cursor` up to `until` (or the end of the log)
     /// and forwards the changes. Returns the new cursor.
-    async fn catch_up(&mut self, mut cursor: i64, until: Option<i64>) -> Result<i64, ApiError> {
+    async fn catch_up(&mut self, mut cursor: i64, until: Option<i64>) -> Result<i64, Ended> {
         let settings = &self.delivery.inner.settings;
         let limits = (settings.batch_max_changes, settings.batch_max_bytes);
         loop {
@@ -190,7 +215,7 @@ impl Session {
     }
 
     /// Sends consecutive changes in messages of at most `batch_max_bytes`.
-    async fn send_changes(&mut self, changes: Vec<DeliveredChange>) -> Result<(), ApiError> {
+    async fn send_changes(&mut self, changes: Vec<DeliveredChange>) -> Result<(), Ended> {
         let max_bytes = self.delivery.inner.settings.batch_max_bytes;
         let _spans = delivery_spans(&changes);
         for changes in split_by_bytes(changes, max_bytes) {
@@ -199,14 +224,14 @@ impl Session {
         Ok(())
     }
 
-    async fn send_resync(&mut self, log_start: i64, previous: i64, reason: ResyncReason) -> Result<(), ApiError> {
+    async fn send_resync(&mut self, log_start: i64, previous: i64, reason: ResyncReason) -> Result<(), Ended> {
         tracing::info!(device_id = %self.device.device_id, log_start, previous, ?reason, "resync");
         metrics::counter!("lockstep_resyncs_total", "reason" => reason.as_str_name()).increment(1);
         let resync = Resync { log_start_offset: log_start, previous_offset: previous, reason: reason as i32 };
         self.send(Event::Resync(resync)).await
     }
 
-    async fn send_heartbeat(&mut self, cursor: i64) -> Result<(), ApiError> {
+    async fn send_heartbeat(&mut self, cursor: i64) -> Result<(), Ended> {
         let committed = self.device_state.committed.load(Ordering::Acquire);
         let heartbeat = Heartbeat {
             log_end_offset: self.live_log.end().unwrap_or(cursor).max(cursor),
@@ -223,14 +248,20 @@ impl Session {
         }
     }
 
-    /// Sends one message, waiting for room; a stop or a vanished device ends the wait.
-    async fn send(&mut self, event: Event) -> Result<(), ApiError> {
+    /// Sends one message, waiting for room at most `delivery.send_timeout`; a stop or a
+    /// vanished device ends the wait.
+    async fn send(&mut self, event: Event) -> Result<(), Ended> {
         let message = SubscribeResponse { event: Some(event) };
+        let send_timeout = self.delivery.inner.settings.send_timeout;
         tokio::select! {
             sent = self.stream_tx.send(Ok(message)) => {
-                sent.map_err(|_| ApiError::Aborted("device closed the stream".into()))
+                sent.map_err(|_| ApiError::Aborted("device closed the stream".into()).into())
             }
-            _ = self.stop_rx.changed() => self.check_stop(),
+            _ = self.stop_rx.changed() => Ok(self.check_stop()?),
+            () = tokio::time::sleep(send_timeout) => Err(Ended::Stuck(ApiError::Unavailable(format!(
+                "this device took no data for {} s: the stream ended; subscribe again",
+                send_timeout.as_secs()
+            )))),
         }
     }
 }

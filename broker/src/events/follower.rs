@@ -62,6 +62,7 @@ async fn follow(settings: &Settings, kafka: &KafkaSettings, push_targets: &PushT
         client_id: "lockstep-events-follower".into(),
         request_timeout: kafka.request_timeout,
         max_attempts: 3,
+        security: crate::kafka::group_offsets::security::KafkaSecurity::from_client_config(&kafka.client_config)?,
     })
     .await?;
     let partitions = partitions_of(&consumer, &topic, kafka.request_timeout).await?;

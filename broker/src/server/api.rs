@@ -97,15 +97,22 @@ impl accounts_server::Accounts for AccountsApi {
         if !settings.allow_registration {
             return Err(ApiError::PermissionDenied("this server does not accept new accounts".into()).into());
         }
-        if let Some(expected) = &settings.registration_secret {
-            let given = request.metadata().get("x-lockstep-registration-secret").map(|value| value.as_bytes());
-            if !given.is_some_and(|given| same_secret(given, expected.as_bytes())) {
-                return Err(ApiError::PermissionDenied(
-                    "creating an account needs the server's registration secret (x-lockstep-registration-secret)"
-                        .into(),
-                )
-                .into());
+        let secret_needed = || {
+            ApiError::PermissionDenied(
+                "creating an account needs the server's registration secret (x-lockstep-registration-secret)".into(),
+            )
+        };
+        match &settings.registration_secret {
+            Some(expected) => {
+                let given = request.metadata().get("x-lockstep-registration-secret").map(|value| value.as_bytes());
+                if !given.is_some_and(|given| same_secret(given, expected.as_bytes())) {
+                    return Err(secret_needed().into());
+                }
             }
+            // Beyond loopback, anyone could create accounts (and Kafka topics): only if the
+            // operator said so.
+            None if !settings.open_registration(self.app.settings.listen_addr) => return Err(secret_needed().into()),
+            None => {}
         }
         let name = check_device_name(&request.get_ref().device_name)?;
         let user_id = uuid::Uuid::now_v7().to_string();

@@ -43,6 +43,10 @@ pub struct Args {
     /// the server's traces (when it exports them) join the caller's trace.
     #[arg(long, env = "TRACEPARENT", global = true)]
     traceparent: Option<String>,
+    /// For an `https://` server: trust only this CA certificate (PEM), e.g. a self-hosted
+    /// server's own CA; without it, the system's roots.
+    #[arg(long, env = "LOCKSTEP_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Shift this device's clock, e.g. -3h (tests of devices whose clocks differ).
     #[arg(
         long,
@@ -86,7 +90,7 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
 enum Command {
     /// Create an account on a server; this store becomes its first device.
     Init {
-        /// e.g. http://127.0.0.1:50051
+        /// e.g. https://sync.example.org (or http://127.0.0.1:50051 on this machine)
         #[arg(long)]
         server: String,
         /// A name for this device, e.g. laptop.
@@ -354,18 +358,28 @@ fn open_empty(args: &Args) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The CAs an `https://` server's certificate must chain to (`--ca-file`, else the system's).
+fn trust(args: &Args) -> anyhow::Result<sync::Trust> {
+    Ok(match &args.ca_file {
+        Some(path) => sync::Trust::ca_file(path)?,
+        None => sync::Trust::SystemRoots,
+    })
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(traceparent) = &args.traceparent {
         sync::send_traceparent(traceparent).map_err(anyhow::Error::msg)?;
     }
     let open = || open_store(&args);
     let rpc_timeout = args.rpc_timeout;
+    let trust = trust(&args)?;
     match &args.command {
         Command::Init { server, name, registration_secret } => {
             let mut store = open_empty(&args)?;
-            let account = sync::create_account(server, name, registration_secret.as_deref(), rpc_timeout).await?;
+            let account =
+                sync::create_account(server, name, registration_secret.as_deref(), rpc_timeout, &trust).await?;
             store.save_account(&account)?;
-            register_device_key(open()?, rpc_timeout, Duration::ZERO).await;
+            register_device_key(open()?, rpc_timeout, &trust, Duration::ZERO).await;
             print_new_device(
                 args.json,
                 &args.store,
@@ -379,7 +393,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Pair { command: PairCommand::Show { no_qr } } => {
             let store = open()?;
             let account = store.account()?;
-            let (ticket, expires_at_ms) = sync::pairing_ticket(&account, rpc_timeout).await?;
+            let (ticket, expires_at_ms) = sync::pairing_ticket(&account, rpc_timeout, &trust).await?;
             let code = PairingCode { server: account.server.clone(), ticket, key: account.key.clone() };
             let text = code.encode();
             if args.json {
@@ -400,9 +414,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Pair { command: PairCommand::Redeem { code, name, key_wait } } => {
             let mut store = open_empty(&args)?;
             let code = PairingCode::decode(&read_arg(code)?)?;
-            let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), name, rpc_timeout).await?;
+            let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), name, rpc_timeout, &trust).await?;
             store.save_account(&account)?;
-            register_device_key(open()?, rpc_timeout, *key_wait).await;
+            register_device_key(open()?, rpc_timeout, &trust, *key_wait).await;
             print_new_device(
                 args.json,
                 &args.store,
@@ -501,14 +515,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Sync => {
             let store = open()?;
-            let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout);
+            let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout).with_trust(trust.clone());
             let mut reporter = Reporter::new();
             reporter.quiet =
                 args.json && !std::io::stderr().is_terminal() && std::env::var_os("LOCKSTEP_PROGRESS").is_none();
             let report = syncer.sync_once(&mut |progress| reporter.show(progress)).await?;
             print_report(&report, args.json);
         }
-        Command::Watch => watch(Syncer::new(open()?)?.with_rpc_timeout(rpc_timeout), args.json).await?,
+        Command::Watch => {
+            watch(Syncer::new(open()?)?.with_rpc_timeout(rpc_timeout).with_trust(trust.clone()), args.json).await?
+        }
         Command::SetServer { server } => {
             let mut store = open()?;
             store.set_server(server)?;
@@ -521,7 +537,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Status => show::status(&open()?.status()?, args.json)?,
         Command::Devices => {
             let account = open()?.account()?;
-            let devices = sync::list_devices(&account, rpc_timeout).await?;
+            let devices = sync::list_devices(&account, rpc_timeout, &trust).await?;
             if args.json {
                 let devices: Vec<Value> = devices
                     .iter()
@@ -540,7 +556,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Revoke { device_id } => revoke(open()?, device_id, rpc_timeout, args.json).await?,
+        Command::Revoke { device_id } => revoke(open()?, device_id, rpc_timeout, &trust, args.json).await?,
         Command::Check { fix } => show::check(&mut open()?, *fix, args.json)?,
         Command::Push { command } => push(&args, command, &open()?.account()?).await?,
         Command::Account { command: AccountCommand::Delete { confirm } } => {
@@ -548,7 +564,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if *confirm != account.user_id {
                 bail!("--confirm must be this account's user id ({}): deleting it cannot be undone", account.user_id);
             }
-            let deleted = sync::account::delete_account(&account, rpc_timeout).await?;
+            let deleted = sync::account::delete_account(&account, rpc_timeout, &trust).await?;
             if args.json {
                 println!(
                     "{}",
@@ -585,7 +601,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 bail!("leaving revokes this device (pair again to come back); run again with --yes");
             }
             let account = open()?.account()?;
-            sync::account::leave(&account, rpc_timeout).await?;
+            sync::account::leave(&account, rpc_timeout, &trust).await?;
             let mut wiped = Vec::new();
             if *wipe {
                 for suffix in ["", "-wal", "-shm"] {
@@ -621,9 +637,9 @@ fn print_new_device(as_json: bool, store: &std::path::Path, account: &Account, l
 /// Registers a new device's public key and, if the account is past epoch 1,
 /// waits up to `key_wait` for another device to share the epoch keys. A
 /// failure is only a notice: the next `sync` registers and fetches again.
-async fn register_device_key(store: Store, rpc_timeout: Duration, key_wait: Duration) {
+async fn register_device_key(store: Store, rpc_timeout: Duration, trust: &sync::Trust, key_wait: Duration) {
     let mut syncer = match Syncer::new(store) {
-        Ok(syncer) => syncer.with_rpc_timeout(rpc_timeout),
+        Ok(syncer) => syncer.with_rpc_timeout(rpc_timeout).with_trust(trust.clone()),
         Err(error) => return eprintln!("note: {error}; the next `lockstep-cli sync` registers this device's key"),
     };
     let started = Instant::now();
@@ -657,9 +673,15 @@ async fn register_device_key(store: Store, rpc_timeout: Duration, key_wait: Dura
 }
 
 /// Revokes a device, then starts the next key epoch for the remaining ones.
-async fn revoke(store: Store, device_id: &str, rpc_timeout: Duration, as_json: bool) -> anyhow::Result<()> {
+async fn revoke(
+    store: Store,
+    device_id: &str,
+    rpc_timeout: Duration,
+    trust: &sync::Trust,
+    as_json: bool,
+) -> anyhow::Result<()> {
     let account = store.account()?;
-    sync::revoke_device(&account, device_id, rpc_timeout).await?;
+    sync::revoke_device(&account, device_id, rpc_timeout, trust).await?;
     if device_id == account.device_id {
         if as_json {
             println!("{}", json!({"revoked": device_id, "started_epoch": null}));
@@ -668,7 +690,7 @@ async fn revoke(store: Store, device_id: &str, rpc_timeout: Duration, as_json: b
         }
         return Ok(());
     }
-    let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout);
+    let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout).with_trust(trust.clone());
     let keys = syncer.sync_keys().await.with_context(|| {
         format!(
             "device {device_id} is revoked (its token no longer works), but the key rotation did not finish; \
@@ -722,7 +744,8 @@ async fn watch(mut syncer: Syncer, as_json: bool) -> anyhow::Result<()> {
             }
             Err(error) if error.is_transient() => {
                 syncer.disconnect();
-                let delay = sync::backoff(attempt);
+                // A busy server says how long to stay away; never come back sooner.
+                let delay = sync::backoff(attempt).max(error.retry_after().unwrap_or_default());
                 attempt += 1;
                 eprintln!("{error}; reconnecting in {:.1} s", delay.as_secs_f64());
                 tokio::select! {
@@ -743,6 +766,7 @@ use crate::hlc::unix_ms as now_ms;
 async fn push(args: &Args, command: &PushCommand, account: &Account) -> anyhow::Result<()> {
     use crate::sync::push_target::{self, PushTarget, decode_base64url};
     let rpc_timeout = args.rpc_timeout;
+    let trust = trust(args)?;
     match command {
         PushCommand::Set { subscription, endpoint, p256dh, auth, webhook, app_id, pushkey } => {
             let target = if let Some(file) = subscription {
@@ -772,14 +796,14 @@ async fn push(args: &Args, command: &PushCommand, account: &Account) -> anyhow::
                 bail!("say where to wake this device: --subscription, --endpoint or --webhook");
             };
             let (kind, origin) = (target.kind(), target.origin().to_string());
-            push_target::set(account, target, rpc_timeout).await?;
+            push_target::set(account, target, rpc_timeout, &trust).await?;
             if args.json {
                 println!("{}", json!({"kind": kind, "origin": origin}));
             } else {
                 println!("this device is woken through {kind} at {origin} when it is offline and behind");
             }
         }
-        PushCommand::Show { reveal } => match push_target::get(account, rpc_timeout).await? {
+        PushCommand::Show { reveal } => match push_target::get(account, rpc_timeout, &trust).await? {
             None if args.json => println!("{}", json!({"target": null})),
             None => println!("this device has no push target (set one with `lockstep-cli push set`)"),
             Some((target, updated_at_ms)) => {
@@ -792,7 +816,7 @@ async fn push(args: &Args, command: &PushCommand, account: &Account) -> anyhow::
             }
         },
         PushCommand::Remove => {
-            let removed = push_target::remove(account, rpc_timeout).await?;
+            let removed = push_target::remove(account, rpc_timeout, &trust).await?;
             if args.json {
                 println!("{}", json!({"removed": removed}));
             } else if removed {

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use lockstep_proto::v1::{Device, ListDevicesRequest, RevokeDeviceRequest, accounts_client::AccountsClient};
 
-use super::{SyncError, authed, connect, rpc};
+use super::{SyncError, Trust, authed, connect, rpc};
 use crate::store::Account;
 
-pub async fn list_devices(account: &Account, rpc_timeout: Duration) -> Result<Vec<Device>, SyncError> {
-    let mut accounts = AccountsClient::new(connect(&account.server).await?);
+pub async fn list_devices(account: &Account, rpc_timeout: Duration, trust: &Trust) -> Result<Vec<Device>, SyncError> {
+    let mut accounts = AccountsClient::new(connect(&account.server, trust).await?);
     Ok(accounts
         .list_devices(authed(&account.token, ListDevicesRequest {}, Some(rpc_timeout))?)
         .await
@@ -19,8 +19,13 @@ pub async fn list_devices(account: &Account, rpc_timeout: Duration) -> Result<Ve
         .devices)
 }
 
-pub async fn revoke_device(account: &Account, device_id: &str, rpc_timeout: Duration) -> Result<(), SyncError> {
-    let mut accounts = AccountsClient::new(connect(&account.server).await?);
+pub async fn revoke_device(
+    account: &Account,
+    device_id: &str,
+    rpc_timeout: Duration,
+    trust: &Trust,
+) -> Result<(), SyncError> {
+    let mut accounts = AccountsClient::new(connect(&account.server, trust).await?);
     let request = RevokeDeviceRequest { device_id: device_id.into() };
     accounts.revoke_device(authed(&account.token, request, Some(rpc_timeout))?).await.map_err(rpc("RevokeDevice"))?;
     Ok(())

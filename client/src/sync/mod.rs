@@ -24,7 +24,7 @@ mod receive;
 use std::{str::FromStr, time::Duration};
 
 use lockstep_proto::{
-    retry::is_retryable,
+    retry::{is_retryable, retry_after},
     v1::{
         Change, CreateAccountRequest, CreatePairingTicketRequest, GetServerInfoRequest, GetServerInfoResponse,
         PushRequest, RedeemPairingTicketRequest, accounts_client::AccountsClient, keys_client::KeysClient, push_result,
@@ -35,7 +35,7 @@ use rand::Rng;
 use tonic::{
     Code, Request, Status,
     metadata::{Ascii, MetadataValue},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 use zeroize::Zeroizing;
 
@@ -49,6 +49,8 @@ use crate::store::{Account, ResyncReason, Store, StoreError};
 
 /// How long a unary call may take unless told otherwise (`--rpc-timeout`).
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pushes the server shed (busy, with a retry-after) retried within one `push` before it gives up.
+const MAX_SHED_RETRIES: u32 = 3;
 /// The decode limit when the server does not advertise `max_batch_bytes`.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -106,6 +108,14 @@ impl SyncError {
         }
     }
 
+    /// How long the server asked to wait before trying again, if it shed the call.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SyncError::Rpc { status, .. } => retry_after(status),
+            _ => None,
+        }
+    }
+
     fn is_data_loss(&self) -> bool {
         matches!(self, SyncError::Rpc { status, .. } if status.code() == Code::DataLoss)
     }
@@ -125,13 +135,48 @@ fn deadline_as_such(status: Status) -> Status {
     status
 }
 
-pub async fn connect(server: &str) -> Result<Channel, SyncError> {
+/// Which certificate authorities an `https://` server's certificate must chain to.
+#[derive(Debug, Clone, Default)]
+pub enum Trust {
+    /// The operating system's roots.
+    #[default]
+    SystemRoots,
+    /// Only this CA (PEM), e.g. a self-hosted server's own CA (`--ca-file`).
+    PinnedCa(Vec<u8>),
+}
+
+impl Trust {
+    /// Pins the CA certificate(s) in the PEM file at `path`.
+    pub fn ca_file(path: &std::path::Path) -> Result<Self, SyncError> {
+        let pem = std::fs::read(path).map_err(|error| SyncError::Connect {
+            server: String::new(),
+            message: format!("cannot read the CA file {}: {error}", path.display()),
+        })?;
+        Ok(Self::PinnedCa(pem))
+    }
+
+    fn tls_config(&self) -> ClientTlsConfig {
+        match self {
+            Trust::SystemRoots => ClientTlsConfig::new().with_native_roots(),
+            Trust::PinnedCa(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+        }
+    }
+}
+
+/// A channel to `server`: `http://` in the clear (loopback and tests), `https://` with TLS,
+/// the server's certificate checked against `trust`.
+pub async fn connect(server: &str, trust: &Trust) -> Result<Channel, SyncError> {
     let fail = |message: String| SyncError::Connect { server: server.into(), message };
-    let endpoint = Endpoint::from_str(server)
-        .map_err(|error| fail(format!("not a server address ({error}); expected e.g. http://127.0.0.1:50051")))?
+    let mut endpoint = Endpoint::from_str(server)
+        .map_err(|error| fail(format!("not a server address ({error}); expected e.g. https://sync.example.org")))?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    if endpoint.uri().scheme_str() == Some("https") {
+        endpoint = endpoint.tls_config(trust.tls_config()).map_err(|error| fail(format!("tls: {error}")))?;
+    } else if matches!(trust, Trust::PinnedCa(_)) {
+        return Err(fail("a CA file was given but the server address is not https://".into()));
+    }
     endpoint.connect().await.map_err(|error| {
         let mut message = error.to_string();
         let mut source = std::error::Error::source(&error);
@@ -192,8 +237,9 @@ pub async fn create_account(
     device_name: &str,
     registration_secret: Option<&str>,
     rpc_timeout: Duration,
+    trust: &Trust,
 ) -> Result<Account, SyncError> {
-    let mut accounts = AccountsClient::new(connect(server).await?);
+    let mut accounts = AccountsClient::new(connect(server, trust).await?);
     let mut request = Request::new(CreateAccountRequest { device_name: device_name.into() });
     request.set_timeout(rpc_timeout);
     if let Some(secret) = registration_secret {
@@ -216,8 +262,12 @@ pub async fn create_account(
 }
 
 /// Asks the server for a one-time pairing ticket for `account`.
-pub async fn pairing_ticket(account: &Account, rpc_timeout: Duration) -> Result<(String, i64), SyncError> {
-    let mut accounts = AccountsClient::new(connect(&account.server).await?);
+pub async fn pairing_ticket(
+    account: &Account,
+    rpc_timeout: Duration,
+    trust: &Trust,
+) -> Result<(String, i64), SyncError> {
+    let mut accounts = AccountsClient::new(connect(&account.server, trust).await?);
     let ticket = accounts
         .create_pairing_ticket(authed(&account.token, CreatePairingTicketRequest {}, Some(rpc_timeout))?)
         .await
@@ -233,8 +283,9 @@ pub async fn redeem(
     key: AccountKey,
     device_name: &str,
     rpc_timeout: Duration,
+    trust: &Trust,
 ) -> Result<Account, SyncError> {
-    let mut accounts = AccountsClient::new(connect(server).await?);
+    let mut accounts = AccountsClient::new(connect(server, trust).await?);
     let mut request =
         Request::new(RedeemPairingTicketRequest { ticket: ticket.into(), device_name: device_name.into() });
     request.set_timeout(rpc_timeout);
@@ -324,13 +375,27 @@ pub struct Syncer {
     /// The Keys service on the same connection.
     keys: Option<KeysClient<Channel>>,
     rpc_timeout: Duration,
+    trust: Trust,
 }
 
 impl Syncer {
     /// A syncer for the store's account; it connects when first needed.
     pub fn new(store: Store) -> Result<Self, SyncError> {
         let account = store.account()?;
-        Ok(Self { store, account, connection: None, keys: None, rpc_timeout: DEFAULT_RPC_TIMEOUT })
+        Ok(Self {
+            store,
+            account,
+            connection: None,
+            keys: None,
+            rpc_timeout: DEFAULT_RPC_TIMEOUT,
+            trust: Trust::default(),
+        })
+    }
+
+    /// The CAs the server's certificate must chain to (for `https://` servers).
+    pub fn with_trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
     }
 
     /// The deadline of every unary call, and of a Subscribe's first answer.
@@ -349,7 +414,7 @@ impl Syncer {
         if let Some(connection) = &self.connection {
             return Ok(connection.clone());
         }
-        let channel = connect(&self.account.server).await?;
+        let channel = connect(&self.account.server, &self.trust).await?;
         let limits = SyncClient::new(channel.clone())
             .get_server_info(authed(&self.account.token, GetServerInfoRequest {}, Some(self.rpc_timeout))?)
             .await
@@ -420,19 +485,29 @@ impl Syncer {
                 continue;
             }
             let sent = changes.len();
-            let response =
-                match sync.push(authed(&self.account.token, PushRequest { changes }, Some(self.rpc_timeout))?).await {
-                    Ok(response) => response.into_inner(),
+            let mut shed = 0;
+            let response = loop {
+                let request =
+                    authed(&self.account.token, PushRequest { changes: changes.clone() }, Some(self.rpc_timeout))?;
+                match sync.push(request).await {
+                    Ok(response) => break Some(response.into_inner()),
+                    // The server was busy and said when to come back: wait that long, a few times.
+                    Err(status) if shed < MAX_SHED_RETRIES && retry_after(&status).is_some() => {
+                        shed += 1;
+                        tokio::time::sleep(retry_after(&status).unwrap_or_default()).await;
+                    }
                     // Sealed under an epoch older than the account's: fetch the new
                     // keys (which unseals those changes), seal again, push again.
                     Err(status) if status.code() == Code::FailedPrecondition && !refreshed_keys => {
                         tracing::info!(message = status.message(), "push refused under a stale key epoch");
                         refreshed_keys = true;
                         self.sync_keys().await?;
-                        continue;
+                        break None;
                     }
                     Err(status) => return Err(rpc("Push")(status)),
-                };
+                }
+            };
+            let Some(response) = response else { continue };
             let mut acknowledged = Vec::with_capacity(sent);
             let mut stalled = None;
             for (entry, result) in batch.into_iter().zip(response.results) {

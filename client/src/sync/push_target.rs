@@ -13,7 +13,7 @@ use lockstep_proto::v1::{
 use serde_json::Value;
 use tonic::Code;
 
-use super::{SyncError, authed, connect, rpc};
+use super::{SyncError, Trust, authed, connect, rpc};
 use crate::store::Account;
 
 /// Where a device can be woken.
@@ -96,15 +96,15 @@ pub fn encode_base64url(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-async fn client(account: &Account) -> Result<PushTargetsClient<tonic::transport::Channel>, SyncError> {
-    Ok(PushTargetsClient::new(connect(&account.server).await?))
+async fn client(account: &Account, trust: &Trust) -> Result<PushTargetsClient<tonic::transport::Channel>, SyncError> {
+    Ok(PushTargetsClient::new(connect(&account.server, trust).await?))
 }
 
 /// Sets (replaces) this device's target. The server checks it: a malformed
 /// one is refused with INVALID_ARGUMENT and a reason.
-pub async fn set(account: &Account, target: PushTarget, rpc_timeout: Duration) -> Result<(), SyncError> {
+pub async fn set(account: &Account, target: PushTarget, rpc_timeout: Duration, trust: &Trust) -> Result<(), SyncError> {
     let request = SetPushTargetRequest { target: Some(target.into_proto()) };
-    client(account)
+    client(account, trust)
         .await?
         .set_push_target(authed(&account.token, request, Some(rpc_timeout))?)
         .await
@@ -113,8 +113,12 @@ pub async fn set(account: &Account, target: PushTarget, rpc_timeout: Duration) -
 }
 
 /// This device's target and when it was set, `None` if it has none.
-pub async fn get(account: &Account, rpc_timeout: Duration) -> Result<Option<(PushTarget, i64)>, SyncError> {
-    let answer = client(account)
+pub async fn get(
+    account: &Account,
+    rpc_timeout: Duration,
+    trust: &Trust,
+) -> Result<Option<(PushTarget, i64)>, SyncError> {
+    let answer = client(account, trust)
         .await?
         .get_push_target(authed(&account.token, GetPushTargetRequest {}, Some(rpc_timeout))?)
         .await;
@@ -135,8 +139,8 @@ pub async fn get(account: &Account, rpc_timeout: Duration) -> Result<Option<(Pus
 }
 
 /// Removes this device's target; `false` if it had none.
-pub async fn remove(account: &Account, rpc_timeout: Duration) -> Result<bool, SyncError> {
-    let answer = client(account)
+pub async fn remove(account: &Account, rpc_timeout: Duration, trust: &Trust) -> Result<bool, SyncError> {
+    let answer = client(account, trust)
         .await?
         .remove_push_target(authed(&account.token, RemovePushTargetRequest {}, Some(rpc_timeout))?)
         .await;

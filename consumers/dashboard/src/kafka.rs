@@ -144,6 +144,9 @@ impl Refresher {
             client_id: "lockstep-dashboard".into(),
             request_timeout: kafka.request_timeout,
             max_attempts: 3,
+            security: lockstep_broker::kafka::group_offsets::security::KafkaSecurity::from_client_config(
+                &kafka.client_config,
+            )?,
         })
         .await?;
         let record_reader: BaseConsumer = base_config(&kafka, "lockstep-dashboard-records")

@@ -83,6 +83,9 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         client_id: format!("lockstep-push-{worker_id}"),
         request_timeout: settings.kafka.request_timeout,
         max_attempts: 3,
+        security: lockstep_broker::kafka::group_offsets::security::KafkaSecurity::from_client_config(
+            &settings.kafka.client_config,
+        )?,
     })
     .await?;
     let waker = Arc::new(wake::Waker::new(settings.clone(), vapid, worker_id, publisher)?);

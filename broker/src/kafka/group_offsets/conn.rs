@@ -1,6 +1,7 @@
 //! One pipelined connection to a Kafka broker for the group-offsets client:
-//! ApiVersions negotiation, a writer task and a reader task that matches
-//! responses to waiting callers by correlation id.
+//! TLS and SASL when the settings ask for them, ApiVersions negotiation, a
+//! writer task and a reader task that matches responses to waiting callers by
+//! correlation id.
 
 use std::{
     collections::HashMap,
@@ -11,21 +12,29 @@ use std::{
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::{
     ResponseError,
-    messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, RequestHeader, ResponseHeader},
+    messages::{
+        ApiKey, ApiVersionsRequest, ApiVersionsResponse, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
+        SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+    },
     protocol::{Decodable, Encodable, HeaderVersion, StrBytes},
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf},
+    net::TcpStream,
     sync::{mpsc, oneshot},
     task::AbortHandle,
 };
 use tracing::{debug, warn};
 
-use super::{APIS, GroupOffsetsError, MAX_FRAME, Result, WRITE_QUEUE, lock};
+use super::{
+    APIS, GroupOffsetsError, MAX_FRAME, Result, WRITE_QUEUE, lock,
+    security::{KafkaSecurity, SaslMechanism, Scram, plain_message, server_name},
+};
+
+/// A connection to a broker, in the clear or through TLS.
+trait KafkaStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> KafkaStream for T {}
+type BoxedStream = Box<dyn KafkaStream>;
 
 type Waiter = oneshot::Sender<Result<Bytes>>;
 
@@ -69,11 +78,26 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub(super) async fn open(addr: &str, timeout: Duration, client_id: &StrBytes) -> Result<Self> {
+    pub(super) async fn open(
+        addr: &str,
+        timeout: Duration,
+        client_id: &StrBytes,
+        security: &KafkaSecurity,
+    ) -> Result<Self> {
         let connect = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let mut stream: BoxedStream = match &security.tls {
+                Some(tls) => {
+                    let name = server_name(addr).map_err(invalid_data)?;
+                    Box::new(tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await?)
+                }
+                None => Box::new(tcp),
+            };
             let versions = negotiate(&mut stream, client_id).await?;
+            if let Some(sasl) = &security.sasl {
+                authenticate(&mut stream, client_id, sasl.mechanism, &sasl.username, &sasl.password.0).await?;
+            }
             Ok::<_, std::io::Error>((stream, versions))
         };
         let (stream, advertised) = tokio::time::timeout(timeout, connect)
@@ -89,7 +113,7 @@ impl Conn {
         let pending = Mutex::new(Some(HashMap::new()));
         let shared = Arc::new(Shared { addr: addr.to_owned(), pending });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let (read, write) = stream.into_split();
+        let (read, write) = tokio::io::split(stream);
         let reader = tokio::spawn(read_loop(read, shared.clone()));
         let writer = tokio::spawn(write_loop(write, rx, shared.clone()));
         Ok(Self {
@@ -148,7 +172,7 @@ impl Drop for Conn {
     }
 }
 
-async fn write_loop(write: OwnedWriteHalf, mut frames: mpsc::Receiver<Bytes>, shared: Arc<Shared>) {
+async fn write_loop(write: WriteHalf<BoxedStream>, mut frames: mpsc::Receiver<Bytes>, shared: Arc<Shared>) {
     let mut write = BufWriter::new(write);
     while let Some(frame) = frames.recv().await {
         // Write everything already queued, then flush once.
@@ -167,7 +191,7 @@ async fn write_loop(write: OwnedWriteHalf, mut frames: mpsc::Receiver<Bytes>, sh
     }
 }
 
-async fn read_loop(mut read: OwnedReadHalf, shared: Arc<Shared>) {
+async fn read_loop(mut read: ReadHalf<BoxedStream>, shared: Arc<Shared>) {
     let reason = loop {
         let frame = match read_frame(&mut read).await {
             Ok(frame) => frame,
@@ -199,7 +223,7 @@ async fn read_frame<R: AsyncRead + Unpin>(read: &mut R) -> std::io::Result<Bytes
 }
 
 /// ApiVersions v3 (Kafka 2.4+), sent before anything else on a new connection.
-async fn negotiate(stream: &mut TcpStream, client_id: &StrBytes) -> std::io::Result<ApiVersionsResponse> {
+async fn negotiate(stream: &mut BoxedStream, client_id: &StrBytes) -> std::io::Result<ApiVersionsResponse> {
     const VERSION: i16 = 3;
     let req = ApiVersionsRequest::default()
         .with_client_software_name(StrBytes::from_static_str("lockstep"))
@@ -235,6 +259,73 @@ pub(super) fn encode_frame<R: Encodable + HeaderVersion>(
     let len = i32::try_from(buf.len() - 4).map_err(|e| e.to_string())?;
     buf[..4].copy_from_slice(&len.to_be_bytes());
     Ok(buf.freeze())
+}
+
+/// One request and its response on a connection that has no reader task yet.
+async fn exchange<Req, Resp>(
+    stream: &mut BoxedStream,
+    key: ApiKey,
+    version: i16,
+    corr: i32,
+    client_id: &StrBytes,
+    request: &Req,
+) -> std::io::Result<Resp>
+where
+    Req: Encodable + HeaderVersion,
+    Resp: Decodable + HeaderVersion,
+{
+    let frame = encode_frame(key, version, corr, client_id, request).map_err(invalid_data)?;
+    stream.write_all(&frame).await?;
+    stream.flush().await?;
+    let mut body = read_frame(stream).await?;
+    ResponseHeader::decode(&mut body, Resp::header_version(version))
+        .and_then(|_| Resp::decode(&mut body, version))
+        .map_err(|error| invalid_data(format!("{key:?} response: {error}")))
+}
+
+/// SASL (KIP-43, KIP-152): SaslHandshake v1 names the mechanism, then each message of the
+/// mechanism travels in a SaslAuthenticate v1.
+async fn authenticate(
+    stream: &mut BoxedStream,
+    client_id: &StrBytes,
+    mechanism: SaslMechanism,
+    username: &str,
+    password: &str,
+) -> std::io::Result<()> {
+    let denied = |message: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, message);
+    let handshake = SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(mechanism.name()));
+    let answer: SaslHandshakeResponse = exchange(stream, ApiKey::SaslHandshake, 1, -2, client_id, &handshake).await?;
+    if let Some(error) = ResponseError::try_from_code(answer.error_code) {
+        return Err(denied(format!("sasl handshake for {}: {error}", mechanism.name())));
+    }
+    let mut round = 0;
+    let mut send = async |stream: &mut BoxedStream, message: Vec<u8>| -> std::io::Result<Bytes> {
+        round += 1;
+        let request = SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(message));
+        let answer: SaslAuthenticateResponse =
+            exchange(stream, ApiKey::SaslAuthenticate, 1, -2 - round, client_id, &request).await?;
+        match ResponseError::try_from_code(answer.error_code) {
+            Some(error) => {
+                let detail = answer.error_message.map(|message| message.to_string()).unwrap_or_default();
+                Err(denied(format!("sasl {} authentication failed: {error} {detail}", mechanism.name())))
+            }
+            None => Ok(answer.auth_bytes),
+        }
+    };
+    match mechanism {
+        SaslMechanism::Plain => {
+            send(stream, plain_message(username, password)).await?;
+        }
+        SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512 => {
+            let mut scram = Scram::new(mechanism, username, password);
+            let server_first = send(stream, scram.client_first()).await?;
+            let client_final = scram.client_final(&server_first).map_err(denied)?;
+            let server_final = send(stream, client_final).await?;
+            scram.verify_server_final(&server_final).map_err(denied)?;
+        }
+    }
+    debug!(mechanism = mechanism.name(), "sasl authenticated");
+    Ok(())
 }
 
 fn invalid_data(message: String) -> std::io::Error {

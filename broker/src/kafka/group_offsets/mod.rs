@@ -9,6 +9,7 @@
 //! id), which is what Kafka tools (kcat, kafka-consumer-groups, confluent-kafka) read back.
 
 mod conn;
+pub mod security;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -66,6 +67,8 @@ pub struct GroupOffsetsSettings {
     /// Attempts per call, counting the first, for coordinator moves and network errors; they
     /// are 50ms·2^n apart, at most 1s.
     pub max_attempts: u32,
+    /// TLS and SASL, from the same properties as rdkafka's (`KafkaSecurity::from_client_config`).
+    pub security: security::KafkaSecurity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -303,7 +306,10 @@ impl GroupOffsets {
             return Ok(conn.clone());
         }
         *slot = None;
-        let conn = Arc::new(Conn::open(addr, self.inner.settings.request_timeout, &self.inner.client_id).await?);
+        let conn = Arc::new(
+            Conn::open(addr, self.inner.settings.request_timeout, &self.inner.client_id, &self.inner.settings.security)
+                .await?,
+        );
         *slot = Some(conn.clone());
         Ok(conn)
     }

@@ -1,0 +1,297 @@
+//! The gate in front of every handler, a tower layer that runs before tonic
+//! reads a request's body:
+//!
+//! 1. **Authenticate first.** Every `lockstep.v1` call except the open ones
+//!    ([`OPEN_RPCS`]) needs a valid device token in its headers; without one the
+//!    call is answered UNAUTHENTICATED at once and its body is never read (HTTP/2
+//!    flow control then stops the client after one window). Handlers check the
+//!    token again (an in-memory lookup), so a device revoked while its body was
+//!    still arriving is refused too.
+//! 2. **Bound the work.** At most `limits.max_concurrent_requests` calls are in
+//!    handlers at once across all connections; at most
+//!    `limits.max_inflight_push_bytes` of Push bodies are held at once, counted
+//!    as the bytes arrive. Either limit sheds with RESOURCE_EXHAUSTED (retryable)
+//!    and `x-lockstep-retry-after-ms`, which clients wait out before retrying.
+//! 3. **Rate-limit** what an attacker would repeat (see `rate_limit`):
+//!    CreateAccount and RedeemPairingTicket per peer address (and CreateAccount
+//!    for the whole server), CreatePairingTicket and Push per account; shed the
+//!    same way, with the wait until the next token.
+//! 4. **Time out.** A call (body upload included) that is not answered within
+//!    `limits.request_timeout` ends UNAVAILABLE (retryable); a stream counts
+//!    until its first message.
+
+use std::{
+    future::Future,
+    net::IpAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame};
+use lockstep_proto::retry;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{
+    Status,
+    body::Body,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+use tower::{Layer, Service};
+
+use super::rate_limit::RateLimiter;
+use crate::{
+    accounts::Accounts,
+    error::ApiError,
+    locks::lock,
+    settings::{LimitsSettings, RateLimitSettings},
+};
+
+/// Calls anyone may make without a device token.
+pub const OPEN_RPCS: &[&str] = &[
+    "/lockstep.v1.Accounts/CreateAccount",
+    "/lockstep.v1.Accounts/RedeemPairingTicket",
+    "/lockstep.v1.Sync/GetServerInfo",
+];
+const PUSH: &str = "/lockstep.v1.Sync/Push";
+const CREATE_ACCOUNT: &str = "/lockstep.v1.Accounts/CreateAccount";
+const REDEEM: &str = "/lockstep.v1.Accounts/RedeemPairingTicket";
+const PAIRING_TICKET: &str = "/lockstep.v1.Accounts/CreatePairingTicket";
+/// The services this gate guards; health and reflection stay open.
+const GUARDED_PREFIX: &str = "/lockstep.v1.";
+const MAX_TOKEN_CHARS: usize = 128;
+
+struct Shared {
+    accounts: Accounts,
+    requests: Arc<Semaphore>,
+    push_bytes: Arc<Semaphore>,
+    request_timeout: Duration,
+    retry_after: Duration,
+    rates: Rates,
+}
+
+/// One limiter per rate-limited call; `None` keys a peer whose address is unknown.
+struct Rates {
+    create_account_per_address: RateLimiter<Option<IpAddr>>,
+    create_account_total: RateLimiter<()>,
+    pairing_ticket_per_account: RateLimiter<Arc<str>>,
+    redeem_per_address: RateLimiter<Option<IpAddr>>,
+    push_per_account: RateLimiter<Arc<str>>,
+}
+
+#[derive(Clone)]
+pub struct GuardLayer {
+    shared: Arc<Shared>,
+}
+
+impl GuardLayer {
+    pub fn new(accounts: Accounts, limits: &LimitsSettings, rates: &RateLimitSettings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                accounts,
+                requests: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
+                push_bytes: Arc::new(Semaphore::new(limits.max_inflight_push_bytes as usize)),
+                request_timeout: limits.request_timeout,
+                retry_after: limits.retry_after,
+                rates: Rates {
+                    create_account_per_address: RateLimiter::new(rates.create_account_per_address),
+                    create_account_total: RateLimiter::new(rates.create_account_total),
+                    pairing_ticket_per_account: RateLimiter::new(rates.pairing_ticket_per_account),
+                    redeem_per_address: RateLimiter::new(rates.redeem_per_address),
+                    push_per_account: RateLimiter::new(rates.push_per_account),
+                },
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guard { inner, shared: self.shared.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// The device token from `authorization: Bearer <token>`, checked for shape only.
+pub fn bearer_token(headers: &http::HeaderMap) -> Result<&str, ApiError> {
+    let header = headers.get("authorization").ok_or_else(|| {
+        ApiError::Unauthenticated("missing credentials: send `authorization: Bearer <device token>` metadata".into())
+    })?;
+    let value =
+        header.to_str().map_err(|_| ApiError::Unauthenticated("authorization metadata is not readable text".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::Unauthenticated("authorization metadata must be `Bearer <device token>`".into()))?
+        .trim();
+    if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
+        return Err(ApiError::Unauthenticated("device token is malformed".into()));
+    }
+    Ok(token)
+}
+
+impl Shared {
+    fn shed(&self, what: &str) -> Status {
+        let mut status = Status::from(ApiError::ResourceExhausted(format!("the server is busy ({what}); retry later")));
+        retry::set_retry_after(&mut status, self.retry_after);
+        status
+    }
+
+    /// The rate limit of the call at `path`, if it has one.
+    fn rate_limit(&self, path: &str, peer: Option<IpAddr>, user_id: Option<&Arc<str>>) -> Result<(), Status> {
+        let rates = &self.rates;
+        let (verdict, what) = match (path, user_id) {
+            (CREATE_ACCOUNT, _) => (
+                rates.create_account_per_address.check(&peer).and_then(|()| rates.create_account_total.check(&())),
+                "new accounts",
+            ),
+            (REDEEM, _) => (rates.redeem_per_address.check(&peer), "pairing attempts"),
+            (PAIRING_TICKET, Some(user)) => (rates.pairing_ticket_per_account.check(user), "pairing tickets"),
+            (PUSH, Some(user)) => (rates.push_per_account.check(user), "pushes"),
+            _ => (Ok(()), ""),
+        };
+        verdict.map_err(|wait| {
+            tracing::debug!(path, ?peer, ?wait, "rate limited");
+            let mut status = Status::from(ApiError::ResourceExhausted(format!(
+                "too many {what} from here; retry in {} s",
+                wait.as_secs().max(1)
+            )));
+            retry::set_retry_after(&mut status, wait);
+            status
+        })
+    }
+}
+
+/// The address of the peer that sent `request`, in the clear or through TLS.
+fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|info| info.get_ref().remote_addr()))
+        .map(|addr| addr.ip())
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Guard<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // The clone is the one that was not made ready: take the ready one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let path = request.uri().path();
+        if !path.starts_with(GUARDED_PREFIX) {
+            return Box::pin(inner.call(request));
+        }
+        let refuse = |status: Status| -> Self::Future { Box::pin(std::future::ready(Ok(status.into_http()))) };
+        let mut user_id = None;
+        if !OPEN_RPCS.contains(&path) {
+            let device = bearer_token(request.headers()).and_then(|token| {
+                shared
+                    .accounts
+                    .authenticate(token)
+                    .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
+            });
+            match device {
+                Ok(device) => user_id = Some(device.user_id),
+                Err(error) => return refuse(error.into()),
+            }
+        }
+        if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id.as_ref()) {
+            return refuse(status);
+        }
+        let Ok(call_permit) = shared.requests.clone().try_acquire_owned() else {
+            tracing::debug!(path, "request shed: limits.max_concurrent_requests reached");
+            return refuse(shared.shed("too many requests in progress"));
+        };
+        // Push bodies count against the byte budget as they arrive; what they took is
+        // given back when the call is answered (the decoded changes live until then).
+        let held_bytes = Arc::new(Mutex::new(None::<OwnedSemaphorePermit>));
+        if path == PUSH {
+            request = request
+                .map(|body| Body::new(BudgetedBody { inner: body, shared: shared.clone(), held: held_bytes.clone() }));
+        }
+        let timeout = shared.request_timeout;
+        Box::pin(async move {
+            let answered = tokio::time::timeout(timeout, inner.call(request)).await;
+            drop(call_permit);
+            drop(held_bytes);
+            match answered {
+                Ok(response) => response,
+                Err(_) => Ok(Status::from(ApiError::Unavailable(format!(
+                    "the request was not answered within {} s (limits.request_timeout)",
+                    timeout.as_secs()
+                )))
+                .into_http()),
+            }
+        })
+    }
+}
+
+/// A request body whose data frames take permits from the push byte budget.
+struct BudgetedBody {
+    inner: Body,
+    shared: Arc<Shared>,
+    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+impl HttpBody for BudgetedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let Some(data) = frame.data_ref() {
+            let Ok(len) = u32::try_from(data.len()) else {
+                return Poll::Ready(Some(Err(self.shared.shed("push bytes in flight"))));
+            };
+            match self.shared.push_bytes.clone().try_acquire_many_owned(len) {
+                Ok(permit) => {
+                    let mut held = lock(&self.held);
+                    match held.as_mut() {
+                        Some(held) => held.merge(permit),
+                        None => *held = Some(permit),
+                    }
+                }
+                Err(_) => {
+                    tracing::debug!("push shed: limits.max_inflight_push_bytes reached");
+                    return Poll::Ready(Some(Err(self.shared.shed("push bytes in flight"))));
+                }
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
