@@ -370,3 +370,44 @@ async fn a_push_the_device_gave_up_on_is_still_appended_once() -> anyhow::Result
     assert_eq!(records.len(), 4_000, "and none twice");
     Ok(())
 }
+
+/// A Subscribe that authenticated, then waited on Kafka while its device was
+/// revoked, must not start streaming when Kafka answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_ends_a_subscribe_that_is_still_starting() -> anyhow::Result<()> {
+    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    phone.push_ok(changes(2, 16)).await?;
+
+    // Kafka frozen (SIGSTOP: connections hang, nothing is refused): the laptop's
+    // Subscribe authenticates, then waits for its offsets.
+    let freeze = |signal: &str| std::process::Command::new("kill").args([signal, &nisshi.pid().to_string()]).status();
+    freeze("-STOP")?;
+    let starting = {
+        let laptop = laptop.clone();
+        tokio::spawn(async move { laptop.subscribe(None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!starting.is_finished(), "the subscribe is waiting on Kafka");
+    let revoked = phone
+        .accounts
+        .clone()
+        .revoke_device(phone.request(RevokeDeviceRequest { device_id: laptop.device_id.clone() }))
+        .await;
+    freeze("-CONT")?;
+    revoked?;
+
+    match starting.await? {
+        Err(status) => assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
+        Ok(mut stream) => {
+            // Only an error may come, never a change.
+            let first = tokio::time::timeout(Duration::from_secs(30), stream.message()).await?;
+            match first {
+                Err(status) => assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
+                Ok(Some(message)) => panic!("a revoked device was streamed {message:?}"),
+                Ok(None) => {}
+            }
+        }
+    }
+    Ok(())
+}

@@ -101,6 +101,9 @@ struct Inner {
     max_streams_per_user: u32,
     live_logs: Mutex<HashMap<Arc<str>, Weak<LiveLog>>>,
     sessions: Mutex<HashMap<Arc<str>, SessionEntry>>,
+    /// Devices revoked while this process runs: a Subscribe that authenticated
+    /// before the revocation and registers its stream after it is ended too.
+    revoked: Mutex<std::collections::HashSet<Arc<str>>>,
     devices: Mutex<HashMap<Arc<str>, Arc<DeviceState>>>,
     subscriptions: Arc<Semaphore>,
     next_session_id: AtomicU64,
@@ -132,6 +135,7 @@ impl Delivery {
                 user_streams: Arc::default(),
                 max_streams_per_user: settings.limits.max_subscriptions_per_user,
                 live_logs: Mutex::default(),
+                revoked: Mutex::default(),
                 sessions: Mutex::default(),
                 devices: Mutex::default(),
                 subscriptions: Arc::new(Semaphore::new(settings.limits.max_subscriptions as usize)),
@@ -216,6 +220,10 @@ impl Delivery {
         inner.events.connected(&device.user_id, &device.device_id);
         // After registering: either `shutdown` (which begins, then ends every
         // registered stream) sees this one, or this sees that it began.
+        if lock(&inner.revoked).contains(&device.device_id) {
+            self.end_session(&device.device_id, session_id);
+            return Err(StopReason::Revoked.into());
+        }
         if inner.shutdown.has_begun() {
             self.end_session(&device.device_id, session_id);
             return Err(ApiError::ShuttingDown);
@@ -321,6 +329,8 @@ impl Delivery {
 
     /// Ends a revoked device's stream.
     pub fn revoke(&self, device_id: &str) {
+        // First: a stream still starting checks this after it registered (see `subscribe`).
+        lock(&self.inner.revoked).insert(device_id.into());
         if let Some(entry) = lock(&self.inner.sessions).remove(device_id) {
             entry.stop_tx.send_replace(Some(StopReason::Revoked));
             self.inner.events.disconnected(&entry.user_id, device_id);
