@@ -205,7 +205,14 @@ where
         if !path.starts_with(GUARDED_PREFIX) {
             return Box::pin(inner.call(request));
         }
-        let refuse = |status: Status| -> Self::Future { Box::pin(std::future::ready(Ok(status.into_http()))) };
+        let refuse = |status: Status| -> Self::Future {
+            if path == PUSH {
+                // Pushes refused here never reach the handler, which counts the others.
+                let code = crate::error::code_name(status.code());
+                metrics::counter!("lockstep_pushes_total", "code" => code).increment(1);
+            }
+            Box::pin(std::future::ready(Ok(status.into_http())))
+        };
         let mut user_id = None;
         if !OPEN_RPCS.contains(&path) {
             let device = bearer_token(request.headers()).and_then(|token| {
