@@ -166,6 +166,13 @@ impl Erasure {
         Ok(purged)
     }
 
+    /// A revoked device's consumer group (its offsets) is of no use to anyone: deleted.
+    pub async fn delete_device_group(&self, device_id: &str) -> Result<(), ErasureError> {
+        let group = device_group(&self.inner.kafka, device_id);
+        self.inner.offsets.delete_group(&group).await.map_err(KafkaError::from)?;
+        Ok(())
+    }
+
     /// Purges in the background until it succeeds or shutdown begins.
     pub fn purge_later(&self, user_id: String) {
         let this = self.clone();

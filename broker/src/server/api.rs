@@ -206,6 +206,15 @@ impl accounts_server::Accounts for AccountsApi {
             // attempt, and the push worker drops targets of revoked devices anyway.
             Err(error) => tracing::error!(%error, device_id, "could not remove a revoked device's push target"),
         }
+        // Its offsets go too; best effort within the Kafka deadline (the revocation holds either way).
+        let deleted = tokio::time::timeout(
+            self.app.settings.kafka.operation_deadline,
+            self.app.erasure.delete_device_group(device_id),
+        )
+        .await;
+        if !matches!(deleted, Ok(Ok(()))) {
+            tracing::warn!(device_id, "could not delete a revoked device's consumer group");
+        }
         tracing::info!(user_id = %caller.user_id, device_id, revoked_by = %caller.device_id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse {}))
     }
