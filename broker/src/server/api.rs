@@ -206,15 +206,16 @@ impl accounts_server::Accounts for AccountsApi {
             // attempt, and the push worker drops targets of revoked devices anyway.
             Err(error) => tracing::error!(%error, device_id, "could not remove a revoked device's push target"),
         }
-        // Its offsets go too; best effort within the Kafka deadline (the revocation holds either way).
-        let deleted = tokio::time::timeout(
-            self.app.settings.kafka.operation_deadline,
-            self.app.erasure.delete_device_group(device_id),
-        )
-        .await;
-        if !matches!(deleted, Ok(Ok(()))) {
-            tracing::warn!(device_id, "could not delete a revoked device's consumer group");
-        }
+        // Its offsets go too, in the background (the revocation holds either way, and its
+        // answer does not wait for Kafka); best effort within the Kafka deadline.
+        let (erasure, deadline, revoked_id) =
+            (self.app.erasure.clone(), self.app.settings.kafka.operation_deadline, device_id.clone());
+        tokio::spawn(async move {
+            let deleted = tokio::time::timeout(deadline, erasure.delete_device_group(&revoked_id)).await;
+            if !matches!(deleted, Ok(Ok(()))) {
+                tracing::warn!(device_id = revoked_id, "could not delete a revoked device's consumer group");
+            }
+        });
         tracing::info!(user_id = %caller.user_id, device_id, revoked_by = %caller.device_id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse {}))
     }
