@@ -27,19 +27,8 @@ const MAX_DEVICE_NAME_CHARS: usize = 64;
 const MAX_SECRET_CHARS: usize = 128;
 
 pub(super) fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedDevice, ApiError> {
-    let header = request.metadata().get("authorization").ok_or_else(|| {
-        ApiError::Unauthenticated("missing credentials: send `authorization: Bearer <device token>` metadata".into())
-    })?;
-    let value =
-        header.to_str().map_err(|_| ApiError::Unauthenticated("authorization metadata is not readable text".into()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| ApiError::Unauthenticated("authorization metadata must be `Bearer <device token>`".into()))?
-        .trim();
-    if token.is_empty() || token.len() > MAX_SECRET_CHARS {
-        return Err(ApiError::Unauthenticated("device token is malformed".into()));
-    }
+    // One parser for the token layer and the handlers (see `guard::bearer_token`).
+    let token = super::guard::bearer_token(request.metadata().as_ref())?;
     app.accounts.authenticate(token).ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
 }
 
