@@ -183,6 +183,10 @@ pub struct AccountsSettings {
     /// reaches it can then create accounts, each with a Kafka topic). Default false: without a
     /// secret, only a server listening on loopback takes new accounts.
     pub allow_open_registration: bool,
+    /// CreateAccount only with an invite code (`lockstep invite create`), whatever the listen
+    /// address: for a server on loopback behind a reverse proxy. Not together with
+    /// `registration_secret` or `allow_open_registration`. Default false.
+    pub invite_only: bool,
     /// Lifetime of a pairing ticket. Default 10 minutes.
     #[serde(with = "humantime_serde")]
     pub pairing_ticket_ttl: Duration,
@@ -190,11 +194,42 @@ pub struct AccountsSettings {
     pub max_devices_per_account: u32,
 }
 
+/// What CreateAccount needs on a server, as GetServerInfo advertises it. A valid invite code
+/// is enough in every mode but `Closed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationMode {
+    /// Anyone who reaches the server.
+    Open,
+    /// The registration secret (or an invite code).
+    Secret,
+    /// An invite code.
+    Invite,
+    /// No new accounts at all.
+    Closed,
+}
+
 impl AccountsSettings {
     /// Whether CreateAccount may proceed without a registration secret on a server
     /// listening on `listen_addr`.
     pub fn open_registration(&self, listen_addr: SocketAddr) -> bool {
         self.allow_open_registration || listen_addr.ip().is_loopback()
+    }
+
+    /// What CreateAccount needs on a server listening on `listen_addr`.
+    pub fn registration_mode(&self, listen_addr: SocketAddr) -> RegistrationMode {
+        if !self.allow_registration {
+            RegistrationMode::Closed
+        } else if self.invite_only {
+            RegistrationMode::Invite
+        } else if self.registration_secret.is_some() {
+            RegistrationMode::Secret
+        } else if self.open_registration(listen_addr) {
+            RegistrationMode::Open
+        } else {
+            // Beyond loopback, anyone could create accounts (and Kafka topics): only if the
+            // operator said so.
+            RegistrationMode::Invite
+        }
     }
 }
 
@@ -242,6 +277,7 @@ impl fmt::Debug for AccountsSettings {
             .field("allow_registration", &self.allow_registration)
             .field("registration_secret", &self.registration_secret.as_ref().map(|_| "<hidden>"))
             .field("allow_open_registration", &self.allow_open_registration)
+            .field("invite_only", &self.invite_only)
             .field("pairing_ticket_ttl", &self.pairing_ticket_ttl)
             .field("max_devices_per_account", &self.max_devices_per_account)
             .finish()
@@ -374,6 +410,7 @@ impl Default for AccountsSettings {
             allow_registration: true,
             registration_secret: None,
             allow_open_registration: false,
+            invite_only: false,
             pairing_ticket_ttl: Duration::from_secs(600),
             max_devices_per_account: 50,
         }
@@ -487,6 +524,13 @@ impl Settings {
                 return fail(&format!("rate_limits.{name}.burst must be at least 1"));
             }
         }
+        if self.accounts.invite_only
+            && (self.accounts.registration_secret.is_some() || self.accounts.allow_open_registration)
+        {
+            return fail(
+                "accounts.invite_only excludes accounts.registration_secret and accounts.allow_open_registration",
+            );
+        }
         if self.accounts.max_devices_per_account == 0 {
             return fail("accounts.max_devices_per_account must be at least 1");
         }
@@ -558,6 +602,37 @@ mod tests {
         assert!(!accounts.open_registration("192.0.2.7:50051".parse().unwrap()));
         accounts.allow_open_registration = true;
         assert!(accounts.open_registration("0.0.0.0:50051".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_registration_mode_follows_the_settings() {
+        let (loopback, public) = ("127.0.0.1:50051".parse().unwrap(), "0.0.0.0:50051".parse().unwrap());
+        let mut accounts = AccountsSettings::default();
+        assert_eq!(accounts.registration_mode(loopback), RegistrationMode::Open);
+        assert_eq!(accounts.registration_mode(public), RegistrationMode::Invite);
+        accounts.allow_open_registration = true;
+        assert_eq!(accounts.registration_mode(public), RegistrationMode::Open);
+        accounts.registration_secret = Some("s3cret".into());
+        assert_eq!(accounts.registration_mode(loopback), RegistrationMode::Secret);
+        assert_eq!(accounts.registration_mode(public), RegistrationMode::Secret);
+        let invite_only = AccountsSettings { invite_only: true, ..AccountsSettings::default() };
+        assert_eq!(invite_only.registration_mode(loopback), RegistrationMode::Invite);
+        let closed = AccountsSettings { allow_registration: false, invite_only: true, ..AccountsSettings::default() };
+        assert_eq!(closed.registration_mode(loopback), RegistrationMode::Closed);
+    }
+
+    #[test]
+    fn invite_only_round_trips_and_excludes_the_other_ways_in() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("lockstep.toml", "[accounts]\ninvite_only = true\n")?;
+            let file = std::path::Path::new("lockstep.toml");
+            let settings = Settings::load(Some(file)).map_err(|e| e.to_string())?;
+            assert!(settings.accounts.invite_only);
+            jail.set_env("LOCKSTEP_ACCOUNTS__REGISTRATION_SECRET", "s3cret");
+            let error = Settings::load(Some(file)).unwrap_err().to_string();
+            assert!(error.contains("invite_only"), "{error}");
+            Ok(())
+        });
     }
 
     #[test]
