@@ -45,7 +45,7 @@ pub fn request<T>(message: T, token: &str) -> Request<T> {
 impl Device {
     pub async fn create_account(accounts: &mut AccountsClient<Channel>, name: &str) -> anyhow::Result<Self> {
         let created = accounts
-            .create_account(CreateAccountRequest { device_name: name.into() })
+            .create_account(CreateAccountRequest { device_name: name.into(), ..Default::default() })
             .await
             .context("CreateAccount")?
             .into_inner();

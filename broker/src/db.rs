@@ -1,5 +1,5 @@
 //! The server's own small SQLite database (`<data_dir>/lockstep.db`): accounts,
-//! devices, pairing tickets and the push deduplication index. Kafka holds the
+//! devices, pairing tickets, invites and the push deduplication index. Kafka holds the
 //! changes themselves; nothing here is needed to read them.
 //!
 //! One connection behind a mutex, used from `spawn_blocking`, so no async task
@@ -44,6 +44,18 @@ CREATE TABLE IF NOT EXISTS pairing_tickets (
     issued_by_device TEXT NOT NULL,
     expires_at_ms INTEGER NOT NULL,
     redeemed_at_ms INTEGER
+);
+-- single-use codes for CreateAccount (accounts/invites.rs); the code itself is never stored
+CREATE TABLE IF NOT EXISTS invites (
+    invite_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused
+    code_hash BLOB NOT NULL UNIQUE,
+    note TEXT NOT NULL DEFAULT '',
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    claimed_until_ms INTEGER,                      -- a CreateAccount holds it until then
+    used_at_ms INTEGER,
+    used_by_user TEXT,                             -- cleared when that account is deleted
+    revoked_at_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS log_incidents (
     user_id TEXT NOT NULL,

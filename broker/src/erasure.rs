@@ -149,6 +149,7 @@ impl Erasure {
                 let dedup = transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", params![user])?;
                 transaction.execute("DELETE FROM log_incidents WHERE user_id = ?1", params![user])?;
                 transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", params![user])?;
+                crate::accounts::Invites::forget_user(&transaction, &user)?;
                 // Key tables (`keys`): device_keys references devices, so before them.
                 for table in crate::keys::TABLES_BY_USER {
                     transaction.execute(&format!("DELETE FROM {table} WHERE user_id = ?1"), params![user])?;

@@ -20,6 +20,7 @@
 //!   changes is refused (DATA_LOSS) until each device repairs.
 //! - [`server`]: the gRPC services and the `run` entry point.
 //! - [`admin`]: `/metrics` (Prometheus), `/healthz`, `/readyz` on a private port.
+//! - [`invite_command`]: `lockstep invite create|list|revoke`, the operator's invite codes.
 //! - [`settings`], [`error`] (the one gRPC status mapping), [`db`], [`locks`]
 //!   (the one way to take a lock), [`shutdown`] (the one shutdown every task holds).
 
@@ -31,6 +32,7 @@ pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod invite_command;
 pub mod kafka;
 pub mod keys;
 pub mod locks;

@@ -97,7 +97,8 @@ impl App {
         let db = Db::open(&settings.data_dir)?;
         let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl)
             .await?
-            .with_max_devices(settings.accounts.max_devices_per_account);
+            .with_max_devices(settings.accounts.max_devices_per_account)
+            .with_invite_claim_lease(settings.limits.request_timeout);
         let keys = KeyDirectory::open(db.clone()).await?;
         let kafka = &settings.kafka;
         let topics = Topics::new(kafka)?;

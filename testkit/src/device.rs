@@ -29,7 +29,7 @@ impl Device {
     pub async fn create_account(server: &Server, name: &str) -> anyhow::Result<Self> {
         let mut accounts = server.accounts().await?;
         let created = accounts
-            .create_account(CreateAccountRequest { device_name: name.into() })
+            .create_account(CreateAccountRequest { device_name: name.into(), ..Default::default() })
             .await
             .context("CreateAccount")?
             .into_inner();

@@ -36,7 +36,10 @@ async fn a_thousand_anonymous_accounts_are_throttled_and_so_are_their_topics() -
     let mut accounts = server.accounts().await?;
     let (mut created, mut throttled) = (0, 0);
     for index in 0..1000 {
-        match accounts.create_account(CreateAccountRequest { device_name: format!("bot-{index}") }).await {
+        match accounts
+            .create_account(CreateAccountRequest { device_name: format!("bot-{index}"), ..Default::default() })
+            .await
+        {
             Ok(_) => created += 1,
             Err(status) => {
                 assert_throttled(&status);

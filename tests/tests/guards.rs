@@ -269,7 +269,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> anyhow::Result<(
     let mut accounts = server.accounts().await?;
     for name in ["", "   ", &"n".repeat(65), "tab\tname"] {
         let status = accounts
-            .create_account(lockstep_proto::v1::CreateAccountRequest { device_name: name.into() })
+            .create_account(lockstep_proto::v1::CreateAccountRequest { device_name: name.into(), ..Default::default() })
             .await
             .expect_err("bad device name");
         assert_eq!(status.code(), Code::InvalidArgument, "{name:?}: {status:?}");

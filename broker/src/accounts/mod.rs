@@ -1,9 +1,10 @@
-//! Accounts: users, devices, bearer tokens and pairing tickets.
+//! Accounts: users, devices, bearer tokens, pairing tickets and invite codes.
 //!
 //! Tokens and tickets are random secrets (256 and 192 bits); only their SHA-256
 //! hashes are stored. Active devices are mirrored in memory so that every
 //! request is authenticated without touching SQLite.
 
+pub mod invites;
 mod secrets;
 
 use std::{
@@ -14,6 +15,7 @@ use std::{
 
 use rusqlite::{OptionalExtension, params};
 
+pub use invites::{InviteClaim, InviteError, Invites};
 pub use secrets::{TokenHash, hash_secret, new_secret};
 
 use crate::{
@@ -55,6 +57,9 @@ pub struct NewDevice {
     pub token: String,
 }
 
+/// See [`Accounts::with_invite_claim_lease`].
+const DEFAULT_INVITE_CLAIM_LEASE: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct Accounts {
     db: Db,
@@ -62,6 +67,7 @@ pub struct Accounts {
     ticket_ttl: Duration,
     /// Devices (not revoked) an account may have.
     max_devices: u32,
+    invites: Invites,
 }
 
 impl Accounts {
@@ -85,7 +91,19 @@ impl Accounts {
             tokens.insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
         }
         tracing::info!(active_devices = tokens.len(), "accounts loaded");
-        Ok(Self { db, tokens: Arc::new(RwLock::new(tokens)), ticket_ttl, max_devices: u32::MAX })
+        let invites = Invites::new(db.clone(), DEFAULT_INVITE_CLAIM_LEASE);
+        Ok(Self { db, tokens: Arc::new(RwLock::new(tokens)), ticket_ttl, max_devices: u32::MAX, invites })
+    }
+
+    /// How long a CreateAccount may hold an invite it redeems (the longest a call may take:
+    /// `limits.request_timeout`); past it, an unspent invite counts as abandoned.
+    pub fn with_invite_claim_lease(mut self, lease: Duration) -> Self {
+        self.invites = Invites::new(self.db.clone(), lease);
+        self
+    }
+
+    pub fn invites(&self) -> &Invites {
+        &self.invites
     }
 
     /// Caps the devices (not revoked) of one account; redeeming a ticket past it fails.
@@ -102,25 +120,60 @@ impl Accounts {
     /// Records a new user and its first device. The caller has created the
     /// user's topic already, so a user never exists without one.
     pub async fn create_account(&self, user_id: String, device_name: String) -> Result<NewDevice, AccountsError> {
+        let created = self.insert_account(user_id, device_name, None).await?;
+        Ok(created.expect("without an invite, the account is always written"))
+    }
+
+    /// Like [`Accounts::create_account`], spending `invite` in the same transaction: the
+    /// account exists if and only if the invite is used. `None` (nothing written, the claim
+    /// released) when the invite was revoked meanwhile, or spent by a request whose claim lapsed.
+    pub async fn create_account_with_invite(
+        &self,
+        user_id: String,
+        device_name: String,
+        invite: InviteClaim,
+    ) -> Result<Option<NewDevice>, AccountsError> {
+        self.insert_account(user_id, device_name, Some(invite)).await
+    }
+
+    async fn insert_account(
+        &self,
+        user_id: String,
+        device_name: String,
+        invite: Option<InviteClaim>,
+    ) -> Result<Option<NewDevice>, AccountsError> {
         let device_id = uuid::Uuid::now_v7().to_string();
         let token = new_secret("lst_", 32);
         let hash = hash_secret(&token);
         let (user, device) = (user_id.clone(), device_id.clone());
-        self.db
+        let written = self
+            .db
             .call(move |connection| {
                 let transaction = connection.transaction()?;
                 let now = now_ms();
+                // The invite first: its UPDATE takes the write lock before anything is read.
+                if let Some(invite) = &invite {
+                    if !invite.spend(&transaction, &user)? {
+                        return Ok(false);
+                    }
+                }
                 transaction.execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, ?2)", params![user, now])?;
                 transaction.execute(
                     "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![device, user, device_name, hash.as_slice(), now],
                 )?;
                 transaction.commit()?;
-                Ok(())
+                if let Some(invite) = invite {
+                    invite.settle();
+                }
+                Ok(true)
             })
             .await?;
+        if !written {
+            return Ok(None);
+        }
         self.remember(hash, &user_id, &device_id);
-        Ok(NewDevice { user_id, device_id, token })
+        Ok(Some(NewDevice { user_id, device_id, token }))
     }
 
     pub async fn create_pairing_ticket(&self, device: &AuthedDevice) -> Result<(String, i64), AccountsError> {

@@ -61,3 +61,23 @@ async fn revoke_is_scoped_to_the_account() {
     let listed = accounts.list_devices("alice").await.unwrap();
     assert!(listed[0].revoked_at_ms.is_some());
 }
+
+#[tokio::test]
+async fn an_invite_is_spent_with_the_account_or_not_at_all() {
+    let (_dir, accounts) = accounts(Duration::from_secs(60)).await;
+    let code = accounts.invites().create(1, Duration::from_secs(60), "").await.unwrap().remove(0).code;
+    let claim = accounts.invites().claim(&code).await.unwrap();
+    let invite_id = claim.invite_id();
+    // Revoked while the topic was being created: no account, nothing written.
+    accounts.invites().revoke(invite_id).await.unwrap();
+    assert!(accounts.create_account_with_invite("u1".into(), "laptop".into(), claim).await.unwrap().is_none());
+    assert!(accounts.list_devices("u1").await.unwrap().is_empty());
+
+    let code = accounts.invites().create(1, Duration::from_secs(60), "").await.unwrap().remove(0).code;
+    let claim = accounts.invites().claim(&code).await.unwrap();
+    let created = accounts.create_account_with_invite("u2".into(), "laptop".into(), claim).await.unwrap().unwrap();
+    assert!(accounts.authenticate(&created.token).is_some());
+    let listed = accounts.invites().list().await.unwrap();
+    assert_eq!(listed[1].used_by_user.as_deref(), Some("u2"));
+    assert!(accounts.invites().claim(&code).await.is_err(), "spent");
+}

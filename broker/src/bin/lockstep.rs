@@ -1,18 +1,18 @@
 //! `lockstep`: parses flags, loads settings, sets up logging, runs the server
-//! until SIGINT or SIGTERM.
+//! until SIGINT or SIGTERM; `lockstep invite …` manages invite codes instead.
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
-use clap::Parser;
-use lockstep_broker::{Settings, telemetry};
+use clap::{Parser, Subcommand};
+use lockstep_broker::{Settings, invite_command::InviteCommand, telemetry};
 
 /// Lockstep: an end-to-end-encrypted sync broker on Kafka.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
     /// Settings file (TOML). Values from `LOCKSTEP_*` variables and flags win over it.
-    #[arg(long, env = "LOCKSTEP_CONFIG")]
+    #[arg(long, env = "LOCKSTEP_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "LOCKSTEP_LISTEN")]
@@ -21,11 +21,23 @@ struct Args {
     #[arg(long, env = "LOCKSTEP_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
     /// Directory of the accounts database.
-    #[arg(long, env = "LOCKSTEP_DATA_DIR")]
+    #[arg(long, env = "LOCKSTEP_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOCKSTEP_LOG_JSON")]
     log_json: bool,
+    /// Without a command: run the server.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Invite codes, each good for one new account (in the server's database; works while it runs).
+    Invite {
+        #[command(subcommand)]
+        command: InviteCommand,
+    },
 }
 
 #[tokio::main]
@@ -41,6 +53,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(data_dir) = args.data_dir {
         settings.data_dir = data_dir;
+    }
+    if let Some(Command::Invite { command }) = args.command {
+        let done = lockstep_broker::invite_command::run(&settings, command).await;
+        telemetry.shutdown();
+        return done;
     }
     tracing::info!(?settings, "starting lockstep");
     let listener = tokio::net::TcpListener::bind(settings.listen_addr)

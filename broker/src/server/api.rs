@@ -5,9 +5,10 @@ use lockstep_proto::v1::{
     AckRequest, AckResponse, CreateAccountRequest, CreateAccountResponse, CreatePairingTicketRequest,
     CreatePairingTicketResponse, DeleteAccountRequest, DeleteAccountResponse, Device, GetPushTargetRequest,
     GetPushTargetResponse, GetServerInfoRequest, GetServerInfoResponse, ListDevicesRequest, ListDevicesResponse,
-    PushRequest, PushResponse, RedeemPairingTicketRequest, RedeemPairingTicketResponse, RemovePushTargetRequest,
-    RemovePushTargetResponse, RevokeDeviceRequest, RevokeDeviceResponse, SetPushTargetRequest, SetPushTargetResponse,
-    SubscribeRequest, WebPushTarget, WebhookTarget, accounts_server, push_target, push_targets_server, sync_server,
+    PushRequest, PushResponse, RateLimit, RedeemPairingTicketRequest, RedeemPairingTicketResponse,
+    RegistrationMode as ProtoRegistrationMode, RemovePushTargetRequest, RemovePushTargetResponse, RevokeDeviceRequest,
+    RevokeDeviceResponse, SetPushTargetRequest, SetPushTargetResponse, SubscribeRequest, WebPushTarget, WebhookTarget,
+    accounts_server, push_target, push_targets_server, sync_server,
 };
 use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use tonic::{Request, Response, Status};
@@ -15,12 +16,13 @@ use tracing::Instrument;
 
 use super::App;
 use crate::{
-    accounts::AuthedDevice,
+    accounts::{AuthedDevice, InviteClaim, InviteError},
     delivery::SubscribeStream,
     error::ApiError,
     gateway::validate::{MAX_CHANGE_ID_CHARS, MAX_RECORD_ID_CHARS},
     kafka::{KafkaError, user_topic},
     push_targets::{StoredTarget, TargetError},
+    settings::RegistrationMode,
 };
 
 const MAX_DEVICE_NAME_CHARS: usize = 64;
@@ -61,6 +63,10 @@ fn check_device_name(name: &str) -> Result<String, ApiError> {
     Ok(name.to_string())
 }
 
+fn millis(duration: std::time::Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
+}
+
 /// Constant-time comparison, so the registration secret cannot be guessed byte by byte.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -74,6 +80,59 @@ impl AccountsApi {
     pub fn new(app: App) -> Self {
         Self { app }
     }
+
+    /// Whether this CreateAccount may go on (see `AccountsSettings::registration_mode`); with
+    /// an invite code, the invite it holds until the account exists.
+    async fn admit(&self, request: &Request<CreateAccountRequest>) -> Result<Option<InviteClaim>, ApiError> {
+        let settings = &self.app.settings.accounts;
+        let mode = settings.registration_mode(self.app.settings.listen_addr);
+        if mode == RegistrationMode::Closed {
+            return Err(ApiError::PermissionDenied("this server does not accept new accounts".into()));
+        }
+        let code = request.get_ref().invite_code.trim();
+        if !code.is_empty() {
+            if code.len() > MAX_SECRET_CHARS {
+                return Err(ApiError::InvalidArgument(format!(
+                    "invite_code is longer than {MAX_SECRET_CHARS} characters"
+                )));
+            }
+            return match self.app.accounts.invites().claim(code).await {
+                Ok(claim) => Ok(Some(claim)),
+                Err(InviteError::Db(error)) => Err(ApiError::Db(error)),
+                Err(error) => Err(ApiError::PermissionDenied(error.to_string())),
+            };
+        }
+        match mode {
+            RegistrationMode::Open => Ok(None),
+            RegistrationMode::Secret => {
+                let given = request.metadata().get("x-lockstep-registration-secret").map(|value| value.as_bytes());
+                let expected = settings.registration_secret.as_deref().unwrap_or_default().as_bytes();
+                if given.is_some_and(|given| same_secret(given, expected)) {
+                    Ok(None)
+                } else {
+                    Err(ApiError::PermissionDenied(
+                        "creating an account needs an invite code or the server's registration secret \
+                         (x-lockstep-registration-secret)"
+                            .into(),
+                    ))
+                }
+            }
+            RegistrationMode::Invite | RegistrationMode::Closed => Err(ApiError::PermissionDenied(
+                "this server takes new accounts by invite only: creating one needs an invite code from its operator"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// The proto form of the registration mode GetServerInfo advertises.
+fn registration_mode_proto(mode: RegistrationMode) -> ProtoRegistrationMode {
+    match mode {
+        RegistrationMode::Open => ProtoRegistrationMode::Open,
+        RegistrationMode::Secret => ProtoRegistrationMode::Secret,
+        RegistrationMode::Invite => ProtoRegistrationMode::Invite,
+        RegistrationMode::Closed => ProtoRegistrationMode::Closed,
+    }
 }
 
 #[tonic::async_trait]
@@ -82,32 +141,22 @@ impl accounts_server::Accounts for AccountsApi {
         &self,
         request: Request<CreateAccountRequest>,
     ) -> Result<Response<CreateAccountResponse>, Status> {
-        let settings = &self.app.settings.accounts;
-        if !settings.allow_registration {
-            return Err(ApiError::PermissionDenied("this server does not accept new accounts".into()).into());
-        }
-        let secret_needed = || {
-            ApiError::PermissionDenied(
-                "creating an account needs the server's registration secret (x-lockstep-registration-secret)".into(),
-            )
-        };
-        match &settings.registration_secret {
-            Some(expected) => {
-                let given = request.metadata().get("x-lockstep-registration-secret").map(|value| value.as_bytes());
-                if !given.is_some_and(|given| same_secret(given, expected.as_bytes())) {
-                    return Err(secret_needed().into());
-                }
-            }
-            // Beyond loopback, anyone could create accounts (and Kafka topics): only if the
-            // operator said so.
-            None if !settings.open_registration(self.app.settings.listen_addr) => return Err(secret_needed().into()),
-            None => {}
-        }
+        let invite = self.admit(&request).await?;
         let name = check_device_name(&request.get_ref().device_name)?;
         let user_id = uuid::Uuid::now_v7().to_string();
         let topic = user_topic(&self.app.settings.kafka, &user_id);
+        // A failure from here on drops `invite`, which frees it for another try.
         self.app.topics.create_user_topic(&topic).await.map_err(ApiError::from)?;
-        let created = match self.app.accounts.create_account(user_id, name).await {
+        let accounts = &self.app.accounts;
+        let created = match invite {
+            None => accounts.create_account(user_id, name).await.map_err(ApiError::from),
+            Some(invite) => match accounts.create_account_with_invite(user_id, name, invite).await {
+                Ok(Some(created)) => Ok(created),
+                Ok(None) => Err(ApiError::PermissionDenied(InviteError::Invalid.to_string())),
+                Err(error) => Err(ApiError::from(error)),
+            },
+        };
+        let created = match created {
             Ok(created) => created,
             Err(error) => {
                 if !self.app.settings.kafka.delete_topics {
@@ -115,7 +164,7 @@ impl accounts_server::Accounts for AccountsApi {
                 } else if let Err(cleanup) = self.app.topics.delete_topic(&topic).await {
                     tracing::warn!(topic, error = %cleanup, "could not delete the topic of a failed account");
                 }
-                return Err(ApiError::from(error).into());
+                return Err(error.into());
             }
         };
         tracing::info!(user_id = created.user_id, device_id = created.device_id, "account created");
@@ -306,11 +355,20 @@ impl sync_server::Sync for SyncApi {
             max_changes_per_push: settings.limits.max_changes_per_push,
             max_ciphertext_bytes: settings.limits.max_ciphertext_bytes,
             max_request_bytes: settings.limits.max_request_bytes,
-            heartbeat_interval_ms: settings.delivery.heartbeat_interval.as_millis() as u32,
+            heartbeat_interval_ms: millis(settings.delivery.heartbeat_interval),
             max_change_id_chars: MAX_CHANGE_ID_CHARS as u32,
             max_record_id_chars: MAX_RECORD_ID_CHARS as u32,
             max_batch_bytes: settings.delivery.batch_max_bytes as u32,
             vapid_public_key: settings.push.vapid_public_key.clone().unwrap_or_default(),
+            registration: registration_mode_proto(settings.accounts.registration_mode(settings.listen_addr)).into(),
+            max_devices_per_account: settings.accounts.max_devices_per_account,
+            push_rate_limit: Some(RateLimit {
+                burst: settings.rate_limits.push_per_account.burst,
+                per_hour: settings.rate_limits.push_per_account.per_hour,
+            }),
+            max_subscriptions_per_user: settings.limits.max_subscriptions_per_user,
+            request_timeout_ms: millis(settings.limits.request_timeout),
+            stream_send_timeout_ms: millis(settings.delivery.send_timeout),
         }))
     }
 }

@@ -240,7 +240,7 @@ pub async fn create_account(
     trust: &Trust,
 ) -> Result<Account, SyncError> {
     let mut accounts = AccountsClient::new(connect(server, trust).await?);
-    let mut request = Request::new(CreateAccountRequest { device_name: device_name.into() });
+    let mut request = Request::new(CreateAccountRequest { device_name: device_name.into(), ..Default::default() });
     request.set_timeout(rpc_timeout);
     if let Some(secret) = registration_secret {
         let value = secret
