@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
+mod server_info;
 mod show;
 
 use self::show::print_report;
@@ -98,6 +99,18 @@ enum Command {
         name: String,
         #[arg(long, env = "LOCKSTEP_REGISTRATION_SECRET")]
         registration_secret: Option<String>,
+        /// A single-use invite code from the server's operator (`lsi_…`).
+        #[arg(long, env = "LOCKSTEP_INVITE", conflicts_with = "invite_file")]
+        invite: Option<String>,
+        /// A file holding the invite code (`-` reads stdin).
+        #[arg(long)]
+        invite_file: Option<PathBuf>,
+    },
+    /// What a server needs for a new account, and the limits it sets (no account needed).
+    ServerInfo {
+        /// e.g. https://sync.example.org; default: this store's server.
+        #[arg(long)]
+        server: Option<String>,
     },
     /// Add a device: `pair show` on a device that has the account, `pair redeem` on the new one.
     Pair {
@@ -374,10 +387,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let rpc_timeout = args.rpc_timeout;
     let trust = trust(&args)?;
     match &args.command {
-        Command::Init { server, name, registration_secret } => {
+        Command::Init { server, name, registration_secret, invite, invite_file } => {
             let mut store = open_empty(&args)?;
-            let account =
-                sync::create_account(server, name, registration_secret.as_deref(), rpc_timeout, &trust).await?;
+            let invite = server_info::invite_code(invite.as_deref(), invite_file.as_deref())?;
+            let registration = sync::Registration {
+                secret: registration_secret.as_deref(),
+                invite_code: invite.as_ref().map(|code| code.as_str()),
+            };
+            let account = sync::create_account(server, name, &registration, rpc_timeout, &trust).await?;
             store.save_account(&account)?;
             register_device_key(open()?, rpc_timeout, &trust, Duration::ZERO).await;
             print_new_device(
@@ -389,6 +406,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "next: `lockstep-cli put '{\"title\":\"hello\"}'`, then `lockstep-cli sync`; add a device with `lockstep-cli pair show`".into(),
                 ],
             );
+        }
+        Command::ServerInfo { server } => {
+            let server = match server {
+                Some(server) => server.clone(),
+                None => open()?.account().context("no --server, and this store holds no account")?.server,
+            };
+            server_info::show(&server, rpc_timeout, &trust, args.json).await?;
         }
         Command::Pair { command: PairCommand::Show { no_qr } } => {
             let store = open()?;

@@ -20,6 +20,7 @@ mod devices;
 mod keys;
 pub mod push_target;
 mod receive;
+mod registration;
 
 use std::{str::FromStr, time::Duration};
 
@@ -43,6 +44,7 @@ pub use self::{
     devices::{list_devices, revoke_device},
     keys::KeySync,
     receive::Until,
+    registration::{Registration, describe_mode, server_info},
 };
 use crate::crypto::AccountKey;
 use crate::store::{Account, ResyncReason, Store, StoreError};
@@ -74,6 +76,9 @@ pub enum SyncError {
     /// Key material that does not check out (a device key without a valid proof, …).
     #[error("keys: {0}")]
     Keys(String),
+    /// The server advertises a registration mode this request cannot meet (nothing was sent).
+    #[error("{0}")]
+    Registration(String),
     #[error(
         "changes sealed under key epoch {epoch} arrived, but no device of the account has shared that epoch's key \
          with this device yet: sync a device that has it (e.g. the one that paired this device), then sync again"
@@ -88,7 +93,7 @@ fn describe(status: &Status) -> String {
         }
         Code::Aborted => " (another sync or watch of this device is running)",
         Code::Unavailable => " (the server or its Kafka is unavailable; try again)",
-        Code::PermissionDenied => " (the server needs a registration secret: --registration-secret)",
+        Code::PermissionDenied => " (a new account on this server needs an invite code or its registration secret)",
         Code::FailedPrecondition => " (the account's keys changed: sync again to fetch them)",
         _ => "",
     };
@@ -103,7 +108,7 @@ impl SyncError {
             SyncError::Connect { .. } | SyncError::StreamEnded | SyncError::StreamIdle(_) => true,
             SyncError::Rpc { status, .. } => is_retryable(status),
             SyncError::Store(error) => error.is_transient(),
-            SyncError::ResyncLoop { .. } | SyncError::Keys(_) => false,
+            SyncError::ResyncLoop { .. } | SyncError::Keys(_) | SyncError::Registration(_) => false,
             SyncError::MissingEpochKey { .. } => true,
         }
     }
@@ -231,18 +236,26 @@ fn max_message_bytes(max_batch_bytes: u32) -> usize {
     }
 }
 
-/// Creates an account on `server`: a user, this device, a new account key.
+/// Creates an account on `server`: a user, this device, a new account key. Fails early,
+/// without a CreateAccount, when the server says `registration` is not enough.
 pub async fn create_account(
     server: &str,
     device_name: &str,
-    registration_secret: Option<&str>,
+    registration: &Registration<'_>,
     rpc_timeout: Duration,
     trust: &Trust,
 ) -> Result<Account, SyncError> {
+    // A server that cannot say (an error here) answers CreateAccount itself.
+    if let Ok(info) = server_info(server, rpc_timeout, trust).await {
+        if let Some(refusal) = registration::refusal(info.registration(), registration) {
+            return Err(SyncError::Registration(refusal));
+        }
+    }
     let mut accounts = AccountsClient::new(connect(server, trust).await?);
-    let mut request = Request::new(CreateAccountRequest { device_name: device_name.into(), ..Default::default() });
+    let invite_code = registration.invite_code.map(str::trim).unwrap_or_default().to_string();
+    let mut request = Request::new(CreateAccountRequest { device_name: device_name.into(), invite_code });
     request.set_timeout(rpc_timeout);
-    if let Some(secret) = registration_secret {
+    if let Some(secret) = registration.secret {
         let value = secret
             .parse()
             .map_err(|_| SyncError::Store(StoreError::Invalid("the registration secret must be ASCII".into())))?;
