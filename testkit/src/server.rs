@@ -271,6 +271,30 @@ impl Server {
         self.spawn().await
     }
 
+    /// Runs `lockstep invite <args…>` on this server's database (it may be running) with
+    /// the server's own settings; returns its stdout, or fails with its stderr.
+    pub fn invite(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut command = Command::new(&self.binary);
+        for (variable, _) in std::env::vars_os() {
+            if variable.to_string_lossy().starts_with("LOCKSTEP_") {
+                command.env_remove(variable);
+            }
+        }
+        let output = command
+            .arg("invite")
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run `lockstep invite`")?;
+        if !output.status.success() {
+            bail!("lockstep invite {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         Ok(Endpoint::from_shared(self.endpoint())?.connect_timeout(Duration::from_secs(5)).connect().await?)
     }
