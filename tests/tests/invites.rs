@@ -53,10 +53,11 @@ fn assert_refused(result: Result<String, tonic::Status>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
+    let mut nisshi = Nisshi::start().await?;
     let mut server = Server::start_with(
         &nisshi,
         &[
+            ("LOCKSTEP_KAFKA__REQUEST_TIMEOUT", "3s"),
             // The server listens on loopback: invite-only must be said.
             ("LOCKSTEP_ACCOUNTS__INVITE_ONLY", "true"),
             ("LOCKSTEP_ACCOUNTS__MAX_DEVICES_PER_ACCOUNT", "7"),
@@ -132,8 +133,13 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
     assert_refused(if first.is_ok() { second } else { first });
     assert_eq!(user_topics(nisshi.bootstrap())?, 4);
 
-    // An unused invite survives a restart.
+    // Kafka down while the account is made: the claimed code is not spent. And an unused
+    // code survives a restart of the server.
     let kept = create_invites(&server, &["--note", "kept"])?.remove(0);
+    nisshi.kill();
+    let status = create_account(&server, "kafka-down", &kept.1).await.expect_err("kafka is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    nisshi.restart().await?;
     server.restart().await?;
     let kept_user = create_account(&server, "after-restart", &kept.1).await?;
     assert_eq!(user_topics(nisshi.bootstrap())?, 5);
