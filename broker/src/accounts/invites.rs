@@ -229,24 +229,26 @@ impl Invites {
     pub async fn claim(&self, code: &str) -> Result<InviteClaim, InviteError> {
         let code_hash = hash_secret(code.trim());
         let lease_ms = i64::try_from(self.claim_lease.as_millis()).unwrap_or(i64::MAX);
-        let invite_id = self
+        let (invite_id, claimed_until_ms) = self
             .db
             .call(move |connection| {
                 let now = now_ms();
+                let claimed_until_ms = now.saturating_add(lease_ms);
                 Ok(connection
                     .query_row(
                         "UPDATE invites SET claimed_until_ms = ?3
                          WHERE code_hash = ?1 AND used_at_ms IS NULL AND revoked_at_ms IS NULL AND expires_at_ms > ?2
                            AND (claimed_until_ms IS NULL OR claimed_until_ms <= ?2)
                          RETURNING invite_id",
-                        params![code_hash.as_slice(), now, now.saturating_add(lease_ms)],
+                        params![code_hash.as_slice(), now, claimed_until_ms],
                         |row| row.get::<_, i64>(0),
                     )
-                    .optional()?)
+                    .optional()?
+                    .map(|invite_id| (invite_id, claimed_until_ms)))
             })
             .await?
             .ok_or(InviteError::Invalid)?;
-        Ok(InviteClaim { invite_id, db: self.db.clone(), spent: false })
+        Ok(InviteClaim { invite_id, claimed_until_ms, db: self.db.clone(), spent: false })
     }
 
     /// Forgets which account used an invite, when that account is deleted.
@@ -259,6 +261,8 @@ impl Invites {
 /// An invite taken for one CreateAccount; released on drop unless spent.
 pub struct InviteClaim {
     invite_id: i64,
+    /// Identifies this claim: a release never frees a newer claim made after this one lapsed.
+    claimed_until_ms: i64,
     db: Db,
     spent: bool,
 }
@@ -293,13 +297,14 @@ impl Drop for InviteClaim {
         }
         // Without a runtime (shutting down), the lease lapses on its own.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (db, invite_id) = (self.db.clone(), self.invite_id);
+        let (db, invite_id, claimed_until_ms) = (self.db.clone(), self.invite_id, self.claimed_until_ms);
         runtime.spawn(async move {
             let released = db
                 .call(move |connection| {
                     connection.execute(
-                        "UPDATE invites SET claimed_until_ms = NULL WHERE invite_id = ?1 AND used_at_ms IS NULL",
-                        [invite_id],
+                        "UPDATE invites SET claimed_until_ms = NULL
+                         WHERE invite_id = ?1 AND claimed_until_ms = ?2 AND used_at_ms IS NULL",
+                        params![invite_id, claimed_until_ms],
                     )?;
                     Ok(())
                 })
@@ -388,7 +393,18 @@ mod tests {
         // A crashed server never releases: the lease lapses.
         std::mem::forget(claim);
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(invites.claim(&code).await.is_ok());
+        let second = invites.claim(&code).await.unwrap();
+        // The lapsed claim's late release must not free the newer one.
+        let late =
+            InviteClaim { invite_id: second.invite_id, claimed_until_ms: 0, db: invites.db.clone(), spent: false };
+        drop(late);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held: Option<i64> = invites
+            .db
+            .call(|connection| Ok(connection.query_row("SELECT claimed_until_ms FROM invites", [], |row| row.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(held, Some(second.claimed_until_ms));
     }
 
     #[tokio::test]

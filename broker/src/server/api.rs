@@ -141,8 +141,8 @@ impl accounts_server::Accounts for AccountsApi {
         &self,
         request: Request<CreateAccountRequest>,
     ) -> Result<Response<CreateAccountResponse>, Status> {
-        let invite = self.admit(&request).await?;
         let name = check_device_name(&request.get_ref().device_name)?;
+        let invite = self.admit(&request).await?;
         let user_id = uuid::Uuid::now_v7().to_string();
         let topic = user_topic(&self.app.settings.kafka, &user_id);
         // A failure from here on drops `invite`, which frees it for another try.
