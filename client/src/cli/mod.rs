@@ -97,10 +97,10 @@ enum Command {
         /// A name for this device, e.g. laptop.
         #[arg(long)]
         name: String,
-        #[arg(long, env = "LOCKSTEP_REGISTRATION_SECRET")]
+        #[arg(long, env = "LOCKSTEP_REGISTRATION_SECRET", hide_env_values = true)]
         registration_secret: Option<String>,
         /// A single-use invite code from the server's operator (`lsi_…`).
-        #[arg(long, env = "LOCKSTEP_INVITE", conflicts_with = "invite_file")]
+        #[arg(long, env = "LOCKSTEP_INVITE", hide_env_values = true, conflicts_with = "invite_file")]
         invite: Option<String>,
         /// A file holding the invite code (`-` reads stdin).
         #[arg(long)]
