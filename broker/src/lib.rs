@@ -31,6 +31,7 @@ pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod idle;
 pub mod kafka;
 pub mod keys;
 pub mod locks;

@@ -144,6 +144,15 @@ pub struct LimitsSettings {
     /// What a shed call's `x-lockstep-retry-after-ms` asks the client to wait. Default 1s.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    /// Per-device and per-user state of this node (cached committed offsets, push order,
+    /// log marks, recent revocations) unused this long is forgotten; it is read again from
+    /// Kafka or the database when needed. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub idle_state_after: Duration,
+    /// From SIGTERM to exit: streams end at once, open calls get most of it, the producer's
+    /// and the events' flush the rest. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,6 +167,10 @@ pub struct DeliverySettings {
     pub live_cache_changes: usize,
     /// Bytes of ciphertext kept in memory per user with live subscribers. Default 4 MiB.
     pub live_cache_bytes: usize,
+    /// Bytes kept in memory by every user's cache together: over it, the user
+    /// adding a change gives up its oldest cached changes (its devices then read
+    /// them from Kafka). Default 256 MiB.
+    pub live_cache_total_bytes: usize,
     /// Most changes in one message to a device. Default 256.
     pub batch_max_changes: usize,
     /// Most encoded bytes in one message to a device (advertised in GetServerInfo); a single
@@ -349,6 +362,8 @@ impl Default for LimitsSettings {
             max_inflight_push_bytes: 128 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
+            idle_state_after: Duration::from_secs(600),
+            drain_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -360,6 +375,7 @@ impl Default for DeliverySettings {
             catchup_readers: 4,
             live_cache_changes: 1024,
             live_cache_bytes: 4 * 1024 * 1024,
+            live_cache_total_bytes: 256 * 1024 * 1024,
             batch_max_changes: 256,
             batch_max_bytes: 4 * 1024 * 1024,
             stream_buffer: 4,
@@ -437,10 +453,13 @@ impl Settings {
             || self.delivery.heartbeat_interval.is_zero()
             || self.delivery.send_timeout.is_zero()
             || self.limits.max_subscriptions_per_user == 0
+            || self.limits.idle_state_after.is_zero()
+            || self.limits.drain_deadline.is_zero()
         {
             return fail(
-                "delivery.stream_buffer, delivery.heartbeat_interval, delivery.send_timeout and \
-                 limits.max_subscriptions_per_user must be non-zero",
+                "delivery.stream_buffer, delivery.heartbeat_interval, delivery.send_timeout, \
+                 limits.max_subscriptions_per_user, limits.idle_state_after and limits.drain_deadline must be \
+                 non-zero",
             );
         }
         // The largest change, framed, must fit in one message (under the server's own
