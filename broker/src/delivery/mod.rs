@@ -571,6 +571,22 @@ mod tests {
     }
 
     #[test]
+    fn cached_changes_own_their_bytes_instead_of_pinning_the_request_body() {
+        // A request body of 8 MiB whose changes are slices of it.
+        let body = Bytes::from(vec![9u8; 8 * 1024 * 1024]);
+        let sliced = DeliveredChange {
+            offset: 1,
+            change: Some(Change { ciphertext: body.slice(0..100), nonce: body.slice(100..124), ..Default::default() }),
+            ..Default::default()
+        };
+        let owned = unpinned(Arc::new(sliced.clone()));
+        assert_eq!(*owned, sliced, "the same change");
+        let (ciphertext, nonce) = owned.change.as_ref().map(|change| (&change.ciphertext, &change.nonce)).unwrap();
+        let range = body.as_ptr_range();
+        assert!(!range.contains(&ciphertext.as_ptr()) && !range.contains(&nonce.as_ptr()), "copies, not slices");
+    }
+
+    #[test]
     fn batches_stay_under_the_byte_cap_keep_order_and_never_drop_a_change() {
         use prost::Message as _;
         let max_bytes = 1_000_000;
