@@ -132,6 +132,10 @@ pub struct LimitsSettings {
     pub max_concurrent_requests: u32,
     /// Calls in handlers at once on one connection; more wait. Default 32.
     pub max_concurrent_requests_per_connection: u32,
+    /// Calls in handlers at once of one device, over all its connections; more are shed with
+    /// RESOURCE_EXHAUSTED, so that one device (or one stolen token) cannot take the server's
+    /// `max_concurrent_requests` from everyone else. Default 32.
+    pub max_concurrent_requests_per_device: u32,
     /// Bytes of Push bodies held at once (counted as they arrive, given back when the push
     /// is answered); past it pushes are shed with RESOURCE_EXHAUSTED. At least
     /// `max_request_bytes`. Default 128 MiB.
@@ -359,6 +363,7 @@ impl Default for LimitsSettings {
             max_subscriptions_per_user: 100,
             max_concurrent_requests: 1024,
             max_concurrent_requests_per_connection: 32,
+            max_concurrent_requests_per_device: 32,
             max_inflight_push_bytes: 128 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
@@ -481,9 +486,13 @@ impl Settings {
             return fail("events.lease_interval must be at least 1s");
         }
         let limits = &self.limits;
-        if limits.max_concurrent_requests == 0 || limits.max_concurrent_requests_per_connection == 0 {
+        if limits.max_concurrent_requests == 0
+            || limits.max_concurrent_requests_per_connection == 0
+            || limits.max_concurrent_requests_per_device == 0
+        {
             return fail(
-                "limits.max_concurrent_requests and limits.max_concurrent_requests_per_connection must be at least 1",
+                "limits.max_concurrent_requests, limits.max_concurrent_requests_per_connection and \
+                 limits.max_concurrent_requests_per_device must be at least 1",
             );
         }
         if limits.max_inflight_push_bytes < u64::from(limits.max_request_bytes)

@@ -221,10 +221,9 @@ async fn idle_per_device_state_is_forgotten_and_devices_carry_on_where_they_were
     assert!(entries(&samples(&text), "device_offsets") >= USERS as f64, "a live stream's device is never forgotten");
 
     drop(streams);
-    let quiet = metrics_until(admin, "idle state forgotten", |samples| {
-        KINDS.iter().all(|kind| entries(samples, kind) == 0.0)
-    })
-    .await?;
+    let quiet =
+        metrics_until(admin, "idle state forgotten", |samples| KINDS.iter().all(|kind| entries(samples, kind) == 0.0))
+            .await?;
     assert_eq!(quiet.get("lockstep_live_cache_bytes").copied(), Some(0.0));
     assert!(quiet.get("lockstep_idle_state_forgotten_total{kind=\"device_offsets\"}").copied().unwrap_or(0.0) >= 1.0);
 

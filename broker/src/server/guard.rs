@@ -8,7 +8,8 @@
 //!    token again (an in-memory lookup), so a device revoked while its body was
 //!    still arriving is refused too.
 //! 2. **Bound the work.** At most `limits.max_concurrent_requests` calls are in
-//!    handlers at once across all connections; at most
+//!    handlers at once across all connections, and
+//!    `limits.max_concurrent_requests_per_device` of one device; at most
 //!    `limits.max_inflight_push_bytes` of Push bodies are held at once, counted
 //!    as the bytes arrive. Either limit sheds with RESOURCE_EXHAUSTED (retryable)
 //!    and `x-lockstep-retry-after-ms`, which clients wait out before retrying.
@@ -21,6 +22,7 @@
 //!    until its first message.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::IpAddr,
     pin::Pin,
@@ -65,6 +67,9 @@ const MAX_TOKEN_CHARS: usize = 128;
 struct Shared {
     accounts: Accounts,
     requests: Arc<Semaphore>,
+    /// Calls in handlers per device (only devices with calls have an entry).
+    device_calls: Arc<Mutex<HashMap<Arc<str>, u32>>>,
+    max_calls_per_device: u32,
     push_bytes: Arc<Semaphore>,
     request_timeout: Duration,
     retry_after: Duration,
@@ -91,6 +96,8 @@ impl GuardLayer {
             shared: Arc::new(Shared {
                 accounts,
                 requests: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
+                device_calls: Arc::default(),
+                max_calls_per_device: limits.max_concurrent_requests_per_device,
                 push_bytes: Arc::new(Semaphore::new(limits.max_inflight_push_bytes as usize)),
                 request_timeout: limits.request_timeout,
                 retry_after: limits.retry_after,
@@ -170,6 +177,36 @@ impl Shared {
     }
 }
 
+/// One of a device's call slots (`limits.max_concurrent_requests_per_device`), given back on drop.
+struct DeviceCall {
+    calls: Arc<Mutex<HashMap<Arc<str>, u32>>>,
+    device_id: Arc<str>,
+}
+
+impl DeviceCall {
+    fn take(shared: &Shared, device_id: Arc<str>) -> Option<Self> {
+        let mut calls = lock(&shared.device_calls);
+        let count = calls.entry(device_id.clone()).or_insert(0);
+        if *count >= shared.max_calls_per_device {
+            return None;
+        }
+        *count += 1;
+        Some(Self { calls: shared.device_calls.clone(), device_id })
+    }
+}
+
+impl Drop for DeviceCall {
+    fn drop(&mut self) {
+        let mut calls = lock(&self.calls);
+        if let Some(count) = calls.get_mut(&self.device_id) {
+            *count -= 1;
+            if *count == 0 {
+                calls.remove(&self.device_id);
+            }
+        }
+    }
+}
+
 /// The address of the peer that sent `request`, in the clear or through TLS.
 fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
     let extensions = request.extensions();
@@ -213,7 +250,7 @@ where
             }
             Box::pin(std::future::ready(Ok(status.into_http())))
         };
-        let mut user_id = None;
+        let mut caller = None;
         if !OPEN_RPCS.contains(&path) {
             let device = bearer_token(request.headers()).and_then(|token| {
                 shared
@@ -222,13 +259,24 @@ where
                     .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
             });
             match device {
-                Ok(device) => user_id = Some(device.user_id),
+                Ok(device) => caller = Some(device),
                 Err(error) => return refuse(error.into()),
             }
         }
-        if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id.as_ref()) {
+        let user_id = caller.as_ref().map(|device| &device.user_id);
+        if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id) {
             return refuse(status);
         }
+        let device_call = match caller {
+            Some(device) => match DeviceCall::take(&shared, device.device_id) {
+                Some(call) => Some(call),
+                None => {
+                    tracing::debug!(path, "request shed: limits.max_concurrent_requests_per_device reached");
+                    return refuse(shared.shed("too many requests of this device in progress"));
+                }
+            },
+            None => None,
+        };
         let Ok(call_permit) = shared.requests.clone().try_acquire_owned() else {
             tracing::debug!(path, "request shed: limits.max_concurrent_requests reached");
             return refuse(shared.shed("too many requests in progress"));
@@ -244,6 +292,7 @@ where
         Box::pin(async move {
             let answered = tokio::time::timeout(timeout, inner.call(request)).await;
             drop(call_permit);
+            drop(device_call);
             drop(held_bytes);
             match answered {
                 Ok(response) => response,
