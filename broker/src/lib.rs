@@ -40,6 +40,7 @@ pub mod push_targets;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
+pub mod slots;
 pub mod telemetry;
 
 pub use server::run;

@@ -37,6 +37,7 @@ use crate::{
     log_guard::LogGuard,
     settings::{DeliverySettings, KafkaSettings, Settings},
     shutdown::ShutdownSource,
+    slots::{KeyedSlots, Slot},
 };
 
 /// Bytes a change adds to a message besides its ciphertext: ids, clocks,
@@ -82,27 +83,9 @@ struct SessionEntry {
     stop_tx: watch::Sender<Option<StopReason>>,
 }
 
-/// One of a user's subscription slots (`limits.max_subscriptions_per_user`), given back on drop.
-pub(crate) struct UserSlot {
-    counts: Arc<Mutex<HashMap<Arc<str>, u32>>>,
-    user_id: Arc<str>,
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut counts = lock(&self.counts);
-        if let Some(count) = counts.get_mut(&self.user_id) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.user_id);
-            }
-        }
-    }
-}
-
 struct Inner {
-    user_streams: Arc<Mutex<HashMap<Arc<str>, u32>>>,
-    max_streams_per_user: u32,
+    /// Subscription slots per user (`limits.max_subscriptions_per_user`).
+    user_streams: KeyedSlots,
     live_logs: Mutex<HashMap<Arc<str>, Weak<LiveLog>>>,
     cache_budget: Arc<CacheBudget>,
     sessions: Mutex<HashMap<Arc<str>, SessionEntry>>,
@@ -139,8 +122,7 @@ impl Delivery {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                user_streams: Arc::default(),
-                max_streams_per_user: settings.limits.max_subscriptions_per_user,
+                user_streams: KeyedSlots::new(settings.limits.max_subscriptions_per_user),
                 live_logs: Mutex::default(),
                 cache_budget: CacheBudget::new(settings.delivery.live_cache_total_bytes),
                 revoked: Mutex::default(),
@@ -453,16 +435,12 @@ impl Delivery {
     }
 
     /// Takes one of the user's subscription slots, unless all are taken.
-    fn user_slot(&self, user_id: &Arc<str>) -> Result<UserSlot, ApiError> {
-        let mut counts = lock(&self.inner.user_streams);
-        let count = counts.entry(user_id.clone()).or_insert(0);
-        if *count >= self.inner.max_streams_per_user {
-            return Err(ApiError::ResourceExhausted(format!(
+    fn user_slot(&self, user_id: &Arc<str>) -> Result<Slot, ApiError> {
+        self.inner.user_streams.take(user_id).map_err(|count| {
+            ApiError::ResourceExhausted(format!(
                 "this account's devices hold {count} streams, the most this server allows; retry later"
-            )));
-        }
-        *count += 1;
-        Ok(UserSlot { counts: self.inner.user_streams.clone(), user_id: user_id.clone() })
+            ))
+        })
     }
 
     fn end_session(&self, device_id: &str, session_id: u64) {

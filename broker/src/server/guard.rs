@@ -22,7 +22,6 @@
 //!    until its first message.
 
 use std::{
-    collections::HashMap,
     future::Future,
     net::IpAddr,
     pin::Pin,
@@ -48,6 +47,7 @@ use crate::{
     error::ApiError,
     locks::lock,
     settings::{LimitsSettings, RateLimitSettings},
+    slots::KeyedSlots,
 };
 
 /// Calls anyone may make without a device token.
@@ -67,9 +67,8 @@ const MAX_TOKEN_CHARS: usize = 128;
 struct Shared {
     accounts: Accounts,
     requests: Arc<Semaphore>,
-    /// Calls in handlers per device (only devices with calls have an entry).
-    device_calls: Arc<Mutex<HashMap<Arc<str>, u32>>>,
-    max_calls_per_device: u32,
+    /// Calls in handlers per device (`limits.max_concurrent_requests_per_device`).
+    device_calls: KeyedSlots,
     push_bytes: Arc<Semaphore>,
     request_timeout: Duration,
     retry_after: Duration,
@@ -96,8 +95,7 @@ impl GuardLayer {
             shared: Arc::new(Shared {
                 accounts,
                 requests: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
-                device_calls: Arc::default(),
-                max_calls_per_device: limits.max_concurrent_requests_per_device,
+                device_calls: KeyedSlots::new(limits.max_concurrent_requests_per_device),
                 push_bytes: Arc::new(Semaphore::new(limits.max_inflight_push_bytes as usize)),
                 request_timeout: limits.request_timeout,
                 retry_after: limits.retry_after,
@@ -177,36 +175,6 @@ impl Shared {
     }
 }
 
-/// One of a device's call slots (`limits.max_concurrent_requests_per_device`), given back on drop.
-struct DeviceCall {
-    calls: Arc<Mutex<HashMap<Arc<str>, u32>>>,
-    device_id: Arc<str>,
-}
-
-impl DeviceCall {
-    fn take(shared: &Shared, device_id: Arc<str>) -> Option<Self> {
-        let mut calls = lock(&shared.device_calls);
-        let count = calls.entry(device_id.clone()).or_insert(0);
-        if *count >= shared.max_calls_per_device {
-            return None;
-        }
-        *count += 1;
-        Some(Self { calls: shared.device_calls.clone(), device_id })
-    }
-}
-
-impl Drop for DeviceCall {
-    fn drop(&mut self) {
-        let mut calls = lock(&self.calls);
-        if let Some(count) = calls.get_mut(&self.device_id) {
-            *count -= 1;
-            if *count == 0 {
-                calls.remove(&self.device_id);
-            }
-        }
-    }
-}
-
 /// The address of the peer that sent `request`, in the clear or through TLS.
 fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
     let extensions = request.extensions();
@@ -268,9 +236,9 @@ where
             return refuse(status);
         }
         let device_call = match caller {
-            Some(device) => match DeviceCall::take(&shared, device.device_id) {
-                Some(call) => Some(call),
-                None => {
+            Some(device) => match shared.device_calls.take(&device.device_id) {
+                Ok(call) => Some(call),
+                Err(_) => {
                     tracing::debug!(path, "request shed: limits.max_concurrent_requests_per_device reached");
                     return refuse(shared.shed("too many requests of this device in progress"));
                 }
