@@ -6,7 +6,7 @@
 //!   the user's topic, answers with offsets once Kafka has them.
 //! - [`delivery`]: streams each user's topic to the user's subscribed devices
 //!   from their committed offsets; commits an offset when the device acks.
-//! - [`accounts`]: users, devices, bearer tokens, pairing tickets.
+//! - [`accounts`]: users, devices, bearer tokens, pairing tickets, invite codes.
 //! - [`kafka`]: topics, the producer, the shared readers, group offsets.
 //! - [`events`]: metadata-only facts (log appended, device acked, connected,
 //!   push target set, …) published to the events topic for push workers, the
@@ -32,6 +32,7 @@ pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod idle;
 pub mod invite_command;
 pub mod kafka;
 pub mod keys;
@@ -41,6 +42,7 @@ pub mod push_targets;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
+pub mod slots;
 pub mod telemetry;
 
 pub use server::run;
