@@ -66,6 +66,7 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
             ("LOCKSTEP_LIMITS__MAX_SUBSCRIPTIONS_PER_USER", "9"),
             ("LOCKSTEP_LIMITS__REQUEST_TIMEOUT", "41s"),
             ("LOCKSTEP_DELIVERY__SEND_TIMEOUT", "17s"),
+            ("LOCKSTEP_LIMITS__MAX_CONCURRENT_REQUESTS_PER_DEVICE", "5"),
         ],
     )
     .await?;
@@ -79,6 +80,7 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
     assert_eq!(info.max_subscriptions_per_user, 9);
     assert_eq!(info.request_timeout_ms, 41_000);
     assert_eq!(info.stream_send_timeout_ms, 17_000);
+    assert_eq!(info.max_concurrent_requests_per_device, 5);
     assert_eq!(info.heartbeat_interval_ms, 1_000);
 
     // Without a code: the CLI stops before asking, the API refuses; no topic either way.

@@ -369,6 +369,7 @@ impl sync_server::Sync for SyncApi {
             max_subscriptions_per_user: settings.limits.max_subscriptions_per_user,
             request_timeout_ms: millis(settings.limits.request_timeout),
             stream_send_timeout_ms: millis(settings.delivery.send_timeout),
+            max_concurrent_requests_per_device: settings.limits.max_concurrent_requests_per_device,
         }))
     }
 }

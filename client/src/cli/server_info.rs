@@ -49,6 +49,7 @@ pub(super) async fn show(server: &str, rpc_timeout: Duration, trust: &Trust, as_
                 "heartbeat_interval_ms": info.heartbeat_interval_ms,
                 "request_timeout_ms": info.request_timeout_ms,
                 "stream_send_timeout_ms": info.stream_send_timeout_ms,
+                "max_concurrent_requests_per_device": info.max_concurrent_requests_per_device,
                 "web_push": !info.vapid_public_key.is_empty(),
             })
         );
@@ -59,6 +60,7 @@ pub(super) async fn show(server: &str, rpc_timeout: Duration, trust: &Trust, as_
     println!("devices per account: at most {}", info.max_devices_per_account);
     println!("pushes per account: bursts of {}, {} an hour", push_rate.burst, push_rate.per_hour);
     println!("live streams per account: at most {}", info.max_subscriptions_per_user);
+    println!("calls of one device at once: at most {}", info.max_concurrent_requests_per_device);
     println!(
         "per push: at most {} changes, {} bytes of ciphertext each, {} bytes in all",
         info.max_changes_per_push, info.max_ciphertext_bytes, info.max_request_bytes
