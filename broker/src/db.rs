@@ -118,7 +118,12 @@ impl Db {
             .map_err(|source| DbError::DataDir { path: data_dir.display().to_string(), source })?;
         let path = data_dir.join("lockstep.db");
         restrict_to_owner(data_dir, &path);
-        let connection = Connection::open(&path)?;
+        let mut connection = Connection::open(&path)?;
+        // `lockstep invite` writes to this database while the server runs. A deferred
+        // transaction that read first and then writes would fail at once (SQLITE_BUSY, no
+        // busy wait) had the other process committed in between; IMMEDIATE takes the write
+        // lock at BEGIN, waiting up to the busy timeout. One connection per process: no cost.
+        connection.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         // WAL + NORMAL survives a killed process (the kill -9 case); FULL would
         // also survive power loss at the cost of an fsync per commit.
         connection.pragma_update(None, "journal_mode", "WAL")?;
@@ -178,6 +183,44 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod sharing_tests {
+    use super::*;
+
+    /// The server and `lockstep invite` share the database: a transaction that reads, then
+    /// writes, must not fail because the other process wrote in between.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_process_writing_meanwhile_does_not_fail_a_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, operator) = (Db::open(dir.path()).unwrap(), Db::open(dir.path()).unwrap());
+        let (read_tx, read_rx) = std::sync::mpsc::channel::<()>();
+        let reading = server.call(move |connection| {
+            let transaction = connection.transaction()?;
+            let users: i64 = transaction.query_row("SELECT COUNT(*) FROM users", [], |row| row.get(0))?;
+            read_tx.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            transaction.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('u1', ?1)", [users])?;
+            transaction.commit()?;
+            Ok(())
+        });
+        let writing = async {
+            tokio::task::spawn_blocking(move || read_rx.recv().unwrap()).await.unwrap();
+            operator
+                .call(|connection| {
+                    connection.execute(
+                        "INSERT INTO invites (code_hash, created_at_ms, expires_at_ms) VALUES (x'00', 0, 1)",
+                        [],
+                    )?;
+                    Ok(())
+                })
+                .await
+        };
+        let (read_then_write, other_write) = tokio::join!(reading, writing);
+        read_then_write.unwrap();
+        other_write.unwrap();
+    }
 }
 
 #[cfg(all(test, unix))]
