@@ -50,7 +50,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("local store {path}: {message}")]
     Open { path: String, message: String },
-    #[error("this store has no account yet: run `lockstep-cli init --server URL` or `lockstep-cli pair redeem CODE`")]
+    #[error(
+        "this store has no account yet: run `lockstep-cli init --server URL` or `lockstep-cli pair redeem --name NAME` (it reads the code)"
+    )]
     NoAccount,
     #[error("this store already belongs to user {0}; use another --store for another account")]
     HasAccount(String),
