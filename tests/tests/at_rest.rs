@@ -49,7 +49,7 @@ fn found_in_files(store: &Path, needles: &[String]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passphrase_protects_a_synced_store_and_pairing_reads_codes_from_stdin() -> anyhow::Result<()> {
-    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { nisshi: _nisshi, server, device: phone } = CliStack::start("phone").await?;
     let phone = phone.with_env(TEST_KDF.0, TEST_KDF.1);
     phone.json(&["put", "--id", "before", r#"{"text":"before the passphrase"}"#]).await?;
     phone.sync().await?;
@@ -99,6 +99,22 @@ async fn a_passphrase_protects_a_synced_store_and_pairing_reads_codes_from_stdin
     assert_eq!(tablet.json(&with(&tablet_passphrase, &["list"])).await?.as_array().map(Vec::len), Some(2));
     assert_eq!(found_in_files(&tablet.store, &secrets[..1]), Vec::<String>::new(), "the account key stays sealed");
     assert!(tablet.fail(&["sync"]).await?.contains("protected by a passphrase"));
+
+    // `init` given a passphrase: a new account whose key is never written in the clear.
+    let desk = Cli::new("desk")?.with_env(TEST_KDF.0, TEST_KDF.1);
+    let desk_passphrase = desk.write_file("passphrase.txt", "desk passphrase")?;
+    desk.json(&with(&desk_passphrase, &["init", "--server", &server.endpoint(), "--name", "desk"])).await?;
+    assert_eq!(desk.json(&with(&desk_passphrase, &["status"])).await?["protected"], true);
+    assert!(desk.fail(&["status"]).await?.contains("protected by a passphrase"));
+    let desk_secrets_in_the_clear = {
+        let conn = rusqlite::Connection::open(&desk.store)?;
+        conn.query_row(
+            "SELECT count(*) FROM meta WHERE key IN ('account_key', 'device_token', 'device_secret')",
+            [],
+            |row| row.get::<_, i64>(0),
+        )?
+    };
+    assert_eq!(desk_secrets_in_the_clear, 0, "no secret in the clear in a store protected from the start");
 
     // `pair show` tells a person to paste the code, not to put it in a command line.
     let text = phone.run(&with(&passphrase, &["pair", "show", "--no-qr"])).await?;
