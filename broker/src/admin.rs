@@ -55,6 +55,19 @@ fn describe() {
         "One record, enqueued to acknowledged by Kafka (acks=all)."
     );
     describe_gauge!("lockstep_live_streams", "Subscribe streams open on this node.");
+    describe_gauge!(
+        "lockstep_state_entries",
+        "Per-device and per-user entries this node holds in memory, by kind (forgotten when idle: limits.idle_state_after)."
+    );
+    describe_counter!(
+        "lockstep_idle_state_forgotten_total",
+        "Idle per-device and per-user entries forgotten, by kind."
+    );
+    describe_gauge!(
+        "lockstep_live_cache_bytes",
+        Unit::Bytes,
+        "Bytes of recent changes cached for live devices, all users together (delivery.live_cache_total_bytes)."
+    );
     describe_counter!(
         "lockstep_deliveries_total",
         "Changes sent to devices, by source (live tail or catch-up reader)."
@@ -108,6 +121,7 @@ async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
     let stats = state.events.stats();
     metrics::gauge!("lockstep_events_pending").set(stats.pending as f64);
     metrics::gauge!("lockstep_live_streams").set(state.delivery.active_streams() as f64);
+    metrics::gauge!("lockstep_live_cache_bytes").set(state.delivery.cached_bytes() as f64);
     ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], state.handle.render())
 }
 

@@ -105,6 +105,47 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         matches!(self.code(), Code::Unavailable | Code::Aborted | Code::ResourceExhausted)
     }
+
+    /// Whether the error's own text describes the server's insides (broker
+    /// addresses, topic names, SQL, task panics) rather than the request.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Kafka(_)
+                | ApiError::Db(_)
+                | ApiError::Erasure(_)
+                | ApiError::Internal(_)
+                | ApiError::Accounts(AccountsError::Db(_))
+                | ApiError::PushTarget(TargetError::Db(_))
+                | ApiError::Keys(KeysError::Db(_))
+        )
+    }
+
+    /// What the client is told. Its own mistakes and the account's state are
+    /// explained as they are; the server's trouble is named by what a client
+    /// can act on (retry, or report it), never by internal addresses, topic
+    /// names or SQL: those go to the server's log (see `From<ApiError> for Status`).
+    pub fn client_message(&self) -> String {
+        if !self.is_internal() {
+            return self.to_string();
+        }
+        match self {
+            ApiError::Kafka(KafkaError::Timeout(operation)) => {
+                format!("the server's log store (Kafka) did not answer in time ({operation}); retry later")
+            }
+            ApiError::Kafka(error) if error.is_retryable() => {
+                "the server's log store (Kafka) is unavailable; retry later".to_string()
+            }
+            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => {
+                "the server's log store (Kafka) is unavailable; retry later".to_string()
+            }
+            ApiError::Kafka(_) | ApiError::Erasure(ErasureError::Kafka(_)) => {
+                "the server's log store (Kafka) refused the request; the operator can find why in the server's log"
+                    .to_string()
+            }
+            _ => "internal server error; the operator can find why in the server's log".to_string(),
+        }
+    }
 }
 
 /// The gRPC code's canonical name, e.g. `UNAVAILABLE` (a bounded metric label).
@@ -134,14 +175,29 @@ impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         let code = error.code();
         metrics::counter!("lockstep_errors_total", "code" => code_name(code)).increment(1);
-        if code == Code::Internal {
-            tracing::error!(error = %error, "request failed");
+        let mut message = error.client_message();
+        if error.is_internal() {
+            // The client's message and the log line share a reference, so that an
+            // operator handed the client's error finds the whole story.
+            let reference = error_reference();
+            if code == Code::Internal {
+                tracing::error!(error = %error, reference, "request failed");
+            } else {
+                tracing::warn!(error = %error, reference, "request failed");
+            }
+            message = format!("{message} (ref {reference})");
         }
         let retryable = error.is_retryable();
-        let mut status = Status::new(code, error.to_string());
+        let mut status = Status::new(code, message);
         retry::mark(&mut status, retryable);
         status
     }
+}
+
+/// A short random reference for one error: in the client's message and in the log.
+fn error_reference() -> String {
+    let bytes: [u8; 4] = rand::random();
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -165,6 +221,45 @@ mod tests {
         let status = Status::from(ApiError::Keys(KeysError::Precondition("stale key epoch".into())));
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(!retry::is_retryable(&status), "a stale epoch needs new keys, not the same request again");
+    }
+
+    #[test]
+    fn clients_never_read_internal_addresses_topics_or_sql() {
+        use rdkafka::{error::KafkaError as RdKafkaError, types::RDKafkaErrorCode};
+        let sql = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(1),
+            Some("near \"SELEC\": syntax error in SELECT token_hash FROM devices".into()),
+        );
+        let errors = [
+            ApiError::Kafka(KafkaError::Client {
+                operation: "produce",
+                source: RdKafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure),
+            }),
+            ApiError::Kafka(KafkaError::Topic {
+                operation: "create",
+                topic: "lockstep.user.0190".into(),
+                code: RDKafkaErrorCode::TopicAuthorizationFailed,
+            }),
+            ApiError::Kafka(KafkaError::Task("kafka-1.internal:9092/1: Connection refused".into())),
+            ApiError::Db(DbError::Sqlite(sql)),
+            ApiError::Accounts(AccountsError::Db(DbError::Task("panicked at src/db.rs:12".into()))),
+            ApiError::Internal("push task failed: JoinError::Panic".into()),
+        ];
+        for error in errors {
+            let inside = error.to_string();
+            let status = Status::from(error);
+            let message = status.message();
+            for secret in ["lockstep.user", "SELECT", "internal:9092", "db.rs", "Panic", "Connection refused"] {
+                assert!(!message.contains(secret), "{message:?} (from {inside:?}) shows {secret:?}");
+            }
+            assert!(message.contains("(ref "), "{message:?}: a reference to the log line");
+        }
+        let timeout = Status::from(ApiError::Kafka(KafkaError::Timeout("produce")));
+        assert_eq!(timeout.code(), Code::Unavailable);
+        assert!(timeout.message().starts_with("the server's log store (Kafka) did not answer in time (produce)"));
+        // The client's own mistakes are explained as they are.
+        let status = Status::from(ApiError::InvalidArgument("changes[3].nonce: 40 bytes, at most 32".into()));
+        assert_eq!(status.message(), "changes[3].nonce: 40 bytes, at most 32");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod idle;
 pub mod kafka;
 pub mod keys;
 pub mod locks;
@@ -39,6 +40,7 @@ pub mod push_targets;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
+pub mod slots;
 pub mod telemetry;
 
 pub use server::run;

@@ -23,6 +23,7 @@ use std::{
     collections::HashMap,
     future::Future,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use rusqlite::{OptionalExtension, params};
@@ -80,6 +81,23 @@ pub fn evidence_of_loss(mark: UserMark, watermarks: Watermarks, committed: Optio
     }
 }
 
+/// A value read from the database, and when it was last used (see [`LogGuard::evict_idle`]).
+struct Cached<T> {
+    value: T,
+    used: Instant,
+}
+
+impl<T: Copy> Cached<T> {
+    fn new(value: T) -> Self {
+        Self { value, used: Instant::now() }
+    }
+
+    fn get(&mut self) -> T {
+        self.used = Instant::now();
+        self.value
+    }
+}
+
 #[derive(Clone)]
 pub struct LogGuard {
     inner: Arc<Inner>,
@@ -87,9 +105,9 @@ pub struct LogGuard {
 
 struct Inner {
     db: Db,
-    users: Mutex<HashMap<Arc<str>, UserMark>>,
+    users: Mutex<HashMap<Arc<str>, Cached<UserMark>>>,
     /// device id -> the log generation it last repaired to.
-    devices: Mutex<HashMap<Arc<str>, i64>>,
+    devices: Mutex<HashMap<Arc<str>, Cached<i64>>>,
     /// Serialises recording incidents, so two requests that see the same
     /// loss at once record it once.
     incidents: tokio::sync::Mutex<()>,
@@ -109,8 +127,8 @@ impl LogGuard {
 
     /// The user's mark, read from the database once.
     pub async fn mark(&self, user_id: &Arc<str>) -> Result<UserMark, DbError> {
-        if let Some(mark) = lock(&self.inner.users).get(user_id) {
-            return Ok(*mark);
+        if let Some(mark) = lock(&self.inner.users).get_mut(user_id) {
+            return Ok(mark.get());
         }
         let user = user_id.to_string();
         let stored = self
@@ -126,20 +144,42 @@ impl LogGuard {
             .await?
             .unwrap_or(UserMark { high_mark: 0, generation: 0 });
         let mut users = lock(&self.inner.users);
-        let mark = users.entry(user_id.clone()).or_insert(stored);
-        Ok(*mark)
+        Ok(users.entry(user_id.clone()).or_insert_with(|| Cached::new(stored)).get())
+    }
+
+    /// Forgets marks and device generations not used for `idle_after`: the
+    /// database has them (a mark raised in memory only is at most as high as
+    /// the stored one plus pushes whose dedup records are being written, and a
+    /// lower mark only makes the check less strict for a moment, never wrong).
+    /// Returns how many users' and devices' entries were forgotten.
+    pub fn evict_idle(&self, idle_after: Duration) -> (usize, usize) {
+        let fresh = |used: &Instant| used.elapsed() < idle_after;
+        let mut users = lock(&self.inner.users);
+        let before = users.len();
+        users.retain(|_, mark| fresh(&mark.used));
+        let users_forgotten = before - users.len();
+        drop(users);
+        let mut devices = lock(&self.inner.devices);
+        let before = devices.len();
+        devices.retain(|_, generation| fresh(&generation.used));
+        (users_forgotten, before - devices.len())
+    }
+
+    /// Users' marks and devices' generations this node holds.
+    pub fn state_entries(&self) -> (usize, usize) {
+        (lock(&self.inner.users).len(), lock(&self.inner.devices).len())
     }
 
     /// The generation in memory, if this user was seen since start (cheap, for the push path).
     pub fn cached_generation(&self, user_id: &str) -> Option<i64> {
-        lock(&self.inner.users).get(user_id).map(|mark| mark.generation)
+        lock(&self.inner.users).get_mut(user_id).map(|mark| mark.get().generation)
     }
 
     /// Kafka acknowledged changes up to `end` (exclusive): raise the mark in
     /// memory. The gateway stores it with its dedup record, in the same transaction.
     pub fn note_acknowledged(&self, user_id: &Arc<str>, end: i64) {
         if let Some(mark) = lock(&self.inner.users).get_mut(user_id) {
-            mark.high_mark = mark.high_mark.max(end);
+            mark.value.high_mark = mark.value.high_mark.max(end);
         }
     }
 
@@ -259,14 +299,15 @@ impl LogGuard {
                 Ok(())
             })
             .await?;
-        lock(&self.inner.users).insert(user_id.clone(), UserMark { high_mark: watermarks.log_end, generation });
+        let mark = UserMark { high_mark: watermarks.log_end, generation };
+        lock(&self.inner.users).insert(user_id.clone(), Cached::new(mark));
         Ok(generation)
     }
 
     /// The generation a device last repaired to.
     async fn device_generation(&self, device_id: &Arc<str>) -> Result<i64, DbError> {
-        if let Some(generation) = lock(&self.inner.devices).get(device_id) {
-            return Ok(*generation);
+        if let Some(generation) = lock(&self.inner.devices).get_mut(device_id) {
+            return Ok(generation.get());
         }
         let device = device_id.to_string();
         let stored = self
@@ -279,7 +320,7 @@ impl LogGuard {
             })
             .await?
             .unwrap_or(0);
-        Ok(*lock(&self.inner.devices).entry(device_id.clone()).or_insert(stored))
+        Ok(lock(&self.inner.devices).entry(device_id.clone()).or_insert_with(|| Cached::new(stored)).get())
     }
 
     /// DATA_LOSS unless the device has repaired since the user's last incident.
@@ -313,7 +354,7 @@ impl LogGuard {
                 Ok(())
             })
             .await?;
-        lock(&self.inner.devices).insert(device_id.clone(), generation);
+        lock(&self.inner.devices).insert(device_id.clone(), Cached::new(generation));
         tracing::info!(user_id = %user_id, device_id = %device_id, generation, "device repairs after a lost log");
         Ok(())
     }
@@ -457,6 +498,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((dedup_rows, indexed_through), (0, 0));
+
+        // Forgotten when idle, and the same verdicts from the database afterwards.
+        assert_eq!(guard.evict_idle(Duration::from_secs(60)), (0, 0), "just used");
+        assert_eq!(guard.evict_idle(Duration::ZERO), (1, 2));
+        assert_eq!(guard.state_entries(), (0, 0));
+        assert_eq!(guard.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
+        guard.ensure_repaired(&user, &a).await.unwrap();
+        assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b still has to repair");
+        assert_eq!(guard.state_entries(), (1, 2));
     }
 
     #[tokio::test]

@@ -47,8 +47,11 @@ pub fn max_response_bytes(limits: &LimitsSettings) -> usize {
 
 /// How long start-up waits for Kafka to answer.
 const KAFKA_STARTUP_DEADLINE: Duration = Duration::from_secs(60);
-/// How long shutdown waits for open requests and for the producer.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// The part of `limits.drain_deadline` kept for flushing the producer and the
+/// events once the calls are done: a quarter, at most 2 s.
+fn flush_share(drain_deadline: Duration) -> Duration {
+    (drain_deadline / 4).min(Duration::from_secs(2))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -120,6 +123,8 @@ impl App {
             KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets: offsets.clone() };
         let delivery = Delivery::new(&clients, guard.clone(), events.clone(), shutdown.clone(), &settings);
         let dedup = DedupIndex::new(db.clone());
+        let log_guard = guard.clone();
+        let shutdown_for_sweep = shutdown.clone();
         let gateway =
             Gateway::new(&clients, dedup, delivery.clone(), guard, events.clone(), shutdown.clone(), &settings);
         let push_targets = PushTargets::new(db.clone(), events.clone());
@@ -144,6 +149,13 @@ impl App {
             let events_kafka = crate::events::events_kafka(&settings);
             tokio::spawn(crate::events::follower::run(settings.clone(), events_kafka, push_targets.clone(), shutdown));
         }
+        tokio::spawn(forget_idle_state(
+            gateway.clone(),
+            delivery.clone(),
+            log_guard,
+            settings.limits.idle_state_after,
+            shutdown_for_sweep,
+        ));
         let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, erasure, keys };
         Ok((app, Background { producer, publisher }))
     }
@@ -168,6 +180,50 @@ async fn announce(delivery: Delivery, push_targets: PushTargets, lease_interval:
                 Err(error) => tracing::warn!(%error, "cannot announce push targets"),
             },
             () = running.begun() => return,
+        }
+    }
+}
+
+/// Every so often, forgets per-device and per-user state unused for
+/// `idle_after` (see `crate::idle`), and reports how much is held.
+async fn forget_idle_state(
+    gateway: Gateway,
+    delivery: Delivery,
+    guard: LogGuard,
+    idle_after: Duration,
+    shutdown: ShutdownSource,
+) {
+    let Some(mut running) = shutdown.handle() else { return };
+    let mut sweeps = tokio::time::interval((idle_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)));
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = sweeps.tick() => {}
+            () = running.begun() => return,
+        }
+        let devices = delivery.evict_idle(idle_after);
+        let users = gateway.evict_idle(idle_after);
+        let (marks, generations) = guard.evict_idle(idle_after);
+        let forgotten = [
+            ("device_offsets", devices),
+            ("user_pushes", users),
+            ("log_marks", marks),
+            ("device_generations", generations),
+        ];
+        if forgotten.iter().any(|(_, count)| *count > 0) {
+            tracing::debug!(?forgotten, "idle state forgotten");
+        }
+        for (kind, count) in forgotten {
+            metrics::counter!("lockstep_idle_state_forgotten_total", "kind" => kind).increment(count as u64);
+        }
+        let (marks, generations) = guard.state_entries();
+        let held = delivery.state_entries().into_iter().chain([
+            ("user_pushes", gateway.state_entries()),
+            ("log_marks", marks),
+            ("device_generations", generations),
+        ]);
+        for (kind, count) in held {
+            metrics::gauge!("lockstep_state_entries", "kind" => kind).set(count as f64);
         }
     }
 }
@@ -245,17 +301,19 @@ pub async fn run(
         .max_encoding_message_size(max_response_bytes(&limits));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    // When shutdown began: the drain deadline counts from there.
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
     let delivery = app.delivery.clone();
     let trigger = controller.trigger();
     tokio::spawn(async move {
         shutdown.await;
+        let began = tokio::time::Instant::now();
         tracing::info!("shutting down: ending device streams");
         health_reporter.set_not_serving::<SyncServer<SyncApi>>().await;
         trigger.begin();
         delivery.shutdown();
         let _ = stop_tx.send(());
-        let _ = stopping_tx.send(true);
+        let _ = stopping_tx.send(Some(began));
     });
 
     let router = tonic::transport::Server::builder()
@@ -295,26 +353,33 @@ pub async fn run(
         // server on port 0.
         println!("LOCKSTEP_LISTENING {addr}");
     }
-    // Connections get the drain deadline to finish their requests; then they are dropped.
+    // Open calls get the drain deadline but the flushes' share; then their connections are dropped.
+    let drain_deadline = limits.drain_deadline;
+    let calls_deadline = drain_deadline - flush_share(drain_deadline);
     let deadline = async {
-        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-        tokio::time::sleep(DRAIN_DEADLINE).await;
+        // The sender lives until shutdown began: `Err` cannot happen before.
+        let began = stopping_rx.wait_for(Option::is_some).await.map(|began| *began).ok().flatten();
+        tokio::time::sleep_until(began.unwrap_or_else(tokio::time::Instant::now) + calls_deadline).await;
     };
     tokio::select! {
         served = server => served?,
-        () = deadline => tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline: closed"),
+        () = deadline => tracing::warn!(deadline = ?calls_deadline, "connections still open at the drain deadline: closed"),
     }
     drop(app);
-    if !controller.drained(DRAIN_DEADLINE).await {
-        tracing::warn!(deadline = ?DRAIN_DEADLINE, "pushes or streams still running at the drain deadline");
+    let began = (*stopping_rx.borrow()).unwrap_or_else(tokio::time::Instant::now);
+    let ends_at = began + drain_deadline;
+    let left = || ends_at.saturating_duration_since(tokio::time::Instant::now());
+    // What is left of the calls' share, then the rest for the flushes.
+    if !controller.drained((began + calls_deadline).saturating_duration_since(tokio::time::Instant::now())).await {
+        tracing::warn!(deadline = ?calls_deadline, "pushes or streams still running at the drain deadline");
     }
     tracing::info!("requests drained: flushing the producer");
-    if let Err(error) = producer.flush(DRAIN_DEADLINE).await {
+    if let Err(error) = producer.flush(left()).await {
         tracing::warn!(%error, "producer flush did not finish");
     }
     // Last: the facts of the drained requests and ended streams.
     if let Some(publisher) = publisher {
-        publisher.drain(DRAIN_DEADLINE).await;
+        publisher.drain(left()).await;
     }
     let _ = admin_stop_tx.send(());
     tracing::info!("stopped");

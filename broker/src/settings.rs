@@ -132,6 +132,10 @@ pub struct LimitsSettings {
     pub max_concurrent_requests: u32,
     /// Calls in handlers at once on one connection; more wait. Default 32.
     pub max_concurrent_requests_per_connection: u32,
+    /// Calls in handlers at once of one device, over all its connections; more are shed with
+    /// RESOURCE_EXHAUSTED, so that one device (or one stolen token) cannot take the server's
+    /// `max_concurrent_requests` from everyone else. Default 32.
+    pub max_concurrent_requests_per_device: u32,
     /// Bytes of Push bodies held at once (counted as they arrive, given back when the push
     /// is answered); past it pushes are shed with RESOURCE_EXHAUSTED. At least
     /// `max_request_bytes`. Default 128 MiB.
@@ -144,6 +148,15 @@ pub struct LimitsSettings {
     /// What a shed call's `x-lockstep-retry-after-ms` asks the client to wait. Default 1s.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    /// Per-device and per-user state of this node (cached committed offsets, push order,
+    /// log marks, recent revocations) unused this long is forgotten; it is read again from
+    /// Kafka or the database when needed. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub idle_state_after: Duration,
+    /// From SIGTERM to exit: streams end at once, open calls get most of it, the producer's
+    /// and the events' flush the rest. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,6 +171,10 @@ pub struct DeliverySettings {
     pub live_cache_changes: usize,
     /// Bytes of ciphertext kept in memory per user with live subscribers. Default 4 MiB.
     pub live_cache_bytes: usize,
+    /// Bytes kept in memory by every user's cache together: over it, the user
+    /// adding a change gives up its oldest cached changes (its devices then read
+    /// them from Kafka). Default 256 MiB.
+    pub live_cache_total_bytes: usize,
     /// Most changes in one message to a device. Default 256.
     pub batch_max_changes: usize,
     /// Most encoded bytes in one message to a device (advertised in GetServerInfo); a single
@@ -346,9 +363,12 @@ impl Default for LimitsSettings {
             max_subscriptions_per_user: 100,
             max_concurrent_requests: 1024,
             max_concurrent_requests_per_connection: 32,
+            max_concurrent_requests_per_device: 32,
             max_inflight_push_bytes: 128 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
+            idle_state_after: Duration::from_secs(600),
+            drain_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -360,6 +380,7 @@ impl Default for DeliverySettings {
             catchup_readers: 4,
             live_cache_changes: 1024,
             live_cache_bytes: 4 * 1024 * 1024,
+            live_cache_total_bytes: 256 * 1024 * 1024,
             batch_max_changes: 256,
             batch_max_bytes: 4 * 1024 * 1024,
             stream_buffer: 4,
@@ -382,7 +403,7 @@ impl Default for AccountsSettings {
 
 /// An address, or nothing for an empty string (so that an environment
 /// variable can turn a listener off).
-fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+pub fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
     let text: Option<String> = Option::deserialize(deserializer)?;
     match text.as_deref().map(str::trim) {
         None | Some("") => Ok(None),
@@ -394,26 +415,38 @@ fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Op
 #[error("invalid settings: {0}")]
 pub struct SettingsError(#[from] Box<figment::Error>);
 
+impl SettingsError {
+    /// A rule the settings break, in words.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self(Box::new(figment::Error::from(message.into())))
+    }
+}
+
+/// How every Lockstep binary reads its settings: `defaults`, then `file` (if
+/// given; it must exist), then the environment variables `env` selects.
+pub fn layered<T: Serialize + serde::de::DeserializeOwned>(
+    defaults: T,
+    file: Option<&std::path::Path>,
+    env: Env,
+) -> Result<T, SettingsError> {
+    let mut figment = Figment::from(Serialized::defaults(defaults));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(SettingsError::invalid(format!("settings file {} does not exist", file.display())));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    Ok(figment.merge(env).extract().map_err(Box::new)?)
+}
+
 impl Settings {
     /// Defaults, then `file` (if given; it must exist), then `LOCKSTEP_*` variables.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, SettingsError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(SettingsError(Box::new(figment::Error::from(format!(
-                    "settings file {} does not exist",
-                    file.display()
-                )))));
-            }
-            figment = figment.merge(Toml::file(file));
-        }
-        figment = figment.merge(
-            Env::prefixed("LOCKSTEP_")
-                // Flags of the binary (clap reads these), not settings keys.
-                .ignore(&["KAFKA_BROKERS", "CONFIG", "LISTEN", "LOG_JSON", "LOG"])
-                .split("__"),
-        );
-        let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        let env = Env::prefixed("LOCKSTEP_")
+            // Flags of the binary (clap reads these), not settings keys.
+            .ignore(&["KAFKA_BROKERS", "CONFIG", "LISTEN", "LOG_JSON", "LOG"])
+            .split("__");
+        let mut settings = layered(Settings::default(), file, env)?;
         // Messages to devices stay under the server's own encoding cap, also
         // when a small `limits.max_request_bytes` lowers it.
         let cap = crate::server::max_response_bytes(&settings.limits).saturating_sub(64 * 1024);
@@ -423,7 +456,7 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
-        let fail = |message: &str| Err(SettingsError(Box::new(figment::Error::from(message.to_string()))));
+        let fail = |message: &str| Err(SettingsError::invalid(message));
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");
         }
@@ -437,10 +470,13 @@ impl Settings {
             || self.delivery.heartbeat_interval.is_zero()
             || self.delivery.send_timeout.is_zero()
             || self.limits.max_subscriptions_per_user == 0
+            || self.limits.idle_state_after.is_zero()
+            || self.limits.drain_deadline.is_zero()
         {
             return fail(
-                "delivery.stream_buffer, delivery.heartbeat_interval, delivery.send_timeout and \
-                 limits.max_subscriptions_per_user must be non-zero",
+                "delivery.stream_buffer, delivery.heartbeat_interval, delivery.send_timeout, \
+                 limits.max_subscriptions_per_user, limits.idle_state_after and limits.drain_deadline must be \
+                 non-zero",
             );
         }
         // The largest change, framed, must fit in one message (under the server's own
@@ -462,9 +498,13 @@ impl Settings {
             return fail("events.lease_interval must be at least 1s");
         }
         let limits = &self.limits;
-        if limits.max_concurrent_requests == 0 || limits.max_concurrent_requests_per_connection == 0 {
+        if limits.max_concurrent_requests == 0
+            || limits.max_concurrent_requests_per_connection == 0
+            || limits.max_concurrent_requests_per_device == 0
+        {
             return fail(
-                "limits.max_concurrent_requests and limits.max_concurrent_requests_per_connection must be at least 1",
+                "limits.max_concurrent_requests, limits.max_concurrent_requests_per_connection and \
+                 limits.max_concurrent_requests_per_device must be at least 1",
             );
         }
         if limits.max_inflight_push_bytes < u64::from(limits.max_request_bytes)

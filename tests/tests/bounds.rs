@@ -152,3 +152,40 @@ async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released()
     assert_eq!(report["pushed"], 2, "{report}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_cannot_take_every_call_slot() -> anyhow::Result<()> {
+    use lockstep_proto::v1::ListDevicesRequest;
+    let limits = [("LOCKSTEP_LIMITS__MAX_CONCURRENT_REQUESTS_PER_DEVICE", "2")];
+    let Stack { nisshi: _nisshi, server, device: phone } = Stack::start_with("phone", &limits).await?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    let list = |device: &lockstep_e2e::device::Device| {
+        let (mut accounts, request) = (device.accounts.clone(), device.request(ListDevicesRequest {}));
+        async move { accounts.list_devices(request).await }
+    };
+    // Two uploads that never finish, on two connections, hold the phone's two slots.
+    let held = [
+        HeldPush::start(server.addr(), &phone.token, 100_000, 10).await?,
+        HeldPush::start(server.addr(), &phone.token, 100_000, 10).await?,
+    ];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = list(&phone).await.expect_err("a third call of the phone");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("this device"), "{status:?}");
+    assert!(retry::is_retryable(&status) && retry::retry_after(&status).is_some(), "{status:?}");
+    // Another device of the same account is served meanwhile.
+    assert_eq!(list(&laptop).await?.into_inner().devices.len(), 2);
+    // The slots come back with the calls.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match list(&phone).await {
+            Ok(listed) => break assert_eq!(listed.into_inner().devices.len(), 2),
+            Err(status) if status.code() == Code::ResourceExhausted && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(status) => anyhow::bail!("the phone's slots did not come back: {status:?}"),
+        }
+    }
+    Ok(())
+}

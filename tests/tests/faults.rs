@@ -351,6 +351,7 @@ async fn with_kafka_unreachable_push_ack_and_subscribe_answer_unavailable_within
 
     let mut problems = Vec::new();
     let mut failed_pushes = Vec::new();
+    let messages = std::sync::Mutex::new(Vec::new());
     for outage in ["link cut", "link frozen", "kafka killed"] {
         match outage {
             "link cut" => run.stack.proxy().cut(),
@@ -371,9 +372,22 @@ async fn with_kafka_unreachable_push_ack_and_subscribe_answer_unavailable_within
                 };
                 (code, started.elapsed())
             },
-            async { (run.devices[2].ack(3).await.map(|_| ()).map_err(|status| status.code()), started.elapsed()) },
+            async {
+                let acked = run.devices[2].ack(3).await.map(|_| ()).map_err(|status| {
+                    messages.lock().unwrap().push(status.message().to_string());
+                    status.code()
+                });
+                (acked, started.elapsed())
+            },
             async { (first_stream_answer(&run.devices[3]).await, started.elapsed()) },
         );
+        // What the device reads names no internal address: Kafka's (behind the proxy
+        // here, on 127.0.0.1) or the group-offset client's.
+        for message in messages.lock().unwrap().drain(..) {
+            if message.contains("127.0.0.1") || !message.contains("(ref ") {
+                problems.push(format!("{outage}: Ack's message {message:?} shows an address or lacks a log reference"));
+            }
+        }
         failed_pushes.push(pushed);
         let line = format!(
             "kafka-unreachable ({outage}): Push {}, Ack {}, Subscribe {}",

@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    io::Write,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -30,25 +29,6 @@ fn samples(text: &str) -> HashMap<String, f64> {
             Some((name.to_string(), value.parse().ok()?))
         })
         .collect()
-}
-
-fn promtool_check(text: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("promtool (Debian package prometheus; scripts/test installs it)")?;
-    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-    let output = child.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +71,7 @@ async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
     assert_eq!(value("lockstep_live_streams"), 1.0);
     assert!(text.contains("# HELP lockstep_push_duration_seconds"), "metrics are described");
     assert!(!text.contains(&phone.user_id) && !text.contains(&laptop.device_id), "no per-user or per-device labels");
-    promtool_check(&text)?;
+    lockstep_e2e::promtool_check(&text)?;
 
     // Health is the process; readiness is Kafka.
     assert_eq!(http_get(admin, "/healthz").await?.0, 200);
@@ -160,5 +140,83 @@ async fn a_real_prometheus_scrapes_the_server() -> anyhow::Result<()> {
     }
     let (_, body) = http_get(query_addr, "/api/v1/targets").await?;
     assert!(body.contains(r#""health":"up""#), "{body}");
+    Ok(())
+}
+
+/// Reads `/metrics` until `until` holds for its samples, or `WAIT` passes.
+async fn metrics_until(
+    admin: std::net::SocketAddr,
+    what: &str,
+    until: impl Fn(&HashMap<String, f64>) -> bool,
+) -> anyhow::Result<HashMap<String, f64>> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, text) = http_get(admin, "/metrics").await?;
+        let samples = samples(&text);
+        if until(&samples) {
+            return Ok(samples);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {WAIT:?}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn entries(samples: &HashMap<String, f64>, kind: &str) -> f64 {
+    samples.get(&format!("lockstep_state_entries{{kind=\"{kind}\"}}")).copied().unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_per_device_state_is_forgotten_and_devices_carry_on_where_they_were() -> anyhow::Result<()> {
+    const USERS: usize = 8;
+    const KINDS: [&str; 5] = ["device_offsets", "user_pushes", "log_marks", "device_generations", "live_caches"];
+    let idle = [("LOCKSTEP_LIMITS__IDLE_STATE_AFTER", "1s")];
+    let Stack { nisshi: _nisshi, server, device: first } = Stack::start_with("phone", &idle).await?;
+    let admin = server.admin_addr().context("the server printed its admin address")?;
+    let mut fleet = vec![(first.clone(), first.pair(&server, "laptop").await?)];
+    for _ in 1..USERS {
+        let phone = lockstep_e2e::device::Device::create_account(&server, "phone").await?;
+        let laptop = phone.pair(&server, "laptop").await?;
+        fleet.push((phone, laptop));
+    }
+    // Each user: the phone pushes 3, the laptop receives them live and acks 2 of them.
+    let mut pushed = Vec::new();
+    let mut streams = Vec::new();
+    for (phone, laptop) in &fleet {
+        let mut stream = laptop.subscribe(None).await?;
+        let batch = changes(3, 100);
+        assert_eq!(phone.push_ok(batch.clone()).await?, vec![0, 1, 2]);
+        assert_eq!(receive_changes(&mut stream, 3, WAIT).await?.offsets(), vec![0, 1, 2]);
+        laptop.ack(1).await?;
+        pushed.push(batch);
+        streams.push(stream);
+    }
+    let busy = metrics_until(admin, "state held while streams are open", |samples| {
+        entries(samples, "device_offsets") >= USERS as f64 && entries(samples, "live_caches") >= USERS as f64
+    })
+    .await?;
+    assert!(busy.get("lockstep_live_cache_bytes").copied().unwrap_or(0.0) > 0.0, "the live caches hold the changes");
+    // Streams open: their devices' state stays however long they are quiet.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, text) = http_get(admin, "/metrics").await?;
+    assert!(entries(&samples(&text), "device_offsets") >= USERS as f64, "a live stream's device is never forgotten");
+
+    drop(streams);
+    let quiet =
+        metrics_until(admin, "idle state forgotten", |samples| KINDS.iter().all(|kind| entries(samples, kind) == 0.0))
+            .await?;
+    assert_eq!(quiet.get("lockstep_live_cache_bytes").copied(), Some(0.0));
+    assert!(quiet.get("lockstep_idle_state_forgotten_total{kind=\"device_offsets\"}").copied().unwrap_or(0.0) >= 1.0);
+
+    // Forgotten is not lost: each laptop resumes after what it acked, a retried push is
+    // still answered as the duplicate it is, and new changes flow on.
+    for ((phone, laptop), batch) in fleet.iter().zip(&pushed) {
+        let retried = phone.push(batch.clone()).await?;
+        let duplicates: Vec<bool> = retried.iter().map(|result| result.duplicate).collect();
+        assert_eq!(duplicates, vec![true; 3], "{retried:?}");
+        let mut stream = laptop.subscribe(None).await?;
+        assert_eq!(receive_changes(&mut stream, 1, WAIT).await?.offsets(), vec![2], "from the committed offset");
+        assert_eq!(phone.push_ok(changes(1, 100)).await?, vec![3]);
+        assert_eq!(receive_changes(&mut stream, 1, WAIT).await?.offsets(), vec![3]);
+    }
     Ok(())
 }

@@ -134,7 +134,8 @@ async fn a_thousand_streams_that_never_read_are_ended_and_nobody_else_notices() 
     // 1,000 streams × (4 buffered messages + one 1 KiB window) of 64 KiB changes is at most ~260 MiB.
     assert!(rss_stuck.saturating_sub(rss_before) < 300 * 1024, "{rss_before} KiB -> {rss_stuck} KiB");
 
-    // SIGTERM with 1,000 stuck streams: out within the drain deadline (10 s) and a margin.
+    // SIGTERM with 1,000 stuck streams: out within the drain deadline (limits.drain_deadline, 10 s),
+    // process exit included: calls get 8 s of it, the flushes the rest.
     for _ in 0..6 {
         owner.push_ok(vec![change("big", 64 * 1024)]).await?;
     }
@@ -143,7 +144,7 @@ async fn a_thousand_streams_that_never_read_are_ended_and_nobody_else_notices() 
     assert!(server.terminate()?, "clean exit");
     let took = started.elapsed();
     eprintln!("measured: SIGTERM with {STUCK} stuck streams: exited after {took:?}");
-    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
     drop(again);
     Ok(())
 }

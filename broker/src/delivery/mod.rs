@@ -19,9 +19,11 @@ use std::{
     },
 };
 
-pub use live_log::{LiveLog, LogRead};
+pub use live_log::{CacheBudget, LiveLog, LogRead};
 use lockstep_proto::v1::{Change, DeliveredChange, Op, ResyncReason, SubscribeResponse};
 use lockstep_schemas::ChangeEnvelope;
+use std::time::{Duration, Instant};
+
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -29,11 +31,13 @@ use crate::{
     accounts::AuthedDevice,
     error::ApiError,
     events::Events,
+    idle::LastUsed,
     kafka::{GroupOffsets, KafkaClients, KafkaError, ReaderPool, Topics, device_group, user_topic},
     locks::lock,
     log_guard::LogGuard,
     settings::{DeliverySettings, KafkaSettings, Settings},
     shutdown::ShutdownSource,
+    slots::{KeyedSlots, Slot},
 };
 
 /// Bytes a change adds to a message besides its ciphertext: ids, clocks,
@@ -68,6 +72,7 @@ struct DeviceState {
     ack_lock: tokio::sync::Mutex<()>,
     /// Next offset to deliver as committed in Kafka; `UNKNOWN` until read.
     committed: AtomicI64,
+    used: LastUsed,
 }
 
 const UNKNOWN: i64 = i64::MIN;
@@ -78,32 +83,17 @@ struct SessionEntry {
     stop_tx: watch::Sender<Option<StopReason>>,
 }
 
-/// One of a user's subscription slots (`limits.max_subscriptions_per_user`), given back on drop.
-pub(crate) struct UserSlot {
-    counts: Arc<Mutex<HashMap<Arc<str>, u32>>>,
-    user_id: Arc<str>,
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut counts = lock(&self.counts);
-        if let Some(count) = counts.get_mut(&self.user_id) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.user_id);
-            }
-        }
-    }
-}
-
 struct Inner {
-    user_streams: Arc<Mutex<HashMap<Arc<str>, u32>>>,
-    max_streams_per_user: u32,
+    /// Subscription slots per user (`limits.max_subscriptions_per_user`).
+    user_streams: KeyedSlots,
     live_logs: Mutex<HashMap<Arc<str>, Weak<LiveLog>>>,
+    cache_budget: Arc<CacheBudget>,
     sessions: Mutex<HashMap<Arc<str>, SessionEntry>>,
     /// Devices revoked while this process runs: a Subscribe that authenticated
     /// before the revocation and registers its stream after it is ended too.
-    revoked: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Kept for `revoked_for`: longer than any Subscribe takes to start.
+    revoked: Mutex<HashMap<Arc<str>, Instant>>,
+    revoked_for: Duration,
     devices: Mutex<HashMap<Arc<str>, Arc<DeviceState>>>,
     subscriptions: Arc<Semaphore>,
     next_session_id: AtomicU64,
@@ -132,10 +122,11 @@ impl Delivery {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                user_streams: Arc::default(),
-                max_streams_per_user: settings.limits.max_subscriptions_per_user,
+                user_streams: KeyedSlots::new(settings.limits.max_subscriptions_per_user),
                 live_logs: Mutex::default(),
+                cache_budget: CacheBudget::new(settings.delivery.live_cache_total_bytes),
                 revoked: Mutex::default(),
+                revoked_for: settings.limits.idle_state_after.max(settings.limits.request_timeout * 2),
                 sessions: Mutex::default(),
                 devices: Mutex::default(),
                 subscriptions: Arc::new(Semaphore::new(settings.limits.max_subscriptions as usize)),
@@ -153,11 +144,19 @@ impl Delivery {
     }
 
     /// Hands changes Kafka just acknowledged to the user's live subscribers.
+    /// The cache keeps copies of their bytes: the pushed ones are slices of the
+    /// whole request body, which a small cached change would otherwise keep
+    /// alive (up to `limits.max_request_bytes` each).
     pub fn publish(&self, user_id: &str, changes: Vec<Arc<DeliveredChange>>) {
         let log = lock(&self.inner.live_logs).get(user_id).and_then(Weak::upgrade);
         if let Some(log) = log {
-            log.append(changes);
+            log.append(changes.into_iter().map(unpinned));
         }
+    }
+
+    /// Bytes held by every user's live cache together.
+    pub fn cached_bytes(&self) -> usize {
+        self.inner.cache_budget.used()
     }
 
     /// Starts the device's stream. Fails before streaming if `from_offset` is
@@ -220,7 +219,7 @@ impl Delivery {
         inner.events.connected(&device.user_id, &device.device_id);
         // After registering: either `shutdown` (which begins, then ends every
         // registered stream) sees this one, or this sees that it began.
-        if lock(&inner.revoked).contains(&device.device_id) {
+        if lock(&inner.revoked).contains_key(&device.device_id) {
             self.end_session(&device.device_id, session_id);
             return Err(StopReason::Revoked.into());
         }
@@ -330,7 +329,7 @@ impl Delivery {
     /// Ends a revoked device's stream.
     pub fn revoke(&self, device_id: &str) {
         // First: a stream still starting checks this after it registered (see `subscribe`).
-        lock(&self.inner.revoked).insert(device_id.into());
+        lock(&self.inner.revoked).insert(device_id.into(), Instant::now());
         if let Some(entry) = lock(&self.inner.sessions).remove(device_id) {
             entry.stop_tx.send_replace(Some(StopReason::Revoked));
             self.inner.events.disconnected(&entry.user_id, device_id);
@@ -380,12 +379,41 @@ impl Delivery {
 
     fn device_state(&self, device_id: &Arc<str>) -> Arc<DeviceState> {
         let mut devices = lock(&self.inner.devices);
-        devices
-            .entry(device_id.clone())
-            .or_insert_with(|| {
-                Arc::new(DeviceState { ack_lock: tokio::sync::Mutex::new(()), committed: AtomicI64::new(UNKNOWN) })
+        let state = devices.entry(device_id.clone()).or_insert_with(|| {
+            Arc::new(DeviceState {
+                ack_lock: tokio::sync::Mutex::new(()),
+                committed: AtomicI64::new(UNKNOWN),
+                used: LastUsed::default(),
             })
-            .clone()
+        });
+        state.used.touch();
+        state.clone()
+    }
+
+    /// Forgets devices without a stream or a call in progress that were not
+    /// used for `idle_after` (their committed offset is read from Kafka again),
+    /// revocations older than any starting stream, and caches of users whose
+    /// streams ended. Returns how many devices were forgotten.
+    pub fn evict_idle(&self, idle_after: Duration) -> usize {
+        let inner = &self.inner;
+        let mut devices = lock(&inner.devices);
+        let before = devices.len();
+        // In use: the map's reference and another (a stream, an ack).
+        devices.retain(|_, state| Arc::strong_count(state) > 1 || !state.used.idle(idle_after));
+        let forgotten = before - devices.len();
+        drop(devices);
+        lock(&inner.revoked).retain(|_, revoked_at| revoked_at.elapsed() < inner.revoked_for);
+        lock(&inner.live_logs).retain(|_, log| log.strong_count() > 0);
+        forgotten
+    }
+
+    /// Entries of this node's per-device and per-user maps (the metrics' `lockstep_state_entries`).
+    pub fn state_entries(&self) -> [(&'static str, usize); 3] {
+        [
+            ("device_offsets", lock(&self.inner.devices).len()),
+            ("revocations", lock(&self.inner.revoked).len()),
+            ("live_caches", lock(&self.inner.live_logs).len()),
+        ]
     }
 
     fn live_log(&self, user_id: &Arc<str>) -> Arc<LiveLog> {
@@ -395,7 +423,9 @@ impl Delivery {
         }
         // Drop entries of users whose last stream ended.
         logs.retain(|_, log| log.strong_count() > 0);
-        let log = Arc::new(LiveLog::new(self.inner.settings.live_cache_changes, self.inner.settings.live_cache_bytes));
+        let settings = &self.inner.settings;
+        let budget = self.inner.cache_budget.clone();
+        let log = Arc::new(LiveLog::new(settings.live_cache_changes, settings.live_cache_bytes, budget));
         logs.insert(user_id.clone(), Arc::downgrade(&log));
         log
     }
@@ -405,16 +435,12 @@ impl Delivery {
     }
 
     /// Takes one of the user's subscription slots, unless all are taken.
-    fn user_slot(&self, user_id: &Arc<str>) -> Result<UserSlot, ApiError> {
-        let mut counts = lock(&self.inner.user_streams);
-        let count = counts.entry(user_id.clone()).or_insert(0);
-        if *count >= self.inner.max_streams_per_user {
-            return Err(ApiError::ResourceExhausted(format!(
+    fn user_slot(&self, user_id: &Arc<str>) -> Result<Slot, ApiError> {
+        self.inner.user_streams.take(user_id).map_err(|count| {
+            ApiError::ResourceExhausted(format!(
                 "this account's devices hold {count} streams, the most this server allows; retry later"
-            )));
-        }
-        *count += 1;
-        Ok(UserSlot { counts: self.inner.user_streams.clone(), user_id: user_id.clone() })
+            ))
+        })
     }
 
     fn end_session(&self, device_id: &str, session_id: u64) {
@@ -426,6 +452,16 @@ impl Delivery {
             self.inner.events.disconnected(&entry.user_id, device_id);
         }
     }
+}
+
+/// The change with its own copies of ciphertext and nonce (see [`Delivery::publish`]).
+fn unpinned(change: Arc<DeliveredChange>) -> Arc<DeliveredChange> {
+    let mut owned = Arc::unwrap_or_clone(change);
+    if let Some(change) = owned.change.as_mut() {
+        change.ciphertext = bytes::Bytes::copy_from_slice(&change.ciphertext);
+        change.nonce = bytes::Bytes::copy_from_slice(&change.nonce);
+    }
+    Arc::new(owned)
 }
 
 /// What a device receives for a record of the log: the change, or an
@@ -510,6 +546,22 @@ mod tests {
             change: Some(Change { ciphertext: Bytes::from(vec![7u8; ciphertext_bytes]), ..Default::default() }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn cached_changes_own_their_bytes_instead_of_pinning_the_request_body() {
+        // A request body of 8 MiB whose changes are slices of it.
+        let body = Bytes::from(vec![9u8; 8 * 1024 * 1024]);
+        let sliced = DeliveredChange {
+            offset: 1,
+            change: Some(Change { ciphertext: body.slice(0..100), nonce: body.slice(100..124), ..Default::default() }),
+            ..Default::default()
+        };
+        let owned = unpinned(Arc::new(sliced.clone()));
+        assert_eq!(*owned, sliced, "the same change");
+        let (ciphertext, nonce) = owned.change.as_ref().map(|change| (&change.ciphertext, &change.nonce)).unwrap();
+        let range = body.as_ptr_range();
+        assert!(!range.contains(&ciphertext.as_ptr()) && !range.contains(&nonce.as_ptr()), "copies, not slices");
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub(super) struct Session {
     pub stream_tx: mpsc::Sender<Result<SubscribeResponse, tonic::Status>>,
     pub stop_rx: watch::Receiver<Option<StopReason>>,
     pub _permit: OwnedSemaphorePermit,
-    pub _user_slot: super::UserSlot,
+    pub _user_slot: crate::slots::Slot,
     /// Shutdown waits for this stream to end.
     pub _running: Shutdown,
 }

@@ -346,7 +346,25 @@ impl Gateway {
 
     fn user_state(&self, user_id: &Arc<str>) -> Arc<UserPush> {
         let mut users = lock(&self.users);
-        users.entry(user_id.clone()).or_default().clone()
+        let user = users.entry(user_id.clone()).or_default();
+        user.used.touch();
+        user.clone()
+    }
+
+    /// Forgets the push state of users with no push in progress, nothing in
+    /// doubt, and no push for `idle_after`. Returns how many were forgotten.
+    pub fn evict_idle(&self, idle_after: Duration) -> usize {
+        let now = Instant::now();
+        let mut users = lock(&self.users);
+        let before = users.len();
+        // A push in progress holds a reference (its ticket), besides the map's.
+        users.retain(|_, user| Arc::strong_count(user) > 1 || !user.used.idle(idle_after) || !user.is_settled(now));
+        before - users.len()
+    }
+
+    /// Users whose push state this node holds.
+    pub fn state_entries(&self) -> usize {
+        lock(&self.users).len()
     }
 }
 

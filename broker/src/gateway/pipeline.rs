@@ -21,7 +21,9 @@ use std::{
 use lockstep_proto::v1::{Change, DeliveredChange, PushError, PushResult, push_result};
 
 use super::dedup::{Digest, IndexEntry, digest_of_change};
-use crate::{accounts::AuthedDevice, error::ApiError, kafka::KafkaError, locks::lock, shutdown::Shutdown};
+use crate::{
+    accounts::AuthedDevice, error::ApiError, idle::LastUsed, kafka::KafkaError, locks::lock, shutdown::Shutdown,
+};
 
 /// Per-user push state.
 #[derive(Default)]
@@ -30,6 +32,7 @@ pub(super) struct UserPush {
     index: Mutex<IndexState>,
     /// How many tickets have finished; ticket `n` finishes when this is `n`.
     finished: tokio::sync::watch::Sender<u64>,
+    pub used: LastUsed,
 }
 
 #[derive(Default)]
@@ -80,6 +83,15 @@ impl IndexState {
 impl UserPush {
     pub fn index(&self) -> std::sync::MutexGuard<'_, IndexState> {
         lock(&self.index)
+    }
+
+    /// Whether forgetting this state loses nothing: no change is being
+    /// written or in doubt (a doubt must outlive its window, or a retry could
+    /// append a change twice). What stays is only where the dedup index was
+    /// read up to, which the next push reads again.
+    pub fn is_settled(&self, now: Instant) -> bool {
+        let index = self.index();
+        index.in_flight.is_empty() && index.in_doubt.values().all(|until| *until <= now)
     }
 
     /// Waits until `count` tickets have finished.
@@ -268,7 +280,8 @@ pub(super) fn failed(error: &ApiError) -> PushResult {
     PushResult {
         result: Some(push_result::Result::Error(PushError {
             code: error.code() as i32,
-            message: error.to_string(),
+            // Per change: the server's log has the produce failure (see `settle`).
+            message: error.client_message(),
             retryable: error.is_retryable(),
         })),
         duplicate: false,

@@ -8,7 +8,8 @@
 //!    token again (an in-memory lookup), so a device revoked while its body was
 //!    still arriving is refused too.
 //! 2. **Bound the work.** At most `limits.max_concurrent_requests` calls are in
-//!    handlers at once across all connections; at most
+//!    handlers at once across all connections, and
+//!    `limits.max_concurrent_requests_per_device` of one device; at most
 //!    `limits.max_inflight_push_bytes` of Push bodies are held at once, counted
 //!    as the bytes arrive. Either limit sheds with RESOURCE_EXHAUSTED (retryable)
 //!    and `x-lockstep-retry-after-ms`, which clients wait out before retrying.
@@ -46,6 +47,7 @@ use crate::{
     error::ApiError,
     locks::lock,
     settings::{LimitsSettings, RateLimitSettings},
+    slots::KeyedSlots,
 };
 
 /// Calls anyone may make without a device token.
@@ -65,6 +67,8 @@ const MAX_TOKEN_CHARS: usize = 128;
 struct Shared {
     accounts: Accounts,
     requests: Arc<Semaphore>,
+    /// Calls in handlers per device (`limits.max_concurrent_requests_per_device`).
+    device_calls: KeyedSlots,
     push_bytes: Arc<Semaphore>,
     request_timeout: Duration,
     retry_after: Duration,
@@ -91,6 +95,7 @@ impl GuardLayer {
             shared: Arc::new(Shared {
                 accounts,
                 requests: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
+                device_calls: KeyedSlots::new(limits.max_concurrent_requests_per_device),
                 push_bytes: Arc::new(Semaphore::new(limits.max_inflight_push_bytes as usize)),
                 request_timeout: limits.request_timeout,
                 retry_after: limits.retry_after,
@@ -213,7 +218,7 @@ where
             }
             Box::pin(std::future::ready(Ok(status.into_http())))
         };
-        let mut user_id = None;
+        let mut caller = None;
         if !OPEN_RPCS.contains(&path) {
             let device = bearer_token(request.headers()).and_then(|token| {
                 shared
@@ -222,13 +227,24 @@ where
                     .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
             });
             match device {
-                Ok(device) => user_id = Some(device.user_id),
+                Ok(device) => caller = Some(device),
                 Err(error) => return refuse(error.into()),
             }
         }
-        if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id.as_ref()) {
+        let user_id = caller.as_ref().map(|device| &device.user_id);
+        if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id) {
             return refuse(status);
         }
+        let device_call = match caller {
+            Some(device) => match shared.device_calls.take(&device.device_id) {
+                Ok(call) => Some(call),
+                Err(_) => {
+                    tracing::debug!(path, "request shed: limits.max_concurrent_requests_per_device reached");
+                    return refuse(shared.shed("too many requests of this device in progress"));
+                }
+            },
+            None => None,
+        };
         let Ok(call_permit) = shared.requests.clone().try_acquire_owned() else {
             tracing::debug!(path, "request shed: limits.max_concurrent_requests reached");
             return refuse(shared.shed("too many requests in progress"));
@@ -244,6 +260,7 @@ where
         Box::pin(async move {
             let answered = tokio::time::timeout(timeout, inner.call(request)).await;
             drop(call_permit);
+            drop(device_call);
             drop(held_bytes);
             match answered {
                 Ok(response) => response,
