@@ -11,10 +11,7 @@ use std::{path::Path, time::Duration};
 use futures::{StreamExt, stream};
 use lockstep_broker::kafka::{GroupOffsets, GroupOffsetsSettings};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Event, EventBody, Op, encode_change, encode_event};
-use lockstep_testkit::{
-    dashboard::{Dashboard, http_get},
-    nisshi::Nisshi,
-};
+use lockstep_testkit::{dashboard::Dashboard, nisshi::Nisshi};
 use rdkafka::{
     ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -217,7 +214,7 @@ pub async fn wd(
     }
     for _ in 0..5 {
         let started = Instant::now();
-        let (status, body) = http_get(dashboard.addr(), "/?limit=1000000", &[]).await?;
+        let (status, body) = lockstep_testkit::http_get(dashboard.addr(), "/?limit=1000000").await?;
         anyhow::ensure!(status == 200 && body.matches("<tr data-device").count() == devices, "every row: {status}");
         timed(&mut page_all, started, pid);
         let started = Instant::now();

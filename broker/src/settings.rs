@@ -440,7 +440,7 @@ impl Default for AccountsSettings {
 
 /// An address, or nothing for an empty string (so that an environment
 /// variable can turn a listener off).
-fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+pub fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
     let text: Option<String> = Option::deserialize(deserializer)?;
     match text.as_deref().map(str::trim) {
         None | Some("") => Ok(None),
@@ -452,26 +452,38 @@ fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Op
 #[error("invalid settings: {0}")]
 pub struct SettingsError(#[from] Box<figment::Error>);
 
+impl SettingsError {
+    /// A rule the settings break, in words.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self(Box::new(figment::Error::from(message.into())))
+    }
+}
+
+/// How every Lockstep binary reads its settings: `defaults`, then `file` (if
+/// given; it must exist), then the environment variables `env` selects.
+pub fn layered<T: Serialize + serde::de::DeserializeOwned>(
+    defaults: T,
+    file: Option<&std::path::Path>,
+    env: Env,
+) -> Result<T, SettingsError> {
+    let mut figment = Figment::from(Serialized::defaults(defaults));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(SettingsError::invalid(format!("settings file {} does not exist", file.display())));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    Ok(figment.merge(env).extract().map_err(Box::new)?)
+}
+
 impl Settings {
     /// Defaults, then `file` (if given; it must exist), then `LOCKSTEP_*` variables.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, SettingsError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(SettingsError(Box::new(figment::Error::from(format!(
-                    "settings file {} does not exist",
-                    file.display()
-                )))));
-            }
-            figment = figment.merge(Toml::file(file));
-        }
-        figment = figment.merge(
-            Env::prefixed("LOCKSTEP_")
-                // Flags of the binary (clap reads these), not settings keys.
-                .ignore(&["KAFKA_BROKERS", "CONFIG", "LISTEN", "LOG_JSON", "LOG"])
-                .split("__"),
-        );
-        let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        let env = Env::prefixed("LOCKSTEP_")
+            // Flags of the binary (clap reads these), not settings keys.
+            .ignore(&["KAFKA_BROKERS", "CONFIG", "LISTEN", "LOG_JSON", "LOG"])
+            .split("__");
+        let mut settings = layered(Settings::default(), file, env)?;
         // Messages to devices stay under the server's own encoding cap, also
         // when a small `limits.max_request_bytes` lowers it.
         let cap = crate::server::max_response_bytes(&settings.limits).saturating_sub(64 * 1024);
@@ -481,7 +493,7 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
-        let fail = |message: &str| Err(SettingsError(Box::new(figment::Error::from(message.to_string()))));
+        let fail = |message: &str| Err(SettingsError::invalid(message));
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");
         }

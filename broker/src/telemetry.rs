@@ -51,9 +51,11 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Exports what is left, for at most 1 s (an unreachable collector must
+    /// not hold the process past its drain deadline).
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
-            && let Err(error) = provider.shutdown()
+            && let Err(error) = provider.shutdown_with_timeout(std::time::Duration::from_secs(1))
         {
             eprintln!("traces were not all exported: {error}");
         }

@@ -1,10 +1,9 @@
 //! The real `lockstep-dashboard` binary for tests and benchmarks: started on
 //! port 0 against a test's Nisshi; `kill -9` and restart on the same address.
-//! Plus a tiny HTTP/1.1 GET (the dashboard's page, API and metrics).
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
     sync::mpsc,
@@ -132,7 +131,7 @@ impl Dashboard {
 
     /// GET `path` → (status code, body).
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        http_get(self.addr(), path, &[]).await
+        crate::http_get(self.addr(), path).await
     }
 
     /// GET `path` as JSON, expecting 200.
@@ -152,43 +151,6 @@ impl Drop for Dashboard {
             eprintln!("--- lockstep-dashboard log (last lines) ---\n{}", log_tail(&self.log_path()));
         }
     }
-}
-
-/// A plain HTTP/1.1 GET with `Connection: close` → (status code, body).
-pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<(u16, String)> {
-    let path = path.to_string();
-    let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        for (key, value) in headers {
-            request.push_str(&format!("{key}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes())?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response)?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-        let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
-        let chunked = head.lines().any(|line| line.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-        Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
-    })
-    .await?
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// `apt-get install -y <package>`, after `apt-get update` if the first try fails.

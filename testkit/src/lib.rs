@@ -51,11 +51,25 @@ pub fn device_group(device_id: &str) -> String {
 }
 
 /// `GET path` over plain HTTP/1.1 (`Connection: close`): the status and the body.
-/// Enough for the admin endpoints; no redirects, no chunked decoding.
+/// Enough for the admin endpoints and the dashboard; no redirects.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_with(addr, path, &[]).await
+}
+
+/// [`http_get`] with request headers.
+pub async fn http_get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut stream =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (key, value) in headers {
+        request.push_str(&format!("{key}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut response)).await??;
@@ -86,4 +100,28 @@ fn dechunk(mut body: &str) -> anyhow::Result<String> {
         out.push_str(rest.get(..size).ok_or_else(|| anyhow::anyhow!("short chunk"))?);
         body = rest.get(size + 2..).unwrap_or_default();
     }
+}
+
+/// `promtool check metrics` on a `/metrics` text (Debian's `prometheus`, which scripts/test installs).
+pub fn promtool_check(text: &str) -> anyhow::Result<()> {
+    use std::{
+        io::Write,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| anyhow::anyhow!("promtool (Debian package prometheus; scripts/test installs it): {error}"))?;
+    child.stdin.take().ok_or_else(|| anyhow::anyhow!("promtool's stdin"))?.write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
 }

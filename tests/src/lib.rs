@@ -16,6 +16,6 @@ pub mod proxy;
 pub mod workload;
 
 pub use lockstep_testkit::{
-    cli, dashboard, device, device_group, free_port, http_get, log_tail, nisshi, process, push, server, stack, tls,
-    user_topic,
+    cli, dashboard, device, device_group, free_port, http_get, http_get_with, log_tail, nisshi, process,
+    promtool_check, push, server, stack, tls, user_topic,
 };

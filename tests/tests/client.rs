@@ -199,7 +199,11 @@ async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result
     let server = Server::start(&nisshi).await?;
     let fresh = Cli::new("fresh")?;
     assert!(fresh.fail(&["put", r#"{"a":1}"#]).await?.contains("lockstep-cli init"));
-    assert!(fresh.fail(&["pair", "redeem", "hello", "--name", "x"]).await?.contains("LOCKSTEP1"));
+    let on_the_command_line = fresh.fail(&["pair", "redeem", "hello", "--name", "x"]).await?;
+    assert!(on_the_command_line.contains("LOCKSTEP1"), "{on_the_command_line}");
+    assert!(on_the_command_line.contains("visible to other users"), "{on_the_command_line}");
+    let nothing_piped = fresh.fail(&["pair", "redeem", "--name", "x"]).await?;
+    assert!(nothing_piped.contains("no pairing code"), "{nothing_piped}");
     let unreachable = fresh.fail(&["init", "--server", "http://127.0.0.1:9", "--name", "x"]).await?;
     assert!(unreachable.contains("cannot reach the server"), "{unreachable}");
 

@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context;
 use bytes::Bytes;
 use lockstep_e2e::{
-    dashboard::{Dashboard, chromium, http_get},
+    dashboard::{Dashboard, chromium},
     device::{Device, changes, with_token},
     nisshi::Nisshi,
     server::Server,
@@ -300,7 +300,7 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
     for device in expected.keys() {
         assert!(!metrics.contains(device.as_str()), "no per-device labels");
     }
-    promtool_check(&metrics)?;
+    lockstep_e2e::promtool_check(&metrics)?;
 
     // Bound elsewhere, it needs the admin token.
     let token = "test-admin-token-0123456789";
@@ -313,11 +313,19 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
     assert_eq!(guarded.get("/").await?.0, 401);
     assert_eq!(guarded.get("/healthz").await?.0, 200);
     let bearer = format!("Bearer {token}");
-    assert_eq!(http_get(guarded.addr(), "/api/v1/devices", &[("Authorization", &bearer)]).await?.0, 200);
+    assert_eq!(
+        lockstep_e2e::http_get_with(guarded.addr(), "/api/v1/devices", &[("Authorization", &bearer)]).await?.0,
+        200
+    );
     assert_eq!(guarded.get(&format!("/?token={token}")).await?.0, 200);
     let cookie = format!("lockstep_admin={token}");
-    assert_eq!(http_get(guarded.addr(), "/metrics", &[("Cookie", &cookie)]).await?.0, 200);
-    assert_eq!(http_get(guarded.addr(), "/", &[("Authorization", "Bearer wrong-token-0123456789")]).await?.0, 401);
+    assert_eq!(lockstep_e2e::http_get_with(guarded.addr(), "/metrics", &[("Cookie", &cookie)]).await?.0, 200);
+    assert_eq!(
+        lockstep_e2e::http_get_with(guarded.addr(), "/", &[("Authorization", "Bearer wrong-token-0123456789")])
+            .await?
+            .0,
+        401
+    );
     let unguarded = std::process::Command::new(lockstep_e2e::dashboard::dashboard_binary()?)
         .args(["--listen", "0.0.0.0:0", "--kafka-brokers", nisshi.bootstrap()])
         .env_remove("LOCKSTEP_DASHBOARD_ADMIN_TOKEN")
@@ -327,28 +335,6 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
 
     catching_up.store(false, Ordering::Relaxed);
     catch_task.await?;
-    Ok(())
-}
-
-fn promtool_check(metrics: &str) -> anyhow::Result<()> {
-    let promtool = which("promtool")
-        .or_else(|| if lockstep_e2e::dashboard::apt_install("prometheus") { which("promtool") } else { None });
-    let promtool = promtool.context("promtool is missing and `apt-get install -y prometheus` failed")?;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    use std::io::Write;
-    child.stdin.take().context("stdin")?.write_all(metrics.as_bytes())?;
-    let output = child.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}\n{metrics}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
     Ok(())
 }
 

@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    io::Write,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -30,25 +29,6 @@ fn samples(text: &str) -> HashMap<String, f64> {
             Some((name.to_string(), value.parse().ok()?))
         })
         .collect()
-}
-
-fn promtool_check(text: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("promtool (Debian package prometheus; scripts/test installs it)")?;
-    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-    let output = child.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +71,7 @@ async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
     assert_eq!(value("lockstep_live_streams"), 1.0);
     assert!(text.contains("# HELP lockstep_push_duration_seconds"), "metrics are described");
     assert!(!text.contains(&phone.user_id) && !text.contains(&laptop.device_id), "no per-user or per-device labels");
-    promtool_check(&text)?;
+    lockstep_e2e::promtool_check(&text)?;
 
     // Health is the process; readiness is Kafka.
     assert_eq!(http_get(admin, "/healthz").await?.0, 200);

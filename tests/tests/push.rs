@@ -222,15 +222,7 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
         .and_then(|value| value.trim().parse::<f64>().ok());
     assert!(sent.is_some_and(|sent| sent >= 2.0), "{text}");
     assert!(!text.contains(&phone.device_id) && !text.contains(&laptop.user_id), "no per-device labels");
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), text.as_bytes())?;
-    let checked = promtool.wait_with_output()?;
-    assert!(checked.status.success(), "promtool: {}", String::from_utf8_lossy(&checked.stdout));
+    lockstep_e2e::promtool_check(&text)?;
     assert_eq!(lockstep_e2e::http_get(metrics_addr, "/healthz").await?.0, 200);
     Ok(())
 }

@@ -134,7 +134,9 @@ async fn a_revoked_device_cannot_read_what_is_written_after_the_rotation() -> an
     let shown = laptop.json(&["pair", "show"]).await?;
     let code = shown["code"].as_str().context("pair show --json has a code")?.to_string();
     let tablet = Cli::new("tablet")?;
-    let mut redeem = tablet.command(&["pair", "redeem", &code, "--name", "tablet", "--key-wait", "60s"], true);
+    let code_file = tablet.write_file("code.txt", &code)?.to_string_lossy().to_string();
+    let mut redeem =
+        tablet.command(&["pair", "redeem", "--code-file", &code_file, "--name", "tablet", "--key-wait", "60s"], true);
     let redeem = tokio::spawn(async move { redeem.output().await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !redeem.is_finished() {

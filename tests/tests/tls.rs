@@ -42,7 +42,7 @@ async fn the_cli_syncs_over_tls_refuses_a_wrong_certificate_and_follows_a_renewa
     laptop.json(&["--ca-file", &pinned, "sync"]).await?;
     let code = laptop.json(&["--ca-file", &pinned, "pair", "show"]).await?["code"].as_str().unwrap().to_string();
     let phone = Cli::new("phone")?;
-    phone.json(&["--ca-file", &pinned, "pair", "redeem", &code, "--name", "phone"]).await?;
+    phone.json_with_input(&["--ca-file", &pinned, "pair", "redeem", "--name", "phone"], &code).await?;
     phone.json(&["--ca-file", &pinned, "sync"]).await?;
     let records = phone.records().await?;
     assert_eq!(records.as_array().map(Vec::len), Some(1), "{records}");

@@ -12,10 +12,14 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
+mod secrets;
 mod server_info;
 mod show;
 
-use self::show::print_report;
+use self::{
+    secrets::{PassphraseSource, kdf_params},
+    show::print_report,
+};
 use crate::{
     pairing::PairingCode,
     store::{Account, Record, Store},
@@ -29,6 +33,10 @@ pub struct Args {
     /// The local store (SQLite; holds the account key, keep it private).
     #[arg(long, env = "LOCKSTEP_STORE", default_value = "lockstep-client.db", global = true)]
     store: PathBuf,
+    /// The store's passphrase, as the first line of this file (else from LOCKSTEP_PASSPHRASE, else asked
+    /// on the terminal). `init` and `pair redeem` given one create a protected store.
+    #[arg(long, env = "LOCKSTEP_PASSPHRASE_FILE", global = true)]
+    passphrase_file: Option<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -189,6 +197,26 @@ enum Command {
         #[command(subcommand)]
         command: PushCommand,
     },
+    /// Protect the store's secrets (account key, device token, device and epoch keys) with a passphrase.
+    Passphrase {
+        #[command(subcommand)]
+        command: PassphraseCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PassphraseCommand {
+    /// Seal the store's secrets under a passphrase (Argon2id, 64 MiB), or change it. The first
+    /// passphrase comes like any (--passphrase-file, LOCKSTEP_PASSPHRASE, the terminal); to change
+    /// one, the current one comes so and the new one from --new-passphrase-file,
+    /// LOCKSTEP_NEW_PASSPHRASE or the terminal.
+    Set {
+        /// The new passphrase, as the first line of this file.
+        #[arg(long, env = "LOCKSTEP_NEW_PASSPHRASE_FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Keep the store's secrets in the clear again (the store file's permissions protect them).
+    Remove,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,9 +273,14 @@ enum PairCommand {
         #[arg(long)]
         no_qr: bool,
     },
-    /// Join the account of the device that showed CODE (`-` reads it from stdin).
+    /// Join the account of the device that showed a code: paste the code when asked, or pipe it
+    /// in (`< code.txt`), or give --code-file.
     Redeem {
-        code: String,
+        /// Discouraged: a code here is visible to other users of the machine and stays in shell history.
+        code: Option<String>,
+        /// Read the code from this file.
+        #[arg(long, conflicts_with = "code")]
+        code_file: Option<PathBuf>,
         #[arg(long)]
         name: String,
         /// If the account rotated its keys (a device was revoked), wait this long
@@ -349,11 +382,30 @@ impl Reporter {
     }
 }
 
-/// The store at `--store`, its clock as the flags say.
+/// Where the store's (current) passphrase comes from.
+fn passphrase_source(args: &Args) -> PassphraseSource<'_> {
+    PassphraseSource { file: args.passphrase_file.as_deref(), env: "LOCKSTEP_PASSPHRASE" }
+}
+
+/// The store at `--store`, its clock as the flags say, its secrets unlocked
+/// when a passphrase protects them.
 fn open_store(args: &Args) -> anyhow::Result<Store> {
     let mut store = Store::open(&args.store, args.max_clock_skew)?;
     store.set_clock_offset_ms(args.clock_offset);
+    secrets::unlock(&mut store, &passphrase_source(args))?;
     Ok(store)
+}
+
+/// A new device's store gets a passphrase before it holds any secret, when
+/// one is given (file or environment; `init` never asks).
+fn protect_new(args: &Args, store: &mut Store) -> anyhow::Result<()> {
+    if store.is_protected() {
+        return Ok(());
+    }
+    if let Some(passphrase) = passphrase_source(args).given()? {
+        store.protect(passphrase.as_bytes(), kdf_params())?;
+    }
+    Ok(())
 }
 
 /// The store for a new device: it must not hold an account yet.
@@ -395,8 +447,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 invite_code: invite.as_ref().map(|code| code.as_str()),
             };
             let account = sync::create_account(server, name, &registration, rpc_timeout, &trust).await?;
+            protect_new(&args, &mut store)?;
             store.save_account(&account)?;
-            register_device_key(open()?, rpc_timeout, &trust, Duration::ZERO).await;
+            register_device_key(store, rpc_timeout, &trust, Duration::ZERO).await;
             print_new_device(
                 args.json,
                 &args.store,
@@ -429,18 +482,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let minutes = (expires_at_ms - now_ms()).max(0) / 60_000;
                 println!("{}", &*text);
                 println!();
-                println!("On the new device: lockstep-cli pair redeem '<the code above>' --name <its name>");
+                println!(
+                    "On the new device: lockstep-cli pair redeem --name <its name>, then paste the code when asked \
+                     (or save it to a file and run lockstep-cli pair redeem --name <its name> < code.txt)"
+                );
                 println!(
                     "The code works once, for about {minutes} minutes. It contains the account key: show it to nobody else."
                 );
             }
         }
-        Command::Pair { command: PairCommand::Redeem { code, name, key_wait } } => {
+        Command::Pair { command: PairCommand::Redeem { code, code_file, name, key_wait } } => {
             let mut store = open_empty(&args)?;
-            let code = PairingCode::decode(&read_arg(code)?)?;
+            let code = secrets::pairing_code(code.as_deref(), code_file.as_deref())?;
             let account = sync::redeem(&code.server, &code.ticket, code.key.clone(), name, rpc_timeout, &trust).await?;
+            protect_new(&args, &mut store)?;
             store.save_account(&account)?;
-            register_device_key(open()?, rpc_timeout, &trust, *key_wait).await;
+            register_device_key(store, rpc_timeout, &trust, *key_wait).await;
             print_new_device(
                 args.json,
                 &args.store,
@@ -620,6 +677,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Passphrase { command } => passphrase(&args, command)?,
         Command::Leave { wipe, yes } => {
             if !yes {
                 bail!("leaving revokes this device (pair again to come back); run again with --yes");
@@ -643,6 +701,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if *wipe {
                     println!("deleted its local store: {}", wiped.join(", "));
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `passphrase set` and `passphrase remove`.
+fn passphrase(args: &Args, command: &PassphraseCommand) -> anyhow::Result<()> {
+    let mut store = open_store(args)?;
+    match command {
+        PassphraseCommand::Set { new_passphrase_file } => {
+            let new = if store.is_protected() {
+                PassphraseSource { file: new_passphrase_file.as_deref(), env: "LOCKSTEP_NEW_PASSPHRASE" }
+                    .new_passphrase(
+                        "this store has a passphrase: give the new one with --new-passphrase-file PATH or \
+                     LOCKSTEP_NEW_PASSPHRASE, or run in a terminal to be asked",
+                    )?
+            } else {
+                PassphraseSource {
+                    file: new_passphrase_file.as_deref().or(args.passphrase_file.as_deref()),
+                    env: "LOCKSTEP_PASSPHRASE",
+                }
+                .new_passphrase(
+                    "give the passphrase with --passphrase-file PATH (its first line), LOCKSTEP_PASSPHRASE, or run \
+                     in a terminal to be asked",
+                )?
+            };
+            let params = kdf_params();
+            let scrubbed = store.protect(new.as_bytes(), params)?;
+            if args.json {
+                println!("{}", json!({"protected": true, "kdf": params, "plaintext_removed": scrubbed}));
+            } else {
+                println!("the store's secrets are sealed under the passphrase ({params}); every command now needs it");
+            }
+            if !scrubbed {
+                eprintln!(
+                    "warning: another process has {} open: the old plaintext may stay in its -wal file until \
+                     it closes; run `lockstep-cli passphrase set` again once it has",
+                    args.store.display()
+                );
+            }
+        }
+        PassphraseCommand::Remove => {
+            let was = store.is_protected();
+            store.remove_protection()?;
+            if args.json {
+                println!("{}", json!({"protected": false}));
+            } else if was {
+                println!(
+                    "the store's secrets are in the clear again (readable by whoever can read {})",
+                    args.store.display()
+                );
+            } else {
+                println!("this store has no passphrase");
             }
         }
     }

@@ -35,6 +35,11 @@ pub(super) fn status(status: &Status, as_json: bool) -> anyhow::Result<()> {
             ),
             _ => println!("key epoch   {}", status.key_epoch),
         }
+        if status.protected {
+            println!("secrets     sealed under a passphrase");
+        } else {
+            println!("secrets     in the clear in the store file (`lockstep-cli passphrase set` seals them)");
+        }
         if status.problems > 0 {
             println!("problems    {} incoming changes not applied: `lockstep-cli check`", status.problems);
         }

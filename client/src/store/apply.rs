@@ -59,7 +59,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let mut clock = clock(&tx, settings)?;
         let mut applied = Applied::default();
-        deferred::retry(&tx, &mut clock, reader, &mut applied)?;
+        deferred::retry(&tx, &self.vault, &mut clock, reader, &mut applied)?;
         for incoming in batch {
             applied.changes += 1;
             let problem = match &incoming.content {

@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, params};
 
-use super::{Applied, Incoming, ProblemKind, Result, Sealed, Store, account_in, file_problem, now_ms};
+use super::{Applied, Incoming, ProblemKind, Result, Sealed, Store, Vault, account_in, file_problem, now_ms};
 use crate::{
     crypto::Binding,
     hlc::Clock,
@@ -84,6 +84,7 @@ pub(super) fn insert(
 /// (it does not decrypt or parse) becomes a problem.
 pub(super) fn retry(
     tx: &rusqlite::Transaction<'_>,
+    vault: &Vault,
     clock: &mut Clock,
     reader: PayloadReader,
     applied: &mut Applied,
@@ -92,7 +93,7 @@ pub(super) fn retry(
     if waiting == 0 {
         return Ok(());
     }
-    let Some(account) = account_in(tx)? else { return Ok(()) };
+    let Some(account) = account_in(tx, vault)? else { return Ok(()) };
     let rows: Vec<(Incoming, Sealed)> = {
         let mut statement = tx.prepare(
             "SELECT offset, record_id, collection, op, hlc, key_epoch, nonce, ciphertext, origin_device_id
@@ -164,7 +165,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let mut clock = super::clock(&tx, settings)?;
         let mut applied = Applied::default();
-        retry(&tx, &mut clock, reader, &mut applied)?;
+        retry(&tx, &self.vault, &mut clock, reader, &mut applied)?;
         super::set_meta(&tx, "hlc", &clock.last().to_string())?;
         tx.commit()?;
         Ok(applied)

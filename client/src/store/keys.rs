@@ -8,19 +8,19 @@
 
 use rusqlite::{Connection, params};
 
-use super::{Result, Store, StoreError, get_meta, now_ms, set_meta};
+use super::{Result, Store, StoreError, Vault, get_meta, now_ms, set_meta, vault::EpochKeyText};
 use crate::{
     epochs::{DeviceSecret, EpochKey, EpochKeys},
     ids,
 };
 
-pub(super) fn epoch_keys_in(conn: &Connection) -> Result<EpochKeys> {
+pub(super) fn epoch_keys_in(conn: &Connection, vault: &Vault) -> Result<EpochKeys> {
     let mut statement = conn.prepare_cached("SELECT epoch, key FROM epoch_keys ORDER BY epoch")?;
     let rows = statement.query_map([], |row| Ok((row.get::<_, u32>(0)?, row.get::<_, String>(1)?)))?;
     let mut keys = EpochKeys::default();
     for row in rows {
         let (epoch, text) = row?;
-        let text = zeroize::Zeroizing::new(text);
+        let text = vault.epoch_key(epoch, text)?;
         if epoch < 2 {
             return Err(StoreError::Corrupt(format!("an epoch key for epoch {epoch}")));
         }
@@ -32,11 +32,18 @@ pub(super) fn epoch_keys_in(conn: &Connection) -> Result<EpochKeys> {
 impl Store {
     /// This device's X25519 private key, made on first use.
     pub fn device_secret(&mut self) -> Result<DeviceSecret> {
-        if let Some(text) = get_meta(&self.conn, "device_secret")?.map(zeroize::Zeroizing::new) {
+        if let Some(text) = self.vault.meta(&self.conn, "device_secret")? {
             return DeviceSecret::from_base64(&text).map_err(|error| StoreError::Corrupt(error.to_string()));
         }
         let secret = DeviceSecret::generate();
-        set_meta(&self.conn, "device_secret", &secret.to_base64())?;
+        let text = secret.to_base64();
+        let tx = self.conn.transaction()?;
+        let sealed = Self::reseal(&self.vault, &tx, |secrets| secrets.set_meta("device_secret", &text))?;
+        if sealed.is_none() {
+            set_meta(&tx, "device_secret", &text)?;
+        }
+        tx.commit()?;
+        self.resealed(sealed);
         Ok(secret)
     }
 
@@ -61,16 +68,28 @@ impl Store {
     /// held already keeps its key. Returns the newest epoch held. Outbox changes
     /// sealed under an older epoch are unsealed, to be sealed again under it.
     pub fn add_epoch_keys(&mut self, keys: &[(u32, EpochKey, String)]) -> Result<u32> {
+        if let Vault::Locked = self.vault {
+            return Err(StoreError::Locked);
+        }
+        let protected = self.is_protected();
         let tx = self.conn.transaction()?;
+        let mut added = zeroize::Zeroizing::new(Vec::new());
         for (epoch, key, sealed_by) in keys {
             if *epoch < 2 {
                 return Err(StoreError::Invalid(format!("epoch {epoch} has no key of its own")));
             }
-            tx.execute(
+            let text = key.to_base64();
+            // A protected store keeps the key in its sealed secrets only.
+            let stored = if protected { "" } else { text.as_str() };
+            let inserted = tx.execute(
                 "INSERT OR IGNORE INTO epoch_keys (epoch, key, sealed_by_device, received_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![epoch, &*key.to_base64(), sealed_by, now_ms()],
+                params![epoch, stored, sealed_by, now_ms()],
             )?;
+            if inserted == 1 {
+                added.push(EpochKeyText { epoch: *epoch, key: text.to_string() });
+            }
         }
+        let sealed = Self::reseal(&self.vault, &tx, |secrets| secrets.epoch_keys.append(&mut added))?;
         let newest: u32 = tx.query_row("SELECT coalesce(max(epoch), 1) FROM epoch_keys", [], |row| row.get(0))?;
         set_meta(&tx, "key_epoch", &newest.to_string())?;
         let stale: Vec<i64> = {
@@ -86,6 +105,7 @@ impl Store {
             )?;
         }
         tx.commit()?;
+        self.resealed(sealed);
         Ok(newest)
     }
 }

@@ -9,12 +9,17 @@
 //! together, and only then acknowledged to the server. A crash at any point
 //! loses no local edit, and a change applied twice (merge is idempotent)
 //! changes nothing.
+//!
+//! The account's secrets (account key, device token, device and epoch keys)
+//! sit in the clear unless a passphrase seals them ([`vault`]); the records do
+//! either way.
 
 mod apply;
 mod deferred;
 mod keys;
 mod outbox;
 mod resync;
+mod vault;
 mod views;
 
 use std::{path::Path, time::Duration};
@@ -24,10 +29,12 @@ use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
 use self::apply::file_problem;
+use self::vault::{SEALED_META, SECRET_META, Vault};
 pub use self::{
     deferred::{Deferred, open_change},
     outbox::{OutboxEntry, Sealed},
     resync::{ResyncReason, ResyncState},
+    vault::KdfParams,
 };
 use crate::{
     crypto::AccountKey,
@@ -43,7 +50,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("local store {path}: {message}")]
     Open { path: String, message: String },
-    #[error("this store has no account yet: run `lockstep-cli init --server URL` or `lockstep-cli pair redeem CODE`")]
+    #[error(
+        "this store has no account yet: run `lockstep-cli init --server URL` or `lockstep-cli pair redeem --name NAME` (it reads the code)"
+    )]
     NoAccount,
     #[error("this store already belongs to user {0}; use another --store for another account")]
     HasAccount(String),
@@ -53,6 +62,13 @@ pub enum StoreError {
     WrongCollection { record_id: String, actual: String, requested: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "this store's secrets are protected by a passphrase: give it with --passphrase-file PATH (or \
+         LOCKSTEP_PASSPHRASE_FILE), or LOCKSTEP_PASSPHRASE, or run the command in a terminal to be asked"
+    )]
+    Locked,
+    #[error("wrong passphrase: the store's secrets do not open with it (nothing was changed)")]
+    WrongPassphrase,
     #[error("corrupt local store: {0}")]
     Corrupt(String),
     /// The server skipped offsets: nothing of the batch was applied.
@@ -254,6 +270,8 @@ pub struct Status {
     pub key_epoch: u32,
     /// The account's current key epoch as the server said at the last sync.
     pub server_key_epoch: Option<u32>,
+    /// Whether a passphrase seals the store's secrets.
+    pub protected: bool,
 }
 
 /// How the store's hybrid logical clock reads time.
@@ -267,6 +285,7 @@ pub struct Store {
     conn: Connection,
     clock: ClockSettings,
     reader: PayloadReader,
+    vault: Vault,
 }
 
 use crate::hlc::unix_ms as now_ms;
@@ -314,20 +333,23 @@ fn save_record(tx: &Connection, record_id: &str, collection: &str, state: &Recor
     Ok(())
 }
 
-fn account_in(conn: &Connection) -> Result<Option<Account>> {
+fn account_in(conn: &Connection, vault: &Vault) -> Result<Option<Account>> {
     let Some(user_id) = get_meta(conn, "user_id")? else { return Ok(None) };
     let need = |key: &str| -> Result<String> {
         get_meta(conn, key)?.ok_or_else(|| StoreError::Corrupt(format!("account without {key}")))
     };
-    let key = Zeroizing::new(need("account_key")?);
-    let epoch_keys = keys::epoch_keys_in(conn)?;
+    let secret = |key: &str| -> Result<Zeroizing<String>> {
+        vault.meta(conn, key)?.ok_or_else(|| StoreError::Corrupt(format!("account without {key}")))
+    };
+    let key = secret("account_key")?;
+    let epoch_keys = keys::epoch_keys_in(conn, vault)?;
     let stored_epoch: u32 = need("key_epoch")?.parse().map_err(|_| StoreError::Corrupt("key_epoch".into()))?;
     Ok(Some(Account {
         server: need("server")?,
         user_id,
         device_id: need("device_id")?,
         device_name: need("device_name")?,
-        token: Zeroizing::new(need("device_token")?),
+        token: secret("device_token")?,
         key: AccountKey::from_base64(&key).map_err(|error| StoreError::Corrupt(error.to_string()))?,
         key_epoch: stored_epoch.max(epoch_keys.newest()),
         epoch_keys,
@@ -357,11 +379,97 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        let vault = Vault::of(&conn)?;
         Ok(Self {
             conn,
             clock: ClockSettings { max_ahead: max_clock_ahead, offset_ms: 0 },
             reader: ChangePayload::decode,
+            vault,
         })
+    }
+
+    /// Whether a passphrase seals this store's secrets.
+    pub fn is_protected(&self) -> bool {
+        !matches!(self.vault, Vault::Plain)
+    }
+
+    /// Opens the sealed secrets with `passphrase` (nothing to do for a store
+    /// without one). A wrong passphrase changes nothing.
+    pub fn unlock(&mut self, passphrase: &[u8]) -> Result<()> {
+        self.vault.unlock(&self.conn, passphrase)
+    }
+
+    /// The KDF parameters of an unlocked protected store.
+    pub fn kdf_params(&self) -> Option<KdfParams> {
+        self.vault.params()
+    }
+
+    /// Seals every secret under `passphrase` (protects the store, or changes
+    /// its passphrase once unlocked) and removes their plaintext. Returns
+    /// whether the old plaintext is also gone from the file and its WAL: not
+    /// when another process holds the store open (the WAL cannot be reset).
+    pub fn protect(&mut self, passphrase: &[u8], params: KdfParams) -> Result<bool> {
+        // Deleted and overwritten content is zeroed in the pages, not left in free space.
+        self.conn.pragma_update(None, "secure_delete", true)?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.vault.check_current(&tx)?;
+        let unlocked = Vault::new_unlocked(passphrase, params, self.vault.secrets(&tx)?)?;
+        set_meta(&tx, SEALED_META, &unlocked.seal(&unlocked.secrets))?;
+        for key in SECRET_META {
+            tx.execute("DELETE FROM meta WHERE key = ?1", [key])?;
+        }
+        tx.execute("UPDATE epoch_keys SET key = ''", [])?;
+        tx.commit()?;
+        self.vault = Vault::Unlocked(Box::new(unlocked));
+        self.scrub()
+    }
+
+    /// Keeps the secrets in the clear again (the store as without a passphrase).
+    pub fn remove_protection(&mut self) -> Result<()> {
+        if let Vault::Plain = self.vault {
+            return Ok(());
+        }
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.vault.check_current(&tx)?;
+        let secrets = self.vault.secrets(&tx)?;
+        Vault::write_plain(&tx, &secrets)?;
+        tx.commit()?;
+        self.vault = Vault::Plain;
+        Ok(())
+    }
+
+    /// Rewrites the database file without free pages and empties the WAL,
+    /// whose old frames still hold the pages as they were.
+    fn scrub(&mut self) -> Result<bool> {
+        let checkpoint = |conn: &Connection| -> Result<bool> {
+            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))?;
+            Ok(busy == 0)
+        };
+        let before = checkpoint(&self.conn)?;
+        self.conn.execute_batch("VACUUM")?;
+        Ok(checkpoint(&self.conn)? && before)
+    }
+
+    /// Seals `change(secrets)` in `tx` when the store is protected (`None`
+    /// when not: the caller writes in the clear); the secrets in memory change
+    /// once the caller committed ([`Store::resealed`]).
+    fn reseal(
+        vault: &Vault,
+        tx: &Connection,
+        change: impl FnOnce(&mut vault::Secrets),
+    ) -> Result<Option<vault::Secrets>> {
+        vault.check_current(tx)?;
+        let Vault::Unlocked(unlocked) = vault else { return Ok(None) };
+        let mut secrets = unlocked.secrets.clone();
+        change(&mut secrets);
+        set_meta(tx, SEALED_META, &unlocked.seal(&secrets))?;
+        Ok(Some(secrets))
+    }
+
+    fn resealed(&mut self, secrets: Option<vault::Secrets>) {
+        if let (Vault::Unlocked(unlocked), Some(secrets)) = (&mut self.vault, secrets) {
+            unlocked.secrets = secrets;
+        }
     }
 
     /// Shifts the wall clock this store's clock reads (a device whose clock is off; tests).
@@ -383,10 +491,13 @@ impl Store {
     }
 
     pub fn try_account(&self) -> Result<Option<Account>> {
-        account_in(&self.conn)
+        account_in(&self.conn, &self.vault)
     }
 
     pub fn save_account(&mut self, account: &Account) -> Result<()> {
+        if let Vault::Locked = self.vault {
+            return Err(StoreError::Locked);
+        }
         let tx = self.conn.transaction()?;
         if let Some(user_id) = get_meta(&tx, "user_id")? {
             return Err(StoreError::HasAccount(user_id));
@@ -395,10 +506,18 @@ impl Store {
         set_meta(&tx, "server", &account.server)?;
         set_meta(&tx, "device_id", &account.device_id)?;
         set_meta(&tx, "device_name", &account.device_name)?;
-        set_meta(&tx, "device_token", &account.token)?;
-        set_meta(&tx, "account_key", &account.key.to_base64())?;
         set_meta(&tx, "key_epoch", &account.key_epoch.to_string())?;
+        let secrets = [("device_token", account.token.clone()), ("account_key", account.key.to_base64())];
+        let sealed = Self::reseal(&self.vault, &tx, |sealed| {
+            secrets.iter().for_each(|(key, value)| sealed.set_meta(key, value))
+        })?;
+        if sealed.is_none() {
+            for (key, value) in &secrets {
+                set_meta(&tx, key, value)?;
+            }
+        }
         tx.commit()?;
+        self.resealed(sealed);
         Ok(())
     }
 

@@ -5,11 +5,9 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
-use figment::{
-    Figment,
-    providers::{Env, Format, Serialized, Toml},
-};
-use lockstep_broker::settings::KafkaSettings;
+use figment::providers::Env;
+pub use lockstep_broker::settings::SettingsError;
+use lockstep_broker::settings::{KafkaSettings, layered};
 use serde::{Deserialize, Serialize};
 
 use crate::status::StatusSettings;
@@ -144,34 +142,20 @@ impl fmt::Debug for DashboardKafkaSettings {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid dashboard settings: {0}")]
-pub struct SettingsError(#[from] Box<figment::Error>);
-
 impl Settings {
     /// Defaults, then `file` (if given; it must exist), then `LOCKSTEP_DASHBOARD_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                let message = format!("settings file {} does not exist", file.display());
-                return Err(SettingsError(Box::new(figment::Error::from(message))));
-            }
-            figment = figment.merge(Toml::file(file));
-        }
-        figment = figment.merge(
-            Env::prefixed("LOCKSTEP_DASHBOARD_")
-                // Flags of the binary (clap reads these), not settings keys.
-                .ignore(&["CONFIG", "LISTEN", "KAFKA_BROKERS", "LOG_JSON"])
-                .split("__"),
-        );
-        let settings: Settings = figment.extract().map_err(Box::new)?;
+        let env = Env::prefixed("LOCKSTEP_DASHBOARD_")
+            // Flags of the binary (clap reads these), not settings keys.
+            .ignore(&["CONFIG", "LISTEN", "KAFKA_BROKERS", "LOG_JSON"])
+            .split("__");
+        let settings = layered(Settings::default(), file, env)?;
         settings.validate()?;
         Ok(settings)
     }
 
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let fail = |message: &str| Err(SettingsError(Box::new(figment::Error::from(message.to_string()))));
+        let fail = |message: &str| Err(SettingsError::invalid(message));
         if !self.listen_addr.ip().is_loopback() && self.admin_token.as_deref().is_none_or(|t| t.len() < 16) {
             return fail("admin_token (at least 16 characters) is required when listen_addr is not a loopback address");
         }
@@ -255,6 +239,10 @@ mod tests {
     #[test]
     fn the_example_file_states_the_defaults() {
         let example = include_str!("../../../config/dashboard.example.toml");
+        use figment::{
+            Figment,
+            providers::{Format, Toml},
+        };
         let parsed: Settings = Figment::from(Toml::string(example)).extract().expect("example parses");
         assert_eq!(parsed, Settings::default());
     }

@@ -8,11 +8,9 @@
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use figment::{
-    Figment,
-    providers::{Env, Format, Serialized, Toml},
-};
-use lockstep_broker::settings::KafkaSettings;
+use figment::providers::Env;
+pub use lockstep_broker::settings::SettingsError;
+use lockstep_broker::settings::{KafkaSettings, layered, optional_addr};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,15 +116,6 @@ impl fmt::Debug for VapidSettings {
     }
 }
 
-/// An address, or nothing for an empty string (so that a variable can turn a listener off).
-fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<std::net::SocketAddr>, D::Error> {
-    let text: Option<String> = Option::deserialize(deserializer)?;
-    match text.as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
-    }
-}
-
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -188,38 +177,22 @@ impl Default for VapidSettings {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid settings: {0}")]
-pub struct SettingsError(#[from] Box<figment::Error>);
-
 impl Settings {
     /// Defaults, then `file` (if given; it must exist), then `LOCKSTEP_PUSH_*` variables.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, SettingsError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(SettingsError(Box::new(figment::Error::from(format!(
-                    "settings file {} does not exist",
-                    file.display()
-                )))));
-            }
-            figment = figment.merge(Toml::file(file));
-        }
-        figment = figment.merge(
-            Env::prefixed("LOCKSTEP_PUSH_")
-                // Flags of the binary (clap reads these), not settings keys.
-                .ignore(&["KAFKA_BROKERS", "CONFIG", "DATA_DIR", "LOG_JSON", "LOG"])
-                // `LOCKSTEP_PUSH__…` is the server's `[push]` section, not ours.
-                .filter(|key| !key.as_str().starts_with('_'))
-                .split("__"),
-        );
-        let settings: Settings = figment.extract().map_err(Box::new)?;
+        let env = Env::prefixed("LOCKSTEP_PUSH_")
+            // Flags of the binary (clap reads these), not settings keys.
+            .ignore(&["KAFKA_BROKERS", "CONFIG", "DATA_DIR", "LOG_JSON", "LOG"])
+            // `LOCKSTEP_PUSH__…` is the server's `[push]` section, not ours.
+            .filter(|key| !key.as_str().starts_with('_'))
+            .split("__");
+        let settings = layered(Settings::default(), file, env)?;
         settings.validate()?;
         Ok(settings)
     }
 
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let fail = |message: &str| Err(SettingsError(Box::new(figment::Error::from(message.to_string()))));
+        let fail = |message: &str| Err(SettingsError::invalid(message));
         if self.events.topic.trim().is_empty() || self.events.group.trim().is_empty() {
             return fail("events.topic and events.group must not be empty");
         }

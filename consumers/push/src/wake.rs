@@ -256,10 +256,18 @@ impl Waker {
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare for push services and ignored).
+/// `Retry-After` (RFC 9110): seconds, or an HTTP date (a date already past means now).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    retry_after_at(headers, std::time::SystemTime::now())
+}
+
+fn retry_after_at(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -267,12 +275,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_reads_seconds() {
+    fn retry_after_reads_seconds_and_http_dates() {
         let mut headers = HeaderMap::new();
         assert_eq!(retry_after(&headers), None);
         headers.insert(reqwest::header::RETRY_AFTER, "2".parse().unwrap());
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
-        headers.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        headers.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:29:30 GMT".parse().unwrap());
+        assert_eq!(retry_after_at(&headers, now), Some(Duration::from_secs(90)));
+        headers.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:27:00 GMT".parse().unwrap());
+        assert_eq!(retry_after_at(&headers, now), Some(Duration::ZERO), "a date past: now");
+        headers.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&headers), None);
     }
 }
