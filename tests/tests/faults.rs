@@ -477,3 +477,42 @@ async fn after_a_kafka_outage_pushes_succeed_again_within_seconds_without_restar
     judge(vec![verdict]);
     Ok(())
 }
+
+/// A device catching up while Kafka answers slowly (each way of the link delayed 2 s, so one
+/// Kafka round trip takes longer than a client's 3-heartbeat idle limit) keeps getting
+/// heartbeats between the changes: a busy Kafka must not look like a dead connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_catching_up_from_a_slow_kafka_keeps_getting_heartbeats() -> anyhow::Result<()> {
+    use lockstep_e2e::{device::Device, fault_run::Stack};
+    const CHANGES: usize = 600;
+    let stack = Stack::start(StackOptions { behind_proxy: true, ..Default::default() }).await?;
+    let phone = Device::create_account(&stack.server, "phone").await?;
+    let laptop = phone.pair(&stack.server, "laptop").await?;
+    for _ in 0..3 {
+        phone.push_ok(changes(CHANGES / 3, 64)).await?;
+    }
+    stack.proxy().set_delay(Duration::from_secs(2));
+    // The laptop never subscribed: it reads everything from Kafka (256 changes a chunk).
+    let mut stream = tokio::time::timeout(CLIENT_DEADLINE, laptop.subscribe(Some(0))).await??;
+    let (mut received, mut heartbeats, mut longest_gap) = (0, 0, Duration::ZERO);
+    let mut last = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while received < CHANGES {
+        anyhow::ensure!(Instant::now() < deadline, "{received} of {CHANGES} changes in 120 s");
+        let message = tokio::time::timeout(CLIENT_DEADLINE, stream.message()).await??;
+        longest_gap = longest_gap.max(last.elapsed());
+        last = Instant::now();
+        match message.and_then(|message| message.event) {
+            Some(Event::Changes(batch)) => received += batch.changes.len(),
+            Some(Event::Heartbeat(_)) => heartbeats += 1,
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    stack.proxy().set_delay(Duration::ZERO);
+    println!("slow kafka: {received} changes, {heartbeats} heartbeats, longest silence {longest_gap:?}");
+    // Heartbeats every second (the test kit's delivery.heartbeat_interval); a client gives up
+    // after three without anything.
+    assert!(longest_gap < Duration::from_millis(2500), "the stream was silent for {longest_gap:?}");
+    assert!(heartbeats > 0, "heartbeats while Kafka answered slowly");
+    Ok(())
+}

@@ -21,6 +21,9 @@ use crate::{
 
 /// Longest a reader waits for records it expects before re-checking the log.
 const READ_WAIT: Duration = Duration::from_secs(2);
+/// How long a read waits at most when Kafka answers slowly: each read that
+/// times out without a record waits twice as long as the one before.
+const MAX_READ_WAIT: Duration = Duration::from_secs(16);
 /// Longest a stream waits for room to tell the device why it ends.
 const FINAL_SEND_WAIT: Duration = Duration::from_secs(1);
 
@@ -123,7 +126,7 @@ impl Session {
                     metrics::counter!("lockstep_deliveries_total", "source" => "live").increment(changes.len() as u64);
                     self.send_changes(changes).await?;
                 }
-                LogRead::Behind { until } => cursor = self.catch_up(cursor, until).await?,
+                LogRead::Behind { until } => cursor = self.catch_up(cursor, until, &mut heartbeat).await?,
                 LogRead::AtEnd => {
                     tokio::select! {
                         changed = end_rx.changed() => if changed.is_err() { return Ok(End::DeviceGone) },
@@ -137,20 +140,34 @@ impl Session {
     }
 
     /// Reads from Kafka from `cursor` up to `until` (or the end of the log)
-    /// and forwards the changes. Returns the new cursor.
-    async fn catch_up(&mut self, mut cursor: i64, until: Option<i64>) -> Result<i64, Ended> {
+    /// and forwards the changes. Returns the new cursor. While it waits for a
+    /// shared reader or for Kafka, the device still gets its heartbeats: a
+    /// busy server or a slow Kafka must not look like a dead connection.
+    async fn catch_up(
+        &mut self,
+        mut cursor: i64,
+        until: Option<i64>,
+        heartbeat: &mut tokio::time::Interval,
+    ) -> Result<i64, Ended> {
         let settings = &self.delivery.inner.settings;
         let limits = (settings.batch_max_changes, settings.batch_max_bytes);
+        let mut wait = READ_WAIT;
         loop {
             self.check_stop()?;
             // One lease per chunk: a slow device never holds a shared reader
             // while it waits for the device to take the data.
-            let chunk = {
-                let lease = tokio::select! {
-                    lease = self.delivery.inner.readers.lease() => lease?,
-                    _ = self.stop_rx.changed() => continue,
-                };
-                lease.read(&self.topic, cursor, until, limits, READ_WAIT).await
+            let (readers, topic) = (self.delivery.inner.readers.clone(), self.topic.clone());
+            let read = async move {
+                let lease = readers.lease().await?;
+                lease.read(&topic, cursor, until, limits, wait).await
+            };
+            tokio::pin!(read);
+            let chunk = loop {
+                tokio::select! {
+                    chunk = &mut read => break chunk,
+                    _ = heartbeat.tick() => self.send_heartbeat(cursor).await?,
+                    _ = self.stop_rx.changed() => self.check_stop()?,
+                }
             };
             let chunk = match chunk {
                 Ok(chunk) => chunk,
@@ -199,8 +216,14 @@ impl Session {
             if until.is_some_and(|until| cursor >= until) {
                 return Ok(cursor);
             }
-            if !got_records {
-                // Nothing arrived in READ_WAIT: are we at the end after all?
+            if got_records {
+                wait = READ_WAIT;
+            } else if chunk.timed_out && wait < MAX_READ_WAIT {
+                // Nothing yet, and no end of log either: Kafka is slow. The reader
+                // keeps its fetch; read again at once, waiting longer.
+                wait = (wait * 2).min(MAX_READ_WAIT);
+            } else {
+                // Nothing arrived: are we at the end after all?
                 let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
                 if cursor >= watermarks.log_end {
                     self.live_log.note_end(watermarks.log_end);

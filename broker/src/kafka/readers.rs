@@ -38,6 +38,10 @@ pub struct ReadChunk {
     pub end_of_log: bool,
     /// True when the read stopped at its size limits (more may follow at once).
     pub filled: bool,
+    /// True when `max_wait` passed before the end of the log, `until` or the
+    /// limits: Kafka may just be slow. The reader keeps fetching, so that a
+    /// read that continues where this one stopped gets what arrives meanwhile.
+    pub timed_out: bool,
     /// The `traceparent` header of records that carry one, by offset.
     pub traceparents: Vec<(i64, String)>,
 }
@@ -175,9 +179,10 @@ fn reader_thread(consumer: BaseConsumer, mut job_rx: mpsc::Receiver<ReadJob>) {
             }
         };
         let result = run_job(&consumer, &mut position, &job);
-        // Unless the read stopped at its size limits, no next job continues it
-        // (the requester goes on from the live tail): stop fetching (see IDLE_UNASSIGN).
-        if result.as_ref().is_ok_and(|chunk| !chunk.filled) && position.is_some() {
+        // Unless the read stopped at its size limits or its wait (a slow Kafka: the
+        // fetch in flight serves the next job), no next job continues it (the
+        // requester goes on from the live tail): stop fetching (see IDLE_UNASSIGN).
+        if result.as_ref().is_ok_and(|chunk| !chunk.filled && !chunk.timed_out) && position.is_some() {
             if let Err(error) = consumer.unassign() {
                 tracing::warn!(%error, "kafka reader could not drop its assignment");
             }
@@ -210,6 +215,7 @@ fn run_job(
         next_offset: job.from,
         end_of_log: false,
         filled: false,
+        timed_out: false,
         traceparents: Vec::new(),
     };
     if job.until.is_some_and(|until| until <= job.from) {
@@ -224,6 +230,7 @@ fn run_job(
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
+            chunk.timed_out = true;
             break;
         }
         match consumer.poll(remaining.min(Duration::from_millis(100))) {
