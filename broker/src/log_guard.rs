@@ -23,7 +23,7 @@ use std::{
     collections::HashMap,
     future::Future,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rusqlite::{OptionalExtension, params};
@@ -31,6 +31,7 @@ use rusqlite::{OptionalExtension, params};
 use crate::{
     db::{Db, DbError, now_ms},
     error::ApiError,
+    idle::LastUsed,
     kafka::{KafkaError, Topics, topics::Watermarks},
     locks::lock,
 };
@@ -84,16 +85,16 @@ pub fn evidence_of_loss(mark: UserMark, watermarks: Watermarks, committed: Optio
 /// A value read from the database, and when it was last used (see [`LogGuard::evict_idle`]).
 struct Cached<T> {
     value: T,
-    used: Instant,
+    used: LastUsed,
 }
 
 impl<T: Copy> Cached<T> {
     fn new(value: T) -> Self {
-        Self { value, used: Instant::now() }
+        Self { value, used: LastUsed::default() }
     }
 
     fn get(&mut self) -> T {
-        self.used = Instant::now();
+        self.used.touch();
         self.value
     }
 }
@@ -153,15 +154,14 @@ impl LogGuard {
     /// lower mark only makes the check less strict for a moment, never wrong).
     /// Returns how many users' and devices' entries were forgotten.
     pub fn evict_idle(&self, idle_after: Duration) -> (usize, usize) {
-        let fresh = |used: &Instant| used.elapsed() < idle_after;
         let mut users = lock(&self.inner.users);
         let before = users.len();
-        users.retain(|_, mark| fresh(&mark.used));
+        users.retain(|_, mark| !mark.used.idle(idle_after));
         let users_forgotten = before - users.len();
         drop(users);
         let mut devices = lock(&self.inner.devices);
         let before = devices.len();
-        devices.retain(|_, generation| fresh(&generation.used));
+        devices.retain(|_, generation| !generation.used.idle(idle_after));
         (users_forgotten, before - devices.len())
     }
 
