@@ -7,7 +7,7 @@ use anyhow::Context;
 use lockstep_e2e::{
     cli::Cli,
     nisshi::{Nisshi, read_topic},
-    server::Server,
+    server::{Server, UNTHROTTLED, lockstep_binary},
     stack::CliStack,
 };
 use serde_json::{Value, json};
@@ -564,5 +564,48 @@ async fn devices_whose_clocks_are_hours_apart_converge_and_nothing_is_skipped() 
     at(&phone, "0s", &["sync"]).await?;
     assert_eq!(strict.records().await?, phone.records().await?, "converged");
     assert_eq!(quiet.records().await?, phone.records().await?);
+    Ok(())
+}
+
+/// With the default 15 s heartbeat interval, `sync` returns as soon as the device
+/// holds the whole log: the server says so the moment a catch-up (or a live
+/// batch) reaches the end, not on its next heartbeat tick (issue 18: every sync
+/// with anything to do used to take 15 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_returns_when_caught_up_not_a_heartbeat_interval_later() -> anyhow::Result<()> {
+    const HEARTBEAT: Duration = Duration::from_secs(15);
+    // A third of the interval: far above what a sync of 300 changes takes even on
+    // a loaded 2-core machine, far below the interval the fix removes.
+    const LIMIT: Duration = Duration::from_secs(5);
+    let nisshi = Nisshi::start().await?;
+    // The server's own delivery settings (the kit's servers beat every second).
+    let server = Server::start_binary(lockstep_binary()?, nisshi.bootstrap(), UNTHROTTLED).await?;
+    let writer = Cli::init("writer", &server).await?;
+    let info = writer.json(&["server-info"]).await?;
+    assert_eq!(info["heartbeat_interval_ms"].as_u64(), Some(HEARTBEAT.as_millis() as u64), "the default: {info}");
+    let reader = writer.pair("reader").await?;
+
+    for count in [1u64, 300] {
+        let import = writer.store.with_file_name(format!("import-{count}.ndjson"));
+        let lines: String =
+            (0..count).map(|n| format!("{}\n", json!({"collection": "notes", "fields": {"n": n}}))).collect();
+        std::fs::write(&import, lines)?;
+        writer.json(&["import", import.to_str().context("path")?]).await?;
+        for (device, direction) in [(&writer, "pushed"), (&reader, "received")] {
+            let started = std::time::Instant::now();
+            let report = device.sync().await?;
+            let took = started.elapsed();
+            println!("sync of {count} changes ({direction}): {took:?}");
+            assert_eq!(report[direction].as_u64(), Some(count), "{report}");
+            assert!(
+                took < LIMIT,
+                "sync of {count} changes ({direction}) took {took:?}, heartbeats every {HEARTBEAT:?}"
+            );
+        }
+    }
+    // Nothing new: still at once.
+    let started = std::time::Instant::now();
+    reader.sync().await?;
+    assert!(started.elapsed() < LIMIT, "an empty sync took {:?}", started.elapsed());
     Ok(())
 }

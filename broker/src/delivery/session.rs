@@ -101,6 +101,10 @@ impl Session {
     async fn stream(&mut self) -> Result<End, Ended> {
         let Watermarks { log_start, log_end } = self.start.watermarks;
         let mut cursor = self.start.from_offset.or(self.start.committed).unwrap_or(log_start);
+        // The device learns that it is caught up from a heartbeat: one is owed the
+        // moment the stream reaches the end of the log after it started or after it
+        // sent anything, not a heartbeat interval later (`sync` waits for it).
+        let mut caught_up_owed = true;
         if let Some(reason) = self.start.first_resync {
             self.send_resync(log_start, cursor, reason).await?;
             cursor = log_start;
@@ -125,8 +129,17 @@ impl Session {
                     cursor = changes.last().map_or(cursor, |change| change.offset + 1);
                     metrics::counter!("lockstep_deliveries_total", "source" => "live").increment(changes.len() as u64);
                     self.send_changes(changes).await?;
+                    caught_up_owed = true;
                 }
-                LogRead::Behind { until } => cursor = self.catch_up(cursor, until, &mut heartbeat).await?,
+                LogRead::Behind { until } => {
+                    cursor = self.catch_up(cursor, until, &mut heartbeat).await?;
+                    caught_up_owed = true;
+                }
+                LogRead::AtEnd if std::mem::take(&mut caught_up_owed) => {
+                    self.send_heartbeat(cursor).await?;
+                    // The next one is due an interval after this one.
+                    heartbeat.reset();
+                }
                 LogRead::AtEnd => {
                     tokio::select! {
                         changed = end_rx.changed() => if changed.is_err() { return Ok(End::DeviceGone) },
