@@ -36,6 +36,8 @@ fn is_dead_connection(error: &str) -> bool {
 
 #[test]
 fn a_dead_connection_is_told_from_an_answer() {
+    // What lockstep-cli printed for `init --server http://…` against `openssl s_server` (TLS only).
+    assert!(is_dead_connection("error: CreateAccount: transport error (Unknown)"));
     assert!(is_dead_connection("error: cannot reach the server at http://127.0.0.1:1: transport error"));
     assert!(is_dead_connection("error: CreateAccount: transport error: connection closed (Unavailable)"));
     // Failures of another kind, which the old check (any failure) let pass.
