@@ -1,9 +1,12 @@
 //! The fault suite: the real `lockstep` binary and a real Kafka (Nisshi)
 //! under faults, while simulated devices push, receive and ack. Every run is
 //! checked by the history checker (`lockstep_e2e::history`: I1, I2, I4, I5
-//! and "once") and prints one line:
+//! and "once") and by what a run must show (`lockstep_e2e::outcome`: enough
+//! planned changes acknowledged, the log and every device holding them, each
+//! fault's evidence that it hit), and prints one line (shape only, then a
+//! line per fault window with its evidence):
 //!
-//! `fault=kafka-kill9 seed=3 ops=412 pushes_ok=380 errors=32 faults=2 I1=ok I2=ok I4=ok I5=ok once=ok unwritten=3 log=383 secs=21`
+//! `fault=kafka-kill9 seed=3 ops=412 planned=396 acked=380 delivered=383/383 errors=32 faults=2 I1=ok I2=ok I4=ok I5=ok once=ok unwritten=3 log=383 secs=21`
 //!
 //! Faults: Kafka `kill -9` during pushes and during delivery; the link
 //! between Lockstep and Kafka cut, partitioned without resets, or slowed by
