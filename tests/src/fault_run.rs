@@ -1,8 +1,11 @@
 //! One fault run of the fault suite (`tests/tests/faults.rs`): the stack
 //! (Nisshi, optionally behind a [`Proxy`], and the server), a user's
-//! simulated devices and their [`History`]; after the faults, the run waits
-//! until the devices hold the whole log, checks the invariants and prints its
-//! summary line with the evidence (fault timeline, the server's own errors).
+//! simulated devices and their [`History`]; the faults, each applied through
+//! the run so that it collects the evidence that the fault hit; after the
+//! faults, the run waits until the devices hold the whole log, checks the
+//! invariants and what the run must show ([`crate::outcome`]) and prints its
+//! summary line with the evidence (fault windows, the server's own errors).
+//! [`Scenario::run`] is the one seed/plan/run/verdict loop of the suite.
 
 use std::{
     collections::BTreeMap,
@@ -15,9 +18,12 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{
     device::Device,
-    history::History,
-    nisshi::{Nisshi, NisshiOptions, committed_offset, read_topic},
-    proxy::Proxy,
+    history::{CommittedAtEnd, History},
+    nisshi::{Nisshi, NisshiOptions, TmpfsRefused, committed_offset, read_topic},
+    outcome::{
+        Evidence, Expect, Fault, FaultWindow, Outcome, PUSHERS_DEADLINE, ProcessGone, counter_sum, skip_allowed,
+    },
+    proxy::{Proxy, ProxyCounts},
     server::Server,
     workload::{Plan, SimDevice, Workload},
 };
@@ -49,7 +55,7 @@ pub struct Stack {
     pub proxy: Option<Proxy>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct StackOptions {
     pub behind_proxy: bool,
     pub storage_tmpfs_mib: Option<u64>,
@@ -157,6 +163,24 @@ pub struct Run {
     /// Expectations of the scenario itself that failed (e.g. the fault did not bite).
     pub problems: Vec<String>,
     pub started: Instant,
+    /// What the run must show besides the invariants.
+    pub expect: Expect,
+    plan: Plan,
+    workload: Option<Workload>,
+    /// Changes the run set out to push: its workload's and [`Run::plan_changes`].
+    planned: usize,
+    windows: Vec<FaultWindow>,
+    open_window: Option<OpenWindow>,
+}
+
+/// A fault window while it lasts: what was counted when it began.
+struct OpenWindow {
+    what: String,
+    fault: Fault,
+    device_errors_before: usize,
+    server_errors_before: Option<f64>,
+    proxy_before: Option<ProxyCounts>,
+    process_gone: Option<ProcessGone>,
 }
 
 impl Run {
@@ -192,7 +216,151 @@ impl Run {
             notes: vec![format!("{} devices ready", utc_time_of_day())],
             problems: Vec::new(),
             started: Instant::now(),
+            expect: Expect::default(),
+            plan: plan.clone(),
+            workload: None,
+            planned: 0,
+            windows: Vec::new(),
+            open_window: None,
         })
+    }
+
+    /// Starts every device's pusher and subscriber with the run's plan and seed.
+    pub fn start_workload(&mut self) {
+        let workload = Workload::start(&self.devices, &self.plan, self.seed);
+        self.planned += workload.planned_changes();
+        self.workload = Some(workload);
+    }
+
+    /// Starts only the devices' subscribers (the scenario pushes by itself).
+    pub fn start_subscribers(&mut self) {
+        self.workload = Some(Workload::subscribe_only(&self.devices, &self.plan));
+    }
+
+    /// Counts `changes` the scenario pushes by itself as planned.
+    pub fn plan_changes(&mut self, changes: usize) {
+        self.planned += changes;
+    }
+
+    /// Opens the window of a fault about to be applied (closing the previous
+    /// one): counts what it must change, and notes it in the timeline.
+    async fn begin_fault(&mut self, fault: Fault, what: &str) {
+        self.close_window().await;
+        self.open_window = Some(OpenWindow {
+            what: what.to_string(),
+            fault,
+            device_errors_before: self.history.stats().errors,
+            server_errors_before: self.server_errors().await,
+            proxy_before: self.stack.proxy.as_ref().map(Proxy::counts),
+            process_gone: None,
+        });
+        self.timeline(what);
+    }
+
+    /// Closes the open fault window, if any, with what was counted since it began.
+    async fn close_window(&mut self) {
+        let server_errors = self.server_errors().await;
+        let Some(open) = self.open_window.take() else { return };
+        let evidence = Evidence {
+            device_errors: self.history.stats().errors.saturating_sub(open.device_errors_before),
+            // A restarted server counts from zero: not comparable then.
+            server_errors: match (open.server_errors_before, server_errors) {
+                (Some(before), Some(after)) if after >= before => Some((after - before) as u64),
+                _ => None,
+            },
+            process_gone: open.process_gone,
+            proxy: match (open.proxy_before, self.stack.proxy.as_ref()) {
+                (Some(before), Some(proxy)) => Some(proxy.counts().since(&before)),
+                _ => None,
+            },
+        };
+        self.windows.push(FaultWindow { what: open.what, fault: open.fault, evidence });
+    }
+
+    /// The server's `lockstep_errors_total` (None while it is down or has none).
+    async fn server_errors(&self) -> Option<f64> {
+        let admin = self.stack.server.admin_addr()?;
+        let scrape = tokio::time::timeout(Duration::from_secs(5), crate::http_get(admin, "/metrics")).await;
+        match scrape {
+            Ok(Ok((200, metrics))) => Some(counter_sum(&metrics, "lockstep_errors_total").unwrap_or(0.0)),
+            _ => None,
+        }
+    }
+
+    /// `kill -9` of Kafka, observed from outside.
+    pub async fn kill_kafka(&mut self) {
+        self.begin_fault(Fault::KafkaKilled, "kafka killed").await;
+        let (pid, port) = (self.stack.nisshi.pid(), self.stack.nisshi.port());
+        let alive_before = pid_alive(pid);
+        self.stack.nisshi.kill();
+        self.observe_gone(pid, port, alive_before).await;
+    }
+
+    /// `kill -9` of the server, observed from outside.
+    pub async fn kill_server(&mut self) {
+        self.begin_fault(Fault::ServerKilled, "server killed").await;
+        let (pid, port) = (self.stack.server.pid(), self.stack.server.addr().port());
+        let alive_before = pid_alive(pid);
+        self.stack.server.kill9();
+        self.observe_gone(pid, port, alive_before).await;
+    }
+
+    async fn observe_gone(&mut self, pid: u32, port: u16, alive_before: bool) {
+        let gone = ProcessGone {
+            pid,
+            alive_before,
+            pid_gone_after: !pid_alive(pid),
+            port_refused_after: port_refused(port).await,
+        };
+        if let Some(open) = self.open_window.as_mut() {
+            open.process_gone = Some(gone);
+        }
+    }
+
+    pub async fn cut_link(&mut self) {
+        self.begin_fault(Fault::LinkCut, "link cut").await;
+        self.stack.proxy().cut();
+    }
+
+    pub async fn freeze_link(&mut self) {
+        self.begin_fault(Fault::LinkFrozen, "link frozen").await;
+        self.stack.proxy().freeze();
+    }
+
+    /// Delays every chunk on the link by `delay`, each way.
+    pub async fn slow_link(&mut self, delay: Duration) {
+        self.begin_fault(Fault::LinkSlowed, &format!("link delayed by {delay:?} each way")).await;
+        self.stack.proxy().set_delay(delay);
+    }
+
+    /// A fault the scenario applies by itself (e.g. filling Kafka's disk).
+    pub async fn fault(&mut self, fault: Fault, what: &str) {
+        self.begin_fault(fault, what).await;
+    }
+
+    /// Ends the fault window now, where what follows must not count as its
+    /// evidence (otherwise a window lasts until the next fault or the end).
+    pub async fn end_fault(&mut self) {
+        self.close_window().await;
+    }
+
+    /// The link forwards again, at full speed.
+    pub fn restore_link(&mut self) {
+        self.stack.proxy().restore();
+        self.stack.proxy().set_delay(Duration::ZERO);
+        self.timeline("restored");
+    }
+
+    pub async fn restart_kafka(&mut self) -> anyhow::Result<()> {
+        self.stack.nisshi.restart().await?;
+        self.timeline("restored");
+        Ok(())
+    }
+
+    pub async fn restart_server(&mut self) -> anyhow::Result<()> {
+        self.stack.server.restart().await?;
+        self.timeline("restored");
+        Ok(())
     }
 
     /// Notes a fault (or its end) with the UTC time of day, to match against the server's log.
@@ -242,12 +410,28 @@ impl Run {
         Ok(dir)
     }
 
-    /// After the faults: lets pushers finish, waits until every device holds
-    /// the whole log, then checks the history and prints the summary line.
-    pub async fn finish(mut self, mut workload: Workload) -> anyhow::Result<Verdict> {
-        if !workload.pushers_done(Duration::from_secs(180)).await {
-            self.notes.push("pushers did not finish within 180 s".into());
+    /// Kafka's committed offset of `device` at the end, retried while Kafka settles.
+    async fn committed_at_end(&self, device: &str) -> CommittedAtEnd {
+        let group = format!("lockstep.device.{device}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match committed_offset(self.stack.nisshi.bootstrap(), &group, &self.topic).await {
+                Ok(offset) => return Ok(offset),
+                Err(error) if Instant::now() >= deadline => return Err(format!("{error:#}")),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
         }
+    }
+
+    /// After the faults: lets pushers finish, waits until every device holds
+    /// the whole log, then checks the history and what the run must show,
+    /// and prints the summary line.
+    pub async fn finish(mut self) -> anyhow::Result<Verdict> {
+        let Some(mut workload) = self.workload.take() else {
+            anyhow::bail!("{}: finish() without a workload (start_workload or start_subscribers)", self.fault);
+        };
+        let pushers_finished = workload.pushers_done(PUSHERS_DEADLINE).await;
+        self.close_window().await;
         let log = self.read_log().await?;
         let log_end = log.last().map_or(0, |(offset, _)| offset + 1);
         if !workload.settle(&self.history, log_end, SETTLE).await {
@@ -259,19 +443,27 @@ impl Run {
         workload.stop().await;
         let mut committed = BTreeMap::new();
         for device in &self.devices {
-            let group = format!("lockstep.device.{}", device.id);
-            let offset = committed_offset(self.stack.nisshi.bootstrap(), &group, &self.topic).await.ok().flatten();
-            committed.insert(device.id.clone(), offset);
+            committed.insert(device.id.clone(), self.committed_at_end(&device.id).await);
         }
         let report = self.history.check(&log, &committed);
         let stats = self.history.stats();
+        let outcome = Outcome {
+            planned: self.planned,
+            acknowledged: stats.pushes_ok,
+            log_len: log.len(),
+            log_changes: log.iter().map(|(_, id)| id.as_str()).collect::<std::collections::BTreeSet<_>>().len(),
+            received: self.history.received_of_log(&log),
+            pushers_finished,
+            windows: self.windows.clone(),
+        };
+        self.problems.extend(outcome.problems(&self.expect));
         let ok = report.ok() && self.problems.is_empty();
         let line = format!(
-            "fault={} seed={} ops={} pushes_ok={} errors={} faults={} {}{} unwritten={} log={} secs={}",
+            "fault={} seed={} ops={} {} errors={} faults={} {}{} unwritten={} log={} secs={}",
             self.fault,
             self.seed,
             stats.ops,
-            stats.pushes_ok,
+            outcome.summary(),
             stats.errors,
             self.faults,
             report.verdicts(),
@@ -284,6 +476,10 @@ impl Run {
         let mut details = String::new();
         for problem in &self.problems {
             details.push_str(&format!("  scenario: {problem}\n"));
+        }
+        for window in &self.windows {
+            let hit = if window.fault.hit(&window.evidence).is_ok() { "hit" } else { "MISSED" };
+            details.push_str(&format!("  fault \"{}\" {hit}: {}\n", window.what, window.evidence));
         }
         if !stats.error_codes.is_empty() {
             details.push_str(&format!("  errors by call: {:?}\n", stats.error_codes));
@@ -330,4 +526,72 @@ pub fn judge(verdicts: Vec<Verdict>) {
 
 pub fn fault_settings() -> Vec<(&'static str, &'static str)> {
     FAULT_SETTINGS.to_vec()
+}
+
+/// Whether process `pid` exists (0: no process).
+fn pid_alive(pid: u32) -> bool {
+    pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether 127.0.0.1:`port` refuses connections (nothing listens there).
+async fn port_refused(port: u16) -> bool {
+    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), connect).await,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// One fault scenario of the suite: what it runs, per seed.
+#[derive(Clone)]
+pub struct Scenario {
+    /// The test's name, as `LOCKSTEP_ALLOW_SKIP` names it.
+    pub test: &'static str,
+    /// The fault's name in the summary line.
+    pub fault: &'static str,
+    pub devices: usize,
+    pub plan: Plan,
+    pub options: StackOptions,
+    pub expect: Expect,
+}
+
+impl Scenario {
+    pub fn new(test: &'static str, fault: &'static str, devices: usize, plan: Plan) -> Self {
+        let options = StackOptions { settings: fault_settings(), ..Default::default() };
+        Self { test, fault, devices, plan, options, expect: Expect::default() }
+    }
+
+    pub fn behind_proxy(mut self) -> Self {
+        self.options.behind_proxy = true;
+        self
+    }
+
+    /// Runs the scenario once per seed: starts the run, lets `faults` start
+    /// the workload and apply the faults, finishes and judges every run. A
+    /// stack that cannot be set up (no tmpfs) fails the test unless the
+    /// caller allows this test to skip (`LOCKSTEP_ALLOW_SKIP=<test>`).
+    pub async fn run(&self, mut faults: impl AsyncFnMut(&mut Run) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let mut verdicts = Vec::new();
+        for seed in seeds() {
+            let started = Run::start(self.fault, seed, self.options.clone(), self.devices, &self.plan).await;
+            let mut run = match started {
+                Err(error) if error.downcast_ref::<TmpfsRefused>().is_some() => {
+                    if skip_allowed(self.test) {
+                        println!("fault={} SKIPPED (allowed by LOCKSTEP_ALLOW_SKIP): {error}", self.fault);
+                        return Ok(());
+                    }
+                    return Err(error.context(format!(
+                        "{} cannot run here; LOCKSTEP_ALLOW_SKIP={} lets it skip knowingly",
+                        self.test, self.test
+                    )));
+                }
+                other => other?,
+            };
+            run.expect = self.expect;
+            faults(&mut run).await?;
+            verdicts.push(run.finish().await?);
+        }
+        judge(verdicts);
+        Ok(())
+    }
 }

@@ -13,9 +13,12 @@
 //! - **I4** each device applied offsets contiguously from where it started
 //!   (no hole; a stream's batches are consecutive), and its committed offset
 //!   never moved backwards (ack answers, where a new stream starts, what
-//!   Kafka holds at the end).
+//!   Kafka holds at the end; an offset that could not be read at the end is
+//!   a violation, not a check skipped).
 //! - **I5** nothing but pushed changes reaches a device or the log; a change
-//!   whose every push failed and that is not in the log reached nobody.
+//!   that failed for good (a push answered `retryable: false`, none with an
+//!   offset) is in no log and reached no device; a change whose every push
+//!   failed and that is not in the log reached nobody.
 //! - **once**: no change id is in the log twice, and a change pushed again
 //!   after it was acknowledged gets `duplicate = true` and its first offset.
 
@@ -90,6 +93,10 @@ struct Inner {
 
 /// The log as Kafka holds it at the end: (offset, change id), in offset order.
 pub type Log = Vec<(i64, String)>;
+
+/// A device's committed offset as Kafka holds it at the end: `Ok(None)` if
+/// none is committed, `Err` with the reason if it could not be read.
+pub type CommittedAtEnd = Result<Option<i64>, String>;
 
 impl History {
     /// `devices`: each device of the user with the offset it starts at (0 for a fresh one).
@@ -181,9 +188,26 @@ impl History {
         stats
     }
 
+    /// Per device, how many distinct change ids of `log` it received.
+    pub fn received_of_log(&self, log: &Log) -> BTreeMap<String, usize> {
+        let inner = self.lock();
+        let in_log: BTreeSet<&str> = log.iter().map(|(_, id)| id.as_str()).collect();
+        let mut received: BTreeMap<&str, BTreeSet<&str>> =
+            inner.devices.keys().map(|device| (device.as_str(), BTreeSet::new())).collect();
+        for event in &inner.events {
+            if let Event::Delivered { device, change_id, .. } = event
+                && in_log.contains(change_id.as_str())
+            {
+                received.entry(device).or_default().insert(change_id);
+            }
+        }
+        received.into_iter().map(|(device, ids)| (device.to_string(), ids.len())).collect()
+    }
+
     /// Checks the invariants against the final `log` and, per device, the
-    /// committed offset Kafka holds at the end (`None`: not read).
-    pub fn check(&self, log: &Log, committed_at_end: &BTreeMap<String, Option<i64>>) -> Report {
+    /// committed offset Kafka holds at the end (`Ok(None)`: no offset
+    /// committed; `Err`: it could not be read, a violation of I4).
+    pub fn check(&self, log: &Log, committed_at_end: &BTreeMap<String, CommittedAtEnd>) -> Report {
         let inner = self.lock();
         let mut report = Report::default();
         let log_at: BTreeMap<i64, &str> = log.iter().map(|(offset, id)| (*offset, id.as_str())).collect();
@@ -195,6 +219,8 @@ impl History {
         // What the devices did, gathered in event order.
         let mut pushed: BTreeMap<&str, &str> = BTreeMap::new(); // change id -> origin device
         let mut first_written: BTreeMap<&str, i64> = BTreeMap::new();
+        // Change id -> the first answer that said it will never be written.
+        let mut failed_for_good: BTreeMap<&str, &PushOutcome> = BTreeMap::new();
         let mut delivered: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new(); // device -> id -> offset
         let mut progress: BTreeMap<&str, DeviceProgress> = inner
             .devices
@@ -205,6 +231,11 @@ impl History {
             match event {
                 Event::Push { device, change_id, outcome, again } => {
                     pushed.entry(change_id).or_insert(device);
+                    if matches!(outcome, PushOutcome::Failed { .. } | PushOutcome::CallFailed { .. })
+                        && !outcome.retryable()
+                    {
+                        failed_for_good.entry(change_id).or_insert(outcome);
+                    }
                     let PushOutcome::Written { offset, duplicate } = outcome else { continue };
                     match first_written.get(change_id.as_str()) {
                         None => {
@@ -300,17 +331,30 @@ impl History {
         }
         // I4, at the end: Kafka's committed offset is not below what acks answered.
         for (device, progress) in &progress {
-            if let Some(Some(end)) = committed_at_end.get(*device)
-                && *end < progress.committed
-            {
-                report.i4.push(format!(
-                    "{device}: Kafka holds committed offset {end}, acks had answered {}",
-                    progress.committed
-                ));
+            let acked = (progress.committed > i64::MIN).then_some(progress.committed);
+            let end = match committed_at_end.get(*device) {
+                None => {
+                    report.i4.push(format!("{device}: its committed offset at the end was never read"));
+                    continue;
+                }
+                Some(Err(error)) => {
+                    report.i4.push(format!("{device}: reading its committed offset at the end failed: {error}"));
+                    continue;
+                }
+                Some(Ok(end)) => *end,
+            };
+            match (end, acked) {
+                (None, Some(acked)) => {
+                    report.i4.push(format!("{device}: Kafka holds no committed offset, acks had answered {acked}"))
+                }
+                (Some(end), Some(acked)) if end < acked => {
+                    report.i4.push(format!("{device}: Kafka holds committed offset {end}, acks had answered {acked}"))
+                }
+                _ => {}
             }
-            if let Some(Some(end)) = committed_at_end.get(*device)
-                && let Some(log_end) = log.last().map(|(offset, _)| offset + 1)
-                && *end > log_end
+            let log_end = log.last().map_or(0, |(offset, _)| offset + 1);
+            if let Some(end) = end
+                && end > log_end
             {
                 report.i4.push(format!("{device}: committed offset {end} is beyond the log end {log_end}"));
             }
@@ -318,6 +362,17 @@ impl History {
         // I5: only pushed changes anywhere; a failed change outside the log reached nobody.
         for (id, _) in log_ids.iter().filter(|(id, _)| !pushed.contains_key(**id)) {
             report.i5.push(format!("the log holds {id}, which no device pushed"));
+        }
+        // A change that failed for good: "never written" was the server's word.
+        for (id, outcome) in failed_for_good.iter().filter(|(id, _)| !first_written.contains_key(**id)) {
+            if let Some(offsets) = log_ids.get(id) {
+                report.i5.push(format!("{id} failed for good ({outcome:?}), yet the log holds it at {offsets:?}"));
+            }
+            for (device, ids) in &delivered {
+                if let Some(offset) = ids.get(id) {
+                    report.i5.push(format!("{id} failed for good ({outcome:?}), yet {device} received it at {offset}"));
+                }
+            }
         }
         for (device, ids) in &delivered {
             for id in ids.keys().filter(|id| !pushed.contains_key(**id)) {
@@ -462,6 +517,11 @@ mod tests {
         History::new([("a".to_string(), 0), ("b".to_string(), 0)])
     }
 
+    /// Kafka's committed offsets at the end: `a` committed nothing, `b` as given.
+    fn committed_b(b: Option<i64>) -> BTreeMap<String, CommittedAtEnd> {
+        BTreeMap::from([("a".to_string(), Ok(None)), ("b".to_string(), Ok(b))])
+    }
+
     fn deliver_all(history: &History, device: &str, session: u64, ids: &[&str]) {
         history.subscribed(device, session);
         for (offset, id) in ids.iter().enumerate() {
@@ -479,7 +539,7 @@ mod tests {
         deliver_all(&history, "a", 1, &["c0", "c1"]);
         deliver_all(&history, "b", 1, &["c0", "c1"]);
         history.acked("b", 1, Ok(2));
-        let report = history.check(&log(&["c0", "c1"]), &BTreeMap::from([("b".to_string(), Some(2))]));
+        let report = history.check(&log(&["c0", "c1"]), &committed_b(Some(2)));
         assert!(report.ok(), "{report}");
         assert!(history.all_applied(2));
         assert_eq!(report.verdicts(), "I1=ok I2=ok I4=ok I5=ok once=ok");
@@ -492,7 +552,7 @@ mod tests {
         history.push("a", "c1", written(1), false);
         deliver_all(&history, "a", 1, &["c0", "c1"]);
         deliver_all(&history, "b", 1, &["c0"]);
-        let report = history.check(&log(&["c0", "c1"]), &BTreeMap::new());
+        let report = history.check(&log(&["c0", "c1"]), &committed_b(None));
         assert_eq!(report.i1.len(), 1, "{report}");
         assert_eq!(report.i2.len(), 1, "{report}");
         assert!(!history.all_applied(2));
@@ -502,7 +562,7 @@ mod tests {
     fn an_acknowledged_change_the_log_lost_fails_i1() {
         let history = two_devices();
         history.push("a", "c0", written(0), false);
-        let report = history.check(&log(&[]), &BTreeMap::new());
+        let report = history.check(&log(&[]), &committed_b(None));
         assert!(report.i1.iter().any(|violation| violation.contains("the log holds None")), "{report}");
     }
 
@@ -522,7 +582,7 @@ mod tests {
         history.delivered("b", 2, 2, "c2");
         history.delivered("b", 2, 3, "c3");
         history.acked("b", 3, Ok(2)); // backwards
-        let report = history.check(&log(&["c0", "c1", "c2", "c3"]), &BTreeMap::from([("b".to_string(), Some(1))]));
+        let report = history.check(&log(&["c0", "c1", "c2", "c3"]), &committed_b(Some(1)));
         let text = report.to_string();
         assert!(text.contains("hole"), "{text}");
         assert!(text.contains("not consecutive"), "{text}");
@@ -541,11 +601,11 @@ mod tests {
         deliver_all(&history, "a", 1, &["landed"]);
         deliver_all(&history, "b", 1, &["landed"]);
         // A failed push that is in the log is delivered like any other.
-        assert!(history.check(&log(&["landed"]), &BTreeMap::new()).ok());
+        assert!(history.check(&log(&["landed"]), &committed_b(None)).ok());
         // A failed push that is not, and a change nobody pushed, must not arrive.
         history.delivered("b", 1, 1, "lost");
         history.delivered("b", 1, 2, "stranger");
-        let report = history.check(&log(&["landed"]), &BTreeMap::new());
+        let report = history.check(&log(&["landed"]), &committed_b(None));
         assert!(report.i5.iter().any(|violation| violation.contains("lost")), "{report}");
         assert!(report.i5.iter().any(|violation| violation.contains("stranger")), "{report}");
     }
@@ -555,7 +615,74 @@ mod tests {
         let history = two_devices();
         history.push("a", "c0", written(0), false);
         history.push("a", "c0", written(1), true);
-        let report = history.check(&log(&["c0", "c0"]), &BTreeMap::new());
+        let report = history.check(&log(&["c0", "c0"]), &committed_b(None));
         assert_eq!(report.once.len(), 3, "{report}");
+    }
+
+    #[test]
+    fn a_change_that_failed_for_good_in_the_log_or_on_a_device_fails_i5() {
+        let history = two_devices();
+        let for_good = PushOutcome::Failed { code: Code::InvalidArgument, retryable: false };
+        history.push("a", "c0", written(0), false);
+        history.push("a", "refused", for_good.clone(), false);
+        history.push("a", "refused-call", PushOutcome::CallFailed { code: Code::Internal, retryable: false }, false);
+        deliver_all(&history, "a", 1, &["c0"]);
+        deliver_all(&history, "b", 1, &["c0"]);
+        assert!(history.check(&log(&["c0"]), &committed_b(None)).ok(), "refused changes nowhere: fine");
+        // The same refusals, yet both changes landed: the log holds them and b received them.
+        history.delivered("a", 1, 1, "refused");
+        history.delivered("a", 1, 2, "refused-call");
+        history.delivered("b", 1, 1, "refused");
+        history.delivered("b", 1, 2, "refused-call");
+        let report = history.check(&log(&["c0", "refused", "refused-call"]), &committed_b(None));
+        let failed_for_good: Vec<&String> =
+            report.i5.iter().filter(|violation| violation.contains("failed for good")).collect();
+        // Each change: once for the log, once per device that received it.
+        assert_eq!(failed_for_good.len(), 6, "{report}");
+        assert!(report.i1.is_empty() && report.i2.is_empty() && report.i4.is_empty(), "{report}");
+    }
+
+    #[test]
+    fn a_retryable_failure_that_was_written_after_all_is_no_i5_violation() {
+        let history = two_devices();
+        history.push("a", "c0", PushOutcome::CallFailed { code: Code::DeadlineExceeded, retryable: true }, false);
+        history.push("a", "c0", PushOutcome::Written { offset: 0, duplicate: true }, false);
+        deliver_all(&history, "a", 1, &["c0"]);
+        deliver_all(&history, "b", 1, &["c0"]);
+        let report = history.check(&log(&["c0"]), &committed_b(None));
+        assert!(report.ok(), "{report}");
+    }
+
+    #[test]
+    fn committed_offsets_that_could_not_be_read_or_vanished_fail_i4() {
+        let history = two_devices();
+        history.push("a", "c0", written(0), false);
+        deliver_all(&history, "a", 1, &["c0"]);
+        deliver_all(&history, "b", 1, &["c0"]);
+        history.acked("b", 0, Ok(1));
+        let unreadable =
+            BTreeMap::from([("a".to_string(), Ok(None)), ("b".to_string(), Err("coordinator not available".into()))]);
+        let report = history.check(&log(&["c0"]), &unreadable);
+        assert!(report.i4.iter().any(|violation| violation.contains("coordinator not available")), "{report}");
+        let never_read = BTreeMap::from([("b".to_string(), Ok(Some(1)))]);
+        let report = history.check(&log(&["c0"]), &never_read);
+        assert!(report.i4.iter().any(|violation| violation.contains("a: its committed offset")), "{report}");
+        // b's ack answered 1, and Kafka holds no offset for it at the end.
+        let report = history.check(&log(&["c0"]), &committed_b(None));
+        assert!(report.i4.iter().any(|violation| violation.contains("holds no committed offset")), "{report}");
+        assert!(history.check(&log(&["c0"]), &committed_b(Some(1))).ok());
+    }
+
+    #[test]
+    fn received_of_log_counts_distinct_log_changes_per_device() {
+        let history = two_devices();
+        deliver_all(&history, "a", 1, &["c0", "c1"]);
+        history.subscribed("a", 2);
+        history.delivered("a", 2, 1, "c1"); // again, after a reconnect
+        history.delivered("a", 2, 2, "stranger");
+        assert_eq!(
+            history.received_of_log(&log(&["c0", "c1"])),
+            BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 0)])
+        );
     }
 }

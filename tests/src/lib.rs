@@ -8,10 +8,14 @@
 //! - [`proxy`]: a TCP proxy between the server and Kafka that tests cut or slow down.
 //! - [`workload`]: simulated devices for the fault tests, recording into a [`history`].
 //! - [`history`]: what the devices saw in a fault run, checked against the invariants.
-//! - [`fault_run`]: one run of the fault suite: stack, devices, verdict and evidence.
+//! - [`outcome`]: what a fault run must show besides: work happened, each fault hit.
+//! - [`fault_run`]: one run of the fault suite: stack, devices, faults, verdict and evidence.
+//! - [`leaks`]: whether spans or event records hold anything of a pushed change.
 
 pub mod fault_run;
 pub mod history;
+pub mod leaks;
+pub mod outcome;
 pub mod proxy;
 pub mod workload;
 

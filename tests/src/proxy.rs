@@ -18,6 +18,8 @@
 //!   latency without limiting throughput (a slow link, not a narrow one).
 //! - [`Proxy::bytes_to_upstream`] counts what it delivered upstream (how much
 //!   of a request a server let its client send).
+//! - [`Proxy::counts`] says what each fault did to the traffic (connections
+//!   it cut or held, chunks it held or delayed): the evidence that a fault hit.
 
 use std::{
     net::SocketAddr,
@@ -63,6 +65,51 @@ pub struct Proxy {
     link_tx: watch::Sender<Link>,
     accept_task: JoinHandle<()>,
     bytes_up: Arc<AtomicU64>,
+    effects: Arc<Effects>,
+}
+
+/// What the faults did to the traffic so far, counted where they took effect.
+#[derive(Debug, Default)]
+struct Effects {
+    /// Open connections a cut closed.
+    connections_cut: AtomicU64,
+    /// New connections held unforwarded while the link was cut or frozen.
+    connections_blackholed: AtomicU64,
+    /// Reads or writes that had to wait for a frozen link.
+    chunks_held: AtomicU64,
+    /// Chunks forwarded later than they arrived because of a delay.
+    chunks_delayed: AtomicU64,
+}
+
+/// A snapshot of [`Proxy::counts`]; subtract two to see what one fault did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyCounts {
+    pub connections_cut: u64,
+    pub connections_blackholed: u64,
+    pub chunks_held: u64,
+    pub chunks_delayed: u64,
+}
+
+impl ProxyCounts {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &ProxyCounts) -> ProxyCounts {
+        ProxyCounts {
+            connections_cut: self.connections_cut.saturating_sub(earlier.connections_cut),
+            connections_blackholed: self.connections_blackholed.saturating_sub(earlier.connections_blackholed),
+            chunks_held: self.chunks_held.saturating_sub(earlier.chunks_held),
+            chunks_delayed: self.chunks_delayed.saturating_sub(earlier.chunks_delayed),
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "proxy cut {} connections, blackholed {}, held {} chunks, delayed {}",
+            self.connections_cut, self.connections_blackholed, self.chunks_held, self.chunks_delayed
+        )
+    }
 }
 
 impl Proxy {
@@ -72,8 +119,20 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let (link_tx, link_rx) = watch::channel(Link::default());
         let bytes_up = Arc::new(AtomicU64::new(0));
-        let accept_task = tokio::spawn(accept_loop(listener, upstream, link_rx, bytes_up.clone()));
-        Ok(Self { addr, upstream, link_tx, accept_task, bytes_up })
+        let effects = Arc::new(Effects::default());
+        let accept_task = tokio::spawn(accept_loop(listener, upstream, link_rx, bytes_up.clone(), effects.clone()));
+        Ok(Self { addr, upstream, link_tx, accept_task, bytes_up, effects })
+    }
+
+    /// What the faults did to the traffic so far.
+    pub fn counts(&self) -> ProxyCounts {
+        let effects = &self.effects;
+        ProxyCounts {
+            connections_cut: effects.connections_cut.load(Ordering::Relaxed),
+            connections_blackholed: effects.connections_blackholed.load(Ordering::Relaxed),
+            chunks_held: effects.chunks_held.load(Ordering::Relaxed),
+            chunks_delayed: effects.chunks_delayed.load(Ordering::Relaxed),
+        }
     }
 
     /// Bytes written to upstream so far, over all connections.
@@ -130,6 +189,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     link_rx: watch::Receiver<Link>,
     bytes_up: Arc<AtomicU64>,
+    effects: Arc<Effects>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -137,13 +197,20 @@ async fn accept_loop(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        tokio::spawn(serve(client, upstream, link_rx.clone(), bytes_up.clone()));
+        tokio::spawn(serve(client, upstream, link_rx.clone(), bytes_up.clone(), effects.clone()));
     }
 }
 
-async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Receiver<Link>, bytes_up: Arc<AtomicU64>) {
+async fn serve(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut link_rx: watch::Receiver<Link>,
+    bytes_up: Arc<AtomicU64>,
+    effects: Arc<Effects>,
+) {
     if link_rx.borrow_and_update().blackholes() {
         // Blackholed: hold the socket, read nothing, until the link is back.
+        effects.connections_blackholed.fetch_add(1, Ordering::Relaxed);
         until_restored(&mut link_rx).await;
         return;
     }
@@ -156,12 +223,14 @@ async fn serve(client: TcpStream, upstream: SocketAddr, mut link_rx: watch::Rece
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let forward = futures::future::join(
-        pipe(client_read, server_write, link_rx.clone(), Some(bytes_up)),
-        pipe(server_read, client_write, link_rx.clone(), None),
+        pipe(client_read, server_write, link_rx.clone(), Some(bytes_up), effects.clone()),
+        pipe(server_read, client_write, link_rx.clone(), None, effects.clone()),
     );
     tokio::select! {
         _ = forward => {}
-        () = until_cut(&mut link_rx) => {}
+        () = until_cut(&mut link_rx) => {
+            effects.connections_cut.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -172,15 +241,19 @@ async fn pipe(
     mut to: OwnedWriteHalf,
     link_rx: watch::Receiver<Link>,
     written: Option<Arc<AtomicU64>>,
+    effects: Arc<Effects>,
 ) {
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
     let mut writer_link_rx = link_rx.clone();
     let mut reader_link_rx = link_rx;
+    let reader_effects = effects.clone();
     let read = async move {
         let mut buffer = vec![0u8; CHUNK_BYTES];
         loop {
             // Frozen: leave the bytes in the kernel, as a dead link would.
-            until_thawed(&mut reader_link_rx).await;
+            if until_thawed(&mut reader_link_rx).await {
+                reader_effects.chunks_held.fetch_add(1, Ordering::Relaxed);
+            }
             let read = match from.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
                 Ok(read) => read,
@@ -193,8 +266,13 @@ async fn pipe(
     };
     let write = async move {
         while let Some((due, chunk)) = chunk_rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            until_thawed(&mut writer_link_rx).await;
+            if due > Instant::now() {
+                effects.chunks_delayed.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep_until(due).await;
+            }
+            if until_thawed(&mut writer_link_rx).await {
+                effects.chunks_held.fetch_add(1, Ordering::Relaxed);
+            }
             if to.write_all(&chunk).await.is_err() {
                 return;
             }
@@ -216,13 +294,17 @@ async fn until_cut(link_rx: &mut watch::Receiver<Link>) {
     }
 }
 
-/// Returns when the link is not frozen (at once, usually) or the proxy is gone.
-async fn until_thawed(link_rx: &mut watch::Receiver<Link>) {
+/// Returns when the link is not frozen (at once, usually) or the proxy is
+/// gone; true if it had to wait.
+async fn until_thawed(link_rx: &mut watch::Receiver<Link>) -> bool {
+    let mut waited = false;
     while link_rx.borrow_and_update().frozen {
+        waited = true;
         if link_rx.changed().await.is_err() {
-            return;
+            break;
         }
     }
+    waited
 }
 
 /// Returns when the link is restored or the proxy is gone.
@@ -265,6 +347,7 @@ mod tests {
         let mut open = TcpStream::connect(proxy.addr()).await?;
         assert_eq!(round_trip(&mut open, b"hello").await?, b"hello");
 
+        assert_eq!(proxy.counts(), ProxyCounts::default(), "no fault yet, no effect counted");
         proxy.cut();
         // The open connection is closed by the proxy.
         let mut buffer = [0u8; 1];
@@ -275,6 +358,8 @@ mod tests {
         blackholed.write_all(b"anyone?").await?;
         let silent = tokio::time::timeout(Duration::from_millis(300), blackholed.read(&mut buffer)).await;
         assert!(silent.is_err(), "a blackholed connection answered: {silent:?}");
+        let after_cut = proxy.counts();
+        assert_eq!((after_cut.connections_cut, after_cut.connections_blackholed), (1, 1), "{after_cut}");
 
         proxy.restore();
         let mut again = TcpStream::connect(proxy.addr()).await?;
@@ -289,12 +374,17 @@ mod tests {
         let mut rest = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(5), again.read_exact(&mut rest)).await??;
         assert_eq!(&rest, b"held");
+        let after_freeze = proxy.counts().since(&after_cut);
+        assert!(after_freeze.chunks_held >= 1 && after_freeze.connections_cut == 0, "{after_freeze}");
+        assert_eq!(after_freeze.chunks_delayed, 0, "{after_freeze}");
 
         proxy.set_delay(Duration::from_millis(200));
         let started = Instant::now();
         assert_eq!(round_trip(&mut again, b"slow").await?, b"slow");
         // One delay each way.
         assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+        let after_delay = proxy.counts().since(&after_cut);
+        assert!(after_delay.chunks_delayed >= 2, "each way: {after_delay}");
         Ok(())
     }
 }

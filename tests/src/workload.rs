@@ -207,6 +207,8 @@ pub struct Workload {
     pushers: Vec<JoinHandle<()>>,
     subscribers: Vec<JoinHandle<()>>,
     stop_tx: watch::Sender<bool>,
+    /// Changes the pushers set out to push, all batches together.
+    planned: usize,
 }
 
 impl Workload {
@@ -215,13 +217,24 @@ impl Workload {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut pushers = Vec::new();
         let mut subscribers = Vec::new();
+        let mut planned = 0;
         for (index, device) in devices.iter().enumerate() {
+            // Batch sizes drawn up front, so that the run knows what it planned.
+            let mut sizes_rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000).wrapping_add(250 + index as u64));
+            let sizes: Vec<usize> =
+                (0..plan.batches_per_device).map(|_| sizes_rng.random_range(1..=plan.max_batch)).collect();
+            planned += sizes.iter().sum::<usize>();
             let rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000).wrapping_add(index as u64));
-            pushers.push(tokio::spawn(push_loop(device.clone(), plan.clone(), rng, stop_rx.clone())));
+            pushers.push(tokio::spawn(push_loop(device.clone(), plan.clone(), sizes, rng, stop_rx.clone())));
             let rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000).wrapping_add(500 + index as u64));
             subscribers.push(tokio::spawn(subscribe_loop(device.clone(), plan.clone(), rng, stop_rx.clone())));
         }
-        Self { pushers, subscribers, stop_tx }
+        Self { pushers, subscribers, stop_tx, planned }
+    }
+
+    /// Changes the pushers set out to push (0 for [`Workload::subscribe_only`]).
+    pub fn planned_changes(&self) -> usize {
+        self.planned
     }
 
     /// Starts only the subscribers (changes were pushed beforehand).
@@ -235,7 +248,7 @@ impl Workload {
                 tokio::spawn(subscribe_loop(device.clone(), plan.clone(), rng, stop_rx.clone()))
             })
             .collect();
-        Self { pushers: Vec::new(), subscribers, stop_tx }
+        Self { pushers: Vec::new(), subscribers, stop_tx, planned: 0 }
     }
 
     /// Waits until every pusher finished its batches; false if `timeout` passed first.
@@ -281,10 +294,15 @@ impl Drop for Workload {
     }
 }
 
-async fn push_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop_rx: watch::Receiver<bool>) {
+async fn push_loop(
+    device: SimDevice,
+    plan: Plan,
+    sizes: Vec<usize>,
+    mut rng: StdRng,
+    mut stop_rx: watch::Receiver<bool>,
+) {
     let mut acknowledged: Vec<Vec<Change>> = Vec::new();
-    for batch_number in 0..plan.batches_per_device {
-        let size = rng.random_range(1..=plan.max_batch);
+    for (batch_number, size) in sizes.into_iter().enumerate() {
         let batch: Vec<Change> = (0..size)
             .map(|index| change(&format!("{}-{batch_number}-{index}", &device.id[..8]), plan.ciphertext_bytes))
             .collect();

@@ -22,7 +22,8 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// What `confluent-kafka` sees of a topic and groups.
+/// What `confluent-kafka` sees of a topic and groups; an error of any of its
+/// requests fails here (the script exits 2), never reads as "nothing there".
 fn kafka_state(bootstrap: &str, topic: &str, groups: &[String]) -> anyhow::Result<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/kafka_state.py");
     let output = Command::new("python3").arg(&script).arg(bootstrap).arg(topic).args(groups).output()?;
@@ -84,10 +85,11 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
     let groups: Vec<String> = device_ids.iter().map(|id| format!("lockstep.device.{id}")).collect();
     let before = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
     assert_eq!(before["topic_exists"], true, "{before}");
-    assert!(
-        groups.iter().any(|g| before["groups"][g]["offsets"].as_object().is_some_and(|o| !o.is_empty())),
-        "{before}"
-    );
+    // Both devices synced: each group holds an offset on the user's topic that the deletion must remove.
+    for group in &groups {
+        let offsets = before["groups"][group]["offsets"].as_object();
+        assert!(offsets.is_some_and(|o| o.contains_key(&format!("{topic}:0"))), "{group} before: {before}");
+    }
     assert!(rows_of(&server, &user_id)?.iter().all(|(table, n)| *n > 0
         || ["log_incidents", "pairing_tickets", "key_epochs", "sealed_epoch_keys"].contains(&table.as_str())));
 
@@ -110,8 +112,7 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
     let after = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
     for group in &groups {
         assert_eq!(after["groups"][group]["listed"], false, "{after}");
-        let offsets = &after["groups"][group]["offsets"];
-        assert!(offsets.as_object().is_none_or(|o| o.is_empty() || o.contains_key("error")), "{group}: {offsets}");
+        assert_eq!(after["groups"][group]["offsets"], serde_json::json!({}), "{group}: {after}");
     }
     // The database: no row names the user.
     for (table, count) in rows_of(&server, &user_id)? {
@@ -139,11 +140,21 @@ async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
     let phone = Device::create_account(&server, "phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(5, 16)).await?;
-    laptop.ack(4).await.ok();
+    // Both devices commit, so that both groups exist before the deletion.
+    assert_eq!(phone.ack(4).await?, 5);
+    assert_eq!(laptop.ack(2).await?, 3);
     let topic = format!("lockstep.user.{}", phone.user_id);
     let groups: Vec<String> =
         [&phone, &laptop].iter().map(|device| format!("lockstep.device.{}", device.device_id)).collect();
-    assert_eq!(kafka_state(nisshi.bootstrap(), &topic, &groups)?["topic_exists"], true);
+    let before = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    assert_eq!(before["topic_exists"], true, "{before}");
+    for (group, committed) in groups.iter().zip([5, 3]) {
+        assert_eq!(
+            before["groups"][group]["offsets"],
+            serde_json::json!({ format!("{topic}:0"): committed }),
+            "{before}"
+        );
+    }
     let answer = phone
         .accounts
         .clone()
@@ -156,6 +167,7 @@ async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
     assert_eq!(after["topic_exists"], false, "{after}");
     for group in &groups {
         assert_eq!(after["groups"][group]["listed"], false, "{after}");
+        assert_eq!(after["groups"][group]["offsets"], serde_json::json!({}), "{after}");
     }
     for (table, count) in rows_of(&server, &phone.user_id)? {
         assert_eq!(count, 0, "{table}");
@@ -189,7 +201,11 @@ async fn a_deletion_kafka_interrupted_finishes_when_it_returns() -> anyhow::Resu
     let phone = Device::create_account(&server, "phone").await?;
     phone.push_ok(changes(3, 16)).await?;
     let group = format!("lockstep.device.{}", phone.device_id);
-    phone.ack(2).await?;
+    let topic = format!("lockstep.user.{}", phone.user_id);
+    assert_eq!(phone.ack(2).await?, 3);
+    let before = kafka_state(nisshi.bootstrap(), &topic, std::slice::from_ref(&group))?;
+    assert_eq!(before["topic_exists"], true, "{before}");
+    assert_eq!(before["groups"][&group]["offsets"], serde_json::json!({ format!("{topic}:0"): 3 }), "{before}");
 
     nisshi.kill();
     let started = Instant::now();
@@ -215,7 +231,8 @@ async fn a_deletion_kafka_interrupted_finishes_when_it_returns() -> anyhow::Resu
         anyhow::ensure!(started.elapsed() < WAIT, "the deletion never finished:\n{}", server.log());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let after = kafka_state(nisshi.bootstrap(), "-", std::slice::from_ref(&group))?;
+    let after = kafka_state(nisshi.bootstrap(), &topic, std::slice::from_ref(&group))?;
     assert_eq!(after["groups"][&group]["listed"], false, "the group went too: {after}");
+    assert_eq!(after["groups"][&group]["offsets"], serde_json::json!({}), "its offsets too: {after}");
     Ok(())
 }

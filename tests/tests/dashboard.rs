@@ -262,7 +262,12 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
         );
     }
 
-    // The stalled device acks to the end: the page says OK within 2 s.
+    // The stalled device acks to the end: the page says OK on one of its next refreshes. The
+    // page carries no timestamp of its own, so this is measured on the test's clock, with a
+    // margin that holds on a loaded 2-core machine: 10 s are 20 refresh intervals (500 ms), yet
+    // well short of a status that only a restart would correct (checked next). It used to be
+    // 2 s, which a test process starved of CPU for a moment misses with a working dashboard.
+    const SHOWN_WITHIN: Duration = Duration::from_secs(10);
     alice_stalled.ack(alice_end).await?;
     let acked = Instant::now();
     let row = format!("data-device=\"{}\"", alice_stalled.device_id);
@@ -273,8 +278,8 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
             break;
         }
         anyhow::ensure!(
-            acked.elapsed() < Duration::from_secs(2),
-            "the page did not show the stalled device OK within 2 s"
+            acked.elapsed() < SHOWN_WITHIN,
+            "the page did not show the stalled device OK within {SHOWN_WITHIN:?} of its ack"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

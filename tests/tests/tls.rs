@@ -19,6 +19,33 @@ use lockstep_e2e::{
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Whether the CLI's `error` says the connection itself failed (it could not
+/// connect, or the transport broke), not that a server answered the call.
+fn is_dead_connection(error: &str) -> bool {
+    let transport = error.contains("cannot reach the server at")
+        || error.contains("transport error")
+        || error.contains("connection closed")
+        || error.contains("connection reset")
+        || error.contains("broken pipe");
+    // A status a Lockstep handler sends carries a log reference or one of these codes.
+    let answered = ["(InvalidArgument)", "(PermissionDenied)", "(Unauthenticated)", "(FailedPrecondition)", "(ref "]
+        .iter()
+        .any(|answer| error.contains(answer));
+    transport && !answered && !error.to_lowercase().contains("certificate")
+}
+
+#[test]
+fn a_dead_connection_is_told_from_an_answer() {
+    // What lockstep-cli printed for `init --server http://…` against `openssl s_server` (TLS only).
+    assert!(is_dead_connection("error: CreateAccount: transport error (Unknown)"));
+    assert!(is_dead_connection("error: cannot reach the server at http://127.0.0.1:1: transport error"));
+    assert!(is_dead_connection("error: CreateAccount: transport error: connection closed (Unavailable)"));
+    // Failures of another kind, which the old check (any failure) let pass.
+    assert!(!is_dead_connection("error: CreateAccount: invite required (PermissionDenied) (a new account …)"));
+    assert!(!is_dead_connection("error: invalid certificate: UnknownIssuer: transport error"));
+    assert!(!is_dead_connection("error: unexpected argument '--name' found"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_syncs_over_tls_refuses_a_wrong_certificate_and_follows_a_renewal() -> anyhow::Result<()> {
     let ca = TestCa::new("lockstep test ca")?;
@@ -54,8 +81,14 @@ async fn the_cli_syncs_over_tls_refuses_a_wrong_certificate_and_follows_a_renewa
     assert!(error.to_lowercase().contains("certificate"), "{error}");
     let error = stranger.fail(&["init", "--server", &url, "--name", "x"]).await?;
     assert!(error.to_lowercase().contains("certificate"), "{error}");
-    stranger.fail(&["init", "--server", &server.endpoint(), "--name", "x"]).await?;
-    stranger.fail(&["--ca-file", &pinned, "init", "--server", &server.endpoint(), "--name", "x"]).await?;
+    // Plaintext HTTP/2 to the TLS port: the handshake fails, so the device never gets an answer
+    // from a Lockstep handler, only a dead connection (not an application error, which would
+    // mean the port served plaintext gRPC).
+    let error = stranger.fail(&["init", "--server", &server.endpoint(), "--name", "x"]).await?;
+    assert!(is_dead_connection(&error), "plaintext to the TLS port: {error}");
+    // With a CA file the client refuses before connecting.
+    let error = stranger.fail(&["--ca-file", &pinned, "init", "--server", &server.endpoint(), "--name", "x"]).await?;
+    assert!(error.contains("a CA file was given but the server address is not https://"), "{error}");
 
     // A renewed certificate from another CA, picked up on SIGHUP without a restart.
     impostor.issue(&["127.0.0.1"], certs.path(), "server")?;
