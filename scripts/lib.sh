@@ -194,7 +194,7 @@ kafka_java() {
     local libs="$1" archive
     shift
     local options=(-Xms32m -Xmx512m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Djava.awt.headless=true
-        "-Dlog4j2.configurationFile=$LOCKSTEP_SCRIPTS/kafka/log4j2.properties")
+        "-Dlog4j2.configurationFile=$LOCKSTEP_SCRIPTS/kafka/tools-log4j2.properties")
     archive="$(kafka_class_archive)"
     if [[ -n "$archive" ]]; then
         options+=("-XX:SharedArchiveFile=$archive" -Xlog:cds=off -Xlog:cds+dynamic=off)
