@@ -203,9 +203,9 @@ kafka_java() {
 }
 
 # The per-node lines of a combined KRaft node's server.properties, after
-# scripts/kafka/server.properties (the test kit writes the same lines:
-# testkit/src/kafka.rs, node_properties): node id, client listener, controller
-# listener, static quorum voters, log dir.
+# scripts/kafka/server.properties: node id, client listener, controller
+# listener, static quorum voters, log dir. (The test kit adds an INTERNAL
+# listener for SASL tests: testkit/src/kafka/node.rs, NodeConfig::properties.)
 kafka_node_properties() {
     local node_id="$1" port="$2" controller_port="$3" voters="$4" log_dir="$5"
     cat <<EOF
