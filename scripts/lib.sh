@@ -239,7 +239,7 @@ kafka_prepare_node() {
     # A random Kafka Uuid (16 bytes, URL-safe base64 without padding), without starting a JVM.
     cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
     log "formatting Kafka's log in $dir/data (cluster id $cluster_id)"
-    kafka_java "$libs" kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >&2
+    kafka_java "$libs" kafka.tools.StorageTool format --cluster-id="$cluster_id" -c "$dir/server.properties" >&2
 }
 
 # Whether the Kafka logging to $1 has said it started (broker unfenced, listeners

@@ -11,7 +11,7 @@ use std::{path::Path, time::Duration};
 use futures::{StreamExt, stream};
 use lockstep_broker::kafka::{GroupOffsets, GroupOffsetsSettings};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Event, EventBody, Op, encode_change, encode_event};
-use lockstep_testkit::{dashboard::Dashboard, nisshi::Nisshi};
+use lockstep_testkit::{dashboard::Dashboard, kafka::Kafka};
 use rdkafka::{
     ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -62,13 +62,13 @@ async fn produce_all(producer: &FutureProducer, records: Vec<(String, String, Ve
 
 /// One WD run with `devices` devices.
 pub async fn wd(
-    nisshi: &Nisshi,
+    kafka: &Kafka,
     dashboard_bin: &Path,
     devices: usize,
     round: usize,
     metrics: &mut Metrics,
 ) -> anyhow::Result<()> {
-    let bootstrap = nisshi.bootstrap();
+    let bootstrap = kafka.bootstrap();
     let users: Vec<String> =
         (0..devices.div_ceil(DEVICES_PER_USER)).map(|_| uuid::Uuid::new_v4().to_string()).collect();
     let topic = |user: &str| format!("lockstep.user.{user}");

@@ -412,7 +412,7 @@ pub async fn w4(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
 
 const DEVICES_PER_USER: usize = 100;
 
-/// W3: a fresh Nisshi and server; idle devices, `DEVICES_PER_USER` per user,
+/// W3: a fresh Kafka and server; idle devices, `DEVICES_PER_USER` per user,
 /// are created, then the server's RSS is read with no stream, and with each
 /// count of subscribed idle devices, with its idle CPU there.
 ///
@@ -421,13 +421,12 @@ const DEVICES_PER_USER: usize = 100;
 /// Kafka reader to find the end of the empty topic (see ANALYSIS.md).
 pub async fn w3(
     lockstep_bin: &Path,
-    nisshi_bin: &Path,
     config: &Config,
     round: usize,
     metrics: &mut Metrics,
 ) -> anyhow::Result<()> {
-    let nisshi = procs::start_nisshi(nisshi_bin).await?;
-    let lockstep = procs::start_lockstep(lockstep_bin, nisshi.bootstrap()).await?;
+    let kafka = procs::start_kafka().await?;
+    let lockstep = procs::start_lockstep(lockstep_bin, kafka.bootstrap()).await?;
     let count = config.idle_devices.iter().copied().max().unwrap_or(0);
     let started = Instant::now();
     let users = count.div_ceil(DEVICES_PER_USER);

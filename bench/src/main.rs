@@ -1,4 +1,4 @@
-//! `lockstep-bench`: starts Nisshi, Lockstep and Redis, drives them on an
+//! `lockstep-bench`: starts Kafka, Lockstep and Redis, drives them on an
 //! open-loop schedule, repeats each workload in interleaved rounds and writes
 //! BENCHMARKS.md. Not part of the test suite; run it with `scripts/bench`.
 
@@ -20,7 +20,7 @@ use clap::Parser;
 use crate::{procs::Redis, stats::Metrics};
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks Lockstep against raw Kafka (Nisshi) and Redis Streams; writes BENCHMARKS.md")]
+#[command(about = "Benchmarks Lockstep against raw Kafka (Kafka) and Redis Streams; writes BENCHMARKS.md")]
 pub struct Args {
     /// Scaled-down counts and durations, one round: a smoke run of a minute or two.
     #[arg(long)]
@@ -43,8 +43,6 @@ pub struct Args {
     /// The dashboard binary (a release build), for WD.
     #[arg(long, env = "LOCKSTEP_DASHBOARD_BIN", default_value = "target/release/lockstep-dashboard")]
     pub dashboard_bin: PathBuf,
-    #[arg(long, env = "NISSHI_BIN", default_value = "nisshi")]
-    pub nisshi_bin: PathBuf,
     #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
     pub redis_bin: PathBuf,
     /// Changes per second of the open-loop latency phases of W0, W2 and W5.
@@ -135,13 +133,13 @@ async fn main() -> anyhow::Result<()> {
         } else {
             eprintln!("== round {} of {rounds}", round + 1);
         }
-        let nisshi = procs::start_nisshi(&args.nisshi_bin).await?;
-        let server = procs::start_lockstep(&args.lockstep_bin, nisshi.bootstrap()).await?;
+        let kafka = procs::start_kafka().await?;
+        let server = procs::start_lockstep(&args.lockstep_bin, kafka.bootstrap()).await?;
         let redis =
             if args.workloads.iter().any(|w| w == "w5") { Some(Redis::start(&args.redis_bin).await?) } else { None };
         let processes = [
             ("server", server.pid()),
-            ("nisshi", nisshi.pid()),
+            ("kafka", kafka.pid()),
             ("redis", redis.as_ref().map_or(0, Redis::pid)),
             ("bench", std::process::id()),
         ];
@@ -152,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("  {workload}");
             let cpu = procs::CpuSnapshot::take(&processes);
             let outcome: anyhow::Result<()> = match workload.as_str() {
-                "w0" => w0::run(nisshi.bootstrap(), &config, round, metrics).await,
+                "w0" => w0::run(kafka.bootstrap(), &config, round, metrics).await,
                 "w1" => {
                     let profiler = profile::Profiler::start_if(profiling, server.pid(), "w1");
                     let outcome = lockstep::w1(&server, "w1", &config, round, metrics).await;
@@ -163,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 // W1 against a server exporting traces (10 % sampled) to a real OTLP receiver.
                 "w1trace" => match procs::OtlpReceiver::start().await {
                     Ok(receiver) => {
-                        match procs::start_lockstep_tracing(&args.lockstep_bin, nisshi.bootstrap(), &receiver.endpoint)
+                        match procs::start_lockstep_tracing(&args.lockstep_bin, kafka.bootstrap(), &receiver.endpoint)
                             .await
                         {
                             Ok(traced) => lockstep::w1(&traced, "w1trace", &config, round, metrics).await,
@@ -172,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                     Err(error) => Err(error),
                 },
-                "w1off" => match procs::start_lockstep_without_events(&args.lockstep_bin, nisshi.bootstrap()).await {
+                "w1off" => match procs::start_lockstep_without_events(&args.lockstep_bin, kafka.bootstrap()).await {
                     Ok(without_events) => lockstep::w1(&without_events, "w1off", &config, round, metrics).await,
                     Err(error) => Err(error),
                 },
@@ -194,9 +192,9 @@ async fn main() -> anyhow::Result<()> {
                     profiles.extend(profiler.map(profile::Profiler::finish));
                     outcome
                 }
-                "w6" => w6::run(&server, &args.push_bin, nisshi.bootstrap(), &config, round, metrics).await,
-                "wd" => dashboard::wd(&nisshi, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
-                "w3" => lockstep::w3(&args.lockstep_bin, &args.nisshi_bin, &config, round, metrics).await,
+                "w6" => w6::run(&server, &args.push_bin, kafka.bootstrap(), &config, round, metrics).await,
+                "wd" => dashboard::wd(&kafka, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
+                "w3" => lockstep::w3(&args.lockstep_bin, &config, round, metrics).await,
                 "w5" => match &redis {
                     Some(redis) => {
                         for &devices in &config.fanout_devices {

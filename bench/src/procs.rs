@@ -1,4 +1,4 @@
-//! The processes a benchmark round drives: Nisshi (local Kafka) and the
+//! The processes a benchmark round drives: Kafka (local Kafka) and the
 //! `lockstep` server from the test kit (started as the tests start them), and
 //! `redis-server`, each on a free port of 127.0.0.1 with its data in a
 //! temporary directory. Killed when dropped. Also /proc readings.
@@ -9,14 +9,14 @@ use anyhow::Context;
 
 use lockstep_testkit::{free_port, process::Process};
 pub use lockstep_testkit::{
-    nisshi::{Nisshi, NisshiOptions},
+    kafka::Kafka,
     server::Server as Lockstep,
 };
 use tempfile::TempDir;
 
-/// Nisshi from `binary` (the test kit's launcher, as the tests start it).
-pub async fn start_nisshi(binary: &Path) -> anyhow::Result<Nisshi> {
-    Nisshi::start_with(NisshiOptions { binary: Some(binary.to_path_buf()), ..NisshiOptions::default() }).await
+/// A fresh Apache Kafka broker, as the tests start it (the test kit's launcher).
+pub async fn start_kafka() -> anyhow::Result<Kafka> {
+    Kafka::start().await
 }
 
 /// The server `binary` (a release build) with its default settings against `kafka`, less

@@ -195,14 +195,13 @@ fn machine(out: &mut String, args: &Args) {
         .and_then(|info| info.lines().next().map(str::to_string))
         .and_then(|line| line.split_whitespace().nth(1).and_then(|kib| kib.parse::<f64>().ok()))
         .map_or("unknown".into(), |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0));
-    let nisshi = args.nisshi_bin.to_string_lossy();
     let redis = args.redis_bin.to_string_lossy();
     let rows = [
         ("CPUs (nproc)", command_line("nproc", &[])),
         ("CPU model", cpu),
         ("memory", memory),
         ("kernel", command_line("uname", &["-sr"])),
-        ("nisshi", command_line(&nisshi, &["--version"])),
+        ("Apache Kafka", format!("{} (one KRaft node; JVM: {})", lockstep_testkit::kafka::KAFKA_VERSION, jvm_options())),
         ("redis-server", command_line(&redis, &["--version"])),
         ("rustc", command_line("rustc", &["--version"])),
         ("lockstep", command_line(&args.lockstep_bin.to_string_lossy(), &["--version"])),
@@ -241,9 +240,9 @@ pub fn render(
     out.push_str("## Method\n\n");
     let _ = writeln!(
         out,
-        "- Each round starts a fresh Nisshi (sqlite storage), a fresh `lockstep` (release build, default settings) \
+        "- Each round starts a fresh Kafka (sqlite storage), a fresh `lockstep` (release build, default settings) \
          and a fresh `redis-server` (`--appendonly yes --save ''`, appendfsync everysec), all on 127.0.0.1, with the \
-         load generator in the same machine. W3 starts its own fresh Nisshi and server each round and creates its \
+         load generator in the same machine. W3 starts its own fresh Kafka and server each round and creates its \
          devices there.\n\
          - Ciphertext {} bytes. Saturation phases push batches of 100 changes from {} concurrent pushers; W4's \
          preload uses batches of 500.\n\
@@ -285,7 +284,7 @@ pub fn render(
     out.push('\n');
 
     let row = |key: &str, label: &str| (key.to_string(), label.to_string());
-    out.push_str("## W0 raw: rdkafka → Nisshi → rdkafka\n\n");
+    out.push_str("## W0 raw: rdkafka → Kafka → rdkafka\n\n");
     table(
         &mut out,
         metrics,
@@ -407,7 +406,7 @@ pub fn render(
         if workload == "w3" {
             continue;
         }
-        for process in ["server", "nisshi", "redis", "bench"] {
+        for process in ["server", "kafka", "redis", "bench"] {
             rows.push((format!("cpu.{workload}.{process}_s"), format!("{workload}: {process}")));
         }
     }
@@ -437,4 +436,14 @@ pub fn render(
         out.push('\n');
     }
     out
+}
+
+/// The local brokers' JVM options (`scripts/kafka/jvm.options`), one line.
+fn jvm_options() -> String {
+    lockstep_testkit::kafka::JVM_OPTIONS
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -1,4 +1,4 @@
-//! W0 raw: an rdkafka producer with Lockstep's producer settings → Nisshi →
+//! W0 raw: an rdkafka producer with Lockstep's producer settings → Kafka →
 //! an rdkafka consumer with the settings of Lockstep's catch-up readers.
 //! The baseline every ratio divides by.
 

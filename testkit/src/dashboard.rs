@@ -1,5 +1,5 @@
 //! The real `lockstep-dashboard` binary for tests and benchmarks: started on
-//! port 0 against a test's Nisshi; `kill -9` and restart on the same address.
+//! port 0 against a test's Kafka; `kill -9` and restart on the same address.
 
 use std::{
     io::{BufRead, BufReader, Write},

@@ -6,7 +6,6 @@
 //! - [`process`]: a child process killed on drop, with its log and its exit.
 //! - [`kafka`]: Apache Kafka from the jars `scripts/lib.sh` caches: one broker on free
 //!   ports (or one shared per test binary), a three-node cluster for replication faults.
-//! - [`nisshi`]: one Nisshi broker (the former local Kafka) on a free port, sqlite storage.
 //! - [`records`]: what a plain Kafka client reads back (topic records, events, group offsets).
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, SIGTERM, restart.
 //! - [`device`]: a device's view of the gRPC API (bearer token, push, subscribe, ack).
@@ -21,7 +20,6 @@ pub mod cli;
 pub mod dashboard;
 pub mod device;
 pub mod kafka;
-pub mod nisshi;
 pub mod process;
 pub mod push;
 pub mod records;

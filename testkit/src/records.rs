@@ -1,6 +1,6 @@
-//! What any Kafka tool would see in a broker, whichever broker it is (Nisshi or
-//! Apache Kafka): the records of a user topic or of the events topic, and a
-//! group's committed offset, read by plain rdkafka clients.
+//! What any Kafka tool would see in a broker: the records of a user topic or of
+//! the events topic, and a group's committed offset, read by plain rdkafka
+//! clients; and what retention does to a log, at once (DeleteRecords).
 
 use std::time::{Duration, Instant};
 
@@ -136,4 +136,26 @@ pub async fn committed_offset(bootstrap: &str, group: &str, topic: &str) -> anyh
         })
     })
     .await?
+}
+
+/// What retention does to a topic, at once: deletes the records of partition 0
+/// of `topic` before `offset` (Kafka's DeleteRecords, as `kafka-delete-records`
+/// does), so that the log starts there. Returns the new log start.
+pub async fn delete_records_before(bootstrap: &str, topic: &str, offset: i64) -> anyhow::Result<i64> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        admin::{AdminClient, AdminOptions},
+        client::DefaultClientContext,
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition_offset(topic, 0, Offset::Offset(offset))?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let result = admin.delete_records(&partitions, &options).await?;
+    let partition = result.find_partition(topic, 0).context("DeleteRecords answered without the partition")?;
+    partition.error()?;
+    match partition.offset() {
+        Offset::Offset(log_start) => Ok(log_start),
+        other => anyhow::bail!("DeleteRecords answered with no log start: {other:?}"),
+    }
 }

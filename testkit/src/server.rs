@@ -1,5 +1,5 @@
 //! The real `lockstep` binary for tests: started on port 0 against a test's
-//! Nisshi, with its own data directory; `kill -9` and restart keep both.
+//! Kafka, with its own data directory; `kill -9` and restart keep both.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,7 +17,7 @@ use lockstep_proto::v1::{
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{log_tail, nisshi::Nisshi, process::Process};
+use crate::{log_tail, kafka::Kafka, process::Process};
 
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -93,27 +93,27 @@ fn newest_mtime(dir: &Path) -> SystemTime {
 }
 
 impl Server {
-    /// Starts a server against `nisshi` with test-friendly settings (1 s heartbeats,
+    /// Starts a server against `kafka` with test-friendly settings (1 s heartbeats,
     /// [`UNTHROTTLED`]).
-    pub async fn start(nisshi: &Nisshi) -> anyhow::Result<Self> {
-        Self::start_with(nisshi, &[]).await
+    pub async fn start(kafka: &Kafka) -> anyhow::Result<Self> {
+        Self::start_with(kafka, &[]).await
     }
 
     /// Like [`Server::start`], with extra `LOCKSTEP_*` settings.
-    pub async fn start_with(nisshi: &Nisshi, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        Self::start_with_kafka(nisshi.bootstrap(), env).await
+    pub async fn start_with(kafka: &Kafka, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with_kafka(kafka.bootstrap(), env).await
     }
 
     /// Like [`Server::start_with`] but with the server's own abuse limits (rate limits,
     /// devices per account), not [`UNTHROTTLED`]: for the tests of those limits.
-    pub async fn start_with_default_limits(nisshi: &Nisshi, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub async fn start_with_default_limits(kafka: &Kafka, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut settings =
             vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "1s"), ("LOCKSTEP_LOG", "info,lockstep_broker=debug")];
         settings.extend_from_slice(env);
-        Self::start_binary(lockstep_binary()?, nisshi.bootstrap(), &settings).await
+        Self::start_binary(lockstep_binary()?, kafka.bootstrap(), &settings).await
     }
 
-    /// Like [`Server::start_with`], bootstrapping from `kafka` (e.g. a proxy in front of Nisshi).
+    /// Like [`Server::start_with`], bootstrapping from `kafka` (e.g. a proxy in front of Kafka).
     pub async fn start_with_kafka(kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut settings =
             vec![("LOCKSTEP_DELIVERY__HEARTBEAT_INTERVAL", "1s"), ("LOCKSTEP_LOG", "info,lockstep_broker=debug")];
@@ -194,10 +194,6 @@ impl Server {
         // Every server of a test run has its own admin port (the default one is shared).
         if !self.env.iter().any(|(key, _)| key == "LOCKSTEP_ADMIN_LISTEN_ADDR") {
             command.env("LOCKSTEP_ADMIN_LISTEN_ADDR", "127.0.0.1:0");
-        }
-        // Nisshi 0.7's DeleteTopics deletes every topic of the cluster (see KafkaSettings::delete_topics).
-        if !self.env.iter().any(|(key, _)| key == "LOCKSTEP_KAFKA__DELETE_TOPICS") {
-            command.env("LOCKSTEP_KAFKA__DELETE_TOPICS", "false");
         }
         command
             .args(["--listen", &listen, "--kafka-brokers", &self.kafka, "--data-dir"])

@@ -1,6 +1,6 @@
 //! TLS for tests: a certificate authority made on the spot (rcgen), the
 //! certificates it issues as PEM files, and a TLS-terminating proxy (for a
-//! Kafka that has no TLS listener of its own: Nisshi accepts `--cert`/`--key`
+//! Kafka that has no TLS listener of its own: Kafka accepts `--cert`/`--key`
 //! but serves plaintext).
 
 use std::{

@@ -1,5 +1,5 @@
 //! One fault run of the fault suite (`tests/tests/faults.rs`): the stack
-//! (Nisshi, optionally behind a [`Proxy`], and the server), a user's
+//! (Kafka, optionally behind a [`Proxy`], and the server), a user's
 //! simulated devices and their [`History`]; the faults, each applied through
 //! the run so that it collects the evidence that the fault hit; after the
 //! faults, the run waits until the devices hold the whole log, checks the
@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use crate::{
     device::Device,
     history::{CommittedAtEnd, History},
-    nisshi::{Nisshi, NisshiOptions, TmpfsRefused, committed_offset, read_topic},
+    kafka::{Kafka, KafkaOptions, TmpfsRefused, committed_offset, read_topic},
     outcome::{
         Evidence, Expect, Fault, FaultWindow, Outcome, PUSHERS_DEADLINE, ProcessGone, counter_sum, skip_allowed,
     },
@@ -47,11 +47,11 @@ pub fn seeds() -> Vec<u64> {
     (1..=count).collect()
 }
 
-/// Nisshi, optionally behind a proxy, and a server bootstrapping through it.
+/// Kafka, optionally behind a proxy, and a server bootstrapping through it.
 pub struct Stack {
     // Dropped in this order: the server, then Kafka, then the link.
     pub server: Server,
-    pub nisshi: Nisshi,
+    pub kafka: Kafka,
     pub proxy: Option<Proxy>,
 }
 
@@ -69,16 +69,16 @@ impl Stack {
             true => Some(Proxy::start(([127, 0, 0, 1], port).into()).await?),
             false => None,
         };
-        let nisshi = Nisshi::start_with(NisshiOptions {
+        let kafka = Kafka::start_with(KafkaOptions {
             port: Some(port),
             advertised_port: proxy.as_ref().map(Proxy::port),
             storage_tmpfs_mib: options.storage_tmpfs_mib,
-            ..NisshiOptions::default()
+            ..KafkaOptions::default()
         })
         .await?;
-        let kafka = proxy.as_ref().map_or_else(|| nisshi.bootstrap().to_string(), |proxy| proxy.addr().to_string());
-        let server = Server::start_with_kafka(&kafka, &options.settings).await?;
-        Ok(Self { server, nisshi, proxy })
+        let bootstrap = proxy.as_ref().map_or_else(|| kafka.bootstrap().to_string(), |proxy| proxy.addr().to_string());
+        let server = Server::start_with_kafka(&bootstrap, &options.settings).await?;
+        Ok(Self { server, kafka, proxy })
     }
 
     pub fn proxy(&self) -> &Proxy {
@@ -105,12 +105,12 @@ impl Stack {
         for line in &warnings[warnings.len().saturating_sub(6)..] {
             evidence.push_str(&format!("    {line}\n"));
         }
-        let nisshi_log = crate::log_tail(&self.nisshi.data_dir().join("nisshi.log"));
+        let nisshi_log = crate::log_tail(&self.kafka.data_dir().join("kafka.log"));
         let nisshi_lines: Vec<&str> = nisshi_log.lines().collect();
         if nisshi_lines.is_empty() {
             return evidence;
         }
-        evidence.push_str("  nisshi log (last 8 lines):\n");
+        evidence.push_str("  kafka log (last 8 lines):\n");
         for line in &nisshi_lines[nisshi_lines.len().saturating_sub(8)..] {
             evidence.push_str(&format!("    {}\n", truncate(line, 400)));
         }
@@ -290,9 +290,9 @@ impl Run {
     /// `kill -9` of Kafka, observed from outside.
     pub async fn kill_kafka(&mut self) {
         self.begin_fault(Fault::KafkaKilled, "kafka killed").await;
-        let (pid, port) = (self.stack.nisshi.pid(), self.stack.nisshi.port());
+        let (pid, port) = (self.stack.kafka.pid(), self.stack.kafka.port());
         let alive_before = pid_alive(pid);
-        self.stack.nisshi.kill();
+        self.stack.kafka.kill();
         self.observe_gone(pid, port, alive_before).await;
     }
 
@@ -352,7 +352,7 @@ impl Run {
     }
 
     pub async fn restart_kafka(&mut self) -> anyhow::Result<()> {
-        self.stack.nisshi.restart().await?;
+        self.stack.kafka.restart().await?;
         self.timeline("restored");
         Ok(())
     }
@@ -379,7 +379,7 @@ impl Run {
     pub async fn read_log(&self) -> anyhow::Result<Vec<(i64, String)>> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            match read_topic(self.stack.nisshi.bootstrap(), &self.topic).await {
+            match read_topic(self.stack.kafka.bootstrap(), &self.topic).await {
                 Ok(records) => {
                     return Ok(records.into_iter().map(|(offset, envelope)| (offset, envelope.change_id)).collect());
                 }
@@ -403,9 +403,9 @@ impl Run {
         let dir = target.join("fault-runs").join(format!("{}-seed{}-{time}", self.fault, self.seed));
         std::fs::create_dir_all(&dir)?;
         std::fs::copy(self.stack.server.log_path(), dir.join("lockstep.log"))?;
-        let nisshi_log = self.stack.nisshi.data_dir().join("nisshi.log");
+        let nisshi_log = self.stack.kafka.data_dir().join("kafka.log");
         if nisshi_log.exists() {
-            std::fs::copy(nisshi_log, dir.join("nisshi.log"))?;
+            std::fs::copy(nisshi_log, dir.join("kafka.log"))?;
         }
         Ok(dir)
     }
@@ -415,7 +415,7 @@ impl Run {
         let group = format!("lockstep.device.{device}");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match committed_offset(self.stack.nisshi.bootstrap(), &group, &self.topic).await {
+            match committed_offset(self.stack.kafka.bootstrap(), &group, &self.topic).await {
                 Ok(offset) => return Ok(offset),
                 Err(error) if Instant::now() >= deadline => return Err(format!("{error:#}")),
                 Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,

@@ -2,7 +2,7 @@
 //!
 //! Kafka clients connect to the broker address the metadata advertises, not
 //! to the bootstrap address, so the broker must advertise the proxy's address
-//! (see [`crate::nisshi::NisshiOptions::advertised_port`]) for every Kafka
+//! (see [`crate::kafka::KafkaOptions::advertised_port`]) for every Kafka
 //! connection of the server to pass through here.
 //!
 //! - [`Proxy::cut`] drops every open connection and blackholes new ones (the

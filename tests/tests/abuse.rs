@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use lockstep_e2e::{device::Device, nisshi::Nisshi, server::Server};
+use lockstep_e2e::{device::Device, kafka::Kafka, server::Server};
 use lockstep_proto::{
     retry,
     v1::{CreateAccountRequest, CreatePairingTicketRequest, RedeemPairingTicketRequest, RevokeDeviceRequest},
@@ -31,8 +31,8 @@ fn assert_throttled(status: &tonic::Status) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_anonymous_accounts_are_throttled_and_so_are_their_topics() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start_with_default_limits(&nisshi, &[]).await?;
+    let kafka = Kafka::start().await?;
+    let server = Server::start_with_default_limits(&kafka, &[]).await?;
     let mut accounts = server.accounts().await?;
     let (mut created, mut throttled) = (0, 0);
     for index in 0..1000 {
@@ -51,14 +51,14 @@ async fn a_thousand_anonymous_accounts_are_throttled_and_so_are_their_topics() -
     // The default bucket: a burst of 5, then 20 an hour (none more within this test).
     assert!((5..=6).contains(&created), "{created} accounts created");
     assert_eq!(created + throttled, 1000);
-    assert_eq!(user_topics(nisshi.bootstrap())?, created, "one topic per created account, no more");
+    assert_eq!(user_topics(kafka.bootstrap())?, created, "one topic per created account, no more");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_pairing_guesses_are_throttled() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start_with_default_limits(&nisshi, &[]).await?;
+    let kafka = Kafka::start().await?;
+    let server = Server::start_with_default_limits(&kafka, &[]).await?;
     let owner = Device::create_account(&server, "owner").await?;
     let mut accounts = server.accounts().await?;
     let (mut wrong, mut throttled) = (0, 0);
@@ -83,9 +83,9 @@ async fn ten_thousand_pairing_guesses_are_throttled() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairing_tickets_are_rate_limited_and_accounts_capped_at_their_devices() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
     let server =
-        Server::start_with_default_limits(&nisshi, &[("LOCKSTEP_ACCOUNTS__MAX_DEVICES_PER_ACCOUNT", "2")]).await?;
+        Server::start_with_default_limits(&kafka, &[("LOCKSTEP_ACCOUNTS__MAX_DEVICES_PER_ACCOUNT", "2")]).await?;
     let owner = Device::create_account(&server, "owner").await?;
     let second = owner.pair(&server, "second").await?;
     let ticket = |device: &Device| {

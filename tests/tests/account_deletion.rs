@@ -13,7 +13,7 @@ use anyhow::Context;
 use lockstep_e2e::{
     cli::Cli,
     device::{Device, changes},
-    nisshi::Nisshi,
+    kafka::Kafka,
     server::Server,
     stack::CliStack,
 };
@@ -51,7 +51,7 @@ fn rows_of(server: &Server, user_id: &str) -> anyhow::Result<Vec<(String, i64)>>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Result<()> {
-    let CliStack { nisshi, server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka, server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let bystander = Cli::init("bystander", &server).await?;
     let mine = phone.json(&["put", r#"{"title":"keep me locally"}"#]).await?;
@@ -83,7 +83,7 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
     };
     let topic = format!("lockstep.user.{user_id}");
     let groups: Vec<String> = device_ids.iter().map(|id| format!("lockstep.device.{id}")).collect();
-    let before = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    let before = kafka_state(kafka.bootstrap(), &topic, &groups)?;
     assert_eq!(before["topic_exists"], true, "{before}");
     // Both devices synced: each group holds an offset on the user's topic that the deletion must remove.
     for group in &groups {
@@ -96,11 +96,11 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
     // A wrong confirmation deletes nothing.
     let error = phone.fail(&["account", "delete", "--confirm", "not-my-account"]).await?;
     assert!(error.contains("--confirm"), "{error}");
-    assert_eq!(kafka_state(nisshi.bootstrap(), &topic, &[])?["topic_exists"], true);
+    assert_eq!(kafka_state(kafka.bootstrap(), &topic, &[])?["topic_exists"], true);
 
     let deleted = phone.json(&["account", "delete", "--confirm", &user_id]).await?;
     assert_eq!(deleted["completed"], true, "{deleted}");
-    // Nisshi 0.7 deletes every topic of the cluster on DeleteTopics, so the tests' servers run with
+    // Kafka 0.7 deletes every topic of the cluster on DeleteTopics, so the tests' servers run with
     // kafka.delete_topics = false: the topic stays (see the next test for a real deletion).
     assert_eq!(deleted["topic_deleted"], false);
     assert_eq!(deleted["devices_removed"], 2);
@@ -109,7 +109,7 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
     assert!(deleted["dedup_entries_removed"].as_u64().unwrap_or_default() >= 1, "{deleted}");
 
     // Kafka, as an independent client sees it: no offsets, no group.
-    let after = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    let after = kafka_state(kafka.bootstrap(), &topic, &groups)?;
     for group in &groups {
         assert_eq!(after["groups"][group]["listed"], false, "{after}");
         assert_eq!(after["groups"][group]["offsets"], serde_json::json!({}), "{group}: {after}");
@@ -126,17 +126,17 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
     // Someone else's account is untouched.
     assert_eq!(bystander.sync().await?["pushed"], 0);
     let bystander_user = bystander.json(&["status"]).await?["user_id"].as_str().unwrap_or_default().to_string();
-    assert_eq!(kafka_state(nisshi.bootstrap(), &format!("lockstep.user.{bystander_user}"), &[])?["topic_exists"], true);
+    assert_eq!(kafka_state(kafka.bootstrap(), &format!("lockstep.user.{bystander_user}"), &[])?["topic_exists"], true);
     Ok(())
 }
 
-/// With `kafka.delete_topics` on (Apache Kafka), the topic goes too. Alone on its Nisshi, with
-/// the events topic off: Nisshi 0.7's DeleteTopics deletes every topic of the cluster.
+/// With `kafka.delete_topics` on (Apache Kafka), the topic goes too. Alone on its Kafka, with
+/// the events topic off: Kafka 0.7's DeleteTopics deletes every topic of the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
     let env = [("LOCKSTEP_KAFKA__DELETE_TOPICS", "true"), ("LOCKSTEP_EVENTS__ENABLED", "false")];
-    let server = Server::start_with(&nisshi, &env).await?;
+    let server = Server::start_with(&kafka, &env).await?;
     let phone = Device::create_account(&server, "phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(5, 16)).await?;
@@ -146,7 +146,7 @@ async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
     let topic = format!("lockstep.user.{}", phone.user_id);
     let groups: Vec<String> =
         [&phone, &laptop].iter().map(|device| format!("lockstep.device.{}", device.device_id)).collect();
-    let before = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    let before = kafka_state(kafka.bootstrap(), &topic, &groups)?;
     assert_eq!(before["topic_exists"], true, "{before}");
     for (group, committed) in groups.iter().zip([5, 3]) {
         assert_eq!(
@@ -163,7 +163,7 @@ async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
         .into_inner();
     assert!(answer.completed && answer.topic_deleted, "{answer:?}");
     assert_eq!(answer.device_groups_deleted, 2);
-    let after = kafka_state(nisshi.bootstrap(), &topic, &groups)?;
+    let after = kafka_state(kafka.bootstrap(), &topic, &groups)?;
     assert_eq!(after["topic_exists"], false, "{after}");
     for group in &groups {
         assert_eq!(after["groups"][group]["listed"], false, "{after}");
@@ -177,7 +177,7 @@ async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_leaves_and_wipes_its_store() -> anyhow::Result<()> {
-    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka: _kafka, server: _server, device: phone } = CliStack::start("phone").await?;
     let tablet = phone.pair("tablet").await?;
     phone.json(&["put", r#"{"title":"x"}"#]).await?;
     phone.sync().await?;
@@ -196,18 +196,18 @@ async fn a_device_leaves_and_wipes_its_store() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_kafka_interrupted_finishes_when_it_returns() -> anyhow::Result<()> {
-    let mut nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
+    let mut kafka = Kafka::start().await?;
+    let server = Server::start(&kafka).await?;
     let phone = Device::create_account(&server, "phone").await?;
     phone.push_ok(changes(3, 16)).await?;
     let group = format!("lockstep.device.{}", phone.device_id);
     let topic = format!("lockstep.user.{}", phone.user_id);
     assert_eq!(phone.ack(2).await?, 3);
-    let before = kafka_state(nisshi.bootstrap(), &topic, std::slice::from_ref(&group))?;
+    let before = kafka_state(kafka.bootstrap(), &topic, std::slice::from_ref(&group))?;
     assert_eq!(before["topic_exists"], true, "{before}");
     assert_eq!(before["groups"][&group]["offsets"], serde_json::json!({ format!("{topic}:0"): 3 }), "{before}");
 
-    nisshi.kill();
+    kafka.kill();
     let started = Instant::now();
     let answer = phone
         .accounts
@@ -221,7 +221,7 @@ async fn a_deletion_kafka_interrupted_finishes_when_it_returns() -> anyhow::Resu
     let status = phone.accounts.clone().list_devices(phone.request(ListDevicesRequest {})).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 
-    nisshi.restart().await?;
+    kafka.restart().await?;
     let started = Instant::now();
     loop {
         let gone = rows_of(&server, &phone.user_id)?.iter().all(|(_, n)| *n == 0);
@@ -231,7 +231,7 @@ async fn a_deletion_kafka_interrupted_finishes_when_it_returns() -> anyhow::Resu
         anyhow::ensure!(started.elapsed() < WAIT, "the deletion never finished:\n{}", server.log());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let after = kafka_state(nisshi.bootstrap(), &topic, std::slice::from_ref(&group))?;
+    let after = kafka_state(kafka.bootstrap(), &topic, std::slice::from_ref(&group))?;
     assert_eq!(after["groups"][&group]["listed"], false, "the group went too: {after}");
     assert_eq!(after["groups"][&group]["offsets"], serde_json::json!({}), "its offsets too: {after}");
     Ok(())

@@ -49,7 +49,7 @@ fn found_in_files(store: &Path, needles: &[String]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passphrase_protects_a_synced_store_and_pairing_reads_codes_from_stdin() -> anyhow::Result<()> {
-    let CliStack { nisshi: _nisshi, server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka: _kafka, server, device: phone } = CliStack::start("phone").await?;
     let phone = phone.with_env(TEST_KDF.0, TEST_KDF.1);
     phone.json(&["put", "--id", "before", r#"{"text":"before the passphrase"}"#]).await?;
     phone.sync().await?;

@@ -22,7 +22,7 @@ const MIB: u64 = 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_with_a_forged_token_is_refused_before_its_8_mib_body_is_read() -> anyhow::Result<()> {
-    let Stack { nisshi: _nisshi, server, device } = Stack::start("phone").await?;
+    let Stack { kafka: _kafka, server, device } = Stack::start("phone").await?;
     // Between the client and the server: counts what the server let the client send.
     let proxy = Proxy::start(server.addr()).await?;
     let channel = Endpoint::from_shared(format!("http://{}", proxy.addr()))?.connect().await?;
@@ -103,7 +103,7 @@ async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released()
         ("LOCKSTEP_KAFKA__PRODUCE_TIMEOUT", "1s"),
         ("LOCKSTEP_KAFKA__OPERATION_DEADLINE", "2s"),
     ];
-    let Stack { nisshi: _nisshi, server, device } = Stack::start_with("phone", &limits).await?;
+    let Stack { kafka: _kafka, server, device } = Stack::start_with("phone", &limits).await?;
 
     // An upload that stops short holds 900 kB of the 1 MiB budget.
     let held = HeldPush::start(server.addr(), &device.token, 1_000_000, 900_000).await?;
@@ -157,7 +157,7 @@ async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released()
 async fn one_device_cannot_take_every_call_slot() -> anyhow::Result<()> {
     use lockstep_proto::v1::ListDevicesRequest;
     let limits = [("LOCKSTEP_LIMITS__MAX_CONCURRENT_REQUESTS_PER_DEVICE", "2")];
-    let Stack { nisshi: _nisshi, server, device: phone } = Stack::start_with("phone", &limits).await?;
+    let Stack { kafka: _kafka, server, device: phone } = Stack::start_with("phone", &limits).await?;
     let laptop = phone.pair(&server, "laptop").await?;
     let list = |device: &lockstep_e2e::device::Device| {
         let (mut accounts, request) = (device.accounts.clone(), device.request(ListDevicesRequest {}));

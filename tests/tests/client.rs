@@ -6,7 +6,7 @@ use std::{collections::HashSet, time::Duration};
 use anyhow::Context;
 use lockstep_e2e::{
     cli::Cli,
-    nisshi::{Nisshi, read_topic},
+    kafka::{Kafka, read_topic},
     server::{Server, UNTHROTTLED, lockstep_binary},
     stack::CliStack,
 };
@@ -23,17 +23,17 @@ async fn sync_all(devices: &[&Cli]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn topic_len(nisshi: &Nisshi, device: &Cli) -> anyhow::Result<(usize, usize)> {
+async fn topic_len(kafka: &Kafka, device: &Cli) -> anyhow::Result<(usize, usize)> {
     let status = device.json(&["status"]).await?;
     let topic = format!("lockstep.user.{}", status["user_id"].as_str().context("user id")?);
-    let records = read_topic(nisshi.bootstrap(), &topic).await?;
+    let records = read_topic(kafka.bootstrap(), &topic).await?;
     let distinct: HashSet<String> = records.iter().map(|(_, envelope)| envelope.change_id.clone()).collect();
     Ok((records.len(), distinct.len()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_devices_converge_after_offline_edits_and_a_deleted_parent() -> anyhow::Result<()> {
-    let CliStack { nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka, server: _server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let tablet = phone.pair("tablet").await?;
 
@@ -86,7 +86,7 @@ async fn three_devices_converge_after_offline_edits_and_a_deleted_parent() -> an
     // The server only ever saw ciphertext.
     let status = phone.json(&["status"]).await?;
     let topic = format!("lockstep.user.{}", status["user_id"].as_str().context("user id")?);
-    for (_, envelope) in read_topic(nisshi.bootstrap(), &topic).await? {
+    for (_, envelope) in read_topic(kafka.bootstrap(), &topic).await? {
         let text = String::from_utf8_lossy(&envelope.ciphertext);
         assert!(!text.contains("laptop") && !text.contains("Banking") && !text.contains("password"), "{text}");
     }
@@ -97,7 +97,7 @@ async fn three_devices_converge_after_offline_edits_and_a_deleted_parent() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_example_the_laptops_later_password_wins() -> anyhow::Result<()> {
-    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka: _kafka, server: _server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let login = phone.json(&["put", "-c", "passwords", r#"{"site":"mail","password":"hunter2"}"#]).await?;
     let id = login["id"].as_str().context("id")?.to_string();
@@ -139,7 +139,7 @@ fn first_number(line: &str, after: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_syncing_10000_changes_loses_nothing() -> anyhow::Result<()> {
     const TOTAL: u64 = 10_000;
-    let CliStack { nisshi, server: _server, device: writer } = CliStack::start("writer").await?;
+    let CliStack { kafka, server: _server, device: writer } = CliStack::start("writer").await?;
     let reader = writer.pair("reader").await?;
     let clean = writer.pair("clean").await?;
 
@@ -185,7 +185,7 @@ async fn kill_9_in_the_middle_of_syncing_10000_changes_loses_nothing() -> anyhow
     assert_eq!(writer.records().await?.as_array().map(Vec::len), Some(TOTAL as usize), "writer has not synced since");
     writer.sync().await?;
     assert_eq!(writer.records().await?, clean_records);
-    let (records, distinct) = topic_len(&nisshi, &writer).await?;
+    let (records, distinct) = topic_len(&kafka, &writer).await?;
     assert_eq!((records, distinct), (TOTAL as usize + 1, TOTAL as usize + 1), "each change once on the topic");
     let values: HashSet<u64> =
         clean_records.as_array().context("list")?.iter().filter_map(|record| record["fields"]["n"].as_u64()).collect();
@@ -195,8 +195,8 @@ async fn kill_9_in_the_middle_of_syncing_10000_changes_loses_nothing() -> anyhow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
+    let kafka = Kafka::start().await?;
+    let server = Server::start(&kafka).await?;
     let fresh = Cli::new("fresh")?;
     assert!(fresh.fail(&["put", r#"{"a":1}"#]).await?.contains("lockstep-cli init"));
     let on_the_command_line = fresh.fail(&["pair", "redeem", "hello", "--name", "x"]).await?;
@@ -216,7 +216,7 @@ async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result
 
     // A record too large for the server is kept aside locally and reported;
     // it does not block the changes queued after it.
-    let small = Server::start_with(&nisshi, &[("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "4096")]).await?;
+    let small = Server::start_with(&kafka, &[("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "4096")]).await?;
     let tight = Cli::init("tight", &small).await?;
     let big = json!({"blob": "x".repeat(10_000)}).to_string();
     tight.json(&["put", "--id", "big", &big]).await?;
@@ -240,7 +240,7 @@ async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result
     };
     let status = phone.json(&["status"]).await?;
     let topic = format!("lockstep.user.{}", status["user_id"].as_str().context("user id")?);
-    let (_, original) = read_topic(nisshi.bootstrap(), &topic).await?.pop().context("the phone's change")?;
+    let (_, original) = read_topic(kafka.bootstrap(), &topic).await?.pop().context("the phone's change")?;
     let swapped = lockstep_proto::v1::Change {
         change_id: "swapped-1".into(),
         record_id: "note-2".into(),
@@ -297,7 +297,7 @@ async fn wait_for_record(device: &Cli, id: &str, expected: &Value) -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_applies_live_changes_and_reconnects_after_a_server_crash() -> anyhow::Result<()> {
-    let CliStack { nisshi: _nisshi, mut server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka: _kafka, mut server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let mut watch = laptop.spawn(&["watch"])?;
 
@@ -329,18 +329,13 @@ async fn watch_applies_live_changes_and_reconnects_after_a_server_crash() -> any
     Ok(())
 }
 
-/// The broker comes back without its data (a disk lost, a volume not mounted)
-/// and an operator creates the user's topic again: the log lost everything.
-async fn lose_the_log(nisshi: &mut Nisshi, topic: &str) -> anyhow::Result<()> {
-    nisshi.kill();
-    for entry in std::fs::read_dir(nisshi.storage_dir())? {
-        let path = entry?.path();
-        if path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with("kafka.db")) {
-            std::fs::remove_file(&path)?;
-        }
-    }
-    nisshi.restart().await?;
-    nisshi.create_topic(topic, 1).await
+/// The broker comes back without the user's log (a disk lost, a volume not
+/// mounted): Kafka still knows the topic and serves it again, empty.
+async fn lose_the_log(kafka: &mut Kafka, topic: &str) -> anyhow::Result<()> {
+    kafka.kill();
+    let partition_dir = kafka.storage_dir().join(format!("{topic}-0"));
+    std::fs::remove_dir_all(&partition_dir).with_context(|| format!("removing {}", partition_dir.display()))?;
+    kafka.restart().await
 }
 
 /// Syncs, retrying while the server's Kafka clients catch up with a broker change.
@@ -363,12 +358,9 @@ fn ids(list: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-// A Resync because history expired cannot be produced on Nisshi (its retention
-// only ever truncates a topic whole, see KAFKA-NOTES.md); the store tests
-// cover it (`client/tests/resync.rs`). A log that lost everything can be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_lost_changes_is_repaired_from_the_devices_and_nothing_is_deleted() -> anyhow::Result<()> {
-    let CliStack { mut nisshi, mut server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { mut kafka, server, device: phone } = CliStack::start_own("phone").await?;
     let laptop = phone.pair("laptop").await?;
     for n in 0..5 {
         phone.json(&["put", "--id", &format!("early-{n}"), &json!({"n": n}).to_string()]).await?;
@@ -383,11 +375,8 @@ async fn a_log_that_lost_changes_is_repaired_from_the_devices_and_nothing_is_del
     let topic = format!("lockstep.user.{}", status["user_id"].as_str().context("user id")?);
 
     // The log loses everything it had acknowledged.
-    lose_the_log(&mut nisshi, &topic).await?;
-    // The server restarts too: on 2026-11-28 it exits without a log line when
-    // its Kafka comes back empty, and this test is about the devices.
-    server.kill9();
-    server.restart().await?;
+    lose_the_log(&mut kafka, &topic).await?;
+    // The server runs on through it and notices (its log guard): nothing restarts it.
     // The laptop edits meanwhile.
     laptop.json(&["put", "--id", "early-0", r#"{"edited":"offline"}"#]).await?;
     let expected_laptop: Vec<String> = (0..5).map(|n| format!("early-{n}")).collect();
@@ -425,7 +414,7 @@ async fn a_log_that_lost_changes_is_repaired_from_the_devices_and_nothing_is_del
     laptop.sync().await?;
     assert_eq!(tablet.records().await?, phone.records().await?);
     assert_eq!(laptop.records().await?, phone.records().await?);
-    let (records, distinct) = topic_len(&nisshi, &phone).await?;
+    let (records, distinct) = topic_len(&kafka, &phone).await?;
     assert_eq!(records, distinct, "no change twice");
     Ok(())
 }
@@ -451,10 +440,10 @@ async fn at(device: &Cli, clock_offset: &str, args: &[&str]) -> anyhow::Result<V
 async fn kill_9_of_sync_at_random_moments_rejects_nothing_and_writes_each_change_once() -> anyhow::Result<()> {
     const ROUNDS: usize = 20;
     const PER_ROUND: usize = 150;
-    let nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
     // Small pushes: a sync makes many round trips, so kills land between the
     // server's answer and the device recording it.
-    let server = Server::start_with(&nisshi, &[("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20")]).await?;
+    let server = Server::start_with(&kafka, &[("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20")]).await?;
     let writer = Cli::init("writer", &server).await?;
     let chunk = writer.store.with_file_name("chunk.ndjson");
     let mut killed_mid_push = 0;
@@ -485,7 +474,7 @@ async fn kill_9_of_sync_at_random_moments_rejects_nothing_and_writes_each_change
     assert_eq!(status["outbox"], 0, "{status}");
     assert_eq!(writer.json(&["check"]).await?["rejected"], json!([]));
     let total = ROUNDS * PER_ROUND;
-    let (records, distinct) = topic_len(&nisshi, &writer).await?;
+    let (records, distinct) = topic_len(&kafka, &writer).await?;
     assert_eq!((records, distinct), (total, total), "each change exactly once on the topic");
     let reader = writer.pair("reader").await?;
     reader.sync().await?;
@@ -496,7 +485,7 @@ async fn kill_9_of_sync_at_random_moments_rejects_nothing_and_writes_each_change
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_whose_clocks_are_hours_apart_converge_and_nothing_is_skipped() -> anyhow::Result<()> {
-    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka: _kafka, server: _server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let tablet = phone.pair("tablet").await?;
     // Syncs only at the end: its stamps never saw the laptop's fast clock.
@@ -577,9 +566,9 @@ async fn sync_returns_when_caught_up_not_a_heartbeat_interval_later() -> anyhow:
     // A third of the interval: far above what a sync of 300 changes takes even on
     // a loaded 2-core machine, far below the interval the fix removes.
     const LIMIT: Duration = Duration::from_secs(5);
-    let nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
     // The server's own delivery settings (the kit's servers beat every second).
-    let server = Server::start_binary(lockstep_binary()?, nisshi.bootstrap(), UNTHROTTLED).await?;
+    let server = Server::start_binary(lockstep_binary()?, kafka.bootstrap(), UNTHROTTLED).await?;
     let writer = Cli::init("writer", &server).await?;
     let info = writer.json(&["server-info"]).await?;
     assert_eq!(info["heartbeat_interval_ms"].as_u64(), Some(HEARTBEAT.as_millis() as u64), "the default: {info}");

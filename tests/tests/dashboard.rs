@@ -1,4 +1,4 @@
-//! The out-of-sync dashboard against a scripted fleet: real Nisshi, real
+//! The out-of-sync dashboard against a scripted fleet: real Kafka, real
 //! `lockstep` servers, real `lockstep-dashboard`, and the page as headless
 //! Chromium renders it. 3 users, 12 devices: in sync, catching up, stalled
 //! with an open stream, offline and behind, revoked, and offsets a lost log
@@ -19,7 +19,7 @@ use bytes::Bytes;
 use lockstep_e2e::{
     dashboard::{Dashboard, chromium},
     device::{Device, changes, with_token},
-    nisshi::Nisshi,
+    kafka::Kafka,
     server::Server,
 };
 use lockstep_proto::v1::{
@@ -108,15 +108,15 @@ fn check_rows(dom: &str, expected: &BTreeMap<String, String>, names: &BTreeMap<S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browser() -> anyhow::Result<()> {
-    let mut nisshi = Nisshi::start().await?;
+    let mut kafka = Kafka::start().await?;
     let events_topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
     let server_env = [("LOCKSTEP_EVENTS__LEASE_INTERVAL", "1s"), ("LOCKSTEP_EVENTS__TOPIC", events_topic.as_str())];
 
     // Carol's log loses its oldest changes: her topic keeps records for 3 s, and
-    // Nisshi applies retention when it starts (as guards.rs's Resync test does).
+    // Kafka applies retention when it starts (as guards.rs's Resync test does).
     let mut retention_env = server_env.to_vec();
     retention_env.push(("LOCKSTEP_KAFKA__TOPIC_RETENTION_MS", "3000"));
-    let mut old_server = Server::start_with(&nisshi, &retention_env).await?;
+    let mut old_server = Server::start_with(&kafka, &retention_env).await?;
     let carol_phone = Device::create_account(&old_server, "carol-phone").await?;
     let carol_laptop = carol_phone.pair(&old_server, "carol-laptop").await?;
     carol_phone.push_ok(changes(10, 32)).await?;
@@ -127,9 +127,9 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
     // Let the events publisher send the acks before the server stops.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(old_server.terminate()?, "clean shutdown");
-    nisshi.restart().await?;
+    kafka.restart().await?;
 
-    let server = Server::start_with(&nisshi, &server_env).await?;
+    let server = Server::start_with(&kafka, &server_env).await?;
     // Alice: in sync, catching up, stalled with an open stream, offline and behind, revoked.
     let alice_sync = Device::create_account(&server, "alice-sync").await?;
     let alice_catching = alice_sync.pair(&server, "alice-catching-up").await?;
@@ -195,7 +195,7 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
         ("LOCKSTEP_DASHBOARD_STATUS__STALL_AFTER", "3s"),
         ("LOCKSTEP_DASHBOARD_PAGE_REFRESH", "1s"),
     ];
-    let mut dashboard = Dashboard::start(nisshi.bootstrap(), &dashboard_env).await?;
+    let mut dashboard = Dashboard::start(kafka.bootstrap(), &dashboard_env).await?;
 
     let devices = [
         (&alice_sync, "alice-sync", "OK"),
@@ -310,7 +310,7 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
     // Bound elsewhere, it needs the admin token.
     let token = "test-admin-token-0123456789";
     let guarded = Dashboard::start(
-        nisshi.bootstrap(),
+        kafka.bootstrap(),
         &[("LOCKSTEP_DASHBOARD_EVENTS__TOPIC", events_topic.as_str()), ("LOCKSTEP_DASHBOARD_ADMIN_TOKEN", token)],
     )
     .await?;
@@ -332,7 +332,7 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
         401
     );
     let unguarded = std::process::Command::new(lockstep_e2e::dashboard::dashboard_binary()?)
-        .args(["--listen", "0.0.0.0:0", "--kafka-brokers", nisshi.bootstrap()])
+        .args(["--listen", "0.0.0.0:0", "--kafka-brokers", kafka.bootstrap()])
         .env_remove("LOCKSTEP_DASHBOARD_ADMIN_TOKEN")
         .output()?;
     assert!(!unguarded.status.success(), "no token, public address: refused");
@@ -352,10 +352,10 @@ fn which(name: &str) -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_dashboard() -> anyhow::Result<()> {
     use lockstep_e2e::{free_port, process::Process, stack::Stack};
-    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
     let _laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(3, 32)).await?;
-    let dashboard = Dashboard::start(nisshi.bootstrap(), &[("LOCKSTEP_DASHBOARD_REFRESH__INTERVAL", "500ms")]).await?;
+    let dashboard = Dashboard::start(kafka.bootstrap(), &[("LOCKSTEP_DASHBOARD_REFRESH__INTERVAL", "500ms")]).await?;
 
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("prometheus.yml");

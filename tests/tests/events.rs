@@ -9,7 +9,7 @@ use bytes::Bytes;
 use lockstep_e2e::{
     device::{Device, changes, receive_changes, with_token},
     leaks::{contains, content_in, traceable_changes},
-    nisshi::{EventRecord, Nisshi, read_events},
+    kafka::{EventRecord, Kafka, read_events},
     server::Server,
     stack::Stack,
 };
@@ -74,9 +74,9 @@ fn p256dh() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()> {
-    let Stack { nisshi, server, device: alice } =
+    let Stack { kafka, server, device: alice } =
         Stack::start_with("alice-phone", &[("LOCKSTEP_EVENTS__LEASE_INTERVAL", "1s")]).await?;
-    let bootstrap = nisshi.bootstrap().to_string();
+    let bootstrap = kafka.bootstrap().to_string();
     let laptop = alice.pair(&server, "alice-laptop").await?;
     let user = alice.user_id.clone();
     events_until(&bootstrap, &user, "both devices added", |events| {
@@ -192,7 +192,7 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
     let group = format!("lockstep.device.{}", laptop.device_id);
     let topic = format!("lockstep.user.{user}");
     let started = Instant::now();
-    while lockstep_e2e::nisshi::committed_offset(&bootstrap, &group, &topic).await?.is_some() {
+    while lockstep_e2e::kafka::committed_offset(&bootstrap, &group, &topic).await?.is_some() {
         anyhow::ensure!(started.elapsed() < WAIT, "the revoked device's offsets were never deleted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -245,13 +245,13 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_go_on_while_the_events_cluster_is_down() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let mut events_nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
+    let mut events_nisshi = Kafka::start().await?;
     let events_bootstrap = events_nisshi.bootstrap().to_string();
     // A short produce timeout, so that the outage outlasts librdkafka's own retries.
     let env =
         [("LOCKSTEP_EVENTS__BOOTSTRAP_SERVERS", events_bootstrap.as_str()), ("LOCKSTEP_KAFKA__PRODUCE_TIMEOUT", "2s")];
-    let server = Server::start_with(&nisshi, &env).await?;
+    let server = Server::start_with(&kafka, &env).await?;
     let phone = Device::create_account(&server, "phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(5, 64)).await?;
@@ -291,7 +291,7 @@ async fn pushes_go_on_while_the_events_cluster_is_down() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sets_shows_and_removes_its_push_target() -> anyhow::Result<()> {
     use lockstep_e2e::stack::CliStack;
-    let CliStack { nisshi: _nisshi, server: _server, device: phone } = CliStack::start("phone").await?;
+    let CliStack { kafka: _kafka, server: _server, device: phone } = CliStack::start("phone").await?;
     let laptop = phone.pair("laptop").await?;
     let shown = phone.json(&["push", "show"]).await?;
     assert_eq!(shown["target"], serde_json::Value::Null);
@@ -361,7 +361,7 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
         ClientConfig,
         producer::{FutureProducer, FutureRecord},
     };
-    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     let started = Instant::now();
     while !server.log().contains("following the events topic") {
@@ -375,7 +375,7 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
     }
     let set_at = lockstep_broker::db::now_ms();
 
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", nisshi.bootstrap()).create()?;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create()?;
     let gone = |device: &Device, at_ms: i64| Event {
         user_id: phone.user_id.clone(),
         node_id: "push-worker-test".into(),

@@ -1,4 +1,4 @@
-//! The fault suite: the real `lockstep` binary and a real Kafka (Nisshi)
+//! The fault suite: the real `lockstep` binary and a real Kafka (Kafka)
 //! under faults, while simulated devices push, receive and ack. Every run is
 //! checked by the history checker (`lockstep_e2e::history`: I1, I2, I4, I5
 //! and "once") and by what a run must show (`lockstep_e2e::outcome`: enough
@@ -10,7 +10,7 @@
 //!
 //! Faults: Kafka `kill -9` during pushes and during delivery; the link
 //! between Lockstep and Kafka cut, partitioned without resets, or slowed by
-//! seconds (a proxy: Nisshi advertises the proxy's port); the server `kill -9`
+//! seconds (a proxy: Kafka advertises the proxy's port); the server `kill -9`
 //! during pushes; Kafka's data on a small tmpfs that fills up; and a baseline
 //! without faults (what fails there is no fault's doing). Plus two contracts: with Kafka
 //! unreachable, Push, Ack and Subscribe answer UNAVAILABLE within their
@@ -195,11 +195,11 @@ async fn server_kill9_and_restart_while_kafka_is_down() -> anyhow::Result<()> {
             run.pause(200..800).await;
             run.timeline("server restarting, kafka still away");
             let kafka_away = Duration::from_millis(run.rng.random_range(1000..4000));
-            let (server, nisshi, proxy) = (&mut run.stack.server, &mut run.stack.nisshi, run.stack.proxy.as_ref());
+            let (server, kafka, proxy) = (&mut run.stack.server, &mut run.stack.kafka, run.stack.proxy.as_ref());
             let kafka_back = async {
                 tokio::time::sleep(kafka_away).await;
                 match (killed, proxy) {
-                    (true, _) => nisshi.restart().await?,
+                    (true, _) => kafka.restart().await?,
                     (false, Some(proxy)) => proxy.restore(),
                     (false, None) => anyhow::bail!("no proxy"),
                 }
@@ -241,7 +241,7 @@ async fn kafka_disk_fills_up() -> anyhow::Result<()> {
     scenario
         .run(async |run: &mut Run| {
             let leave = run.rng.random_range(1..4) << 20;
-            let ballast = fill_leaving(run.stack.nisshi.storage_dir(), leave)?;
+            let ballast = fill_leaving(run.stack.kafka.storage_dir(), leave)?;
             run.notes.push(format!("ballast {} MiB, about {} MiB left", ballast >> 20, leave >> 20));
             // The window opens before the first push: every error of it counts.
             run.fault(Fault::DiskFull, "pushing onto the nearly full disk").await;
@@ -257,9 +257,9 @@ async fn kafka_disk_fills_up() -> anyhow::Result<()> {
             run.pause(1000..3000).await;
             run.end_fault().await;
             // Space freed; Kafka carries on by itself, or is restarted on it.
-            std::fs::remove_file(run.stack.nisshi.storage_dir().join("ballast"))?;
+            std::fs::remove_file(run.stack.kafka.storage_dir().join("ballast"))?;
             if run.rng.random_bool(0.5) {
-                run.stack.nisshi.restart().await?;
+                run.stack.kafka.restart().await?;
                 run.timeline("restored: space freed, Kafka restarted");
             } else {
                 run.timeline("restored: space freed, Kafka not restarted");
@@ -407,7 +407,7 @@ async fn after_a_kafka_outage_pushes_succeed_again_within_seconds_without_restar
     );
 
     // Kafka goes away while the device pushes: its changes time out in the producer
-    // (with Nisshi, the idempotent producer's epoch bump then fails for good).
+    // (with Kafka, the idempotent producer's epoch bump then fails for good).
     run.kill_kafka().await;
     let during = changes(5, 64);
     let outage_ends = Instant::now() + Duration::from_secs(8);

@@ -1,9 +1,9 @@
 //! `GroupOffsets` (member-less consumer-group offsets over one shared connection) against a real
-//! Nisshi broker, cross-checked with librdkafka.
+//! Kafka broker, cross-checked with librdkafka.
 use std::time::{Duration, Instant};
 
 use lockstep_broker::kafka::group_offsets::{GroupOffsets, GroupOffsetsSettings};
-use lockstep_e2e::nisshi::Nisshi;
+use lockstep_e2e::kafka::Kafka;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -43,9 +43,9 @@ async fn rdkafka_committed(bootstrap: &str, group: &str, topic: &str) -> Offset 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_and_fetch_many_groups_concurrently() {
-    let nisshi = Nisshi::start().await.unwrap();
-    nisshi.create_topic("user.many", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    let kafka = Kafka::start().await.unwrap();
+    kafka.create_topic("user.many", 1).await.unwrap();
+    let offsets = GroupOffsets::connect(settings(kafka.bootstrap())).await.unwrap();
 
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..50i64 {
@@ -68,9 +68,9 @@ async fn commit_and_fetch_many_groups_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_group_has_no_offset() {
-    let nisshi = Nisshi::start().await.unwrap();
-    nisshi.create_topic("user.unknown", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    let kafka = Kafka::start().await.unwrap();
+    kafka.create_topic("user.unknown", 1).await.unwrap();
+    let offsets = GroupOffsets::connect(settings(kafka.bootstrap())).await.unwrap();
     assert_eq!(offsets.fetch("lockstep.device.nobody", "user.unknown", 0).await.unwrap(), None);
     // Another group's commit does not leak into it.
     offsets.commit("lockstep.device.somebody", "user.unknown", 0, 9).await.unwrap();
@@ -79,16 +79,16 @@ async fn unknown_group_has_no_offset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rdkafka_reads_our_commit_and_we_read_its() {
-    let nisshi = Nisshi::start().await.unwrap();
-    nisshi.create_topic("user.cross", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    let kafka = Kafka::start().await.unwrap();
+    kafka.create_topic("user.cross", 1).await.unwrap();
+    let offsets = GroupOffsets::connect(settings(kafka.bootstrap())).await.unwrap();
 
     offsets.commit("lockstep.device.ours", "user.cross", 0, 42).await.unwrap();
-    let seen = rdkafka_committed(nisshi.bootstrap(), "lockstep.device.ours", "user.cross").await;
+    let seen = rdkafka_committed(kafka.bootstrap(), "lockstep.device.ours", "user.cross").await;
     assert_eq!(seen, Offset::Offset(42));
 
     // rdkafka commits for an assigned (not subscribed) partition, as a member-less group.
-    let bootstrap = nisshi.bootstrap().to_owned();
+    let bootstrap = kafka.bootstrap().to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer = consumer(&bootstrap, "lockstep.device.theirs");
         let mut tpl = TopicPartitionList::new();
@@ -105,9 +105,9 @@ async fn rdkafka_reads_our_commit_and_we_read_its() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_group_forgets_offsets() {
-    let nisshi = Nisshi::start().await.unwrap();
-    nisshi.create_topic("user.revoke", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    let kafka = Kafka::start().await.unwrap();
+    kafka.create_topic("user.revoke", 1).await.unwrap();
+    let offsets = GroupOffsets::connect(settings(kafka.bootstrap())).await.unwrap();
     offsets.commit("lockstep.device.revoked", "user.revoke", 0, 5).await.unwrap();
     offsets.commit("lockstep.device.kept", "user.revoke", 0, 6).await.unwrap();
     offsets.delete_group("lockstep.device.revoked").await.unwrap();
@@ -122,9 +122,9 @@ async fn delete_group_forgets_offsets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_loss_is_retryable_and_reconnects() {
-    let mut nisshi = Nisshi::start().await.unwrap();
-    nisshi.create_topic("user.restart", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    let mut kafka = Kafka::start().await.unwrap();
+    kafka.create_topic("user.restart", 1).await.unwrap();
+    let offsets = GroupOffsets::connect(settings(kafka.bootstrap())).await.unwrap();
     offsets.commit("lockstep.device.restart", "user.restart", 0, 77).await.unwrap();
 
     // Commits in flight when the broker dies fail (retryably) instead of hanging.
@@ -142,7 +142,7 @@ async fn broker_loss_is_retryable_and_reconnects() {
         });
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    nisshi.kill();
+    kafka.kill();
     let started = Instant::now();
     while let Some(joined) = tokio::time::timeout(Duration::from_secs(20), writers.join_next())
         .await
@@ -161,7 +161,7 @@ async fn broker_loss_is_retryable_and_reconnects() {
     let err = offsets.commit("lockstep.device.restart", "user.restart", 0, 78).await.unwrap_err();
     assert!(err.is_retryable(), "not retryable: {err}");
 
-    nisshi.restart().await.unwrap();
+    kafka.restart().await.unwrap();
     // Same port, same sqlite file: the committed offset survived, and the client reconnects.
     assert_eq!(offsets.fetch("lockstep.device.restart", "user.restart", 0).await.unwrap(), Some(77));
     offsets.commit("lockstep.device.restart", "user.restart", 0, 79).await.unwrap();
@@ -180,9 +180,9 @@ async fn unreachable_bootstrap_fails_fast() {
 /// Commits per second for 100 groups sharing one connection (printed; asserts only progress).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throughput_100_groups_one_connection() {
-    let nisshi = Nisshi::start().await.unwrap();
-    nisshi.create_topic("user.bench", 1).await.unwrap();
-    let offsets = GroupOffsets::connect(settings(nisshi.bootstrap())).await.unwrap();
+    let kafka = Kafka::start().await.unwrap();
+    kafka.create_topic("user.bench", 1).await.unwrap();
+    let offsets = GroupOffsets::connect(settings(kafka.bootstrap())).await.unwrap();
     let rounds: i64 = std::env::var("GROUP_OFFSETS_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     for g in 0..100 {
         offsets.commit(&format!("lockstep.device.bench-{g}"), "user.bench", 0, 0).await.unwrap();

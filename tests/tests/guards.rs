@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use lockstep_e2e::{
     device::{Device, Received, change, changes, receive_changes, receive_until, with_token},
-    nisshi::read_topic,
+    kafka::{delete_records_before, read_topic},
     server::Server,
     stack::Stack,
 };
@@ -24,7 +24,7 @@ fn topic_of(device: &Device) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_are_isolated_and_credentials_are_checked() -> anyhow::Result<()> {
-    let Stack { nisshi: _nisshi, server, device: alice } = Stack::start("alice-phone").await?;
+    let Stack { kafka: _kafka, server, device: alice } = Stack::start("alice-phone").await?;
     let alice_laptop = alice.pair(&server, "alice-laptop").await?;
     let mallory = Device::create_account(&server, "mallory-phone").await?;
     assert_ne!(alice.user_id, mallory.user_id);
@@ -120,7 +120,7 @@ async fn users_are_isolated_and_credentials_are_checked() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_change_is_appended_once() -> anyhow::Result<()> {
-    let Stack { nisshi, mut server, device: mut phone } = Stack::start("phone").await?;
+    let Stack { kafka, mut server, device: mut phone } = Stack::start("phone").await?;
     let batch = changes(50, 128);
     let first = phone.push_ok(batch.clone()).await?;
 
@@ -161,7 +161,7 @@ async fn a_retried_change_is_appended_once() -> anyhow::Result<()> {
     let results = laptop.push(vec![batch[0].clone()]).await?;
     assert!(!results[0].duplicate);
 
-    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    let records = read_topic(kafka.bootstrap(), &topic_of(&phone)).await?;
     assert_eq!(records.len(), 54);
     let phone_ids: std::collections::HashSet<_> = records
         .iter()
@@ -177,7 +177,7 @@ async fn a_lost_dedup_index_is_rebuilt_from_the_topic() -> anyhow::Result<()> {
     // The server's table of pushed change ids is a cache of the topic: when it
     // is lost (or behind, after a crash between Kafka's ack and the table
     // write), the server re-reads the topic before it trusts it.
-    let Stack { nisshi, mut server, device: mut phone } = Stack::start("phone").await?;
+    let Stack { kafka, mut server, device: mut phone } = Stack::start("phone").await?;
     let batch = changes(30, 64);
     let offsets = phone.push_ok(batch.clone()).await?;
     server.kill9();
@@ -192,7 +192,7 @@ async fn a_lost_dedup_index_is_rebuilt_from_the_topic() -> anyhow::Result<()> {
         assert_eq!(result.result, Some(push_result::Result::Offset(*offset)));
     }
     assert_eq!(phone.push_ok(changes(1, 8)).await?, vec![30]);
-    assert_eq!(read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?.len(), 31);
+    assert_eq!(read_topic(kafka.bootstrap(), &topic_of(&phone)).await?.len(), 31);
     Ok(())
 }
 
@@ -204,7 +204,7 @@ fn bad(mut change: Change, edit: impl FnOnce(&mut Change)) -> Change {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_status_and_changes_nothing() -> anyhow::Result<()> {
     let limits = [("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "20"), ("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "4096")];
-    let Stack { nisshi, server, device: phone } = Stack::start_with("phone", &limits).await?;
+    let Stack { kafka, server, device: phone } = Stack::start_with("phone", &limits).await?;
     phone.push_ok(changes(3, 16)).await?;
     let info = phone.sync.clone().get_server_info(GetServerInfoRequest {}).await?.into_inner();
     assert_eq!(info.max_changes_per_push, 20);
@@ -246,7 +246,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> anyhow::Result<(
         change.ciphertext = Bytes::from(vec![7; 4096]);
     }
     let small_server = Server::start_with(
-        &nisshi,
+        &kafka,
         &[("LOCKSTEP_LIMITS__MAX_REQUEST_BYTES", "65536"), ("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "4096")],
     )
     .await?;
@@ -288,7 +288,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> anyhow::Result<(
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // Nothing was written, nothing was committed.
-    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    let records = read_topic(kafka.bootstrap(), &topic_of(&phone)).await?;
     assert_eq!(records.len(), 3);
     let mut sync = SyncClient::new(server.channel().await?);
     let committed = sync.ack(with_token(AckRequest { offset: 0 }, &phone.token)).await?.into_inner().committed_offset;
@@ -298,9 +298,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_whose_history_expired_gets_a_resync() -> anyhow::Result<()> {
-    // Topics keep records for 3 s; Nisshi applies retention when it starts.
-    let retention = [("LOCKSTEP_KAFKA__TOPIC_RETENTION_MS", "3000")];
-    let Stack { mut nisshi, server, device: phone } = Stack::start_with("phone", &retention).await?;
+    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(10, 32)).await?;
     let mut stream = laptop.subscribe(None).await?;
@@ -308,25 +306,16 @@ async fn a_device_whose_history_expired_gets_a_resync() -> anyhow::Result<()> {
     laptop.ack(2).await?;
     drop(stream);
 
-    tokio::time::sleep(Duration::from_secs(4)).await;
     let recent = changes(5, 32);
     phone.push_ok(recent.clone()).await?;
-    nisshi.restart().await?;
-    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
-    let log_start = records.first().map(|(offset, _)| *offset).expect("recent records kept");
-    assert!(log_start > 3, "retention removed the laptop's position (log starts at {log_start})");
+    // Retention removes the records the laptop has not applied (what Kafka's
+    // retention does to old segments, at once: DeleteRecords moves the log start).
+    let log_start = delete_records_before(kafka.bootstrap(), &topic_of(&phone), 8).await?;
+    assert_eq!(log_start, 8);
+    let records = read_topic(kafka.bootstrap(), &topic_of(&phone)).await?;
+    assert_eq!(records.first().map(|(offset, _)| *offset), Some(log_start), "any Kafka client sees the new start");
 
-    let reconnect_by = tokio::time::Instant::now() + WAIT;
-    let mut stream = loop {
-        // Lockstep's Kafka clients reconnect to the restarted broker.
-        match laptop.subscribe(None).await {
-            Ok(stream) => break stream,
-            Err(status) if status.code() == Code::Unavailable && tokio::time::Instant::now() < reconnect_by => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(status) => return Err(status.into()),
-        }
-    };
+    let mut stream = laptop.subscribe(None).await?;
     let mut received = Received::default();
     receive_until(&mut stream, &mut received, WAIT, |seen| seen.changes.len() >= records.len()).await?;
     assert_eq!(received.resyncs.len(), 1, "one explicit resync, never a silent gap");
@@ -353,7 +342,7 @@ async fn a_push_the_device_gave_up_on_is_still_appended_once() -> anyhow::Result
     // A device whose push times out hangs up and pushes the same batch again.
     // The server must finish what it started (Kafka ack, then the dedup record),
     // or the retry appends the changes a second time.
-    let Stack { nisshi, server: _server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, server: _server, device: phone } = Stack::start("phone").await?;
     for attempt in 0..40u64 {
         let batch = changes(100, 512);
         let mut request = phone.request(PushRequest { changes: batch.clone() });
@@ -364,7 +353,7 @@ async fn a_push_the_device_gave_up_on_is_still_appended_once() -> anyhow::Result
         let results = phone.push_ok(batch.clone()).await?;
         assert_eq!(results.len(), batch.len());
     }
-    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    let records = read_topic(kafka.bootstrap(), &topic_of(&phone)).await?;
     let ids: std::collections::HashSet<_> = records.iter().map(|(_, record)| record.change_id.clone()).collect();
     assert_eq!(ids.len(), 4_000, "every change is on the topic");
     assert_eq!(records.len(), 4_000, "and none twice");
@@ -375,13 +364,13 @@ async fn a_push_the_device_gave_up_on_is_still_appended_once() -> anyhow::Result
 /// revoked, must not start streaming when Kafka answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_ends_a_subscribe_that_is_still_starting() -> anyhow::Result<()> {
-    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(2, 16)).await?;
 
     // Kafka frozen (SIGSTOP: connections hang, nothing is refused): the laptop's
     // Subscribe authenticates, then waits for its offsets.
-    let freeze = |signal: &str| std::process::Command::new("kill").args([signal, &nisshi.pid().to_string()]).status();
+    let freeze = |signal: &str| std::process::Command::new("kill").args([signal, &kafka.pid().to_string()]).status();
     freeze("-STOP")?;
     let starting = {
         let laptop = laptop.clone();

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use lockstep_e2e::{cli::Cli, nisshi::Nisshi, server::Server};
+use lockstep_e2e::{cli::Cli, kafka::Kafka, server::Server};
 use lockstep_proto::v1::{CreateAccountRequest, GetServerInfoRequest, RegistrationMode};
 use rdkafka::{
     ClientConfig,
@@ -53,9 +53,9 @@ fn assert_refused(result: Result<String, tonic::Status>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
-    let mut nisshi = Nisshi::start().await?;
+    let mut kafka = Kafka::start().await?;
     let mut server = Server::start_with(
-        &nisshi,
+        &kafka,
         &[
             ("LOCKSTEP_KAFKA__REQUEST_TIMEOUT", "3s"),
             // The server listens on loopback: invite-only must be said.
@@ -93,7 +93,7 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
     assert!(refused.contains("invite only") && refused.contains("--invite"), "{refused}");
     let status = create_account(&server, "nobody", "").await.expect_err("no code, no account");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert_eq!(user_topics(nisshi.bootstrap())?, 0);
+    assert_eq!(user_topics(kafka.bootstrap())?, 0);
 
     // Three codes, made while the server runs; each works once: flag, file, environment.
     let invites = create_invites(&server, &["--count", "3", "--note", "e2e"])?;
@@ -107,14 +107,14 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
     bob.json(&strs(&init(&bob, &["--invite-file", &file.display().to_string()]))).await?;
     let output = carol.command(&strs(&init(&carol, &[])), true).env("LOCKSTEP_INVITE", &invites[2].1).output().await?;
     anyhow::ensure!(output.status.success(), "init with LOCKSTEP_INVITE: {}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(user_topics(nisshi.bootstrap())?, 3);
+    assert_eq!(user_topics(kafka.bootstrap())?, 3);
 
     // A used code, through the CLI and the API: refused, and no topic.
     let again = Cli::new("again")?;
     let refused = again.fail(&strs(&init(&again, &["--invite", &invites[0].1]))).await?;
     assert!(refused.contains(REFUSED) && refused.contains("PermissionDenied"), "{refused}");
     assert_refused(create_account(&server, "again", &invites[1].1).await);
-    assert_eq!(user_topics(nisshi.bootstrap())?, 3, "a refused code created a topic");
+    assert_eq!(user_topics(kafka.bootstrap())?, 3, "a refused code created a topic");
 
     // Expired, revoked and unknown codes: the same refusal.
     let expired = create_invites(&server, &["--expires-in", "1s"])?.remove(0);
@@ -124,7 +124,7 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
     for code in [expired.1.as_str(), revoked.1.as_str(), "lsi_AAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
         assert_refused(create_account(&server, "late", code).await);
     }
-    assert_eq!(user_topics(nisshi.bootstrap())?, 3);
+    assert_eq!(user_topics(kafka.bootstrap())?, 3);
 
     // Two devices race for one code: one account, one topic.
     let raced = create_invites(&server, &[])?.remove(0).1;
@@ -133,18 +133,18 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
     let winners = [&first, &second].iter().filter(|result| result.is_ok()).count();
     assert_eq!(winners, 1, "{first:?} / {second:?}");
     assert_refused(if first.is_ok() { second } else { first });
-    assert_eq!(user_topics(nisshi.bootstrap())?, 4);
+    assert_eq!(user_topics(kafka.bootstrap())?, 4);
 
     // Kafka down while the account is made: the claimed code is not spent. And an unused
     // code survives a restart of the server.
     let kept = create_invites(&server, &["--note", "kept"])?.remove(0);
-    nisshi.kill();
+    kafka.kill();
     let status = create_account(&server, "kafka-down", &kept.1).await.expect_err("kafka is down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    nisshi.restart().await?;
+    kafka.restart().await?;
     server.restart().await?;
     let kept_user = create_account(&server, "after-restart", &kept.1).await?;
-    assert_eq!(user_topics(nisshi.bootstrap())?, 5);
+    assert_eq!(user_topics(kafka.bootstrap())?, 5);
 
     let listed: Value = serde_json::from_str(&server.invite(&["list", "--json"])?)?;
     let states: Vec<&str> =
@@ -158,8 +158,8 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invite_guesses_are_rate_limited_and_a_closed_server_says_so() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start_with_default_limits(&nisshi, &[("LOCKSTEP_ACCOUNTS__INVITE_ONLY", "true")]).await?;
+    let kafka = Kafka::start().await?;
+    let server = Server::start_with_default_limits(&kafka, &[("LOCKSTEP_ACCOUNTS__INVITE_ONLY", "true")]).await?;
     // The default CreateAccount bucket: a burst of 5 per address; every guess takes a token.
     let mut outcomes = Vec::new();
     for guess in 0..6 {
@@ -169,7 +169,7 @@ async fn invite_guesses_are_rate_limited_and_a_closed_server_says_so() -> anyhow
     assert_eq!(&outcomes[..5], [Code::PermissionDenied; 5], "{outcomes:?}");
     assert_eq!(outcomes[5], Code::ResourceExhausted, "{outcomes:?}");
 
-    let closed = Server::start_with(&nisshi, &[("LOCKSTEP_ACCOUNTS__ALLOW_REGISTRATION", "false")]).await?;
+    let closed = Server::start_with(&kafka, &[("LOCKSTEP_ACCOUNTS__ALLOW_REGISTRATION", "false")]).await?;
     let info = closed.sync().await?.get_server_info(GetServerInfoRequest {}).await?.into_inner();
     assert_eq!(info.registration(), RegistrationMode::Closed);
     let cli = Cli::new("closed")?;
@@ -178,6 +178,6 @@ async fn invite_guesses_are_rate_limited_and_a_closed_server_says_so() -> anyhow
     assert_eq!(shown["max_devices_per_account"], 1_000_000, "{shown}");
     let refused = cli.fail(&["init", "--server", &closed.endpoint(), "--name", "closed", "--invite", "lsi_x"]).await?;
     assert!(refused.contains("does not accept new accounts"), "{refused}");
-    assert_eq!(user_topics(nisshi.bootstrap())?, 0);
+    assert_eq!(user_topics(kafka.bootstrap())?, 0);
     Ok(())
 }

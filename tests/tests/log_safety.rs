@@ -9,7 +9,7 @@ use anyhow::Context;
 use lockstep_e2e::{
     cli::Cli,
     device::{Device, changes, receive_changes},
-    nisshi::Nisshi,
+    kafka::Kafka,
     stack::{CliStack, Stack},
 };
 use rdkafka::{
@@ -79,7 +79,7 @@ async fn push_retrying(device: &Device, changes: Vec<lockstep_proto::v1::Change>
 /// syncs without a resync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_the_local_kafka_keeps_every_record() -> anyhow::Result<()> {
-    let CliStack { mut nisshi, server: _server, device: laptop } = CliStack::start("laptop").await?;
+    let CliStack { mut kafka, server: _server, device: laptop } = CliStack::start_own("laptop").await?;
     for title in ["one", "two", "three"] {
         put(&laptop, json!({ "title": title })).await?;
     }
@@ -90,9 +90,9 @@ async fn a_restart_of_the_local_kafka_keeps_every_record() -> anyhow::Result<()>
 
     for (round, graceful) in [(1, true), (2, false)] {
         if graceful {
-            nisshi.restart_gracefully().await?;
+            kafka.restart_gracefully().await?;
         } else {
-            nisshi.restart().await?;
+            kafka.restart().await?;
         }
         for device in [&phone, &laptop] {
             let report = device.sync().await.with_context(|| format!("round {round}: {}", device.name))?;
@@ -109,14 +109,14 @@ async fn a_restart_of_the_local_kafka_keeps_every_record() -> anyhow::Result<()>
     Ok(())
 }
 
-async fn delete_and_recreate_topic(nisshi: &Nisshi, topic: &str) -> anyhow::Result<()> {
+async fn delete_and_recreate_topic(kafka: &Kafka, topic: &str) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", nisshi.bootstrap()).create()?;
+        ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create()?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.delete_topics(&[topic], &options).await? {
         result.map_err(|(topic, code)| anyhow::anyhow!("deleting {topic}: {code}"))?;
     }
-    nisshi.create_topic(topic, 1).await
+    kafka.create_topic(topic, 1).await
 }
 
 /// The topic is deleted and recreated behind Lockstep's back: the log lost
@@ -125,7 +125,7 @@ async fn delete_and_recreate_topic(nisshi: &Nisshi, topic: &str) -> anyhow::Resu
 /// to the union of what the devices held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_topic_is_repaired_from_the_devices() -> anyhow::Result<()> {
-    let CliStack { nisshi, server, device: laptop } = CliStack::start("laptop").await?;
+    let CliStack { kafka, server, device: laptop } = CliStack::start("laptop").await?;
     let shared = put(&laptop, json!({"title": "shared", "body": "v1"})).await?;
     laptop.sync().await?;
     let phone = laptop.pair("phone").await?;
@@ -142,11 +142,11 @@ async fn a_recreated_topic_is_repaired_from_the_devices() -> anyhow::Result<()> 
     // recreated under it (seen here: SIGSEGV in the server).
     let mut server = server;
     assert!(server.terminate()?, "clean shutdown");
-    delete_and_recreate_topic(&nisshi, &user_topic(&user)).await?;
+    delete_and_recreate_topic(&kafka, &user_topic(&user)).await?;
     server.restart().await?;
     let mut other = other;
     other.reconnect(&server).await?;
-    // (Nisshi 0.7's DeleteTopics drops the other account's topic too: the
+    // (Kafka 0.7's DeleteTopics drops the other account's topic too: the
     // server creates a vanished topic again, empty.)
     if let Err(status) = other.subscribe(None).await {
         panic!("other accounts are served: {status:?}");
@@ -187,14 +187,14 @@ async fn a_recreated_topic_is_repaired_from_the_devices() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_log_is_refused_until_each_device_repairs() -> anyhow::Result<()> {
     use lockstep_proto::v1::{ResyncReason, SubscribeRequest, subscribe_response::Event};
-    let Stack { nisshi, server, device: first } = Stack::start("first").await?;
+    let Stack { kafka, server, device: first } = Stack::start("first").await?;
     let second = first.pair(&server, "second").await?;
     let offsets = first.push_ok(changes(5, 100)).await?;
     assert_eq!(second.ack(*offsets.last().context("offsets")?).await?, 5);
 
     let mut server = server;
     assert!(server.terminate()?, "clean shutdown");
-    delete_and_recreate_topic(&nisshi, &user_topic(&first.user_id)).await?;
+    delete_and_recreate_topic(&kafka, &user_topic(&first.user_id)).await?;
     server.restart().await?;
     let (mut first, mut second) = (first, second);
     first.reconnect(&server).await?;
@@ -243,12 +243,12 @@ async fn a_lost_log_is_refused_until_each_device_repairs() -> anyhow::Result<()>
 /// told about that offset (a problem in `check`), and what follows arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_in_a_users_log_is_reported_never_skipped_silently() -> anyhow::Result<()> {
-    let CliStack { nisshi, server, device: laptop } = CliStack::start("laptop").await?;
+    let CliStack { kafka, server, device: laptop } = CliStack::start("laptop").await?;
     put(&laptop, json!({"title": "before"})).await?;
     laptop.sync().await?;
     let phone = laptop.pair("phone").await?;
 
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", nisshi.bootstrap()).create()?;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create()?;
     let topic = user_topic(&user_id(&laptop).await?);
     let junk_offset = producer
         .send(
@@ -281,7 +281,7 @@ async fn junk_in_a_users_log_is_reported_never_skipped_silently() -> anyhow::Res
 /// (they used to make one response of 23 MB, over the server's own cap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_legal_changes_are_deliverable() -> anyhow::Result<()> {
-    let Stack { nisshi: _nisshi, server, device: first } = Stack::start("first").await?;
+    let Stack { kafka: _kafka, server, device: first } = Stack::start("first").await?;
     let info = first
         .sync
         .clone()
@@ -308,7 +308,7 @@ async fn the_largest_legal_changes_are_deliverable() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_mid_push_keeps_every_acknowledged_change() -> anyhow::Result<()> {
     use lockstep_proto::v1::push_result;
-    let Stack { nisshi, mut server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, mut server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     // A device that stopped reading its stream: the stop must not wait for it
     // for longer than the drain deadline.
@@ -339,7 +339,7 @@ async fn a_graceful_stop_mid_push_keeps_every_acknowledged_change() -> anyhow::R
         acknowledged.extend(pusher.await?);
     }
     assert!(!acknowledged.is_empty(), "pushes were acknowledged before the stop");
-    let records = lockstep_e2e::nisshi::read_topic(nisshi.bootstrap(), &user_topic(&phone.user_id)).await?;
+    let records = lockstep_e2e::kafka::read_topic(kafka.bootstrap(), &user_topic(&phone.user_id)).await?;
     let in_log: std::collections::HashSet<String> =
         records.iter().map(|(_, record)| record.change_id.clone()).collect();
     assert_eq!(in_log.len(), records.len(), "no change twice");

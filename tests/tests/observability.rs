@@ -33,7 +33,7 @@ fn samples(text: &str) -> HashMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
-    let Stack { mut nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { mut kafka, server, device: phone } = Stack::start_own("phone").await?;
     let admin = server.admin_addr().context("the server printed its admin address")?;
     let laptop = phone.pair(&server, "laptop").await?;
     let mut stream = laptop.subscribe(None).await?;
@@ -76,13 +76,13 @@ async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
     // Health is the process; readiness is Kafka.
     assert_eq!(http_get(admin, "/healthz").await?.0, 200);
     assert_eq!(http_get(admin, "/readyz").await?.0, 200);
-    nisshi.kill();
+    kafka.kill();
     let started = Instant::now();
     while http_get(admin, "/readyz").await?.0 != 503 {
         anyhow::ensure!(started.elapsed() < WAIT, "/readyz never noticed that Kafka is gone");
     }
     assert_eq!(http_get(admin, "/healthz").await?.0, 200, "the process is still healthy");
-    nisshi.restart().await?;
+    kafka.restart().await?;
     let started = Instant::now();
     while http_get(admin, "/readyz").await?.0 != 200 {
         anyhow::ensure!(started.elapsed() < WAIT, "/readyz never saw Kafka come back");
@@ -97,7 +97,7 @@ async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
 /// A real Prometheus (Debian's `prometheus`) scrapes the admin port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_server() -> anyhow::Result<()> {
-    let Stack { nisshi: _nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka: _kafka, server, device: phone } = Stack::start("phone").await?;
     let admin = server.admin_addr().context("admin address")?;
     phone.push_ok(changes(7, 32)).await?;
 
@@ -170,7 +170,7 @@ async fn idle_per_device_state_is_forgotten_and_devices_carry_on_where_they_were
     const USERS: usize = 8;
     const KINDS: [&str; 5] = ["device_offsets", "user_pushes", "log_marks", "device_generations", "live_caches"];
     let idle = [("LOCKSTEP_LIMITS__IDLE_STATE_AFTER", "1s")];
-    let Stack { nisshi: _nisshi, server, device: first } = Stack::start_with("phone", &idle).await?;
+    let Stack { kafka: _kafka, server, device: first } = Stack::start_with("phone", &idle).await?;
     let admin = server.admin_addr().context("the server printed its admin address")?;
     let mut fleet = vec![(first.clone(), first.pair(&server, "laptop").await?)];
     for _ in 1..USERS {

@@ -1,4 +1,4 @@
-//! Wake-ups end to end: Nisshi, the real `lockstep` server publishing events,
+//! Wake-ups end to end: Kafka, the real `lockstep` server publishing events,
 //! the real `lockstep-push` worker, and a local push service written apart
 //! from the worker (`tests/python/push_service.py`: it verifies the VAPID JWT
 //! and decrypts the `aes128gcm` body with the subscription's private key).
@@ -12,7 +12,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use lockstep_e2e::{
     device::{Device, changes, receive_changes, with_token},
-    nisshi::{EventRecord, Nisshi, read_events},
+    kafka::{EventRecord, Kafka, read_events},
     push::{PushService, PushWorker, Seen, Subscription},
     server::Server,
 };
@@ -28,27 +28,27 @@ const EVENTS_TOPIC: &str = "lockstep.events";
 const SERVER_ENV: &[(&str, &str)] = &[("LOCKSTEP_EVENTS__LEASE_INTERVAL", "1s")];
 
 struct PushStack {
-    nisshi: Nisshi,
+    kafka: Kafka,
     server: Server,
     worker: PushWorker,
     service: PushService,
 }
 
-/// Nisshi, a server that advertises the worker's VAPID key, the worker (with
+/// Kafka, a server that advertises the worker's VAPID key, the worker (with
 /// `worker_env`), the push service; returns once the worker joined its group.
 async fn push_stack(worker_env: &[(&str, &str)]) -> anyhow::Result<PushStack> {
-    let nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
     let service = PushService::start().await?;
     // The server advertises the worker's key and creates the events topic; the
     // worker subscribes to it after.
-    let mut worker = PushWorker::prepare(nisshi.bootstrap(), worker_env)?;
+    let mut worker = PushWorker::prepare(kafka.bootstrap(), worker_env)?;
     let key = worker.vapid_public_key().to_string();
     let mut env = SERVER_ENV.to_vec();
     env.push(("LOCKSTEP_PUSH__VAPID_PUBLIC_KEY", &key));
-    let server = Server::start_with(&nisshi, &env).await?;
+    let server = Server::start_with(&kafka, &env).await?;
     worker.restart()?;
     worker.wait_until_acting(1).await?;
-    Ok(PushStack { nisshi, server, worker, service })
+    Ok(PushStack { kafka, server, worker, service })
 }
 
 fn unb64(text: &str) -> Vec<u8> {
@@ -85,13 +85,13 @@ async fn burst(device: &Device, count: usize) -> anyhow::Result<i64> {
 
 /// Reads the events topic until `until` holds.
 async fn events_until(
-    nisshi: &Nisshi,
+    kafka: &Kafka,
     what: &str,
     until: impl Fn(&[EventRecord]) -> bool,
 ) -> anyhow::Result<Vec<EventRecord>> {
     let started = Instant::now();
     loop {
-        let events = read_events(nisshi.bootstrap(), EVENTS_TOPIC).await?;
+        let events = read_events(kafka.bootstrap(), EVENTS_TOPIC).await?;
         if until(&events) {
             return Ok(events);
         }
@@ -136,7 +136,7 @@ fn assert_clean_wake_up(seen: &Seen, log_end: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_none() -> anyhow::Result<()> {
-    let PushStack { nisshi, server, worker, service } = push_stack(&[]).await?;
+    let PushStack { kafka, server, worker, service } = push_stack(&[]).await?;
     let info = server.sync().await?.get_server_info(GetServerInfoRequest {}).await?.into_inner();
     assert_eq!(info.vapid_public_key, worker.vapid_public_key(), "the server advertises the worker's key");
 
@@ -152,7 +152,7 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     // The tablet stays connected; the desk is connected through the burst and acks it all.
     let mut tablet_stream = tablet.subscribe(None).await?;
     let mut desk_stream = desk.subscribe(None).await?;
-    events_until(&nisshi, "both streams connected", |events| {
+    events_until(&kafka, "both streams connected", |events| {
         [&tablet.device_id, &desk.device_id].iter().all(|id| {
             events
                 .iter()
@@ -165,7 +165,7 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     assert_eq!(log_end, 1_000);
     receive_changes(&mut desk_stream, 1_000, WAIT).await?;
     desk.ack(log_end - 1).await?;
-    events_until(&nisshi, "the desk's ack", |events| {
+    events_until(&kafka, "the desk's ack", |events| {
         events.iter().any(|(_, _, _, e)| {
             matches!(&e.body, EventBody::DeviceAcked { device_id, committed_offset, .. }
                 if *device_id == desk.device_id && *committed_offset == log_end)
@@ -184,7 +184,7 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     assert_eq!(service.requests_to(&tablet_sub.id).await?.len(), 0, "the tablet is connected");
     assert_eq!(service.requests_to(&desk_sub.id).await?.len(), 0, "the desk acked to the log end");
     let events =
-        events_until(&nisshi, "the phone's wake-up event", |events| !wake_ups(events, &phone.device_id).is_empty())
+        events_until(&kafka, "the phone's wake-up event", |events| !wake_ups(events, &phone.device_id).is_empty())
             .await?;
     let phone_wakes = wake_ups(&events, &phone.device_id);
     assert_eq!(phone_wakes.len(), 1, "{phone_wakes:?}");
@@ -230,7 +230,7 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_service_answers_410_429_413_500_and_webhook_rejections_are_honoured() -> anyhow::Result<()> {
     let worker_env = [("LOCKSTEP_PUSH_WAKE__MIN_INTERVAL", "1s"), ("LOCKSTEP_PUSH_WAKE__RETRY_BASE_DELAY", "200ms")];
-    let PushStack { nisshi, server, worker: _worker, service } = push_stack(&worker_env).await?;
+    let PushStack { kafka, server, worker: _worker, service } = push_stack(&worker_env).await?;
 
     // 410: the target is forgotten, an event says so, and later changes wake nothing.
     let gone_owner = Device::create_account(&server, "gone-pusher").await?;
@@ -240,7 +240,7 @@ async fn push_service_answers_410_429_413_500_and_webhook_rejections_are_honoure
     service.fail(410, 1, None, Some(&gone_sub.id)).await?;
     gone_owner.push_ok(changes(3, 16)).await?;
     service.wait_for(&gone_sub.id, 1, WAIT).await?;
-    events_until(&nisshi, "the target removed as GONE", |events| {
+    events_until(&kafka, "the target removed as GONE", |events| {
         events.iter().any(|(_, _, _, e)| {
             matches!(&e.body, EventBody::PushTargetRemoved { device_id, reason: TargetRemovedReason::Gone }
                 if *device_id == gone.device_id)
@@ -302,7 +302,7 @@ async fn push_service_answers_410_429_413_500_and_webhook_rejections_are_honoure
     tokio::time::sleep(Duration::from_millis(1_100)).await; // min_interval
     hook_owner.push_ok(changes(2, 16)).await?;
     service.wait_for(&pushkey, 2, WAIT).await?;
-    events_until(&nisshi, "the webhook target removed as REJECTED", |events| {
+    events_until(&kafka, "the webhook target removed as REJECTED", |events| {
         events.iter().any(|(_, _, _, e)| {
             matches!(&e.body, EventBody::PushTargetRemoved { device_id, reason: TargetRemovedReason::Rejected }
                 if *device_id == hook.device_id)
@@ -322,7 +322,7 @@ async fn push_service_answers_410_429_413_500_and_webhook_rejections_are_honoure
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_restarts_without_a_storm_and_wakes_who_is_still_behind() -> anyhow::Result<()> {
     let worker_env = [("LOCKSTEP_PUSH_WAKE__MIN_INTERVAL", "60s")];
-    let PushStack { nisshi, server, mut worker, service } = push_stack(&worker_env).await?;
+    let PushStack { kafka, server, mut worker, service } = push_stack(&worker_env).await?;
     // Five users with an offline device each, woken before the kill.
     let mut woken = Vec::new();
     for index in 0..5 {
@@ -336,7 +336,7 @@ async fn a_killed_worker_restarts_without_a_storm_and_wakes_who_is_still_behind(
     for (_, _, subscription) in &woken {
         service.wait_for(&subscription.id, 1, WAIT).await?;
     }
-    events_until(&nisshi, "every wake-up recorded", |events| {
+    events_until(&kafka, "every wake-up recorded", |events| {
         woken
             .iter()
             .all(|(_, device, _)| wake_ups(events, &device.device_id).iter().any(|w| w.0 == WakeUpOutcome::Sent))
@@ -369,8 +369,8 @@ async fn a_killed_worker_restarts_without_a_storm_and_wakes_who_is_still_behind(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_the_partitions_and_wake_each_device_once() -> anyhow::Result<()> {
-    let PushStack { nisshi, server, worker: mut first, service } = push_stack(&[]).await?;
-    let mut second = PushWorker::start(nisshi.bootstrap(), &[]).await?;
+    let PushStack { kafka, server, worker: mut first, service } = push_stack(&[]).await?;
+    let mut second = PushWorker::start(kafka.bootstrap(), &[]).await?;
     second.wait_until_acting(1).await?;
     // The first worker gave up half of its partitions in the rebalance.
     first.wait_for_log("partitions revoked", 1, WAIT).await?;
@@ -389,7 +389,7 @@ async fn two_workers_split_the_partitions_and_wake_each_device_once() -> anyhow:
         service.wait_for(&subscription.id, 1, WAIT).await?;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let events = events_until(&nisshi, "every wake-up recorded", |events| {
+    let events = events_until(&kafka, "every wake-up recorded", |events| {
         devices.iter().all(|(_, device, _)| !wake_ups(events, &device.device_id).is_empty())
     })
     .await?;
@@ -409,7 +409,7 @@ async fn two_workers_split_the_partitions_and_wake_each_device_once() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_independent_kafka_client_reads_the_scenario_and_no_content_from_the_events_topic() -> anyhow::Result<()> {
-    let PushStack { nisshi, server, worker: _worker, service } = push_stack(&[]).await?;
+    let PushStack { kafka, server, worker: _worker, service } = push_stack(&[]).await?;
     let laptop = Device::create_account(&server, "laptop").await?;
     let phone = laptop.pair(&server, "phone").await?;
     let subscription = service.subscribe().await?;
@@ -443,7 +443,7 @@ async fn an_independent_kafka_client_reads_the_scenario_and_no_content_from_the_
     drop(stream);
     let request = with_token(lockstep_proto::v1::RemovePushTargetRequest {}, &phone.token);
     server.push_targets().await?.remove_push_target(request).await?;
-    events_until(&nisshi, "the scenario's last events", |events| {
+    events_until(&kafka, "the scenario's last events", |events| {
         let phone_events = |kind: &str| {
             events.iter().any(|(_, _, _, e)| e.body.kind() == kind && e.body.device_id() == Some(&phone.device_id))
         };
@@ -454,7 +454,7 @@ async fn an_independent_kafka_client_reads_the_scenario_and_no_content_from_the_
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut child = std::process::Command::new("python3")
         .arg(manifest.join("python/events_check.py"))
-        .arg(nisshi.bootstrap())
+        .arg(kafka.bootstrap())
         .arg(EVENTS_TOPIC)
         .arg(manifest.join("../schemas/avro/event.avsc"))
         .stdin(std::process::Stdio::piped())

@@ -4,12 +4,12 @@
 
 use std::{path::Path, process::Command};
 
-use lockstep_e2e::{nisshi::Nisshi, server::Server};
+use lockstep_e2e::{kafka::Kafka, server::Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_grpcio_device_can_sync() -> anyhow::Result<()> {
-    let nisshi = Nisshi::start().await?;
-    let server = Server::start(&nisshi).await?;
+    let kafka = Kafka::start().await?;
+    let server = Server::start(&kafka).await?;
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let address = server.addr().to_string();
     let output = tokio::task::spawn_blocking({

@@ -1,5 +1,5 @@
 //! Key rotation end to end (real `lockstep-cli` devices, the real server, a
-//! real Nisshi): after a device is revoked, what is written later is sealed
+//! real Kafka): after a device is revoked, what is written later is sealed
 //! under a new random epoch key that the revoked device's keys — kept here,
 //! store and all — cannot open, while every remaining device and a device
 //! paired after the rotation read old and new changes alike; a push under the
@@ -9,7 +9,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::Context;
 use lockstep_client::{crypto::Binding, store::Store};
-use lockstep_e2e::{cli::Cli, device::with_token, nisshi::read_topic, stack::CliStack};
+use lockstep_e2e::{cli::Cli, device::with_token, kafka::read_topic, stack::CliStack};
 use lockstep_proto::v1::{Change, PushRequest, sync_client::SyncClient};
 use lockstep_schemas::ChangeEnvelope;
 use serde_json::Value;
@@ -49,7 +49,7 @@ async fn key_epoch(device: &Cli) -> anyhow::Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_cannot_read_what_is_written_after_the_rotation() -> anyhow::Result<()> {
-    let CliStack { nisshi, server, device: laptop } = CliStack::start("laptop").await?;
+    let CliStack { kafka, server, device: laptop } = CliStack::start("laptop").await?;
     let phone = laptop.pair("phone").await?;
     let stolen = laptop.pair("stolen").await?;
     let before = id_of(&laptop.json(&["put", "-c", "notes", r#"{"text":"before"}"#]).await?)?;
@@ -78,7 +78,7 @@ async fn a_revoked_device_cannot_read_what_is_written_after_the_rotation() -> an
     assert!(refused.contains("Unauthenticated"), "{refused}");
 
     // The log as Kafka holds it: the later change is under epoch 2.
-    let log = read_topic(nisshi.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let log = read_topic(kafka.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
     let envelope_of = |record_id: &str| {
         log.iter().rev().map(|(_, envelope)| envelope).find(|envelope| envelope.record_id == record_id).cloned()
     };
@@ -161,7 +161,7 @@ async fn a_revoked_device_cannot_read_what_is_written_after_the_rotation() -> an
     tablet.sync().await?;
     phone.sync().await?;
     assert_eq!(phone.get(&from_tablet).await?["fields"]["text"], "from the tablet");
-    let log = read_topic(nisshi.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let log = read_topic(kafka.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
     let written = log.iter().map(|(_, envelope)| envelope).find(|envelope| envelope.record_id == from_tablet);
     let written = written.context("the tablet's change is in the log")?;
     assert_eq!(written.key_epoch, 2);
@@ -171,7 +171,7 @@ async fn a_revoked_device_cannot_read_what_is_written_after_the_rotation() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_was_offline_during_the_rotation_writes_under_the_new_epoch() -> anyhow::Result<()> {
-    let CliStack { nisshi, server: _server, device: laptop } = CliStack::start("laptop").await?;
+    let CliStack { kafka, server: _server, device: laptop } = CliStack::start("laptop").await?;
     let phone = laptop.pair("phone").await?;
     let stolen = laptop.pair("stolen").await?;
     for device in [&laptop, &phone, &stolen] {
@@ -188,7 +188,7 @@ async fn a_device_that_was_offline_during_the_rotation_writes_under_the_new_epoc
     laptop.sync().await?;
     assert_eq!(laptop.get(&pending).await?["fields"]["text"], "written offline");
     let user_id = laptop.json(&["status"]).await?["user_id"].as_str().context("user")?.to_string();
-    let log = read_topic(nisshi.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let log = read_topic(kafka.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
     let epochs: Vec<u32> =
         log.iter().filter(|(_, envelope)| envelope.record_id == pending).map(|(_, e)| e.key_epoch).collect();
     assert_eq!(epochs, [2]);

@@ -75,7 +75,7 @@ async fn a_thousand_streams_that_never_read_are_ended_and_nobody_else_notices() 
         ("LOCKSTEP_LIMITS__MAX_SUBSCRIPTIONS", "1002"),
         ("LOCKSTEP_LIMITS__MAX_SUBSCRIPTIONS_PER_USER", "1000"),
     ];
-    let Stack { nisshi: _nisshi, mut server, device: laptop } = Stack::start_with("laptop", &settings).await?;
+    let Stack { kafka: _kafka, mut server, device: laptop } = Stack::start_with("laptop", &settings).await?;
     let phone = laptop.pair(&server, "phone").await?;
     // Another user with 1,000 devices that will stop reading.
     let owner = Device::create_account(&server, "stuck-0").await?;

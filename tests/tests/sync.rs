@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use lockstep_e2e::{
     device::{Device, Received, changes, receive_changes, receive_until},
-    nisshi::{committed_offset, read_topic},
+    kafka::{committed_offset, read_topic},
     stack::Stack,
 };
 use lockstep_proto::v1::ListDevicesRequest;
@@ -33,7 +33,7 @@ fn assert_same_changes(received: &Received, pushed: &[lockstep_proto::v1::Change
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_changes_reach_the_other_device_in_order_and_unchanged() -> anyhow::Result<()> {
-    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     assert_eq!(laptop.user_id, phone.user_id);
     assert_ne!(laptop.device_id, phone.device_id);
@@ -56,7 +56,7 @@ async fn a_thousand_changes_reach_the_other_device_in_order_and_unchanged() -> a
     assert_same_changes(&received, &reply, &reply_offsets, &laptop.device_id);
 
     // What Kafka holds is exactly what was pushed, readable by any Kafka client.
-    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    let records = read_topic(kafka.bootstrap(), &topic_of(&phone)).await?;
     assert_eq!(records.len(), 1003);
     assert_eq!(records[17].1.ciphertext, pushed[17].ciphertext.to_vec());
     assert_eq!(records[17].1.user_id, phone.user_id);
@@ -65,7 +65,7 @@ async fn a_thousand_changes_reach_the_other_device_in_order_and_unchanged() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_resumes_after_its_last_ack() -> anyhow::Result<()> {
-    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
     let tablet = phone.pair(&server, "tablet").await?;
 
     let first = changes(300, 512);
@@ -84,7 +84,7 @@ async fn an_offline_device_resumes_after_its_last_ack() -> anyhow::Result<()> {
         phone.push_ok(batch.to_vec()).await?;
     }
     // The group offset is a standard Kafka consumer-group offset.
-    assert_eq!(committed_offset(nisshi.bootstrap(), &group_of(&tablet), &topic_of(&tablet)).await?, Some(250));
+    assert_eq!(committed_offset(kafka.bootstrap(), &group_of(&tablet), &topic_of(&tablet)).await?, Some(250));
     let devices = phone.accounts.clone().list_devices(phone.request(ListDevicesRequest {})).await?.into_inner().devices;
     let listed = devices.iter().find(|device| device.device_id == tablet.device_id).expect("tablet listed");
     assert_eq!(listed.committed_offset, 250);
@@ -109,7 +109,7 @@ async fn an_offline_device_resumes_after_its_last_ack() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_delivering_loses_nothing_that_was_acknowledged() -> anyhow::Result<()> {
-    let Stack { nisshi, mut server, device: mut phone } = Stack::start("phone").await?;
+    let Stack { kafka, mut server, device: mut phone } = Stack::start("phone").await?;
     let mut laptop = phone.pair(&server, "laptop").await?;
 
     let pushed = changes(2000, 1024);
@@ -149,7 +149,7 @@ async fn kill_9_while_delivering_loses_nothing_that_was_acknowledged() -> anyhow
     assert_eq!(delivered, expected, "every acknowledged change was delivered");
     assert_eq!(rest.offsets(), ((applied + 1)..2100).collect::<Vec<i64>>());
 
-    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    let records = read_topic(kafka.bootstrap(), &topic_of(&phone)).await?;
     assert_eq!(records.len(), 2100, "no change was appended twice");
 
     // A clean stop (SIGTERM) ends streams and exits successfully.
@@ -162,7 +162,7 @@ async fn concurrent_pushes_of_one_user_are_ordered_once_and_retryable() -> anyho
     // The gateway pipelines a user's pushes (the next one enqueues while the
     // previous waits for Kafka): offsets stay contiguous, each change is written
     // once, live delivery stays in offset order, retries answer with first offsets.
-    let Stack { nisshi, server, device: phone } = Stack::start("phone").await?;
+    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     let watcher = phone.pair(&server, "watcher").await?;
     let mut stream = watcher.subscribe(None).await?;
@@ -190,7 +190,7 @@ async fn concurrent_pushes_of_one_user_are_ordered_once_and_retryable() -> anyho
 
     let received = receive_changes(&mut stream, 2_000, WAIT).await?;
     assert_eq!(received.offsets(), (0..2_000).collect::<Vec<i64>>(), "live delivery in offset order");
-    let records = read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?;
+    let records = read_topic(kafka.bootstrap(), &topic_of(&phone)).await?;
     assert_eq!(records.len(), 2_000);
 
     // Retrying everything at once: all duplicates, same offsets, nothing appended.
@@ -213,6 +213,6 @@ async fn concurrent_pushes_of_one_user_are_ordered_once_and_retryable() -> anyho
     for retry in retries {
         retry.await??;
     }
-    assert_eq!(read_topic(nisshi.bootstrap(), &topic_of(&phone)).await?.len(), 2_000);
+    assert_eq!(read_topic(kafka.bootstrap(), &topic_of(&phone)).await?.len(), 2_000);
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! TLS end to end: the CLI against a TLS server whose CA the test made (and a
 //! wrong one refused, a renewed certificate picked up on SIGHUP), and the
 //! server's Kafka connections (rdkafka and the group-offsets client) over TLS
-//! with SASL SCRAM-SHA-256, through a TLS-terminating proxy in front of Nisshi
-//! (Nisshi 0.7.0-pre.2 takes `--cert`/`--key` but serves plaintext, and its
+//! with SASL SCRAM-SHA-256, through a TLS-terminating proxy in front of Kafka
+//! (Kafka 0.7.0-pre.2 takes `--cert`/`--key` but serves plaintext, and its
 //! SASL offers SCRAM-SHA-256 only: PLAIN and SCRAM-SHA-512 are unit-tested).
 
 use std::time::Duration;
@@ -12,7 +12,7 @@ use lockstep_e2e::{
     cli::Cli,
     device::{Device, changes, receive_changes},
     free_port,
-    nisshi::{Nisshi, NisshiOptions},
+    kafka::{Kafka, KafkaOptions},
     server::Server,
     tls::{TestCa, TlsTerminator},
 };
@@ -52,11 +52,11 @@ async fn the_cli_syncs_over_tls_refuses_a_wrong_certificate_and_follows_a_renewa
     let impostor = TestCa::new("some other ca")?;
     let certs = tempfile::tempdir()?;
     let served = ca.issue(&["localhost", "127.0.0.1"], certs.path(), "server")?;
-    let nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
     let cert_file = served.cert.to_string_lossy().to_string();
     let key_file = served.key.to_string_lossy().to_string();
     let server =
-        Server::start_with(&nisshi, &[("LOCKSTEP_TLS__CERT_FILE", &cert_file), ("LOCKSTEP_TLS__KEY_FILE", &key_file)])
+        Server::start_with(&kafka, &[("LOCKSTEP_TLS__CERT_FILE", &cert_file), ("LOCKSTEP_TLS__KEY_FILE", &key_file)])
             .await?;
     let url = server.https_endpoint();
     let pinned = ca.ca_file().to_string_lossy().to_string();
@@ -108,7 +108,7 @@ async fn the_cli_syncs_over_tls_refuses_a_wrong_certificate_and_follows_a_renewa
 }
 
 /// The server talks to Kafka only through TLS with SASL SCRAM-SHA-256 (the
-/// proxy speaks nothing but TLS, Nisshi refuses every request before SASL):
+/// proxy speaks nothing but TLS, Kafka refuses every request before SASL):
 /// pushes, delivery and offset commits all work; the group-offsets client
 /// alone without TLS, without SASL or with a wrong password is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,11 +119,11 @@ async fn kafka_over_tls_with_sasl_scram_through_a_terminating_proxy() -> anyhow:
     let nisshi_port = free_port()?;
     let proxy = TlsTerminator::start(0, ([127, 0, 0, 1], nisshi_port).into(), &kafka_cert).await?;
     let options =
-        NisshiOptions { port: Some(nisshi_port), advertised_port: Some(proxy.addr().port()), ..Default::default() };
-    let mut nisshi = Nisshi::start_with(options).await?;
-    nisshi.create_scram_user("lockstep", "hunter2").await?;
-    nisshi.set_authentication(true);
-    nisshi.restart_gracefully().await?;
+        KafkaOptions { port: Some(nisshi_port), advertised_port: Some(proxy.addr().port()), ..Default::default() };
+    let mut kafka = Kafka::start_with(options).await?;
+    kafka.create_scram_user("lockstep", "hunter2").await?;
+    kafka.set_authentication(true);
+    kafka.restart_gracefully().await?;
 
     let config = dir.path().join("lockstep.toml");
     let ca_file = ca.ca_file().to_string_lossy().to_string();

@@ -13,7 +13,7 @@ use anyhow::Context;
 use lockstep_e2e::{
     device::{Device, changes, receive_changes},
     leaks::{content_in, traceable_changes},
-    nisshi::Nisshi,
+    kafka::Kafka,
     process::Process,
     server::Server,
 };
@@ -68,10 +68,10 @@ fn spans_of(path: &Path, trace_id: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_push_is_one_trace_from_the_device_through_kafka_to_the_devices() -> anyhow::Result<()> {
     let receiver = start_receiver().await?;
-    let nisshi = Nisshi::start().await?;
+    let kafka = Kafka::start().await?;
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
     let server = Server::start_with(
-        &nisshi,
+        &kafka,
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
     )
     .await?;
@@ -131,7 +131,7 @@ async fn one_push_is_one_trace_from_the_device_through_kafka_to_the_devices() ->
     assert!(!all.contains("notes"), "a collection in an attribute");
 
     // A server without an OTLP endpoint sends no trace context at all.
-    let plain = Server::start(&nisshi).await?;
+    let plain = Server::start(&kafka).await?;
     let device = Device::create_account(&plain, "plain").await?;
     let other = device.pair(&plain, "other").await?;
     let mut stream = other.subscribe(None).await?;

@@ -1,7 +1,7 @@
 //! A real local Apache Kafka for tests: one combined KRaft node (broker and
 //! controller) on free ports of 127.0.0.1, its data in a temporary directory
-//! (so a restart keeps everything), killed when dropped. The same public API
-//! as [`crate::nisshi::Nisshi`], so callers switch by renaming.
+//! (so a restart keeps everything), killed when dropped. It replaced Nisshi,
+//! the pre-release broker the project used before.
 //!
 //! A JVM broker takes seconds to start: tests that only need a broker share
 //! one per test binary ([`Kafka::shared`]) and keep apart through their own
@@ -30,7 +30,7 @@ use tokio::sync::OnceCell;
 
 use crate::{free_port, tmpfs::Tmpfs};
 pub use crate::{
-    records::{EventRecord, committed_offset, read_events, read_topic},
+    records::{EventRecord, committed_offset, delete_records_before, read_events, read_topic},
     tmpfs::TmpfsRefused,
 };
 

@@ -244,7 +244,7 @@ impl Node {
     pub fn format_command(&self, cluster_id: &str) -> anyhow::Result<Command> {
         std::fs::write(self.config.properties_path(), self.config.properties(false))?;
         let mut command = tool_command(&self.libs, &self.config.dir, "kafka.tools.StorageTool")?;
-        command.args(["format", "-t", cluster_id, "-c"]).arg(self.config.properties_path());
+        command.args(["format", &format!("--cluster-id={cluster_id}"), "-c"]).arg(self.config.properties_path());
         Ok(command)
     }
 
@@ -304,6 +304,15 @@ exit "$status""#;
 
     pub fn log_tail(&self) -> String {
         log_tail(&self.config.log_path())
+    }
+
+    /// The log's ERROR and FATAL lines (the first 10): why a broker stopped is
+    /// rarely in its last lines, which are its shutdown.
+    pub fn log_errors(&self) -> String {
+        let log = std::fs::read_to_string(self.config.log_path()).unwrap_or_default();
+        let errors: Vec<&str> =
+            log.lines().filter(|line| line.contains(" ERROR ") || line.contains(" FATAL ")).take(10).collect();
+        errors.join("\n")
     }
 
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
@@ -413,7 +422,12 @@ pub(crate) async fn wait_ready(nodes: &mut [&mut Node]) -> anyhow::Result<()> {
         loop {
             for node in nodes.iter_mut() {
                 if let Some(status) = node.exited() {
-                    bail!("kafka node {} exited at start ({status}):\n{}", node.config.node_id, node.log_tail());
+                    bail!(
+                        "kafka node {} exited at start ({status}):\n{}\n(last lines:)\n{}",
+                        node.config.node_id,
+                        node.log_errors(),
+                        node.log_tail()
+                    );
                 }
             }
             let client = Arc::clone(&client);
