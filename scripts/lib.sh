@@ -1,30 +1,12 @@
 # shellcheck shell=bash
 # Shared by scripts/run and scripts/test (sourced, not run).
 
-NISSHI_VERSION="0.7.0-pre.2"
 # Apache Kafka, the local broker of scripts/run, scripts/kafka-tool and the test kit.
 # Keep equal to kafka.version in scripts/kafka/pom.xml (a testkit test checks it).
 KAFKA_VERSION="4.1.1"
 LOCKSTEP_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
-
-# Installs Nisshi (the Apache-Kafka-compatible local broker, formerly Tansu)
-# unless it is installed already. Prints the binary's path.
-ensure_nisshi() {
-    local bin
-    bin="$(command -v nisshi || true)"
-    if [[ -z "$bin" && -x "$HOME/.cargo/bin/nisshi" ]]; then
-        bin="$HOME/.cargo/bin/nisshi"
-    fi
-    if [[ -n "$bin" ]]; then
-        echo "$bin"
-        return
-    fi
-    log "installing nisshi $NISSHI_VERSION (once; about 11 minutes on 2 cores)"
-    cargo install nisshi --version "$NISSHI_VERSION" --locked --features libsql,dynostore >&2
-    echo "$HOME/.cargo/bin/nisshi"
-}
 
 # librdkafka is built with TLS (and so SASL PLAIN/SCRAM) against the system's
 # OpenSSL: its headers and pkg-config must be there (Debian: libssl-dev).

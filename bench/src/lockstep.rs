@@ -419,12 +419,7 @@ const DEVICES_PER_USER: usize = 100;
 /// The devices are created by the same server process that then holds their
 /// streams: after a restart, every user's first stream waits for a shared
 /// Kafka reader to find the end of the empty topic (see ANALYSIS.md).
-pub async fn w3(
-    lockstep_bin: &Path,
-    config: &Config,
-    round: usize,
-    metrics: &mut Metrics,
-) -> anyhow::Result<()> {
+pub async fn w3(lockstep_bin: &Path, config: &Config, round: usize, metrics: &mut Metrics) -> anyhow::Result<()> {
     let kafka = procs::start_kafka().await?;
     let lockstep = procs::start_lockstep(lockstep_bin, kafka.bootstrap()).await?;
     let count = config.idle_devices.iter().copied().max().unwrap_or(0);

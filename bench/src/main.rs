@@ -20,7 +20,7 @@ use clap::Parser;
 use crate::{procs::Redis, stats::Metrics};
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks Lockstep against raw Kafka (Kafka) and Redis Streams; writes BENCHMARKS.md")]
+#[command(about = "Benchmarks Lockstep against raw Apache Kafka and Redis Streams; writes BENCHMARKS.md")]
 pub struct Args {
     /// Scaled-down counts and durations, one round: a smoke run of a minute or two.
     #[arg(long)]

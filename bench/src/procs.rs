@@ -8,10 +8,7 @@ use std::{path::Path, process::Command};
 use anyhow::Context;
 
 use lockstep_testkit::{free_port, process::Process};
-pub use lockstep_testkit::{
-    kafka::Kafka,
-    server::Server as Lockstep,
-};
+pub use lockstep_testkit::{kafka::Kafka, server::Server as Lockstep};
 use tempfile::TempDir;
 
 /// A fresh Apache Kafka broker, as the tests start it (the test kit's launcher).

@@ -201,7 +201,10 @@ fn machine(out: &mut String, args: &Args) {
         ("CPU model", cpu),
         ("memory", memory),
         ("kernel", command_line("uname", &["-sr"])),
-        ("Apache Kafka", format!("{} (one KRaft node; JVM: {})", lockstep_testkit::kafka::KAFKA_VERSION, jvm_options())),
+        (
+            "Apache Kafka",
+            format!("{} (one KRaft node; JVM: {})", lockstep_testkit::kafka::KAFKA_VERSION, jvm_options()),
+        ),
         ("redis-server", command_line(&redis, &["--version"])),
         ("rustc", command_line("rustc", &["--version"])),
         ("lockstep", command_line(&args.lockstep_bin.to_string_lossy(), &["--version"])),

@@ -60,7 +60,7 @@ impl Default for TlsSettings {
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaSettings {
-    /// Kafka bootstrap servers. Default `127.0.0.1:9092` (the local Nisshi the run script starts).
+    /// Kafka bootstrap servers. Default `127.0.0.1:9092` (the local Kafka the run script starts).
     pub bootstrap_servers: String,
     /// Prefix of per-user topics: `<prefix><user id>`. Default `lockstep.user.`.
     pub topic_prefix: String,
@@ -87,8 +87,8 @@ pub struct KafkaSettings {
     /// Extra librdkafka properties for every client (e.g. `security.protocol`). Default none.
     pub client_config: BTreeMap<String, String>,
     /// Whether deleting an account (or a failed account creation) deletes its topic. Default
-    /// true. Set false on Nisshi 0.7: its DeleteTopics deletes every topic of the cluster (its
-    /// `topic_delete_by.sql` matches the cluster, not the topic) — the account's topic then stays.
+    /// true. Set false where the cluster refuses topic deletion (`delete.topic.enable=false`) or
+    /// operators delete topics themselves: the account's topic (its ciphertext) then stays.
     pub delete_topics: bool,
 }
 

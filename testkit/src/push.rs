@@ -55,7 +55,7 @@ impl PushWorker {
     pub fn prepare_binary(binary: PathBuf, kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut settings = vec![
             ("LOCKSTEP_PUSH_EVENTS__COMMIT_INTERVAL".to_string(), "200ms".to_string()),
-            // Kafka answers a group join after about half the session timeout.
+            // A killed worker's partitions move to the next one after this.
             ("LOCKSTEP_PUSH_EVENTS__SESSION_TIMEOUT".to_string(), "4s".to_string()),
             ("LOCKSTEP_PUSH_LOG".to_string(), "info,lockstep_push=debug".to_string()),
             ("LOCKSTEP_PUSH_METRICS_LISTEN_ADDR".to_string(), "127.0.0.1:0".to_string()),

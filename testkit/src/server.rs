@@ -17,7 +17,7 @@ use lockstep_proto::v1::{
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{log_tail, kafka::Kafka, process::Process};
+use crate::{kafka::Kafka, log_tail, process::Process};
 
 const START_DEADLINE: Duration = Duration::from_secs(60);
 

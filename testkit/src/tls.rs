@@ -1,7 +1,6 @@
 //! TLS for tests: a certificate authority made on the spot (rcgen), the
-//! certificates it issues as PEM files, and a TLS-terminating proxy (for a
-//! Kafka that has no TLS listener of its own: Kafka accepts `--cert`/`--key`
-//! but serves plaintext).
+//! certificates it issues as PEM files, and a TLS-terminating proxy (the TLS
+//! listener of a test's Kafka, whose own listeners are plaintext).
 
 use std::{
     net::SocketAddr,

@@ -105,13 +105,13 @@ impl Stack {
         for line in &warnings[warnings.len().saturating_sub(6)..] {
             evidence.push_str(&format!("    {line}\n"));
         }
-        let nisshi_log = crate::log_tail(&self.kafka.data_dir().join("kafka.log"));
-        let nisshi_lines: Vec<&str> = nisshi_log.lines().collect();
-        if nisshi_lines.is_empty() {
+        let kafka_log = crate::log_tail(&self.kafka.data_dir().join("kafka.log"));
+        let kafka_lines: Vec<&str> = kafka_log.lines().collect();
+        if kafka_lines.is_empty() {
             return evidence;
         }
         evidence.push_str("  kafka log (last 8 lines):\n");
-        for line in &nisshi_lines[nisshi_lines.len().saturating_sub(8)..] {
+        for line in &kafka_lines[kafka_lines.len().saturating_sub(8)..] {
             evidence.push_str(&format!("    {}\n", truncate(line, 400)));
         }
         evidence
@@ -403,9 +403,9 @@ impl Run {
         let dir = target.join("fault-runs").join(format!("{}-seed{}-{time}", self.fault, self.seed));
         std::fs::create_dir_all(&dir)?;
         std::fs::copy(self.stack.server.log_path(), dir.join("lockstep.log"))?;
-        let nisshi_log = self.stack.kafka.data_dir().join("kafka.log");
-        if nisshi_log.exists() {
-            std::fs::copy(nisshi_log, dir.join("kafka.log"))?;
+        let kafka_log = self.stack.kafka.data_dir().join("kafka.log");
+        if kafka_log.exists() {
+            std::fs::copy(kafka_log, dir.join("kafka.log"))?;
         }
         Ok(dir)
     }

@@ -1,5 +1,5 @@
-//! End-to-end tests: the real `lockstep` binary against a real local Kafka
-//! (Kafka), driven through the public gRPC API like a device would. The
+//! End-to-end tests: the real `lockstep` binary against a real local Apache
+//! Kafka, driven through the public gRPC API like a device would. The
 //! processes, devices and stacks come from the one test kit
 //! (`lockstep-testkit`, shared with `bench/`); this crate adds the fault suite.
 //!
@@ -20,6 +20,6 @@ pub mod proxy;
 pub mod workload;
 
 pub use lockstep_testkit::{
-    cli, dashboard, device, device_group, free_port, http_get, http_get_with, log_tail, kafka, process,
-    promtool_check, push, server, stack, tls, user_topic,
+    cli, dashboard, device, device_group, free_port, http_get, http_get_with, kafka, log_tail, process, promtool_check,
+    push, server, stack, tls, user_topic,
 };

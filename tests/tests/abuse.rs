@@ -51,7 +51,14 @@ async fn a_thousand_anonymous_accounts_are_throttled_and_so_are_their_topics() -
     // The default bucket: a burst of 5, then 20 an hour (none more within this test).
     assert!((5..=6).contains(&created), "{created} accounts created");
     assert_eq!(created + throttled, 1000);
-    assert_eq!(user_topics(kafka.bootstrap())?, created, "one topic per created account, no more");
+    // A broker's metadata follows a topic's creation a moment later (under load, seconds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut topics = user_topics(kafka.bootstrap())?;
+    while topics < created && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        topics = user_topics(kafka.bootstrap())?;
+    }
+    assert_eq!(topics, created, "one topic per created account, no more");
     Ok(())
 }
 

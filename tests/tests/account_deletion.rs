@@ -100,16 +100,15 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
 
     let deleted = phone.json(&["account", "delete", "--confirm", &user_id]).await?;
     assert_eq!(deleted["completed"], true, "{deleted}");
-    // Kafka 0.7 deletes every topic of the cluster on DeleteTopics, so the tests' servers run with
-    // kafka.delete_topics = false: the topic stays (see the next test for a real deletion).
-    assert_eq!(deleted["topic_deleted"], false);
+    assert_eq!(deleted["topic_deleted"], true, "{deleted}");
     assert_eq!(deleted["devices_removed"], 2);
     assert_eq!(deleted["device_groups_deleted"], 2);
     assert_eq!(deleted["push_targets_removed"], 1);
     assert!(deleted["dedup_entries_removed"].as_u64().unwrap_or_default() >= 1, "{deleted}");
 
-    // Kafka, as an independent client sees it: no offsets, no group.
+    // Kafka, as an independent client sees it: no topic, no offsets, no group.
     let after = kafka_state(kafka.bootstrap(), &topic, &groups)?;
+    assert_eq!(after["topic_exists"], false, "{after}");
     for group in &groups {
         assert_eq!(after["groups"][group]["listed"], false, "{after}");
         assert_eq!(after["groups"][group]["offsets"], serde_json::json!({}), "{group}: {after}");
@@ -130,12 +129,12 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
     Ok(())
 }
 
-/// With `kafka.delete_topics` on (Apache Kafka), the topic goes too. Alone on its Kafka, with
-/// the events topic off: Kafka 0.7's DeleteTopics deletes every topic of the cluster.
+/// Through the gRPC API, alone on its Kafka with the events topic off: the topic and both
+/// groups exist with their offsets before, and nothing of them after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_topic_deletion_on_the_topic_goes_too() -> anyhow::Result<()> {
+async fn deleting_through_the_api_removes_the_topic_and_both_groups() -> anyhow::Result<()> {
     let kafka = Kafka::start().await?;
-    let env = [("LOCKSTEP_KAFKA__DELETE_TOPICS", "true"), ("LOCKSTEP_EVENTS__ENABLED", "false")];
+    let env = [("LOCKSTEP_EVENTS__ENABLED", "false")];
     let server = Server::start_with(&kafka, &env).await?;
     let phone = Device::create_account(&server, "phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;

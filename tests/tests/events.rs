@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lockstep_e2e::{
     device::{Device, changes, receive_changes, with_token},
-    leaks::{contains, content_in, traceable_changes},
     kafka::{EventRecord, Kafka, read_events},
+    leaks::{contains, content_in, traceable_changes},
     server::Server,
     stack::Stack,
 };

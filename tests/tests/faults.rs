@@ -1,4 +1,4 @@
-//! The fault suite: the real `lockstep` binary and a real Kafka (Kafka)
+//! The fault suite: the real `lockstep` binary and a real Apache Kafka
 //! under faults, while simulated devices push, receive and ack. Every run is
 //! checked by the history checker (`lockstep_e2e::history`: I1, I2, I4, I5
 //! and "once") and by what a run must show (`lockstep_e2e::outcome`: enough
@@ -10,7 +10,7 @@
 //!
 //! Faults: Kafka `kill -9` during pushes and during delivery; the link
 //! between Lockstep and Kafka cut, partitioned without resets, or slowed by
-//! seconds (a proxy: Kafka advertises the proxy's port); the server `kill -9`
+//! seconds (a proxy: the broker advertises the proxy's port); the server `kill -9`
 //! during pushes; Kafka's data on a small tmpfs that fills up; and a baseline
 //! without faults (what fails there is no fault's doing). Plus two contracts: with Kafka
 //! unreachable, Push, Ack and Subscribe answer UNAVAILABLE within their
@@ -407,7 +407,8 @@ async fn after_a_kafka_outage_pushes_succeed_again_within_seconds_without_restar
     );
 
     // Kafka goes away while the device pushes: its changes time out in the producer
-    // (with Kafka, the idempotent producer's epoch bump then fails for good).
+    // (on Nisshi, the broker used before, the idempotent producer's epoch bump then failed
+    // for good; the producer is replaced either way).
     run.kill_kafka().await;
     let during = changes(5, 64);
     let outage_ends = Instant::now() + Duration::from_secs(8);

@@ -2,6 +2,8 @@
 //! Kafka broker, cross-checked with librdkafka.
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use lockstep_broker::kafka::group_offsets::{GroupOffsets, GroupOffsetsSettings};
 use lockstep_e2e::kafka::Kafka;
 use rdkafka::ClientConfig;
@@ -205,4 +207,73 @@ async fn throughput_100_groups_one_connection() {
     let commits = 100 * rounds;
     println!("{commits} commits in {elapsed:?}: {:.0} commits/s", commits as f64 / elapsed.as_secs_f64());
     assert_eq!(offsets.fetch("lockstep.device.bench-99", "user.bench", 0).await.unwrap(), Some(rounds));
+}
+
+/// A device's position as Kafka's own tool shows it (`scripts/kafka-tool consumer-groups
+/// --describe`, the jars' ConsumerGroupCommand): the committed offset, the log end and the lag
+/// equal what the server tells the device and what the dashboard reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafkas_own_tool_shows_the_offset_and_lag_the_server_and_the_dashboard_report() -> anyhow::Result<()> {
+    use lockstep_e2e::{dashboard::Dashboard, device::changes, stack::Stack};
+    let events_topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
+    let Stack { kafka, server, device: phone } =
+        Stack::start_with("phone", &[("LOCKSTEP_EVENTS__TOPIC", events_topic.as_str())]).await?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    phone.push_ok(changes(5, 16)).await?;
+    // The laptop applied offsets 0..=2: its committed position is 3, two behind.
+    assert_eq!(laptop.ack(2).await?, 3);
+    let group = format!("lockstep.device.{}", laptop.device_id);
+    let topic = format!("lockstep.user.{}", laptop.user_id);
+
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-tool");
+    let output = tokio::process::Command::new(tool)
+        .args(["consumer-groups", "--describe", "--group", &group, "--bootstrap-server", kafka.bootstrap()])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "kafka-tool failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG CONSUMER-ID HOST CLIENT-ID
+    let row: Vec<&str> = stdout
+        .lines()
+        .find(|line| line.starts_with(&group))
+        .with_context(|| format!("no row for {group}:\n{stdout}"))?
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[1..6], [topic.as_str(), "0", "3", "5", "2"], "{stdout}");
+
+    // The server's view, in the device's first heartbeat.
+    let mut stream = laptop.subscribe(None).await?;
+    let mut received = lockstep_e2e::device::Received::default();
+    lockstep_e2e::device::receive_until(&mut stream, &mut received, Duration::from_secs(60), |seen| {
+        !seen.heartbeats.is_empty()
+    })
+    .await?;
+    let heartbeat = &received.heartbeats[0];
+    assert_eq!((heartbeat.committed_offset, heartbeat.log_end_offset), (3, 5));
+    drop(stream);
+
+    // The dashboard's view.
+    let dashboard_env = [
+        ("LOCKSTEP_DASHBOARD_EVENTS__TOPIC", events_topic.as_str()),
+        ("LOCKSTEP_DASHBOARD_REFRESH__INTERVAL", "500ms"),
+    ];
+    let dashboard = Dashboard::start(kafka.bootstrap(), &dashboard_env).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let devices = dashboard.json("/api/v1/devices").await?;
+        let shown = devices["devices"]
+            .as_array()
+            .and_then(|devices| devices.iter().find(|device| device["device_id"] == laptop.device_id.as_str()))
+            .map(|device| (device["committed"].as_i64(), device["lag_changes"].as_i64()));
+        if shown == Some((Some(3), Some(2))) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the dashboard shows {shown:?} for the laptop:\n{devices:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
 }

@@ -2,8 +2,8 @@
 //! wrong one refused, a renewed certificate picked up on SIGHUP), and the
 //! server's Kafka connections (rdkafka and the group-offsets client) over TLS
 //! with SASL SCRAM-SHA-256, through a TLS-terminating proxy in front of Kafka
-//! (Kafka 0.7.0-pre.2 takes `--cert`/`--key` but serves plaintext, and its
-//! SASL offers SCRAM-SHA-256 only: PLAIN and SCRAM-SHA-512 are unit-tested).
+//! (the kit's brokers listen in plaintext; the proxy is their TLS listener).
+//! PLAIN and SCRAM-SHA-512 are unit-tested.
 
 use std::time::Duration;
 
@@ -116,10 +116,10 @@ async fn kafka_over_tls_with_sasl_scram_through_a_terminating_proxy() -> anyhow:
     let ca = TestCa::new("kafka test ca")?;
     let dir = tempfile::tempdir()?;
     let kafka_cert = ca.issue(&["localhost", "127.0.0.1"], dir.path(), "kafka")?;
-    let nisshi_port = free_port()?;
-    let proxy = TlsTerminator::start(0, ([127, 0, 0, 1], nisshi_port).into(), &kafka_cert).await?;
+    let kafka_port = free_port()?;
+    let proxy = TlsTerminator::start(0, ([127, 0, 0, 1], kafka_port).into(), &kafka_cert).await?;
     let options =
-        KafkaOptions { port: Some(nisshi_port), advertised_port: Some(proxy.addr().port()), ..Default::default() };
+        KafkaOptions { port: Some(kafka_port), advertised_port: Some(proxy.addr().port()), ..Default::default() };
     let mut kafka = Kafka::start_with(options).await?;
     kafka.create_scram_user("lockstep", "hunter2").await?;
     kafka.set_authentication(true);

@@ -12,8 +12,8 @@ use std::{
 use anyhow::Context;
 use lockstep_e2e::{
     device::{Device, changes, receive_changes},
-    leaks::{content_in, traceable_changes},
     kafka::Kafka,
+    leaks::{content_in, traceable_changes},
     process::Process,
     server::Server,
 };

@@ -196,8 +196,9 @@ impl Session {
             };
             // Offsets of a user topic are contiguous (no transactions, no
             // compaction), so a first record after the cursor means the records
-            // at the cursor are gone. Some brokers (Nisshi) serve from the log
-            // start instead of answering OFFSET_OUT_OF_RANGE: never skip silently.
+            // at the cursor are gone. A read that was out of range may come back
+            // from the log start instead of as OFFSET_OUT_OF_RANGE (a reset, or a
+            // Kafka-compatible broker that serves so): never skip silently.
             if let Some((first, _)) = chunk.records.first()
                 && *first > cursor
             {

@@ -21,7 +21,7 @@ use crate::{
 /// Most records per batch.
 const MAX_BATCH: usize = 5_000;
 /// Failed batches in a row after which the producer is replaced (an
-/// idempotent producer can get stuck for good on Nisshi; see `kafka::producer`).
+/// idempotent producer can get stuck for good; see `kafka::producer`).
 const REPLACE_AFTER_FAILURES: u32 = 3;
 
 /// The running publisher; [`Publisher::drain`] at shutdown.

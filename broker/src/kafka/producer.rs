@@ -1,11 +1,13 @@
 //! The gateway's one producer: idempotent, acks=all. A push is answered only
 //! after the delivery report for each of its records arrived.
 //!
-//! An idempotent producer can get stuck for good: after a fatal error, or
-//! when the broker keeps refusing its producer id or epoch (Nisshi 0.7 fails
-//! the epoch bump librdkafka makes after timed-out requests, and then answers
-//! "Unknown broker error" to that producer forever, while a new producer works
-//! at once). Such a producer is replaced by a fresh one, without a restart.
+//! An idempotent producer can get stuck for good: after a fatal error (e.g. a
+//! fenced producer or an out-of-order sequence librdkafka cannot recover), or
+//! when the broker keeps refusing its producer id or epoch (a Kafka-compatible
+//! broker used before, Nisshi 0.7, failed the epoch bump librdkafka makes after
+//! timed-out requests and answered "Unknown broker error" to that producer
+//! forever, while a new producer worked at once). Such a producer is replaced by
+//! a fresh one, without a restart.
 
 use std::{
     future::Future,

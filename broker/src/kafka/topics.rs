@@ -69,14 +69,11 @@ impl Topics {
     /// error: user ids are fresh UUIDs, so it would belong to someone else.
     pub async fn create_user_topic(&self, topic: &str) -> Result<(), KafkaError> {
         let retention = self.settings.topic_retention_ms.to_string();
-        let mut new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(self.settings.replication_factor))
-            .set("retention.ms", &retention);
-        // `cleanup.policy` only with a finite retention: `delete` is Kafka's
-        // default anyway, but Nisshi 0.7 applies retention only to topics that set
-        // it — and when the policy is set, it can drop every record on a restart.
-        if self.settings.topic_retention_ms >= 0 {
-            new_topic = new_topic.set("cleanup.policy", "delete");
-        }
+        // `delete`, whatever the cluster's default: compaction would leave holes in
+        // the offsets, which delivery and the devices treat as lost changes.
+        let new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(self.settings.replication_factor))
+            .set("retention.ms", &retention)
+            .set("cleanup.policy", "delete");
         let options = AdminOptions::new()
             .request_timeout(Some(self.settings.request_timeout))
             .operation_timeout(Some(self.settings.request_timeout));
@@ -91,8 +88,7 @@ impl Topics {
     }
 
     /// Creates a shared topic (the events topic) with `partitions` unless it
-    /// exists. No `cleanup.policy`: the broker's default retention applies
-    /// (and Nisshi 0.7 would drop every record of a topic that sets it).
+    /// exists, with the cluster's default retention.
     pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
         let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.settings.replication_factor));
         let options = AdminOptions::new()

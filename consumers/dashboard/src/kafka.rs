@@ -56,7 +56,8 @@ pub fn read_events_blocking(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // Nisshi wakes waiting fetches late: keep the wait short so acks show within a second.
+        // Acks show within a second, also from a broker that does not answer a waiting
+        // fetch as soon as data arrives (Apache Kafka does).
         .set("fetch.wait.max.ms", "50")
         // librdkafka prefetches up to 64 MiB by default; events are tiny and folded at once.
         .set("queued.max.messages.kbytes", "4096")

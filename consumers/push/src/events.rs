@@ -158,8 +158,9 @@ impl GroupMember {
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("session.timeout.ms", settings.events.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", (settings.events.session_timeout.as_millis() / 4).max(100).to_string());
-        // Wake-ups should follow an event within a second; brokers that do not wake
-        // waiting fetches at once (Nisshi) answer after this. A setting can override it.
+        // Wake-ups should follow an event within a second, also from a broker that
+        // does not answer a waiting fetch as soon as data arrives (Apache Kafka does).
+        // A setting can override it.
         if !settings.kafka.client_config.contains_key("fetch.wait.max.ms") {
             config.set("fetch.wait.max.ms", "100");
         }

@@ -49,8 +49,7 @@ pub struct EventsSettings {
     /// Events buffered between the Kafka poll thread and the worker. Default 1,024.
     pub channel_capacity: usize,
     /// The group's `session.timeout.ms`: how soon a crashed instance's partitions move to
-    /// the others. Also bounds how long joining takes (Nisshi answers a join after about
-    /// half of it). Default 10s.
+    /// the others. Default 10s.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
 }
