@@ -129,8 +129,8 @@ impl App {
         let gateway =
             Gateway::new(&clients, dedup, delivery.clone(), guard, events.clone(), shutdown.clone(), &settings);
         // Validated with the settings: an error here cannot happen.
-        let target_policy = crate::push_targets::TargetPolicy::allowing(&settings.push.allow_private_targets)
-            .unwrap_or_default();
+        let target_policy =
+            crate::push_targets::TargetPolicy::allowing(&settings.push.allow_private_targets).unwrap_or_default();
         let push_targets = PushTargets::new(db.clone(), events.clone(), target_policy);
         let erasure = Erasure::new(
             db,

@@ -293,8 +293,7 @@ mod tests {
             assert!(refused_range(ip).is_some(), "{text} must be refused");
             assert!(!TargetPolicy::public_only().permits(ip), "{text}");
         }
-        for text in ["1.1.1.1", "172.15.255.255", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "64:ff9b::808:808"]
-        {
+        for text in ["1.1.1.1", "172.15.255.255", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "64:ff9b::808:808"] {
             assert_eq!(refused_range(text.parse().unwrap()), None, "{text} is public");
         }
     }

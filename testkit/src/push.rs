@@ -15,6 +15,12 @@ use tempfile::TempDir;
 
 use crate::{log_tail, process::Process, server::workspace_binary};
 
+/// The worker setting that lets it reach [`PushService`] on 127.0.0.1: push targets
+/// inside the network are refused unless listed (issue 25).
+pub const WORKER_ALLOWS_LOCAL_PUSH: (&str, &str) = ("LOCKSTEP_PUSH_HTTP__ALLOW_PRIVATE_TARGETS", r#"["127.0.0.1"]"#);
+/// The server setting that lets devices name [`PushService`] on 127.0.0.1 in SetPushTarget.
+pub const SERVER_ALLOWS_LOCAL_PUSH: (&str, &str) = ("LOCKSTEP_PUSH__ALLOW_PRIVATE_TARGETS", r#"["127.0.0.1"]"#);
+
 /// The worker binary: `$LOCKSTEP_PUSH_BIN`, else `<target dir>/debug/lockstep-push`
 /// (refused when older than its sources).
 pub fn push_binary() -> anyhow::Result<PathBuf> {

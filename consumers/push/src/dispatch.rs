@@ -15,7 +15,8 @@
 //!   most `slow_after` for its answer, so new origins take turns quickly.
 //!
 //! Origins take turns (round robin), so one origin's long queue does not delay
-//! another's. [`OriginQueues`] is the pure rule (clock passed in); [`Dispatcher`]
+//! another's; among new origins, the one with the most wake-ups waiting is
+//! probed first. [`OriginQueues`] is the pure rule (clock passed in); [`Dispatcher`]
 //! runs attempts with it.
 
 use std::{
@@ -145,36 +146,57 @@ impl<J> OriginQueues<J> {
         if self.in_flight >= self.limits.max_concurrent {
             return None;
         }
-        for _ in 0..self.turns.len() {
-            let name = self.turns.pop_front()?;
-            let Some(origin) = self.origins.get_mut(&name) else { continue };
-            let lane_full = match origin.lane {
-                Lane::Fast => false,
-                Lane::Slow => self.in_flight_slow >= self.limits.max_concurrent_slow,
-                Lane::New => origin.in_flight > 0 || self.in_flight_new >= self.limits.max_concurrent_slow,
+        // First contacts, while their lane has room: the new origin with the most
+        // wake-ups waiting first, so a push service that many devices use is probed
+        // before origins that few use (an account's own endpoints).
+        if self.in_flight_new < self.limits.max_concurrent_slow {
+            let probe = self
+                .turns
+                .iter()
+                .enumerate()
+                .filter_map(|(index, name)| Some((index, self.origins.get(name)?)))
+                .filter(|(_, origin)| origin.lane == Lane::New && origin.in_flight == 0)
+                .filter(|(_, origin)| origin.paused_until.is_none_or(|until| until <= now))
+                .max_by_key(|(index, origin)| (origin.waiting.len(), Reverse(*index)))
+                .map(|(index, _)| index);
+            if let Some(index) = probe {
+                return self.start(index);
+            }
+        }
+        for index in 0..self.turns.len() {
+            let Some(origin) = self.origins.get(&self.turns[index]) else { continue };
+            let lane_free = match origin.lane {
+                Lane::Fast => true,
+                Lane::Slow => self.in_flight_slow < self.limits.max_concurrent_slow,
+                Lane::New => false,
             };
-            let blocked = lane_full
-                || origin.in_flight >= self.limits.max_per_origin
-                || origin.paused_until.is_some_and(|until| until > now);
-            if blocked {
-                self.turns.push_back(name);
-                continue;
+            let ready = lane_free
+                && origin.in_flight < self.limits.max_per_origin
+                && origin.paused_until.is_none_or(|until| until <= now);
+            if ready {
+                return self.start(index);
             }
-            let Some(job) = origin.waiting.pop_front() else { continue };
-            origin.in_flight += 1;
-            let lane = origin.lane;
-            self.in_flight += 1;
-            match lane {
-                Lane::Fast => {}
-                Lane::Slow => self.in_flight_slow += 1,
-                Lane::New => self.in_flight_new += 1,
-            }
-            if !origin.waiting.is_empty() {
-                self.turns.push_back(name.clone());
-            }
-            return Some((name, lane, job));
         }
         None
+    }
+
+    /// Starts the next job of the origin at `index` in `turns`, which then goes last.
+    fn start(&mut self, index: usize) -> Option<(String, Lane, J)> {
+        let name = self.turns.remove(index)?;
+        let origin = self.origins.get_mut(&name)?;
+        let job = origin.waiting.pop_front()?;
+        origin.in_flight += 1;
+        let lane = origin.lane;
+        self.in_flight += 1;
+        match lane {
+            Lane::Fast => {}
+            Lane::Slow => self.in_flight_slow += 1,
+            Lane::New => self.in_flight_new += 1,
+        }
+        if !origin.waiting.is_empty() {
+            self.turns.push_back(name.clone());
+        }
+        Some((name, lane, job))
     }
 
     /// A job of `origin` started in `lane` is no longer in flight; `slow`: its
@@ -290,6 +312,7 @@ impl<T: Send + 'static> Dispatcher<T> {
                     }
                 }
                 () = sleep_until(due), if due.is_some() => {}
+                else => std::future::pending::<()>().await,
             }
         }
     }
@@ -369,6 +392,20 @@ mod tests {
         let fast = drain(&mut queues, now);
         assert_eq!(fast.len(), 3, "its own bound, not the slow ones', limits it: {fast:?}");
         assert!(fast.iter().all(|(origin, lane, _)| origin == "https://fast" && *lane == Lane::Fast));
+    }
+
+    #[test]
+    fn the_new_origin_most_devices_wait_for_is_probed_first() {
+        let now = Instant::now();
+        let mut queues = OriginQueues::new(LIMITS);
+        for origin in 0..10 {
+            queues.push(format!("https://account-{origin}"), 0);
+        }
+        for job in 0..100 {
+            queues.push("https://push-service".into(), job);
+        }
+        let (origin, lane, _) = queues.next(now).unwrap();
+        assert_eq!((origin.as_str(), lane), ("https://push-service", Lane::New));
     }
 
     #[test]

@@ -264,7 +264,11 @@ impl Publisher {
         config.set("partitioner", "murmur2_random");
         config.set("message.timeout.ms", settings.kafka.produce_timeout.as_millis().to_string());
         let producer = config.create().map_err(Error::kafka("create producer"))?;
-        Ok(Self { producer: Some(producer), topic: settings.events.topic.clone(), timeout: settings.kafka.produce_timeout })
+        Ok(Self {
+            producer: Some(producer),
+            topic: settings.events.topic.clone(),
+            timeout: settings.kafka.produce_timeout,
+        })
     }
 
     /// A publisher that drops every event: for tests and measurements of wake-ups alone.

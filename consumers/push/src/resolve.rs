@@ -50,9 +50,7 @@ impl FilteringResolver {
     pub async fn permitted(&self, name: &str) -> Result<Vec<SocketAddr>, ResolveError> {
         let resolved: Vec<SocketAddr> = match &self.lookup {
             Lookup::System => tokio::net::lookup_host((name, 0)).await?.collect(),
-            Lookup::Table(table) => {
-                table.get(name).into_iter().flatten().map(|ip| SocketAddr::new(*ip, 0)).collect()
-            }
+            Lookup::Table(table) => table.get(name).into_iter().flatten().map(|ip| SocketAddr::new(*ip, 0)).collect(),
         };
         if resolved.is_empty() {
             return Err(ResolveError::NoAddress);
@@ -63,7 +61,11 @@ impl FilteringResolver {
         if refused > 0 {
             // The name is a target's host, which may be as secret as the endpoint: not logged.
             metrics::counter!("lockstep_push_refused_addresses_total").increment(refused as u64);
-            tracing::warn!(refused, permitted = permitted.len(), "dropped refused addresses from a push host's DNS answer");
+            tracing::warn!(
+                refused,
+                permitted = permitted.len(),
+                "dropped refused addresses from a push host's DNS answer"
+            );
         }
         if permitted.is_empty() {
             return Err(ResolveError::Refused { refused });

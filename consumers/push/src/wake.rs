@@ -74,7 +74,10 @@ impl AttemptState {
 pub enum AttemptEnd {
     Done(WakeResult),
     /// Try again after `delay`, in `next`.
-    Retry { delay: Duration, next: AttemptState },
+    Retry {
+        delay: Duration,
+        next: AttemptState,
+    },
 }
 
 /// One attempt, as the dispatcher needs it.
@@ -192,8 +195,12 @@ impl Waker {
             ?outcome,
             "wake-up attempt"
         );
-        let body =
-            EventBody::WakeUp { device_id: order.device_id.clone(), log_end: order.log_end, outcome, http_status: status };
+        let body = EventBody::WakeUp {
+            device_id: order.device_id.clone(),
+            log_end: order.log_end,
+            outcome,
+            http_status: status,
+        };
         self.publish(order, at_ms, body).await;
         if let Some(reason) = removed {
             let body = EventBody::PushTargetRemoved { device_id: order.device_id.clone(), reason };

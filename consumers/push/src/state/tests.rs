@@ -136,7 +136,9 @@ fn a_refused_target_read_back_from_the_events_topic_is_no_target() {
     let mut state = State::new(MIN_INTERVAL, 100, TargetPolicy::public_only());
     with_target(&mut state, "d");
     assert!(state.device("u", "d").unwrap().target.is_some());
-    for endpoint in ["http://127.0.0.1:8080/x", "https://169.254.169.254/latest", "https://[::1]/x", "https://10.0.0.1/x"] {
+    for endpoint in
+        ["http://127.0.0.1:8080/x", "https://169.254.169.254/latest", "https://[::1]/x", "https://10.0.0.1/x"]
+    {
         let target = PushTarget::WebPush { endpoint: endpoint.into(), p256dh: vec![4; 65], auth: vec![1; 16] };
         state.apply(0, 1, &event(0, "n1", EventBody::PushTargetSet { device_id: "d".into(), target }));
         assert!(state.device("u", "d").unwrap().target.is_none(), "{endpoint}");
@@ -146,7 +148,8 @@ fn a_refused_target_read_back_from_the_events_topic_is_no_target() {
     state.apply(0, 3, &event(0, "n1", appended(5, "other")));
     let local = TargetPolicy::allowing(&["127.0.0.1".into()]).unwrap();
     let mut tests = State::new(MIN_INTERVAL, 100, local);
-    let target = PushTarget::WebPush { endpoint: "http://127.0.0.1:8080/x".into(), p256dh: vec![4; 65], auth: vec![1; 16] };
+    let target =
+        PushTarget::WebPush { endpoint: "http://127.0.0.1:8080/x".into(), p256dh: vec![4; 65], auth: vec![1; 16] };
     tests.apply(0, 0, &event(0, "n1", EventBody::PushTargetSet { device_id: "d".into(), target }));
     assert!(tests.device("u", "d").unwrap().target.is_some(), "allowed by the list");
 }
