@@ -4,7 +4,10 @@
 //!
 //! # Layout
 //! - [`process`]: a child process killed on drop, with its log and its exit.
-//! - [`nisshi`]: one Nisshi broker (the local Kafka) on a free port, sqlite storage.
+//! - [`kafka`]: Apache Kafka from the jars `scripts/lib.sh` caches: one broker on free
+//!   ports (or one shared per test binary), a three-node cluster for replication faults.
+//! - [`nisshi`]: one Nisshi broker (the former local Kafka) on a free port, sqlite storage.
+//! - [`records`]: what a plain Kafka client reads back (topic records, events, group offsets).
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, SIGTERM, restart.
 //! - [`device`]: a device's view of the gRPC API (bearer token, push, subscribe, ack).
 //! - [`dashboard`]: the `lockstep-dashboard` binary, a plain HTTP GET, headless Chromium.
@@ -17,12 +20,15 @@
 pub mod cli;
 pub mod dashboard;
 pub mod device;
+pub mod kafka;
 pub mod nisshi;
 pub mod process;
 pub mod push;
+pub mod records;
 pub mod server;
 pub mod stack;
 pub mod tls;
+mod tmpfs;
 
 use std::{net::TcpListener, path::Path};
 

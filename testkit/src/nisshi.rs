@@ -8,10 +8,10 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use rdkafka::{
     ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -19,10 +19,14 @@ use rdkafka::{
 };
 use tempfile::TempDir;
 
-use crate::{free_port, process::Process};
+use crate::{free_port, process::Process, tmpfs::Tmpfs};
+pub use crate::{
+    records::{EventRecord, committed_offset, read_events, read_topic},
+    tmpfs::TmpfsRefused,
+};
 
-/// Nisshi's command line as every Lockstep runner starts it (`scripts/run`
-/// writes the same; a test below keeps the two equal): `{listener}` and
+/// Nisshi's command line as the test kit starts it (`scripts/run` runs Apache
+/// Kafka now, see [`crate::kafka`]): `{listener}` and
 /// `{advertised}` are `tcp://HOST:PORT` URLs; the sqlite path is relative to
 /// the working directory.
 pub const NISSHI_ARGS: &[&str] = &[
@@ -261,201 +265,5 @@ impl Drop for Nisshi {
             eprintln!("--- nisshi log (last lines) ---\n{}", crate::log_tail(&self.dir.path().join("nisshi.log")));
         }
         // Then `_tmpfs` unmounts (nothing holds it open any more), then `dir` goes.
-    }
-}
-
-/// A tmpfs mounted for one broker's data, unmounted when dropped.
-#[derive(Debug)]
-struct Tmpfs {
-    path: PathBuf,
-}
-
-/// Mounting a tmpfs was not allowed here (not root, no `CAP_SYS_ADMIN`, no `mount`).
-#[derive(Debug)]
-pub struct TmpfsRefused(pub String);
-
-impl std::fmt::Display for TmpfsRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot mount a tmpfs: {}", self.0)
-    }
-}
-
-impl std::error::Error for TmpfsRefused {}
-
-impl Tmpfs {
-    fn mount(path: &Path, mib: u64) -> Result<Self, TmpfsRefused> {
-        std::fs::create_dir_all(path).map_err(|error| TmpfsRefused(format!("{}: {error}", path.display())))?;
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
-            .arg(path)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|error| TmpfsRefused(format!("running mount: {error}")))?;
-        if !output.status.success() {
-            return Err(TmpfsRefused(String::from_utf8_lossy(&output.stderr).trim().to_string()));
-        }
-        Ok(Self { path: path.to_path_buf() })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount").arg(&self.path).status().is_ok_and(|status| status.success());
-        if !unmounted {
-            // Still busy (a straggling process): detach it now, freed when released.
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
-
-/// Every record of partition 0 of `topic`, read by a plain rdkafka consumer
-/// (what any Kafka tool would see), decoded as change envelopes.
-pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(i64, lockstep_schemas::ChangeEnvelope)>> {
-    use rdkafka::{
-        Message, Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
-    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("lockstep-test-reader-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()?;
-        let (_, log_end) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;
-        let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(&topic, 0, Offset::Beginning)?;
-        consumer.assign(&assignment)?;
-        let mut records = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(message)) => {
-                    let payload = message.payload().context("record without a value")?;
-                    records.push((message.offset(), lockstep_schemas::decode_change(payload)?));
-                }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_)))
-                    if records.last().is_none_or(|(offset, _)| offset + 1 >= log_end) =>
-                {
-                    break;
-                }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
-                Some(Err(error)) => return Err(error.into()),
-                None => {}
-            }
-            if Instant::now() > deadline {
-                bail!("reading {topic} did not finish: {} records of {log_end}", records.len());
-            }
-        }
-        Ok(records)
-    })
-    .await?
-}
-
-/// One record of the events topic: partition, offset, raw value, decoded event.
-pub type EventRecord = (i32, i64, Vec<u8>, lockstep_schemas::Event);
-
-/// Every record of every partition of the events topic `topic`, read by a plain
-/// rdkafka consumer, decoded as events (raw values kept, to scan them for bytes
-/// that must never be there).
-pub async fn read_events(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<EventRecord>> {
-    use rdkafka::{
-        Message, Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
-    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("lockstep-test-reader-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()?;
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let partitions: Vec<i32> =
-            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-        let mut ends = std::collections::HashMap::new();
-        let mut assignment = TopicPartitionList::new();
-        for &partition in &partitions {
-            let (_, end) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
-            if end > 0 {
-                ends.insert(partition, end);
-                assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
-            }
-        }
-        let mut records = Vec::new();
-        if ends.is_empty() {
-            return Ok(records);
-        }
-        consumer.assign(&assignment)?;
-        let mut reached = std::collections::HashMap::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while reached.len() < ends.len() {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(message)) => {
-                    let payload = message.payload().context("event without a value")?.to_vec();
-                    let event = lockstep_schemas::decode_event(&payload)?;
-                    if message.offset() + 1 >= ends[&message.partition()] {
-                        reached.insert(message.partition(), ());
-                    }
-                    records.push((message.partition(), message.offset(), payload, event));
-                }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
-                Some(Err(error)) => return Err(error.into()),
-            }
-            if Instant::now() > deadline {
-                bail!("reading {topic} did not finish: {} records", records.len());
-            }
-        }
-        Ok(records)
-    })
-    .await?
-}
-
-/// The committed offset of `group` on partition 0 of `topic`, as rdkafka reads it
-/// (`None` when the group has none).
-pub async fn committed_offset(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<Option<i64>> {
-    use rdkafka::{
-        Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
-    let (bootstrap, group, topic) = (bootstrap.to_string(), group.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let mut partitions = TopicPartitionList::new();
-        partitions.add_partition(&topic, 0);
-        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10))?;
-        let offset = committed.find_partition(&topic, 0).context("partition missing")?.offset();
-        Ok(match offset {
-            Offset::Offset(offset) => Some(offset),
-            _ => None,
-        })
-    })
-    .await?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `scripts/run` starts the same Nisshi the tests and benchmarks do.
-    #[test]
-    fn the_run_script_starts_nisshi_the_same_way() {
-        let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/run")).unwrap();
-        let script: String = script.split_whitespace().collect::<Vec<_>>().join(" ").replace(" \\ ", " ");
-        let expected = NISSHI_ARGS
-            .iter()
-            .map(|arg| arg.replace("{listener}", "\"$url\"").replace("{advertised}", "\"$url\""))
-            .collect::<Vec<_>>()
-            .join(" ");
-        assert!(script.contains(&expected), "scripts/run does not run `nisshi {expected}`");
-        for variable in NISSHI_CLEARED_ENV {
-            assert!(script.contains(&format!("-u {variable} ")), "scripts/run does not clear {variable}");
-        }
     }
 }
