@@ -66,12 +66,14 @@ const REFUSED_V6: &[(&str, &str)] = &[
     ("3fff::/20", "documentation"),
 ];
 
-fn table(entries: &[(&str, &'static str)]) -> Vec<(IpNet, &'static str)> {
+/// Networks with the name of their range.
+type RangeTable = Vec<(IpNet, &'static str)>;
+
+fn table(entries: &[(&str, &'static str)]) -> RangeTable {
     entries.iter().map(|(net, name)| (net.parse().expect("a valid network literal"), *name)).collect()
 }
 
-static REFUSED: LazyLock<(Vec<(IpNet, &'static str)>, Vec<(IpNet, &'static str)>)> =
-    LazyLock::new(|| (table(REFUSED_V4), table(REFUSED_V6)));
+static REFUSED: LazyLock<(RangeTable, RangeTable)> = LazyLock::new(|| (table(REFUSED_V4), table(REFUSED_V6)));
 
 /// The well-known NAT64 prefix: its addresses stand for the IPv4 address in their last 32 bits.
 const NAT64: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);

@@ -94,7 +94,7 @@ pub struct AttemptReport {
 enum Answer {
     Status(StatusCode, HeaderMap, bytes::Bytes),
     /// Timeout or connection error (or a refused address): no status.
-    NoAnswer,
+    Unanswered,
     /// The target is refused by the policy or cannot be encoded: never sent.
     Unsendable,
 }
@@ -148,10 +148,10 @@ impl Waker {
         let started = Instant::now();
         let timeout = if probe { self.settings.wake.slow_after } else { self.settings.http.request_timeout };
         let answer = self.send(order, state.empty_body, timeout).await;
-        let slow = matches!(answer, Answer::NoAnswer) || started.elapsed() > self.settings.wake.slow_after;
+        let slow = matches!(answer, Answer::Unanswered) || started.elapsed() > self.settings.wake.slow_after;
         let status = match &answer {
             Answer::Status(status, _, _) => i32::from(status.as_u16()),
-            Answer::NoAnswer | Answer::Unsendable => 0,
+            Answer::Unanswered | Answer::Unsendable => 0,
         };
         let failed_or = |outcome| if last { WakeUpOutcome::Failed } else { outcome };
         let mut origin_pause = None;
@@ -179,7 +179,7 @@ impl Waker {
             Answer::Status(status, ..) if status.is_server_error() => {
                 (failed_or(WakeUpOutcome::Retrying), None, Some(self.backoff(state.number)))
             }
-            Answer::NoAnswer => (failed_or(WakeUpOutcome::Retrying), None, Some(self.backoff(state.number))),
+            Answer::Unanswered => (failed_or(WakeUpOutcome::Retrying), None, Some(self.backoff(state.number))),
             // 3xx (never followed), 400, 401, 403, …, a refused target: trying again will not help.
             Answer::Status(..) | Answer::Unsendable => (WakeUpOutcome::Failed, None, None),
         };
@@ -234,7 +234,7 @@ impl Waker {
             Err(error) => {
                 // reqwest errors name the URL: drop it, it is a secret.
                 tracing::debug!(origin = %order.target.origin(), error = %error.without_url(), "push service did not answer");
-                return Answer::NoAnswer;
+                return Answer::Unanswered;
             }
         };
         let status = response.status();
