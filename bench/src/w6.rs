@@ -16,7 +16,7 @@ use bytes::Bytes;
 use lockstep_proto::v1::{PushTarget, SetPushTargetRequest, WebPushTarget, push_target::Target};
 use lockstep_testkit::{
     device::{Device, changes, with_token},
-    push::{PushService, PushWorker, Subscription},
+    push::{PushService, PushWorker, Subscription, WORKER_ALLOWS_LOCAL_PUSH},
     server::Server as Lockstep,
 };
 
@@ -64,7 +64,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (users_count, devices_per_user) = (config.w6_users, 10);
     let service = PushService::start().await?;
-    let mut worker = PushWorker::prepare_binary(push_bin.to_path_buf(), bootstrap, &[])?;
+    // The push service listens on 127.0.0.1: the worker must be told it may reach it.
+    let mut worker = PushWorker::prepare_binary(push_bin.to_path_buf(), bootstrap, &[WORKER_ALLOWS_LOCAL_PUSH])?;
     worker.restart()?;
     worker.wait_until_acting(1).await?;
     let setup = Instant::now();
