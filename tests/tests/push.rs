@@ -501,3 +501,16 @@ async fn an_independent_kafka_client_reads_the_scenario_and_no_content_from_the_
     assert_eq!(partitions.len(), 1, "one user, one partition: {partitions:?}");
     Ok(())
 }
+
+/// SIGTERM while the worker still waits for the events topic (no server created it yet):
+/// it exits, instead of a blocking wait keeping the stopped process alive (which held
+/// `scripts/run`'s Ctrl-C, and Kafka's shutdown after it, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_it_waits_for_the_events_topic_exits() -> anyhow::Result<()> {
+    let kafka = lockstep_e2e::kafka::Kafka::shared().await?;
+    let topic = format!("lockstep.events.never-{}", uuid::Uuid::new_v4());
+    let mut worker = PushWorker::start(kafka.bootstrap(), &[("LOCKSTEP_PUSH_EVENTS__TOPIC", topic.as_str())]).await?;
+    worker.wait_for_log("waiting for the events topic to exist", 1, WAIT).await?;
+    assert!(worker.terminate()?, "a clean exit on SIGTERM:\n{}", worker.log());
+    Ok(())
+}

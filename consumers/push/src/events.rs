@@ -223,13 +223,29 @@ fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, incoming_tx: mpsc::Sende
 /// Waits until the events topic exists (the server creates it at start): a
 /// consumer subscribed to a missing topic would only notice it at its next
 /// metadata refresh, minutes later.
+///
+/// Dropping the future (a shutdown while it waits) ends the blocking loop too:
+/// a runtime waits for its blocking threads, so a loop left running would keep
+/// a stopped worker alive for good.
 pub async fn wait_for_topic(settings: &Settings) -> Result<(), Error> {
+    /// Sets the flag when dropped, with the future that owns it.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
     let (topic, timeout) = (settings.events.topic.clone(), settings.kafka.request_timeout);
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let stopped = stop.0.clone();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = config.create().map_err(Error::kafka("create metadata client"))?;
         let mut logged = false;
         loop {
+            if stopped.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             let exists = consumer.fetch_metadata(Some(&topic), timeout).is_ok_and(|metadata| {
                 metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
             });
