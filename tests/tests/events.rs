@@ -199,9 +199,9 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
     assert_eq!(status.code(), Code::Unauthenticated);
     // Its consumer group (it had committed 3) is gone with it.
     let group = format!("lockstep.device.{}", laptop.device_id);
-    let topic = format!("lockstep.user.{user}");
+    let user_topic = format!("lockstep.user.{user}");
     let started = Instant::now();
-    while lockstep_e2e::kafka::committed_offset(&bootstrap, &group, &topic).await?.is_some() {
+    while lockstep_e2e::kafka::committed_offset(&bootstrap, &group, &user_topic).await?.is_some() {
         anyhow::ensure!(started.elapsed() < WAIT, "the revoked device's offsets were never deleted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -376,7 +376,10 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
         Stack::start_with("phone", &[("LOCKSTEP_EVENTS__TOPIC", topic.as_str())]).await?;
     let laptop = phone.pair(&server, "laptop").await?;
     let started = Instant::now();
-    while !server.log().contains("following the events topic") {
+    // "following the events topic failed; retrying" does not count: it is not following yet.
+    let following =
+        |log: String| log.lines().any(|line| line.contains("following the events topic") && !line.contains("failed"));
+    while !following(server.log()) {
         anyhow::ensure!(started.elapsed() < WAIT, "the server never followed the events topic");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
