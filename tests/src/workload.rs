@@ -143,7 +143,8 @@ impl SimDevice {
                 // transport, e.g. the server killed mid-call: its changes are in doubt, not
                 // refused, and the device pushes them again.
                 let broken = status.code() == Code::Cancelled && status.metadata().get(RETRYABLE_METADATA).is_none();
-                let failed = PushOutcome::CallFailed { code: status.code(), retryable: is_retryable(&status) || broken };
+                let failed =
+                    PushOutcome::CallFailed { code: status.code(), retryable: is_retryable(&status) || broken };
                 vec![failed; changes.len()]
             }
         };

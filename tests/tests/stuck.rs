@@ -118,8 +118,11 @@ async fn a_thousand_streams_that_never_read_are_ended_and_nobody_else_notices() 
     eprintln!(
         "measured: of {STUCK} stuck streams, {timed_out} ended by delivery.send_timeout, {closed} closed by the client"
     );
-    // (How many connections the raw test client loses varies: 400-450 of 1,000 streams here.)
-    assert!(timed_out >= STUCK / 4, "{timed_out} ended by the timeout");
+    // How many whole connections the raw test client loses varies with the machine and the
+    // server's messages: 400-450 of 1,000 streams on Nisshi; on Apache Kafka 650 before the
+    // caught-up heartbeats (issue 18), 800 with them (a stuck stream then also has a heartbeat
+    // after each batch queued). The send timeout must still end whole connections' worth.
+    assert!(timed_out >= STUCK / 10, "{timed_out} ended by the timeout");
     drop(stuck);
     let again = StuckStreams::open(server.addr(), &tokens).await?;
     assert_eq!(again.refusals(), 0, "the slots of the ended streams were free again");

@@ -24,6 +24,8 @@ const WAIT: Duration = Duration::from_secs(60);
 fn is_dead_connection(error: &str) -> bool {
     let transport = error.contains("cannot reach the server at")
         || error.contains("transport error")
+        // A plaintext HTTP/2 preface answered with a TLS alert: the connection's framing breaks.
+        || error.contains("h2 protocol error")
         || error.contains("connection closed")
         || error.contains("connection reset")
         || error.contains("broken pipe");
@@ -40,6 +42,8 @@ fn a_dead_connection_is_told_from_an_answer() {
     assert!(is_dead_connection("error: CreateAccount: transport error (Unknown)"));
     assert!(is_dead_connection("error: cannot reach the server at http://127.0.0.1:1: transport error"));
     assert!(is_dead_connection("error: CreateAccount: transport error: connection closed (Unavailable)"));
+    // What it printed against the server's own TLS port (tls.rs, 2026-12-06).
+    assert!(is_dead_connection("error: CreateAccount: h2 protocol error: http2 error (Unknown)"));
     // Failures of another kind, which the old check (any failure) let pass.
     assert!(!is_dead_connection("error: CreateAccount: invite required (PermissionDenied) (a new account …)"));
     assert!(!is_dead_connection("error: invalid certificate: UnknownIssuer: transport error"));
