@@ -56,7 +56,14 @@ impl Run {
         self.begin_fault(Fault::BrokerIsolated, &format!("kafka node {node} frozen (SIGSTOP, {role})")).await;
         let cluster = self.stack.cluster();
         cluster.stop(node)?;
-        let stopped = process_state(cluster.pid(node)) == Some('T');
+        // Every thread of the JVM stops, the main one (whose state /proc shows) not at once.
+        let pid = cluster.pid(node);
+        let started = Instant::now();
+        let mut stopped = process_state(pid) == Some('T');
+        while !stopped && started.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            stopped = process_state(pid) == Some('T');
+        }
         if let Some(open) = self.open_window.as_mut() {
             open.process_stopped = Some(stopped);
         }
