@@ -32,7 +32,8 @@ pub struct StackOptions {
 
 /// The Kafka of a stack: one broker or a cluster.
 pub enum Brokers {
-    One(Kafka),
+    // Boxed: a `Kafka` is several times the size of a `KafkaCluster` (its node inline).
+    One(Box<Kafka>),
     Cluster(KafkaCluster),
 }
 
@@ -96,7 +97,7 @@ impl Stack {
         .await?;
         let bootstrap = proxy.as_ref().map_or_else(|| kafka.bootstrap().to_string(), |proxy| proxy.addr().to_string());
         let server = Server::start_with_kafka(&bootstrap, &options.settings).await?;
-        Ok(Self { server, kafka: Brokers::One(kafka), proxy })
+        Ok(Self { server, kafka: Brokers::One(Box::new(kafka)), proxy })
     }
 
     pub fn proxy(&self) -> &Proxy {
