@@ -16,15 +16,16 @@ use std::{
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+pub use crate::fault_stack::{Brokers, Stack, StackOptions};
 use crate::{
+    cluster_faults::Recovery,
     device::Device,
     history::{CommittedAtEnd, History},
-    kafka::{Kafka, KafkaOptions, TmpfsRefused, committed_offset, read_topic},
+    kafka::{TmpfsRefused, committed_offset, read_topic},
     outcome::{
         Evidence, Expect, Fault, FaultWindow, Outcome, PUSHERS_DEADLINE, ProcessGone, counter_sum, skip_allowed,
     },
     proxy::{Proxy, ProxyCounts},
-    server::Server,
     workload::{Plan, SimDevice, Workload},
 };
 
@@ -40,113 +41,54 @@ pub const SETTLE: Duration = Duration::from_secs(60);
 /// The seeds to run each fault with: `LOCKSTEP_FAULT_SEED=K` (K only), else
 /// `LOCKSTEP_FAULT_SEEDS=N` (1..=N), else 1 and 2.
 pub fn seeds() -> Vec<u64> {
+    seeds_or(2)
+}
+
+/// Like [`seeds`], with `count` seeds by default.
+pub fn seeds_or(count: u64) -> Vec<u64> {
     if let Some(seed) = std::env::var("LOCKSTEP_FAULT_SEED").ok().and_then(|seed| seed.parse().ok()) {
         return vec![seed];
     }
-    let count = std::env::var("LOCKSTEP_FAULT_SEEDS").ok().and_then(|count| count.parse().ok()).unwrap_or(2);
+    let count = std::env::var("LOCKSTEP_FAULT_SEEDS").ok().and_then(|count| count.parse().ok()).unwrap_or(count);
     (1..=count).collect()
 }
 
-/// Kafka, optionally behind a proxy, and a server bootstrapping through it.
-pub struct Stack {
-    // Dropped in this order: the server, then Kafka, then the link.
-    pub server: Server,
-    pub kafka: Kafka,
-    pub proxy: Option<Proxy>,
-}
-
-#[derive(Default, Clone)]
-pub struct StackOptions {
-    pub behind_proxy: bool,
-    pub storage_tmpfs_mib: Option<u64>,
-    pub settings: Vec<(&'static str, &'static str)>,
-}
-
-impl Stack {
-    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
-        let port = crate::free_port()?;
-        let proxy = match options.behind_proxy {
-            true => Some(Proxy::start(([127, 0, 0, 1], port).into()).await?),
-            false => None,
-        };
-        let kafka = Kafka::start_with(KafkaOptions {
-            port: Some(port),
-            advertised_port: proxy.as_ref().map(Proxy::port),
-            storage_tmpfs_mib: options.storage_tmpfs_mib,
-            ..KafkaOptions::default()
-        })
-        .await?;
-        let bootstrap = proxy.as_ref().map_or_else(|| kafka.bootstrap().to_string(), |proxy| proxy.addr().to_string());
-        let server = Server::start_with_kafka(&bootstrap, &options.settings).await?;
-        Ok(Self { server, kafka, proxy })
-    }
-
-    pub fn proxy(&self) -> &Proxy {
-        self.proxy.as_ref().expect("this stack runs behind a proxy")
-    }
-
-    /// The server's own errors and last warnings (not librdkafka's connection
-    /// noise), and the end of Kafka's log, as evidence.
-    pub fn evidence(&self) -> String {
-        let server_log = strip_ansi(&self.server.log());
-        let own = |level: &str| -> Vec<String> {
-            server_log
-                .lines()
-                .filter(|line| line.contains("lockstep_broker") && line.contains(level))
-                .map(|line| truncate(line, 400))
-                .collect()
-        };
-        let (errors, warnings) = (own(" ERROR "), own(" WARN "));
-        let mut evidence = format!("  server errors ({}, the first 6):\n", errors.len());
-        for line in errors.iter().take(6) {
-            evidence.push_str(&format!("    {line}\n"));
-        }
-        evidence.push_str(&format!("  server warnings ({}, the last 6):\n", warnings.len()));
-        for line in &warnings[warnings.len().saturating_sub(6)..] {
-            evidence.push_str(&format!("    {line}\n"));
-        }
-        let kafka_log = crate::log_tail(&self.kafka.data_dir().join("kafka.log"));
-        let kafka_lines: Vec<&str> = kafka_log.lines().collect();
-        if kafka_lines.is_empty() {
-            return evidence;
-        }
-        evidence.push_str("  kafka log (last 8 lines):\n");
-        for line in &kafka_lines[kafka_lines.len().saturating_sub(8)..] {
-            evidence.push_str(&format!("    {}\n", truncate(line, 400)));
-        }
-        evidence
-    }
-}
-
-/// The server's log without terminal colours.
-fn strip_ansi(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ … final byte in @..~
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-}
-
 /// `HH:MM:SS.mmm` in UTC, as the server's log writes it.
-fn utc_time_of_day() -> String {
+pub(crate) fn utc_time_of_day() -> String {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let millis_of_day = since_epoch.as_millis() % 86_400_000;
     let (hours, minutes) = (millis_of_day / 3_600_000, millis_of_day / 60_000 % 60);
     format!("{hours:02}:{minutes:02}:{:02}.{:03}", millis_of_day / 1000 % 60, millis_of_day % 1000)
 }
 
-fn truncate(line: &str, chars: usize) -> String {
-    line.chars().take(chars).collect()
+/// Creates the run's account, retrying while the server answers UNAVAILABLE (retryable, as
+/// a device would; seen once on a freshly started cluster under load), each retry noted with
+/// the server's log lines of its reference.
+async fn create_account_retrying(stack: &Stack, notes: &mut Vec<String>) -> anyhow::Result<Device> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let error = match Device::create_account(&stack.server, "device-0").await {
+            Ok(device) => return Ok(device),
+            Err(error) => error,
+        };
+        let status = error.chain().find_map(|cause| cause.downcast_ref::<tonic::Status>());
+        let Some(status) = status.filter(|status| status.code() == tonic::Code::Unavailable) else { return Err(error) };
+        if Instant::now() >= deadline {
+            return Err(error);
+        }
+        let reference = status.message().rsplit_once("(ref ").map(|(_, rest)| rest.trim_end_matches(')').to_string());
+        let server_log = stack.server.log();
+        let logged: Vec<&str> = reference
+            .as_deref()
+            .map(|reference| server_log.lines().filter(|line| line.contains(reference)).take(3).collect())
+            .unwrap_or_default();
+        notes.push(format!(
+            "{} CreateAccount answered UNAVAILABLE before any fault, retrying: {}; server log: {logged:?}",
+            utc_time_of_day(),
+            status.message()
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// One fault run: the stack, the user's simulated devices, their history.
@@ -170,17 +112,22 @@ pub struct Run {
     /// Changes the run set out to push: its workload's and [`Run::plan_changes`].
     planned: usize,
     windows: Vec<FaultWindow>,
-    open_window: Option<OpenWindow>,
+    pub(crate) open_window: Option<OpenWindow>,
+    /// Moments to measure recovery from ([`Run::measure_recovery_from`]).
+    /// (what it recovers from, when, whose acks count: empty for every device's).
+    recovery_marks: Vec<(String, Instant, Vec<String>)>,
 }
 
 /// A fault window while it lasts: what was counted when it began.
-struct OpenWindow {
+pub(crate) struct OpenWindow {
     what: String,
     fault: Fault,
     device_errors_before: usize,
     server_errors_before: Option<f64>,
     proxy_before: Option<ProxyCounts>,
-    process_gone: Option<ProcessGone>,
+    pub(crate) process_gone: Option<ProcessGone>,
+    pub(crate) process_stopped: Option<bool>,
+    pub(crate) left_isr: Option<bool>,
 }
 
 impl Run {
@@ -193,7 +140,8 @@ impl Run {
         plan: &Plan,
     ) -> anyhow::Result<Self> {
         let stack = Stack::start(options).await?;
-        let first = Device::create_account(&stack.server, "device-0").await?;
+        let mut notes = vec![];
+        let first = create_account_retrying(&stack, &mut notes).await?;
         let mut accounts = vec![first.clone()];
         for index in 1..device_count {
             accounts.push(first.pair(&stack.server, &format!("device-{index}")).await?);
@@ -213,7 +161,7 @@ impl Run {
             history,
             devices,
             faults: 0,
-            notes: vec![format!("{} devices ready", utc_time_of_day())],
+            notes: notes.into_iter().chain([format!("{} devices ready", utc_time_of_day())]).collect(),
             problems: Vec::new(),
             started: Instant::now(),
             expect: Expect::default(),
@@ -222,6 +170,7 @@ impl Run {
             planned: 0,
             windows: Vec::new(),
             open_window: None,
+            recovery_marks: Vec::new(),
         })
     }
 
@@ -244,7 +193,7 @@ impl Run {
 
     /// Opens the window of a fault about to be applied (closing the previous
     /// one): counts what it must change, and notes it in the timeline.
-    async fn begin_fault(&mut self, fault: Fault, what: &str) {
+    pub(crate) async fn begin_fault(&mut self, fault: Fault, what: &str) {
         self.close_window().await;
         self.open_window = Some(OpenWindow {
             what: what.to_string(),
@@ -253,6 +202,8 @@ impl Run {
             server_errors_before: self.server_errors().await,
             proxy_before: self.stack.proxy.as_ref().map(Proxy::counts),
             process_gone: None,
+            process_stopped: None,
+            left_isr: None,
         });
         self.timeline(what);
     }
@@ -273,6 +224,8 @@ impl Run {
                 (Some(before), Some(proxy)) => Some(proxy.counts().since(&before)),
                 _ => None,
             },
+            process_stopped: open.process_stopped,
+            left_isr: open.left_isr,
         };
         self.windows.push(FaultWindow { what: open.what, fault: open.fault, evidence });
     }
@@ -305,7 +258,7 @@ impl Run {
         self.observe_gone(pid, port, alive_before).await;
     }
 
-    async fn observe_gone(&mut self, pid: u32, port: u16, alive_before: bool) {
+    pub(crate) async fn observe_gone(&mut self, pid: u32, port: u16, alive_before: bool) {
         let gone = ProcessGone {
             pid,
             alive_before,
@@ -363,6 +316,18 @@ impl Run {
         Ok(())
     }
 
+    /// Measures, at the end of the run, how long after now the first change was written
+    /// and every device held it (`from`: the fault, or its end, it recovers from).
+    pub fn measure_recovery_from(&mut self, from: &str) {
+        self.recovery_marks.push((from.to_string(), Instant::now(), Vec::new()));
+    }
+
+    /// Like [`Run::measure_recovery_from`], timing the first ack of one of `devices` only
+    /// (those whose group coordinator the fault hit).
+    pub fn measure_recovery_of_acks_from(&mut self, from: &str, devices: Vec<String>) {
+        self.recovery_marks.push((from.to_string(), Instant::now(), devices));
+    }
+
     /// Notes a fault (or its end) with the UTC time of day, to match against the server's log.
     pub fn timeline(&mut self, what: &str) {
         if !what.starts_with("restored") {
@@ -403,9 +368,10 @@ impl Run {
         let dir = target.join("fault-runs").join(format!("{}-seed{}-{time}", self.fault, self.seed));
         std::fs::create_dir_all(&dir)?;
         std::fs::copy(self.stack.server.log_path(), dir.join("lockstep.log"))?;
-        let kafka_log = self.stack.kafka.data_dir().join("kafka.log");
-        if kafka_log.exists() {
-            std::fs::copy(kafka_log, dir.join("kafka.log"))?;
+        for (name, path) in self.stack.kafka_logs() {
+            if path.exists() {
+                std::fs::copy(path, dir.join(format!("{}.log", name.replace(' ', "-"))))?;
+            }
         }
         Ok(dir)
     }
@@ -457,9 +423,19 @@ impl Run {
             windows: self.windows.clone(),
         };
         self.problems.extend(outcome.problems(&self.expect));
+        let recoveries: Vec<Recovery> = self
+            .recovery_marks
+            .iter()
+            .map(|(from, at, acks)| Recovery::measure(&self.history, from, *at, acks))
+            .collect();
+        for recovery in &recoveries {
+            if let Some(problem) = recovery.problem() {
+                self.problems.push(problem);
+            }
+        }
         let ok = report.ok() && self.problems.is_empty();
         let line = format!(
-            "fault={} seed={} ops={} {} errors={} faults={} {}{} unwritten={} log={} secs={}",
+            "fault={} seed={} ops={} {} errors={} faults={} {}{} unwritten={} log={}{} secs={}",
             self.fault,
             self.seed,
             stats.ops,
@@ -470,6 +446,7 @@ impl Run {
             if self.problems.is_empty() { "" } else { " scenario=FAIL" },
             stats.unwritten,
             log.len(),
+            Recovery::summary(&recoveries),
             self.started.elapsed().as_secs()
         );
         println!("{line}");
@@ -480,6 +457,9 @@ impl Run {
         for window in &self.windows {
             let hit = if window.fault.hit(&window.evidence).is_ok() { "hit" } else { "MISSED" };
             details.push_str(&format!("  fault \"{}\" {hit}: {}\n", window.what, window.evidence));
+        }
+        for recovery in &recoveries {
+            details.push_str(&format!("  {recovery}\n"));
         }
         if !stats.error_codes.is_empty() {
             details.push_str(&format!("  errors by call: {:?}\n", stats.error_codes));
@@ -529,12 +509,12 @@ pub fn fault_settings() -> Vec<(&'static str, &'static str)> {
 }
 
 /// Whether process `pid` exists (0: no process).
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Whether 127.0.0.1:`port` refuses connections (nothing listens there).
-async fn port_refused(port: u16) -> bool {
+pub(crate) async fn port_refused(port: u16) -> bool {
     let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
     matches!(
         tokio::time::timeout(Duration::from_secs(2), connect).await,
@@ -553,12 +533,26 @@ pub struct Scenario {
     pub plan: Plan,
     pub options: StackOptions,
     pub expect: Expect,
+    /// Seeds 1..=this unless the environment says otherwise ([`seeds`]).
+    pub default_seeds: u64,
 }
 
 impl Scenario {
     pub fn new(test: &'static str, fault: &'static str, devices: usize, plan: Plan) -> Self {
         let options = StackOptions { settings: fault_settings(), ..Default::default() };
-        Self { test, fault, devices, plan, options, expect: Expect::default() }
+        Self { test, fault, devices, plan, options, expect: Expect::default(), default_seeds: 2 }
+    }
+
+    /// On a cluster of `nodes` Kafka nodes (user topics replicated `min(nodes, 3)` times).
+    pub fn on_cluster(mut self, nodes: usize) -> Self {
+        self.options.cluster = Some(nodes);
+        self
+    }
+
+    /// How many seeds run without `LOCKSTEP_FAULT_SEEDS` or `LOCKSTEP_FAULT_SEED` (default 2).
+    pub fn seeds_by_default(mut self, count: u64) -> Self {
+        self.default_seeds = count;
+        self
     }
 
     pub fn behind_proxy(mut self) -> Self {
@@ -572,7 +566,7 @@ impl Scenario {
     /// caller allows this test to skip (`LOCKSTEP_ALLOW_SKIP=<test>`).
     pub async fn run(&self, mut faults: impl AsyncFnMut(&mut Run) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let mut verdicts = Vec::new();
-        for seed in seeds() {
+        for seed in seeds_or(self.default_seeds) {
             let started = Run::start(self.fault, seed, self.options.clone(), self.devices, &self.plan).await;
             let mut run = match started {
                 Err(error) if error.downcast_ref::<TmpfsRefused>().is_some() => {

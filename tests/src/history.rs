@@ -26,6 +26,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     sync::Mutex,
+    time::Instant,
 };
 
 use tonic::Code;
@@ -89,6 +90,13 @@ struct Inner {
     events: Vec<Event>,
     /// Per device: every offset below this was applied (progress for waiting).
     applied_until: HashMap<String, i64>,
+    /// Each change written (acknowledged with an offset, not as a duplicate), in the
+    /// order the answers came: when its push was sent, when answered, its offset.
+    written_at: Vec<(Instant, Instant, i64)>,
+    /// Per device, when its `applied_until` rose to each value: for recovery times.
+    applied_at: HashMap<String, Vec<(Instant, i64)>>,
+    /// When each ack was answered with a committed offset, and whose: for recovery times.
+    acked_at: Vec<(Instant, String)>,
 }
 
 /// The log as Kafka holds it at the end: (offset, change id), in offset order.
@@ -103,7 +111,8 @@ impl History {
     pub fn new(devices: impl IntoIterator<Item = (String, i64)>) -> Self {
         let devices: BTreeMap<String, i64> = devices.into_iter().collect();
         let applied_until = devices.iter().map(|(device, start)| (device.clone(), *start)).collect();
-        Self { inner: Mutex::new(Inner { devices, events: Vec::new(), applied_until }) }
+        let inner = Inner { devices, applied_until, ..Inner::default() };
+        Self { inner: Mutex::new(inner) }
     }
 
     fn record(&self, event: Event) {
@@ -121,7 +130,16 @@ impl History {
 
     /// `again`: a deliberate push of a change that was acknowledged before.
     pub fn push(&self, device: &str, change_id: &str, outcome: PushOutcome, again: bool) {
-        self.record(Event::Push { device: device.into(), change_id: change_id.into(), outcome, again });
+        self.push_sent_at(device, change_id, outcome, again, Instant::now());
+    }
+
+    /// [`History::push`] of a push sent at `sent_at`.
+    pub fn push_sent_at(&self, device: &str, change_id: &str, outcome: PushOutcome, again: bool, sent_at: Instant) {
+        let mut inner = self.lock();
+        if let PushOutcome::Written { offset, duplicate: false } = outcome {
+            inner.written_at.push((sent_at, Instant::now(), offset));
+        }
+        inner.events.push(Event::Push { device: device.into(), change_id: change_id.into(), outcome, again });
     }
 
     pub fn subscribed(&self, device: &str, session: u64) {
@@ -133,6 +151,7 @@ impl History {
         let until = inner.applied_until.entry(device.to_string()).or_default();
         if offset == *until {
             *until = offset + 1;
+            inner.applied_at.entry(device.to_string()).or_default().push((Instant::now(), offset + 1));
         }
         inner.events.push(Event::Delivered { device: device.into(), session, offset, change_id: change_id.into() });
     }
@@ -142,12 +161,53 @@ impl History {
     }
 
     pub fn acked(&self, device: &str, offset: i64, committed: Result<i64, Code>) {
-        self.record(Event::Acked { device: device.into(), offset, committed });
+        let mut inner = self.lock();
+        if committed.is_ok() {
+            inner.acked_at.push((Instant::now(), device.to_string()));
+        }
+        inner.events.push(Event::Acked { device: device.into(), offset, committed });
+    }
+
+    /// When the first ack of one of `devices` (every device: empty) after `since` was committed.
+    pub fn first_ack_after(&self, since: Instant, devices: &[String]) -> Option<Instant> {
+        let inner = self.lock();
+        let of_interest = |device: &String| devices.is_empty() || devices.contains(device);
+        inner.acked_at.iter().find(|(at, device)| *at >= since && of_interest(device)).map(|(at, _)| *at)
     }
 
     /// Whether every device applied every offset below `log_end`.
     pub fn all_applied(&self, log_end: i64) -> bool {
         self.lock().applied_until.values().all(|until| *until >= log_end)
+    }
+
+    /// The first change written (not as a duplicate) by a push sent after `since`: when
+    /// its answer came, and its offset.
+    pub fn first_written_after(&self, since: Instant) -> Option<(Instant, i64)> {
+        let inner = self.lock();
+        inner.written_at.iter().find(|(sent, _, _)| *sent >= since).map(|(_, answered, offset)| (*answered, *offset))
+    }
+
+    /// The first change answered as written (not as a duplicate) after `since`, whenever
+    /// its push was sent: when, and its offset.
+    pub fn first_answered_written_after(&self, since: Instant) -> Option<(Instant, i64)> {
+        let inner = self.lock();
+        inner
+            .written_at
+            .iter()
+            .find(|(_, answered, _)| *answered >= since)
+            .map(|(_, answered, offset)| (*answered, *offset))
+    }
+
+    /// When the last device got to apply every offset below `log_end` (None: some device never did).
+    pub fn all_applied_at(&self, log_end: i64) -> Option<Instant> {
+        let inner = self.lock();
+        let mut latest = None;
+        for device in inner.devices.keys() {
+            let progress = inner.applied_at.get(device)?;
+            let (at, _) = progress.iter().find(|(_, until)| *until >= log_end)?;
+            latest = latest.max(Some(*at));
+        }
+        latest
     }
 
     /// Per device, the offset below which it applied everything.
@@ -684,5 +744,31 @@ mod tests {
             history.received_of_log(&log(&["c0", "c1"])),
             BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 0)])
         );
+    }
+
+    #[test]
+    fn recovery_times_come_from_first_writes_progress_and_acks_after_a_mark() {
+        let history = two_devices();
+        history.push("a", "c0", written(0), false);
+        deliver_all(&history, "a", 1, &["c0"]);
+        deliver_all(&history, "b", 1, &["c0"]);
+        let mark = Instant::now();
+        assert_eq!(history.first_written_after(mark), None);
+        history.push("a", "c0", PushOutcome::Written { offset: 0, duplicate: true }, true);
+        assert_eq!(history.first_written_after(mark), None, "a duplicate is no new write");
+        history.push("a", "c1", written(1), false);
+        let (written_at, offset) = history.first_written_after(mark).expect("c1 was written after the mark");
+        assert_eq!(offset, 1);
+        assert!(written_at >= mark);
+        assert_eq!(history.all_applied_at(2), None, "nobody holds offset 1 yet");
+        history.delivered("a", 1, 1, "c1");
+        assert_eq!(history.all_applied_at(2), None, "b does not hold offset 1 yet");
+        history.delivered("b", 1, 1, "c1");
+        assert!(history.all_applied_at(2).is_some_and(|at| at >= written_at));
+        history.acked("a", 1, Err(Code::Unavailable));
+        assert_eq!(history.first_ack_after(mark, &[]), None, "a failed ack does not count");
+        history.acked("a", 1, Ok(2));
+        assert!(history.first_ack_after(mark, &[]).is_some());
+        assert_eq!(history.first_ack_after(mark, &["b".to_string()]), None);
     }
 }

@@ -10,9 +10,13 @@
 //! - [`history`]: what the devices saw in a fault run, checked against the invariants.
 //! - [`outcome`]: what a fault run must show besides: work happened, each fault hit.
 //! - [`fault_run`]: one run of the fault suite: stack, devices, faults, verdict and evidence.
+//! - [`fault_stack`]: the stack a fault run stands on (one Kafka broker, or a cluster) and its logs.
+//! - [`cluster_faults`]: the faults of a cluster's brokers (replication faults) and recovery times.
 //! - [`leaks`]: whether spans or event records hold anything of a pushed change.
 
+pub mod cluster_faults;
 pub mod fault_run;
+pub mod fault_stack;
 pub mod history;
 pub mod leaks;
 pub mod outcome;

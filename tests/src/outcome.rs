@@ -46,6 +46,14 @@ pub enum Fault {
     LinkSlowed,
     /// Kafka's disk filled: pushes must have failed (the devices saw errors).
     DiskFull,
+    /// One broker of a cluster `kill -9`: its process must be seen gone.
+    BrokerKilled,
+    /// One broker of a cluster stopped with SIGTERM (a controlled shutdown): its
+    /// process must be seen gone.
+    BrokerTerminated,
+    /// One broker of a cluster frozen with SIGSTOP: its process must be seen
+    /// stopped, and the broker seen out of the ISR of the user's topic.
+    BrokerIsolated,
 }
 
 /// What was observed while one fault window lasted (from the fault until the
@@ -64,6 +72,11 @@ pub struct Evidence {
     pub process_gone: Option<ProcessGone>,
     /// For a fault of the link: what the proxy did to the traffic.
     pub proxy: Option<ProxyCounts>,
+    /// For a SIGSTOP: whether the process was seen stopped (state `T`). None: nothing was stopped.
+    pub process_stopped: Option<bool>,
+    /// For a broker of a cluster: whether the ISR of the user's topic was seen without it.
+    /// None: not looked at.
+    pub left_isr: Option<bool>,
 }
 
 /// What the kill of one process looked like from outside.
@@ -86,7 +99,10 @@ impl Fault {
     pub fn hit(self, evidence: &Evidence) -> Result<(), String> {
         let proxy = evidence.proxy.unwrap_or_default();
         let hit = match self {
-            Fault::KafkaKilled | Fault::ServerKilled => evidence.process_gone.is_some_and(|gone| gone.observed()),
+            Fault::KafkaKilled | Fault::ServerKilled | Fault::BrokerKilled | Fault::BrokerTerminated => {
+                evidence.process_gone.is_some_and(|gone| gone.observed())
+            }
+            Fault::BrokerIsolated => evidence.process_stopped == Some(true) && evidence.left_isr == Some(true),
             Fault::LinkCut => proxy.connections_cut + proxy.connections_blackholed > 0,
             Fault::LinkFrozen => proxy.chunks_held + proxy.connections_blackholed > 0,
             Fault::LinkSlowed => proxy.chunks_delayed > 0,
@@ -96,9 +112,10 @@ impl Fault {
             return Ok(());
         }
         let wanted = match self {
-            Fault::KafkaKilled | Fault::ServerKilled => {
+            Fault::KafkaKilled | Fault::ServerKilled | Fault::BrokerKilled | Fault::BrokerTerminated => {
                 "the process alive before, its pid gone and its port refusing after"
             }
+            Fault::BrokerIsolated => "the process seen stopped and the broker seen out of the ISR",
             Fault::LinkCut => "connections cut or blackholed by the proxy",
             Fault::LinkFrozen => "connections or chunks held by the proxy",
             Fault::LinkSlowed => "chunks delayed by the proxy",
@@ -124,6 +141,12 @@ impl fmt::Display for Evidence {
         }
         if let Some(proxy) = self.proxy {
             write!(f, ", {proxy}")?;
+        }
+        if let Some(stopped) = self.process_stopped {
+            write!(f, ", process seen stopped: {stopped}")?;
+        }
+        if let Some(left) = self.left_isr {
+            write!(f, ", seen out of the ISR: {left}")?;
         }
         Ok(())
     }
@@ -280,6 +303,7 @@ mod tests {
                         port_refused_after: true,
                     }),
                     proxy: None,
+                    ..Evidence::default()
                 },
             }],
         }
@@ -322,7 +346,7 @@ mod tests {
 
     #[test]
     fn a_fault_that_did_nothing_fails() {
-        let idle = Evidence { device_errors: 0, server_errors: Some(0), process_gone: None, proxy: None };
+        let idle = Evidence { device_errors: 0, server_errors: Some(0), ..Evidence::default() };
         let still_alive = ProcessGone { pid: 42, alive_before: true, pid_gone_after: false, port_refused_after: false };
         let never_started = ProcessGone { pid: 0, alive_before: false, pid_gone_after: true, port_refused_after: true };
         let cases = [
@@ -335,6 +359,9 @@ mod tests {
             ),
             (Fault::LinkSlowed, Evidence { proxy: None, device_errors: 2, ..idle.clone() }),
             (Fault::DiskFull, idle.clone()),
+            (Fault::BrokerKilled, Evidence { process_gone: Some(still_alive), ..idle.clone() }),
+            (Fault::BrokerIsolated, Evidence { process_stopped: Some(true), left_isr: Some(false), ..idle.clone() }),
+            (Fault::BrokerIsolated, Evidence { process_stopped: Some(false), left_isr: Some(true), ..idle.clone() }),
         ];
         for (fault, evidence) in cases {
             let mut outcome = working_run();
@@ -358,6 +385,7 @@ mod tests {
                 Evidence { proxy: Some(ProxyCounts { chunks_delayed: 5, ..Default::default() }), ..idle.clone() },
             ),
             (Fault::DiskFull, Evidence { device_errors: 1, ..idle.clone() }),
+            (Fault::BrokerIsolated, Evidence { process_stopped: Some(true), left_isr: Some(true), ..idle.clone() }),
         ];
         for (fault, evidence) in hits {
             assert_eq!(fault.hit(&evidence), Ok(()), "{fault:?}");

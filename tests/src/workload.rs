@@ -115,6 +115,7 @@ impl SimDevice {
 
     /// One Push call, recorded per change. Returns each change's outcome.
     pub async fn push_once(&self, changes: &[Change], again: bool) -> Vec<PushOutcome> {
+        let sent_at = std::time::Instant::now();
         let request = self.request(PushRequest { changes: changes.to_vec() });
         let answer = self.bounded(async { Ok(self.sync.clone().push(request).await?.into_inner().results) }).await;
         let outcomes: Vec<PushOutcome> = match answer {
@@ -149,7 +150,7 @@ impl SimDevice {
             }
         };
         for (change, outcome) in changes.iter().zip(&outcomes) {
-            self.history.push(&self.id, &change.change_id, outcome.clone(), again);
+            self.history.push_sent_at(&self.id, &change.change_id, outcome.clone(), again, sent_at);
         }
         outcomes
     }

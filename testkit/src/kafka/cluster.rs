@@ -15,7 +15,9 @@ use tokio::task::JoinSet;
 
 use super::{
     SERVER_PROPERTIES, create_topic,
-    node::{Guardian, Node, NodeConfig, internal_client, kafka_libs, new_cluster_id, run_tool, wait_ready},
+    node::{
+        Guardian, Node, NodeConfig, internal_client, kafka_libs, new_cluster_id, run_tool, tool_command, wait_ready,
+    },
 };
 use crate::free_port;
 
@@ -148,6 +150,11 @@ impl KafkaCluster {
         self.nodes[i].log_tail()
     }
 
+    /// Node `i`'s whole log (to keep it after a failed run).
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.nodes[i].config.log_path()
+    }
+
     /// Creates a topic with the cluster's replication factor (3 for three nodes or more).
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
         self.create_topic_with(name, partitions, &[]).await
@@ -221,6 +228,26 @@ impl KafkaCluster {
             let _ = self.create_offsets_topic(group).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The node coordinating `group` as Kafka's own `ConsumerGroupCommand --describe --state`
+    /// reports it (a JVM tool: seconds; the check of [`KafkaCluster::group_coordinator`]).
+    /// `None` if the group is unknown or has no coordinator.
+    pub async fn group_coordinator_by_kafka_tools(&self, group: &str) -> anyhow::Result<Option<usize>> {
+        let node = &self.nodes[0];
+        let mut command =
+            tool_command(node.libs(), &node.config.dir, "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand")?;
+        command.args(["--bootstrap-server", &self.internal_bootstrap, "--describe", "--state", "--group", group]);
+        let output = run_tool(command, "kafka ConsumerGroupCommand --describe --state").await?;
+        // GROUP  COORDINATOR (ID)  ASSIGNMENT-STRATEGY  STATE  #MEMBERS
+        // <group>  127.0.0.1:40123 (2)  …
+        let coordinator_id = output
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(group))
+            .and_then(|line| line.split_once(" ("))
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .and_then(|(id, _)| id.trim().parse::<i32>().ok());
+        Ok(coordinator_id.and_then(|id| self.index_of(id)))
     }
 
     /// FindCoordinator (through an offset fetch) makes Kafka create `__consumer_offsets`.
