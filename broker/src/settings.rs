@@ -82,6 +82,14 @@ pub struct KafkaSettings {
     /// UNAVAILABLE (retryable). A push waits at most `produce_timeout` plus this. Default 15s.
     #[serde(with = "humantime_serde")]
     pub operation_deadline: Duration,
+    /// How long after a failed produce a retry of its changes is held back (UNAVAILABLE,
+    /// retryable): a produce that timed out may still commit later, when the leader drops a
+    /// stalled follower from the ISR (after `replica.lag.time.max.ms`, Kafka's default 30 s, or
+    /// when the controller fences the follower). A retry let through before that is appended a
+    /// second time. Keep it above `produce_timeout` plus the brokers' `replica.lag.time.max.ms`.
+    /// Default 45s.
+    #[serde(with = "humantime_serde")]
+    pub in_doubt_window: Duration,
     /// Producer `linger.ms`. Default 2.
     pub linger_ms: u32,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`). Default none.
@@ -104,6 +112,7 @@ impl fmt::Debug for KafkaSettings {
             .field("produce_timeout", &self.produce_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("operation_deadline", &self.operation_deadline)
+            .field("in_doubt_window", &self.in_doubt_window)
             .field("linger_ms", &self.linger_ms)
             .field("client_config_keys", &self.client_config.keys().collect::<Vec<_>>())
             .field("delete_topics", &self.delete_topics)
@@ -387,6 +396,7 @@ impl Default for KafkaSettings {
             produce_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             operation_deadline: Duration::from_secs(15),
+            in_doubt_window: Duration::from_secs(45),
             linger_ms: 2,
             client_config: BTreeMap::new(),
             delete_topics: true,
@@ -536,6 +546,9 @@ impl Settings {
         }
         if self.kafka.operation_deadline.is_zero() || self.kafka.produce_timeout.is_zero() {
             return fail("kafka.operation_deadline and kafka.produce_timeout must be non-zero");
+        }
+        if self.kafka.in_doubt_window < self.kafka.produce_timeout {
+            return fail("kafka.in_doubt_window must be at least kafka.produce_timeout");
         }
         if self.events.topic.trim().is_empty() || self.events.partitions < 1 || self.events.max_pending == 0 {
             return fail("events.topic must not be empty; events.partitions and events.max_pending must be at least 1");

@@ -34,6 +34,10 @@ pub const FAULT_SETTINGS: &[(&str, &str)] = &[
     ("LOCKSTEP_KAFKA__PRODUCE_TIMEOUT", "3s"),
     ("LOCKSTEP_KAFKA__REQUEST_TIMEOUT", "2s"),
     ("LOCKSTEP_KAFKA__OPERATION_DEADLINE", "5s"),
+    // One broker, one replica: a produce is settled when the broker answers or dies, nothing
+    // commits later, so a retry may follow as soon as the produce gave up. On a cluster the
+    // default holds (see `Scenario::on_cluster`).
+    ("LOCKSTEP_KAFKA__IN_DOUBT_WINDOW", "3s"),
 ];
 /// After the faults: how long devices get to receive everything.
 pub const SETTLE: Duration = Duration::from_secs(60);
@@ -546,6 +550,9 @@ impl Scenario {
     /// On a cluster of `nodes` Kafka nodes (user topics replicated `min(nodes, 3)` times).
     pub fn on_cluster(mut self, nodes: usize) -> Self {
         self.options.cluster = Some(nodes);
+        // A produce that timed out may still commit once the ISR drops a stalled follower:
+        // retries wait the server's default window (kafka.in_doubt_window).
+        self.options.settings.retain(|(key, _)| *key != "LOCKSTEP_KAFKA__IN_DOUBT_WINDOW");
         self
     }
 

@@ -175,7 +175,9 @@ impl Gateway {
             for change_id in &settled.change_ids {
                 index.in_flight.remove(&(device.device_id.clone(), change_id.clone()));
             }
-            let until = Instant::now() + self.kafka.produce_timeout;
+            // A failed produce may still commit until the leader gives up on a stalled
+            // follower (kafka.in_doubt_window): a retry let through before appends twice.
+            let until = Instant::now() + self.kafka.in_doubt_window;
             for change_id in &settled.failed_ids {
                 index.in_doubt.insert((device.device_id.clone(), change_id.clone()), until);
             }
