@@ -130,20 +130,30 @@ async fn broker_loss_is_retryable_and_reconnects() {
     offsets.commit("lockstep.device.restart", "user.restart", 0, 77).await.unwrap();
 
     // Commits in flight when the broker dies fail (retryably) instead of hanging.
+    const WRITERS: usize = 20;
+    let committed_once = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = tokio::task::JoinSet::new();
-    for w in 0..20 {
-        let offsets = offsets.clone();
+    for w in 0..WRITERS {
+        let (offsets, committed_once) = (offsets.clone(), committed_once.clone());
         writers.spawn(async move {
             let group = format!("lockstep.device.writer-{w}");
             for n in 0.. {
                 if let Err(err) = offsets.commit(&group, "user.restart", 0, n).await {
                     return (n, err);
                 }
+                if n == 0 {
+                    committed_once.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             unreachable!()
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every writer is committing (a group's first commit takes Kafka about a second), then the kill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while committed_once.load(std::sync::atomic::Ordering::Relaxed) < WRITERS {
+        assert!(Instant::now() < deadline, "the writers never all committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     kafka.kill();
     let started = Instant::now();
     while let Some(joined) = tokio::time::timeout(Duration::from_secs(20), writers.join_next())
@@ -164,7 +174,7 @@ async fn broker_loss_is_retryable_and_reconnects() {
     assert!(err.is_retryable(), "not retryable: {err}");
 
     kafka.restart().await.unwrap();
-    // Same port, same sqlite file: the committed offset survived, and the client reconnects.
+    // Same port, same data: the committed offset survived, and the client reconnects.
     assert_eq!(offsets.fetch("lockstep.device.restart", "user.restart", 0).await.unwrap(), Some(77));
     offsets.commit("lockstep.device.restart", "user.restart", 0, 79).await.unwrap();
     assert_eq!(offsets.fetch("lockstep.device.restart", "user.restart", 0).await.unwrap(), Some(79));
