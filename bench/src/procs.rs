@@ -17,9 +17,12 @@ pub async fn start_kafka() -> anyhow::Result<Kafka> {
 }
 
 /// The server `binary` (a release build) with its default settings against `kafka`, less
-/// the abuse limits (a benchmark creates thousands of devices from one address).
+/// the abuse limits (a benchmark creates thousands of devices from one address), and
+/// allowing push targets on 127.0.0.1 (W6's local push service).
 pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockstep> {
-    Lockstep::start_binary(binary.to_path_buf(), kafka, lockstep_testkit::server::UNTHROTTLED).await
+    let mut env = vec![lockstep_testkit::push::SERVER_ALLOWS_LOCAL_PUSH];
+    env.extend_from_slice(lockstep_testkit::server::UNTHROTTLED);
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
 }
 
 /// The same server exporting traces to `otlp_endpoint`, sampling 10 % of pushes.

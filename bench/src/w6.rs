@@ -22,7 +22,7 @@ use bytes::Bytes;
 use lockstep_proto::v1::{PushTarget, SetPushTargetRequest, WebPushTarget, push_target::Target};
 use lockstep_testkit::{
     device::{Device, changes, with_token},
-    push::{PushService, PushWorker, Subscription},
+    push::{PushService, PushWorker, Subscription, WORKER_ALLOWS_LOCAL_PUSH},
     server::Server as Lockstep,
 };
 
@@ -95,10 +95,10 @@ pub async fn run(
     let backlog = events_topic_records(bootstrap).await?;
     metrics.add(round, "w6.events_before", backlog as f64);
     let service = PushService::start().await?;
-    // The worker's default session timeout (10 s): the kit's shorter one (for tests that kill
-    // workers) is under Apache Kafka's smallest allowed (group.min.session.timeout.ms, 6 s).
-    let session_timeout = [("LOCKSTEP_PUSH_EVENTS__SESSION_TIMEOUT", "10s")];
-    let mut worker = PushWorker::prepare_binary(push_bin.to_path_buf(), bootstrap, &session_timeout)?;
+    // The push service listens on 127.0.0.1: the worker must be told it may reach it. The
+    // worker's own session timeout (10 s), not the kit's shorter one for tests that kill workers.
+    let settings = [WORKER_ALLOWS_LOCAL_PUSH, ("LOCKSTEP_PUSH_EVENTS__SESSION_TIMEOUT", "10s")];
+    let mut worker = PushWorker::prepare_binary(push_bin.to_path_buf(), bootstrap, &settings)?;
     let starting = Instant::now();
     worker.restart()?;
     worker.wait_until_acting(1).await?;

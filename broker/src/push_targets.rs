@@ -9,7 +9,6 @@
 
 use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use rusqlite::{OptionalExtension, params};
-use tonic::codegen::http::Uri;
 
 use crate::{
     accounts::AuthedDevice,
@@ -17,15 +16,9 @@ use crate::{
     events::Events,
 };
 
-/// Longest endpoint / webhook URL.
-pub const MAX_URL_CHARS: usize = 1024;
-pub const MAX_APP_ID_CHARS: usize = 64;
-pub const MAX_PUSHKEY_CHARS: usize = 512;
-/// An uncompressed P-256 point.
-pub const P256DH_BYTES: usize = 65;
-pub const AUTH_BYTES: usize = 16;
-/// The path every Matrix push gateway serves.
-pub const MATRIX_NOTIFY_PATH: &str = "/_matrix/push/v1/notify";
+pub use lockstep_schemas::target_policy::{
+    AUTH_BYTES, MATRIX_NOTIFY_PATH, MAX_APP_ID_CHARS, MAX_PUSHKEY_CHARS, MAX_URL_CHARS, P256DH_BYTES, TargetPolicy,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -44,86 +37,13 @@ pub struct StoredTarget {
     pub updated_at_ms: i64,
 }
 
-/// Checks a URL a push worker would POST to: absolute, `https` (plain
-/// `http` only for a loopback host, for local push services), a host, no
-/// credentials, no fragment, at most [`MAX_URL_CHARS`].
-fn check_url(field: &str, url: &str) -> Result<Uri, TargetError> {
-    let invalid = |why: &str| Err(TargetError::Invalid(format!("{field} {why}")));
-    if url.is_empty() {
-        return invalid("is missing");
-    }
-    if url.chars().count() > MAX_URL_CHARS {
-        return invalid(&format!("is longer than {MAX_URL_CHARS} characters"));
-    }
-    if url.chars().any(|c| c.is_control() || c.is_whitespace()) || url.contains('#') {
-        return invalid("contains whitespace, control characters or a fragment");
-    }
-    let Ok(uri) = url.parse::<Uri>() else {
-        return invalid("is not a URL");
-    };
-    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
-        return invalid("is not an absolute URL (https://host/…)");
-    };
-    if authority.as_str().contains('@') {
-        return invalid("must not contain credentials");
-    }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return invalid("has no host");
-    }
-    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    match scheme {
-        "https" => Ok(uri),
-        "http" if loopback => Ok(uri),
-        "http" => invalid("must use https (plain http only for a loopback host)"),
-        _ => invalid("must be an https URL"),
-    }
-}
-
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), TargetError> {
-    if value.is_empty() {
-        return Err(TargetError::Invalid(format!("{field} is missing")));
-    }
-    if value.chars().count() > max {
-        return Err(TargetError::Invalid(format!("{field} is longer than {max} characters")));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(TargetError::Invalid(format!("{field} contains control characters")));
-    }
-    Ok(())
-}
-
-/// Validates a target as a device sent it.
-pub fn validate(target: &PushTarget) -> Result<(), TargetError> {
-    match target {
-        PushTarget::WebPush { endpoint, p256dh, auth } => {
-            check_url("web_push.endpoint", endpoint)?;
-            if p256dh.len() != P256DH_BYTES || p256dh[0] != 0x04 {
-                return Err(TargetError::Invalid(format!(
-                    "web_push.p256dh must be an uncompressed P-256 public key: {P256DH_BYTES} bytes starting with 0x04 \
-                     (got {} bytes)",
-                    p256dh.len()
-                )));
-            }
-            if auth.len() != AUTH_BYTES {
-                return Err(TargetError::Invalid(format!(
-                    "web_push.auth must be {AUTH_BYTES} bytes (got {})",
-                    auth.len()
-                )));
-            }
-        }
-        PushTarget::Webhook { url, app_id, pushkey } => {
-            let uri = check_url("webhook.url", url)?;
-            if !uri.path().ends_with(MATRIX_NOTIFY_PATH) || uri.query().is_some() {
-                return Err(TargetError::Invalid(format!(
-                    "webhook.url must be a Matrix push gateway URL ending in {MATRIX_NOTIFY_PATH}, without a query"
-                )));
-            }
-            check_text("webhook.app_id", app_id, MAX_APP_ID_CHARS)?;
-            check_text("webhook.pushkey", pushkey, MAX_PUSHKEY_CHARS)?;
-        }
-    }
-    Ok(())
+/// Validates a target as a device sent it: its shape, and that it names no
+/// address inside the network (loopback, private, link-local, …) unless `policy`
+/// (`push.allow_private_targets`) allows it. Host names are not resolved here (an
+/// answer now says nothing about the answer the worker gets later): the worker
+/// drops refused addresses from every resolution itself.
+pub fn validate(target: &PushTarget, policy: &TargetPolicy) -> Result<(), TargetError> {
+    policy.check_target(target).map(|_| ()).map_err(TargetError::Invalid)
 }
 
 /// The targets store; every change is announced on the events topic after
@@ -132,6 +52,7 @@ pub fn validate(target: &PushTarget) -> Result<(), TargetError> {
 pub struct PushTargets {
     db: Db,
     events: Events,
+    policy: TargetPolicy,
 }
 
 type Row = (String, String, Option<Vec<u8>>, Option<Vec<u8>>, Option<String>, Option<String>, i64);
@@ -152,13 +73,13 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 }
 
 impl PushTargets {
-    pub fn new(db: Db, events: Events) -> Self {
-        Self { db, events }
+    pub fn new(db: Db, events: Events, policy: TargetPolicy) -> Self {
+        Self { db, events, policy }
     }
 
     /// Sets (replaces) the device's target.
     pub async fn set(&self, device: &AuthedDevice, target: PushTarget) -> Result<StoredTarget, TargetError> {
-        validate(&target)?;
+        validate(&target, &self.policy)?;
         let (user, id) = (device.user_id.to_string(), device.device_id.to_string());
         let updated_at_ms = now_ms();
         let (kind, endpoint, p256dh, auth, app_id, pushkey) = match &target {
@@ -277,12 +198,38 @@ mod tests {
         PushTarget::Webhook { url: url.into(), app_id: "org.example".into(), pushkey: "pk".into() }
     }
 
+    fn public() -> TargetPolicy {
+        TargetPolicy::public_only()
+    }
+
     #[test]
     fn good_targets_pass() {
-        validate(&web_push("https://updates.push.services.mozilla.com/wpush/v2/gAAAA", 65, 16)).unwrap();
-        validate(&web_push("http://127.0.0.1:8080/push/abc", 65, 16)).unwrap();
-        validate(&web_push("http://[::1]:8080/push/abc", 65, 16)).unwrap();
-        validate(&webhook("https://ntfy.example.org/_matrix/push/v1/notify")).unwrap();
+        validate(&web_push("https://updates.push.services.mozilla.com/wpush/v2/gAAAA", 65, 16), &public()).unwrap();
+        validate(&webhook("https://ntfy.example.org/_matrix/push/v1/notify"), &public()).unwrap();
+        // A local push service, for tests: only with the allow-list.
+        let local = TargetPolicy::allowing(&["127.0.0.1".into(), "::1".into()]).unwrap();
+        validate(&web_push("http://127.0.0.1:8080/push/abc", 65, 16), &local).unwrap();
+        validate(&web_push("http://[::1]:8080/push/abc", 65, 16), &local).unwrap();
+    }
+
+    #[test]
+    fn targets_inside_the_network_are_refused_with_a_readable_reason() {
+        for (url, range) in [
+            ("http://127.0.0.1:8080/push/abc", "loopback"),
+            ("https://10.0.0.1/push", "private"),
+            ("https://169.254.169.254/latest/meta-data", "link-local"),
+            ("http://[::1]:8080/push", "loopback"),
+            ("https://[fd00::1]/push", "unique local"),
+            ("https://100.64.1.1/push", "CGNAT"),
+            ("https://0.0.0.0/push", "unspecified"),
+            ("https://localhost/push", "loopback"),
+        ] {
+            let error = validate(&web_push(url, 65, 16), &public()).expect_err(url).to_string();
+            assert!(error.contains(range) && error.contains("may not reach"), "{url}: {error}");
+            assert!(error.starts_with("web_push.endpoint"), "{error}");
+        }
+        let error = validate(&webhook("https://192.168.0.10/_matrix/push/v1/notify"), &public()).unwrap_err();
+        assert!(error.to_string().contains("webhook.url names a private"), "{error}");
     }
 
     #[test]
@@ -301,7 +248,7 @@ mod tests {
             (webhook("http://gw.example/_matrix/push/v1/notify"), "https"),
         ];
         for (target, expected) in cases {
-            let error = validate(&target).expect_err(expected).to_string();
+            let error = validate(&target, &public()).expect_err(expected).to_string();
             assert!(error.contains(expected), "{error:?} should mention {expected:?}");
             assert!(!error.contains("aaaaaaaaaa"), "the error does not echo the URL");
         }
@@ -309,12 +256,12 @@ mod tests {
         if let PushTarget::WebPush { p256dh, .. } = &mut compressed {
             p256dh[0] = 0x02;
         }
-        assert!(validate(&compressed).is_err());
+        assert!(validate(&compressed, &public()).is_err());
         let empty_key = PushTarget::Webhook {
             url: "https://gw.example/_matrix/push/v1/notify".into(),
             app_id: String::new(),
             pushkey: "k".into(),
         };
-        assert!(validate(&empty_key).unwrap_err().to_string().contains("app_id"));
+        assert!(validate(&empty_key, &public()).unwrap_err().to_string().contains("app_id"));
     }
 }

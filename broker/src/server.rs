@@ -128,7 +128,10 @@ impl App {
         let shutdown_for_sweep = shutdown.clone();
         let gateway =
             Gateway::new(&clients, dedup, delivery.clone(), guard, events.clone(), shutdown.clone(), &settings);
-        let push_targets = PushTargets::new(db.clone(), events.clone());
+        // Validated with the settings: an error here cannot happen.
+        let target_policy =
+            crate::push_targets::TargetPolicy::allowing(&settings.push.allow_private_targets).unwrap_or_default();
+        let push_targets = PushTargets::new(db.clone(), events.clone(), target_policy);
         let erasure = Erasure::new(
             db,
             accounts.clone(),

@@ -336,6 +336,12 @@ pub struct PushSettings {
     /// GetServerInfo so that browsers can subscribe (`lockstep-push vapid-public-key` prints it).
     /// Default unset.
     pub vapid_public_key: Option<String>,
+    /// Networks push targets may name although they are inside a network (loopback,
+    /// RFC 1918, ULA, link-local, CGNAT, …), e.g. `["127.0.0.1"]` for a local push
+    /// service in tests, or a push gateway run inside your network on purpose. Every
+    /// other such address is refused by SetPushTarget (INVALID_ARGUMENT). The push worker
+    /// has its own list (`http.allow_private_targets`) and checks again. Default empty.
+    pub allow_private_targets: Vec<String>,
 }
 
 impl Default for EventsSettings {
@@ -497,6 +503,9 @@ impl Settings {
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");
         }
+        if let Err(error) = crate::push_targets::TargetPolicy::allowing(&self.push.allow_private_targets) {
+            return fail(&format!("push.allow_private_targets: {error}"));
+        }
         if self.limits.max_ciphertext_bytes == 0 || self.limits.max_ciphertext_bytes >= self.limits.max_request_bytes {
             return fail("limits.max_ciphertext_bytes must be between 1 and limits.max_request_bytes");
         }
@@ -619,6 +628,20 @@ mod tests {
             jail.set_env("LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH", "0");
             let error = Settings::load(None).unwrap_err().to_string();
             assert!(error.contains("max_changes_per_push"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn private_push_targets_are_allowed_only_by_a_list_of_networks() {
+        figment::Jail::expect_with(|jail| {
+            assert!(Settings::load(None).map_err(|e| e.to_string())?.push.allow_private_targets.is_empty());
+            jail.set_env("LOCKSTEP_PUSH__ALLOW_PRIVATE_TARGETS", r#"["127.0.0.1", "::1/128"]"#);
+            let settings = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.push.allow_private_targets, ["127.0.0.1", "::1/128"]);
+            jail.set_env("LOCKSTEP_PUSH__ALLOW_PRIVATE_TARGETS", r#"["everything"]"#);
+            let error = Settings::load(None).unwrap_err().to_string();
+            assert!(error.contains("push.allow_private_targets"), "{error}");
             Ok(())
         });
     }

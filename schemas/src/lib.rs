@@ -30,12 +30,15 @@
 //!   from Avro values.
 //! - `src/event.rs` — [`Event`]: the metadata-only notifications on the
 //!   events topic (`avro/event.avsc`), same framing.
+//! - `src/target_policy.rs` — where a push target may point: the address policy
+//!   the server and the push worker share.
 //! - this file — the public API and [`SchemaError`].
 
 mod canonical;
 mod change;
 mod event;
 mod registry;
+pub mod target_policy;
 mod wire;
 
 use std::fmt;

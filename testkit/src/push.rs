@@ -15,6 +15,12 @@ use tempfile::TempDir;
 
 use crate::{log_tail, process::Process, server::workspace_binary};
 
+/// The worker setting that lets it reach [`PushService`] on 127.0.0.1: push targets
+/// inside the network are refused unless listed (issue 25).
+pub const WORKER_ALLOWS_LOCAL_PUSH: (&str, &str) = ("LOCKSTEP_PUSH_HTTP__ALLOW_PRIVATE_TARGETS", r#"["127.0.0.1"]"#);
+/// The server setting that lets devices name [`PushService`] on 127.0.0.1 in SetPushTarget.
+pub const SERVER_ALLOWS_LOCAL_PUSH: (&str, &str) = ("LOCKSTEP_PUSH__ALLOW_PRIVATE_TARGETS", r#"["127.0.0.1"]"#);
+
 /// The worker binary: `$LOCKSTEP_PUSH_BIN`, else `<target dir>/debug/lockstep-push`
 /// (refused when older than its sources).
 pub fn push_binary() -> anyhow::Result<PathBuf> {
@@ -55,8 +61,9 @@ impl PushWorker {
     pub fn prepare_binary(binary: PathBuf, kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut settings = vec![
             ("LOCKSTEP_PUSH_EVENTS__COMMIT_INTERVAL".to_string(), "200ms".to_string()),
-            // A killed worker's partitions move to the next one after this.
-            ("LOCKSTEP_PUSH_EVENTS__SESSION_TIMEOUT".to_string(), "4s".to_string()),
+            // A killed worker's partitions move to the next one after this: the least Kafka
+            // allows (group.min.session.timeout.ms, 6 s; it refuses 4 s with INVALID_SESSION_TIMEOUT).
+            ("LOCKSTEP_PUSH_EVENTS__SESSION_TIMEOUT".to_string(), "6s".to_string()),
             ("LOCKSTEP_PUSH_LOG".to_string(), "info,lockstep_push=debug".to_string()),
             ("LOCKSTEP_PUSH_METRICS_LISTEN_ADDR".to_string(), "127.0.0.1:0".to_string()),
         ];

@@ -14,7 +14,7 @@ use crate::{cli::Cli, device::Device, kafka::Kafka, server::Server};
 /// The broker of a stack: the test binary's shared one, or one of its own.
 pub enum Broker {
     Shared(&'static Kafka),
-    Own(Kafka),
+    Own(Box<Kafka>),
 }
 
 impl Broker {
@@ -25,7 +25,7 @@ impl Broker {
 
     /// A fresh broker of the caller's own.
     pub async fn own() -> anyhow::Result<Self> {
-        Ok(Self::Own(Kafka::start().await?))
+        Ok(Self::Own(Box::new(Kafka::start().await?)))
     }
 }
 

@@ -14,7 +14,7 @@
 use std::{sync::Arc, time::Duration};
 
 use lockstep_proto::{
-    retry::is_retryable,
+    retry::{RETRYABLE_METADATA, is_retryable},
     v1::{
         AckRequest, Change, PushRequest, SubscribeRequest, push_result, subscribe_response::Event,
         sync_client::SyncClient,
@@ -139,7 +139,11 @@ impl SimDevice {
             }
             Err(status) => {
                 self.history.call("push", Some(status.code()));
-                let failed = PushOutcome::CallFailed { code: status.code(), retryable: is_retryable(&status) };
+                // A bare CANCELLED (no verdict of the server's) is the call's stream broken in
+                // transport, e.g. the server killed mid-call: its changes are in doubt, not
+                // refused, and the device pushes them again.
+                let broken = status.code() == Code::Cancelled && status.metadata().get(RETRYABLE_METADATA).is_none();
+                let failed = PushOutcome::CallFailed { code: status.code(), retryable: is_retryable(&status) || broken };
                 vec![failed; changes.len()]
             }
         };

@@ -350,10 +350,16 @@ fn which(name: &str) -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_dashboard() -> anyhow::Result<()> {
     use lockstep_e2e::{free_port, process::Process, stack::Stack};
-    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
+    let events_topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
+    let Stack { kafka, server, device: phone } =
+        Stack::start_with("phone", &[("LOCKSTEP_EVENTS__TOPIC", events_topic.as_str())]).await?;
     let _laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(3, 32)).await?;
-    let dashboard = Dashboard::start(kafka.bootstrap(), &[("LOCKSTEP_DASHBOARD_REFRESH__INTERVAL", "500ms")]).await?;
+    let dashboard_env = [
+        ("LOCKSTEP_DASHBOARD_EVENTS__TOPIC", events_topic.as_str()),
+        ("LOCKSTEP_DASHBOARD_REFRESH__INTERVAL", "500ms"),
+    ];
+    let dashboard = Dashboard::start(kafka.bootstrap(), &dashboard_env).await?;
 
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("prometheus.yml");

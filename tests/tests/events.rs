@@ -22,28 +22,36 @@ use lockstep_schemas::{EventBody, PushTarget, TargetRemovedReason};
 use tonic::{Code, transport::Channel};
 
 const WAIT: Duration = Duration::from_secs(60);
-const EVENTS_TOPIC: &str = "lockstep.events";
+/// The server's default events topic (tests on a broker of their own).
+const DEFAULT_EVENTS_TOPIC: &str = "lockstep.events";
 
-/// Reads the events topic until `until` holds for the events of `user_id`.
+/// An events topic of the test's own (servers on the shared broker).
+fn own_events_topic() -> String {
+    format!("lockstep.events.test-{}", uuid::Uuid::new_v4())
+}
+
+/// Reads the events topic until `until` holds for the events of `user_id`. A read
+/// that fails (a broker coming back) is tried again until the deadline.
 async fn events_until(
     bootstrap: &str,
+    topic: &str,
     user_id: &str,
     what: &str,
     until: impl Fn(&[EventRecord]) -> bool,
 ) -> anyhow::Result<Vec<EventRecord>> {
     let started = Instant::now();
     loop {
-        let mine: Vec<EventRecord> = read_events(bootstrap, EVENTS_TOPIC)
-            .await?
-            .into_iter()
-            .filter(|(_, _, _, e)| e.user_id == user_id)
-            .collect();
-        if until(&mine) {
-            return Ok(mine);
-        }
-        if started.elapsed() > WAIT {
-            let kinds: Vec<String> = mine.iter().map(|(_, _, _, e)| format!("{:?}", e.body)).collect();
-            anyhow::bail!("events topic never showed {what}; it holds for this user: {kinds:#?}");
+        let mine: anyhow::Result<Vec<EventRecord>> = read_events(bootstrap, topic)
+            .await
+            .map(|events| events.into_iter().filter(|(_, _, _, e)| e.user_id == user_id).collect());
+        match &mine {
+            Ok(mine) if until(mine) => return Ok(mine.clone()),
+            Ok(mine) if started.elapsed() > WAIT => {
+                let kinds: Vec<String> = mine.iter().map(|(_, _, _, e)| format!("{:?}", e.body)).collect();
+                anyhow::bail!("events topic never showed {what}; it holds for this user: {kinds:#?}");
+            }
+            Err(error) if started.elapsed() > WAIT => anyhow::bail!("reading the events topic: {error:#}"),
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -74,12 +82,13 @@ fn p256dh() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()> {
-    let Stack { kafka, server, device: alice } =
-        Stack::start_with("alice-phone", &[("LOCKSTEP_EVENTS__LEASE_INTERVAL", "1s")]).await?;
+    let topic = own_events_topic();
+    let env = [("LOCKSTEP_EVENTS__LEASE_INTERVAL", "1s"), ("LOCKSTEP_EVENTS__TOPIC", topic.as_str())];
+    let Stack { kafka, server, device: alice } = Stack::start_with("alice-phone", &env).await?;
     let bootstrap = kafka.bootstrap().to_string();
     let laptop = alice.pair(&server, "alice-laptop").await?;
     let user = alice.user_id.clone();
-    events_until(&bootstrap, &user, "both devices added", |events| {
+    events_until(&bootstrap, &topic, &user, "both devices added", |events| {
         has(events, |b| matches!(b, EventBody::DeviceAdded { device_id } if *device_id == alice.device_id))
             && has(events, |b| matches!(b, EventBody::DeviceAdded { device_id } if *device_id == laptop.device_id))
     })
@@ -92,7 +101,7 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
     alice.push_ok(pushed.clone()).await?;
     receive_changes(&mut stream, 3, WAIT).await?;
     laptop.ack(2).await?;
-    let events = events_until(&bootstrap, &user, "the append, the ack and a renewed lease", |events| {
+    let events = events_until(&bootstrap, &topic, &user, "the append, the ack and a renewed lease", |events| {
         let leases = events
             .iter()
             .filter(|(_, _, _, e)| matches!(&e.body, EventBody::DeviceConnected { device_id, .. } if *device_id == laptop.device_id))
@@ -156,7 +165,7 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
     // The bad requests changed nothing.
     let still = targets.get_push_target(with_token(GetPushTargetRequest {}, &laptop.token)).await?.into_inner();
     assert!(matches!(still.target.and_then(|t| t.target), Some(Target::WebPush(t)) if t.endpoint == endpoint));
-    events_until(&bootstrap, &user, "the web push target", |events| {
+    events_until(&bootstrap, &topic, &user, "the web push target", |events| {
         has(events, |b| matches!(b, EventBody::PushTargetSet { target: PushTarget::WebPush { endpoint: e, .. }, .. } if e == endpoint))
     })
     .await?;
@@ -164,7 +173,7 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
     targets.remove_push_target(with_token(RemovePushTargetRequest {}, &laptop.token)).await?;
     let status = targets.remove_push_target(with_token(RemovePushTargetRequest {}, &laptop.token)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    events_until(&bootstrap, &user, "the removal", |events| {
+    events_until(&bootstrap, &topic, &user, "the removal", |events| {
         has(events, |b| matches!(b, EventBody::PushTargetRemoved { reason: TargetRemovedReason::RemovedByDevice, .. }))
     })
     .await?;
@@ -190,13 +199,13 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
     assert_eq!(status.code(), Code::Unauthenticated);
     // Its consumer group (it had committed 3) is gone with it.
     let group = format!("lockstep.device.{}", laptop.device_id);
-    let topic = format!("lockstep.user.{user}");
+    let user_topic = format!("lockstep.user.{user}");
     let started = Instant::now();
-    while lockstep_e2e::kafka::committed_offset(&bootstrap, &group, &topic).await?.is_some() {
+    while lockstep_e2e::kafka::committed_offset(&bootstrap, &group, &user_topic).await?.is_some() {
         anyhow::ensure!(started.elapsed() < WAIT, "the revoked device's offsets were never deleted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let events = events_until(&bootstrap, &user, "the revocation", |events| {
+    let events = events_until(&bootstrap, &topic, &user, "the revocation", |events| {
         let last_target = events.iter().rev().find_map(|(_, _, _, e)| match &e.body {
             EventBody::PushTargetSet { .. } | EventBody::PushTargetRemoved { .. } => Some(e.body.clone()),
             _ => None,
@@ -246,8 +255,8 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_go_on_while_the_events_cluster_is_down() -> anyhow::Result<()> {
     let kafka = Kafka::start().await?;
-    let mut events_nisshi = Kafka::start().await?;
-    let events_bootstrap = events_nisshi.bootstrap().to_string();
+    let mut events_kafka = Kafka::start().await?;
+    let events_bootstrap = events_kafka.bootstrap().to_string();
     // A short produce timeout, so that the outage outlasts librdkafka's own retries.
     let env =
         [("LOCKSTEP_EVENTS__BOOTSTRAP_SERVERS", events_bootstrap.as_str()), ("LOCKSTEP_KAFKA__PRODUCE_TIMEOUT", "2s")];
@@ -255,13 +264,13 @@ async fn pushes_go_on_while_the_events_cluster_is_down() -> anyhow::Result<()> {
     let phone = Device::create_account(&server, "phone").await?;
     let laptop = phone.pair(&server, "laptop").await?;
     phone.push_ok(changes(5, 64)).await?;
-    events_until(&events_bootstrap, &phone.user_id, "the first append", |events| {
+    events_until(&events_bootstrap, DEFAULT_EVENTS_TOPIC, &phone.user_id, "the first append", |events| {
         has(events, |b| matches!(b, EventBody::LogAppended { log_end: 5, .. }))
     })
     .await?;
 
     // The events cluster goes away; pushes, streams and acks do not notice.
-    events_nisshi.kill();
+    events_kafka.kill();
     let mut stream = laptop.subscribe(None).await?;
     for _ in 0..10 {
         phone.push_ok(changes(10, 64)).await?;
@@ -276,12 +285,13 @@ async fn pushes_go_on_while_the_events_cluster_is_down() -> anyhow::Result<()> {
     }
 
     // It comes back: the facts arrive, coalesced (the latest log end and ack).
-    events_nisshi.restart().await?;
-    let events = events_until(&events_bootstrap, &phone.user_id, "the facts of the outage", |events| {
-        has(events, |b| matches!(b, EventBody::LogAppended { log_end: 105, .. }))
-            && has(events, |b| matches!(b, EventBody::DeviceAcked { committed_offset: 105, .. }))
-    })
-    .await?;
+    events_kafka.restart().await?;
+    let events =
+        events_until(&events_bootstrap, DEFAULT_EVENTS_TOPIC, &phone.user_id, "the facts of the outage", |events| {
+            has(events, |b| matches!(b, EventBody::LogAppended { log_end: 105, .. }))
+                && has(events, |b| matches!(b, EventBody::DeviceAcked { committed_offset: 105, .. }))
+        })
+        .await?;
     let appends = events.iter().filter(|(_, _, _, e)| matches!(e.body, EventBody::LogAppended { .. })).count();
     assert!(appends < 11, "facts about one log were coalesced while the cluster was down ({appends} appends)");
     Ok(())
@@ -361,10 +371,15 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
         ClientConfig,
         producer::{FutureProducer, FutureRecord},
     };
-    let Stack { kafka, server, device: phone } = Stack::start("phone").await?;
+    let topic = own_events_topic();
+    let Stack { kafka, server, device: phone } =
+        Stack::start_with("phone", &[("LOCKSTEP_EVENTS__TOPIC", topic.as_str())]).await?;
     let laptop = phone.pair(&server, "laptop").await?;
     let started = Instant::now();
-    while !server.log().contains("following the events topic") {
+    // "following the events topic failed; retrying" does not count: it is not following yet.
+    let following =
+        |log: String| log.lines().any(|line| line.contains("following the events topic") && !line.contains("failed"));
+    while !following(server.log()) {
         anyhow::ensure!(started.elapsed() < WAIT, "the server never followed the events topic");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -385,7 +400,7 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
     // A verdict from before the phone's target was set: stale, ignored. Then a current one for the laptop.
     for event in [gone(&phone, set_at - 60_000), gone(&laptop, set_at + 1)] {
         let payload = encode_event(&event)?;
-        let record = FutureRecord::to(EVENTS_TOPIC).key(&event.user_id).payload(&payload);
+        let record = FutureRecord::to(&topic).key(&event.user_id).payload(&payload);
         producer.send(record, Duration::from_secs(10)).await.map_err(|(error, _)| error)?;
     }
     let started = Instant::now();

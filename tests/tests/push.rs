@@ -13,7 +13,7 @@ use bytes::Bytes;
 use lockstep_e2e::{
     device::{Device, changes, receive_changes, with_token},
     kafka::{EventRecord, Kafka, read_events},
-    push::{PushService, PushWorker, Seen, Subscription},
+    push::{PushService, PushWorker, SERVER_ALLOWS_LOCAL_PUSH, Seen, Subscription, WORKER_ALLOWS_LOCAL_PUSH},
     server::Server,
 };
 use lockstep_proto::v1::{
@@ -41,10 +41,14 @@ async fn push_stack(worker_env: &[(&str, &str)]) -> anyhow::Result<PushStack> {
     let service = PushService::start().await?;
     // The server advertises the worker's key and creates the events topic; the
     // worker subscribes to it after.
-    let mut worker = PushWorker::prepare(kafka.bootstrap(), worker_env)?;
+    // The push service listens on 127.0.0.1, which targets may not name unless allowed.
+    let mut worker_env = worker_env.to_vec();
+    worker_env.push(WORKER_ALLOWS_LOCAL_PUSH);
+    let mut worker = PushWorker::prepare(kafka.bootstrap(), &worker_env)?;
     let key = worker.vapid_public_key().to_string();
     let mut env = SERVER_ENV.to_vec();
     env.push(("LOCKSTEP_PUSH__VAPID_PUBLIC_KEY", &key));
+    env.push(SERVER_ALLOWS_LOCAL_PUSH);
     let server = Server::start_with(&kafka, &env).await?;
     worker.restart()?;
     worker.wait_until_acting(1).await?;
@@ -370,7 +374,7 @@ async fn a_killed_worker_restarts_without_a_storm_and_wakes_who_is_still_behind(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_the_partitions_and_wake_each_device_once() -> anyhow::Result<()> {
     let PushStack { kafka, server, worker: mut first, service } = push_stack(&[]).await?;
-    let mut second = PushWorker::start(kafka.bootstrap(), &[]).await?;
+    let mut second = PushWorker::start(kafka.bootstrap(), &[WORKER_ALLOWS_LOCAL_PUSH]).await?;
     second.wait_until_acting(1).await?;
     // The first worker gave up half of its partitions in the rebalance.
     first.wait_for_log("partitions revoked", 1, WAIT).await?;
@@ -495,5 +499,18 @@ async fn an_independent_kafka_client_reads_the_scenario_and_no_content_from_the_
     assert!(added < target_set && target_set < appended && appended < woken && woken < acked && acked < removed);
     let partitions: HashSet<i64> = mine.iter().filter_map(|e| e["partition"].as_i64()).collect();
     assert_eq!(partitions.len(), 1, "one user, one partition: {partitions:?}");
+    Ok(())
+}
+
+/// SIGTERM while the worker still waits for the events topic (no server created it yet):
+/// it exits, instead of a blocking wait keeping the stopped process alive (which held
+/// `scripts/run`'s Ctrl-C, and Kafka's shutdown after it, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_it_waits_for_the_events_topic_exits() -> anyhow::Result<()> {
+    let kafka = lockstep_e2e::kafka::Kafka::shared().await?;
+    let topic = format!("lockstep.events.never-{}", uuid::Uuid::new_v4());
+    let mut worker = PushWorker::start(kafka.bootstrap(), &[("LOCKSTEP_PUSH_EVENTS__TOPIC", topic.as_str())]).await?;
+    worker.wait_for_log("waiting for the events topic to exist", 1, WAIT).await?;
+    assert!(worker.terminate()?, "a clean exit on SIGTERM:\n{}", worker.log());
     Ok(())
 }

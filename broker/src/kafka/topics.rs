@@ -84,7 +84,27 @@ impl Topics {
                 return Err(KafkaError::Topic { operation: "create topic", topic, code });
             }
         }
+        self.wait_until_served(topic).await;
         Ok(())
+    }
+
+    /// Waits (at most `request_timeout`) until the broker serves a topic just
+    /// created: Kafka answers CreateTopics once its controller committed the
+    /// topic, and its brokers' metadata follows a moment later (seconds on a
+    /// busy machine). A device's first push or subscribe must not find the topic
+    /// "missing" meanwhile (it would be created again and an incident logged).
+    async fn wait_until_served(&self, topic: &str) {
+        let deadline = std::time::Instant::now() + self.settings.request_timeout;
+        loop {
+            match self.watermarks(topic).await {
+                Ok(_) => return,
+                Err(error) if std::time::Instant::now() >= deadline => {
+                    tracing::warn!(topic, %error, "a new topic is not served yet; going on");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// Creates a shared topic (the events topic) with `partitions` unless it

@@ -223,13 +223,29 @@ fn poll_loop(consumer: Arc<BaseConsumer<GroupContext>>, incoming_tx: mpsc::Sende
 /// Waits until the events topic exists (the server creates it at start): a
 /// consumer subscribed to a missing topic would only notice it at its next
 /// metadata refresh, minutes later.
+///
+/// Dropping the future (a shutdown while it waits) ends the blocking loop too:
+/// a runtime waits for its blocking threads, so a loop left running would keep
+/// a stopped worker alive for good.
 pub async fn wait_for_topic(settings: &Settings) -> Result<(), Error> {
+    /// Sets the flag when dropped, with the future that owns it.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
     let (topic, timeout) = (settings.events.topic.clone(), settings.kafka.request_timeout);
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let stopped = stop.0.clone();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = config.create().map_err(Error::kafka("create metadata client"))?;
         let mut logged = false;
         loop {
+            if stopped.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             let exists = consumer.fetch_metadata(Some(&topic), timeout).is_ok_and(|metadata| {
                 metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
             });
@@ -250,7 +266,8 @@ pub async fn wait_for_topic(settings: &Settings) -> Result<(), Error> {
 /// Publishes the worker's own events (key = user id, like the server's).
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    /// None: events are dropped (tests and measurements without Kafka).
+    producer: Option<FutureProducer>,
     topic: String,
     timeout: Duration,
 }
@@ -264,13 +281,23 @@ impl Publisher {
         config.set("partitioner", "murmur2_random");
         config.set("message.timeout.ms", settings.kafka.produce_timeout.as_millis().to_string());
         let producer = config.create().map_err(Error::kafka("create producer"))?;
-        Ok(Self { producer, topic: settings.events.topic.clone(), timeout: settings.kafka.produce_timeout })
+        Ok(Self {
+            producer: Some(producer),
+            topic: settings.events.topic.clone(),
+            timeout: settings.kafka.produce_timeout,
+        })
+    }
+
+    /// A publisher that drops every event: for tests and measurements of wake-ups alone.
+    pub fn disabled() -> Self {
+        Self { producer: None, topic: String::new(), timeout: Duration::ZERO }
     }
 
     /// Returns once Kafka acknowledged the event.
     pub async fn publish(&self, event: &Event) -> Result<(), Error> {
         let payload = encode_event(event).map_err(|e| Error::Encode(e.to_string()))?;
+        let Some(producer) = &self.producer else { return Ok(()) };
         let record = FutureRecord::to(&self.topic).key(event.user_id.as_bytes()).payload(&payload);
-        self.producer.send(record, self.timeout).await.map(|_| ()).map_err(|(e, _)| Error::kafka("produce event")(e))
+        producer.send(record, self.timeout).await.map(|_| ()).map_err(|(e, _)| Error::kafka("produce event")(e))
     }
 }

@@ -10,11 +10,16 @@
 //! - [`state`]: what is known per user and device, and the wake-up rule (pure).
 //! - [`events`]: the group member's poll thread, and the worker's own event producer.
 //! - [`worker`]: the loop tying them together; offsets committed behind wake-ups.
-//! - [`wake`]: one wake-up's HTTP requests, retries and `WakeUp` events.
+//! - [`dispatch`]: which wake-up attempt runs next: slots per origin, slow
+//!   origins apart, retries waiting without a slot.
+//! - [`wake`]: one wake-up attempt's HTTP request and `WakeUp` event.
+//! - [`resolve`]: DNS that drops addresses push targets may not reach.
 //! - [`vapid`]: the VAPID key pair and JWT.
 
+pub mod dispatch;
 pub mod events;
 pub mod metrics_http;
+pub mod resolve;
 pub mod settings;
 pub mod state;
 pub mod vapid;
@@ -47,6 +52,8 @@ pub enum Error {
     Http(String),
     #[error("bad push target: {0}")]
     Target(&'static str),
+    #[error("refused push target: {0}")]
+    RefusedTarget(String),
     #[error("cannot encode event: {0}")]
     Encode(String),
     #[error("the events consumer stopped")]

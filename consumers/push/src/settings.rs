@@ -60,8 +60,21 @@ pub struct WakeSettings {
     /// Least time between two wake-ups of one device. Default 60s.
     #[serde(with = "humantime_serde")]
     pub min_interval: Duration,
-    /// Wake-ups (HTTP requests with their retries) in flight at once. Default 64.
+    /// HTTP requests to push services in flight at once. A wake-up holds one only while
+    /// its request is in flight, never while it waits to retry. Default 64.
     pub max_concurrent: usize,
+    /// HTTP requests in flight to one origin (scheme, host, port) at once, so that one push
+    /// service never takes every slot. Default 32.
+    pub max_per_origin: usize,
+    /// Requests in flight at once to origins whose last attempt was slow (no answer, or one
+    /// after `slow_after`); the same number again for first requests to origins not heard
+    /// from yet (one each). However many origins are slow, origins that answer keep at
+    /// least `max_concurrent` − 2 × this. Default 16.
+    pub max_concurrent_slow: usize,
+    /// An origin whose answer took longer than this (or never came) is slow until it
+    /// answers within it again. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub slow_after: Duration,
     /// Attempts per wake-up, counting the first, for 5xx answers, timeouts and 429. Default 5.
     pub max_attempts: u32,
     /// First retry delay after a 5xx or a timeout; doubled per attempt, with ±50 % jitter.
@@ -90,6 +103,15 @@ pub struct HttpSettings {
     /// `Topic` header: constant, so a push service replaces an undelivered wake-up
     /// instead of queueing another. Default `lockstep-sync`.
     pub topic: String,
+    /// Most bytes of a push service's answer body read (only a webhook's
+    /// `{"rejected": [...]}` matters); the rest is never read. Default 65,536.
+    pub max_response_bytes: usize,
+    /// Networks push targets may reach although they are inside a network (loopback,
+    /// RFC 1918, ULA, link-local, CGNAT, …), e.g. `["127.0.0.1"]` for a local push service
+    /// in tests. Every other such address is refused, whether the target names it or its
+    /// host name resolves to it (refused addresses are dropped from every DNS answer;
+    /// redirects are never followed). Default empty.
+    pub allow_private_targets: Vec<String>,
 }
 
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
@@ -147,6 +169,9 @@ impl Default for WakeSettings {
         Self {
             min_interval: Duration::from_secs(60),
             max_concurrent: 64,
+            max_per_origin: 32,
+            max_concurrent_slow: 16,
+            slow_after: Duration::from_secs(2),
             max_attempts: 5,
             retry_base_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(60),
@@ -162,6 +187,8 @@ impl Default for HttpSettings {
             ttl: Duration::from_secs(24 * 3600),
             urgency: "normal".into(),
             topic: "lockstep-sync".into(),
+            max_response_bytes: 64 * 1024,
+            allow_private_targets: Vec::new(),
         }
     }
 }
@@ -190,6 +217,11 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Where targets may point (`http.allow_private_targets`).
+    pub fn target_policy(&self) -> Result<lockstep_schemas::target_policy::TargetPolicy, String> {
+        lockstep_schemas::target_policy::TargetPolicy::allowing(&self.http.allow_private_targets)
+    }
+
     pub fn validate(&self) -> Result<(), SettingsError> {
         let fail = |message: &str| Err(SettingsError::invalid(message));
         if self.events.topic.trim().is_empty() || self.events.group.trim().is_empty() {
@@ -203,6 +235,15 @@ impl Settings {
         }
         if self.wake.max_concurrent == 0 || self.wake.max_attempts == 0 || self.wake.max_devices == 0 {
             return fail("wake.max_concurrent, wake.max_attempts and wake.max_devices must be at least 1");
+        }
+        if self.wake.max_per_origin == 0 || self.wake.max_concurrent_slow == 0 || self.wake.slow_after.is_zero() {
+            return fail("wake.max_per_origin, wake.max_concurrent_slow and wake.slow_after must be non-zero");
+        }
+        if self.http.max_response_bytes == 0 {
+            return fail("http.max_response_bytes must be at least 1");
+        }
+        if let Err(error) = self.target_policy() {
+            return fail(&format!("http.allow_private_targets: {error}"));
         }
         if self.vapid.token_lifetime.is_zero() || self.vapid.token_lifetime > Duration::from_secs(24 * 3600) {
             return fail("vapid.token_lifetime must be between 1s and 24h (RFC 8292)");
@@ -259,6 +300,20 @@ mod tests {
             jail.set_env("LOCKSTEP_PUSH_VAPID__TOKEN_LIFETIME", "1h");
             jail.set_env("LOCKSTEP_PUSH_NO_SUCH_KEY", "1");
             assert!(Settings::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn private_targets_are_allowed_only_by_a_list_of_networks() {
+        figment::Jail::expect_with(|jail| {
+            assert!(Settings::load(None).map_err(|e| e.to_string())?.http.allow_private_targets.is_empty());
+            jail.set_env("LOCKSTEP_PUSH_HTTP__ALLOW_PRIVATE_TARGETS", r#"["127.0.0.1"]"#);
+            let settings = Settings::load(None).map_err(|e| e.to_string())?;
+            assert!(settings.target_policy().unwrap().permits("127.0.0.1".parse().unwrap()));
+            jail.set_env("LOCKSTEP_PUSH_HTTP__ALLOW_PRIVATE_TARGETS", r#"["10.0.0.0/33"]"#);
+            let error = Settings::load(None).unwrap_err().to_string();
+            assert!(error.contains("allow_private_targets"), "{error}");
             Ok(())
         });
     }

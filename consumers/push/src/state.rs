@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use lockstep_schemas::{Event, EventBody, PushTarget, WakeUpOutcome};
+use lockstep_schemas::{Event, EventBody, PushTarget, WakeUpOutcome, target_policy::TargetPolicy};
 
 /// What to do about one device now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +63,13 @@ pub struct State {
     device_count: usize,
     max_devices: usize,
     min_interval_ms: i64,
+    /// Targets read back from the events topic are checked again: a refused one is no target.
+    policy: TargetPolicy,
 }
 
 impl State {
-    pub fn new(min_interval_ms: i64, max_devices: usize) -> Self {
-        Self { users: HashMap::new(), device_count: 0, max_devices, min_interval_ms }
+    pub fn new(min_interval_ms: i64, max_devices: usize, policy: TargetPolicy) -> Self {
+        Self { users: HashMap::new(), device_count: 0, max_devices, min_interval_ms, policy }
     }
 
     pub fn device_count(&self) -> usize {
@@ -139,7 +141,13 @@ impl State {
                 device.revoked = true;
                 device.target = None;
             }
-            EventBody::PushTargetSet { target, .. } => device.target = Some(target.clone()),
+            EventBody::PushTargetSet { target, .. } => match self.policy.check_target(target) {
+                Ok(_) => device.target = Some(target.clone()),
+                Err(error) => {
+                    tracing::warn!(user_id = %event.user_id, %device_id, origin = target.origin(), %error, "refused push target ignored");
+                    device.target = None;
+                }
+            },
             EventBody::PushTargetRemoved { .. } => device.target = None,
             EventBody::WakeUp { log_end, outcome, .. } => {
                 let wake = LastWake { log_end: *log_end, at_ms: event.at_ms, outcome: *outcome };

@@ -1,22 +1,32 @@
-//! One wake-up: the HTTP request to a push service (RFC 8030 Web Push with an
-//! RFC 8291 `aes128gcm` body and an RFC 8292 VAPID JWT, or a Matrix-push-gateway
-//! webhook), its retries, and a `WakeUp` event per attempt.
+//! One wake-up attempt: the HTTP request to a push service (RFC 8030 Web Push
+//! with an RFC 8291 `aes128gcm` body and an RFC 8292 VAPID JWT, or a
+//! Matrix-push-gateway webhook), what it means for the next attempt, and a
+//! `WakeUp` event per attempt. `dispatch` decides when attempts run.
 //!
-//! The payload is content-free: `{"v":1,"log_end":N}`. Redirects are never
-//! followed; endpoints are secrets, so only their origin is ever logged.
+//! The payload is content-free: `{"v":1,"log_end":N}`. Every request is
+//! checked against the target policy first (the target came from the events
+//! topic, which the worker does not trust more than a device); host names go
+//! through [`FilteringResolver`]; redirects are never followed; at most
+//! `http.max_response_bytes` of an answer are read. Endpoints are secrets, so
+//! only their origin is ever logged.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use lockstep_schemas::{Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome};
+use lockstep_schemas::{Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, target_policy::TargetPolicy};
 use rand::Rng;
-use reqwest::{StatusCode, header::HeaderMap};
+use reqwest::{StatusCode, Url, header::HeaderMap};
 use tokio::time::Instant;
 
-use crate::{Error, events::Publisher, settings::Settings, vapid::VapidKey};
+use crate::{
+    Error,
+    events::Publisher,
+    resolve::{FilteringResolver, Lookup},
+    settings::Settings,
+    vapid::VapidKey,
+};
 
 /// A device to wake.
 #[derive(Debug, Clone)]
@@ -25,6 +35,15 @@ pub struct WakeOrder {
     pub device_id: String,
     pub target: PushTarget,
     pub log_end: i64,
+}
+
+impl WakeOrder {
+    /// The fairness key: the target's origin as the HTTP client reads it
+    /// (`HTTPS://Push.Example:443` and `https://push.example` are one origin).
+    pub fn origin(&self) -> String {
+        let (PushTarget::WebPush { endpoint: url, .. } | PushTarget::Webhook { url, .. }) = &self.target;
+        Url::parse(url).map_or_else(|_| self.target.origin().to_string(), |url| url.origin().ascii_serialization())
+    }
 }
 
 /// How a wake-up ended, after its retries.
@@ -37,21 +56,56 @@ pub struct WakeResult {
     pub at_ms: i64,
 }
 
-/// What one attempt got back.
+/// Where a wake-up stands before an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptState {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// The push service answered 413: send without a payload.
+    pub empty_body: bool,
+}
+
+impl AttemptState {
+    pub const FIRST: Self = Self { number: 1, empty_body: false };
+}
+
+/// What one attempt leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptEnd {
+    Done(WakeResult),
+    /// Try again after `delay`, in `next`.
+    Retry {
+        delay: Duration,
+        next: AttemptState,
+    },
+}
+
+/// One attempt, as the dispatcher needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptReport {
+    pub end: AttemptEnd,
+    /// No answer, or one later than `wake.slow_after`.
+    pub slow: bool,
+    /// The origin asked for a pause (429): no request to it before then.
+    pub origin_pause: Option<Duration>,
+}
+
+/// What one request got back.
 enum Answer {
     Status(StatusCode, HeaderMap, bytes::Bytes),
-    /// Timeout or connection error: no status.
-    NoAnswer,
+    /// Timeout or connection error (or a refused address): no status.
+    Unanswered,
+    /// The target is refused by the policy or cannot be encoded: never sent.
+    Unsendable,
 }
 
 pub struct Waker {
     client: reqwest::Client,
+    policy: Arc<TargetPolicy>,
     vapid: VapidKey,
     settings: Settings,
     worker_id: String,
     publisher: Publisher,
-    /// origin → no request before this instant (a 429's `Retry-After`).
-    origin_backoff: Mutex<HashMap<String, Instant>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -60,108 +114,103 @@ pub fn now_ms() -> i64 {
 
 impl Waker {
     pub fn new(settings: Settings, vapid: VapidKey, worker_id: String, publisher: Publisher) -> Result<Self, Error> {
+        Self::with_lookup(settings, vapid, worker_id, publisher, Lookup::System)
+    }
+
+    /// Like [`Waker::new`], resolving names with `lookup` (tests: a fixed table).
+    pub fn with_lookup(
+        settings: Settings,
+        vapid: VapidKey,
+        worker_id: String,
+        publisher: Publisher,
+        lookup: Lookup,
+    ) -> Result<Self, Error> {
+        let policy = Arc::new(settings.target_policy().map_err(Error::Http)?);
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve and connect for us, past the filtering resolver.
+            .no_proxy()
+            .dns_resolver(Arc::new(FilteringResolver::new(policy.clone(), lookup)))
             .timeout(settings.http.request_timeout)
             .connect_timeout(settings.http.request_timeout)
             .user_agent(concat!("lockstep-push/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Http(e.without_url().to_string()))?;
-        Ok(Self { client, vapid, settings, worker_id, publisher, origin_backoff: Mutex::default() })
+        Ok(Self { client, policy, vapid, settings, worker_id, publisher })
     }
 
-    /// Wakes the device: attempts until an answer that ends it or `wake.max_attempts`.
-    pub async fn wake(self: Arc<Self>, order: WakeOrder) -> WakeResult {
-        let origin = order.target.origin().to_string();
-        let max_attempts = self.settings.wake.max_attempts;
-        let mut empty_body = false;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            self.wait_for_origin(&origin).await;
-            let answer = self.send(&order, empty_body).await;
-            let last = attempt >= max_attempts;
-            let status = match &answer {
-                Answer::Status(status, _, _) => i32::from(status.as_u16()),
-                Answer::NoAnswer => 0,
-            };
-            let (outcome, removed, retry_in) = match &answer {
-                Answer::Status(status, _, body) if status.is_success() => {
-                    if self.webhook_rejected(&order.target, body) {
-                        (WakeUpOutcome::Gone, Some(TargetRemovedReason::Rejected), None)
-                    } else {
-                        (WakeUpOutcome::Sent, None, None)
-                    }
+    /// One attempt to wake the device; publishes its `WakeUp` event (and a
+    /// `PushTargetRemoved` when the target is gone). A `probe` (first contact with
+    /// an origin) waits at most `wake.slow_after` for the answer.
+    pub async fn attempt(&self, order: &WakeOrder, state: AttemptState, probe: bool) -> AttemptReport {
+        let origin = order.target.origin();
+        let last = state.number >= self.settings.wake.max_attempts;
+        let started = Instant::now();
+        let timeout = if probe { self.settings.wake.slow_after } else { self.settings.http.request_timeout };
+        let answer = self.send(order, state.empty_body, timeout).await;
+        let slow = matches!(answer, Answer::Unanswered) || started.elapsed() > self.settings.wake.slow_after;
+        let status = match &answer {
+            Answer::Status(status, _, _) => i32::from(status.as_u16()),
+            Answer::Unanswered | Answer::Unsendable => 0,
+        };
+        let failed_or = |outcome| if last { WakeUpOutcome::Failed } else { outcome };
+        let mut origin_pause = None;
+        let mut next = AttemptState { number: state.number + 1, empty_body: state.empty_body };
+        let (outcome, removed, retry_in) = match &answer {
+            Answer::Status(status, _, body) if status.is_success() => {
+                if self.webhook_rejected(&order.target, body) {
+                    (WakeUpOutcome::Gone, Some(TargetRemovedReason::Rejected), None)
+                } else {
+                    (WakeUpOutcome::Sent, None, None)
                 }
-                Answer::Status(StatusCode::NOT_FOUND | StatusCode::GONE, ..) => {
-                    (WakeUpOutcome::Gone, Some(TargetRemovedReason::Gone), None)
-                }
-                Answer::Status(StatusCode::PAYLOAD_TOO_LARGE, ..) if !empty_body && !last => {
-                    empty_body = true;
-                    (WakeUpOutcome::Retrying, None, Some(Duration::ZERO))
-                }
-                Answer::Status(StatusCode::TOO_MANY_REQUESTS, headers, _) => {
-                    let wait = retry_after(headers).unwrap_or_else(|| self.backoff(attempt));
-                    let wait = wait.min(self.settings.wake.retry_max_delay);
-                    self.origin_backoff.lock().unwrap().insert(origin.clone(), Instant::now() + wait);
-                    (if last { WakeUpOutcome::Failed } else { WakeUpOutcome::Throttled }, None, Some(Duration::ZERO))
-                }
-                Answer::Status(status, ..) if status.is_server_error() => (
-                    if last { WakeUpOutcome::Failed } else { WakeUpOutcome::Retrying },
-                    None,
-                    Some(self.backoff(attempt)),
-                ),
-                Answer::NoAnswer => (
-                    if last { WakeUpOutcome::Failed } else { WakeUpOutcome::Retrying },
-                    None,
-                    Some(self.backoff(attempt)),
-                ),
-                // 3xx (never followed), 400, 401, 403, …: trying again will not help.
-                Answer::Status(..) => (WakeUpOutcome::Failed, None, None),
-            };
-            let at_ms = now_ms();
-            metrics::counter!("lockstep_push_wakeup_attempts_total", "outcome" => outcome.as_str()).increment(1);
-            tracing::info!(
-                user_id = %order.user_id,
-                device_id = %order.device_id,
-                origin = %origin,
-                log_end = order.log_end,
-                http_status = status,
-                attempt,
-                ?outcome,
-                "wake-up attempt"
-            );
-            self.publish(
-                &order,
-                at_ms,
-                EventBody::WakeUp {
-                    device_id: order.device_id.clone(),
-                    log_end: order.log_end,
-                    outcome,
-                    http_status: status,
-                },
-            )
-            .await;
-            if let Some(reason) = removed {
-                self.publish(
-                    &order,
-                    at_ms,
-                    EventBody::PushTargetRemoved { device_id: order.device_id.clone(), reason },
-                )
-                .await;
             }
-            match retry_in {
-                Some(delay) if outcome != WakeUpOutcome::Failed => tokio::time::sleep(delay).await,
-                _ => return WakeResult { outcome, target_removed: removed.is_some(), at_ms },
+            Answer::Status(StatusCode::NOT_FOUND | StatusCode::GONE, ..) => {
+                (WakeUpOutcome::Gone, Some(TargetRemovedReason::Gone), None)
             }
+            Answer::Status(StatusCode::PAYLOAD_TOO_LARGE, ..) if !state.empty_body && !last => {
+                next.empty_body = true;
+                (WakeUpOutcome::Retrying, None, Some(Duration::ZERO))
+            }
+            Answer::Status(StatusCode::TOO_MANY_REQUESTS, headers, _) => {
+                let wait = retry_after(headers).unwrap_or_else(|| self.backoff(state.number));
+                origin_pause = Some(wait.min(self.settings.wake.retry_max_delay));
+                (failed_or(WakeUpOutcome::Throttled), None, Some(Duration::ZERO))
+            }
+            Answer::Status(status, ..) if status.is_server_error() => {
+                (failed_or(WakeUpOutcome::Retrying), None, Some(self.backoff(state.number)))
+            }
+            Answer::Unanswered => (failed_or(WakeUpOutcome::Retrying), None, Some(self.backoff(state.number))),
+            // 3xx (never followed), 400, 401, 403, …, a refused target: trying again will not help.
+            Answer::Status(..) | Answer::Unsendable => (WakeUpOutcome::Failed, None, None),
+        };
+        let at_ms = now_ms();
+        metrics::counter!("lockstep_push_wakeup_attempts_total", "outcome" => outcome.as_str()).increment(1);
+        tracing::info!(
+            user_id = %order.user_id,
+            device_id = %order.device_id,
+            origin = %origin,
+            log_end = order.log_end,
+            http_status = status,
+            attempt = state.number,
+            ?outcome,
+            "wake-up attempt"
+        );
+        let body = EventBody::WakeUp {
+            device_id: order.device_id.clone(),
+            log_end: order.log_end,
+            outcome,
+            http_status: status,
+        };
+        self.publish(order, at_ms, body).await;
+        if let Some(reason) = removed {
+            let body = EventBody::PushTargetRemoved { device_id: order.device_id.clone(), reason };
+            self.publish(order, at_ms, body).await;
         }
-    }
-
-    async fn wait_for_origin(&self, origin: &str) {
-        let until = self.origin_backoff.lock().unwrap().get(origin).copied();
-        if let Some(until) = until {
-            tokio::time::sleep_until(until).await;
-        }
+        let end = match retry_in {
+            Some(delay) if outcome != WakeUpOutcome::Failed => AttemptEnd::Retry { delay, next },
+            _ => AttemptEnd::Done(WakeResult { outcome, target_removed: removed.is_some(), at_ms }),
+        };
+        AttemptReport { end, slow, origin_pause }
     }
 
     /// Exponential backoff with ±50 % jitter: base · 2^(attempt−1), capped.
@@ -171,35 +220,44 @@ impl Waker {
         base.mul_f64(rand::rng().random_range(0.5..1.5))
     }
 
-    async fn send(&self, order: &WakeOrder, empty_body: bool) -> Answer {
+    async fn send(&self, order: &WakeOrder, empty_body: bool, timeout: Duration) -> Answer {
         let request = match self.build(order, empty_body) {
-            Ok(request) => request,
+            Ok(request) => request.timeout(timeout),
             Err(error) => {
-                tracing::warn!(device_id = %order.device_id, origin = %order.target.origin(), %error, "cannot build wake-up");
-                return Answer::Status(StatusCode::BAD_REQUEST, HeaderMap::new(), bytes::Bytes::new());
+                metrics::counter!("lockstep_push_refused_targets_total").increment(1);
+                tracing::warn!(device_id = %order.device_id, origin = %order.target.origin(), %error, "wake-up not sent");
+                return Answer::Unsendable;
             }
         };
-        match request.send().await {
-            Ok(response) => {
-                let status = response.status();
-                let headers = response.headers().clone();
-                // Bounded read: only a webhook's {"rejected": [...]} matters.
-                let body = tokio::time::timeout(self.settings.http.request_timeout, response.bytes()).await;
-                let body = body.ok().and_then(Result::ok).unwrap_or_default();
-                Answer::Status(status, headers, body.slice(..body.len().min(64 * 1024)))
-            }
+        let mut response = match request.send().await {
+            Ok(response) => response,
             Err(error) => {
                 // reqwest errors name the URL: drop it, it is a secret.
                 tracing::debug!(origin = %order.target.origin(), error = %error.without_url(), "push service did not answer");
-                Answer::NoAnswer
+                return Answer::Unanswered;
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        // Read chunk by chunk up to the bound, then stop: the rest is never read
+        // (dropping the response closes the connection). The client's timeout bounds the time.
+        let max = self.settings.http.max_response_bytes;
+        let mut body = bytes::BytesMut::new();
+        while body.len() < max {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(max - body.len())]),
+                Ok(None) | Err(_) => break,
             }
         }
+        Answer::Status(status, headers, body.freeze())
     }
 
     fn build(&self, order: &WakeOrder, empty_body: bool) -> Result<reqwest::RequestBuilder, Error> {
+        // Again here, whatever was checked before: the target came from the events topic.
+        let url = self.policy.check_target(&order.target).map_err(Error::RefusedTarget)?;
         let payload = serde_json::json!({ "v": 1, "log_end": order.log_end }).to_string();
         match &order.target {
-            PushTarget::WebPush { endpoint, p256dh, auth } => {
+            PushTarget::WebPush { p256dh, auth, .. } => {
                 let http = &self.settings.http;
                 let authorization = self.vapid.authorization(
                     order.target.origin(),
@@ -208,7 +266,7 @@ impl Waker {
                 );
                 let request = self
                     .client
-                    .post(endpoint)
+                    .post(url)
                     .header("TTL", http.ttl.as_secs().to_string())
                     .header("Urgency", &http.urgency)
                     .header("Topic", &http.topic)
@@ -229,7 +287,7 @@ impl Waker {
                     .header("Content-Type", "application/octet-stream")
                     .body(body))
             }
-            PushTarget::Webhook { url, app_id, pushkey } => {
+            PushTarget::Webhook { app_id, pushkey, .. } => {
                 let notification = serde_json::json!({
                     "notification": {
                         "devices": [{ "app_id": app_id, "pushkey": pushkey, "data": { "log_end": order.log_end } }],

@@ -4,11 +4,12 @@
 //! Phases, each its own method: [`Worker::on_assigned`] / [`Worker::on_revoked`]
 //! (rebalances), [`Worker::on_record`] (one event), [`Worker::evaluate`] (the
 //! decision for one device), [`Worker::on_woken`] (a wake-up ended),
-//! [`Worker::commit`] (offsets).
+//! [`Worker::commit`] (offsets). Which wake-up runs when is the
+//! [`Dispatcher`]'s (fairness between origins).
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashMap, VecDeque},
+    collections::{BTreeMap, BinaryHeap, HashMap},
     sync::Arc,
     time::Duration,
 };
@@ -22,6 +23,7 @@ use rdkafka::{
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
+    dispatch::Dispatcher,
     events::{Assignment, GroupMember, Incoming},
     settings::Settings,
     state::{Decision, State},
@@ -63,24 +65,22 @@ impl PartitionProgress {
     }
 }
 
-struct InFlight {
+/// The event offset a wake-up holds back from being committed.
+struct Hold {
     partition: i32,
     epoch: u64,
     hold: i64,
-    order: WakeOrder,
 }
 
 pub struct Worker {
     settings: Settings,
     state: State,
     member: GroupMember,
-    waker: Arc<Waker>,
     offsets: GroupOffsets,
     partitions: HashMap<i32, PartitionProgress>,
     next_epoch: u64,
-    /// Due wake-ups not started yet (bounded by the number of devices).
-    queue: VecDeque<InFlight>,
-    wakes: JoinSet<(InFlight, WakeResult)>,
+    /// Due wake-ups, queued, in flight or waiting to retry (at most one per device).
+    wakes: Dispatcher<Hold>,
     lookups: JoinSet<(String, String, Option<i64>)>,
     /// Re-checks at a time (Unix ms): leases and `min_interval` running out.
     timers: BinaryHeap<Reverse<(i64, String, String)>>,
@@ -89,17 +89,18 @@ pub struct Worker {
 impl Worker {
     pub fn new(settings: Settings, member: GroupMember, waker: Arc<Waker>, offsets: GroupOffsets) -> Self {
         let min_interval_ms = settings.wake.min_interval.as_millis() as i64;
-        let state = State::new(min_interval_ms, settings.wake.max_devices);
+        // Validated with the settings; the default refuses every private network.
+        let policy = settings.target_policy().unwrap_or_default();
+        let state = State::new(min_interval_ms, settings.wake.max_devices, policy);
+        let wakes = Dispatcher::new(waker, &settings.wake);
         Self {
             settings,
             state,
             member,
-            waker,
             offsets,
             partitions: HashMap::new(),
             next_epoch: 0,
-            queue: VecDeque::new(),
-            wakes: JoinSet::new(),
+            wakes,
             lookups: JoinSet::new(),
             timers: BinaryHeap::new(),
         }
@@ -120,10 +121,9 @@ impl Worker {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(done) = self.wakes.join_next(), if !self.wakes.is_empty() => match done {
-                    Ok((in_flight, result)) => self.on_woken(in_flight, result),
-                    Err(error) => tracing::error!(%error, "wake-up task failed"),
-                },
+                (hold, order, result) = self.wakes.next_done(), if !self.wakes.is_idle() => {
+                    self.on_woken(hold, order, result);
+                }
                 Some(found) = self.lookups.join_next(), if !self.lookups.is_empty() => match found {
                     Ok((user_id, device_id, committed)) => {
                         self.state.set_looked_up_offset(&user_id, &device_id, committed);
@@ -140,16 +140,17 @@ impl Worker {
                 _ = timer_tick.tick() => self.on_timers(),
                 _ = commit_tick.tick() => self.commit(CommitMode::Async),
             }
-            self.start_queued();
+            self.wakes.start_ready();
         }
-        tracing::info!(in_flight = self.wakes.len(), "shutting down: finishing wake-ups in flight");
+        tracing::info!(in_flight = self.wakes.in_flight(), "shutting down: finishing wake-ups in flight");
         drop(incoming_rx);
+        // Wake-ups never tried stay for the next owner (their events stay uncommitted).
+        self.wakes.retain(|_, state| state.number > 1);
         let deadline = self.settings.http.request_timeout * self.settings.wake.max_attempts + Duration::from_secs(1);
         let finish = async {
-            while let Some(done) = self.wakes.join_next().await {
-                if let Ok((in_flight, result)) = done {
-                    self.on_woken(in_flight, result);
-                }
+            while !self.wakes.is_idle() {
+                let (hold, order, result) = self.wakes.next_done().await;
+                self.on_woken(hold, order, result);
             }
         };
         if tokio::time::timeout(deadline, finish).await.is_err() {
@@ -197,7 +198,7 @@ impl Worker {
             self.state.drop_partition(*partition);
             self.member.commit_points.lock().unwrap().remove(partition);
         }
-        self.queue.retain(|queued| !partitions.contains(&queued.partition));
+        self.wakes.retain(|hold, _| !partitions.contains(&hold.partition));
     }
 
     fn on_record(&mut self, partition: i32, offset: i64, payload: &[u8]) {
@@ -276,31 +277,18 @@ impl Worker {
                 }
                 let order =
                     WakeOrder { user_id: user_id.to_string(), device_id: device_id.to_string(), target, log_end };
-                self.queue.push_back(InFlight { partition, epoch, hold, order });
+                self.wakes.submit(Hold { partition, epoch, hold }, order);
             }
         }
     }
 
-    fn start_queued(&mut self) {
-        while self.wakes.len() < self.settings.wake.max_concurrent {
-            let Some(in_flight) = self.queue.pop_front() else { break };
-            let waker = self.waker.clone();
-            self.wakes.spawn(async move {
-                let result = waker.wake(in_flight.order.clone()).await;
-                (in_flight, result)
-            });
-        }
-        metrics::gauge!("lockstep_push_wakeups_in_flight").set(self.wakes.len() as f64);
-    }
-
-    fn on_woken(&mut self, in_flight: InFlight, result: WakeResult) {
-        metrics::gauge!("lockstep_push_wakeups_in_flight").set(self.wakes.len() as f64);
-        if let Some(progress) = self.partitions.get_mut(&in_flight.partition)
-            && progress.epoch == in_flight.epoch
+    fn on_woken(&mut self, hold: Hold, order: WakeOrder, result: WakeResult) {
+        if let Some(progress) = self.partitions.get_mut(&hold.partition)
+            && progress.epoch == hold.epoch
         {
-            progress.release(in_flight.hold);
+            progress.release(hold.hold);
         }
-        let WakeOrder { user_id, device_id, log_end, .. } = &in_flight.order;
+        let WakeOrder { user_id, device_id, log_end, .. } = &order;
         let Some(device) = self.state.device_mut(user_id, device_id) else { return };
         device.wake_in_flight = false;
         let wake = crate::state::LastWake { log_end: *log_end, at_ms: result.at_ms, outcome: result.outcome };

@@ -35,7 +35,7 @@ fn wake_event(at_ms: i64, log_end: i64, outcome: WakeUpOutcome) -> Event {
 
 #[test]
 fn a_behind_offline_device_with_a_target_is_woken_once_per_log_end() {
-    let mut state = State::new(MIN_INTERVAL, 100);
+    let mut state = State::new(MIN_INTERVAL, 100, TargetPolicy::public_only());
     with_target(&mut state, "d");
     state.apply(0, 1, &event(0, "n1", acked("d", 5)));
     assert_eq!(state.decide("u", "d", 1_000), Decision::Idle, "no log end known yet");
@@ -55,7 +55,7 @@ fn a_behind_offline_device_with_a_target_is_woken_once_per_log_end() {
 
 #[test]
 fn connected_acked_targetless_and_revoked_devices_are_not_woken() {
-    let mut state = State::new(MIN_INTERVAL, 100);
+    let mut state = State::new(MIN_INTERVAL, 100, TargetPolicy::public_only());
     state.apply(0, 0, &event(0, "n1", appended(10, "other")));
     state.apply(0, 1, &event(0, "n1", acked("d", 3)));
     assert_eq!(state.decide("u", "d", 0), Decision::Idle, "no target");
@@ -77,7 +77,7 @@ fn connected_acked_targetless_and_revoked_devices_are_not_woken() {
 
 #[test]
 fn unknown_offsets_are_looked_up_and_a_device_is_not_woken_for_its_own_pushes() {
-    let mut state = State::new(MIN_INTERVAL, 100);
+    let mut state = State::new(MIN_INTERVAL, 100, TargetPolicy::public_only());
     with_target(&mut state, "d");
     state.apply(0, 1, &event(0, "n1", appended(10, "other")));
     assert_eq!(state.decide("u", "d", 0), Decision::LookUpOffset);
@@ -106,7 +106,7 @@ fn unknown_offsets_are_looked_up_and_a_device_is_not_woken_for_its_own_pushes() 
 
 #[test]
 fn replays_and_out_of_order_own_attempts_keep_the_latest_wake_up() {
-    let mut state = State::new(MIN_INTERVAL, 100);
+    let mut state = State::new(MIN_INTERVAL, 100, TargetPolicy::public_only());
     with_target(&mut state, "d");
     state.apply(0, 1, &event(0, "n1", acked("d", 0)));
     state.apply(0, 2, &event(0, "n1", appended(5, "other")));
@@ -122,11 +122,34 @@ fn replays_and_out_of_order_own_attempts_keep_the_latest_wake_up() {
 
 #[test]
 fn the_device_limit_drops_new_devices_and_partitions_are_forgotten() {
-    let mut state = State::new(MIN_INTERVAL, 1);
+    let mut state = State::new(MIN_INTERVAL, 1, TargetPolicy::public_only());
     assert!(state.apply(3, 0, &event(0, "n1", acked("d", 0))).is_some());
     assert!(state.apply(3, 1, &event(0, "n1", acked("e", 0))).is_none());
     assert_eq!(state.devices_of_partition(3), vec![("u".to_string(), "d".to_string())]);
     state.drop_partition(3);
     assert_eq!(state.device_count(), 0);
     assert!(state.apply(3, 2, &event(0, "n1", acked("e", 0))).is_some());
+}
+
+#[test]
+fn a_refused_target_read_back_from_the_events_topic_is_no_target() {
+    let mut state = State::new(MIN_INTERVAL, 100, TargetPolicy::public_only());
+    with_target(&mut state, "d");
+    assert!(state.device("u", "d").unwrap().target.is_some());
+    for endpoint in
+        ["http://127.0.0.1:8080/x", "https://169.254.169.254/latest", "https://[::1]/x", "https://10.0.0.1/x"]
+    {
+        let target = PushTarget::WebPush { endpoint: endpoint.into(), p256dh: vec![4; 65], auth: vec![1; 16] };
+        state.apply(0, 1, &event(0, "n1", EventBody::PushTargetSet { device_id: "d".into(), target }));
+        assert!(state.device("u", "d").unwrap().target.is_none(), "{endpoint}");
+        with_target(&mut state, "d");
+    }
+    state.apply(0, 2, &event(0, "n1", acked("d", 0)));
+    state.apply(0, 3, &event(0, "n1", appended(5, "other")));
+    let local = TargetPolicy::allowing(&["127.0.0.1".into()]).unwrap();
+    let mut tests = State::new(MIN_INTERVAL, 100, local);
+    let target =
+        PushTarget::WebPush { endpoint: "http://127.0.0.1:8080/x".into(), p256dh: vec![4; 65], auth: vec![1; 16] };
+    tests.apply(0, 0, &event(0, "n1", EventBody::PushTargetSet { device_id: "d".into(), target }));
+    assert!(tests.device("u", "d").unwrap().target.is_some(), "allowed by the list");
 }
