@@ -5,6 +5,7 @@
 mod client;
 mod dashboard;
 mod lockstep;
+mod machine;
 mod peer;
 mod procs;
 mod profile;
@@ -12,6 +13,7 @@ mod report;
 mod stats;
 mod w0;
 mod w6;
+mod ws;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -29,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Workloads to run, in this order within each round.
-    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,wd,w6")]
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,wd,w6,ws")]
     pub workloads: Vec<String>,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -43,6 +45,9 @@ pub struct Args {
     /// The dashboard binary (a release build), for WD.
     #[arg(long, env = "LOCKSTEP_DASHBOARD_BIN", default_value = "target/release/lockstep-dashboard")]
     pub dashboard_bin: PathBuf,
+    /// The command-line client binary (a release build), for WS.
+    #[arg(long, env = "LOCKSTEP_CLI_BIN", default_value = "target/release/lockstep-cli")]
+    pub cli_bin: PathBuf,
     #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
     pub redis_bin: PathBuf,
     /// Changes per second of the open-loop latency phases of W0, W2 and W5.
@@ -78,6 +83,8 @@ pub struct Config {
     pub streams_per_connection: usize,
     /// W6: users with 10 offline devices each.
     pub w6_users: usize,
+    /// WS: timed syncs per record count and round (the round's figure is their median).
+    pub sync_repeats: usize,
 }
 
 impl Config {
@@ -99,6 +106,7 @@ impl Config {
             fanout_records: 0,
             streams_per_connection: args.streams_per_connection.clamp(1, 64),
             w6_users: if full { 100 } else { 20 },
+            sync_repeats: if full { 3 } else { 1 },
         }
     }
 
@@ -121,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::new(&args);
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
     let started = std::time::Instant::now();
+    let load_at_start = procs::load_average();
     let mut metrics = Metrics::default();
     let mut profiles = Vec::new();
     let profile_round = !args.no_profile && procs::command_line("perf", &["--version"]).starts_with("perf");
@@ -193,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
                     outcome
                 }
                 "w6" => w6::run(&server, &args.push_bin, kafka.bootstrap(), &config, round, metrics).await,
+                "ws" => ws::run(&server, &args.cli_bin, &config, round, metrics).await,
                 "wd" => dashboard::wd(&kafka, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
                 "w3" => lockstep::w3(&args.lockstep_bin, &config, round, metrics).await,
                 "w5" => match &redis {
@@ -225,7 +235,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed();
-    let text = report::render(&args, &config, rounds, &metrics, &profiles, elapsed);
+    let load = machine::Load { start: load_at_start, end: procs::load_average() };
+    let text = report::render(&args, &config, rounds, &metrics, &profiles, elapsed, &load);
     std::fs::write(&args.out, text)?;
     eprintln!("wrote {} after {:.0} s", args.out.display(), elapsed.as_secs_f64());
     Ok(())

@@ -1,6 +1,6 @@
-//! The processes a benchmark round drives: Kafka (local Kafka) and the
-//! `lockstep` server from the test kit (started as the tests start them), and
-//! `redis-server`, each on a free port of 127.0.0.1 with its data in a
+//! The processes a benchmark round drives: Apache Kafka (one KRaft node) and
+//! the `lockstep` server from the test kit (started as the tests start them),
+//! and `redis-server`, each on a free port of 127.0.0.1 with its data in a
 //! temporary directory. Killed when dropped. Also /proc readings.
 
 use std::{path::Path, process::Command};
@@ -98,6 +98,13 @@ impl Redis {
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
+}
+
+/// The machine's load averages over 1, 5 and 15 minutes (/proc/loadavg), as printed there.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|error| format!("(/proc/loadavg: {error})"))
 }
 
 /// Resident memory of a process in KiB (`VmRSS` of /proc/PID/status).

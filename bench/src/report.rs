@@ -1,13 +1,16 @@
-//! BENCHMARKS.md: the machine, the command, per workload the median and
-//! spread over rounds, and every target of issue #4 against its figure.
+//! BENCHMARKS.md: the machine (its load at the start and the end), the
+//! command, per workload the median and spread over rounds, and every target
+//! (issue #4's, and issue 18's `sync` wall time) against its figure.
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use crate::{
     Args, Config,
+    machine::{self, Load},
     procs::command_line,
     profile::Profile,
     stats::{Metrics, Summary},
+    ws,
 };
 
 fn format_value(value: f64) -> String {
@@ -117,6 +120,22 @@ fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
             met: taxes.map(|s| s.median <= 2.0),
         });
     }
+    let heartbeat = ws::heartbeat_interval().as_secs();
+    for records in [1, 300] {
+        for (side, what) in [("push", "on the writing device"), ("receive", "on a second device")] {
+            let seconds = metrics.summary(&format!("ws.n{records}.{side}_s"));
+            targets.push(Target {
+                name: format!(
+                    "`lockstep-cli sync` of {records} {} {what} ≤ 1 s wall time (heartbeat interval {heartbeat} s; \
+                     issue 18)",
+                    if records == 1 { "change" } else { "changes" }
+                ),
+                figure: seconds
+                    .map_or("not measured".into(), |s| format!("{:.2} s ({:.2} – {:.2})", s.median, s.min, s.max)),
+                met: seconds.map(|s| s.median <= 1.0),
+            });
+        }
+    }
     let largest = config.idle_devices.iter().copied().max().unwrap_or(0);
     let per_device = metrics.summary(&format!("w3.n{largest}.per_device_kib"));
     targets.push(Target {
@@ -184,39 +203,6 @@ fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
     targets
 }
 
-fn machine(out: &mut String, args: &Args) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| info.lines().find(|line| line.starts_with("model name")).map(str::to_string))
-        .and_then(|line| line.split(':').nth(1).map(|model| model.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| info.lines().next().map(str::to_string))
-        .and_then(|line| line.split_whitespace().nth(1).and_then(|kib| kib.parse::<f64>().ok()))
-        .map_or("unknown".into(), |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0));
-    let redis = args.redis_bin.to_string_lossy();
-    let rows = [
-        ("CPUs (nproc)", command_line("nproc", &[])),
-        ("CPU model", cpu),
-        ("memory", memory),
-        ("kernel", command_line("uname", &["-sr"])),
-        (
-            "Apache Kafka",
-            format!("{} (one KRaft node; JVM: {})", lockstep_testkit::kafka::KAFKA_VERSION, jvm_options()),
-        ),
-        ("redis-server", command_line(&redis, &["--version"])),
-        ("rustc", command_line("rustc", &["--version"])),
-        ("lockstep", command_line(&args.lockstep_bin.to_string_lossy(), &["--version"])),
-        ("source", command_line("git", &["describe", "--always", "--dirty"])),
-    ];
-    out.push_str("| | |\n| --- | --- |\n");
-    for (name, value) in rows {
-        let _ = writeln!(out, "| {name} | {value} |");
-    }
-    out.push('\n');
-}
-
 pub fn render(
     args: &Args,
     config: &Config,
@@ -224,6 +210,7 @@ pub fn render(
     metrics: &Metrics,
     profiles: &[Profile],
     elapsed: Duration,
+    load: &Load,
 ) -> String {
     let mut out = String::new();
     let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
@@ -231,22 +218,29 @@ pub fn render(
     let _ = writeln!(
         out,
         "Written by `lockstep-bench` (crate `bench/`) on {date} after {:.0} s. Every figure is the median over \
-         {rounds} interleaved round(s) (W0, W1, W2, W4, W3, W5, then again), with the spread (min – max). Ratios are \
-         taken within a round, then summarised. This machine is shared and noisy: compare ratios, not absolutes.\n",
-        elapsed.as_secs_f64()
+         {rounds} interleaved round(s) ({}, then again), with the spread (min – max). Ratios are taken within a \
+         round, then summarised. This machine is shared and noisy: compare ratios, not absolutes.\n",
+        elapsed.as_secs_f64(),
+        args.workloads.iter().map(|workload| workload.to_uppercase()).collect::<Vec<_>>().join(", ")
     );
     let command = args.command.clone().unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
     let _ = writeln!(out, "Command: `{command}`\n");
     out.push_str("## Machine\n\n");
-    machine(&mut out, args);
+    machine::table(&mut out, args, load);
 
     out.push_str("## Method\n\n");
     let _ = writeln!(
         out,
-        "- Each round starts a fresh Kafka (sqlite storage), a fresh `lockstep` (release build, default settings) \
-         and a fresh `redis-server` (`--appendonly yes --save ''`, appendfsync everysec), all on 127.0.0.1, with the \
-         load generator in the same machine. W3 starts its own fresh Kafka and server each round and creates its \
-         devices there.\n\
+        "- Each round starts a fresh Apache Kafka, a fresh `lockstep` (release build, default settings, less the \
+         abuse limits) and a fresh `redis-server` (`--appendonly yes --save ''`, appendfsync everysec), all on \
+         127.0.0.1, with the load generator in the same machine. W3 starts its own fresh Kafka and server each \
+         round and creates its devices there.\n\
+         - Kafka: one combined KRaft node (broker and controller in one JVM, the machine table has its heap and \
+         JVM options, full JIT), `scripts/kafka/server.properties` (2 network and 2 I/O threads, replication \
+         factor 1, 64 MiB segments), its log (`log.dirs`) in a temporary directory on the machine's disk, not a \
+         tmpfs. Kafka's default flush policy: no fsync per write (`log.flush.interval.messages` unset), so an \
+         acks=all write is acknowledged once it is in the page cache of the one replica; Redis's `everysec` \
+         likewise fsyncs once a second.\n\
          - Ciphertext {} bytes. Saturation phases push batches of 100 changes from {} concurrent pushers; W4's \
          preload uses batches of 500.\n\
          - Latency phases are open-loop: message `i` is due at `start + i / rate` and is sent then whatever happened \
@@ -275,7 +269,7 @@ pub fn render(
         config.cpu_time.as_secs()
     );
 
-    out.push_str("## Targets (issue #4)\n\n| target | figure: median (min – max) | |\n| --- | --- | --- |\n");
+    out.push_str("## Targets (issue #4; `sync` wall time: issue 18)\n\n| target | figure: median (min – max) | |\n| --- | --- | --- |\n");
     for target in targets(metrics, config) {
         let verdict = match target.met {
             Some(true) => "met",
@@ -287,7 +281,7 @@ pub fn render(
     out.push('\n');
 
     let row = |key: &str, label: &str| (key.to_string(), label.to_string());
-    out.push_str("## W0 raw: rdkafka → Kafka → rdkafka\n\n");
+    out.push_str("## W0 raw: rdkafka → Apache Kafka → rdkafka\n\n");
     table(
         &mut out,
         metrics,
@@ -355,13 +349,18 @@ pub fn render(
         "{} users × 10 offline devices with Web Push targets; every user pushes a burst of 100 changes (10 \
          pushes), all users at once. Latency: Kafka's ack of a user's first change → each of its devices' \
          wake-up arriving (VAPID verified, body decrypted) at tests/python/push_service.py. Target: p99 ≤ 1 s, \
-         1 wake-up per device per burst.\n",
+         1 wake-up per device per burst. W6 runs last in its round, on the broker and the server that the \
+         earlier workloads loaded: the events topic (`lockstep.events`) already holds their events (row \
+         \"events already in the topic\"), and the push worker, a new consumer group, reads it from the start \
+         before it acts.\n",
         config.w6_users
     );
     table(
         &mut out,
         metrics,
         &[
+            row("w6.events_before", "events already in the topic when W6 starts"),
+            row("w6.worker_acting_s", "push worker start → partitions assigned, s"),
             row("w6.p50_ms", "ack → wake-up p50, ms"),
             row("w6.p99_ms", "ack → wake-up p99, ms"),
             row("w6.max_ms", "ack → wake-up max, ms"),
@@ -372,6 +371,27 @@ pub fn render(
             row("w6.premature", "wake-ups before the burst (devices were caught up)"),
         ],
     );
+    let _ = writeln!(
+        out,
+        "## WS `lockstep-cli sync` wall time (heartbeat interval {} s, the server's default)\n",
+        ws::heartbeat_interval().as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "Two devices of one account, each a store of the `lockstep-cli` binary (release build), against the round's \
+         server. The writing device imports N records (a 200-character field each), then `lockstep-cli sync` is \
+         timed on it (it pushes N changes) and on the second device (it receives them): process start to exit, \
+         the median of {} such syncs per round. Before issue 18's fix every sync with something to do took one \
+         heartbeat interval.\n",
+        config.sync_repeats
+    );
+    let mut rows = vec![row("ws.idle_s", "sync with nothing to do, s")];
+    for records in ws::SIZES {
+        rows.push((format!("ws.n{records}.push_s"), format!("{records} changes: sync on the writing device, s")));
+        rows.push((format!("ws.n{records}.receive_s"), format!("{records} changes: sync on the second device, s")));
+    }
+    table(&mut out, metrics, &rows);
+
     out.push_str("## W3 idle devices\n\n");
     let mut rows = vec![row("w3.rss0_kib", "server RSS with the devices created, no stream, KiB")];
     for count in &config.idle_devices {
@@ -439,14 +459,4 @@ pub fn render(
         out.push('\n');
     }
     out
-}
-
-/// The local brokers' JVM options (`scripts/kafka/jvm.options`), one line.
-fn jvm_options() -> String {
-    lockstep_testkit::kafka::JVM_OPTIONS
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
