@@ -7,21 +7,24 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rdkafka::ClientConfig;
 
+/// A plain rdkafka consumer that reads partitions it is assigned, in a group of its
+/// own that never commits (so it moves no one's offsets), reporting each partition's end.
+fn reader(bootstrap: &str) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("lockstep-test-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+}
+
 /// Every record of partition 0 of `topic`, read by a plain rdkafka consumer
 /// (what any Kafka tool would see), decoded as change envelopes.
 pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<(i64, lockstep_schemas::ChangeEnvelope)>> {
-    use rdkafka::{
-        Message, Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
+    use rdkafka::{Message, Offset, TopicPartitionList, consumer::Consumer};
     let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("lockstep-test-reader-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()?;
+        let consumer = reader(&bootstrap)?;
         let (_, log_end) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(&topic, 0, Offset::Beginning)?;
@@ -59,18 +62,10 @@ pub type EventRecord = (i32, i64, Vec<u8>, lockstep_schemas::Event);
 /// rdkafka consumer, decoded as events (raw values kept, to scan them for bytes
 /// that must never be there).
 pub async fn read_events(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<EventRecord>> {
-    use rdkafka::{
-        Message, Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
+    use rdkafka::{Message, Offset, TopicPartitionList, consumer::Consumer};
     let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("lockstep-test-reader-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()?;
+        let consumer = reader(&bootstrap)?;
         let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         let partitions: Vec<i32> =
             metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
