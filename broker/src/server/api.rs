@@ -35,15 +35,31 @@ pub(super) fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedD
 }
 
 /// Everything a Subscribe or an Ack waits for (watermarks, group offsets,
-/// the log guard) within `kafka.operation_deadline`, then UNAVAILABLE.
-async fn bounded<T>(
-    app: &App,
-    operation: &'static str,
-    work: impl std::future::Future<Output = Result<T, ApiError>>,
-) -> Result<T, ApiError> {
-    match tokio::time::timeout(app.settings.kafka.operation_deadline, work).await {
-        Ok(result) => result,
-        Err(_) => Err(ApiError::Kafka(KafkaError::Timeout(operation))),
+/// the log guard) within `kafka.operation_deadline`, then UNAVAILABLE. Kafka's
+/// transient trouble (a partition without a leader for the seconds of an
+/// election or a broker restart, a group coordinator still loading) is tried
+/// again within the same deadline rather than handed to the device at once.
+/// Both calls are safe to repeat: they only read, or commit a position the
+/// device already acknowledged.
+async fn bounded<T, F, Fut>(app: &App, operation: &'static str, mut work: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let deadline = tokio::time::Instant::now() + app.settings.kafka.operation_deadline;
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match tokio::time::timeout_at(deadline, work()).await {
+            Err(_) => return Err(ApiError::Kafka(KafkaError::Timeout(operation))),
+            Ok(Err(ApiError::Kafka(error)))
+                if error.is_retryable() && tokio::time::Instant::now() + delay < deadline =>
+            {
+                tracing::debug!(operation, error = %error, ?delay, "kafka is not ready; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+            }
+            Ok(result) => return result,
+        }
     }
 }
 
@@ -334,14 +350,15 @@ impl sync_server::Sync for SyncApi {
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let device = authenticate(&self.app, &request)?;
         let SubscribeRequest { from_offset, repair } = request.into_inner();
-        let subscribed = bounded(&self.app, "subscribe", self.app.delivery.subscribe(device, from_offset, repair));
+        let subscribed =
+            bounded(&self.app, "subscribe", || self.app.delivery.subscribe(device.clone(), from_offset, repair));
         Ok(Response::new(subscribed.await?))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let device = authenticate(&self.app, &request)?;
         let committed_offset =
-            bounded(&self.app, "ack", self.app.delivery.ack(&device, request.get_ref().offset)).await?;
+            bounded(&self.app, "ack", || self.app.delivery.ack(&device, request.get_ref().offset)).await?;
         Ok(Response::new(AckResponse { committed_offset }))
     }
 

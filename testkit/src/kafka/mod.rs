@@ -19,7 +19,7 @@ use std::{
 };
 
 pub use cluster::KafkaCluster;
-use node::{Guardian, Node, NodeConfig, new_cluster_id, run_tool, tool_command, wait_ready};
+use node::{Guardian, Node, NodeConfig, new_cluster_id, run_tool, tool_command, wait_partitions_led, wait_ready};
 pub use node::{JVM_OPTIONS, KAFKA_VERSION, SERVER_PROPERTIES, kafka_libs};
 use rdkafka::{
     ClientConfig,
@@ -120,7 +120,8 @@ impl Kafka {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         self.node.spawn(self.authentication)?;
-        wait_ready(&mut [&mut self.node]).await
+        wait_ready(&mut [&mut self.node]).await?;
+        wait_partitions_led(&self.node.config.internal_address()).await
     }
 
     /// The broker's own listener. Clients that bootstrap here still connect to
