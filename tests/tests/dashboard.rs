@@ -225,6 +225,27 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
         stalled["lag_seconds"].as_f64().is_some_and(|s| s >= 3.0),
         "exact age of its oldest lacking change: {stalled}"
     );
+    // Two devices lacking different changes of one log: each gets the time of its own
+    // oldest lacking change (the dashboard reads them in waves, one record per log each).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = dashboard.json("/api/v1/devices").await?;
+        let lag = |id: &str| {
+            listed["devices"]
+                .as_array()
+                .and_then(|d| d.iter().find(|d| d["device_id"] == id))
+                .map(|d| d["lag_seconds"].clone())
+        };
+        let (never, behind) = (lag(&bob_never.device_id), lag(&bob_behind.device_id));
+        if never.as_ref().is_some_and(|s| s.is_number()) && behind.as_ref().is_some_and(|s| s.is_number()) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no lag_seconds for both of bob's lagging devices: never {never:?}, behind {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let never = by_id(&bob_never.device_id).context("never synced")?;
     assert_eq!((never["lag_changes"].as_i64(), never["committed"].is_null()), (Some(20), true), "{never}");
     let carol = by_id(&carol_laptop.device_id).context("carol")?;

@@ -6,6 +6,7 @@
 //! each lagging device lacks first.
 
 use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -118,7 +119,7 @@ pub struct Refresher {
     kafka: KafkaSettings,
     topics: Topics,
     offsets: GroupOffsets,
-    /// Reads single records from user topics (one at a time).
+    /// Reads the records whose time the refresh wants, from many user logs at once.
     record_reader: Arc<Mutex<BaseConsumer>>,
     concurrency: usize,
     max_record_reads: usize,
@@ -156,9 +157,10 @@ impl Refresher {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "20")
-            // One record is wanted at a time: no deep prefetch.
-            .set("queued.max.messages.kbytes", "1024")
-            .set("fetch.max.bytes", "1048576")
+            // One record of each log is wanted: a small batch per log, no deep prefetch.
+            .set("max.partition.fetch.bytes", "65536")
+            .set("queued.max.messages.kbytes", "8192")
+            .set("fetch.max.bytes", "8388608")
             .create()?;
         Ok(Self {
             kafka,
@@ -220,49 +222,105 @@ impl Refresher {
         report.offsets_ms = phase.elapsed().as_millis();
         let phase = Instant::now();
         let wanted = locked(fleet).wanted_records(self.max_record_reads);
-        for record in wanted {
-            match self.received_at(&record).await {
-                Ok(Some(received_at_ms)) => {
-                    report.records += 1;
-                    locked(fleet).apply_received_at(&record.user_id, record.offset, received_at_ms);
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    report.errors += 1;
-                    tracing::warn!(%error, user_id = record.user_id, offset = record.offset, "cannot read a change's time");
-                }
-            }
+        for (record, received_at_ms) in self.received_at(wanted, &mut report).await {
+            report.records += 1;
+            locked(fleet).apply_received_at(&record.user_id, record.offset, received_at_ms);
         }
         report.records_ms = phase.elapsed().as_millis();
         report
     }
 
-    /// The envelope `received_at` of the first change at or after the record's
-    /// offset (the oldest one the device lacks), if the log holds one.
-    async fn received_at(&self, record: &WantedRecord) -> Result<Option<i64>, DashboardKafkaError> {
+    /// The envelope `received_at` of the first change at or after each wanted
+    /// record's offset (the oldest one its device lacks), for those the log holds.
+    /// One consumer reads every wanted log at once, in waves: each wave assigns
+    /// every user log at its lowest offset still wanted and takes one record of each,
+    /// so a refresh costs a few fetch round trips, not one per record.
+    async fn received_at(&self, wanted: Vec<WantedRecord>, report: &mut RefreshReport) -> Vec<(WantedRecord, i64)> {
         let reader = self.record_reader.clone();
-        let topic = user_topic(&self.kafka, &record.user_id);
-        let offset = record.offset;
-        let timeout = self.kafka.request_timeout;
-        tokio::task::spawn_blocking(move || -> Result<Option<i64>, DashboardKafkaError> {
-            let reader = locked(&reader);
-            let mut assignment = TopicPartitionList::new();
+        let kafka = self.kafka.clone();
+        let result = tokio::task::spawn_blocking(move || read_received_at(&locked(&reader), &kafka, wanted)).await;
+        match result {
+            Ok(Ok((found, errors))) => {
+                report.errors += errors;
+                found
+            }
+            Ok(Err(error)) => {
+                report.errors += 1;
+                tracing::warn!(%error, "cannot read the changes' times");
+                Vec::new()
+            }
+            Err(error) => {
+                report.errors += 1;
+                tracing::warn!(%error, "the change-time reader failed");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// See [`Refresher::received_at`]. Returns what was found and how many reads failed.
+fn read_received_at(
+    reader: &BaseConsumer,
+    kafka: &KafkaSettings,
+    wanted: Vec<WantedRecord>,
+) -> Result<(Vec<(WantedRecord, i64)>, usize), DashboardKafkaError> {
+    // Per user log, the offsets still wanted, lowest first.
+    let mut pending: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    for record in wanted {
+        pending.entry(record.user_id).or_default().insert(record.offset);
+    }
+    let mut found = Vec::new();
+    let mut errors = 0;
+    while !pending.is_empty() {
+        // This wave: each log at its lowest wanted offset.
+        let mut waiting: HashMap<String, (String, i64)> = HashMap::with_capacity(pending.len());
+        let mut assignment = TopicPartitionList::new();
+        for (user_id, offsets) in &pending {
+            let Some(&offset) = offsets.first() else { continue };
+            let topic = user_topic(kafka, user_id);
             assignment.add_partition_offset(&topic, 0, Offset::Offset(offset))?;
-            reader.assign(&assignment)?;
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
-                match reader.poll(Duration::from_millis(100)) {
-                    Some(Ok(message)) if message.offset() >= offset => {
-                        // A record that is not a change envelope has no time: none known.
-                        return Ok(message.payload().and_then(|p| decode_change(p).ok()).map(|c| c.received_at_ms));
+            waiting.insert(topic, (user_id.clone(), offset));
+        }
+        reader.assign(&assignment)?;
+        // librdkafka keeps a partition paused across assignments: the last wave paused them.
+        reader.resume(&assignment)?;
+        let deadline = Instant::now() + kafka.request_timeout;
+        while !waiting.is_empty() && Instant::now() < deadline {
+            match reader.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Err(error)) => {
+                    errors += 1;
+                    tracing::warn!(%error, "reading a change's time");
+                }
+                Some(Ok(message)) => {
+                    let Some((user_id, offset)) = waiting.get(message.topic()).cloned() else { continue };
+                    if message.offset() < offset {
+                        continue;
                     }
-                    Some(Ok(_)) | None => {}
-                    Some(Err(error)) => return Err(error.into()),
+                    waiting.remove(message.topic());
+                    let mut done = TopicPartitionList::new();
+                    done.add_partition(message.topic(), 0);
+                    reader.pause(&done)?;
+                    // A record that is not a change envelope has no time: none known.
+                    let received_at = message.payload().and_then(|p| decode_change(p).ok()).map(|c| c.received_at_ms);
+                    // It is the first change at or after every wanted offset up to its own.
+                    let offsets = pending.get_mut(&user_id).expect("a pending log");
+                    let answered: Vec<i64> = offsets.range(..=message.offset()).copied().collect();
+                    for wanted in answered {
+                        offsets.remove(&wanted);
+                        if let Some(received_at) = received_at {
+                            found.push((WantedRecord { user_id: user_id.clone(), offset: wanted }, received_at));
+                        }
+                    }
                 }
             }
-            Ok(None)
-        })
-        .await
-        .map_err(|error| DashboardKafkaError::Task(error.to_string()))?
+        }
+        // Logs that gave nothing within the deadline are left for the next refresh.
+        for (user_id, _) in waiting.into_values() {
+            pending.remove(&user_id);
+        }
+        pending.retain(|_, offsets| !offsets.is_empty());
     }
+    reader.unassign()?;
+    Ok((found, errors))
 }
