@@ -16,7 +16,7 @@ pub(super) fn invite_code(
 ) -> anyhow::Result<Option<Zeroizing<String>>> {
     let text = match (invite, invite_file) {
         (Some(code), _) => Zeroizing::new(code.to_string()),
-        (None, Some(path)) if path == Path::new("-") => Zeroizing::new(super::read_arg("-")?),
+        (None, Some(path)) if path == Path::new("-") => Zeroizing::new(super::records::read_arg("-")?),
         (None, Some(path)) => Zeroizing::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("reading the invite code from {}", path.display()))?,
@@ -70,5 +70,17 @@ pub(super) async fn show(server: &str, rpc_timeout: Duration, trust: &Trust, as_
         info.request_timeout_ms, info.stream_send_timeout_ms
     );
     println!("web push wake-ups: {}", if info.vapid_public_key.is_empty() { "not configured" } else { "available" });
+    Ok(())
+}
+
+/// `server-info`: what a server needs for a new account, and its limits.
+pub(super) async fn run(ctx: &super::Ctx<'_>, server: Option<&str>) -> anyhow::Result<()> {
+    let (args, rpc_timeout, trust) = (ctx.args, ctx.args.rpc_timeout, &ctx.trust);
+    let open = || ctx.open();
+    let server = match server {
+        Some(server) => server.to_string(),
+        None => open()?.account().context("no --server, and this store holds no account")?.server,
+    };
+    show(&server, rpc_timeout, trust, args.json).await?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::now_ms;
+use crate::hlc::unix_ms as now_ms;
 use crate::{
     record::{PARENT_FIELD, UNFILED},
     store::{ResyncState, Status, Store},
