@@ -36,14 +36,13 @@ pub mod idle;
 pub mod invite_command;
 pub mod kafka;
 pub mod keys;
-pub mod locks;
 pub mod log_guard;
 pub mod push_targets;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
 pub mod slots;
-pub mod telemetry;
 
+pub use lockstep_kafka::locks;
 pub use server::run;
 pub use settings::Settings;

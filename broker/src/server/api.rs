@@ -324,16 +324,16 @@ impl SyncApi {
 impl sync_server::Sync for SyncApi {
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let started = std::time::Instant::now();
-        let span = if crate::telemetry::tracing_on() {
+        let span = if lockstep_telemetry::tracing_on() {
             let span = tracing::info_span!(
-                target: crate::telemetry::TRACE_TARGET,
+                target: lockstep_telemetry::TRACE_TARGET,
                 "lockstep.push",
                 otel.kind = "server",
                 rpc.system = "grpc",
                 rpc.method = "Push",
                 lockstep.changes = request.get_ref().changes.len(),
             );
-            crate::telemetry::continue_from(request.metadata(), &span);
+            lockstep_telemetry::continue_from(request.metadata(), &span);
             span
         } else {
             tracing::Span::none()

@@ -14,9 +14,8 @@ use std::{
 };
 
 use futures::{StreamExt, stream};
-use lockstep_broker::{
-    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, Topics, base_config, device_group, user_topic},
-    settings::KafkaSettings,
+use lockstep_kafka::{
+    GroupOffsets, GroupOffsetsSettings, KafkaError, KafkaSettings, Topics, base_config, device_group, user_topic,
 };
 use lockstep_schemas::{Event, decode_change, decode_event};
 use rdkafka::{
@@ -37,7 +36,7 @@ pub enum DashboardKafkaError {
     #[error("kafka client: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
     #[error("kafka group offsets: {0}")]
-    GroupOffsets(#[from] lockstep_broker::kafka::GroupOffsetsError),
+    GroupOffsets(#[from] lockstep_kafka::GroupOffsetsError),
     #[error("kafka blocking task failed: {0}")]
     Task(String),
 }
@@ -145,9 +144,7 @@ impl Refresher {
             client_id: "lockstep-dashboard".into(),
             request_timeout: kafka.request_timeout,
             max_attempts: 3,
-            security: lockstep_broker::kafka::group_offsets::security::KafkaSecurity::from_client_config(
-                &kafka.client_config,
-            )?,
+            security: lockstep_kafka::group_offsets::security::KafkaSecurity::from_client_config(&kafka.client_config)?,
         })
         .await?;
         let record_reader: BaseConsumer = base_config(&kafka, "lockstep-dashboard-records")

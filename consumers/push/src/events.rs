@@ -149,7 +149,7 @@ impl GroupMember {
             incoming_tx: incoming_tx.clone(),
             commit_points: commit_points.clone(),
         };
-        let mut config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
+        let mut config = lockstep_kafka::base_config(&settings.kafka, "lockstep-push");
         config
             .set("group.id", &settings.events.group)
             .set("enable.auto.commit", "false")
@@ -235,7 +235,7 @@ pub async fn wait_for_topic(settings: &Settings) -> Result<(), Error> {
             self.0.store(true, Ordering::Relaxed);
         }
     }
-    let config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
+    let config = lockstep_kafka::base_config(&settings.kafka, "lockstep-push");
     let (topic, timeout) = (settings.events.topic.clone(), settings.kafka.request_timeout);
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let stopped = stop.0.clone();
@@ -274,7 +274,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(settings: &Settings) -> Result<Self, Error> {
-        let mut config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
+        let mut config = lockstep_kafka::base_config(&settings.kafka, "lockstep-push");
         config.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5");
         // The server's partitioner (Java clients' murmur2): a user's events, ours included,
         // must share one partition, or a replay would miss "already woken".
