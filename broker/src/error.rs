@@ -9,7 +9,11 @@ use lockstep_proto::retry;
 use tonic::{Code, Status};
 
 use crate::{
-    accounts::AccountsError, db::DbError, erasure::ErasureError, kafka::KafkaError, keys::KeysError,
+    accounts::AccountsError,
+    db::DbError,
+    erasure::ErasureError,
+    kafka::{KafkaError, KafkaFailure},
+    keys::KeysError,
     push_targets::TargetError,
 };
 
@@ -144,6 +148,16 @@ impl ApiError {
                     .to_string()
             }
             _ => "internal server error; the operator can find why in the server's log".to_string(),
+        }
+    }
+}
+
+/// What `kafka::bounded` looks into (to try transient Kafka trouble again) and times out with.
+impl KafkaFailure for ApiError {
+    fn as_kafka(&self) -> Option<&KafkaError> {
+        match self {
+            ApiError::Kafka(error) => Some(error),
+            _ => None,
         }
     }
 }

@@ -14,8 +14,8 @@ pub mod producer;
 pub mod readers;
 
 pub use lockstep_kafka::{
-    GroupOffsets, GroupOffsetsError, GroupOffsetsSettings, KafkaError, Topics, base_config, bounded, device_group,
-    fetch_wait, group_offsets, topics, user_topic,
+    GroupOffsets, GroupOffsetsError, GroupOffsetsSettings, KafkaError, KafkaFailure, Retry, Topics, base_config,
+    bounded, device_group, fetch_wait, fetch_wait_max_ms, group_offsets, topics, user_topic,
 };
 pub use producer::Producer;
 pub use readers::{ReadChunk, ReaderPool};

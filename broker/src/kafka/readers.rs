@@ -22,7 +22,7 @@ use rdkafka::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::{KafkaError, base_config};
+use super::{KafkaError, base_config, fetch_wait, fetch_wait_max_ms};
 use crate::{locks::lock, settings::KafkaSettings};
 
 /// What one read job returns.
@@ -144,7 +144,7 @@ fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer,
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", fetch_wait_max_ms(settings, fetch_wait::CATCH_UP_READER))
         .set("queued.max.messages.kbytes", "8192")
         .create()
         .map_err(KafkaError::client("reader creation"))

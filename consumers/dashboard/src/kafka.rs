@@ -15,7 +15,8 @@ use std::{
 
 use futures::{StreamExt, stream};
 use lockstep_kafka::{
-    GroupOffsets, GroupOffsetsSettings, KafkaError, KafkaSettings, Topics, base_config, device_group, user_topic,
+    GroupOffsets, GroupOffsetsSettings, KafkaError, KafkaSettings, Topics, base_config, device_group, fetch_wait,
+    fetch_wait_max_ms, locks::lock as locked, user_topic,
 };
 use lockstep_schemas::{Event, decode_change, decode_event};
 use rdkafka::{
@@ -24,7 +25,7 @@ use rdkafka::{
 };
 use tokio::sync::mpsc;
 
-use crate::{fleet::WantedRecord, locked, now_ms, settings::Settings};
+use crate::{fleet::WantedRecord, now_ms, settings::Settings};
 
 /// Events read but not yet folded in before the reader thread waits.
 pub const EVENT_QUEUE: usize = 4096;
@@ -55,9 +56,7 @@ pub fn read_events_blocking(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // Acks show within a second, also from a broker that does not answer a waiting
-        // fetch as soon as data arrives (Apache Kafka does).
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", fetch_wait_max_ms(&settings.events_kafka(), fetch_wait::DASHBOARD_EVENTS))
         // librdkafka prefetches up to 64 MiB by default; events are tiny and folded at once.
         .set("queued.max.messages.kbytes", "4096")
         .create()?;
@@ -152,7 +151,7 @@ impl Refresher {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
+            .set("fetch.wait.max.ms", fetch_wait_max_ms(&kafka, fetch_wait::DASHBOARD_RECORDS))
             // One record is wanted at a time: no deep prefetch.
             .set("queued.max.messages.kbytes", "1024")
             .set("fetch.max.bytes", "1048576")

@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use lockstep_kafka::{fetch_wait, fetch_wait_max_ms, locks::lock};
 use lockstep_schemas::{Event, encode_event};
 use rdkafka::{
     ClientContext, Offset, TopicPartitionList,
@@ -115,7 +116,7 @@ impl ConsumerContext for GroupContext {
 
 impl GroupContext {
     fn commit_points_of(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
-        let points = self.commit_points.lock().unwrap().clone();
+        let points = lock(&self.commit_points).clone();
         let mut offsets = TopicPartitionList::new();
         for partition in partitions {
             if let Some(offset) = points.get(partition) {
@@ -158,12 +159,7 @@ impl GroupMember {
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("session.timeout.ms", settings.events.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", (settings.events.session_timeout.as_millis() / 4).max(100).to_string());
-        // Wake-ups should follow an event within a second, also from a broker that
-        // does not answer a waiting fetch as soon as data arrives (Apache Kafka does).
-        // A setting can override it.
-        if !settings.kafka.client_config.contains_key("fetch.wait.max.ms") {
-            config.set("fetch.wait.max.ms", "100");
-        }
+        config.set("fetch.wait.max.ms", fetch_wait_max_ms(&settings.kafka, fetch_wait::PUSH_WORKER));
         let consumer: BaseConsumer<GroupContext> =
             config.create_with_context(context).map_err(Error::kafka("create consumer"))?;
         consumer.subscribe(&[&settings.events.topic]).map_err(Error::kafka("subscribe"))?;
