@@ -11,7 +11,6 @@ use tonic::{Code, Status};
 use crate::{
     accounts::AccountsError,
     db::DbError,
-    erasure::ErasureError,
     kafka::{KafkaError, KafkaFailure},
     keys::KeysError,
     push_targets::TargetError,
@@ -57,8 +56,6 @@ pub enum ApiError {
     PushTarget(#[from] TargetError),
     #[error(transparent)]
     Keys(#[from] KeysError),
-    #[error(transparent)]
-    Erasure(#[from] ErasureError),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -98,8 +95,6 @@ impl ApiError {
                 KeysError::Precondition(_) => Code::FailedPrecondition,
                 KeysError::Db(_) => Code::Internal,
             },
-            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => Code::Unavailable,
-            ApiError::Erasure(_) => Code::Internal,
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
@@ -117,7 +112,6 @@ impl ApiError {
             self,
             ApiError::Kafka(_)
                 | ApiError::Db(_)
-                | ApiError::Erasure(_)
                 | ApiError::Internal(_)
                 | ApiError::Accounts(AccountsError::Db(_))
                 | ApiError::PushTarget(TargetError::Db(_))
@@ -140,10 +134,7 @@ impl ApiError {
             ApiError::Kafka(error) if error.is_retryable() => {
                 "the server's log store (Kafka) is unavailable; retry later".to_string()
             }
-            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => {
-                "the server's log store (Kafka) is unavailable; retry later".to_string()
-            }
-            ApiError::Kafka(_) | ApiError::Erasure(ErasureError::Kafka(_)) => {
+            ApiError::Kafka(_) => {
                 "the server's log store (Kafka) refused the request; the operator can find why in the server's log"
                     .to_string()
             }

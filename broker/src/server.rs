@@ -4,6 +4,7 @@
 //! flushes the producer, in that order.
 
 mod api;
+pub mod erasure;
 pub mod guard;
 mod keys_api;
 pub mod rate_limit;
@@ -23,27 +24,21 @@ use tokio::net::TcpListener;
 pub use api::{AccountsApi, PushTargetsApi, SyncApi};
 pub use keys_api::KeysApi;
 
+use erasure::Erasure;
+
 use crate::{
     accounts::{Accounts, AccountsError},
     db::{Db, DbError},
-    delivery::Delivery,
-    erasure::Erasure,
+    delivery::{Delivery, log_guard::LogGuard},
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
     kafka::group_offsets::security::KafkaSecurity,
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
     keys::{KeyDirectory, KeysError},
-    log_guard::LogGuard,
     push_targets::PushTargets,
-    settings::{LimitsSettings, Settings},
+    settings::Settings,
     shutdown::{ShutdownController, ShutdownSource},
 };
-
-/// The server's cap on one encoded response message (Subscribe batches stay
-/// below it: `delivery.batch_max_bytes`).
-pub fn max_response_bytes(limits: &LimitsSettings) -> usize {
-    limits.max_request_bytes as usize * 2
-}
 
 /// How long start-up waits for Kafka to answer.
 const KAFKA_STARTUP_DEADLINE: Duration = Duration::from_secs(60);
@@ -151,7 +146,12 @@ impl App {
                 shutdown.clone(),
             ));
             let events_kafka = crate::events::events_kafka(&settings);
-            tokio::spawn(crate::events::follower::run(settings.clone(), events_kafka, push_targets.clone(), shutdown));
+            tokio::spawn(crate::push_targets::follower::run(
+                settings.clone(),
+                events_kafka,
+                push_targets.clone(),
+                shutdown,
+            ));
         }
         tokio::spawn(forget_idle_state(
             gateway.clone(),
@@ -302,7 +302,7 @@ pub async fn run(
         .max_encoding_message_size(1024 * 1024);
     let sync_service = SyncServer::new(SyncApi::new(app.clone()))
         .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_response_bytes(&limits));
+        .max_encoding_message_size(limits.max_response_bytes());
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // When shutdown began: the drain deadline counts from there.

@@ -104,6 +104,18 @@ pub struct LimitsSettings {
     pub drain_deadline: Duration,
 }
 
+impl LimitsSettings {
+    /// The server's cap on one encoded response message (Subscribe batches stay
+    /// below it: `delivery.batch_max_bytes`).
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_request_bytes as usize * 2
+    }
+}
+
+/// Bytes a change adds to a message besides its ciphertext: ids, clocks,
+/// nonce and framing are bounded by validation (ids ≤ 128 chars, nonce ≤ 32 bytes).
+pub const CHANGE_OVERHEAD_BYTES: usize = 1024;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliverySettings {
@@ -381,7 +393,7 @@ impl Settings {
         let mut settings = layered(Settings::default(), file, env)?;
         // Messages to devices stay under the server's own encoding cap, also
         // when a small `limits.max_request_bytes` lowers it.
-        let cap = crate::server::max_response_bytes(&settings.limits).saturating_sub(64 * 1024);
+        let cap = settings.limits.max_response_bytes().saturating_sub(64 * 1024);
         settings.delivery.batch_max_bytes = settings.delivery.batch_max_bytes.min(cap);
         settings.validate()?;
         Ok(settings)
@@ -392,7 +404,7 @@ impl Settings {
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");
         }
-        if let Err(error) = crate::push_targets::TargetPolicy::allowing(&self.push.allow_private_targets) {
+        if let Err(error) = lockstep_schemas::target_policy::TargetPolicy::allowing(&self.push.allow_private_targets) {
             return fail(&format!("push.allow_private_targets: {error}"));
         }
         if self.limits.max_ciphertext_bytes == 0 || self.limits.max_ciphertext_bytes >= self.limits.max_request_bytes {
@@ -416,7 +428,7 @@ impl Settings {
         }
         // The largest change, framed, must fit in one message (under the server's own
         // encoding cap, see `load`).
-        let largest_change = self.limits.max_ciphertext_bytes as usize + crate::delivery::CHANGE_OVERHEAD_BYTES;
+        let largest_change = self.limits.max_ciphertext_bytes as usize + CHANGE_OVERHEAD_BYTES;
         if self.delivery.batch_max_bytes < largest_change {
             return fail(
                 "delivery.batch_max_bytes (at most 2 × limits.max_request_bytes − 64 KiB) must hold one change of \

@@ -9,7 +9,10 @@
 //! ([`Delivery::ack`]), through one shared group-offset client.
 
 mod live_log;
+pub mod log_guard;
 mod session;
+
+use log_guard::LogGuard;
 
 use std::{
     collections::HashMap,
@@ -34,16 +37,11 @@ use crate::{
     events::Events,
     idle::LastUsed,
     kafka::{GroupOffsets, KafkaClients, KafkaError, ReaderPool, Retry, Topics, bounded, device_group, user_topic},
-    locks::lock,
-    log_guard::LogGuard,
-    settings::{DeliverySettings, KafkaSettings, Settings},
+    settings::{CHANGE_OVERHEAD_BYTES, DeliverySettings, KafkaSettings, Settings},
     shutdown::ShutdownSource,
     slots::{KeyedSlots, Slot},
 };
-
-/// Bytes a change adds to a message besides its ciphertext: ids, clocks,
-/// nonce and framing are bounded by validation (ids ≤ 128 chars, nonce ≤ 32 bytes).
-pub const CHANGE_OVERHEAD_BYTES: usize = 1024;
+use lockstep_kafka::locks::lock;
 
 /// Why the server ends a device's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

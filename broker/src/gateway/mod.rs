@@ -26,15 +26,14 @@ use tracing::Instrument;
 use crate::{
     accounts::AuthedDevice,
     db::now_ms,
-    delivery::Delivery,
+    delivery::{Delivery, log_guard::LogGuard},
     error::ApiError,
     events::Events,
     kafka::{KafkaClients, KafkaError, Producer, ReaderPool, Topics, user_topic},
-    locks::lock,
-    log_guard::LogGuard,
     settings::{KafkaSettings, LimitsSettings, Settings},
     shutdown::{Shutdown, ShutdownSource},
 };
+use lockstep_kafka::locks::lock;
 
 #[derive(Clone)]
 pub struct Gateway {

@@ -23,7 +23,9 @@ use rdkafka::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{KafkaError, base_config, fetch_wait, fetch_wait_max_ms};
-use crate::{locks::lock, settings::KafkaSettings};
+use lockstep_kafka::locks::lock;
+
+use crate::settings::KafkaSettings;
 
 /// What one read job returns.
 #[derive(Debug, Default)]

@@ -236,8 +236,9 @@ impl accounts_server::Accounts for AccountsApi {
         let (erasure, deadline, revoked_id) =
             (self.app.erasure.clone(), self.app.settings.kafka.operation_deadline, device_id.clone());
         tokio::spawn(async move {
-            let deleted = tokio::time::timeout(deadline, erasure.delete_device_group(&revoked_id)).await;
-            if !matches!(deleted, Ok(Ok(()))) {
+            let deleted =
+                bounded(deadline, "consumer group deletion", Retry::Never, || erasure.delete_device_group(&revoked_id));
+            if deleted.await.is_err() {
                 tracing::warn!(device_id = revoked_id, "could not delete a revoked device's consumer group");
             }
         });
