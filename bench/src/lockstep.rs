@@ -13,6 +13,7 @@ use std::{
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
+use lockstep_kafka::locks::lock;
 use lockstep_proto::v1::{
     SubscribeResponse, accounts_client::AccountsClient, subscribe_response::Event, sync_client::SyncClient,
 };
@@ -164,7 +165,7 @@ pub async fn w1(
         let changes = maker.batch('b', seq * SATURATION_BATCH..(seq + 1) * SATURATION_BATCH);
         tasks.push(tokio::spawn(async move {
             match device.push(&mut client, changes).await {
-                Ok(_) => stats::record(&mut histogram.lock().unwrap(), schedule.latency(seq, Instant::now())),
+                Ok(_) => stats::record(&mut lock(&histogram), schedule.latency(seq, Instant::now())),
                 Err(_) => {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
@@ -174,7 +175,7 @@ pub async fn w1(
     for task in tasks {
         task.await?;
     }
-    let histogram = histogram.lock().unwrap();
+    let histogram = lock(&histogram);
     metrics.add(round, &format!("{name}.lat_rate_pushes"), rate);
     metrics.add(round, &format!("{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
     metrics.add(round, &format!("{name}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
@@ -242,8 +243,8 @@ fn subscribe_reader(
             }
             let Some(Event::Changes(batch)) = message.event else { continue };
             let now = Instant::now();
-            let schedule = *schedule.lock().unwrap();
-            let mut seen = seen.lock().unwrap();
+            let schedule = *lock(&schedule);
+            let mut seen = lock(&seen);
             let mut last_offset = -1;
             for delivered in &batch.changes {
                 last_offset = delivered.offset;
@@ -308,10 +309,10 @@ pub async fn w2(
     push_all(&pusher, &push_clients, &maker, 'a', count, SATURATION_BATCH, config.pushers).await?;
     let pushed = started.elapsed();
     stats::wait_until("every device to receive the saturation changes", || {
-        subscribers.iter().all(|subscriber| subscriber.stats.lock().unwrap().saturation >= count)
+        subscribers.iter().all(|subscriber| lock(&subscriber.stats).saturation >= count)
     })
     .await?;
-    let last = subscribers.iter().filter_map(|subscriber| subscriber.stats.lock().unwrap().last_at).max();
+    let last = subscribers.iter().filter_map(|subscriber| lock(&subscriber.stats).last_at).max();
     let elapsed = last.context("no delivery")?.duration_since(started).as_secs_f64();
     let key = format!("w2.d{devices}");
     metrics.add(round, &format!("{key}.deliveries_rps"), (count * devices as u64) as f64 / elapsed);
@@ -320,7 +321,7 @@ pub async fn w2(
     // Latency: single-change pushes on an open-loop schedule.
     let count = config.latency_count();
     let plan = Schedule::new(config.latency_rate);
-    *schedule.lock().unwrap() = Some(plan);
+    *lock(&schedule) = Some(plan);
     let client = push_clients[0].clone();
     let mut tasks = Vec::with_capacity(count as usize);
     for seq in 0..count {
@@ -332,12 +333,12 @@ pub async fn w2(
         task.await??;
     }
     stats::wait_until("every device to receive the latency changes", || {
-        subscribers.iter().all(|subscriber| subscriber.stats.lock().unwrap().latency >= count)
+        subscribers.iter().all(|subscriber| lock(&subscriber.stats).latency >= count)
     })
     .await?;
     let mut histogram = stats::histogram();
     for subscriber in &subscribers {
-        histogram.add(&subscriber.stats.lock().unwrap().histogram)?;
+        histogram.add(&lock(&subscriber.stats).histogram)?;
     }
     metrics.add(round, &format!("{key}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
     metrics.add(round, &format!("{key}.p99_ms"), stats::quantile_ms(&histogram, 0.99));

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use lockstep_kafka::locks::lock;
 use redis::{AsyncConnectionConfig, aio::MultiplexedConnection, streams::StreamReadReply};
 use tokio::{task::JoinHandle, time::Instant};
 
@@ -169,9 +170,9 @@ pub async fn fanout(
                     continue;
                 }
                 let now = Instant::now();
-                let plan = *schedule.lock().unwrap();
+                let plan = *lock(&schedule);
                 {
-                    let mut seen = stats_handle.lock().unwrap();
+                    let mut seen = lock(&stats_handle);
                     for (_, record) in &entries {
                         match parse(record) {
                             Some(('a', _)) => seen.saturation += 1,
@@ -200,10 +201,10 @@ pub async fn fanout(
     push_all(&producer, &key, 'a', count, SATURATION_BATCH, config.pushers, config.payload_bytes).await?;
     let pushed = started.elapsed();
     stats::wait_until("every device to receive the saturation entries", || {
-        readers.iter().all(|(seen, _)| seen.lock().unwrap().saturation >= count)
+        readers.iter().all(|(seen, _)| lock(seen).saturation >= count)
     })
     .await?;
-    let last = readers.iter().filter_map(|(seen, _)| seen.lock().unwrap().last_at).max();
+    let last = readers.iter().filter_map(|(seen, _)| lock(seen).last_at).max();
     let elapsed = last.context("no delivery")?.duration_since(started).as_secs_f64();
     let name = format!("w5.d{devices}");
     metrics.add(round, &format!("{name}.deliveries_rps"), (count * devices as u64) as f64 / elapsed);
@@ -211,7 +212,7 @@ pub async fn fanout(
 
     let count = config.latency_count();
     let plan = Schedule::new(config.latency_rate);
-    *schedule.lock().unwrap() = Some(plan);
+    *lock(&schedule) = Some(plan);
     let body = Arc::new(payload(config.payload_bytes));
     let mut tasks = Vec::with_capacity(count as usize);
     for seq in 0..count {
@@ -223,12 +224,12 @@ pub async fn fanout(
         task.await??;
     }
     stats::wait_until("every device to receive the latency entries", || {
-        readers.iter().all(|(seen, _)| seen.lock().unwrap().latency >= count)
+        readers.iter().all(|(seen, _)| lock(seen).latency >= count)
     })
     .await?;
     let mut histogram = stats::histogram();
     for (seen, task) in &readers {
-        histogram.add(&seen.lock().unwrap().histogram)?;
+        histogram.add(&lock(seen).histogram)?;
         task.abort();
     }
     metrics.add(round, &format!("{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use lockstep_kafka::{fetch_wait, locks::lock};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -45,7 +46,7 @@ fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", fetch_wait::CATCH_UP_READER.as_millis().to_string())
         .set("queued.max.messages.kbytes", "8192")
         .create()?)
 }
@@ -195,7 +196,7 @@ pub async fn run(bootstrap: &str, config: &Config, round: usize, metrics: &mut M
         let acks = acks.clone();
         deliveries.push(tokio::spawn(async move {
             let outcome = delivery.await;
-            stats::record(&mut acks.lock().unwrap(), schedule.latency(seq, Instant::now()));
+            stats::record(&mut lock(&acks), schedule.latency(seq, Instant::now()));
             outcome
         }));
     }
@@ -203,7 +204,7 @@ pub async fn run(bootstrap: &str, config: &Config, round: usize, metrics: &mut M
         delivery.await?.context("producer dropped")?.map_err(|(error, _)| error)?;
     }
     let histogram = consumer.await??;
-    let acks = acks.lock().unwrap();
+    let acks = lock(&acks);
     metrics.add(round, "w0.ack_p50_ms", stats::quantile_ms(&acks, 0.5));
     metrics.add(round, "w0.ack_p99_ms", stats::quantile_ms(&acks, 0.99));
     metrics.add(round, "w0.p50_ms", stats::quantile_ms(&histogram, 0.5));

@@ -143,7 +143,7 @@ impl Db {
     {
         let connection = self.connection.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = crate::locks::lock(&connection);
+            let mut guard = lockstep_kafka::locks::lock(&connection);
             work(&mut guard)
         })
         .await

@@ -9,7 +9,10 @@ use lockstep_proto::retry;
 use tonic::{Code, Status};
 
 use crate::{
-    accounts::AccountsError, db::DbError, erasure::ErasureError, kafka::KafkaError, keys::KeysError,
+    accounts::AccountsError,
+    db::DbError,
+    kafka::{KafkaError, KafkaFailure},
+    keys::KeysError,
     push_targets::TargetError,
 };
 
@@ -53,8 +56,6 @@ pub enum ApiError {
     PushTarget(#[from] TargetError),
     #[error(transparent)]
     Keys(#[from] KeysError),
-    #[error(transparent)]
-    Erasure(#[from] ErasureError),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -94,8 +95,6 @@ impl ApiError {
                 KeysError::Precondition(_) => Code::FailedPrecondition,
                 KeysError::Db(_) => Code::Internal,
             },
-            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => Code::Unavailable,
-            ApiError::Erasure(_) => Code::Internal,
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
@@ -113,7 +112,6 @@ impl ApiError {
             self,
             ApiError::Kafka(_)
                 | ApiError::Db(_)
-                | ApiError::Erasure(_)
                 | ApiError::Internal(_)
                 | ApiError::Accounts(AccountsError::Db(_))
                 | ApiError::PushTarget(TargetError::Db(_))
@@ -136,14 +134,21 @@ impl ApiError {
             ApiError::Kafka(error) if error.is_retryable() => {
                 "the server's log store (Kafka) is unavailable; retry later".to_string()
             }
-            ApiError::Erasure(ErasureError::Kafka(error)) if error.is_retryable() => {
-                "the server's log store (Kafka) is unavailable; retry later".to_string()
-            }
-            ApiError::Kafka(_) | ApiError::Erasure(ErasureError::Kafka(_)) => {
+            ApiError::Kafka(_) => {
                 "the server's log store (Kafka) refused the request; the operator can find why in the server's log"
                     .to_string()
             }
             _ => "internal server error; the operator can find why in the server's log".to_string(),
+        }
+    }
+}
+
+/// What `kafka::bounded` looks into (to try transient Kafka trouble again) and times out with.
+impl KafkaFailure for ApiError {
+    fn as_kafka(&self) -> Option<&KafkaError> {
+        match self {
+            ApiError::Kafka(error) => Some(error),
+            _ => None,
         }
     }
 }

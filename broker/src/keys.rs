@@ -23,8 +23,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use crate::{
     accounts::AuthedDevice,
     db::{Db, DbError, now_ms},
-    locks::{read, write},
 };
+use lockstep_kafka::locks::{read, write};
 
 /// An X25519 public key.
 pub const PUBLIC_KEY_BYTES: usize = 32;

@@ -4,6 +4,7 @@
 //! flushes the producer, in that order.
 
 mod api;
+pub mod erasure;
 pub mod guard;
 mod keys_api;
 pub mod rate_limit;
@@ -23,27 +24,21 @@ use tokio::net::TcpListener;
 pub use api::{AccountsApi, PushTargetsApi, SyncApi};
 pub use keys_api::KeysApi;
 
+use erasure::Erasure;
+
 use crate::{
     accounts::{Accounts, AccountsError},
     db::{Db, DbError},
-    delivery::Delivery,
-    erasure::Erasure,
+    delivery::{Delivery, log_guard::LogGuard},
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
     kafka::group_offsets::security::KafkaSecurity,
     kafka::{GroupOffsets, GroupOffsetsSettings, KafkaClients, KafkaError, Producer, ReaderPool, Topics},
     keys::{KeyDirectory, KeysError},
-    log_guard::LogGuard,
     push_targets::PushTargets,
-    settings::{LimitsSettings, Settings},
-    shutdown::{ShutdownController, ShutdownSource},
+    settings::Settings,
+    shutdown::{ShutdownController, ShutdownSource, ShutdownTrigger},
 };
-
-/// The server's cap on one encoded response message (Subscribe batches stay
-/// below it: `delivery.batch_max_bytes`).
-pub fn max_response_bytes(limits: &LimitsSettings) -> usize {
-    limits.max_request_bytes as usize * 2
-}
 
 /// How long start-up waits for Kafka to answer.
 const KAFKA_STARTUP_DEADLINE: Duration = Duration::from_secs(60);
@@ -151,7 +146,12 @@ impl App {
                 shutdown.clone(),
             ));
             let events_kafka = crate::events::events_kafka(&settings);
-            tokio::spawn(crate::events::follower::run(settings.clone(), events_kafka, push_targets.clone(), shutdown));
+            tokio::spawn(crate::push_targets::follower::run(
+                settings.clone(),
+                events_kafka,
+                push_targets.clone(),
+                shutdown,
+            ));
         }
         tokio::spawn(forget_idle_state(
             gateway.clone(),
@@ -238,7 +238,24 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    // A bad certificate stops the server before it touches Kafka.
+    let tls_store = check_before_kafka(&settings)?;
+    let controller = ShutdownController::default();
+    let (app, background) = App::start(settings, controller.source()).await?;
+    let admin_stop_tx = start_admin(&app).await?;
+    let (router, health_reporter) = grpc_router(&app).await?;
+    let (stop_rx, began_rx) = watch_for_shutdown(shutdown, health_reporter, controller.trigger(), app.delivery.clone());
+    let drain_deadline = app.settings.limits.drain_deadline;
+    serve(router, listener, tls_store, &app, stop_rx, began_rx.clone(), drain_deadline).await?;
+    drop(app);
+    shut_down(controller, background, &began_rx, drain_deadline).await;
+    let _ = admin_stop_tx.send(());
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What can be refused before the server touches Kafka: a bad certificate stops it; a
+/// registration policy that surprises is logged.
+fn check_before_kafka(settings: &Settings) -> Result<Option<std::sync::Arc<tls::CertStore>>, ServerError> {
     let tls_store = match settings.tls.enabled() {
         true => Some(tls::CertStore::load(&settings.tls)?),
         false => None,
@@ -253,10 +270,12 @@ pub async fn run(
             _ => {}
         }
     }
-    let controller = ShutdownController::default();
-    let (app, Background { producer, publisher }) = App::start(settings, controller.source()).await?;
-    let limits = app.settings.limits.clone();
-    let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+    Ok(tls_store)
+}
+
+/// Starts the admin endpoints (when `admin_listen_addr` is set); they stop when the
+/// returned sender is used (or dropped), last of all.
+async fn start_admin(app: &App) -> Result<tokio::sync::oneshot::Sender<()>, ServerError> {
     crate::admin::install();
     let admin_addr = app.settings.admin_listen_addr;
     let admin_listener = crate::admin::bind(admin_addr).await.map_err(|source| ServerError::AdminListen {
@@ -280,7 +299,15 @@ pub async fn run(
             stop,
         ));
     }
+    Ok(admin_stop_tx)
+}
 
+/// The gRPC services with their message size caps, behind the guard layer; and the health
+/// reporter that announces them.
+async fn grpc_router(
+    app: &App,
+) -> Result<(tonic::transport::server::Router<GuardStack>, tonic_health::server::HealthReporter), ServerError> {
+    let limits = &app.settings.limits;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AccountsServer<AccountsApi>>().await;
     health_reporter.set_serving::<SyncServer<SyncApi>>().await;
@@ -302,28 +329,11 @@ pub async fn run(
         .max_encoding_message_size(1024 * 1024);
     let sync_service = SyncServer::new(SyncApi::new(app.clone()))
         .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_response_bytes(&limits));
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    // When shutdown began: the drain deadline counts from there.
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
-    let delivery = app.delivery.clone();
-    let trigger = controller.trigger();
-    tokio::spawn(async move {
-        shutdown.await;
-        let began = tokio::time::Instant::now();
-        tracing::info!("shutting down: ending device streams");
-        health_reporter.set_not_serving::<SyncServer<SyncApi>>().await;
-        trigger.begin();
-        delivery.shutdown();
-        let _ = stop_tx.send(());
-        let _ = stopping_tx.send(Some(began));
-    });
-
+        .max_encoding_message_size(limits.max_response_bytes());
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .concurrency_limit_per_connection(limits.max_concurrent_requests_per_connection as usize)
-        .layer(guard::GuardLayer::new(app.accounts.clone(), &limits, &app.settings.rate_limits))
+        .layer(guard::GuardLayer::new(app.accounts.clone(), limits, &app.settings.rate_limits))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -332,6 +342,55 @@ pub async fn run(
         .add_service(sync_service)
         .add_service(push_targets_service)
         .add_service(keys_service);
+    Ok((router, health_reporter))
+}
+
+/// The middleware every gRPC call passes.
+type GuardStack = tower::layer::util::Stack<guard::GuardLayer, tower::layer::util::Identity>;
+
+/// When shutdown began (`None` before): the drain deadline counts from there.
+type BeganRx = tokio::sync::watch::Receiver<Option<tokio::time::Instant>>;
+
+/// On `shutdown`: Sync stops serving in health, every task learns shutdown began, device
+/// streams end, and the server stops accepting (the returned receiver fires).
+fn watch_for_shutdown(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    health_reporter: tonic_health::server::HealthReporter,
+    trigger: ShutdownTrigger,
+    delivery: Delivery,
+) -> (tokio::sync::oneshot::Receiver<()>, BeganRx) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (began_tx, began_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
+    tokio::spawn(async move {
+        shutdown.await;
+        let began = tokio::time::Instant::now();
+        tracing::info!("shutting down: ending device streams");
+        health_reporter.set_not_serving::<SyncServer<SyncApi>>().await;
+        trigger.begin();
+        delivery.shutdown();
+        let _ = stop_tx.send(());
+        let _ = began_tx.send(Some(began));
+    });
+    (stop_rx, began_rx)
+}
+
+/// Open calls get the drain deadline but the flushes' share; then their connections are dropped.
+fn calls_deadline(drain_deadline: Duration) -> Duration {
+    drain_deadline - flush_share(drain_deadline)
+}
+
+/// Serves on `listener` (TLS when a certificate is set) until shutdown began and the open
+/// calls finished, or their share of the drain deadline ran out.
+async fn serve(
+    router: tonic::transport::server::Router<GuardStack>,
+    listener: TcpListener,
+    tls_store: Option<std::sync::Arc<tls::CertStore>>,
+    app: &App,
+    stop_rx: tokio::sync::oneshot::Receiver<()>,
+    mut began_rx: BeganRx,
+    drain_deadline: Duration,
+) -> Result<(), ServerError> {
+    let local_addr: Option<SocketAddr> = listener.local_addr().ok();
     let stop = async {
         let _ = stop_rx.await;
     };
@@ -357,23 +416,33 @@ pub async fn run(
         // server on port 0.
         println!("LOCKSTEP_LISTENING {addr}");
     }
-    // Open calls get the drain deadline but the flushes' share; then their connections are dropped.
-    let drain_deadline = limits.drain_deadline;
-    let calls_deadline = drain_deadline - flush_share(drain_deadline);
+    let calls_deadline = calls_deadline(drain_deadline);
     let deadline = async {
         // The sender lives until shutdown began: `Err` cannot happen before.
-        let began = stopping_rx.wait_for(Option::is_some).await.map(|began| *began).ok().flatten();
+        let began = began_rx.wait_for(Option::is_some).await.map(|began| *began).ok().flatten();
         tokio::time::sleep_until(began.unwrap_or_else(tokio::time::Instant::now) + calls_deadline).await;
     };
     tokio::select! {
         served = server => served?,
         () = deadline => tracing::warn!(deadline = ?calls_deadline, "connections still open at the drain deadline: closed"),
     }
-    drop(app);
-    let began = (*stopping_rx.borrow()).unwrap_or_else(tokio::time::Instant::now);
+    Ok(())
+}
+
+/// After the last call: waits for the drained requests and streams (what is left of the
+/// calls' share), then flushes the producer, then the events publisher, within the rest of
+/// the drain deadline.
+async fn shut_down(
+    controller: ShutdownController,
+    background: Background,
+    began_rx: &BeganRx,
+    drain_deadline: Duration,
+) {
+    let Background { producer, publisher } = background;
+    let calls_deadline = calls_deadline(drain_deadline);
+    let began = (*began_rx.borrow()).unwrap_or_else(tokio::time::Instant::now);
     let ends_at = began + drain_deadline;
     let left = || ends_at.saturating_duration_since(tokio::time::Instant::now());
-    // What is left of the calls' share, then the rest for the flushes.
     if !controller.drained((began + calls_deadline).saturating_duration_since(tokio::time::Instant::now())).await {
         tracing::warn!(deadline = ?calls_deadline, "pushes or streams still running at the drain deadline");
     }
@@ -385,7 +454,4 @@ pub async fn run(
     if let Some(publisher) = publisher {
         publisher.drain(left()).await;
     }
-    let _ = admin_stop_tx.send(());
-    tracing::info!("stopped");
-    Ok(())
 }

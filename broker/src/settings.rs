@@ -2,12 +2,11 @@
 //! variables (nested keys joined by `__`, e.g. `LOCKSTEP_LIMITS__MAX_CHANGES_PER_PUSH=100`),
 //! then command-line flags. Every field's doc comment states its default.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
-use figment::{
-    Figment,
-    providers::{Env, Format, Serialized, Toml},
-};
+use figment::providers::Env;
+pub use lockstep_kafka::settings::{KafkaSettings, SettingsError};
+use lockstep_kafka::settings::{layered, optional_addr};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,69 +53,6 @@ impl TlsSettings {
 impl Default for TlsSettings {
     fn default() -> Self {
         Self { cert_file: None, key_file: None, watch_interval: Duration::from_secs(30) }
-    }
-}
-
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct KafkaSettings {
-    /// Kafka bootstrap servers. Default `127.0.0.1:9092` (the local Kafka the run script starts).
-    pub bootstrap_servers: String,
-    /// Prefix of per-user topics: `<prefix><user id>`. Default `lockstep.user.`.
-    pub topic_prefix: String,
-    /// Prefix of per-device consumer groups: `<prefix><device id>`. Default `lockstep.device.`.
-    pub group_prefix: String,
-    /// Replication factor of new user topics. Default 1 (use 3 on a real cluster).
-    pub replication_factor: i32,
-    /// `retention.ms` of new user topics. Default -1 (keep forever, so a device can be
-    /// offline for weeks); a device whose history expired gets a Resync.
-    pub topic_retention_ms: i64,
-    /// How long a push may wait for Kafka's acknowledgement. Default 10s.
-    #[serde(with = "humantime_serde")]
-    pub produce_timeout: Duration,
-    /// Timeout of admin and metadata requests. Default 10s.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// The longest any one Kafka wait inside a request may take in total, retries included
-    /// (offset commits and fetches, watermarks, catch-up reads); past it the request answers
-    /// UNAVAILABLE (retryable). A push waits at most `produce_timeout` plus this. Default 15s.
-    #[serde(with = "humantime_serde")]
-    pub operation_deadline: Duration,
-    /// How long after a failed produce a retry of its changes is held back (UNAVAILABLE,
-    /// retryable): a produce that timed out may still commit later, when the leader drops a
-    /// stalled follower from the ISR (after `replica.lag.time.max.ms`, Kafka's default 30 s, or
-    /// when the controller fences the follower). A retry let through before that is appended a
-    /// second time. Keep it above `produce_timeout` plus the brokers' `replica.lag.time.max.ms`.
-    /// Default 45s.
-    #[serde(with = "humantime_serde")]
-    pub in_doubt_window: Duration,
-    /// Producer `linger.ms`. Default 2.
-    pub linger_ms: u32,
-    /// Extra librdkafka properties for every client (e.g. `security.protocol`). Default none.
-    pub client_config: BTreeMap<String, String>,
-    /// Whether deleting an account (or a failed account creation) deletes its topic. Default
-    /// true. Set false where the cluster refuses topic deletion (`delete.topic.enable=false`) or
-    /// operators delete topics themselves: the account's topic (its ciphertext) then stays.
-    pub delete_topics: bool,
-}
-
-impl fmt::Debug for KafkaSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // client_config may carry SASL passwords: show keys only.
-        f.debug_struct("KafkaSettings")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("topic_prefix", &self.topic_prefix)
-            .field("group_prefix", &self.group_prefix)
-            .field("replication_factor", &self.replication_factor)
-            .field("topic_retention_ms", &self.topic_retention_ms)
-            .field("produce_timeout", &self.produce_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("operation_deadline", &self.operation_deadline)
-            .field("in_doubt_window", &self.in_doubt_window)
-            .field("linger_ms", &self.linger_ms)
-            .field("client_config_keys", &self.client_config.keys().collect::<Vec<_>>())
-            .field("delete_topics", &self.delete_topics)
-            .finish()
     }
 }
 
@@ -167,6 +103,18 @@ pub struct LimitsSettings {
     #[serde(with = "humantime_serde")]
     pub drain_deadline: Duration,
 }
+
+impl LimitsSettings {
+    /// The server's cap on one encoded response message (Subscribe batches stay
+    /// below it: `delivery.batch_max_bytes`).
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_request_bytes as usize * 2
+    }
+}
+
+/// Bytes a change adds to a message besides its ciphertext: ids, clocks,
+/// nonce and framing are bounded by validation (ids ≤ 128 chars, nonce ≤ 32 bytes).
+pub const CHANGE_OVERHEAD_BYTES: usize = 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -385,25 +333,6 @@ impl Default for Settings {
     }
 }
 
-impl Default for KafkaSettings {
-    fn default() -> Self {
-        Self {
-            bootstrap_servers: "127.0.0.1:9092".into(),
-            topic_prefix: "lockstep.user.".into(),
-            group_prefix: "lockstep.device.".into(),
-            replication_factor: 1,
-            topic_retention_ms: -1,
-            produce_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(10),
-            operation_deadline: Duration::from_secs(15),
-            in_doubt_window: Duration::from_secs(45),
-            linger_ms: 2,
-            client_config: BTreeMap::new(),
-            delete_topics: true,
-        }
-    }
-}
-
 impl Default for LimitsSettings {
     fn default() -> Self {
         Self {
@@ -454,44 +383,6 @@ impl Default for AccountsSettings {
     }
 }
 
-/// An address, or nothing for an empty string (so that an environment
-/// variable can turn a listener off).
-pub fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
-    let text: Option<String> = Option::deserialize(deserializer)?;
-    match text.as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("invalid settings: {0}")]
-pub struct SettingsError(#[from] Box<figment::Error>);
-
-impl SettingsError {
-    /// A rule the settings break, in words.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self(Box::new(figment::Error::from(message.into())))
-    }
-}
-
-/// How every Lockstep binary reads its settings: `defaults`, then `file` (if
-/// given; it must exist), then the environment variables `env` selects.
-pub fn layered<T: Serialize + serde::de::DeserializeOwned>(
-    defaults: T,
-    file: Option<&std::path::Path>,
-    env: Env,
-) -> Result<T, SettingsError> {
-    let mut figment = Figment::from(Serialized::defaults(defaults));
-    if let Some(file) = file {
-        if !file.exists() {
-            return Err(SettingsError::invalid(format!("settings file {} does not exist", file.display())));
-        }
-        figment = figment.merge(Toml::file(file));
-    }
-    Ok(figment.merge(env).extract().map_err(Box::new)?)
-}
-
 impl Settings {
     /// Defaults, then `file` (if given; it must exist), then `LOCKSTEP_*` variables.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, SettingsError> {
@@ -502,7 +393,7 @@ impl Settings {
         let mut settings = layered(Settings::default(), file, env)?;
         // Messages to devices stay under the server's own encoding cap, also
         // when a small `limits.max_request_bytes` lowers it.
-        let cap = crate::server::max_response_bytes(&settings.limits).saturating_sub(64 * 1024);
+        let cap = settings.limits.max_response_bytes().saturating_sub(64 * 1024);
         settings.delivery.batch_max_bytes = settings.delivery.batch_max_bytes.min(cap);
         settings.validate()?;
         Ok(settings)
@@ -513,7 +404,7 @@ impl Settings {
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");
         }
-        if let Err(error) = crate::push_targets::TargetPolicy::allowing(&self.push.allow_private_targets) {
+        if let Err(error) = lockstep_schemas::target_policy::TargetPolicy::allowing(&self.push.allow_private_targets) {
             return fail(&format!("push.allow_private_targets: {error}"));
         }
         if self.limits.max_ciphertext_bytes == 0 || self.limits.max_ciphertext_bytes >= self.limits.max_request_bytes {
@@ -537,7 +428,7 @@ impl Settings {
         }
         // The largest change, framed, must fit in one message (under the server's own
         // encoding cap, see `load`).
-        let largest_change = self.limits.max_ciphertext_bytes as usize + crate::delivery::CHANGE_OVERHEAD_BYTES;
+        let largest_change = self.limits.max_ciphertext_bytes as usize + CHANGE_OVERHEAD_BYTES;
         if self.delivery.batch_max_bytes < largest_change {
             return fail(
                 "delivery.batch_max_bytes (at most 2 × limits.max_request_bytes − 64 KiB) must hold one change of \

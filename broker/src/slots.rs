@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::locks::lock;
+use lockstep_kafka::locks::lock;
 
 #[derive(Clone)]
 pub struct KeyedSlots {

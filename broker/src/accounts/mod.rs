@@ -18,10 +18,8 @@ use rusqlite::{OptionalExtension, params};
 pub use invites::{InviteClaim, InviteError, Invites};
 pub use secrets::{TokenHash, hash_secret, new_secret};
 
-use crate::{
-    db::{Db, DbError, now_ms},
-    locks::{read, write},
-};
+use crate::db::{Db, DbError, now_ms};
+use lockstep_kafka::locks::{read, write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountsError {

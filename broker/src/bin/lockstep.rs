@@ -5,7 +5,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lockstep_broker::{Settings, invite_command::InviteCommand, telemetry};
+use lockstep_broker::{Settings, invite_command::InviteCommand};
+use lockstep_telemetry as telemetry;
 
 /// Lockstep: an end-to-end-encrypted sync broker on Kafka.
 #[derive(Debug, Parser)]

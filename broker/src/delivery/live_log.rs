@@ -19,7 +19,7 @@ use std::{
 use lockstep_proto::v1::DeliveredChange;
 use tokio::sync::watch;
 
-use crate::locks::lock;
+use lockstep_kafka::locks::lock;
 
 /// The bytes every user's tail holds together, and the most they may.
 #[derive(Debug)]

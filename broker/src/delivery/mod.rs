@@ -9,7 +9,10 @@
 //! ([`Delivery::ack`]), through one shared group-offset client.
 
 mod live_log;
+pub mod log_guard;
 mod session;
+
+use log_guard::LogGuard;
 
 use std::{
     collections::HashMap,
@@ -19,6 +22,7 @@ use std::{
     },
 };
 
+use futures::TryFutureExt;
 pub use live_log::{CacheBudget, LiveLog, LogRead};
 use lockstep_proto::v1::{Change, DeliveredChange, Op, ResyncReason, SubscribeResponse};
 use lockstep_schemas::ChangeEnvelope;
@@ -32,17 +36,12 @@ use crate::{
     error::ApiError,
     events::Events,
     idle::LastUsed,
-    kafka::{GroupOffsets, KafkaClients, KafkaError, ReaderPool, Topics, device_group, user_topic},
-    locks::lock,
-    log_guard::LogGuard,
-    settings::{DeliverySettings, KafkaSettings, Settings},
+    kafka::{GroupOffsets, KafkaClients, KafkaError, ReaderPool, Retry, Topics, bounded, device_group, user_topic},
+    settings::{CHANGE_OVERHEAD_BYTES, DeliverySettings, KafkaSettings, Settings},
     shutdown::ShutdownSource,
     slots::{KeyedSlots, Slot},
 };
-
-/// Bytes a change adds to a message besides its ciphertext: ids, clocks,
-/// nonce and framing are bounded by validation (ids ≤ 128 chars, nonce ≤ 32 bytes).
-pub const CHANGE_OVERHEAD_BYTES: usize = 1024;
+use lockstep_kafka::locks::lock;
 
 /// Why the server ends a device's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,24 +298,15 @@ impl Delivery {
         next: i64,
     ) -> Result<(), ApiError> {
         let group = device_group(&self.inner.kafka, &device.device_id);
-        self.within("offset commit", self.inner.offsets.commit(&group, topic, 0, next)).await?;
+        // One attempt: a failed commit is retried by the caller (see `server::api`).
+        bounded(self.inner.kafka.operation_deadline, "offset commit", Retry::Never, || {
+            self.inner.offsets.commit(&group, topic, 0, next).map_err(KafkaError::from)
+        })
+        .await?;
         state.committed.store(next, Ordering::Release);
         let generation = self.inner.guard.cached_generation(&device.user_id).unwrap_or_default();
         self.inner.events.device_acked(&device.user_id, &device.device_id, generation, next);
         Ok(())
-    }
-
-    /// Bounds one Kafka wait by `kafka.operation_deadline`: past it the request
-    /// answers UNAVAILABLE instead of holding the device (and a thread) for minutes.
-    async fn within<T, E: Into<KafkaError>>(
-        &self,
-        operation: &'static str,
-        work: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T, ApiError> {
-        match tokio::time::timeout(self.inner.kafka.operation_deadline, work).await {
-            Ok(result) => result.map_err(|error| ApiError::Kafka(error.into())),
-            Err(_) => Err(ApiError::Kafka(KafkaError::Timeout(operation))),
-        }
     }
 
     /// The device's committed position (next offset to deliver), if any.
@@ -370,7 +360,10 @@ impl Delivery {
             return Ok((known >= 0).then_some(known));
         }
         let group = device_group(&self.inner.kafka, &device.device_id);
-        let fetched = self.within("offset fetch", self.inner.offsets.fetch(&group, topic, 0)).await?;
+        let fetched = bounded(self.inner.kafka.operation_deadline, "offset fetch", Retry::Never, || {
+            self.inner.offsets.fetch(&group, topic, 0).map_err(KafkaError::from)
+        })
+        .await?;
         // A concurrent ack may have stored a newer value meanwhile: keep it.
         let _ = state.committed.compare_exchange(UNKNOWN, fetched.unwrap_or(-1), Ordering::AcqRel, Ordering::Acquire);
         let now = state.committed.load(Ordering::Acquire);

@@ -310,7 +310,7 @@ const MAX_DELIVERY_SPANS: usize = 8;
 /// span, for each traced push among `changes` (when traces are on); they end
 /// when the returned guard is dropped, after the send.
 fn delivery_spans(changes: &[DeliveredChange]) -> Vec<tracing::Span> {
-    if !crate::telemetry::tracing_on() {
+    if !lockstep_telemetry::tracing_on() {
         return Vec::new();
     }
     let mut traces: Vec<&str> = Vec::new();
@@ -326,12 +326,12 @@ fn delivery_spans(changes: &[DeliveredChange]) -> Vec<tracing::Span> {
         .into_iter()
         .map(|traceparent| {
             let span = tracing::info_span!(
-                target: crate::telemetry::TRACE_TARGET,
+                target: lockstep_telemetry::TRACE_TARGET,
                 "lockstep.deliver",
                 otel.kind = "producer",
                 messaging.batch.message_count = changes.len(),
             );
-            crate::telemetry::set_parent_traceparent(&span, traceparent);
+            lockstep_telemetry::set_parent_traceparent(&span, traceparent);
             span
         })
         .collect()

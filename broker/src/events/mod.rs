@@ -18,7 +18,6 @@
 //! node renews every `events.lease_interval`, so a crashed node's devices stop
 //! counting as connected after three intervals.
 
-pub mod follower;
 mod pending;
 mod publisher;
 
@@ -34,7 +33,9 @@ use std::{
 use lockstep_schemas::{Event, EventBody, PushTarget, TargetRemovedReason};
 use tokio::sync::Notify;
 
-use crate::{db::now_ms, locks::lock, settings::EventsSettings};
+use lockstep_kafka::locks::lock;
+
+use crate::{db::now_ms, settings::EventsSettings};
 
 pub use publisher::{Publisher, events_kafka};
 

@@ -14,9 +14,9 @@ use tokio::{sync::watch, task::JoinHandle};
 use super::{Events, Inner, RETRY_BACKOFF, node_id, pending::Pending};
 use crate::{
     kafka::{KafkaError, Topics, base_config},
-    locks::lock,
     settings::{KafkaSettings, Settings},
 };
+use lockstep_kafka::locks::lock;
 
 /// Most records per batch.
 const MAX_BATCH: usize = 5_000;

@@ -26,16 +26,14 @@ use tracing::Instrument;
 use crate::{
     accounts::AuthedDevice,
     db::now_ms,
-    delivery::Delivery,
+    delivery::{Delivery, log_guard::LogGuard},
     error::ApiError,
     events::Events,
     kafka::{KafkaClients, KafkaError, Producer, ReaderPool, Topics, user_topic},
-    locks::lock,
-    log_guard::LogGuard,
     settings::{KafkaSettings, LimitsSettings, Settings},
     shutdown::{Shutdown, ShutdownSource},
-    telemetry,
 };
+use lockstep_kafka::locks::lock;
 
 #[derive(Clone)]
 pub struct Gateway {
@@ -124,12 +122,12 @@ impl Gateway {
         self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await?;
         let ids = changes.iter().map(|change| change.change_id.clone()).collect();
         // The span of Kafka's part; its context travels in each record's headers.
-        let produce_span = if telemetry::tracing_on() {
-            tracing::info_span!(target: telemetry::TRACE_TARGET, "kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.batch.message_count = tracing::field::Empty)
+        let produce_span = if lockstep_telemetry::tracing_on() {
+            tracing::info_span!(target: lockstep_telemetry::TRACE_TARGET, "kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.batch.message_count = tracing::field::Empty)
         } else {
             tracing::Span::none()
         };
-        let traceparent = telemetry::traceparent_of(&produce_span);
+        let traceparent = lockstep_telemetry::traceparent_of(&produce_span);
         let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
         let plans = plan_batch(&device.device_id, changes, &known, &mut user.index());
         let mut written = Vec::new();

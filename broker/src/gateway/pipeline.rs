@@ -21,9 +21,9 @@ use std::{
 use lockstep_proto::v1::{Change, DeliveredChange, PushError, PushResult, push_result};
 
 use super::dedup::{Digest, IndexEntry, digest_of_change};
-use crate::{
-    accounts::AuthedDevice, error::ApiError, idle::LastUsed, kafka::KafkaError, locks::lock, shutdown::Shutdown,
-};
+use lockstep_kafka::locks::lock;
+
+use crate::{accounts::AuthedDevice, error::ApiError, idle::LastUsed, kafka::KafkaError, shutdown::Shutdown};
 
 /// Per-user push state.
 #[derive(Default)]

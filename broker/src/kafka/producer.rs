@@ -25,10 +25,8 @@ use rdkafka::{
 };
 
 use super::{KafkaError, base_config};
-use crate::{
-    locks::{read, write},
-    settings::KafkaSettings,
-};
+use crate::settings::KafkaSettings;
+use lockstep_kafka::locks::{read, write};
 
 /// Failures in a row, of the kinds a stuck producer shows, before it is replaced.
 const STUCK_AFTER_FAILURES: u32 = 2;

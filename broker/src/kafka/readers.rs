@@ -22,8 +22,10 @@ use rdkafka::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::{KafkaError, base_config};
-use crate::{locks::lock, settings::KafkaSettings};
+use super::{KafkaError, base_config, fetch_wait, fetch_wait_max_ms};
+use lockstep_kafka::locks::lock;
+
+use crate::settings::KafkaSettings;
 
 /// What one read job returns.
 #[derive(Debug, Default)]
@@ -144,7 +146,7 @@ fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer,
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", fetch_wait_max_ms(settings, fetch_wait::CATCH_UP_READER))
         .set("queued.max.messages.kbytes", "8192")
         .create()
         .map_err(KafkaError::client("reader creation"))

@@ -20,7 +20,7 @@ use crate::{
     delivery::SubscribeStream,
     error::ApiError,
     gateway::validate::{MAX_CHANGE_ID_CHARS, MAX_RECORD_ID_CHARS},
-    kafka::{KafkaError, user_topic},
+    kafka::{Retry, bounded, user_topic},
     push_targets::{StoredTarget, TargetError},
     settings::RegistrationMode,
 };
@@ -32,35 +32,6 @@ pub(super) fn authenticate<T>(app: &App, request: &Request<T>) -> Result<AuthedD
     // One parser for the token layer and the handlers (see `guard::bearer_token`).
     let token = super::guard::bearer_token(request.metadata().as_ref())?;
     app.accounts.authenticate(token).ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
-}
-
-/// Everything a Subscribe or an Ack waits for (watermarks, group offsets,
-/// the log guard) within `kafka.operation_deadline`, then UNAVAILABLE. Kafka's
-/// transient trouble (a partition without a leader for the seconds of an
-/// election or a broker restart, a group coordinator still loading) is tried
-/// again within the same deadline rather than handed to the device at once.
-/// Both calls are safe to repeat: they only read, or commit a position the
-/// device already acknowledged.
-async fn bounded<T, F, Fut>(app: &App, operation: &'static str, mut work: F) -> Result<T, ApiError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ApiError>>,
-{
-    let deadline = tokio::time::Instant::now() + app.settings.kafka.operation_deadline;
-    let mut delay = std::time::Duration::from_millis(100);
-    loop {
-        match tokio::time::timeout_at(deadline, work()).await {
-            Err(_) => return Err(ApiError::Kafka(KafkaError::Timeout(operation))),
-            Ok(Err(ApiError::Kafka(error)))
-                if error.is_retryable() && tokio::time::Instant::now() + delay < deadline =>
-            {
-                tracing::debug!(operation, error = %error, ?delay, "kafka is not ready; trying again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(1));
-            }
-            Ok(result) => return result,
-        }
-    }
 }
 
 fn check_device_name(name: &str) -> Result<String, ApiError> {
@@ -265,8 +236,9 @@ impl accounts_server::Accounts for AccountsApi {
         let (erasure, deadline, revoked_id) =
             (self.app.erasure.clone(), self.app.settings.kafka.operation_deadline, device_id.clone());
         tokio::spawn(async move {
-            let deleted = tokio::time::timeout(deadline, erasure.delete_device_group(&revoked_id)).await;
-            if !matches!(deleted, Ok(Ok(()))) {
+            let deleted =
+                bounded(deadline, "consumer group deletion", Retry::Never, || erasure.delete_device_group(&revoked_id));
+            if deleted.await.is_err() {
                 tracing::warn!(device_id = revoked_id, "could not delete a revoked device's consumer group");
             }
         });
@@ -321,19 +293,25 @@ impl SyncApi {
 }
 
 #[tonic::async_trait]
+/// Everything a Subscribe or an Ack waits for (watermarks, group offsets, the log guard) is
+/// bounded by `kafka.operation_deadline`, then UNAVAILABLE; Kafka's transient trouble (a
+/// partition without a leader for the seconds of an election or a broker restart, a group
+/// coordinator still loading) is tried again within the same deadline rather than handed to
+/// the device at once. Both calls are safe to repeat: they only read, or commit a position
+/// the device already acknowledged.
 impl sync_server::Sync for SyncApi {
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let started = std::time::Instant::now();
-        let span = if crate::telemetry::tracing_on() {
+        let span = if lockstep_telemetry::tracing_on() {
             let span = tracing::info_span!(
-                target: crate::telemetry::TRACE_TARGET,
+                target: lockstep_telemetry::TRACE_TARGET,
                 "lockstep.push",
                 otel.kind = "server",
                 rpc.system = "grpc",
                 rpc.method = "Push",
                 lockstep.changes = request.get_ref().changes.len(),
             );
-            crate::telemetry::continue_from(request.metadata(), &span);
+            lockstep_telemetry::continue_from(request.metadata(), &span);
             span
         } else {
             tracing::Span::none()
@@ -350,15 +328,18 @@ impl sync_server::Sync for SyncApi {
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let device = authenticate(&self.app, &request)?;
         let SubscribeRequest { from_offset, repair } = request.into_inner();
-        let subscribed =
-            bounded(&self.app, "subscribe", || self.app.delivery.subscribe(device.clone(), from_offset, repair));
+        let subscribed = bounded(self.app.settings.kafka.operation_deadline, "subscribe", Retry::Transient, || {
+            self.app.delivery.subscribe(device.clone(), from_offset, repair)
+        });
         Ok(Response::new(subscribed.await?))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         let device = authenticate(&self.app, &request)?;
-        let committed_offset =
-            bounded(&self.app, "ack", || self.app.delivery.ack(&device, request.get_ref().offset)).await?;
+        let committed_offset = bounded(self.app.settings.kafka.operation_deadline, "ack", Retry::Transient, || {
+            self.app.delivery.ack(&device, request.get_ref().offset)
+        })
+        .await?;
         Ok(Response::new(AckResponse { committed_offset }))
     }
 

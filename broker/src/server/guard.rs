@@ -45,10 +45,10 @@ use super::rate_limit::RateLimiter;
 use crate::{
     accounts::Accounts,
     error::ApiError,
-    locks::lock,
     settings::{LimitsSettings, RateLimitSettings},
     slots::KeyedSlots,
 };
+use lockstep_kafka::locks::lock;
 
 /// Calls anyone may make without a device token.
 pub const OPEN_RPCS: &[&str] = &[

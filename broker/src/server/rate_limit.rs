@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{locks::lock, settings::Rate};
+use lockstep_kafka::locks::lock;
+
+use crate::settings::Rate;
 
 const MAX_KEYS: usize = 100_000;
 

@@ -72,15 +72,15 @@ impl CertStore {
     pub fn reload(&self) -> Result<(), TlsError> {
         let mtimes = (mtime(&self.cert_file), mtime(&self.key_file));
         let key = read_certified_key(&self.cert_file, &self.key_file)?;
-        *crate::locks::write(&self.current) = Arc::new(key);
-        *crate::locks::write(&self.loaded_mtimes) = mtimes;
+        *lockstep_kafka::locks::write(&self.current) = Arc::new(key);
+        *lockstep_kafka::locks::write(&self.loaded_mtimes) = mtimes;
         tracing::info!(cert_file = %self.cert_file.display(), "tls certificate reloaded");
         Ok(())
     }
 
     fn changed_on_disk(&self) -> bool {
         let now = (mtime(&self.cert_file), mtime(&self.key_file));
-        *crate::locks::read(&self.loaded_mtimes) != now
+        *lockstep_kafka::locks::read(&self.loaded_mtimes) != now
     }
 
     /// Reloads on SIGHUP and when a file changed (checked every `interval`), until the
@@ -118,7 +118,7 @@ impl CertStore {
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(crate::locks::read(&self.current).clone())
+        Some(lockstep_kafka::locks::read(&self.current).clone())
     }
 }
 

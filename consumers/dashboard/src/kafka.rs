@@ -15,9 +15,9 @@ use std::{
 };
 
 use futures::{StreamExt, stream};
-use lockstep_broker::{
-    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, Topics, base_config, device_group, user_topic},
-    settings::KafkaSettings,
+use lockstep_kafka::{
+    GroupOffsets, GroupOffsetsSettings, KafkaError, KafkaSettings, Topics, base_config, device_group, fetch_wait,
+    fetch_wait_max_ms, locks::lock as locked, user_topic,
 };
 use lockstep_schemas::{Event, decode_change, decode_event};
 use rdkafka::{
@@ -26,7 +26,7 @@ use rdkafka::{
 };
 use tokio::sync::mpsc;
 
-use crate::{fleet::WantedRecord, locked, now_ms, settings::Settings};
+use crate::{fleet::WantedRecord, now_ms, settings::Settings};
 
 /// Events read but not yet folded in before the reader thread waits.
 pub const EVENT_QUEUE: usize = 4096;
@@ -38,7 +38,7 @@ pub enum DashboardKafkaError {
     #[error("kafka client: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
     #[error("kafka group offsets: {0}")]
-    GroupOffsets(#[from] lockstep_broker::kafka::GroupOffsetsError),
+    GroupOffsets(#[from] lockstep_kafka::GroupOffsetsError),
     #[error("kafka blocking task failed: {0}")]
     Task(String),
 }
@@ -57,9 +57,7 @@ pub fn read_events_blocking(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // Acks show within a second, also from a broker that does not answer a waiting
-        // fetch as soon as data arrives (Apache Kafka does).
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", fetch_wait_max_ms(&settings.events_kafka(), fetch_wait::DASHBOARD_EVENTS))
         // librdkafka prefetches up to 64 MiB by default; events are tiny and folded at once.
         .set("queued.max.messages.kbytes", "4096")
         .create()?;
@@ -146,9 +144,7 @@ impl Refresher {
             client_id: "lockstep-dashboard".into(),
             request_timeout: kafka.request_timeout,
             max_attempts: 3,
-            security: lockstep_broker::kafka::group_offsets::security::KafkaSecurity::from_client_config(
-                &kafka.client_config,
-            )?,
+            security: lockstep_kafka::group_offsets::security::KafkaSecurity::from_client_config(&kafka.client_config)?,
         })
         .await?;
         let record_reader: BaseConsumer = base_config(&kafka, "lockstep-dashboard-records")
@@ -156,7 +152,7 @@ impl Refresher {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
+            .set("fetch.wait.max.ms", fetch_wait_max_ms(&kafka, fetch_wait::DASHBOARD_RECORDS))
             // One record of each log is wanted: a small batch per log, no deep prefetch.
             .set("max.partition.fetch.bytes", "65536")
             .set("queued.max.messages.kbytes", "8192")

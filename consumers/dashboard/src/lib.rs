@@ -25,7 +25,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -35,6 +35,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, sync::mpsc};
 
 pub use settings::Settings;
+
+use lockstep_kafka::locks::lock;
 
 use crate::{fleet::Fleet, status::Status};
 
@@ -58,11 +60,6 @@ pub enum DashboardError {
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Locks a mutex; a panic elsewhere while holding it does not poison the dashboard.
-pub fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The Prometheus recorder (installed once per process; later calls get a
@@ -111,7 +108,7 @@ fn metrics_handle() -> Result<PrometheusHandle, DashboardError> {
 /// `/metrics` calls it before it renders.
 pub fn record_status_gauges(app: &App) -> Vec<fleet::DeviceView> {
     let now = now_ms();
-    let fleet = locked(&app.fleet);
+    let fleet = lock(&app.fleet);
     let views = fleet.devices(now, &app.settings.status);
     let summary = fleet.summary(&views, now);
     drop(fleet);
@@ -163,7 +160,7 @@ pub async fn run(
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(256);
             while events_rx.recv_many(&mut batch, 256).await > 0 {
-                let mut fleet = locked(&app.fleet);
+                let mut fleet = lock(&app.fleet);
                 for event in batch.drain(..) {
                     fleet.apply_event(&event);
                 }

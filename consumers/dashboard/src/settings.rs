@@ -6,8 +6,8 @@
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
 use figment::providers::Env;
-pub use lockstep_broker::settings::SettingsError;
-use lockstep_broker::settings::{KafkaSettings, layered};
+pub use lockstep_kafka::settings::SettingsError;
+use lockstep_kafka::settings::{KafkaSettings, layered};
 use serde::{Deserialize, Serialize};
 
 use crate::status::StatusSettings;

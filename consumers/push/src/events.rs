@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use lockstep_kafka::{fetch_wait, fetch_wait_max_ms, locks::lock};
 use lockstep_schemas::{Event, encode_event};
 use rdkafka::{
     ClientContext, Offset, TopicPartitionList,
@@ -115,7 +116,7 @@ impl ConsumerContext for GroupContext {
 
 impl GroupContext {
     fn commit_points_of(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
-        let points = self.commit_points.lock().unwrap().clone();
+        let points = lock(&self.commit_points).clone();
         let mut offsets = TopicPartitionList::new();
         for partition in partitions {
             if let Some(offset) = points.get(partition) {
@@ -149,7 +150,7 @@ impl GroupMember {
             incoming_tx: incoming_tx.clone(),
             commit_points: commit_points.clone(),
         };
-        let mut config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
+        let mut config = lockstep_kafka::base_config(&settings.kafka, "lockstep-push");
         config
             .set("group.id", &settings.events.group)
             .set("enable.auto.commit", "false")
@@ -158,12 +159,7 @@ impl GroupMember {
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("session.timeout.ms", settings.events.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", (settings.events.session_timeout.as_millis() / 4).max(100).to_string());
-        // Wake-ups should follow an event within a second, also from a broker that
-        // does not answer a waiting fetch as soon as data arrives (Apache Kafka does).
-        // A setting can override it.
-        if !settings.kafka.client_config.contains_key("fetch.wait.max.ms") {
-            config.set("fetch.wait.max.ms", "100");
-        }
+        config.set("fetch.wait.max.ms", fetch_wait_max_ms(&settings.kafka, fetch_wait::PUSH_WORKER));
         let consumer: BaseConsumer<GroupContext> =
             config.create_with_context(context).map_err(Error::kafka("create consumer"))?;
         consumer.subscribe(&[&settings.events.topic]).map_err(Error::kafka("subscribe"))?;
@@ -235,7 +231,7 @@ pub async fn wait_for_topic(settings: &Settings) -> Result<(), Error> {
             self.0.store(true, Ordering::Relaxed);
         }
     }
-    let config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
+    let config = lockstep_kafka::base_config(&settings.kafka, "lockstep-push");
     let (topic, timeout) = (settings.events.topic.clone(), settings.kafka.request_timeout);
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let stopped = stop.0.clone();
@@ -274,7 +270,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(settings: &Settings) -> Result<Self, Error> {
-        let mut config = lockstep_broker::kafka::base_config(&settings.kafka, "lockstep-push");
+        let mut config = lockstep_kafka::base_config(&settings.kafka, "lockstep-push");
         config.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5");
         // The server's partitioner (Java clients' murmur2): a user's events, ours included,
         // must share one partition, or a replay would miss "already woken".

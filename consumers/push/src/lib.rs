@@ -39,7 +39,7 @@ pub enum Error {
         source: rdkafka::error::KafkaError,
     },
     #[error("kafka group offsets: {0}")]
-    GroupOffsets(#[from] lockstep_broker::kafka::GroupOffsetsError),
+    GroupOffsets(#[from] lockstep_kafka::GroupOffsetsError),
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -85,12 +85,12 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         .unwrap_or_else(|| format!("push-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
     tracing::info!(%worker_id, vapid_public_key = vapid.public_key(), "starting push worker");
     let publisher = events::Publisher::new(&settings)?;
-    let offsets = lockstep_broker::kafka::GroupOffsets::connect(lockstep_broker::kafka::GroupOffsetsSettings {
+    let offsets = lockstep_kafka::GroupOffsets::connect(lockstep_kafka::GroupOffsetsSettings {
         bootstrap_servers: settings.kafka.bootstrap_servers.clone(),
         client_id: format!("lockstep-push-{worker_id}"),
         request_timeout: settings.kafka.request_timeout,
         max_attempts: 3,
-        security: lockstep_broker::kafka::group_offsets::security::KafkaSecurity::from_client_config(
+        security: lockstep_kafka::group_offsets::security::KafkaSecurity::from_client_config(
             &settings.kafka.client_config,
         )?,
     })

@@ -9,8 +9,8 @@
 use std::{fmt, path::PathBuf, time::Duration};
 
 use figment::providers::Env;
-pub use lockstep_broker::settings::SettingsError;
-use lockstep_broker::settings::{KafkaSettings, layered, optional_addr};
+pub use lockstep_kafka::settings::SettingsError;
+use lockstep_kafka::settings::{KafkaSettings, layered, optional_addr};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

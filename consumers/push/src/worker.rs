@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use lockstep_broker::kafka::GroupOffsets;
+use lockstep_kafka::{GroupOffsets, locks::lock};
 use lockstep_schemas::decode_event;
 use rdkafka::{
     Offset, TopicPartitionList,
@@ -196,7 +196,7 @@ impl Worker {
         for partition in partitions {
             self.partitions.remove(partition);
             self.state.drop_partition(*partition);
-            self.member.commit_points.lock().unwrap().remove(partition);
+            lock(&self.member.commit_points).remove(partition);
         }
         self.wakes.retain(|hold, _| !partitions.contains(&hold.partition));
     }
@@ -251,8 +251,8 @@ impl Worker {
                 let Some(device) = self.state.device_mut(user_id, device_id) else { return };
                 device.lookup_in_flight = true;
                 let offsets = self.offsets.clone();
-                let group = lockstep_broker::kafka::device_group(&self.settings.kafka, device_id);
-                let topic = lockstep_broker::kafka::user_topic(&self.settings.kafka, user_id);
+                let group = lockstep_kafka::device_group(&self.settings.kafka, device_id);
+                let topic = lockstep_kafka::user_topic(&self.settings.kafka, user_id);
                 let (user_id, device_id) = (user_id.to_string(), device_id.to_string());
                 // Reads the device group's offset without joining it: never a commit there.
                 self.lookups.spawn(async move {
@@ -318,7 +318,7 @@ impl Worker {
 
     fn commit_offsets(&mut self) -> TopicPartitionList {
         let mut offsets = TopicPartitionList::new();
-        let mut points = self.member.commit_points.lock().unwrap();
+        let mut points = lock(&self.member.commit_points);
         for (partition, progress) in &mut self.partitions {
             if let Some(point) = progress.commit_point() {
                 let _ = offsets.add_partition_offset(&self.settings.events.topic, *partition, Offset::Offset(point));

@@ -28,7 +28,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = lockstep_broker::telemetry::init_service("lockstep-dashboard", args.log_json);
+    let telemetry = lockstep_telemetry::init_service("lockstep-dashboard", args.log_json);
     let mut settings = Settings::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         settings.listen_addr = listen;

@@ -16,7 +16,9 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{App, fleet::DeviceView, locked, now_ms, status::Status};
+use lockstep_kafka::locks::lock;
+
+use crate::{App, fleet::DeviceView, now_ms, status::Status};
 
 /// The cookie that carries the admin token after a `?token=` visit.
 const TOKEN_COOKIE: &str = "lockstep_admin";
@@ -122,14 +124,14 @@ async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let applied = locked(&app.fleet).events_applied();
+    let applied = lock(&app.fleet).events_applied();
     format!("ok events_applied={applied}\n")
 }
 
 async fn fleet_page(State(app): State<Arc<App>>, Query(filter): Query<DeviceFilter>) -> Response {
     let now = now_ms();
     let (summary, views) = {
-        let fleet = locked(&app.fleet);
+        let fleet = lock(&app.fleet);
         let views = fleet.devices(now, &app.settings.status);
         (fleet.summary(&views, now), views)
     };
@@ -142,7 +144,7 @@ async fn fleet_page(State(app): State<Arc<App>>, Query(filter): Query<DeviceFilt
 }
 
 async fn user_page(State(app): State<Arc<App>>, Path(user_id): Path<String>) -> Response {
-    let view = locked(&app.fleet).user_view(&user_id, now_ms(), &app.settings.status);
+    let view = lock(&app.fleet).user_view(&user_id, now_ms(), &app.settings.status);
     match view {
         Some(view) => Html(html::user_page(&view, now_ms(), app.settings.page_refresh)).into_response(),
         None => (StatusCode::NOT_FOUND, Html(html::not_found(&user_id))).into_response(),
@@ -150,7 +152,7 @@ async fn user_page(State(app): State<Arc<App>>, Path(user_id): Path<String>) -> 
 }
 
 async fn api_devices(State(app): State<Arc<App>>, Query(filter): Query<DeviceFilter>) -> Response {
-    let views = locked(&app.fleet).devices(now_ms(), &app.settings.status);
+    let views = lock(&app.fleet).devices(now_ms(), &app.settings.status);
     match filter.apply(views) {
         // Serialized straight from the views (no intermediate JSON tree).
         Ok(devices) => Json(DevicesResponse { devices }).into_response(),
@@ -159,7 +161,7 @@ async fn api_devices(State(app): State<Arc<App>>, Query(filter): Query<DeviceFil
 }
 
 async fn api_user(State(app): State<Arc<App>>, Path(user_id): Path<String>) -> Response {
-    match locked(&app.fleet).user_view(&user_id, now_ms(), &app.settings.status) {
+    match lock(&app.fleet).user_view(&user_id, now_ms(), &app.settings.status) {
         Some(view) => Json(view).into_response(),
         None => (StatusCode::NOT_FOUND, Json(serde_json::json!({ "error": "unknown user" }))).into_response(),
     }
@@ -167,7 +169,7 @@ async fn api_user(State(app): State<Arc<App>>, Path(user_id): Path<String>) -> R
 
 async fn api_summary(State(app): State<Arc<App>>) -> Response {
     let now = now_ms();
-    let fleet = locked(&app.fleet);
+    let fleet = lock(&app.fleet);
     let views = fleet.devices(now, &app.settings.status);
     Json(fleet.summary(&views, now)).into_response()
 }

@@ -18,8 +18,9 @@ use crate::{
     accounts::{Accounts, AuthedDevice},
     db::{Db, DbError, now_ms},
     delivery::Delivery,
+    error::ApiError,
     events::Events,
-    kafka::{GroupOffsets, KafkaError, Topics, device_group, user_topic},
+    kafka::{GroupOffsets, KafkaError, KafkaFailure, Topics, device_group, user_topic},
     settings::KafkaSettings,
     shutdown::ShutdownSource,
 };
@@ -30,6 +31,27 @@ pub enum ErasureError {
     Db(#[from] DbError),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+}
+
+/// A Kafka wait of an erasure is bounded like every other (`kafka::bounded`).
+impl KafkaFailure for ErasureError {
+    fn as_kafka(&self) -> Option<&KafkaError> {
+        match self {
+            ErasureError::Kafka(error) => Some(error),
+            ErasureError::Db(_) => None,
+        }
+    }
+}
+
+/// An erasure fails as the store under it failed: its status code is theirs
+/// (see `error`).
+impl From<ErasureError> for ApiError {
+    fn from(error: ErasureError) -> Self {
+        match error {
+            ErasureError::Db(error) => ApiError::Db(error),
+            ErasureError::Kafka(error) => ApiError::Kafka(error),
+        }
+    }
 }
 
 /// What a purge removed.

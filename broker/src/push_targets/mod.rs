@@ -7,6 +7,8 @@
 //! device — so it is never logged (only its origin) and only the device
 //! itself can read it back.
 
+pub mod follower;
+
 use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use rusqlite::{OptionalExtension, params};
 

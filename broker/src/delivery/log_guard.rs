@@ -33,8 +33,8 @@ use crate::{
     error::ApiError,
     idle::LastUsed,
     kafka::{KafkaError, Topics, topics::Watermarks},
-    locks::lock,
 };
+use lockstep_kafka::locks::lock;
 
 /// What the server knows about one user's log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

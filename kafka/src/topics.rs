@@ -10,8 +10,8 @@ use rdkafka::{
     error::RDKafkaErrorCode,
 };
 
-use super::{KafkaError, base_config};
 use crate::settings::KafkaSettings;
+use crate::{KafkaError, base_config};
 
 /// The log's bounds: the first offset still stored and the offset the next
 /// record will get.

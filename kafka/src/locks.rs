@@ -1,4 +1,4 @@
-//! The one way this crate takes a std lock. A poisoned lock (a thread
+//! The one way Lockstep takes a std lock. A poisoned lock (a thread
 //! panicked while holding it) is taken anyway: every structure behind these
 //! locks is left consistent by each single operation on it, and refusing
 //! would turn one panic into a server that silently stops revoking tokens or

@@ -18,7 +18,7 @@ use rdkafka::{
 };
 
 use crate::{
-    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, base_config},
+    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, base_config, fetch_wait, fetch_wait_max_ms},
     push_targets::PushTargets,
     settings::{KafkaSettings, Settings},
     shutdown::ShutdownSource,
@@ -54,7 +54,7 @@ async fn follow(settings: &Settings, kafka: &KafkaSettings, push_targets: &PushT
         .set("group.id", FOLLOWER_GROUP)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "200")
+        .set("fetch.wait.max.ms", fetch_wait_max_ms(kafka, fetch_wait::EVENTS_FOLLOWER))
         .create()
         .map_err(KafkaError::client("events follower creation"))?;
     let offsets = GroupOffsets::connect(GroupOffsetsSettings {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use conn::{Conn, encode_frame};
 
-pub(super) use crate::locks::lock;
+use crate::locks::lock;
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic};
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
