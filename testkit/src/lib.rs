@@ -33,7 +33,25 @@ use std::{net::TcpListener, path::Path};
 use lockstep_broker::settings::KafkaSettings;
 
 /// A port that was free a moment ago (for processes that cannot take port 0).
+///
+/// Taken below the kernel's ephemeral range (32768–60999 on Linux): a port bound to 0 and
+/// released comes from that range, where any outgoing connection of any process may take
+/// it before the broker it is meant for binds it (Kafka then fails with "Address already
+/// in use"). Within one test process the ports go in sequence from a random start, so two
+/// tests never get the same one.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 15_000;
+    const COUNT: u32 = 32_768 - FIRST;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(u32::MAX, rand::random::<u32>() % COUNT, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..COUNT {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        let port = u16::try_from(port).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
