@@ -18,11 +18,13 @@ pub const FIRST_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_INTERVAL: Duration = Duration::from_millis(500);
 
 /// One poll of a condition: it holds (with what the test wanted to see),
-/// or not yet (with what it saw instead, shown if the deadline passes).
+/// not yet (with what it saw instead, shown if the deadline passes), or it
+/// never will (a wrong answer, a process that exited): the wait fails at once.
 #[derive(Debug)]
 pub enum Check<T> {
     Ready(T),
     NotYet(String),
+    Failed(anyhow::Error),
 }
 
 /// A condition holds, with `value`.
@@ -33,6 +35,11 @@ pub fn ready<T>(value: T) -> Check<T> {
 /// A condition does not hold yet; `state` says what was seen instead.
 pub fn not_yet<T>(state: impl Display) -> Check<T> {
     Check::NotYet(state.to_string())
+}
+
+/// The condition can no longer hold: the wait fails at once with `error`.
+pub fn failed<T>(error: impl Into<anyhow::Error>) -> Check<T> {
+    Check::Failed(error.into())
 }
 
 /// What a condition may return: `bool`, `Option<T>`, [`Check<T>`], or any of
@@ -105,6 +112,7 @@ where
         let last = match condition().await.into_check() {
             Check::Ready(value) => return Ok(value),
             Check::NotYet(state) => state,
+            Check::Failed(error) => return Err(error.context(format!("{what}: cannot happen any more"))),
         };
         let now = Instant::now();
         if now >= deadline {
@@ -172,6 +180,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.ends_with("last seen: error: connection refused"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_check_ends_the_wait_at_once() {
+        let polls = AtomicU32::new(0);
+        let error = eventually(Duration::from_secs(30), "the server listens", || async {
+            polls.fetch_add(1, Ordering::SeqCst);
+            failed::<()>(anyhow::anyhow!("it exited with status 1"))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(format!("{error:#}"), "the server listens: cannot happen any more: it exited with status 1");
     }
 
     #[tokio::test]
