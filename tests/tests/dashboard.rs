@@ -81,10 +81,10 @@ async fn wait_for_statuses(
         anyhow::Ok(if &shown == expected { ready(shown) } else { not_yet(format!("shown {shown:#?}")) })
     })
     .await;
-    if waited.is_err() {
+    if let Err(error) = waited {
         let devices = dashboard.json("/api/v1/devices").await?;
         let log = lockstep_e2e::log_tail(&dashboard.log_path());
-        anyhow::bail!("{:#}\nexpected {expected:#?}\n{devices:#}\n--- dashboard log ---\n{log}", waited.unwrap_err());
+        anyhow::bail!("{error:#}\nexpected {expected:#?}\n{devices:#}\n--- dashboard log ---\n{log}");
     }
     waited
 }
