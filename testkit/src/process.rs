@@ -82,6 +82,7 @@ impl Process {
             if started.elapsed() > deadline {
                 bail!("{} did not stop within {deadline:?} of SIGTERM:\n{}", self.name, self.log_tail());
             }
+            // A blocking wait by contract (see above): eventually is async.
             std::thread::sleep(Duration::from_millis(20));
         }
     }
