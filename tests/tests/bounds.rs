@@ -97,20 +97,6 @@ impl HeldPush {
     }
 }
 
-/// Pushes 400 kB until one is shed: the held upload's bytes have arrived and hold the
-/// budget. A push that gets through came before them. After the 4 s request timeout the
-/// held upload is ended and nothing can be shed any more: that is the deadline.
-async fn shed_while_held(device: &lockstep_e2e::device::Device) -> anyhow::Result<tonic::Status> {
-    eventually(Duration::from_secs(4), "a push shed while an upload holds the budget", || async {
-        match device.push(vec![change("a", 200_000), change("b", 200_000)]).await {
-            Err(status) if status.code() == Code::ResourceExhausted => ready(status),
-            Err(status) => failed(anyhow::anyhow!("expected RESOURCE_EXHAUSTED, got {status:?}")),
-            Ok(_) => not_yet("a push got through: the held bytes had not all arrived"),
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released() -> anyhow::Result<()> {
     let limits = [
@@ -124,7 +110,18 @@ async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released()
 
     // An upload that stops short holds 900 kB of the 1 MiB budget.
     let held = HeldPush::start(server.addr(), &device.token, 1_000_000, 900_000).await?;
-    let status = shed_while_held(&device).await?;
+    // Give the held upload a moment to arrive whole. Nothing shows that it has (the server
+    // has no gauge of the bytes in flight), and probing with pushes would race it: a push
+    // that holds the budget when the held bytes arrive gets them shed instead.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = eventually(Duration::from_secs(3), "a push shed while an upload holds the budget", || async {
+        match device.push(vec![change("a", 200_000), change("b", 200_000)]).await {
+            Err(status) if status.code() == Code::ResourceExhausted => ready(status),
+            Err(status) => failed(anyhow::anyhow!("expected RESOURCE_EXHAUSTED, got {status:?}")),
+            Ok(_) => not_yet("a push got through: the held bytes had not all arrived"),
+        }
+    })
+    .await?;
     assert!(retry::is_retryable(&status), "{status:?}");
     assert_eq!(retry::retry_after(&status), Some(Duration::from_secs(1)), "{status:?}");
 
@@ -140,9 +137,10 @@ async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released()
     for record in ["one", "two"] {
         cli.json(&["put", "--id", record, &format!(r#"{{"blob":"{value}"}}"#)]).await?;
     }
-    let held = HeldPush::start(server.addr(), &device.token, 1_000_000, 900_000).await?;
-    shed_while_held(&device).await?;
     let shed_before = server.log().matches("push shed").count();
+    let held = HeldPush::start(server.addr(), &device.token, 1_000_000, 900_000).await?;
+    // The held upload arrives first (as above: no gauge to wait on, and a probe would race it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let sync = cli.command(&["sync"], true).output();
     let release = async {
         let shed = eventually(Duration::from_secs(60), "the CLI's push shed", || async {
@@ -176,14 +174,10 @@ async fn one_device_cannot_take_every_call_slot() -> anyhow::Result<()> {
         HeldPush::start(server.addr(), &phone.token, 100_000, 10).await?,
         HeldPush::start(server.addr(), &phone.token, 100_000, 10).await?,
     ];
-    // A call that gets through came before the held uploads took the slots.
-    let status = eventually(Duration::from_secs(60), "a third call of the phone refused", || async {
-        match list(&phone).await {
-            Err(status) => ready(status),
-            Ok(_) => not_yet("served: the held uploads have not taken the slots yet"),
-        }
-    })
-    .await?;
+    // The held uploads take their slots first. Nothing shows that they have, and a probing
+    // call would race them: a call in a slot when one of them arrives gets it refused instead.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = list(&phone).await.expect_err("a third call of the phone");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("this device"), "{status:?}");
     assert!(retry::is_retryable(&status) && retry::retry_after(&status).is_some(), "{status:?}");
