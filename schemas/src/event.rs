@@ -20,6 +20,11 @@ struct EventSchema {
     schema: Schema,
     canonical_form: String,
     fingerprint: [u8; 8],
+    /// The record names of the `body` union's branches, in schema order: a
+    /// branch's position is its union index on the wire.
+    body_kinds: Vec<String>,
+    /// The same for `PushTargetSet.target`.
+    target_kinds: Vec<String>,
 }
 
 static EVENT_SCHEMA: LazyLock<EventSchema> = LazyLock::new(|| {
@@ -28,8 +33,46 @@ static EVENT_SCHEMA: LazyLock<EventSchema> = LazyLock::new(|| {
     let canonical_form =
         canonical::parsing_canonical_form(EVENT_AVSC).unwrap_or_else(|e| panic!("avro/event.avsc: {e}"));
     let fingerprint = canonical::crc64_avro(canonical_form.as_bytes()).to_le_bytes();
-    EventSchema { schema, canonical_form, fingerprint }
+    let body = union_of(&schema, "body");
+    let body_kinds = record_names(body);
+    let push_target_set = body
+        .iter()
+        .find(|branch| record_name(branch) == Some("PushTargetSet"))
+        .unwrap_or_else(|| panic!("avro/event.avsc: no PushTargetSet in the body union"));
+    let target_kinds = record_names(union_of(push_target_set, "target"));
+    EventSchema { schema, canonical_form, fingerprint, body_kinds, target_kinds }
 });
+
+/// The branches of the union-typed field `field` of `record`.
+fn union_of<'a>(record: &'a Schema, field: &str) -> &'a [Schema] {
+    let Schema::Record(record) = record else { panic!("avro/event.avsc: {field}'s parent is not a record") };
+    match record.fields.iter().find(|f| f.name == field).map(|f| &f.schema) {
+        Some(Schema::Union(union)) => union.variants(),
+        _ => panic!("avro/event.avsc: {}.{field} is not a union", record.name.name),
+    }
+}
+
+fn record_name(schema: &Schema) -> Option<&str> {
+    match schema {
+        Schema::Record(record) => Some(&record.name.name),
+        _ => None,
+    }
+}
+
+fn record_names(branches: &[Schema]) -> Vec<String> {
+    let name = |branch| record_name(branch).unwrap_or_else(|| panic!("avro/event.avsc: a union branch is no record"));
+    branches.iter().map(|branch| name(branch).to_owned()).collect()
+}
+
+/// The union index of the branch named `kind` (one of `kinds`, from the schema).
+fn branch_index(kinds: &[String], kind: &str) -> Result<u32, SchemaError> {
+    let index = kinds.iter().position(|known| known == kind).ok_or(SchemaError::UnexpectedValue {
+        field: "body",
+        expected: "a record name of the union in avro/event.avsc",
+        found: kind.to_owned(),
+    })?;
+    Ok(u32::try_from(index).unwrap_or(u32::MAX))
+}
 
 /// The parsed event schema, for tools and tests.
 pub fn event_schema() -> &'static Schema {
@@ -118,38 +161,30 @@ impl EventBody {
         }
     }
 
-    /// The Avro record name of this kind, e.g. `"LogAppended"`.
+    /// The Avro record name of this kind, e.g. `"LogAppended"`: the one place that
+    /// ties a variant to its branch of the `body` union (the branch's index on the
+    /// wire comes from `avro/event.avsc`).
     pub fn kind(&self) -> &'static str {
-        BODY_KINDS[self.union_index() as usize]
-    }
-
-    fn union_index(&self) -> u32 {
         match self {
-            EventBody::LogAppended { .. } => 0,
-            EventBody::DeviceAcked { .. } => 1,
-            EventBody::DeviceConnected { .. } => 2,
-            EventBody::DeviceDisconnected { .. } => 3,
-            EventBody::DeviceAdded { .. } => 4,
-            EventBody::DeviceRevoked { .. } => 5,
-            EventBody::PushTargetSet { .. } => 6,
-            EventBody::PushTargetRemoved { .. } => 7,
-            EventBody::WakeUp { .. } => 8,
+            EventBody::LogAppended { .. } => "LogAppended",
+            EventBody::DeviceAcked { .. } => "DeviceAcked",
+            EventBody::DeviceConnected { .. } => "DeviceConnected",
+            EventBody::DeviceDisconnected { .. } => "DeviceDisconnected",
+            EventBody::DeviceAdded { .. } => "DeviceAdded",
+            EventBody::DeviceRevoked { .. } => "DeviceRevoked",
+            EventBody::PushTargetSet { .. } => "PushTargetSet",
+            EventBody::PushTargetRemoved { .. } => "PushTargetRemoved",
+            EventBody::WakeUp { .. } => "WakeUp",
         }
     }
 }
 
-/// The body union's branches, in schema order.
-pub const BODY_KINDS: [&str; 9] = [
-    "LogAppended",
-    "DeviceAcked",
-    "DeviceConnected",
-    "DeviceDisconnected",
-    "DeviceAdded",
-    "DeviceRevoked",
-    "PushTargetSet",
-    "PushTargetRemoved",
-    "WakeUp",
-];
+/// The body union's branches (record names), in schema order, as `avro/event.avsc`
+/// has them. The Python checkers in `tests/python` must know each of them
+/// (`tests/python/test_events_schema.py` fails when one lags behind).
+pub fn body_kinds() -> &'static [String] {
+    &EVENT_SCHEMA.body_kinds
+}
 
 /// Where a device can be woken. The endpoint / url is a secret: `Debug`
 /// shows only its origin.
@@ -162,6 +197,14 @@ pub enum PushTarget {
 }
 
 impl PushTarget {
+    /// The Avro record name of this kind, its branch of `PushTargetSet.target`.
+    fn record_name(&self) -> &'static str {
+        match self {
+            PushTarget::WebPush { .. } => "WebPushTarget",
+            PushTarget::Webhook { .. } => "WebhookTarget",
+        }
+    }
+
     /// `scheme://host[:port]` of the endpoint, safe to log.
     pub fn origin(&self) -> &str {
         let url = match self {
@@ -236,7 +279,7 @@ fn symbol_of<T: PartialEq + Copy>(table: &[(T, &'static str)], value: T) -> (u32
 
 /// Single-object encodes an event with the current schema.
 pub fn encode_event(event: &Event) -> Result<Vec<u8>, SchemaError> {
-    let body = apache_avro::to_avro_datum(&EVENT_SCHEMA.schema, event_to_value(event)).map_err(SchemaError::Encode)?;
+    let body = apache_avro::to_avro_datum(&EVENT_SCHEMA.schema, event_to_value(event)?).map_err(SchemaError::Encode)?;
     let mut out = Vec::with_capacity(crate::SINGLE_OBJECT_HEADER_LEN + body.len());
     wire::write_header(&EVENT_SCHEMA.fingerprint, &mut out);
     out.extend_from_slice(&body);
@@ -269,7 +312,7 @@ fn record(fields: Vec<(&str, Value)>) -> Value {
     Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
-fn event_to_value(event: &Event) -> Value {
+fn event_to_value(event: &Event) -> Result<Value, SchemaError> {
     let body = match &event.body {
         EventBody::LogAppended {
             log_generation,
@@ -298,21 +341,18 @@ fn event_to_value(event: &Event) -> Value {
         | EventBody::DeviceAdded { device_id }
         | EventBody::DeviceRevoked { device_id } => record(vec![("device_id", s(device_id))]),
         EventBody::PushTargetSet { device_id, target } => {
-            let target = match target {
-                PushTarget::WebPush { endpoint, p256dh, auth } => Value::Union(
-                    0,
-                    Box::new(record(vec![
-                        ("endpoint", s(endpoint)),
-                        ("p256dh", Value::Bytes(p256dh.clone())),
-                        ("auth", Value::Bytes(auth.clone())),
-                    ])),
-                ),
-                PushTarget::Webhook { url, app_id, pushkey } => Value::Union(
-                    1,
-                    Box::new(record(vec![("url", s(url)), ("app_id", s(app_id)), ("pushkey", s(pushkey))])),
-                ),
+            let index = branch_index(&EVENT_SCHEMA.target_kinds, target.record_name())?;
+            let value = match target {
+                PushTarget::WebPush { endpoint, p256dh, auth } => record(vec![
+                    ("endpoint", s(endpoint)),
+                    ("p256dh", Value::Bytes(p256dh.clone())),
+                    ("auth", Value::Bytes(auth.clone())),
+                ]),
+                PushTarget::Webhook { url, app_id, pushkey } => {
+                    record(vec![("url", s(url)), ("app_id", s(app_id)), ("pushkey", s(pushkey))])
+                }
             };
-            record(vec![("device_id", s(device_id)), ("target", target)])
+            record(vec![("device_id", s(device_id)), ("target", Value::Union(index, Box::new(value)))])
         }
         EventBody::PushTargetRemoved { device_id, reason } => {
             let (index, symbol) = symbol_of(&REMOVED_REASONS, *reason);
@@ -328,12 +368,13 @@ fn event_to_value(event: &Event) -> Value {
             ])
         }
     };
-    record(vec![
+    let index = branch_index(&EVENT_SCHEMA.body_kinds, event.body.kind())?;
+    Ok(record(vec![
         ("user_id", s(&event.user_id)),
         ("node_id", s(&event.node_id)),
         ("at", Value::TimestampMillis(event.at_ms)),
-        ("body", Value::Union(event.body.union_index(), Box::new(body))),
-    ])
+        ("body", Value::Union(index, Box::new(body))),
+    ]))
 }
 
 /// A decoded record's fields by name (the schema fixes their order, but
@@ -407,8 +448,9 @@ fn event_from_value(value: Value) -> Result<Event, SchemaError> {
         other => return Err(unexpected("body", "a union branch", &other)),
     };
     let mut b = Fields::of(body, "body")?;
-    let body = match index {
-        0 => EventBody::LogAppended {
+    let kind = EVENT_SCHEMA.body_kinds.get(index as usize).map_or("", String::as_str);
+    let body = match kind {
+        "LogAppended" => EventBody::LogAppended {
             log_generation: b.long("log_generation")?,
             first_offset: b.long("first_offset")?,
             log_end: b.long("log_end")?,
@@ -416,52 +458,64 @@ fn event_from_value(value: Value) -> Result<Event, SchemaError> {
             origin_device_id: b.string("origin_device_id")?,
             first_received_at_ms: b.long("first_received_at")?,
         },
-        1 => EventBody::DeviceAcked {
+        "DeviceAcked" => EventBody::DeviceAcked {
             device_id: b.string("device_id")?,
             log_generation: b.long("log_generation")?,
             committed_offset: b.long("committed_offset")?,
         },
-        2 => EventBody::DeviceConnected { device_id: b.string("device_id")?, lease_until_ms: b.long("lease_until")? },
-        3 => EventBody::DeviceDisconnected { device_id: b.string("device_id")? },
-        4 => EventBody::DeviceAdded { device_id: b.string("device_id")? },
-        5 => EventBody::DeviceRevoked { device_id: b.string("device_id")? },
-        6 => {
+        "DeviceConnected" => {
+            EventBody::DeviceConnected { device_id: b.string("device_id")?, lease_until_ms: b.long("lease_until")? }
+        }
+        "DeviceDisconnected" => EventBody::DeviceDisconnected { device_id: b.string("device_id")? },
+        "DeviceAdded" => EventBody::DeviceAdded { device_id: b.string("device_id")? },
+        "DeviceRevoked" => EventBody::DeviceRevoked { device_id: b.string("device_id")? },
+        "PushTargetSet" => {
             let device_id = b.string("device_id")?;
-            let target = match b.take("target")? {
-                Value::Union(0, target) => {
-                    let mut t = Fields::of(*target, "target")?;
+            let (index, target) = match b.take("target")? {
+                Value::Union(index, target) => (index, *target),
+                other => return Err(unexpected("target", "WebPushTarget or WebhookTarget", &other)),
+            };
+            let target = match EVENT_SCHEMA.target_kinds.get(index as usize).map_or("", String::as_str) {
+                "WebPushTarget" => {
+                    let mut t = Fields::of(target, "target")?;
                     PushTarget::WebPush {
                         endpoint: t.string("endpoint")?,
                         p256dh: t.bytes("p256dh")?,
                         auth: t.bytes("auth")?,
                     }
                 }
-                Value::Union(1, target) => {
-                    let mut t = Fields::of(*target, "target")?;
+                "WebhookTarget" => {
+                    let mut t = Fields::of(target, "target")?;
                     PushTarget::Webhook {
                         url: t.string("url")?,
                         app_id: t.string("app_id")?,
                         pushkey: t.string("pushkey")?,
                     }
                 }
-                other => return Err(unexpected("target", "WebPushTarget or WebhookTarget", &other)),
+                _ => {
+                    return Err(SchemaError::FieldOutOfRange {
+                        field: "target",
+                        value: i64::from(index),
+                        range: "a known push target kind",
+                    });
+                }
             };
             EventBody::PushTargetSet { device_id, target }
         }
-        7 => EventBody::PushTargetRemoved {
+        "PushTargetRemoved" => EventBody::PushTargetRemoved {
             device_id: b.string("device_id")?,
             reason: b.symbol("reason", &REMOVED_REASONS)?,
         },
-        8 => EventBody::WakeUp {
+        "WakeUp" => EventBody::WakeUp {
             device_id: b.string("device_id")?,
             log_end: b.long("log_end")?,
             outcome: b.symbol("outcome", &OUTCOMES)?,
             http_status: b.int("http_status")?,
         },
-        other => {
+        _ => {
             return Err(SchemaError::FieldOutOfRange {
                 field: "body",
-                value: i64::from(other),
+                value: i64::from(index),
                 range: "a known event kind",
             });
         }

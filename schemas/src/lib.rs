@@ -45,7 +45,7 @@ use std::fmt;
 
 pub use change::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Op};
 pub use event::{
-    BODY_KINDS, EVENT_AVSC, Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, decode_event,
+    EVENT_AVSC, Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, body_kinds, decode_event,
     encode_event, event_canonical_form, event_fingerprint, event_schema,
 };
 pub use wire::{SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MAGIC};

@@ -13,7 +13,12 @@ use std::{
 use anyhow::{Context, bail};
 use tempfile::TempDir;
 
-use crate::{log_tail, process::Process, server::workspace_binary};
+use crate::{
+    log_tail,
+    process::Process,
+    server::workspace_binary,
+    wait::{eventually, failed, not_yet, ready},
+};
 
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -99,20 +104,17 @@ impl Dashboard {
                 let _ = writeln!(log, "stdout: {line}");
             }
         });
-        let started = std::time::Instant::now();
-        let addr = loop {
+        let addr = eventually(START_DEADLINE, "lockstep-dashboard listening", || async {
             match addr_rx.try_recv() {
-                Ok(addr) => break addr,
-                Err(mpsc::TryRecvError::Empty) => {}
+                Ok(addr) => ready(addr),
+                Err(mpsc::TryRecvError::Empty) => not_yet("no LOCKSTEP_DASHBOARD_LISTENING line on its stdout"),
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    bail!("lockstep-dashboard exited before listening:\n{}", log_tail(&log_path));
+                    failed(anyhow::anyhow!("lockstep-dashboard exited before listening"))
                 }
             }
-            if started.elapsed() > START_DEADLINE {
-                bail!("lockstep-dashboard did not start within {START_DEADLINE:?}:\n{}", log_tail(&log_path));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("{error:#}:\n{}", log_tail(&log_path)))?;
         self.addr = Some(addr.parse().with_context(|| format!("listening address {addr:?}"))?);
         self.process = Some(process);
         Ok(())

@@ -14,6 +14,7 @@
 //! - [`push`]: the `lockstep-push` worker, and a local push service (Python) that verifies and decrypts.
 //! - [`stack`]: Kafka + server + first device in one line.
 //! - [`tls`]: a CA made by the test, its certificates, a TLS-terminating proxy.
+//! - [`wait`]: [`wait::eventually`], a test's one way to wait for something it can observe.
 //! - [`user_topic`], [`device_group`]: Kafka names, from the server's own naming functions.
 
 pub mod cli;
@@ -27,6 +28,7 @@ pub mod server;
 pub mod stack;
 pub mod tls;
 mod tmpfs;
+pub mod wait;
 
 use std::{net::TcpListener, path::Path};
 

@@ -5,12 +5,16 @@ use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 
-use crate::log_tail;
+use crate::{
+    log_tail,
+    wait::{eventually, failed, not_yet, ready},
+};
 
 pub struct Process {
     child: Child,
@@ -46,19 +50,20 @@ impl Process {
     /// Waits until the process accepts connections on `port` of 127.0.0.1;
     /// fails with its log if it exits first or does not answer by `deadline`.
     pub async fn wait_for_port(&mut self, port: u16, deadline: Duration) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.exited() {
-                bail!("{} exited at start ({status}):\n{}", self.name, self.log_tail());
+        // `exited` needs `&mut`; the condition is called again and again.
+        let this = Mutex::new(&mut *self);
+        let answered = eventually(deadline, format!("a connection to port {port}"), || async {
+            let mut this = this.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(status) = this.exited() {
+                return failed(anyhow!("{} exited at start ({status}):\n{}", this.name, this.log_tail()));
             }
-            if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
-                return Ok(());
+            match TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)) {
+                Ok(_) => ready(()),
+                Err(error) => not_yet(error),
             }
-            if started.elapsed() > deadline {
-                bail!("{} did not answer on port {port} within {deadline:?}:\n{}", self.name, self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        answered.map_err(|error| anyhow!("{}: {error:#}\n{}", self.name, self.log_tail()))
     }
 
     /// SIGTERM, then waits for the exit (`kill -9` after `deadline`, an
@@ -77,6 +82,7 @@ impl Process {
             if started.elapsed() > deadline {
                 bail!("{} did not stop within {deadline:?} of SIGTERM:\n{}", self.name, self.log_tail());
             }
+            // A blocking wait by contract (see above): eventually is async.
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -6,14 +6,19 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::{log_tail, process::Process, server::workspace_binary};
+use crate::{
+    log_tail,
+    process::Process,
+    server::workspace_binary,
+    wait::{eventually, failed, not_yet, ready},
+};
 
 /// The worker setting that lets it reach [`PushService`] on 127.0.0.1: push targets
 /// inside the network are refused unless listed (issue 25).
@@ -143,19 +148,21 @@ impl PushWorker {
 
     /// Waits until the worker's log shows `needle` `count` times in all (over restarts).
     pub async fn wait_for_log(&mut self, needle: &str, count: usize, deadline: Duration) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            if self.log().matches(needle).count() >= count {
-                return Ok(());
+        // `exited` needs `&mut`; the condition is called again and again.
+        let this = std::sync::Mutex::new(&mut *self);
+        let logged = eventually(deadline, format!("lockstep-push logging {needle:?} ×{count}"), || async {
+            let mut this = this.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let seen = this.log().matches(needle).count();
+            if seen >= count {
+                return ready(());
             }
-            if let Some(status) = self.process.as_mut().and_then(Process::exited) {
-                bail!("lockstep-push exited ({status}):\n{}", log_tail(&self.log_path()));
+            match this.process.as_mut().and_then(Process::exited) {
+                Some(status) => failed(anyhow::anyhow!("lockstep-push exited ({status})")),
+                None => not_yet(format!("logged {seen} times")),
             }
-            if started.elapsed() > deadline {
-                bail!("lockstep-push never logged {needle:?} ×{count}:\n{}", log_tail(&self.log_path()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        logged.map_err(|error| anyhow::anyhow!("{error:#}:\n{}", log_tail(&self.log_path())))
     }
 
     /// Waits until the worker has replayed its partitions and acts (`count`: over restarts).
@@ -333,16 +340,14 @@ impl PushService {
 
     /// Waits until `subscription` got at least `count` requests; returns them.
     pub async fn wait_for(&self, subscription: &str, count: usize, deadline: Duration) -> anyhow::Result<Vec<Seen>> {
-        let started = Instant::now();
-        loop {
+        eventually(deadline, format!("{count} requests to {subscription}"), || async {
             let seen = self.requests_to(subscription).await?;
-            if seen.len() >= count {
-                return Ok(seen);
-            }
-            if started.elapsed() > deadline {
-                bail!("{subscription} got {} requests, not {count}, within {deadline:?}: {seen:#?}", seen.len());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            anyhow::Ok(if seen.len() >= count {
+                ready(seen)
+            } else {
+                not_yet(format!("{} requests: {seen:#?}", seen.len()))
+            })
+        })
+        .await
     }
 }

@@ -17,7 +17,12 @@ use lockstep_proto::v1::{
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{kafka::Kafka, log_tail, process::Process};
+use crate::{
+    kafka::Kafka,
+    log_tail,
+    process::Process,
+    wait::{eventually, failed, not_yet, ready},
+};
 
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -218,21 +223,16 @@ impl Server {
                 let _ = writeln!(log, "stdout: {line}");
             }
         });
-        let started = std::time::Instant::now();
-        let addr = loop {
+        let addr = eventually(START_DEADLINE, "lockstep listening", || async {
             match addr_rx.try_recv() {
-                Ok(addr) => break addr,
-                Err(mpsc::TryRecvError::Empty) => {}
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    // Its stdout closed: it exited (dropping `process` reaps it).
-                    bail!("lockstep exited before listening:\n{}", log_tail(&log_path));
-                }
+                Ok(addr) => ready(addr),
+                Err(mpsc::TryRecvError::Empty) => not_yet("no LOCKSTEP_LISTENING line on its stdout"),
+                // Its stdout closed: it exited (dropping `process` reaps it).
+                Err(mpsc::TryRecvError::Disconnected) => failed(anyhow::anyhow!("lockstep exited before listening")),
             }
-            if started.elapsed() > START_DEADLINE {
-                bail!("lockstep did not start within {START_DEADLINE:?}:\n{}", log_tail(&log_path));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("{error:#}:\n{}", log_tail(&log_path)))?;
         self.addr = Some(addr.parse().with_context(|| format!("listening address {addr:?}"))?);
         self.process = Some(process);
         Ok(())

@@ -10,6 +10,11 @@ record (ciphertexts, nonces, record ids, collection names).
 
 Prints {"events": [{"partition","offset","user_id","node_id","kind",
 "body"}...], "forbidden_found": [hex...]}.
+
+Every event kind it reads must be one of KIND_FIELDS, with exactly those
+fields: a kind or a field the schema gained is refused until it is added here
+(after checking it carries no content). test_events_schema.py fails while
+KIND_FIELDS lags behind the schema's body union.
 """
 
 import datetime
@@ -23,6 +28,19 @@ from confluent_kafka import Consumer, TopicPartition
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 MAGIC = b"\xc3\x01"
+
+# The record names of the body union in schemas/avro/event.avsc, and each one's fields.
+KIND_FIELDS = {
+    "LogAppended": ["log_generation", "first_offset", "log_end", "count", "origin_device_id", "first_received_at"],
+    "DeviceAcked": ["device_id", "log_generation", "committed_offset"],
+    "DeviceConnected": ["device_id", "lease_until"],
+    "DeviceDisconnected": ["device_id"],
+    "DeviceAdded": ["device_id"],
+    "DeviceRevoked": ["device_id"],
+    "PushTargetSet": ["device_id", "target"],
+    "PushTargetRemoved": ["device_id", "reason"],
+    "WakeUp": ["device_id", "log_end", "outcome", "http_status"],
+}
 
 
 def jsonable(value):
@@ -76,6 +94,9 @@ def main():
         record = jsonable(fastavro.schemaless_reader(body, schema, None, return_record_name=True))
         if body.tell() != len(raw) - 10:
             sys.exit("trailing bytes after the datum")
+        kind, fields = record["body"]["branch"], sorted(record["body"]["record"])
+        if sorted(KIND_FIELDS.get(kind, [])) != fields:
+            sys.exit(f"events_check.py does not know {kind} with fields {fields}: update KIND_FIELDS")
         events.append({
             "partition": message.partition(),
             "offset": message.offset(),

@@ -14,6 +14,7 @@ use crate::{
     fault_run::{Run, pid_alive},
     history::History,
     outcome::Fault,
+    wait::{eventually, not_yet, ready},
 };
 
 impl Run {
@@ -58,12 +59,13 @@ impl Run {
         cluster.stop(node)?;
         // Every thread of the JVM stops, the main one (whose state /proc shows) not at once.
         let pid = cluster.pid(node);
-        let started = Instant::now();
-        let mut stopped = process_state(pid) == Some('T');
-        while !stopped && started.elapsed() < Duration::from_secs(2) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            stopped = process_state(pid) == Some('T');
-        }
+        // Not stopped within 2 s is the evidence's "no": the fault window then fails the run.
+        let stopped = eventually(Duration::from_secs(2), format!("node {node} stopped"), || async {
+            let state = process_state(pid);
+            if state == Some('T') { ready(()) } else { not_yet(format!("process state {state:?}")) }
+        })
+        .await
+        .is_ok();
         if let Some(open) = self.open_window.as_mut() {
             open.process_stopped = Some(stopped);
         }
@@ -90,20 +92,17 @@ impl Run {
     /// records whether it was in the open fault window's evidence. Returns how long that took.
     pub async fn wait_out_of_isr(&mut self, node: usize, timeout: Duration) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let left = loop {
-            match self.user_topic_isr().await {
-                Ok(isr) if !isr.contains(&node) => {
-                    self.notes.push(format!("ISR without node {node} after {:.1?}: {isr:?}", started.elapsed()));
-                    break true;
-                }
-                _ if started.elapsed() > timeout => break false,
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
+        let this = &*self;
+        let left = eventually(timeout, format!("node {node} out of the ISR of {}", self.topic), || async {
+            let isr = this.user_topic_isr().await?;
+            anyhow::Ok(if isr.contains(&node) { not_yet(format!("ISR {isr:?}")) } else { ready(isr) })
+        })
+        .await;
         if let Some(open) = self.open_window.as_mut() {
-            open.left_isr = Some(left);
+            open.left_isr = Some(left.is_ok());
         }
-        anyhow::ensure!(left, "node {node} still in the ISR of {} after {timeout:?}", self.topic);
+        let isr = left?;
+        self.notes.push(format!("ISR without node {node} after {:.1?}: {isr:?}", started.elapsed()));
         Ok(started.elapsed())
     }
 

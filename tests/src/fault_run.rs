@@ -26,6 +26,7 @@ use crate::{
         Evidence, Expect, Fault, FaultWindow, Outcome, PUSHERS_DEADLINE, ProcessGone, counter_sum, skip_allowed,
     },
     proxy::{Proxy, ProxyCounts},
+    wait::{eventually, failed, not_yet, ready},
     workload::{Plan, SimDevice, Workload},
 };
 
@@ -69,30 +70,31 @@ pub(crate) fn utc_time_of_day() -> String {
 /// a device would; seen once on a freshly started cluster under load), each retry noted with
 /// the server's log lines of its reference.
 async fn create_account_retrying(stack: &Stack, notes: &mut Vec<String>) -> anyhow::Result<Device> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let notes = std::sync::Mutex::new(notes);
+    eventually(Duration::from_secs(30), "the run's account created", || async {
         let error = match Device::create_account(&stack.server, "device-0").await {
-            Ok(device) => return Ok(device),
+            Ok(device) => return ready(device),
             Err(error) => error,
         };
         let status = error.chain().find_map(|cause| cause.downcast_ref::<tonic::Status>());
-        let Some(status) = status.filter(|status| status.code() == tonic::Code::Unavailable) else { return Err(error) };
-        if Instant::now() >= deadline {
-            return Err(error);
-        }
+        let Some(status) = status.filter(|status| status.code() == tonic::Code::Unavailable) else {
+            return failed(error);
+        };
         let reference = status.message().rsplit_once("(ref ").map(|(_, rest)| rest.trim_end_matches(')').to_string());
         let server_log = stack.server.log();
         let logged: Vec<&str> = reference
             .as_deref()
             .map(|reference| server_log.lines().filter(|line| line.contains(reference)).take(3).collect())
             .unwrap_or_default();
-        notes.push(format!(
+        let note = format!(
             "{} CreateAccount answered UNAVAILABLE before any fault, retrying: {}; server log: {logged:?}",
             utc_time_of_day(),
             status.message()
-        ));
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        );
+        notes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(note);
+        not_yet(format!("{error:#}"))
+    })
+    .await
 }
 
 /// One fault run: the stack, the user's simulated devices, their history.
@@ -340,25 +342,47 @@ impl Run {
         self.notes.push(format!("{} {what}", utc_time_of_day()));
     }
 
+    /// The common shape of a scenario's faults: `rounds` times (the seed picks how many of
+    /// the range), a pause of `before` ms, the fault, a pause of `lasting` ms, the repair.
+    pub async fn fault_rounds(
+        &mut self,
+        rounds: std::ops::RangeInclusive<i32>,
+        before: std::ops::Range<u64>,
+        lasting: std::ops::Range<u64>,
+        mut fault: impl AsyncFnMut(&mut Run),
+        mut repair: impl AsyncFnMut(&mut Run) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        for _ in 0..self.rng.random_range(rounds) {
+            self.pause(before.clone()).await;
+            fault(self).await;
+            self.pause(lasting.clone()).await;
+            repair(self).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Run::restore_link`] as a repair for [`Run::fault_rounds`].
+    pub async fn restore_link_now(&mut self) -> anyhow::Result<()> {
+        self.restore_link();
+        Ok(())
+    }
+
+    /// The scenario's own timing (how long before a fault, how long it lasts): the
+    /// seed picks it, and waiting it out is the point.
     pub async fn pause(&mut self, millis: std::ops::Range<u64>) {
         tokio::time::sleep(Duration::from_millis(self.rng.random_range(millis))).await;
     }
 
     /// The user's log as any Kafka client reads it (retried while Kafka comes back).
     pub async fn read_log(&self) -> anyhow::Result<Vec<(i64, String)>> {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            match read_topic(self.stack.kafka.bootstrap(), &self.topic).await {
-                Ok(records) => {
-                    return Ok(records.into_iter().map(|(offset, envelope)| (offset, envelope.change_id)).collect());
-                }
-                Err(error) if Instant::now() < deadline => {
-                    eprintln!("reading the log failed, retrying: {error:#}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(error) => return Err(error.context("reading the user's log after the faults")),
-            }
-        }
+        let records = eventually(Duration::from_secs(90), "reading the user's log after the faults", || async {
+            read_topic(self.stack.kafka.bootstrap(), &self.topic)
+                .await
+                .inspect_err(|error| eprintln!("reading the log failed, retrying: {error:#}"))
+                .map(Some)
+        })
+        .await?;
+        Ok(records.into_iter().map(|(offset, envelope)| (offset, envelope.change_id)).collect())
     }
 
     /// Copies the server's and Kafka's logs where they outlive the run:
@@ -383,14 +407,11 @@ impl Run {
     /// Kafka's committed offset of `device` at the end, retried while Kafka settles.
     async fn committed_at_end(&self, device: &str) -> CommittedAtEnd {
         let group = format!("lockstep.device.{device}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match committed_offset(self.stack.kafka.bootstrap(), &group, &self.topic).await {
-                Ok(offset) => return Ok(offset),
-                Err(error) if Instant::now() >= deadline => return Err(format!("{error:#}")),
-                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
+        eventually(Duration::from_secs(30), format!("{group}'s committed offset"), || async {
+            committed_offset(self.stack.kafka.bootstrap(), &group, &self.topic).await.map(Some)
+        })
+        .await
+        .map_err(|error| format!("{error:#}"))
     }
 
     /// After the faults: lets pushers finish, waits until every device holds

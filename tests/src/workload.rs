@@ -27,6 +27,7 @@ use tonic::{Code, Request, Status, transport::Channel};
 use crate::{
     device::{Device, change, with_token},
     history::{History, PushOutcome},
+    wait::eventually,
 };
 
 /// What each simulated device does.
@@ -180,6 +181,7 @@ impl SimDevice {
             if pending.is_empty() || Instant::now() >= deadline {
                 return offsets;
             }
+            // A device's own backoff between retries: part of the simulated workload.
             tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
         }
     }
@@ -272,14 +274,7 @@ impl Workload {
 
     /// Waits until every device applied everything below `log_end` (or `timeout`).
     pub async fn settle(&self, history: &History, log_end: i64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while !history.all_applied(log_end) {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        true
+        eventually(timeout, "every device applying the log", || async { history.all_applied(log_end) }).await.is_ok()
     }
 
     /// Stops every task (pushers mid-retry too) and waits a little for them;
@@ -325,6 +320,7 @@ async fn push_loop(
             let again = &acknowledged[rng.random_range(0..acknowledged.len())];
             device.push_once(again, true).await;
         }
+        // Pacing: the plan's think time between a device's pushes.
         tokio::time::sleep(Duration::from_millis(rng.random_range(plan.pause_ms.clone()))).await;
     }
 }
@@ -343,6 +339,7 @@ async fn subscribe_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop
             Ok(stream) => stream,
             Err(status) => {
                 repair |= status.code() == Code::DataLoss;
+                // A device's own pause before it reconnects: part of the simulated workload.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 continue;
             }
@@ -378,6 +375,7 @@ async fn subscribe_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop
                         let change_id = delivered.change.as_ref().map_or("", |change| change.change_id.as_str());
                         device.history.delivered(&device.id, session, delivered.offset, change_id);
                     }
+                    // Pacing: the plan's time to apply a batch before acking it.
                     tokio::time::sleep(plan.apply_delay).await;
                     // A failed ack is fine: the next one covers it, or the change comes again.
                     if let Err(status) = device.ack(last).await
@@ -394,6 +392,7 @@ async fn subscribe_loop(device: SimDevice, plan: Plan, mut rng: StdRng, mut stop
                 Some(Event::Heartbeat(_)) | None => {}
             }
         }
+        // A device's own pause before it reconnects: part of the simulated workload.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -5,7 +5,12 @@
 
 use std::time::Duration;
 
-use lockstep_e2e::{device::Device, kafka::Kafka, server::Server};
+use lockstep_e2e::{
+    device::Device,
+    kafka::Kafka,
+    server::Server,
+    wait::{eventually, not_yet, ready},
+};
 use lockstep_proto::{
     retry,
     v1::{CreateAccountRequest, CreatePairingTicketRequest, RedeemPairingTicketRequest, RevokeDeviceRequest},
@@ -52,12 +57,11 @@ async fn a_thousand_anonymous_accounts_are_throttled_and_so_are_their_topics() -
     assert!((5..=6).contains(&created), "{created} accounts created");
     assert_eq!(created + throttled, 1000);
     // A broker's metadata follows a topic's creation a moment later (under load, seconds).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut topics = user_topics(kafka.bootstrap())?;
-    while topics < created && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        topics = user_topics(kafka.bootstrap())?;
-    }
+    let topics = eventually(Duration::from_secs(60), format!("{created} user topics"), || async {
+        let topics = user_topics(kafka.bootstrap())?;
+        anyhow::Ok(if topics >= created { ready(topics) } else { not_yet(format!("{topics} topics")) })
+    })
+    .await?;
     assert_eq!(topics, created, "one topic per created account, no more");
     Ok(())
 }

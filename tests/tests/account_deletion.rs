@@ -16,6 +16,7 @@ use lockstep_e2e::{
     kafka::Kafka,
     server::Server,
     stack::CliStack,
+    wait::{eventually, failed, not_yet, ready},
 };
 use lockstep_proto::v1::{DeleteAccountRequest, ListDevicesRequest};
 use serde_json::Value;
@@ -221,15 +222,15 @@ async fn a_deletion_kafka_interrupted_finishes_when_it_returns() -> anyhow::Resu
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 
     kafka.restart().await?;
-    let started = Instant::now();
-    loop {
-        let gone = rows_of(&server, &phone.user_id)?.iter().all(|(_, n)| *n == 0);
-        if gone {
-            break;
-        }
-        anyhow::ensure!(started.elapsed() < WAIT, "the deletion never finished:\n{}", server.log());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(WAIT, "the deletion finished", || async {
+        let rows = match rows_of(&server, &phone.user_id) {
+            Ok(rows) => rows,
+            Err(error) => return failed(error),
+        };
+        let gone = rows.iter().all(|(_, n)| *n == 0);
+        if gone { ready(()) } else { not_yet(format!("rows left: {rows:?}\n{}", server.log())) }
+    })
+    .await?;
     let after = kafka_state(kafka.bootstrap(), &topic, std::slice::from_ref(&group))?;
     assert_eq!(after["groups"][&group]["listed"], false, "the group went too: {after}");
     assert_eq!(after["groups"][&group]["offsets"], serde_json::json!({}), "its offsets too: {after}");

@@ -11,6 +11,7 @@ use lockstep_e2e::{
     device::{change, with_token},
     proxy::Proxy,
     stack::Stack,
+    wait::{eventually, failed, not_yet, ready},
 };
 use lockstep_proto::{
     retry,
@@ -34,6 +35,8 @@ async fn a_push_with_a_forged_token_is_refused_before_its_8_mib_body_is_read() -
     let before = proxy.bytes_to_upstream();
     let status = sync.push(with_token(PushRequest { changes: big.clone() }, "forged")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Bytes still on their way through the proxy count too: nothing to wait for but time,
+    // and a longer wait only makes the check below stricter.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let refused_bytes = proxy.bytes_to_upstream() - before;
 
@@ -107,19 +110,18 @@ async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released()
 
     // An upload that stops short holds 900 kB of the 1 MiB budget.
     let held = HeldPush::start(server.addr(), &device.token, 1_000_000, 900_000).await?;
-    // Give the held upload a moment to arrive whole.
+    // Give the held upload a moment to arrive whole. Nothing shows that it has (the server
+    // has no gauge of the bytes in flight), and probing with pushes would race it: a push
+    // that holds the budget when the held bytes arrive gets them shed instead.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let shed = async {
-        loop {
-            match device.push(vec![change("a", 200_000), change("b", 200_000)]).await {
-                Err(status) if status.code() == Code::ResourceExhausted => return Ok(status),
-                Err(status) => anyhow::bail!("expected RESOURCE_EXHAUSTED, got {status:?}"),
-                // The held bytes had not all arrived yet.
-                Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
+    let status = eventually(Duration::from_secs(3), "a push shed while an upload holds the budget", || async {
+        match device.push(vec![change("a", 200_000), change("b", 200_000)]).await {
+            Err(status) if status.code() == Code::ResourceExhausted => ready(status),
+            Err(status) => failed(anyhow::anyhow!("expected RESOURCE_EXHAUSTED, got {status:?}")),
+            Ok(_) => not_yet("a push got through: the held bytes had not all arrived"),
         }
-    };
-    let status = tokio::time::timeout(Duration::from_secs(3), shed).await??;
+    })
+    .await?;
     assert!(retry::is_retryable(&status), "{status:?}");
     assert_eq!(retry::retry_after(&status), Some(Duration::from_secs(1)), "{status:?}");
 
@@ -137,15 +139,19 @@ async fn push_bytes_in_flight_are_bounded_shed_with_a_retry_after_and_released()
     }
     let shed_before = server.log().matches("push shed").count();
     let held = HeldPush::start(server.addr(), &device.token, 1_000_000, 900_000).await?;
+    // The held upload arrives first (as above: no gauge to wait on, and a probe would race it).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sync = cli.command(&["sync"], true).output();
     let release = async {
-        while server.log().matches("push shed").count() == shed_before {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let shed = eventually(Duration::from_secs(60), "the CLI's push shed", || async {
+            server.log().matches("push shed").count() > shed_before
+        })
+        .await;
         drop(held);
+        shed
     };
-    let (output, ()) = tokio::join!(sync, release);
+    let (output, shed) = tokio::join!(sync, release);
+    shed?;
     let output = output?;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
@@ -168,6 +174,8 @@ async fn one_device_cannot_take_every_call_slot() -> anyhow::Result<()> {
         HeldPush::start(server.addr(), &phone.token, 100_000, 10).await?,
         HeldPush::start(server.addr(), &phone.token, 100_000, 10).await?,
     ];
+    // The held uploads take their slots first. Nothing shows that they have, and a probing
+    // call would race them: a call in a slot when one of them arrives gets it refused instead.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = list(&phone).await.expect_err("a third call of the phone");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -177,15 +185,14 @@ async fn one_device_cannot_take_every_call_slot() -> anyhow::Result<()> {
     assert_eq!(list(&laptop).await?.into_inner().devices.len(), 2);
     // The slots come back with the calls.
     drop(held);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let listed = eventually(Duration::from_secs(60), "the phone's slots back", || async {
         match list(&phone).await {
-            Ok(listed) => break assert_eq!(listed.into_inner().devices.len(), 2),
-            Err(status) if status.code() == Code::ResourceExhausted && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(status) => anyhow::bail!("the phone's slots did not come back: {status:?}"),
+            Ok(listed) => ready(listed),
+            Err(status) if status.code() == Code::ResourceExhausted => not_yet(format!("{status:?}")),
+            Err(status) => failed(anyhow::anyhow!("the phone's slots did not come back: {status:?}")),
         }
-    }
+    })
+    .await?;
+    assert_eq!(listed.into_inner().devices.len(), 2);
     Ok(())
 }

@@ -9,6 +9,7 @@ use lockstep_e2e::{
     kafka::{Kafka, read_topic},
     server::{Server, UNTHROTTLED, lockstep_binary},
     stack::CliStack,
+    wait::{eventually, failed, not_yet, ready},
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -48,6 +49,7 @@ async fn three_devices_converge_after_offline_edits_and_a_deleted_parent() -> an
     // Offline: phone and laptop edit the same field and each adds a new one;
     // the laptop's edit is the later one. The tablet deletes the parent folder.
     phone.json(&["put", "--id", &login_id, "-c", "logins", r#"{"password":"phone","note":"from phone"}"#]).await?;
+    // The clock must move on, so that the laptop's edit is the later one by its timestamp.
     tokio::time::sleep(Duration::from_millis(5)).await;
     laptop.json(&["put", "--id", &login_id, "-c", "logins", r#"{"password":"laptop","url":"https://bank"}"#]).await?;
     tablet.json(&["delete", &folder_id]).await?;
@@ -104,6 +106,7 @@ async fn the_seed_example_the_laptops_later_password_wins() -> anyhow::Result<()
     sync_all(&[&phone, &laptop]).await?;
 
     phone.json(&["put", "--id", &id, "-c", "passwords", r#"{"password":"phone-secret"}"#]).await?;
+    // The clock must move on, so that the laptop's edit is the later one by its timestamp.
     tokio::time::sleep(Duration::from_millis(5)).await;
     laptop.json(&["put", "--id", &id, "-c", "passwords", r#"{"password":"laptop-secret"}"#]).await?;
     // The laptop syncs first, the phone's older edit arrives after it.
@@ -283,16 +286,11 @@ async fn cli_errors_say_what_to_do_and_tampering_is_reported() -> anyhow::Result
 
 /// Polls `get ID` until the record holds `expected` fields.
 async fn wait_for_record(device: &Cli, id: &str, expected: &Value) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(record) = device.get(id).await
-            && &record["fields"] == expected
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{}: {id} never became {expected}", device.name);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(60), format!("{}: {id} becoming {expected}", device.name), || async {
+        let record = device.get(id).await?;
+        anyhow::Ok(if &record["fields"] == expected { ready(()) } else { not_yet(record) })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,17 +307,17 @@ async fn watch_applies_live_changes_and_reconnects_after_a_server_crash() -> any
     // An edit made on the watching device goes up by itself.
     let own = laptop.json(&["put", "-c", "notes", r#"{"text":"from the laptop"}"#]).await?;
     let own_id = own["id"].as_str().context("id")?.to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while laptop.json(&["status"]).await?["outbox"] != 0 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "watch never pushed the local edit");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(60), "watch pushing the local edit", || async {
+        let status = laptop.json(&["status"]).await?;
+        anyhow::Ok(if status["outbox"] == 0 { ready(()) } else { not_yet(status) })
+    })
+    .await?;
     phone.sync().await?;
     assert_eq!(phone.get(&own_id).await?["fields"], json!({"text": "from the laptop"}));
 
     // The server dies and comes back on the same port: watch reconnects.
     server.kill9();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_for_progress(&mut watch, |line| line.contains("reconnecting in")).await?;
     server.restart().await?;
     phone.json(&["put", "--id", &id, "-c", "notes", r#"{"text":"after the crash"}"#]).await?;
     phone.sync().await?;
@@ -340,16 +338,14 @@ async fn lose_the_log(kafka: &mut Kafka, topic: &str) -> anyhow::Result<()> {
 
 /// Syncs, retrying while the server's Kafka clients catch up with a broker change.
 async fn sync_through_unavailable(device: &Cli) -> anyhow::Result<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(Duration::from_secs(60), format!("{} syncing", device.name), || async {
         match device.sync().await {
-            Ok(report) => return Ok(report),
-            Err(error) if error.to_string().contains("Unavailable") && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(300)).await
-            }
-            Err(error) => return Err(error),
+            Ok(report) => ready(report),
+            Err(error) if error.to_string().contains("Unavailable") => not_yet(format!("{error:#}")),
+            Err(error) => failed(error),
         }
-    }
+    })
+    .await
 }
 
 fn ids(list: &Value) -> Vec<String> {
@@ -456,6 +452,7 @@ async fn kill_9_of_sync_at_random_moments_rejects_nothing_and_writes_each_change
         let mut sync = writer.spawn(&["sync"])?;
         // Half the kills right after a push was answered (the next one is in
         // flight), half at a random moment of the whole sync.
+        // The random pauses are the point: they place the kill.
         if round % 2 == 0 {
             if wait_for_progress(&mut sync, |line| line.starts_with("pushed ")).await.is_ok() {
                 killed_mid_push += 1;

@@ -19,13 +19,15 @@ use bytes::Bytes;
 use lockstep_e2e::{
     dashboard::{Dashboard, chromium},
     device::{Device, changes, with_token},
-    kafka::{Kafka, delete_records_before},
+    kafka::{Kafka, delete_records_before, read_events},
     server::Server,
     user_topic,
+    wait::{eventually, not_yet, ready},
 };
 use lockstep_proto::v1::{
     PushTarget as ProtoTarget, RevokeDeviceRequest, SetPushTargetRequest, WebPushTarget, push_target::Target,
 };
+use lockstep_schemas::EventBody;
 
 const WAIT: Duration = Duration::from_secs(90);
 const SECRET_ENDPOINT: &str = "https://push.example.net/wpush/v2/dashboard-secret-endpoint";
@@ -74,21 +76,17 @@ async fn wait_for_statuses(
     expected: &BTreeMap<String, String>,
     what: &str,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    let started = Instant::now();
-    loop {
+    let waited = eventually(WAIT, what, || async {
         let shown = api_statuses(dashboard).await?;
-        if &shown == expected {
-            return Ok(shown);
-        }
-        if started.elapsed() > WAIT {
-            let devices = dashboard.json("/api/v1/devices").await?;
-            let log = lockstep_e2e::log_tail(&dashboard.log_path());
-            anyhow::bail!(
-                "{what}: expected {expected:#?}\nshown {shown:#?}\n{devices:#}\n--- dashboard log ---\n{log}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        anyhow::Ok(if &shown == expected { ready(shown) } else { not_yet(format!("shown {shown:#?}")) })
+    })
+    .await;
+    if let Err(error) = waited {
+        let devices = dashboard.json("/api/v1/devices").await?;
+        let log = lockstep_e2e::log_tail(&dashboard.log_path());
+        anyhow::bail!("{error:#}\nexpected {expected:#?}\n{devices:#}\n--- dashboard log ---\n{log}");
     }
+    waited
 }
 
 /// Fails unless Chromium's DOM of the fleet page has a row with each device's expected status.
@@ -123,8 +121,19 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
     let carol_end = *carol_phone.push_ok(changes(5, 32)).await?.last().context("offsets")?;
     carol_phone.ack(carol_end).await?;
     assert_eq!(delete_records_before(kafka.bootstrap(), &user_topic(&carol_phone.user_id), 8).await?, 8);
-    // Let the events publisher send the acks before the server stops.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The events publisher has sent the acks before the server stops.
+    let acks = [(&carol_laptop.device_id, 3), (&carol_phone.device_id, carol_end + 1)];
+    eventually(WAIT, "carol's acks on the events topic", || async {
+        let events = read_events(kafka.bootstrap(), &events_topic).await?;
+        let published = acks.iter().all(|(device, committed)| {
+            events.iter().any(|(_, _, _, event)| {
+                matches!(&event.body, EventBody::DeviceAcked { device_id, committed_offset, .. }
+                    if device_id == *device && committed_offset == committed)
+            })
+        });
+        anyhow::Ok(if published { ready(()) } else { not_yet(format!("{} events", events.len())) })
+    })
+    .await?;
     assert!(old_server.terminate()?, "clean shutdown");
 
     let server = Server::start_with(&kafka, &server_env).await?;
@@ -290,18 +299,11 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
     alice_stalled.ack(alice_end).await?;
     let acked = Instant::now();
     let row = format!("data-device=\"{}\"", alice_stalled.device_id);
-    loop {
+    eventually(SHOWN_WITHIN, "the page showing the stalled device OK after its ack", || async {
         let (_, page) = dashboard.get("/").await?;
-        let shown_ok = page.split("<tr ").any(|r| r.contains(&row) && r.contains("data-status=\"OK\""));
-        if shown_ok {
-            break;
-        }
-        anyhow::ensure!(
-            acked.elapsed() < SHOWN_WITHIN,
-            "the page did not show the stalled device OK within {SHOWN_WITHIN:?} of its ack"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        anyhow::Ok(page.split("<tr ").any(|r| r.contains(&row) && r.contains("data-status=\"OK\"")))
+    })
+    .await?;
     eprintln!("stalled → OK on the page {:?} after the ack", acked.elapsed());
     expected.insert(alice_stalled.device_id.clone(), "OK".into());
     check_rows(&chromium::dump_dom(&dashboard.url("/")).await?, &expected, &names)?;
@@ -408,22 +410,18 @@ async fn a_real_prometheus_scrapes_the_dashboard() -> anyhow::Result<()> {
     let mut prometheus = Process::spawn("prometheus", &mut command, &log_path)?;
     prometheus.wait_for_port(port, WAIT).await?;
     let query_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let started = Instant::now();
     // Both devices are behind and not connected.
     let query = "/api/v1/query?query=lockstep_dashboard_devices%7Bstatus%3D%22OFFLINE%22%7D";
-    loop {
+    eventually(WAIT, "prometheus scraping two OFFLINE devices", || async {
         let (_, body) = lockstep_e2e::http_get(query_addr, query).await?;
         let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        if answer["data"]["result"][0]["value"][1].as_str() == Some("2") {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < WAIT,
-            "prometheus never scraped two OFFLINE devices: {body}\n{}",
-            std::fs::read_to_string(&log_path)?
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        anyhow::Ok(if answer["data"]["result"][0]["value"][1].as_str() == Some("2") {
+            ready(())
+        } else {
+            not_yet(format!("{body}\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()))
+        })
+    })
+    .await?;
     let (_, body) = lockstep_e2e::http_get(query_addr, "/api/v1/targets").await?;
     assert!(body.contains(r#""health":"up""#), "{body}");
     Ok(())

@@ -3,7 +3,7 @@
 //! reaches it, push targets (validation, ownership, revocation), and that
 //! pushes go on while the events cluster is down.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use lockstep_e2e::{
@@ -12,6 +12,7 @@ use lockstep_e2e::{
     leaks::{contains, content_in, traceable_changes},
     server::Server,
     stack::Stack,
+    wait::{eventually, failed, not_yet, ready},
 };
 use lockstep_proto::v1::{
     Change, GetPushTargetRequest, GetServerInfoRequest, PushTarget as ProtoTarget, RemovePushTargetRequest,
@@ -39,22 +40,16 @@ async fn events_until(
     what: &str,
     until: impl Fn(&[EventRecord]) -> bool,
 ) -> anyhow::Result<Vec<EventRecord>> {
-    let started = Instant::now();
-    loop {
-        let mine: anyhow::Result<Vec<EventRecord>> = read_events(bootstrap, topic)
-            .await
-            .map(|events| events.into_iter().filter(|(_, _, _, e)| e.user_id == user_id).collect());
-        match &mine {
-            Ok(mine) if until(mine) => return Ok(mine.clone()),
-            Ok(mine) if started.elapsed() > WAIT => {
-                let kinds: Vec<String> = mine.iter().map(|(_, _, _, e)| format!("{:?}", e.body)).collect();
-                anyhow::bail!("events topic never showed {what}; it holds for this user: {kinds:#?}");
-            }
-            Err(error) if started.elapsed() > WAIT => anyhow::bail!("reading the events topic: {error:#}"),
-            _ => {}
+    eventually(WAIT, format!("the events topic showing {what}"), || async {
+        let mine: Vec<EventRecord> =
+            read_events(bootstrap, topic).await?.into_iter().filter(|(_, _, _, e)| e.user_id == user_id).collect();
+        if until(&mine) {
+            return anyhow::Ok(ready(mine));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let kinds: Vec<String> = mine.iter().map(|(_, _, _, e)| format!("{:?}", e.body)).collect();
+        Ok(not_yet(format!("it holds for this user: {kinds:#?}")))
+    })
+    .await
 }
 
 fn has(events: &[EventRecord], matches: impl Fn(&EventBody) -> bool) -> bool {
@@ -200,11 +195,11 @@ async fn events_tell_what_happened_and_never_the_content() -> anyhow::Result<()>
     // Its consumer group (it had committed 3) is gone with it.
     let group = format!("lockstep.device.{}", laptop.device_id);
     let user_topic = format!("lockstep.user.{user}");
-    let started = Instant::now();
-    while lockstep_e2e::kafka::committed_offset(&bootstrap, &group, &user_topic).await?.is_some() {
-        anyhow::ensure!(started.elapsed() < WAIT, "the revoked device's offsets were never deleted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(WAIT, "the revoked device's offsets deleted", || async {
+        let committed = lockstep_e2e::kafka::committed_offset(&bootstrap, &group, &user_topic).await?;
+        anyhow::Ok(committed.map_or_else(|| ready(()), |offset| not_yet(format!("committed {offset}"))))
+    })
+    .await?;
     let events = events_until(&bootstrap, &topic, &user, "the revocation", |events| {
         let last_target = events.iter().rev().find_map(|(_, _, _, e)| match &e.body {
             EventBody::PushTargetSet { .. } | EventBody::PushTargetRemoved { .. } => Some(e.body.clone()),
@@ -278,11 +273,8 @@ async fn pushes_go_on_while_the_events_cluster_is_down() -> anyhow::Result<()> {
     let received = receive_changes(&mut stream, 105, WAIT).await?;
     laptop.ack(received.offsets().last().copied().unwrap_or_default()).await?;
     drop(stream);
-    let started = Instant::now();
-    while !server.log().contains("events not published") {
-        assert!(started.elapsed() < WAIT, "the publisher never noticed the outage");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(WAIT, "the publisher noticing the outage", || async { server.log().contains("events not published") })
+        .await?;
 
     // It comes back: the facts arrive, coalesced (the latest log end and ack).
     events_kafka.restart().await?;
@@ -375,14 +367,10 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
     let Stack { kafka, server, device: phone } =
         Stack::start_with("phone", &[("LOCKSTEP_EVENTS__TOPIC", topic.as_str())]).await?;
     let laptop = phone.pair(&server, "laptop").await?;
-    let started = Instant::now();
     // "following the events topic failed; retrying" does not count: it is not following yet.
     let following =
         |log: String| log.lines().any(|line| line.contains("following the events topic") && !line.contains("failed"));
-    while !following(server.log()) {
-        anyhow::ensure!(started.elapsed() < WAIT, "the server never followed the events topic");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(WAIT, "the server following the events topic", || async { following(server.log()) }).await?;
     let mut targets = server.push_targets().await?;
     for device in [&phone, &laptop] {
         let endpoint = format!("https://push.example.net/{}", device.device_id);
@@ -403,17 +391,18 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
         let record = FutureRecord::to(&topic).key(&event.user_id).payload(&payload);
         producer.send(record, Duration::from_secs(10)).await.map_err(|(error, _)| error)?;
     }
-    let started = Instant::now();
-    loop {
-        let answer = targets.get_push_target(with_token(GetPushTargetRequest {}, &laptop.token)).await;
-        match answer {
-            Err(status) if status.code() == Code::NotFound => break,
-            Ok(_) => {}
-            Err(status) => anyhow::bail!("unexpected {status:?}"),
+    let (laptop_token, server) = (&laptop.token, &server);
+    eventually(WAIT, "the laptop's gone target forgotten", || {
+        let mut targets = targets.clone();
+        async move {
+            match targets.get_push_target(with_token(GetPushTargetRequest {}, laptop_token)).await {
+                Err(status) if status.code() == Code::NotFound => ready(()),
+                Ok(target) => not_yet(format!("{:?}\n{}", target.into_inner(), server.log())),
+                Err(status) => failed(anyhow::anyhow!("unexpected {status:?}")),
+            }
         }
-        anyhow::ensure!(started.elapsed() < WAIT, "the laptop's gone target was never forgotten:\n{}", server.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await?;
     // Same user, same partition: the stale verdict was read before; it changed nothing.
     targets.get_push_target(with_token(GetPushTargetRequest {}, &phone.token)).await?;
     Ok(())

@@ -32,6 +32,7 @@ use lockstep_e2e::{
     fault_run::{Run, Scenario, StackOptions, fault_settings, judge},
     history::PushOutcome,
     outcome::{Expect, Fault},
+    wait::eventually,
     workload::{Plan, SimDevice},
 };
 use lockstep_proto::v1::subscribe_response::Event;
@@ -67,13 +68,7 @@ async fn kafka_kill9_during_pushes() -> anyhow::Result<()> {
     Scenario::new("kafka_kill9_during_pushes", "kafka-kill9", 3, pushing_plan())
         .run(async |run: &mut Run| {
             run.start_workload();
-            for _ in 0..run.rng.random_range(1..=2) {
-                run.pause(300..1500).await;
-                run.kill_kafka().await;
-                run.pause(1000..4000).await;
-                run.restart_kafka().await?;
-            }
-            Ok(())
+            run.fault_rounds(1..=2, 300..1500, 1000..4000, Run::kill_kafka, Run::restart_kafka).await
         })
         .await
 }
@@ -94,13 +89,7 @@ async fn kafka_kill9_during_delivery() -> anyhow::Result<()> {
                 anyhow::ensure!(offsets.iter().all(Option::is_some), "the backlog was not written before the faults");
             }
             run.start_workload();
-            for _ in 0..run.rng.random_range(1..=2) {
-                run.pause(200..1500).await;
-                run.kill_kafka().await;
-                run.pause(1000..4000).await;
-                run.restart_kafka().await?;
-            }
-            Ok(())
+            run.fault_rounds(1..=2, 200..1500, 1000..4000, Run::kill_kafka, Run::restart_kafka).await
         })
         .await
 }
@@ -111,13 +100,7 @@ async fn link_to_kafka_cut_and_restored() -> anyhow::Result<()> {
         .behind_proxy()
         .run(async |run: &mut Run| {
             run.start_workload();
-            for _ in 0..run.rng.random_range(1..=2) {
-                run.pause(300..1500).await;
-                run.cut_link().await;
-                run.pause(2000..6000).await;
-                run.restore_link();
-            }
-            Ok(())
+            run.fault_rounds(1..=2, 300..1500, 2000..6000, Run::cut_link, Run::restore_link_now).await
         })
         .await
 }
@@ -132,13 +115,7 @@ async fn link_to_kafka_partitioned_without_resets() -> anyhow::Result<()> {
         .behind_proxy()
         .run(async |run: &mut Run| {
             run.start_workload();
-            for _ in 0..run.rng.random_range(1..=2) {
-                run.pause(300..1500).await;
-                run.freeze_link().await;
-                run.pause(2000..8000).await;
-                run.restore_link();
-            }
-            Ok(())
+            run.fault_rounds(1..=2, 300..1500, 2000..8000, Run::freeze_link, Run::restore_link_now).await
         })
         .await
 }
@@ -165,13 +142,7 @@ async fn server_kill9_during_pushes() -> anyhow::Result<()> {
     Scenario::new("server_kill9_during_pushes", "server-kill9", 4, pushing_plan())
         .run(async |run: &mut Run| {
             run.start_workload();
-            for _ in 0..run.rng.random_range(2..=3) {
-                run.pause(300..1500).await;
-                run.kill_server().await;
-                run.pause(200..1000).await;
-                run.restart_server().await?;
-            }
-            Ok(())
+            run.fault_rounds(2..=3, 300..1500, 200..1000, Run::kill_server, Run::restart_server).await
         })
         .await
 }
@@ -197,6 +168,7 @@ async fn server_kill9_and_restart_while_kafka_is_down() -> anyhow::Result<()> {
             let kafka_away = Duration::from_millis(run.rng.random_range(1000..4000));
             let (server, kafka, proxy) = (&mut run.stack.server, &mut run.stack.kafka, run.stack.proxy.as_ref());
             let kafka_back = async {
+                // The outage's length, the seed's pick: the server must wait it out.
                 tokio::time::sleep(kafka_away).await;
                 match (killed, proxy) {
                     (true, _) => kafka.restart().await?,
@@ -247,11 +219,12 @@ async fn kafka_disk_fills_up() -> anyhow::Result<()> {
             run.fault(Fault::DiskFull, "pushing onto the nearly full disk").await;
             run.start_workload();
             // Push until the disk is full and pushes fail (or 30 s); the window
-            // check fails the run if none did.
-            let full_by = Instant::now() + Duration::from_secs(30);
-            while run.history.stats().errors == 0 && Instant::now() < full_by {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            // check fails the run if none did, so the wait's own failure is not needed.
+            let history = run.history.clone();
+            let _ = eventually(Duration::from_secs(30), "a push failing on the full disk", || async {
+                history.stats().errors > 0
+            })
+            .await;
             let failed_while_full = run.history.stats().errors;
             run.notes.push(format!("{failed_while_full} errors when the disk filled"));
             run.pause(1000..3000).await;

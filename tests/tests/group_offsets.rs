@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use lockstep_broker::kafka::group_offsets::{GroupOffsets, GroupOffsetsSettings};
-use lockstep_e2e::kafka::Kafka;
+use lockstep_e2e::{
+    kafka::Kafka,
+    wait::{eventually, not_yet, ready},
+};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -149,11 +152,12 @@ async fn broker_loss_is_retryable_and_reconnects() {
         });
     }
     // Every writer is committing (a group's first commit takes Kafka about a second), then the kill.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while committed_once.load(std::sync::atomic::Ordering::Relaxed) < WRITERS {
-        assert!(Instant::now() < deadline, "the writers never all committed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(60), "every writer committing", || async {
+        let committed = committed_once.load(std::sync::atomic::Ordering::Relaxed);
+        if committed >= WRITERS { ready(()) } else { not_yet(format!("{committed} of {WRITERS} committed once")) }
+    })
+    .await
+    .unwrap();
     kafka.kill();
     let started = Instant::now();
     while let Some(joined) = tokio::time::timeout(Duration::from_secs(20), writers.join_next())
@@ -272,18 +276,18 @@ async fn kafkas_own_tool_shows_the_offset_and_lag_the_server_and_the_dashboard_r
         ("LOCKSTEP_DASHBOARD_REFRESH__INTERVAL", "500ms"),
     ];
     let dashboard = Dashboard::start(kafka.bootstrap(), &dashboard_env).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(Duration::from_secs(60), "the dashboard showing the laptop committed 3, 2 behind", || async {
         let devices = dashboard.json("/api/v1/devices").await?;
         let shown = devices["devices"]
             .as_array()
             .and_then(|devices| devices.iter().find(|device| device["device_id"] == laptop.device_id.as_str()))
             .map(|device| (device["committed"].as_i64(), device["lag_changes"].as_i64()));
-        if shown == Some((Some(3), Some(2))) {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the dashboard shows {shown:?} for the laptop:\n{devices:#}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        anyhow::Ok(if shown == Some((Some(3), Some(2))) {
+            ready(())
+        } else {
+            not_yet(format!("it shows {shown:?} for the laptop:\n{devices:#}"))
+        })
+    })
+    .await?;
     Ok(())
 }

@@ -376,6 +376,8 @@ async fn a_revocation_ends_a_subscribe_that_is_still_starting() -> anyhow::Resul
         let laptop = laptop.clone();
         tokio::spawn(async move { laptop.subscribe(None).await })
     };
+    // Time passes to show that nothing happens: the subscribe stays stuck on the frozen
+    // Kafka (and has reached that wait when the revocation comes).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!starting.is_finished(), "the subscribe is waiting on Kafka");
     let revoked = phone

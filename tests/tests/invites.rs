@@ -120,6 +120,7 @@ async fn each_invite_makes_exactly_one_account() -> anyhow::Result<()> {
     let expired = create_invites(&server, &["--expires-in", "1s"])?.remove(0);
     let revoked = create_invites(&server, &[])?.remove(0);
     server.invite(&["revoke", &revoked.0.to_string()])?;
+    // Time must pass for a code to expire: past its 1 s (a try before would use it up).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for code in [expired.1.as_str(), revoked.1.as_str(), "lsi_AAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
         assert_refused(create_account(&server, "late", code).await);

@@ -11,6 +11,7 @@ use lockstep_e2e::{
     device::{Device, changes, receive_changes},
     kafka::Kafka,
     stack::{CliStack, Stack},
+    wait::{eventually, failed, not_yet, ready},
 };
 use rdkafka::{
     ClientConfig,
@@ -50,9 +51,11 @@ async fn put(device: &Cli, fields: Value) -> anyhow::Result<String> {
 /// retryable errors, for at most 60 s.
 async fn push_retrying(device: &Device, changes: Vec<lockstep_proto::v1::Change>) -> anyhow::Result<Vec<i64>> {
     use lockstep_proto::v1::push_result;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let results = device.push(changes.clone()).await?;
+    eventually(Duration::from_secs(60), "the changes written", || async {
+        let results = match device.push(changes.clone()).await {
+            Ok(results) => results,
+            Err(status) => return failed(status),
+        };
         let offsets: Option<Vec<i64>> = results
             .iter()
             .map(|result| match result.result {
@@ -61,17 +64,19 @@ async fn push_retrying(device: &Device, changes: Vec<lockstep_proto::v1::Change>
             })
             .collect();
         if let Some(offsets) = offsets {
-            return Ok(offsets);
+            return ready(offsets);
         }
         let retryable = results.iter().all(|result| match &result.result {
             Some(push_result::Result::Error(error)) => error.retryable,
             _ => true,
         });
-        if !retryable || tokio::time::Instant::now() > deadline {
-            anyhow::bail!("changes were not written: {results:?}");
+        if retryable {
+            not_yet(format!("{results:?}"))
+        } else {
+            failed(anyhow::anyhow!("changes were not written: {results:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// The scenario: two devices, three records, the local Kafka restarted
@@ -118,23 +123,22 @@ async fn delete_and_recreate_topic(kafka: &Kafka, topic: &str) -> anyhow::Result
     }
     // Kafka finishes a deletion in the background: until then the name is taken. The
     // server may also create the vanished topic again itself (empty), which is as good.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), format!("{topic} recreated"), || async {
         match kafka.create_topic(topic, 1).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => ready(()),
             Err(error) if error.to_string().contains("already exists") => {
                 if lockstep_e2e::kafka::read_topic(kafka.bootstrap(), topic)
                     .await
                     .is_ok_and(|records| records.is_empty())
                 {
-                    return Ok(());
+                    return ready(());
                 }
-                anyhow::ensure!(tokio::time::Instant::now() < deadline, "{topic} was not recreated: {error:#}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                not_yet(format!("{error:#}"))
             }
-            Err(error) => return Err(error),
+            Err(error) => failed(error),
         }
-    }
+    })
+    .await
 }
 
 /// The topic is deleted and recreated behind Lockstep's back: the log lost
@@ -340,7 +344,18 @@ async fn a_graceful_stop_mid_push_keeps_every_acknowledged_change() -> anyhow::R
             acknowledged
         }));
     }
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Mid-push: the server has written some of the pushers' changes when SIGTERM comes.
+    let admin = server.admin_addr().context("the server printed its admin address")?;
+    eventually(Duration::from_secs(60), "pushes written before the stop", || async {
+        let (_, metrics) = lockstep_e2e::http_get(admin, "/metrics").await?;
+        let pushed = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("lockstep_changes_pushed_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or_default();
+        anyhow::Ok(if pushed >= 60.0 { ready(()) } else { not_yet(format!("{pushed} changes pushed")) })
+    })
+    .await?;
     let started = std::time::Instant::now();
     assert!(server.terminate()?, "clean exit");
     assert!(started.elapsed() < Duration::from_secs(15), "stopped within the drain deadline");

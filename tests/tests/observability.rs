@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -14,6 +14,7 @@ use lockstep_e2e::{
     free_port, http_get,
     process::Process,
     stack::Stack,
+    wait::{eventually, not_yet, ready},
 };
 use lockstep_proto::v1::PushRequest;
 use tonic::Code;
@@ -44,17 +45,17 @@ async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
         phone.sync.clone().push(with_token(PushRequest { changes: changes(1, 8) }, "lst_wrong")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 
-    let started = Instant::now();
-    let (text, found) = loop {
+    let (text, found) = eventually(WAIT, "4 events published", || async {
         let (code, text) = http_get(admin, "/metrics").await?;
         assert_eq!(code, 200);
         let found = samples(&text);
-        if found.get("lockstep_events_published_total").copied().unwrap_or_default() >= 4.0 {
-            break (text, found);
-        }
-        anyhow::ensure!(started.elapsed() < WAIT, "events never published:\n{text}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        anyhow::Ok(if found.get("lockstep_events_published_total").copied().unwrap_or_default() >= 4.0 {
+            ready((text, found))
+        } else {
+            not_yet(text)
+        })
+    })
+    .await?;
     let value = |name: &str| found.get(name).copied().unwrap_or_else(|| panic!("{name} missing in:\n{text}"));
     assert_eq!(value("lockstep_changes_pushed_total"), 10.0);
     assert_eq!(value("lockstep_pushed_bytes_total"), 1000.0);
@@ -77,17 +78,18 @@ async fn metrics_count_what_happened_and_pass_promtool() -> anyhow::Result<()> {
     assert_eq!(http_get(admin, "/healthz").await?.0, 200);
     assert_eq!(http_get(admin, "/readyz").await?.0, 200);
     kafka.kill();
-    let started = Instant::now();
-    while http_get(admin, "/readyz").await?.0 != 503 {
-        anyhow::ensure!(started.elapsed() < WAIT, "/readyz never noticed that Kafka is gone");
-    }
+    eventually(WAIT, "/readyz noticing that Kafka is gone", || async {
+        let (status, body) = http_get(admin, "/readyz").await?;
+        anyhow::Ok(if status == 503 { ready(()) } else { not_yet(format!("{status} {body}")) })
+    })
+    .await?;
     assert_eq!(http_get(admin, "/healthz").await?.0, 200, "the process is still healthy");
     kafka.restart().await?;
-    let started = Instant::now();
-    while http_get(admin, "/readyz").await?.0 != 200 {
-        anyhow::ensure!(started.elapsed() < WAIT, "/readyz never saw Kafka come back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(WAIT, "/readyz seeing Kafka come back", || async {
+        let (status, body) = http_get(admin, "/readyz").await?;
+        anyhow::Ok(if status == 200 { ready(()) } else { not_yet(format!("{status} {body}")) })
+    })
+    .await?;
     let (_, text) = http_get(admin, "/metrics").await?;
     assert_eq!(samples(&text).get("lockstep_kafka_reachable"), Some(&1.0));
     drop(stream);
@@ -123,21 +125,17 @@ async fn a_real_prometheus_scrapes_the_server() -> anyhow::Result<()> {
     let mut prometheus = Process::spawn("prometheus", &mut command, &log_path)?;
     prometheus.wait_for_port(port, WAIT).await?;
     let query_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let started = Instant::now();
-    loop {
+    eventually(WAIT, "prometheus scraping the count", || async {
         let (_, body) = http_get(query_addr, "/api/v1/query?query=lockstep_changes_pushed_total").await?;
         let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let value = answer["data"]["result"][0]["value"][1].as_str().map(str::to_string);
-        if value.as_deref() == Some("7") {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < WAIT,
-            "prometheus never scraped the count: {body}\n{}",
-            std::fs::read_to_string(&log_path)?
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        anyhow::Ok(if value.as_deref() == Some("7") {
+            ready(())
+        } else {
+            not_yet(format!("{body}\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()))
+        })
+    })
+    .await?;
     let (_, body) = http_get(query_addr, "/api/v1/targets").await?;
     assert!(body.contains(r#""health":"up""#), "{body}");
     Ok(())
@@ -149,16 +147,12 @@ async fn metrics_until(
     what: &str,
     until: impl Fn(&HashMap<String, f64>) -> bool,
 ) -> anyhow::Result<HashMap<String, f64>> {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, what, || async {
         let (_, text) = http_get(admin, "/metrics").await?;
         let samples = samples(&text);
-        if until(&samples) {
-            return Ok(samples);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {WAIT:?}:\n{text}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        anyhow::Ok(if until(&samples) { ready(samples) } else { not_yet(text) })
+    })
+    .await
 }
 
 fn entries(samples: &HashMap<String, f64>, kind: &str) -> f64 {
@@ -195,7 +189,8 @@ async fn idle_per_device_state_is_forgotten_and_devices_carry_on_where_they_were
     })
     .await?;
     assert!(busy.get("lockstep_live_cache_bytes").copied().unwrap_or(0.0) > 0.0, "the live caches hold the changes");
-    // Streams open: their devices' state stays however long they are quiet.
+    // Streams open: their devices' state stays however long they are quiet. Waiting is the
+    // point: three times the 1 s idle_state_after pass, and nothing may be forgotten.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, text) = http_get(admin, "/metrics").await?;
     assert!(entries(&samples(&text), "device_offsets") >= USERS as f64, "a live stream's device is never forgotten");

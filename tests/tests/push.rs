@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -15,6 +15,7 @@ use lockstep_e2e::{
     kafka::{EventRecord, Kafka, read_events},
     push::{PushService, PushWorker, SERVER_ALLOWS_LOCAL_PUSH, Seen, Subscription, WORKER_ALLOWS_LOCAL_PUSH},
     server::Server,
+    wait::{eventually, not_yet, ready},
 };
 use lockstep_proto::v1::{
     GetServerInfoRequest, PushTarget as ProtoTarget, SetPushTargetRequest, WebPushTarget, WebhookTarget,
@@ -93,18 +94,15 @@ async fn events_until(
     what: &str,
     until: impl Fn(&[EventRecord]) -> bool,
 ) -> anyhow::Result<Vec<EventRecord>> {
-    let started = Instant::now();
-    loop {
+    eventually(WAIT, format!("the events topic showing {what}"), || async {
         let events = read_events(kafka.bootstrap(), EVENTS_TOPIC).await?;
         if until(&events) {
-            return Ok(events);
+            return anyhow::Ok(ready(events));
         }
-        if started.elapsed() > WAIT {
-            let kinds: Vec<String> = events.iter().map(|(_, _, _, e)| format!("{} {:?}", e.node_id, e.body)).collect();
-            anyhow::bail!("events topic never showed {what}; it holds: {kinds:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let kinds: Vec<String> = events.iter().map(|(_, _, _, e)| format!("{} {:?}", e.node_id, e.body)).collect();
+        Ok(not_yet(format!("it holds: {kinds:#?}")))
+    })
+    .await
 }
 
 fn wake_ups(events: &[EventRecord], device_id: &str) -> Vec<(WakeUpOutcome, i32, i64, String)> {
@@ -182,7 +180,7 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     assert_clean_wake_up(&seen[0], log_end);
     // Past the 3 s lease a stale "connected" would have expired, and far past the
     // worker's reaction time: still one wake-up, none for the connected tablet or the
-    // desk that acked everything.
+    // desk that acked everything. Waiting is the point: a lease can only expire in time.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(service.requests_to(&phone_sub.id).await?.len(), 1, "exactly one wake-up for 1,000 changes");
     assert_eq!(service.requests_to(&tablet_sub.id).await?.len(), 0, "the tablet is connected");
@@ -212,6 +210,7 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     drop(tablet_stream);
     let seen = service.wait_for(&tablet_sub.id, 1, WAIT).await?;
     assert_clean_wake_up(&seen[0], log_end);
+    // Time passes to show that nothing more happens: no second wake-up for the tablet.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(service.requests_to(&tablet_sub.id).await?.len(), 1);
     assert!(!worker.log().contains(&phone_sub.endpoint), "the worker never logs an endpoint");
@@ -303,7 +302,9 @@ async fn push_service_answers_410_429_413_500_and_webhook_rejections_are_honoure
     assert_eq!(notification["devices"][0]["app_id"], "org.example.notes");
     assert_eq!(notification["devices"][0]["data"], serde_json::json!({ "log_end": 2 }));
     service.reject(&pushkey).await?;
-    tokio::time::sleep(Duration::from_millis(1_100)).await; // min_interval
+    // The worker's 1 s min_interval must pass, or the next wake-up is held back by it
+    // and the rejected pushkey is never tried again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     hook_owner.push_ok(changes(2, 16)).await?;
     service.wait_for(&pushkey, 2, WAIT).await?;
     events_until(&kafka, "the webhook target removed as REJECTED", |events| {
@@ -315,6 +316,8 @@ async fn push_service_answers_410_429_413_500_and_webhook_rejections_are_honoure
     .await?;
 
     // Gone and rejected targets get nothing more (the 410 device was pushed to again above).
+    // Past the 1 s min_interval, so that only the removed target can hold a wake-up back;
+    // then time passes to show that nothing more happens.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     hook_owner.push_ok(changes(2, 16)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -359,6 +362,7 @@ async fn a_killed_worker_restarts_without_a_storm_and_wakes_who_is_still_behind(
     worker.wait_until_acting(2).await?;
     let seen = service.wait_for(&late_sub.id, 1, WAIT).await?;
     assert_clean_wake_up(&seen[0], 10);
+    // Time passes to show that nothing more happens: no storm of wake-ups after the restart.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for (_, device, subscription) in &woken {
         let count = service.requests_to(&subscription.id).await?.len();
@@ -392,6 +396,7 @@ async fn two_workers_split_the_partitions_and_wake_each_device_once() -> anyhow:
     for (_, _, subscription) in &devices {
         service.wait_for(&subscription.id, 1, WAIT).await?;
     }
+    // Time passes to show that nothing more happens: no device is woken by both workers.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let events = events_until(&kafka, "every wake-up recorded", |events| {
         devices.iter().all(|(_, device, _)| !wake_ups(events, &device.device_id).is_empty())

@@ -47,8 +47,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use lockstep_e2e::{
     device::change,
-    fault_run::{Run, Scenario},
+    fault_run::{Run, SETTLE, Scenario},
     history::PushOutcome,
+    wait::{eventually, not_yet, ready},
     workload::Plan,
 };
 use rand::{Rng, seq::SliceRandom};
@@ -73,36 +74,28 @@ fn long_pushing_plan(batches_per_device: usize) -> Plan {
 /// Waits until the user's topic has a leader other than `old`; notes how long it took.
 async fn wait_for_new_leader(run: &mut Run, old: usize) -> anyhow::Result<usize> {
     let started = Instant::now();
-    loop {
-        if let Ok(Some(leader)) = run.user_topic_leader().await
-            && leader != old
-        {
-            run.notes.push(format!("new leader of the user's topic: node {leader}, {:.1?} after", started.elapsed()));
-            return Ok(leader);
-        }
-        anyhow::ensure!(started.elapsed() < ISR_TIMEOUT, "no new leader within {ISR_TIMEOUT:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let this = &*run;
+    let leader = eventually(ISR_TIMEOUT, format!("a leader of the user's topic other than node {old}"), || async {
+        let leader = this.user_topic_leader().await?;
+        anyhow::Ok(leader.filter(|leader| *leader != old))
+    })
+    .await?;
+    run.notes.push(format!("new leader of the user's topic: node {leader}, {:.1?} after", started.elapsed()));
+    Ok(leader)
 }
 
 /// Waits until the devices got `changes` changes acknowledged: the fault hits pushes under way.
 async fn wait_until_written(run: &Run, changes: usize) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while run.history.stats().pushes_ok < changes {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "fewer than {changes} changes written in 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
+    eventually(SETTLE, format!("{changes} changes written"), || async {
+        let written = run.history.stats().pushes_ok;
+        if written >= changes { ready(()) } else { not_yet(format!("{written} written")) }
+    })
+    .await
 }
 
 /// Waits until every device applied something (and so acked it).
 async fn wait_until_devices_acked(run: &Run) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while !run.history.all_applied(1) {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "devices received nothing in 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
+    eventually(SETTLE, "every device receiving something", || async { run.history.all_applied(1) }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,13 @@ use std::{path::Path, time::Duration};
 
 use anyhow::Context;
 use lockstep_client::{crypto::Binding, store::Store};
-use lockstep_e2e::{cli::Cli, device::with_token, kafka::read_topic, stack::CliStack};
+use lockstep_e2e::{
+    cli::Cli,
+    device::with_token,
+    kafka::read_topic,
+    stack::CliStack,
+    wait::{eventually, failed, not_yet, ready},
+};
 use lockstep_proto::v1::{Change, PushRequest, sync_client::SyncClient};
 use lockstep_schemas::ChangeEnvelope;
 use serde_json::Value;
@@ -138,12 +144,17 @@ async fn a_revoked_device_cannot_read_what_is_written_after_the_rotation() -> an
     let mut redeem =
         tablet.command(&["pair", "redeem", "--code-file", &code_file, "--name", "tablet", "--key-wait", "60s"], true);
     let redeem = tokio::spawn(async move { redeem.output().await });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !redeem.is_finished() {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "pair redeem never received the epoch keys");
-        laptop.sync().await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    // The laptop's syncs are what hands the tablet the epoch keys: one per poll.
+    eventually(Duration::from_secs(60), "pair redeem receiving the epoch keys", || async {
+        if redeem.is_finished() {
+            return ready(());
+        }
+        match laptop.sync().await {
+            Ok(_) => not_yet("pair redeem still waits"),
+            Err(error) => failed(error),
+        }
+    })
+    .await?;
     let output = redeem.await??;
     anyhow::ensure!(output.status.success(), "pair redeem failed: {}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(key_epoch(&tablet).await?, 2, "the tablet holds the current epoch before its first sync");

@@ -15,6 +15,7 @@ use lockstep_e2e::{
     kafka::{Kafka, KafkaOptions},
     server::Server,
     tls::{TestCa, TlsTerminator},
+    wait::eventually,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -97,14 +98,10 @@ async fn the_cli_syncs_over_tls_refuses_a_wrong_certificate_and_follows_a_renewa
     // A renewed certificate from another CA, picked up on SIGHUP without a restart.
     impostor.issue(&["127.0.0.1"], certs.path(), "server")?;
     server.hangup()?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if laptop.json(&["--ca-file", &wrong, "sync"]).await.is_ok() {
-            break;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the renewed certificate was never served");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(WAIT, "the renewed certificate served", || async {
+        laptop.json(&["--ca-file", &wrong, "sync"]).await.map(|_| true)
+    })
+    .await?;
     let error = laptop.fail(&["--ca-file", &pinned, "sync"]).await?;
     assert!(error.to_lowercase().contains("certificate"), "{error}");
     assert!(server.log().contains("tls certificate reloaded"));

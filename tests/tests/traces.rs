@@ -6,7 +6,7 @@
 use std::{
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -16,6 +16,7 @@ use lockstep_e2e::{
     leaks::{content_in, traceable_changes},
     process::Process,
     server::Server,
+    wait::{eventually, not_yet, ready},
 };
 use lockstep_proto::v1::PushRequest;
 use serde_json::Value;
@@ -39,20 +40,13 @@ async fn start_receiver() -> anyhow::Result<Receiver> {
     command.arg(&script).arg(&spans).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     let process = Process::spawn("otlp-receiver", &mut command, &log_path)?;
     let port_file = spans.with_extension("jsonl.port");
-    let started = Instant::now();
-    let port = loop {
-        if let Ok(port) = std::fs::read_to_string(&port_file)
-            && let Ok(port) = port.trim().parse()
-        {
-            break port;
+    let port = eventually(WAIT, "the OTLP receiver started (needs grpcio and opentelemetry-proto)", || async {
+        match std::fs::read_to_string(&port_file).map(|port| port.trim().parse::<u16>()) {
+            Ok(Ok(port)) => ready(port),
+            _ => not_yet(std::fs::read_to_string(&log_path).unwrap_or_default()),
         }
-        anyhow::ensure!(
-            started.elapsed() < WAIT,
-            "the OTLP receiver did not start (needs grpcio and opentelemetry-proto):\n{}",
-            std::fs::read_to_string(&log_path)?
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await?;
     Ok(Receiver { _process: process, spans, port, _dir: dir })
 }
 
@@ -96,16 +90,16 @@ async fn one_push_is_one_trace_from_the_device_through_kafka_to_the_devices() ->
         assert!(change.traceparent.contains(trace_id), "the device gets the trace: {:?}", change.traceparent);
     }
 
-    let started = Instant::now();
-    let spans = loop {
+    let spans = eventually(WAIT, "the trace completed", || async {
         let spans = spans_of(&receiver.spans, trace_id);
         let delivers = spans.iter().filter(|span| span["name"] == "lockstep.deliver").count();
         if delivers >= 2 && spans.iter().any(|span| span["name"] == "kafka.produce") {
-            break spans;
+            ready(spans)
+        } else {
+            not_yet(format!("{spans:#?}\n{}", server.log()))
         }
-        anyhow::ensure!(started.elapsed() < WAIT, "the trace never completed: {spans:#?}\n{}", server.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await?;
     let by_name =
         |name: &str| spans.iter().find(|span| span["name"] == name).with_context(|| format!("no {name} span"));
     let push = by_name("lockstep.push")?;

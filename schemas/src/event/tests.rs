@@ -48,8 +48,9 @@ pub(crate) fn one_of_each() -> Vec<Event> {
 #[test]
 fn every_kind_round_trips() {
     let events = one_of_each();
-    let kinds: std::collections::HashSet<&str> = events.iter().map(|e| e.body.kind()).collect();
-    assert_eq!(kinds.len(), BODY_KINDS.len(), "the sample covers every kind");
+    let kinds: std::collections::BTreeSet<&str> = events.iter().map(|e| e.body.kind()).collect();
+    let in_schema: std::collections::BTreeSet<&str> = body_kinds().iter().map(String::as_str).collect();
+    assert_eq!(kinds, in_schema, "the sample covers every kind of the schema, and no other");
     for event in events {
         let bytes = encode_event(&event).unwrap();
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);
@@ -123,6 +124,42 @@ fn every_truncation_errors() {
             assert!(decode_event(&bytes[..len]).is_err(), "{} truncated to {len}", event.body.kind());
         }
     }
+}
+
+#[test]
+fn union_indexes_are_the_schemas_branch_positions() {
+    // Read apart from apache-avro: the JSON of avro/event.avsc, in order.
+    let avsc: serde_json::Value = serde_json::from_str(EVENT_AVSC).unwrap();
+    let branches = |record: &serde_json::Value, field: &str| -> Vec<serde_json::Value> {
+        let fields = record["fields"].as_array().unwrap();
+        let field = fields.iter().find(|f| f["name"] == field).unwrap();
+        field["type"].as_array().unwrap().clone()
+    };
+    let body = branches(&avsc, "body");
+    let names: Vec<&str> = body.iter().map(|branch| branch["name"].as_str().unwrap()).collect();
+    assert_eq!(body_kinds(), names.as_slice());
+    let push_target_set = body.iter().find(|branch| branch["name"] == "PushTargetSet").unwrap();
+    let targets: Vec<String> =
+        branches(push_target_set, "target").iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(EVENT_SCHEMA.target_kinds, targets);
+    // Each event is written with the index of its kind's branch, and read back by it.
+    for event in one_of_each() {
+        let Value::Record(fields) = event_to_value(&event).unwrap() else { panic!("not a record") };
+        let Some((_, Value::Union(index, _))) = fields.iter().find(|(name, _)| name == "body") else {
+            panic!("no body union")
+        };
+        assert_eq!(names[*index as usize], event.body.kind());
+        if let EventBody::PushTargetSet { target, .. } = &event.body {
+            assert_eq!(
+                branch_index(&targets, target.record_name()).unwrap() as usize,
+                match target {
+                    PushTarget::WebPush { .. } => targets.iter().position(|t| t == "WebPushTarget").unwrap(),
+                    PushTarget::Webhook { .. } => targets.iter().position(|t| t == "WebhookTarget").unwrap(),
+                }
+            );
+        }
+    }
+    assert!(branch_index(&targets, "NoSuchTarget").is_err(), "a kind the schema lacks is an error, not index 0");
 }
 
 #[test]
