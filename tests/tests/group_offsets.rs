@@ -7,7 +7,7 @@ use anyhow::Context;
 use lockstep_broker::kafka::group_offsets::{GroupOffsets, GroupOffsetsSettings};
 use lockstep_e2e::{
     kafka::Kafka,
-    wait::{eventually, not_yet, ready},
+    wait::{eventually, failed, not_yet, ready},
 };
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -130,7 +130,17 @@ async fn broker_loss_is_retryable_and_reconnects() {
     let mut kafka = Kafka::start().await.unwrap();
     kafka.create_topic("user.restart", 1).await.unwrap();
     let offsets = GroupOffsets::connect(settings(kafka.bootstrap())).await.unwrap();
-    offsets.commit("lockstep.device.restart", "user.restart", 0, 77).await.unwrap();
+    // A fresh broker creates its offsets topic at the first group request and answers
+    // COORDINATOR_NOT_AVAILABLE until it is loaded: longer than this client's own retries.
+    eventually(Duration::from_secs(60), "the first commit on a fresh broker", || async {
+        match offsets.commit("lockstep.device.restart", "user.restart", 0, 77).await {
+            Ok(()) => ready(()),
+            Err(error) if error.is_retryable() => not_yet(error),
+            Err(error) => failed(error),
+        }
+    })
+    .await
+    .unwrap();
 
     // Commits in flight when the broker dies fail (retryably) instead of hanging.
     const WRITERS: usize = 20;

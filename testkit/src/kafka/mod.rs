@@ -28,7 +28,13 @@ use rdkafka::{
 };
 use tokio::sync::OnceCell;
 
-use crate::{free_port, tmpfs::Tmpfs};
+use lockstep_broker::kafka::group_offsets::{GroupOffsets, GroupOffsetsSettings};
+
+use crate::{
+    free_port,
+    tmpfs::Tmpfs,
+    wait::{eventually, failed, not_yet, ready},
+};
 pub use crate::{
     records::{EventRecord, committed_offset, delete_records_before, read_events, read_topic},
     tmpfs::TmpfsRefused,
@@ -115,7 +121,30 @@ impl Kafka {
             _guardian: guardian,
         };
         kafka.spawn().await?;
+        kafka.load_group_coordinator().await?;
         Ok(kafka)
+    }
+
+    /// A fresh broker creates its offsets topic at the first group request and answers
+    /// COORDINATOR_NOT_AVAILABLE until it has loaded it, which under load outlasts a
+    /// client's few retries. Tests start once that is done, as on any broker in service.
+    async fn load_group_coordinator(&self) -> anyhow::Result<()> {
+        let offsets = GroupOffsets::connect(GroupOffsetsSettings {
+            bootstrap_servers: self.node.config.internal_address(),
+            client_id: "lockstep-testkit".into(),
+            request_timeout: Duration::from_secs(5),
+            max_attempts: 1,
+            security: Default::default(),
+        })
+        .await?;
+        eventually(Duration::from_secs(60), "kafka's group coordinator to load", || async {
+            match offsets.fetch("lockstep.testkit.coordinator", "lockstep.testkit.coordinator", 0).await {
+                Ok(_) => ready(()),
+                Err(error) if error.is_retryable() => not_yet(error),
+                Err(error) => failed(error),
+            }
+        })
+        .await
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
