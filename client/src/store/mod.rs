@@ -19,6 +19,7 @@ mod deferred;
 mod keys;
 mod outbox;
 mod resync;
+mod revocations;
 mod vault;
 mod views;
 
@@ -34,6 +35,7 @@ pub use self::{
     deferred::{Deferred, open_change},
     outbox::{OutboxEntry, Sealed},
     resync::{ResyncReason, ResyncState},
+    revocations::{RESERVED_PREFIX, REVOCATIONS_COLLECTION, RevokedDevice},
     vault::KdfParams,
 };
 use crate::{
@@ -189,6 +191,8 @@ pub enum ProblemKind {
     Undecodable,
     /// The server skipped offsets.
     Gap,
+    /// Written under an epoch older than the one in force at its offset (never applied).
+    StaleEpoch,
 }
 
 impl ProblemKind {
@@ -201,6 +205,7 @@ impl ProblemKind {
             ProblemKind::CollectionConflict => "collection-conflict",
             ProblemKind::Undecodable => "undecodable",
             ProblemKind::Gap => "gap",
+            ProblemKind::StaleEpoch => "stale-epoch",
         }
     }
 
@@ -378,6 +383,7 @@ impl Store {
         // acknowledged to the server only once its changes are on disk.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(revocations::SCHEMA)?;
         migrate(&conn)?;
         let vault = Vault::of(&conn)?;
         Ok(Self {
@@ -577,6 +583,7 @@ impl Store {
         fields: &Map<String, Value>,
     ) -> Result<Record> {
         ids::validate_collection(collection).map_err(StoreError::Invalid)?;
+        revocations::check_user_collection(collection)?;
         if fields.is_empty() {
             return Err(StoreError::Invalid("nothing to write: give at least one field".into()));
         }
@@ -641,17 +648,21 @@ impl Store {
         }))
     }
 
-    /// Records in id order (creation order for generated ids), deleted ones only if asked.
+    /// Records in id order (creation order for generated ids), deleted ones only
+    /// if asked; the client's reserved collections only when asked by name.
     pub fn list(&self, collection: Option<&str>, include_deleted: bool) -> Result<Vec<Record>> {
         let mut statement = self.conn.prepare(
             "SELECT record_id, collection, state FROM records WHERE ?1 IS NULL OR collection = ?1 ORDER BY record_id",
         )?;
-        let rows = statement.query_map([collection], |row| Ok((row.get(0)?, row.get(1)?, row.get::<_, String>(2)?)))?;
+        let rows = statement
+            .query_map([collection], |row| Ok((row.get(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?)))?;
+        let collection_filter_is_none = collection.is_none();
         let mut records = Vec::new();
         for row in rows {
             let (record_id, collection, state) = row?;
             let state = from_json(&state)?;
-            if include_deleted || state.is_live() {
+            let reserved = collection_filter_is_none && collection.starts_with(RESERVED_PREFIX);
+            if (include_deleted || state.is_live()) && !reserved {
                 records.push(Record { record_id, collection, state });
             }
         }
