@@ -194,3 +194,121 @@ async fn a_device_that_was_offline_during_the_rotation_writes_under_the_new_epoc
     assert_eq!(epochs, [2]);
     Ok(())
 }
+
+/// The server's device list is no authority on who may read (issue #25): a
+/// server that marks a revoked phone active again gets no epoch key sealed to
+/// it, a later revocation still starts a new epoch, and a change the phone
+/// writes under its old epoch (appended to the log behind the server's checks)
+/// is flagged on every remaining device and never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_relists_a_revoked_device_gets_no_new_epoch_key_for_it() -> anyhow::Result<()> {
+    use lockstep_client::{
+        crypto::Binding,
+        hlc,
+        record::{ChangePayload, RecordState, Stamp},
+    };
+    use lockstep_proto::v1::{GetEpochKeysRequest, keys_client::KeysClient};
+    use lockstep_schemas::{ChangeEnvelope, Op, encode_change};
+    use rdkafka::{
+        ClientConfig,
+        producer::{FutureProducer, FutureRecord},
+    };
+
+    let CliStack { kafka, mut server, device: laptop } = CliStack::start("laptop").await?;
+    let desk = laptop.pair("desk").await?;
+    let phone = laptop.pair("phone").await?;
+    let tablet = laptop.pair("tablet").await?;
+    for device in [&laptop, &desk, &phone, &tablet] {
+        device.sync().await?;
+    }
+    let device_id = |device: &Cli| -> anyhow::Result<String> { Ok(store_of(device)?.account()?.device_id) };
+    let (phone_id, tablet_id) = (device_id(&phone)?, device_id(&tablet)?);
+    let user_id = store_of(&laptop)?.account()?.user_id;
+
+    let revoked = laptop.json(&["revoke", &phone_id]).await?;
+    assert_eq!(revoked["started_epoch"], 2, "{revoked}");
+    desk.sync().await?;
+
+    // The server marks the phone active again (restarted, so that its token works again too).
+    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
+    let relisted = db.execute("UPDATE devices SET revoked_at_ms = NULL WHERE device_id = ?1", [&phone_id])?;
+    assert_eq!(relisted, 1);
+    drop(db);
+    server.restart().await?;
+    let listed = laptop.json(&["devices"]).await?;
+    let phone_entry = listed.as_array().context("devices")?.iter().find(|device| device["device_id"] == phone_id);
+    assert_eq!(phone_entry.context("the phone is listed")?["revoked_at_ms"].as_i64().unwrap_or(0), 0, "{listed}");
+
+    // Every remaining device syncs (sharing keys with devices the server says lack them), then the
+    // laptop revokes the tablet: a new epoch although the server, counting one revocation fewer,
+    // says none is due.
+    laptop.sync().await?;
+    desk.sync().await?;
+    let revoked = laptop.json(&["revoke", &tablet_id]).await?;
+    assert_eq!(revoked["started_epoch"], 3, "{revoked}");
+    desk.sync().await?;
+    assert_eq!(key_epoch(&desk).await?, 3);
+    let after = id_of(&laptop.json(&["put", "-c", "notes", r#"{"text":"after both revocations"}"#]).await?)?;
+    laptop.sync().await?;
+    desk.sync().await?;
+    assert_eq!(desk.get(&after).await?["fields"]["text"], "after both revocations");
+
+    // No copy of epoch 2 or 3 was ever sealed to the phone, and its keys open nothing written since.
+    let phone_token = store_of(&phone)?.account()?.token.to_string();
+    let mut keys = KeysClient::new(server.channel().await?);
+    let sealed_to_phone = keys
+        .get_epoch_keys(with_token(GetEpochKeysRequest { since_epoch: 0, unopened_epochs: Vec::new() }, &phone_token))
+        .await?
+        .into_inner();
+    assert_eq!(sealed_to_phone.current_epoch, 3);
+    assert!(sealed_to_phone.sealed_keys.is_empty(), "sealed to the phone: {:?}", sealed_to_phone.sealed_keys);
+    let refused = phone.fail(&["sync"]).await?;
+    assert!(refused.contains("no device of the account has shared that epoch's key"), "{refused}");
+    let log = read_topic(kafka.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let written = log.iter().map(|(_, envelope)| envelope).rfind(|envelope| envelope.record_id == after);
+    let written = written.context("the change after both revocations is in the log")?;
+    assert_eq!(written.key_epoch, 3);
+    assert!(open_with(&phone, written)?.is_err(), "the re-listed phone read a change written after its revocation");
+
+    // The phone writes under epoch 1, the newest it holds, and the change lands in the log behind
+    // the server's epoch check (the server refuses such a push; a server working with the phone would not).
+    let phone_account = store_of(&phone)?.account()?;
+    let hlc = hlc::from_physical_ms(hlc::unix_ms() as u64);
+    let mut state = RecordState::default();
+    let fields = serde_json::json!({"text": "injected by the revoked phone"});
+    state.set(fields.as_object().context("fields")?, &Stamp { hlc, device: phone_id.clone() });
+    let binding = Binding { user_id: &user_id, record_id: "injected", collection: "notes", op: 1, key_epoch: 1 };
+    let (nonce, ciphertext) = phone_account.keyring().seal(&binding, &ChangePayload::new(state).encode())?;
+    let envelope = ChangeEnvelope {
+        schema_version: 1,
+        user_id: user_id.clone(),
+        origin_device_id: phone_id.clone(),
+        change_id: uuid::Uuid::now_v7().to_string(),
+        record_id: "injected".into(),
+        collection: "notes".into(),
+        op: Op::Upsert,
+        hlc: hlc as i64,
+        key_epoch: 1,
+        nonce,
+        ciphertext,
+        received_at_ms: hlc::unix_ms(),
+    };
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create()?;
+    let topic = format!("lockstep.user.{user_id}");
+    let payload = encode_change(&envelope)?;
+    let record = FutureRecord::to(&topic).partition(0).key("injected").payload(&payload);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(error, _)| error)?;
+
+    for device in [&laptop, &desk] {
+        device.sync().await?;
+        let refused = device.fail(&["get", "injected"]).await?;
+        assert!(refused.contains("no record injected"), "{}: {refused}", device.name);
+        let check = device.json(&["check"]).await?;
+        let problems = check["problems"].as_array().context("check lists problems")?;
+        let flagged: Vec<(&Value, &Value)> =
+            problems.iter().map(|problem| (&problem["record_id"], &problem["kind"])).collect();
+        assert_eq!(flagged, [(&Value::from("injected"), &Value::from("stale-epoch"))], "{}: {check}", device.name);
+        assert_eq!(device.json(&["status"]).await?["problems"], 1, "{}", device.name);
+    }
+    Ok(())
+}
