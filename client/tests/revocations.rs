@@ -45,7 +45,7 @@ fn a_control_record_revokes_by_id_and_by_key_for_good() {
     let (mut tablet, _dir2, _) = store();
     assert!(!tablet.is_revoked("phone", &[7; 32]).unwrap());
     assert_eq!(tablet.revoked_in_epoch().unwrap(), None);
-    tablet.apply(&[incoming.clone()]).unwrap();
+    tablet.apply(std::slice::from_ref(&incoming)).unwrap();
     assert!(tablet.is_revoked("phone", &[]).unwrap());
     assert!(tablet.is_revoked("phone-again", &[7; 32]).unwrap(), "its key under another id");
     assert!(!tablet.is_revoked("laptop", &[8; 32]).unwrap());
