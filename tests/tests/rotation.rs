@@ -308,7 +308,8 @@ async fn a_server_that_relists_a_revoked_device_gets_no_new_epoch_key_for_it() -
         let flagged: Vec<(&Value, &Value)> =
             problems.iter().map(|problem| (&problem["record_id"], &problem["kind"])).collect();
         assert_eq!(flagged, [(&Value::from("injected"), &Value::from("stale-epoch"))], "{}: {check}", device.name);
-        assert_eq!(device.json(&["status"]).await?["problems"], 1, "{}", device.name);
+        let status = device.json(&["status"]).await?;
+        assert_eq!((&status["problems"], &status["revoked_devices"]), (&Value::from(1), &Value::from(2)), "{status}");
     }
     Ok(())
 }

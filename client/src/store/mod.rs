@@ -275,6 +275,8 @@ pub struct Status {
     pub key_epoch: u32,
     /// The account's current key epoch as the server said at the last sync.
     pub server_key_epoch: Option<u32>,
+    /// Devices the log's revocation records name: never sealed a key to, whatever the server lists.
+    pub revoked_devices: i64,
     /// Whether a passphrase seals the store's secrets.
     pub protected: bool,
 }

@@ -22,7 +22,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 
 use super::{Progress, Report, SyncError, Syncer, authed, rpc};
-use crate::store::{Incoming, ProblemKind, ResyncReason, Sealed, open_change};
+use crate::store::{Incoming, ProblemKind, REVOCATIONS_COLLECTION, ResyncReason, Sealed, open_change};
 
 /// Stop receiving when caught up with the log end, or keep going (watch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,10 +193,15 @@ impl Syncer {
                     self.ensure_epoch_keys(&batch.changes).await?;
                     let incoming: Vec<Incoming> =
                         batch.changes.into_iter().map(|change| self.incoming(change)).collect();
+                    let revocations = incoming.iter().any(|change| change.collection == REVOCATIONS_COLLECTION);
                     let applied = self.store.apply(&incoming)?;
                     // Committed locally: now the server may forget it for this device.
                     let ack = authed(&self.account.token, AckRequest { offset: last }, Some(self.rpc_timeout))?;
                     sync.ack(ack).await.map_err(rpc("Ack"))?;
+                    if revocations {
+                        // Learned of a revocation: an epoch after it must exist (started here if not).
+                        self.sync_keys().await?;
+                    }
                     report.received += applied.changes as u64;
                     report.changed_records += applied.changed_records as u64;
                     report.problems += applied.problems as u64;
