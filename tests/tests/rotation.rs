@@ -227,7 +227,6 @@ async fn a_server_that_relists_a_revoked_device_gets_no_new_epoch_key_for_it() -
 
     let revoked = laptop.json(&["revoke", &phone_id]).await?;
     assert_eq!(revoked["started_epoch"], 2, "{revoked}");
-    desk.sync().await?;
 
     // The server marks the phone active again (restarted, so that its token works again too).
     let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
@@ -239,7 +238,8 @@ async fn a_server_that_relists_a_revoked_device_gets_no_new_epoch_key_for_it() -
     let phone_entry = listed.as_array().context("devices")?.iter().find(|device| device["device_id"] == phone_id);
     assert_eq!(phone_entry.context("the phone is listed")?["revoked_at_ms"].as_i64().unwrap_or(0), 0, "{listed}");
 
-    // Every remaining device syncs (sharing keys with devices the server says lack them), then the
+    // Every remaining device syncs (sharing keys with devices the server says lack them; the desk
+    // learns of the phone's revocation from the log in this very sync), then the
     // laptop revokes the tablet: a new epoch although the server, counting one revocation fewer,
     // says none is due.
     laptop.sync().await?;

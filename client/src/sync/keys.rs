@@ -26,6 +26,13 @@ const SHARE_CHUNK: usize = 512;
 /// StartKeyEpoch attempts when another device rotates or a device appears at the same time.
 const ROTATION_ATTEMPTS: u32 = 3;
 
+/// Whether a key sync seals epoch keys to devices that lack them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Share {
+    Yes,
+    AfterReceiving,
+}
+
 /// What a key sync did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct KeySync {
@@ -55,7 +62,18 @@ impl Syncer {
     /// doc). Against a server without the Keys service (older than key
     /// rotation) it does nothing and says so (`supported: false`).
     pub async fn sync_keys(&mut self) -> Result<KeySync, SyncError> {
-        match self.sync_keys_with_server().await {
+        self.sync_keys_sharing(Share::Yes).await
+    }
+
+    /// [`Syncer::sync_keys`] without sharing keys with other devices: before
+    /// receiving, a revocation record waiting in the log is not applied yet,
+    /// and the server's list of who lacks a key is not to be trusted.
+    pub async fn sync_keys_before_receiving(&mut self) -> Result<KeySync, SyncError> {
+        self.sync_keys_sharing(Share::AfterReceiving).await
+    }
+
+    async fn sync_keys_sharing(&mut self, share: Share) -> Result<KeySync, SyncError> {
+        match self.sync_keys_with_server(share).await {
             Err(SyncError::Rpc { status, .. }) if status.code() == Code::Unimplemented => {
                 tracing::warn!("the server has no Keys service: no key rotation with it");
                 let held_epoch = self.account.key_epoch;
@@ -65,7 +83,7 @@ impl Syncer {
         }
     }
 
-    async fn sync_keys_with_server(&mut self) -> Result<KeySync, SyncError> {
+    async fn sync_keys_with_server(&mut self, share: Share) -> Result<KeySync, SyncError> {
         let mut keys = self.keys_client().await?;
         let mut outcome = KeySync { supported: true, ..KeySync::default() };
         if !self.store.device_key_registered()? {
@@ -76,7 +94,9 @@ impl Syncer {
         if rotation_due || self.revocation_needs_epoch(outcome.current_epoch)? {
             self.rotate(&mut keys, &mut outcome).await?;
         }
-        self.share_missing(&mut keys, &mut outcome).await?;
+        if share == Share::Yes {
+            self.share_missing(&mut keys, &mut outcome).await?;
+        }
         outcome.held_epoch = self.account.key_epoch;
         Ok(outcome)
     }

@@ -553,7 +553,7 @@ impl Syncer {
                     Err(status) if status.code() == Code::FailedPrecondition && !refreshed_keys => {
                         tracing::info!(message = status.message(), "push refused under a stale key epoch");
                         refreshed_keys = true;
-                        self.sync_keys().await?;
+                        self.sync_keys_before_receiving().await?;
                         break None;
                     }
                     Err(status) => return Err(rpc("Push")(status)),

@@ -100,7 +100,8 @@ impl Syncer {
         if missing(self).is_none() {
             return Ok(());
         }
-        self.sync_keys().await?;
+        // No sharing yet: the batch may hold a revocation record not applied yet.
+        self.sync_keys_before_receiving().await?;
         match missing(self) {
             None => Ok(()),
             Some(epoch) => Err(SyncError::MissingEpochKey { epoch }),
@@ -321,13 +322,15 @@ impl Syncer {
     /// (and what a rebuild found the log lacks).
     pub async fn sync_once(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Report, SyncError> {
         let mut report = Report::default();
-        self.sync_keys().await?;
+        // Keys are shared once received: a revocation record in the log counts first.
+        self.sync_keys_before_receiving().await?;
         match self.push(&mut report, progress).await {
             // The log lost changes: receiving repairs it first, then the push goes through.
             Err(error) if error.is_data_loss() => tracing::warn!(%error, "push refused until this device repairs"),
             outcome => outcome?,
         }
         self.receive(Until::CaughtUp, &mut report, progress, &mut std::future::pending()).await?;
+        self.sync_keys().await?;
         self.push(&mut report, progress).await?;
         report.cursor = self.store.cursor()?;
         Ok(report)
