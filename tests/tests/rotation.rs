@@ -313,3 +313,40 @@ async fn a_server_that_relists_a_revoked_device_gets_no_new_epoch_key_for_it() -
     }
     Ok(())
 }
+
+/// One bad copy of an epoch key does not block the epoch for its recipient
+/// (issue #25): the desk reports the copy that does not open, the server
+/// forgets it, and the laptop's next sync shares a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_epoch_key_that_does_not_open_is_replaced() -> anyhow::Result<()> {
+    let CliStack { kafka: _kafka, server, device: laptop } = CliStack::start("laptop").await?;
+    let desk = laptop.pair("desk").await?;
+    let stolen = laptop.pair("stolen").await?;
+    for device in [&laptop, &desk, &stolen] {
+        device.sync().await?;
+    }
+    let stolen_id = store_of(&stolen)?.account()?.device_id;
+    let desk_id = store_of(&desk)?.account()?.device_id;
+    assert_eq!(laptop.json(&["revoke", &stolen_id]).await?["started_epoch"], 2);
+    let after = id_of(&laptop.json(&["put", "-c", "notes", r#"{"text":"after"}"#]).await?)?;
+    laptop.sync().await?;
+
+    // The desk's copy of epoch 2 is damaged on the server (same length, other bytes).
+    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
+    let damaged = db.execute(
+        "UPDATE sealed_epoch_keys SET sealed = randomblob(136) WHERE device_id = ?1 AND epoch = 2",
+        [&desk_id],
+    )?;
+    assert_eq!(damaged, 1);
+    drop(db);
+    let refused = desk.fail(&["sync"]).await?;
+    assert!(refused.contains("no device of the account has shared that epoch's key"), "{refused}");
+    assert_eq!(key_epoch(&desk).await?, 1);
+
+    // Reported: the laptop sees the desk missing epoch 2 again and shares a fresh copy.
+    laptop.sync().await?;
+    desk.sync().await?;
+    assert_eq!(key_epoch(&desk).await?, 2);
+    assert_eq!(desk.get(&after).await?["fields"]["text"], "after");
+    Ok(())
+}
