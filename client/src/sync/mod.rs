@@ -617,6 +617,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn plaintext_goes_to_loopback_only() {
+        let uri = |text: &str| text.parse::<tonic::codegen::http::Uri>().unwrap();
+        for loopback in ["http://127.0.0.1:50051", "http://[::1]:1", "http://localhost:8080", "http://127.9.9.9"] {
+            assert_eq!(plaintext_refusal(&uri(loopback)), None, "{loopback}");
+        }
+        assert_eq!(plaintext_refusal(&uri("https://sync.example.org")), None);
+        let beyond = [
+            "http://sync.example.org",
+            "http://10.0.0.1:50051",
+            "http://[2001:db8::1]:1",
+            "http://localhost.example.org",
+        ];
+        for address in beyond {
+            let refusal = plaintext_refusal(&uri(address)).expect(address);
+            assert!(refusal.contains("https://") && refusal.contains("--allow-plaintext"), "{refusal}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_plaintext_beyond_loopback_before_dialing() {
+        let refused = connect("http://192.0.2.1:50051", &Trust::default()).await.expect_err("refused");
+        assert!(refused.to_string().contains("use https://192.0.2.1:50051"), "{refused}");
+    }
+
+    #[test]
     fn the_decode_limit_follows_the_servers_batch_size() {
         assert_eq!(max_message_bytes(0), DEFAULT_MAX_MESSAGE_BYTES, "an older server: the old limit");
         assert_eq!(max_message_bytes(4 * 1024 * 1024), 5 * 1024 * 1024);
