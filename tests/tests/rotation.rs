@@ -350,3 +350,78 @@ async fn a_copy_of_an_epoch_key_that_does_not_open_is_replaced() -> anyhow::Resu
     assert_eq!(desk.get(&after).await?["fields"]["text"], "after");
     Ok(())
 }
+
+/// A device that learns of a revocation from the log starts an epoch after it
+/// if none exists, and leaves the revoked device out — here a revocation the
+/// server never heard of (its list still shows the device active, its token
+/// still works): the client decides who reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_learned_from_the_log_starts_an_epoch_without_the_revoked_device() -> anyhow::Result<()> {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use lockstep_client::{
+        hlc,
+        record::{ChangePayload, RecordState, Stamp},
+        store::REVOCATIONS_COLLECTION,
+    };
+    use lockstep_proto::v1::{GetEpochKeysRequest, keys_client::KeysClient};
+
+    let CliStack { kafka: _kafka, server, device: laptop } = CliStack::start("laptop").await?;
+    let desk = laptop.pair("desk").await?;
+    let stolen = laptop.pair("stolen").await?;
+    for device in [&laptop, &desk, &stolen] {
+        device.sync().await?;
+    }
+    let laptop_account = store_of(&laptop)?.account()?;
+    let stolen_account = store_of(&stolen)?.account()?;
+    let stolen_key = store_of(&stolen)?.device_secret()?.public_key();
+
+    // The laptop's revocation record, pushed under epoch 1 as if the laptop stopped right after.
+    let record_id = format!("revoked:{}", stolen_account.device_id);
+    let hlc = hlc::from_physical_ms(hlc::unix_ms() as u64);
+    let mut state = RecordState::default();
+    let fields = serde_json::json!({
+        "device_id": stolen_account.device_id,
+        "public_key": URL_SAFE_NO_PAD.encode(stolen_key),
+        "revoked_in_epoch": 1,
+    });
+    state.set(fields.as_object().context("fields")?, &Stamp { hlc, device: laptop_account.device_id.clone() });
+    let binding = Binding {
+        user_id: &laptop_account.user_id,
+        record_id: &record_id,
+        collection: REVOCATIONS_COLLECTION,
+        op: 1,
+        key_epoch: 1,
+    };
+    let (nonce, ciphertext) = laptop_account.keyring().seal(&binding, &ChangePayload::new(state).encode())?;
+    let change = Change {
+        change_id: uuid::Uuid::now_v7().to_string(),
+        record_id: record_id.clone(),
+        collection: REVOCATIONS_COLLECTION.into(),
+        op: 1,
+        hlc,
+        key_epoch: 1,
+        nonce: nonce.into(),
+        ciphertext: ciphertext.into(),
+    };
+    let mut sync = SyncClient::connect(server.endpoint()).await?;
+    sync.push(with_token(PushRequest { changes: vec![change] }, &laptop_account.token)).await?;
+
+    // The desk applies it and starts epoch 2 for itself and the laptop only.
+    desk.sync().await?;
+    assert_eq!(key_epoch(&desk).await?, 2);
+    assert_eq!(desk.json(&["status"]).await?["revoked_devices"], 1);
+    laptop.sync().await?;
+    assert_eq!(key_epoch(&laptop).await?, 2);
+    let mut keys = KeysClient::new(server.channel().await?);
+    let request = GetEpochKeysRequest { since_epoch: 0, unopened_epochs: Vec::new() };
+    let sealed_to_stolen = keys.get_epoch_keys(with_token(request, &stolen_account.token)).await?.into_inner();
+    assert_eq!(sealed_to_stolen.current_epoch, 2);
+    assert!(sealed_to_stolen.sealed_keys.is_empty(), "{:?}", sealed_to_stolen.sealed_keys);
+    let after = id_of(&desk.json(&["put", "-c", "notes", r#"{"text":"after"}"#]).await?)?;
+    desk.sync().await?;
+    laptop.sync().await?;
+    assert_eq!(laptop.get(&after).await?["fields"]["text"], "after");
+    let refused = stolen.fail(&["sync"]).await?;
+    assert!(refused.contains("no device of the account has shared that epoch's key"), "{refused}");
+    Ok(())
+}
