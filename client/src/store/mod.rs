@@ -2,7 +2,9 @@
 //! mirror (the last state of each record seen from the server), the outbox of
 //! local changes the server has not acknowledged yet ([`outbox`]), problems
 //! found in incoming changes, changes set aside until they can apply
-//! ([`deferred`]), the resync marker ([`resync`]) and the sync cursor.
+//! ([`deferred`]), the resync marker ([`resync`]), the sync cursor, and what
+//! the log says of revocations and epochs ([`revocations`]: revoked devices,
+//! where each epoch started).
 //!
 //! Every operation is one transaction. A local edit updates the record and
 //! queues its change together; an incoming batch is merged and the cursor moved
