@@ -6,7 +6,12 @@
 //! - which epoch is current per user (the highest started; 1 before any
 //!   rotation), so that the gateway refuses pushes under an older one;
 //! - that a new epoch is exactly the next one and carries a sealed copy for
-//!   every active device with a registered key, and none for anyone else;
+//!   its starter and for active devices only (a device left out — one its
+//!   starter knows is revoked whatever this server says, or one paired
+//!   meanwhile — is listed as missing the epoch; the server's list is no
+//!   authority on who may read);
+//! - which copies a recipient reported it cannot open: those are forgotten,
+//!   so that the epoch is missing again and a later share replaces them;
 //! - whether a rotation is due: a device was revoked after the current epoch
 //!   started (counted, since revocations are never undone).
 
@@ -331,7 +336,8 @@ impl KeyDirectory {
     }
 
     /// Starts `epoch`, which must be the current one + 1, with one sealed copy
-    /// for each active device that registered a key — exactly those.
+    /// for the caller and for any of the other active devices that registered
+    /// a key (those left out are listed as missing it, for a later share).
     pub async fn start_epoch(
         &self,
         device: &AuthedDevice,
@@ -376,11 +382,10 @@ impl KeyDirectory {
                         return Ok(Err(KeysError::Invalid(format!("two sealed keys for device {}", sealed.device_id))));
                     }
                 }
-                if let Some(left_out) = active.keys().find(|device_id| !covered.contains(device_id.as_str())) {
-                    return Ok(Err(KeysError::Precondition(format!(
-                        "device {left_out} has a registered key but no sealed copy of the new epoch key: list the \
-                         device keys again"
-                    ))));
+                if !covered.contains(by.as_str()) {
+                    return Ok(Err(KeysError::Invalid(
+                        "the new epoch carries no sealed copy for the device that starts it".into(),
+                    )));
                 }
                 let revoked: i64 = tx.query_row(
                     "SELECT count(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NOT NULL",
@@ -440,13 +445,33 @@ impl KeyDirectory {
             .await?
     }
 
-    /// The caller's sealed keys after `since_epoch`, oldest first.
-    pub async fn get(&self, device: &AuthedDevice, since_epoch: u32) -> Result<EpochKeys, KeysError> {
+    /// The caller's sealed keys after `since_epoch`, oldest first. First
+    /// forgets the caller's copies of `unopened` epochs (copies it reported it
+    /// cannot open), so that those epochs are missing again and the next device
+    /// to share seals a fresh copy; only the recipient can report its own.
+    pub async fn get(
+        &self,
+        device: &AuthedDevice,
+        since_epoch: u32,
+        unopened: Vec<u32>,
+    ) -> Result<EpochKeys, KeysError> {
+        if unopened.len() > MAX_EPOCHS_PER_REQUEST {
+            return Err(KeysError::Invalid(format!(
+                "unopened_epochs has {} entries; at most {MAX_EPOCHS_PER_REQUEST} per request",
+                unopened.len()
+            )));
+        }
         let (user, device_id) = (device.user_id.to_string(), device.device_id.to_string());
         Ok(self
             .db
             .call(move |connection| {
                 let tx = connection.transaction()?;
+                for epoch in &unopened {
+                    tx.execute(
+                        "DELETE FROM sealed_epoch_keys WHERE device_id = ?1 AND user_id = ?2 AND epoch = ?3",
+                        params![device_id, user, epoch],
+                    )?;
+                }
                 let mut statement = tx.prepare(
                     "SELECT epoch, sealed, sealed_by_device FROM sealed_epoch_keys
                      WHERE device_id = ?1 AND user_id = ?2 AND epoch > ?3 ORDER BY epoch LIMIT ?4",
@@ -466,12 +491,14 @@ impl KeyDirectory {
                 drop(statement);
                 let more = sealed_keys.len() > MAX_EPOCHS_PER_REQUEST;
                 sealed_keys.truncate(MAX_EPOCHS_PER_REQUEST);
-                Ok(EpochKeys {
+                let answer = EpochKeys {
                     current_epoch: current_in(&tx, &user)?,
                     sealed_keys,
                     more,
                     rotation_due: rotation_due_in(&tx, &user)?,
-                })
+                };
+                tx.commit()?;
+                Ok(answer)
             })
             .await?)
     }

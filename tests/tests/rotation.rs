@@ -205,3 +205,234 @@ async fn a_device_that_was_offline_during_the_rotation_writes_under_the_new_epoc
     assert_eq!(epochs, [2]);
     Ok(())
 }
+
+/// The server's device list is no authority on who may read (issue #25): a
+/// server that marks a revoked phone active again gets no epoch key sealed to
+/// it, a later revocation still starts a new epoch, and a change the phone
+/// writes under its old epoch (appended to the log behind the server's checks)
+/// is flagged on every remaining device and never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_relists_a_revoked_device_gets_no_new_epoch_key_for_it() -> anyhow::Result<()> {
+    use lockstep_client::{
+        crypto::Binding,
+        hlc,
+        record::{ChangePayload, RecordState, Stamp},
+    };
+    use lockstep_proto::v1::{GetEpochKeysRequest, keys_client::KeysClient};
+    use lockstep_schemas::{ChangeEnvelope, Op, encode_change};
+    use rdkafka::{
+        ClientConfig,
+        producer::{FutureProducer, FutureRecord},
+    };
+
+    let CliStack { kafka, mut server, device: laptop } = CliStack::start("laptop").await?;
+    let desk = laptop.pair("desk").await?;
+    let phone = laptop.pair("phone").await?;
+    let tablet = laptop.pair("tablet").await?;
+    for device in [&laptop, &desk, &phone, &tablet] {
+        device.sync().await?;
+    }
+    let device_id = |device: &Cli| -> anyhow::Result<String> { Ok(store_of(device)?.account()?.device_id) };
+    let (phone_id, tablet_id) = (device_id(&phone)?, device_id(&tablet)?);
+    let user_id = store_of(&laptop)?.account()?.user_id;
+
+    let revoked = laptop.json(&["revoke", &phone_id]).await?;
+    assert_eq!(revoked["started_epoch"], 2, "{revoked}");
+
+    // The server marks the phone active again (restarted, so that its token works again too).
+    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
+    let relisted = db.execute("UPDATE devices SET revoked_at_ms = NULL WHERE device_id = ?1", [&phone_id])?;
+    assert_eq!(relisted, 1);
+    drop(db);
+    server.restart().await?;
+    let listed = laptop.json(&["devices"]).await?;
+    let phone_entry = listed.as_array().context("devices")?.iter().find(|device| device["device_id"] == phone_id);
+    assert_eq!(phone_entry.context("the phone is listed")?["revoked_at_ms"].as_i64().unwrap_or(0), 0, "{listed}");
+
+    // Every remaining device syncs (sharing keys with devices the server says lack them; the desk
+    // learns of the phone's revocation from the log in this very sync), then the
+    // laptop revokes the tablet: a new epoch although the server, counting one revocation fewer,
+    // says none is due.
+    laptop.sync().await?;
+    desk.sync().await?;
+    let revoked = laptop.json(&["revoke", &tablet_id]).await?;
+    assert_eq!(revoked["started_epoch"], 3, "{revoked}");
+    desk.sync().await?;
+    assert_eq!(key_epoch(&desk).await?, 3);
+    let after = id_of(&laptop.json(&["put", "-c", "notes", r#"{"text":"after both revocations"}"#]).await?)?;
+    laptop.sync().await?;
+    desk.sync().await?;
+    assert_eq!(desk.get(&after).await?["fields"]["text"], "after both revocations");
+
+    // No copy of epoch 2 or 3 was ever sealed to the phone, and its keys open nothing written since.
+    let phone_token = store_of(&phone)?.account()?.token.to_string();
+    let mut keys = KeysClient::new(server.channel().await?);
+    let sealed_to_phone = keys
+        .get_epoch_keys(with_token(GetEpochKeysRequest { since_epoch: 0, unopened_epochs: Vec::new() }, &phone_token))
+        .await?
+        .into_inner();
+    assert_eq!(sealed_to_phone.current_epoch, 3);
+    assert!(sealed_to_phone.sealed_keys.is_empty(), "sealed to the phone: {:?}", sealed_to_phone.sealed_keys);
+    let refused = phone.fail(&["sync"]).await?;
+    assert!(refused.contains("no device of the account has shared that epoch's key"), "{refused}");
+    let log = read_topic(kafka.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let written = log.iter().map(|(_, envelope)| envelope).rfind(|envelope| envelope.record_id == after);
+    let written = written.context("the change after both revocations is in the log")?;
+    assert_eq!(written.key_epoch, 3);
+    assert!(open_with(&phone, written)?.is_err(), "the re-listed phone read a change written after its revocation");
+
+    // The phone writes under epoch 1, the newest it holds, and the change lands in the log behind
+    // the server's epoch check (the server refuses such a push; a server working with the phone would not).
+    let phone_account = store_of(&phone)?.account()?;
+    let hlc = hlc::from_physical_ms(hlc::unix_ms() as u64);
+    let mut state = RecordState::default();
+    let fields = serde_json::json!({"text": "injected by the revoked phone"});
+    state.set(fields.as_object().context("fields")?, &Stamp { hlc, device: phone_id.clone() });
+    let binding = Binding { user_id: &user_id, record_id: "injected", collection: "notes", op: 1, key_epoch: 1 };
+    let (nonce, ciphertext) = phone_account.keyring().seal(&binding, &ChangePayload::new(state).encode())?;
+    let envelope = ChangeEnvelope {
+        schema_version: 1,
+        user_id: user_id.clone(),
+        origin_device_id: phone_id.clone(),
+        change_id: uuid::Uuid::now_v7().to_string(),
+        record_id: "injected".into(),
+        collection: "notes".into(),
+        op: Op::Upsert,
+        hlc: hlc as i64,
+        key_epoch: 1,
+        nonce,
+        ciphertext,
+        received_at_ms: hlc::unix_ms(),
+    };
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create()?;
+    let topic = format!("lockstep.user.{user_id}");
+    let payload = encode_change(&envelope)?;
+    let record = FutureRecord::to(&topic).partition(0).key("injected").payload(&payload);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(error, _)| error)?;
+
+    for device in [&laptop, &desk] {
+        device.sync().await?;
+        let refused = device.fail(&["get", "injected"]).await?;
+        assert!(refused.contains("no record injected"), "{}: {refused}", device.name);
+        let check = device.json(&["check"]).await?;
+        let problems = check["problems"].as_array().context("check lists problems")?;
+        let flagged: Vec<(&Value, &Value)> =
+            problems.iter().map(|problem| (&problem["record_id"], &problem["kind"])).collect();
+        assert_eq!(flagged, [(&Value::from("injected"), &Value::from("stale-epoch"))], "{}: {check}", device.name);
+        let status = device.json(&["status"]).await?;
+        assert_eq!((&status["problems"], &status["revoked_devices"]), (&Value::from(1), &Value::from(2)), "{status}");
+    }
+    Ok(())
+}
+
+/// One bad copy of an epoch key does not block the epoch for its recipient
+/// (issue #25): the desk reports the copy that does not open, the server
+/// forgets it, and the laptop's next sync shares a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_epoch_key_that_does_not_open_is_replaced() -> anyhow::Result<()> {
+    let CliStack { kafka: _kafka, server, device: laptop } = CliStack::start("laptop").await?;
+    let desk = laptop.pair("desk").await?;
+    let stolen = laptop.pair("stolen").await?;
+    for device in [&laptop, &desk, &stolen] {
+        device.sync().await?;
+    }
+    let stolen_id = store_of(&stolen)?.account()?.device_id;
+    let desk_id = store_of(&desk)?.account()?.device_id;
+    assert_eq!(laptop.json(&["revoke", &stolen_id]).await?["started_epoch"], 2);
+    let after = id_of(&laptop.json(&["put", "-c", "notes", r#"{"text":"after"}"#]).await?)?;
+    laptop.sync().await?;
+
+    // The desk's copy of epoch 2 is damaged on the server (same length, other bytes).
+    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
+    let damaged = db.execute(
+        "UPDATE sealed_epoch_keys SET sealed = randomblob(136) WHERE device_id = ?1 AND epoch = 2",
+        [&desk_id],
+    )?;
+    assert_eq!(damaged, 1);
+    drop(db);
+    let refused = desk.fail(&["sync"]).await?;
+    assert!(refused.contains("no device of the account has shared that epoch's key"), "{refused}");
+    assert_eq!(key_epoch(&desk).await?, 1);
+
+    // Reported: the laptop sees the desk missing epoch 2 again and shares a fresh copy.
+    laptop.sync().await?;
+    desk.sync().await?;
+    assert_eq!(key_epoch(&desk).await?, 2);
+    assert_eq!(desk.get(&after).await?["fields"]["text"], "after");
+    Ok(())
+}
+
+/// A device that learns of a revocation from the log starts an epoch after it
+/// if none exists, and leaves the revoked device out — here a revocation the
+/// server never heard of (its list still shows the device active, its token
+/// still works): the client decides who reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_learned_from_the_log_starts_an_epoch_without_the_revoked_device() -> anyhow::Result<()> {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use lockstep_client::{
+        hlc,
+        record::{ChangePayload, RecordState, Stamp},
+        store::REVOCATIONS_COLLECTION,
+    };
+    use lockstep_proto::v1::{GetEpochKeysRequest, keys_client::KeysClient};
+
+    let CliStack { kafka: _kafka, server, device: laptop } = CliStack::start("laptop").await?;
+    let desk = laptop.pair("desk").await?;
+    let stolen = laptop.pair("stolen").await?;
+    for device in [&laptop, &desk, &stolen] {
+        device.sync().await?;
+    }
+    let laptop_account = store_of(&laptop)?.account()?;
+    let stolen_account = store_of(&stolen)?.account()?;
+    let stolen_key = store_of(&stolen)?.device_secret()?.public_key();
+
+    // The laptop's revocation record, pushed under epoch 1 as if the laptop stopped right after.
+    let record_id = format!("revoked:{}", stolen_account.device_id);
+    let hlc = hlc::from_physical_ms(hlc::unix_ms() as u64);
+    let mut state = RecordState::default();
+    let fields = serde_json::json!({
+        "device_id": stolen_account.device_id,
+        "public_key": URL_SAFE_NO_PAD.encode(stolen_key),
+        "revoked_in_epoch": 1,
+    });
+    state.set(fields.as_object().context("fields")?, &Stamp { hlc, device: laptop_account.device_id.clone() });
+    let binding = Binding {
+        user_id: &laptop_account.user_id,
+        record_id: &record_id,
+        collection: REVOCATIONS_COLLECTION,
+        op: 1,
+        key_epoch: 1,
+    };
+    let (nonce, ciphertext) = laptop_account.keyring().seal(&binding, &ChangePayload::new(state).encode())?;
+    let change = Change {
+        change_id: uuid::Uuid::now_v7().to_string(),
+        record_id: record_id.clone(),
+        collection: REVOCATIONS_COLLECTION.into(),
+        op: 1,
+        hlc,
+        key_epoch: 1,
+        nonce: nonce.into(),
+        ciphertext: ciphertext.into(),
+    };
+    let mut sync = SyncClient::connect(server.endpoint()).await?;
+    sync.push(with_token(PushRequest { changes: vec![change] }, &laptop_account.token)).await?;
+
+    // The desk applies it and starts epoch 2 for itself and the laptop only.
+    desk.sync().await?;
+    assert_eq!(key_epoch(&desk).await?, 2);
+    assert_eq!(desk.json(&["status"]).await?["revoked_devices"], 1);
+    laptop.sync().await?;
+    assert_eq!(key_epoch(&laptop).await?, 2);
+    let mut keys = KeysClient::new(server.channel().await?);
+    let request = GetEpochKeysRequest { since_epoch: 0, unopened_epochs: Vec::new() };
+    let sealed_to_stolen = keys.get_epoch_keys(with_token(request, &stolen_account.token)).await?.into_inner();
+    assert_eq!(sealed_to_stolen.current_epoch, 2);
+    assert!(sealed_to_stolen.sealed_keys.is_empty(), "{:?}", sealed_to_stolen.sealed_keys);
+    let after = id_of(&desk.json(&["put", "-c", "notes", r#"{"text":"after"}"#]).await?)?;
+    desk.sync().await?;
+    laptop.sync().await?;
+    assert_eq!(laptop.get(&after).await?["fields"]["text"], "after");
+    let refused = stolen.fail(&["sync"]).await?;
+    assert!(refused.contains("no device of the account has shared that epoch's key"), "{refused}");
+    Ok(())
+}

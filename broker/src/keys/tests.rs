@@ -64,15 +64,16 @@ async fn a_rotation_covers_exactly_the_active_devices_with_keys() {
     let ids: Vec<_> = listed.devices.iter().map(|device| device.device_id.as_str()).collect();
     assert_eq!(ids, [&*laptop.device_id, &*phone.device_id], "revoked devices are not listed");
 
-    // Leaving out an active device, including the revoked one, skipping an epoch: refused.
+    // Including the revoked device, skipping an epoch: refused.
     let refused = [
-        (2, vec![sealed(&laptop, 2)]),
         (2, vec![sealed(&laptop, 2), sealed(&phone, 2), sealed(&stolen, 2)]),
         (3, vec![sealed(&laptop, 3), sealed(&phone, 3)]),
     ];
     for (epoch, keys) in refused {
         assert!(matches!(f.keys.start_epoch(&laptop, epoch, keys).await, Err(KeysError::Precondition(_))));
     }
+    // Without a copy for the device that starts it: refused.
+    assert!(matches!(f.keys.start_epoch(&laptop, 2, vec![sealed(&phone, 2)]).await, Err(KeysError::Invalid(_))));
     let wrong_size = SealedKey { sealed: vec![0; SEALED_KEY_BYTES + 1], ..sealed(&phone, 2) };
     assert!(matches!(
         f.keys.start_epoch(&laptop, 2, vec![sealed(&laptop, 2), wrong_size]).await,
@@ -89,12 +90,12 @@ async fn a_rotation_covers_exactly_the_active_devices_with_keys() {
         Err(KeysError::Precondition(_))
     ));
 
-    let got = f.keys.get(&phone, 1).await.unwrap();
+    let got = f.keys.get(&phone, 1, Vec::new()).await.unwrap();
     assert_eq!(got.current_epoch, 2);
     assert_eq!(got.sealed_keys.len(), 1);
     assert_eq!(got.sealed_keys[0].sealed, sealed(&phone, 2).sealed);
     assert_eq!(got.sealed_keys[0].sealed_by_device_id, &*laptop.device_id);
-    assert!(f.keys.get(&phone, 2).await.unwrap().sealed_keys.is_empty());
+    assert!(f.keys.get(&phone, 2, Vec::new()).await.unwrap().sealed_keys.is_empty());
 
     // Pushes under epoch 1 are stale now.
     assert!(f.keys.check_push_epochs(&phone, [2, 2].into_iter()).await.is_ok());
@@ -126,14 +127,67 @@ async fn devices_that_come_later_get_shared_copies_within_their_account() {
     f.keys.register(&other, public_key, proof).await.unwrap();
     assert!(matches!(f.keys.share(&laptop, vec![sealed(&other, 2)]).await, Err(KeysError::Precondition(_))));
     assert!(matches!(f.keys.share(&laptop, vec![sealed(&tablet, 4)]).await, Err(KeysError::Precondition(_))));
-    assert!(f.keys.get(&other, 0).await.unwrap().sealed_keys.is_empty());
+    assert!(f.keys.get(&other, 0, Vec::new()).await.unwrap().sealed_keys.is_empty());
 
     assert_eq!(f.keys.share(&laptop, vec![sealed(&tablet, 2), sealed(&tablet, 3)]).await.unwrap(), 2);
     assert_eq!(f.keys.share(&laptop, vec![sealed(&tablet, 2)]).await.unwrap(), 0, "kept, not replaced");
-    let got = f.keys.get(&tablet, 0).await.unwrap();
+    let got = f.keys.get(&tablet, 0, Vec::new()).await.unwrap();
     assert_eq!(got.sealed_keys.iter().map(|key| key.epoch).collect::<Vec<_>>(), [2, 3]);
     assert!(!got.more);
     let listed = f.keys.list("u1").await.unwrap();
     assert!(listed.devices.iter().all(|device| device.missing_epochs.is_empty()));
     assert!(matches!(f.keys.share(&laptop, Vec::new()).await, Err(KeysError::Invalid(_))));
+}
+
+/// A client that knows a device is revoked (whatever the server's list says)
+/// leaves it out of a new epoch: the epoch starts, and the device is listed as
+/// missing it.
+#[tokio::test]
+async fn a_new_epoch_may_leave_out_an_active_device() {
+    let f = fixture().await;
+    let created = f.accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+    let laptop = f.accounts.authenticate(&created.token).unwrap();
+    let phone = f.pair(&laptop, "phone").await;
+    for (device, byte) in [(&laptop, 1), (&phone, 2)] {
+        let (public_key, proof) = key(byte);
+        f.keys.register(device, public_key, proof).await.unwrap();
+    }
+    assert_eq!(f.keys.start_epoch(&laptop, 2, vec![sealed(&laptop, 2)]).await.unwrap(), 2);
+    let listed = f.keys.list("u1").await.unwrap();
+    let entry = listed.devices.iter().find(|device| device.device_id == *phone.device_id).unwrap();
+    assert_eq!(entry.missing_epochs, [2]);
+    assert!(f.keys.get(&phone, 0, Vec::new()).await.unwrap().sealed_keys.is_empty());
+}
+
+/// One bad copy does not block an epoch for its recipient: once it reports
+/// the copy unopened, the epoch is missing again and a later share replaces it.
+#[tokio::test]
+async fn a_copy_the_recipient_cannot_open_is_replaced_by_a_later_share() {
+    let f = fixture().await;
+    let created = f.accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+    let laptop = f.accounts.authenticate(&created.token).unwrap();
+    let phone = f.pair(&laptop, "phone").await;
+    let tablet = f.pair(&laptop, "tablet").await;
+    for (device, byte) in [(&laptop, 1), (&phone, 2), (&tablet, 3)] {
+        let (public_key, proof) = key(byte);
+        f.keys.register(device, public_key, proof).await.unwrap();
+    }
+    let bad = SealedKey { sealed: vec![0xBA; SEALED_KEY_BYTES], ..sealed(&phone, 2) };
+    f.keys.start_epoch(&laptop, 2, vec![sealed(&laptop, 2), bad.clone()]).await.unwrap();
+    assert_eq!(f.keys.share(&tablet, vec![sealed(&phone, 2)]).await.unwrap(), 0, "a copy is there already");
+    assert_eq!(f.keys.get(&phone, 0, Vec::new()).await.unwrap().sealed_keys[0].sealed, bad.sealed);
+
+    // Only the recipient's report forgets its copy; another device's is untouched.
+    let reported = f.keys.get(&phone, 0, vec![2]).await.unwrap();
+    assert!(reported.sealed_keys.is_empty(), "the reported copy is gone");
+    assert_eq!(f.keys.get(&laptop, 0, Vec::new()).await.unwrap().sealed_keys.len(), 1);
+    let listed = f.keys.list("u1").await.unwrap();
+    let entry = listed.devices.iter().find(|device| device.device_id == *phone.device_id).unwrap();
+    assert_eq!(entry.missing_epochs, [2]);
+
+    assert_eq!(f.keys.share(&tablet, vec![sealed(&phone, 2)]).await.unwrap(), 1);
+    let got = f.keys.get(&phone, 0, Vec::new()).await.unwrap();
+    assert_eq!(got.sealed_keys[0].sealed, sealed(&phone, 2).sealed);
+    assert_eq!(got.sealed_keys[0].sealed_by_device_id, &*tablet.device_id);
+    assert!(matches!(f.keys.get(&phone, 0, vec![2; MAX_EPOCHS_PER_REQUEST + 1]).await, Err(KeysError::Invalid(_))));
 }

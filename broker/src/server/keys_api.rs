@@ -100,7 +100,8 @@ impl keys_server::Keys for KeysApi {
         request: Request<GetEpochKeysRequest>,
     ) -> Result<Response<GetEpochKeysResponse>, Status> {
         let device = authenticate(&self.app, &request)?;
-        let got = self.app.keys.get(&device, request.get_ref().since_epoch).await.map_err(ApiError::from)?;
+        let GetEpochKeysRequest { since_epoch, unopened_epochs } = request.into_inner();
+        let got = self.app.keys.get(&device, since_epoch, unopened_epochs).await.map_err(ApiError::from)?;
         let sealed_keys = got
             .sealed_keys
             .into_iter()

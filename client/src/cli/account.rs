@@ -203,8 +203,8 @@ pub(super) async fn register_device_key(store: Store, rpc_timeout: Duration, tru
 pub(super) async fn revoke(ctx: &Ctx<'_>, device_id: &str) -> anyhow::Result<()> {
     let (store, rpc_timeout, trust, as_json) = (open_store(ctx.args)?, ctx.args.rpc_timeout, &ctx.trust, ctx.args.json);
     let account = store.account()?;
-    sync::revoke_device(&account, device_id, rpc_timeout, trust).await?;
     if device_id == account.device_id {
+        sync::revoke_device(&account, device_id, rpc_timeout, trust).await?;
         if as_json {
             println!("{}", json!({"revoked": device_id, "started_epoch": null}));
         } else {
@@ -213,10 +213,11 @@ pub(super) async fn revoke(ctx: &Ctx<'_>, device_id: &str) -> anyhow::Result<()>
         return Ok(());
     }
     let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout).with_trust(trust.clone());
-    let keys = syncer.sync_keys().await.with_context(|| {
+    let (keys, _pushed) = syncer.revoke(device_id).await.with_context(|| {
         format!(
-            "device {device_id} is revoked (its token no longer works), but the key rotation did not finish; \
-             the next `lockstep-cli sync` of any remaining device finishes it"
+            "revoking device {device_id} did not finish (if the server revoked it, its token no longer works); \
+             the revocation is recorded here and the next `lockstep-cli sync` of this device finishes the key \
+             rotation and tells the other devices"
         )
     })?;
     if !keys.supported {

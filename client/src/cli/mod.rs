@@ -55,6 +55,10 @@ pub struct Args {
     /// server's own CA; without it, the system's roots.
     #[arg(long, env = "LOCKSTEP_CA_FILE", global = true)]
     ca_file: Option<PathBuf>,
+    /// Allow `http://` (no TLS) to a server beyond loopback: the device token then crosses
+    /// the network in the clear. Off: such an address is refused (use `https://`).
+    #[arg(long, env = "LOCKSTEP_ALLOW_PLAINTEXT", global = true)]
+    allow_plaintext: bool,
     /// Shift this device's clock, e.g. -3h (tests of devices whose clocks differ).
     #[arg(
         long,
@@ -287,6 +291,9 @@ impl Ctx<'_> {
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(traceparent) = &args.traceparent {
         sync::send_traceparent(traceparent).map_err(anyhow::Error::msg)?;
+    }
+    if args.allow_plaintext {
+        sync::allow_plaintext();
     }
     let ctx = Ctx { args: &args, trust: trust(&args)? };
     let json = args.json;

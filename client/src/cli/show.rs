@@ -35,6 +35,9 @@ pub(super) fn status(status: &Status, as_json: bool) -> anyhow::Result<()> {
             ),
             _ => println!("key epoch   {}", status.key_epoch),
         }
+        if status.revoked_devices > 0 {
+            println!("revoked     {} devices (no epoch key is sealed to them)", status.revoked_devices);
+        }
         if status.protected {
             println!("secrets     sealed under a passphrase");
         } else {

@@ -51,7 +51,7 @@ async fn watch_with(mut syncer: Syncer, as_json: bool) -> anyhow::Result<()> {
     });
     loop {
         let outcome = async {
-            syncer.sync_keys().await?;
+            syncer.sync_keys_before_receiving().await?;
             syncer.push(&mut report, &mut |progress| reporter.show(progress)).await?;
             attempt = 0;
             syncer.receive(Until::Stopped, &mut report, &mut |progress| reporter.show(progress), &mut stop).await

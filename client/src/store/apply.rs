@@ -5,8 +5,8 @@
 use rusqlite::{Connection, Transaction, params};
 
 use super::{
-    Applied, Incoming, ProblemKind, Result, Store, StoreError, clock, deferred, load_record, now_ms, save_record,
-    set_meta, to_json,
+    Applied, Incoming, ProblemKind, Result, Store, StoreError, clock, deferred, load_record, now_ms, revocations,
+    save_record, set_meta, to_json,
 };
 use crate::{hlc::ClockError, record::RecordState};
 
@@ -62,9 +62,10 @@ impl Store {
         deferred::retry(&tx, &self.vault, &mut clock, reader, &mut applied)?;
         for incoming in batch {
             applied.changes += 1;
-            let problem = match &incoming.content {
-                Err((kind, detail)) => Some((*kind, detail.clone())),
-                Ok(payload) => match clock.observe(payload.state.max_hlc()) {
+            let problem = match (revocations::check_epoch(&tx, incoming)?, &incoming.content) {
+                (Some(stale), _) => Some(stale),
+                (None, Err((kind, detail))) => Some((*kind, detail.clone())),
+                (None, Ok(payload)) => match clock.observe(payload.state.max_hlc()) {
                     Err(error @ ClockError::TooFarAhead { .. }) => Some((ProblemKind::ClockAhead, error.to_string())),
                     Ok(()) => Self::merge_incoming(&tx, incoming, &payload.state, &mut applied)?,
                 },
@@ -116,6 +117,7 @@ impl Store {
              ON CONFLICT (record_id) DO UPDATE SET state = ?3, offset = ?4",
             params![incoming.record_id, incoming.collection, to_json(&mirror), incoming.offset],
         )?;
+        revocations::note_control_record(tx, incoming, state)?;
         Ok(None)
     }
 }

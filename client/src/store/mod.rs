@@ -2,7 +2,9 @@
 //! mirror (the last state of each record seen from the server), the outbox of
 //! local changes the server has not acknowledged yet ([`outbox`]), problems
 //! found in incoming changes, changes set aside until they can apply
-//! ([`deferred`]), the resync marker ([`resync`]) and the sync cursor.
+//! ([`deferred`]), the resync marker ([`resync`]), the sync cursor, and what
+//! the log says of revocations and epochs ([`revocations`]: revoked devices,
+//! where each epoch started).
 //!
 //! Every operation is one transaction. A local edit updates the record and
 //! queues its change together; an incoming batch is merged and the cursor moved
@@ -19,6 +21,7 @@ mod deferred;
 mod keys;
 mod outbox;
 mod resync;
+mod revocations;
 mod vault;
 mod views;
 
@@ -34,6 +37,7 @@ pub use self::{
     deferred::{Deferred, open_change},
     outbox::{OutboxEntry, Sealed},
     resync::{ResyncReason, ResyncState},
+    revocations::{RESERVED_PREFIX, REVOCATIONS_COLLECTION, RevokedDevice},
     vault::KdfParams,
 };
 use crate::{
@@ -189,6 +193,8 @@ pub enum ProblemKind {
     Undecodable,
     /// The server skipped offsets.
     Gap,
+    /// Written under an epoch older than the one in force at its offset (never applied).
+    StaleEpoch,
 }
 
 impl ProblemKind {
@@ -201,6 +207,7 @@ impl ProblemKind {
             ProblemKind::CollectionConflict => "collection-conflict",
             ProblemKind::Undecodable => "undecodable",
             ProblemKind::Gap => "gap",
+            ProblemKind::StaleEpoch => "stale-epoch",
         }
     }
 
@@ -270,6 +277,8 @@ pub struct Status {
     pub key_epoch: u32,
     /// The account's current key epoch as the server said at the last sync.
     pub server_key_epoch: Option<u32>,
+    /// Devices the log's revocation records name: never sealed a key to, whatever the server lists.
+    pub revoked_devices: i64,
     /// Whether a passphrase seals the store's secrets.
     pub protected: bool,
 }
@@ -378,6 +387,7 @@ impl Store {
         // acknowledged to the server only once its changes are on disk.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(revocations::SCHEMA)?;
         migrate(&conn)?;
         let vault = Vault::of(&conn)?;
         Ok(Self {
@@ -577,6 +587,7 @@ impl Store {
         fields: &Map<String, Value>,
     ) -> Result<Record> {
         ids::validate_collection(collection).map_err(StoreError::Invalid)?;
+        revocations::check_user_collection(collection)?;
         if fields.is_empty() {
             return Err(StoreError::Invalid("nothing to write: give at least one field".into()));
         }
@@ -641,17 +652,21 @@ impl Store {
         }))
     }
 
-    /// Records in id order (creation order for generated ids), deleted ones only if asked.
+    /// Records in id order (creation order for generated ids), deleted ones only
+    /// if asked; the client's reserved collections only when asked by name.
     pub fn list(&self, collection: Option<&str>, include_deleted: bool) -> Result<Vec<Record>> {
         let mut statement = self.conn.prepare(
             "SELECT record_id, collection, state FROM records WHERE ?1 IS NULL OR collection = ?1 ORDER BY record_id",
         )?;
-        let rows = statement.query_map([collection], |row| Ok((row.get(0)?, row.get(1)?, row.get::<_, String>(2)?)))?;
+        let rows = statement
+            .query_map([collection], |row| Ok((row.get(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?)))?;
+        let collection_filter_is_none = collection.is_none();
         let mut records = Vec::new();
         for row in rows {
             let (record_id, collection, state) = row?;
             let state = from_json(&state)?;
-            if include_deleted || state.is_live() {
+            let reserved = collection_filter_is_none && collection.starts_with(RESERVED_PREFIX);
+            if (include_deleted || state.is_live()) && !reserved {
                 records.push(Record { record_id, collection, state });
             }
         }

@@ -83,6 +83,7 @@ impl Store {
             server_problem: get_meta(&self.conn, "server_problem")?,
             key_epoch: account.key_epoch,
             server_key_epoch: self.server_key_epoch()?,
+            revoked_devices: count("SELECT count(*) FROM revoked_devices")?,
             protected: self.is_protected(),
         })
     }

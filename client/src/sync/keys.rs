@@ -5,7 +5,12 @@
 //!
 //! Every device sealed to must show a proof made with the account key, and
 //! every epoch key opened must carry one: the server relays keys but cannot
-//! make one that a device accepts.
+//! make one that a device accepts. The server's device list says who may be
+//! sealed to, not who must: a device the log's revocation records name (by
+//! id or by public key, `store::revocations`) never gets an epoch key, and a
+//! revocation there makes this device start an epoch after it whatever the
+//! server says is due. A copy sealed to this device that does not open is
+//! reported, so that the server forgets it and another device shares it again.
 
 use lockstep_proto::v1::{
     DeviceKey, GetEpochKeysRequest, ListDeviceKeysRequest, ListDeviceKeysResponse, RegisterDeviceKeyRequest,
@@ -20,6 +25,13 @@ use crate::epochs::{EpochKey, SealedFor, device_key_proof, open_epoch_key, seal_
 const SHARE_CHUNK: usize = 512;
 /// StartKeyEpoch attempts when another device rotates or a device appears at the same time.
 const ROTATION_ATTEMPTS: u32 = 3;
+
+/// Whether a key sync seals epoch keys to devices that lack them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Share {
+    Yes,
+    AfterReceiving,
+}
 
 /// What a key sync did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -50,7 +62,18 @@ impl Syncer {
     /// doc). Against a server without the Keys service (older than key
     /// rotation) it does nothing and says so (`supported: false`).
     pub async fn sync_keys(&mut self) -> Result<KeySync, SyncError> {
-        match self.sync_keys_with_server().await {
+        self.sync_keys_sharing(Share::Yes).await
+    }
+
+    /// [`Syncer::sync_keys`] without sharing keys with other devices: before
+    /// receiving, a revocation record waiting in the log is not applied yet,
+    /// and the server's list of who lacks a key is not to be trusted.
+    pub async fn sync_keys_before_receiving(&mut self) -> Result<KeySync, SyncError> {
+        self.sync_keys_sharing(Share::AfterReceiving).await
+    }
+
+    async fn sync_keys_sharing(&mut self, share: Share) -> Result<KeySync, SyncError> {
+        match self.sync_keys_with_server(share).await {
             Err(SyncError::Rpc { status, .. }) if status.code() == Code::Unimplemented => {
                 tracing::warn!("the server has no Keys service: no key rotation with it");
                 let held_epoch = self.account.key_epoch;
@@ -60,7 +83,7 @@ impl Syncer {
         }
     }
 
-    async fn sync_keys_with_server(&mut self) -> Result<KeySync, SyncError> {
+    async fn sync_keys_with_server(&mut self, share: Share) -> Result<KeySync, SyncError> {
         let mut keys = self.keys_client().await?;
         let mut outcome = KeySync { supported: true, ..KeySync::default() };
         if !self.store.device_key_registered()? {
@@ -68,10 +91,12 @@ impl Syncer {
             outcome.registered = true;
         }
         let rotation_due = self.fetch_epoch_keys(&mut keys, &mut outcome).await?;
-        if rotation_due {
+        if rotation_due || self.revocation_needs_epoch(outcome.current_epoch)? {
             self.rotate(&mut keys, &mut outcome).await?;
         }
-        self.share_missing(&mut keys, &mut outcome).await?;
+        if share == Share::Yes {
+            self.share_missing(&mut keys, &mut outcome).await?;
+        }
         outcome.held_epoch = self.account.key_epoch;
         Ok(outcome)
     }
@@ -96,8 +121,11 @@ impl Syncer {
     ) -> Result<bool, SyncError> {
         let secret = self.store.device_secret()?;
         let mut since_epoch = 0;
+        let mut unopened = Vec::new();
         loop {
-            let request = GetEpochKeysRequest { since_epoch };
+            let unopened_epochs = std::mem::take(&mut unopened);
+            let reported = !unopened_epochs.is_empty();
+            let request = GetEpochKeysRequest { since_epoch, unopened_epochs };
             let answer = keys
                 .get_epoch_keys(authed(&self.account.token, request, Some(self.rpc_timeout))?)
                 .await
@@ -116,12 +144,15 @@ impl Syncer {
                 };
                 match open_epoch_key(&self.account.key, &secret, &sealed_for, &sealed.sealed) {
                     Ok(key) => opened.push((sealed.epoch, key, sealed.sealed_by_device_id.clone())),
-                    Err(error) => tracing::warn!(
-                        epoch = sealed.epoch,
-                        sealed_by = sealed.sealed_by_device_id,
-                        %error,
-                        "ignoring an epoch key that does not open or verify"
-                    ),
+                    Err(error) => {
+                        tracing::warn!(
+                            epoch = sealed.epoch,
+                            sealed_by = sealed.sealed_by_device_id,
+                            %error,
+                            "reporting an epoch key that does not open or verify, for another device to share again"
+                        );
+                        unopened.push(sealed.epoch);
+                    }
                 }
             }
             if !opened.is_empty() {
@@ -131,10 +162,18 @@ impl Syncer {
             }
             outcome.current_epoch = answer.current_epoch;
             self.store.note_server_key_epoch(answer.current_epoch)?;
-            if !answer.more || answer.sealed_keys.is_empty() {
+            // One more call reports the copies that did not open (the server then forgets them).
+            let done = !answer.more || answer.sealed_keys.is_empty();
+            if done && (unopened.is_empty() || reported) {
                 return Ok(answer.rotation_due);
             }
         }
+    }
+
+    /// The account's device keys as the server lists them.
+    pub(super) async fn list_keys(&mut self) -> Result<ListDeviceKeysResponse, SyncError> {
+        let mut keys = self.keys_client().await?;
+        self.list_device_keys(&mut keys).await
     }
 
     async fn list_device_keys(&self, keys: &mut KeysClient<Channel>) -> Result<ListDeviceKeysResponse, SyncError> {
@@ -157,18 +196,42 @@ impl Syncer {
         .map_err(|error| SyncError::Keys(format!("device {}: {error}; no key is sealed to it", device.device_id)))
     }
 
+    /// Whether a revocation this device knows of (from the log, or its own)
+    /// has no epoch after it yet: the revoked device may hold every epoch up to
+    /// `revoked_in_epoch`. Asks nothing of the server.
+    fn revocation_needs_epoch(&self, server_epoch: u32) -> Result<bool, SyncError> {
+        let newest_known = server_epoch.max(self.account.key_epoch);
+        Ok(self.store.revoked_in_epoch()?.is_some_and(|revoked_in| revoked_in >= newest_known))
+    }
+
+    /// A device this device must never seal an epoch key to.
+    fn refuses(&self, device: &DeviceKey) -> Result<bool, SyncError> {
+        let revoked = device.device_id != self.account.device_id
+            && self.store.is_revoked(&device.device_id, &device.public_key)?;
+        if revoked {
+            tracing::warn!(
+                device_id = device.device_id,
+                "the server lists a device this account revoked: no epoch key is sealed to it"
+            );
+        }
+        Ok(revoked)
+    }
+
     /// Starts the next epoch with a fresh random key sealed to every active
-    /// device with a registered key.
+    /// device with a registered key, except those the log says are revoked.
     async fn rotate(&mut self, keys: &mut KeysClient<Channel>, outcome: &mut KeySync) -> Result<(), SyncError> {
         for _ in 0..ROTATION_ATTEMPTS {
             let listed = self.list_device_keys(keys).await?;
-            if !listed.rotation_due {
+            if !listed.rotation_due && !self.revocation_needs_epoch(listed.current_epoch)? {
                 return Ok(());
             }
             let epoch = listed.current_epoch + 1;
             let key = EpochKey::generate();
             let mut sealed_keys = Vec::with_capacity(listed.devices.len());
             for device in listed.devices.iter().filter(|device| !device.public_key.is_empty()) {
+                if self.refuses(device)? {
+                    continue;
+                }
                 let public_key = self.verified_key(device)?;
                 let sealed_for = SealedFor { user_id: &self.account.user_id, device_id: &device.device_id, epoch };
                 let sealed = seal_epoch_key(&self.account.key, &public_key, &sealed_for, &key)
@@ -180,6 +243,7 @@ impl Syncer {
                     sealed_by_device_id: String::new(),
                 });
             }
+            let sealed_count = sealed_keys.len();
             let request = StartKeyEpochRequest { epoch, sealed_keys };
             match keys.start_key_epoch(authed(&self.account.token, request, Some(self.rpc_timeout))?).await {
                 Ok(_) => {
@@ -188,13 +252,14 @@ impl Syncer {
                     self.store.note_server_key_epoch(epoch)?;
                     outcome.started_epoch = Some(epoch);
                     outcome.current_epoch = epoch;
-                    tracing::info!(epoch, recipients = listed.devices.len(), "started a new key epoch");
+                    tracing::info!(epoch, recipients = sealed_count, "started a new key epoch");
                     return Ok(());
                 }
                 // Another device rotated first, or the device set changed meanwhile.
                 Err(status) if status.code() == Code::FailedPrecondition => {
                     tracing::info!(message = status.message(), "key rotation raced; checking again");
-                    if !self.fetch_epoch_keys(keys, outcome).await? {
+                    let rotation_due = self.fetch_epoch_keys(keys, outcome).await?;
+                    if !rotation_due && !self.revocation_needs_epoch(outcome.current_epoch)? {
                         return Ok(());
                     }
                 }
@@ -217,7 +282,11 @@ impl Syncer {
                 .iter()
                 .filter_map(|epoch| self.account.epoch_keys.get(*epoch).map(|key| (*epoch, key)))
                 .collect();
-            if device.device_id == self.account.device_id || device.public_key.is_empty() || held.is_empty() {
+            if device.device_id == self.account.device_id
+                || device.public_key.is_empty()
+                || held.is_empty()
+                || self.refuses(device)?
+            {
                 continue;
             }
             let public_key = match self.verified_key(device) {

@@ -168,8 +168,44 @@ impl Trust {
     }
 }
 
-/// A channel to `server`: `http://` in the clear (loopback and tests), `https://` with TLS,
-/// the server's certificate checked against `trust`.
+/// Whether `http://` to a host other than loopback is allowed (off unless set).
+static ALLOW_PLAINTEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets this process talk `http://` (no TLS) to hosts beyond loopback: the
+/// device token and every change's metadata then cross the network in the
+/// clear. For test networks only (`--allow-plaintext`, `LOCKSTEP_ALLOW_PLAINTEXT`).
+pub fn allow_plaintext() {
+    ALLOW_PLAINTEXT.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `localhost`, `*.localhost`, 127.0.0.0/8 and `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(address) => address.is_loopback(),
+        Err(_) => {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            host == "localhost" || host.ends_with(".localhost")
+        }
+    }
+}
+
+/// A refusal of `http://` to a host beyond loopback, unless [`allow_plaintext`] was called.
+fn plaintext_refusal(uri: &tonic::codegen::http::Uri) -> Option<String> {
+    let beyond_loopback = uri.scheme_str() != Some("https") && !uri.host().is_some_and(is_loopback_host);
+    (beyond_loopback && !ALLOW_PLAINTEXT.load(std::sync::atomic::Ordering::Relaxed)).then(|| {
+        format!(
+            "refusing to talk to {} without TLS: the device token would cross the network in the clear; use \
+             https://{}… (or, on a test network only, --allow-plaintext / LOCKSTEP_ALLOW_PLAINTEXT=1)",
+            uri.host().unwrap_or("the server"),
+            uri.authority().map(|authority| authority.as_str()).unwrap_or_default()
+        )
+    })
+}
+
+/// A channel to `server`: `https://` with TLS, the server's certificate
+/// checked against `trust`; `http://` in the clear only to loopback (tests, a
+/// local proxy) unless [`allow_plaintext`] was called.
 pub async fn connect(server: &str, trust: &Trust) -> Result<Channel, SyncError> {
     let fail = |message: String| SyncError::Connect { server: server.into(), message };
     let mut endpoint = Endpoint::from_str(server)
@@ -177,6 +213,9 @@ pub async fn connect(server: &str, trust: &Trust) -> Result<Channel, SyncError> 
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    if let Some(refusal) = plaintext_refusal(endpoint.uri()) {
+        return Err(fail(refusal));
+    }
     if endpoint.uri().scheme_str() == Some("https") {
         endpoint = endpoint.tls_config(trust.tls_config()).map_err(|error| fail(format!("tls: {error}")))?;
     } else if matches!(trust, Trust::PinnedCa(_)) {
@@ -514,7 +553,7 @@ impl Syncer {
                     Err(status) if status.code() == Code::FailedPrecondition && !refreshed_keys => {
                         tracing::info!(message = status.message(), "push refused under a stale key epoch");
                         refreshed_keys = true;
-                        self.sync_keys().await?;
+                        self.sync_keys_before_receiving().await?;
                         break None;
                     }
                     Err(status) => return Err(rpc("Push")(status)),
@@ -576,6 +615,31 @@ pub fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_goes_to_loopback_only() {
+        let uri = |text: &str| text.parse::<tonic::codegen::http::Uri>().unwrap();
+        for loopback in ["http://127.0.0.1:50051", "http://[::1]:1", "http://localhost:8080", "http://127.9.9.9"] {
+            assert_eq!(plaintext_refusal(&uri(loopback)), None, "{loopback}");
+        }
+        assert_eq!(plaintext_refusal(&uri("https://sync.example.org")), None);
+        let beyond = [
+            "http://sync.example.org",
+            "http://10.0.0.1:50051",
+            "http://[2001:db8::1]:1",
+            "http://localhost.example.org",
+        ];
+        for address in beyond {
+            let refusal = plaintext_refusal(&uri(address)).expect(address);
+            assert!(refusal.contains("https://") && refusal.contains("--allow-plaintext"), "{refusal}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_plaintext_beyond_loopback_before_dialing() {
+        let refused = connect("http://192.0.2.1:50051", &Trust::default()).await.expect_err("refused");
+        assert!(refused.to_string().contains("use https://192.0.2.1:50051"), "{refused}");
+    }
 
     #[test]
     fn the_decode_limit_follows_the_servers_batch_size() {

@@ -22,7 +22,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 
 use super::{Progress, Report, SyncError, Syncer, authed, rpc};
-use crate::store::{Incoming, ProblemKind, ResyncReason, Sealed, open_change};
+use crate::store::{Incoming, ProblemKind, REVOCATIONS_COLLECTION, ResyncReason, Sealed, open_change};
 
 /// Stop receiving when caught up with the log end, or keep going (watch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +100,8 @@ impl Syncer {
         if missing(self).is_none() {
             return Ok(());
         }
-        self.sync_keys().await?;
+        // No sharing yet: the batch may hold a revocation record not applied yet.
+        self.sync_keys_before_receiving().await?;
         match missing(self) {
             None => Ok(()),
             Some(epoch) => Err(SyncError::MissingEpochKey { epoch }),
@@ -193,10 +194,15 @@ impl Syncer {
                     self.ensure_epoch_keys(&batch.changes).await?;
                     let incoming: Vec<Incoming> =
                         batch.changes.into_iter().map(|change| self.incoming(change)).collect();
+                    let revocations = incoming.iter().any(|change| change.collection == REVOCATIONS_COLLECTION);
                     let applied = self.store.apply(&incoming)?;
                     // Committed locally: now the server may forget it for this device.
                     let ack = authed(&self.account.token, AckRequest { offset: last }, Some(self.rpc_timeout))?;
                     sync.ack(ack).await.map_err(rpc("Ack"))?;
+                    if revocations {
+                        // Learned of a revocation: an epoch after it must exist (started here if not).
+                        self.sync_keys().await?;
+                    }
                     report.received += applied.changes as u64;
                     report.changed_records += applied.changed_records as u64;
                     report.problems += applied.problems as u64;
@@ -316,13 +322,15 @@ impl Syncer {
     /// (and what a rebuild found the log lacks).
     pub async fn sync_once(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Report, SyncError> {
         let mut report = Report::default();
-        self.sync_keys().await?;
+        // Keys are shared once received: a revocation record in the log counts first.
+        self.sync_keys_before_receiving().await?;
         match self.push(&mut report, progress).await {
             // The log lost changes: receiving repairs it first, then the push goes through.
             Err(error) if error.is_data_loss() => tracing::warn!(%error, "push refused until this device repairs"),
             outcome => outcome?,
         }
         self.receive(Until::CaughtUp, &mut report, progress, &mut std::future::pending()).await?;
+        self.sync_keys().await?;
         self.push(&mut report, progress).await?;
         report.cursor = self.store.cursor()?;
         Ok(report)
