@@ -45,12 +45,7 @@ use tonic::{
 use tower::{Layer, Service};
 
 use super::rate_limit::{self, Rates, Source};
-use crate::{
-    accounts::Accounts,
-    error::ApiError,
-    settings::LimitsSettings,
-    slots::KeyedSlots,
-};
+use crate::{accounts::Accounts, error::ApiError, settings::LimitsSettings, slots::KeyedSlots};
 use lockstep_kafka::locks::lock;
 
 /// Calls anyone may make without a device token.
@@ -64,7 +59,8 @@ const CREATE_ACCOUNT: &str = "/lockstep.v1.Accounts/CreateAccount";
 const REDEEM: &str = "/lockstep.v1.Accounts/RedeemPairingTicket";
 const PAIRING_TICKET: &str = "/lockstep.v1.Accounts/CreatePairingTicket";
 /// Calls that cost database or Kafka work per call (ListDevices: one Kafka lookup per device).
-const DATABASE_CALLS: &[&str] = &["/lockstep.v1.Accounts/ListDevices", "/lockstep.v1.PushTargets/", "/lockstep.v1.Keys/"];
+const DATABASE_CALLS: &[&str] =
+    &["/lockstep.v1.Accounts/ListDevices", "/lockstep.v1.PushTargets/", "/lockstep.v1.Keys/"];
 /// The services this gate guards; health and reflection stay open.
 const GUARDED_PREFIX: &str = "/lockstep.v1.";
 const MAX_TOKEN_CHARS: usize = 128;
@@ -325,9 +321,11 @@ mod tests {
             RateLimitSettings { database_calls_per_account: Rate { burst: 3, per_hour: 1 }, ..Default::default() };
         let rates = Rates::new(&settings);
         let (alice, bob): (Arc<str>, Arc<str>) = ("alice".into(), "bob".into());
-        for path in
-            ["/lockstep.v1.Accounts/ListDevices", "/lockstep.v1.Keys/ListDeviceKeys", "/lockstep.v1.PushTargets/SetPushTarget"]
-        {
+        for path in [
+            "/lockstep.v1.Accounts/ListDevices",
+            "/lockstep.v1.Keys/ListDeviceKeys",
+            "/lockstep.v1.PushTargets/SetPushTarget",
+        ] {
             rate_limit(&rates, path, None, Some(&alice)).expect("within the burst");
         }
         let status = rate_limit(&rates, "/lockstep.v1.Keys/GetEpochKeys", None, Some(&alice)).unwrap_err();

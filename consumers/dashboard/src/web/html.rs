@@ -314,7 +314,8 @@ pub fn user_page(user: &UserView, now_ms: i64, refresh: Duration) -> String {
 
 /// The sign-in form: the admin token goes in a POST body, never in the URL.
 pub fn login_page(error: Option<&str>) -> String {
-    let error = error.map(|error| format!("<p class=\"st st-RESYNC_NEEDED\">{}</p>", escape(error))).unwrap_or_default();
+    let error =
+        error.map(|error| format!("<p class=\"st st-RESYNC_NEEDED\">{}</p>", escape(error))).unwrap_or_default();
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width\"><title>sign in: lockstep dashboard</title>\
