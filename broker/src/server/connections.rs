@@ -32,7 +32,7 @@ impl ConnectionLimit {
     /// connection is then dropped, which closes it.
     pub fn admit<IO>(&self, connection: IO) -> Option<Counted<IO>> {
         match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(Counted { inner: connection, slot: slot }),
+            Ok(slot) => Some(Counted { inner: connection, slot }),
             Err(_) => {
                 tracing::debug!("connection closed: limits.max_connections reached");
                 metrics::counter!("lockstep_connections_refused_total").increment(1);
@@ -72,7 +72,7 @@ impl<IO> Counted<IO> {
     }
 
     pub fn from_parts(inner: IO, slot: OwnedSemaphorePermit) -> Self {
-        Self { inner, slot: slot }
+        Self { inner, slot }
     }
 }
 
