@@ -4,6 +4,7 @@
 //! flushes the producer, in that order.
 
 mod api;
+pub mod connections;
 pub mod erasure;
 pub mod guard;
 mod keys_api;
@@ -68,6 +69,12 @@ pub enum ServerError {
     AdminListen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(
+        "refusing to listen on {addr} without TLS: device tokens would cross the network in the clear; set \
+         tls.cert_file and tls.key_file, or tls.allow_plaintext = true (LOCKSTEP_TLS__ALLOW_PLAINTEXT=true) when a \
+         proxy in front terminates TLS"
+    )]
+    PlaintextBeyondLoopback { addr: SocketAddr },
 }
 
 /// Everything the handlers share.
@@ -82,6 +89,8 @@ pub struct App {
     pub push_targets: PushTargets,
     pub keys: KeyDirectory,
     pub erasure: Erasure,
+    /// The rate limits, shared by the guard layer and the CreateAccount handler.
+    pub rates: std::sync::Arc<rate_limit::Rates>,
 }
 
 /// What `run` stops after the requests drained.
@@ -160,7 +169,8 @@ impl App {
             settings.limits.idle_state_after,
             shutdown_for_sweep,
         ));
-        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, erasure, keys };
+        let rates = std::sync::Arc::new(rate_limit::Rates::new(&settings.rate_limits));
+        let app = Self { settings, accounts, topics, gateway, delivery, events, push_targets, erasure, keys, rates };
         Ok((app, Background { producer, publisher }))
     }
 }
@@ -238,6 +248,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    refuse_plaintext_beyond_loopback(&settings, listener.local_addr().ok())?;
     let tls_store = check_before_kafka(&settings)?;
     let controller = ShutdownController::default();
     let (app, background) = App::start(settings, controller.source()).await?;
@@ -251,6 +262,21 @@ pub async fn run(
     let _ = admin_stop_tx.send(());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A server that listens beyond loopback serves TLS, or says it means not to
+/// (`tls.allow_plaintext`, e.g. behind a proxy that terminates TLS): device tokens and
+/// registration secrets travel in its requests' headers.
+fn refuse_plaintext_beyond_loopback(settings: &Settings, local_addr: Option<SocketAddr>) -> Result<(), ServerError> {
+    let addr = local_addr.unwrap_or(settings.listen_addr);
+    if settings.tls.enabled() || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if settings.tls.allow_plaintext {
+        tracing::warn!(%addr, "listening beyond loopback without tls (tls.allow_plaintext)");
+        return Ok(());
+    }
+    Err(ServerError::PlaintextBeyondLoopback { addr })
 }
 
 /// What can be refused before the server touches Kafka: a bad certificate stops it; a
@@ -333,7 +359,7 @@ async fn grpc_router(
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .concurrency_limit_per_connection(limits.max_concurrent_requests_per_connection as usize)
-        .layer(guard::GuardLayer::new(app.accounts.clone(), limits, &app.settings.rate_limits))
+        .layer(guard::GuardLayer::new(app.accounts.clone(), limits, app.rates.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -394,10 +420,11 @@ async fn serve(
     let stop = async {
         let _ = stop_rx.await;
     };
+    let limit = connections::ConnectionLimit::new(app.settings.limits.max_connections);
     let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls_store {
         Some(store) => {
             store.clone().watch(app.settings.tls.watch_interval);
-            let incoming = tls::incoming(listener, tls::server_config(store));
+            let incoming = tls::incoming(listener, tls::server_config(store), limit);
             Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
         }
         None => {
@@ -407,7 +434,7 @@ async fn serve(
             let incoming = tonic::transport::server::TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
                 .with_keepalive(Some(Duration::from_secs(60)));
-            Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+            Box::pin(router.serve_with_incoming_shutdown(connections::limited(incoming, limit), stop))
         }
     };
     if let Some(addr) = local_addr {
@@ -453,5 +480,29 @@ async fn shut_down(
     // Last: the facts of the drained requests and ended streams.
     if let Some(publisher) = publisher {
         publisher.drain(left()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_beyond_loopback_needs_allow_plaintext() {
+        let mut settings = Settings::default();
+        let addr = |text: &str| Some(text.parse::<SocketAddr>().unwrap());
+        for loopback in ["127.0.0.1:50051", "[::1]:50051", "127.0.0.2:1"] {
+            refuse_plaintext_beyond_loopback(&settings, addr(loopback)).expect(loopback);
+        }
+        for beyond in ["0.0.0.0:50051", "[::]:50051", "192.0.2.7:50051"] {
+            let error = refuse_plaintext_beyond_loopback(&settings, addr(beyond)).unwrap_err().to_string();
+            assert!(error.contains("tls.allow_plaintext") && error.contains("tls.cert_file"), "{error}");
+        }
+        settings.tls.allow_plaintext = true;
+        refuse_plaintext_beyond_loopback(&settings, addr("0.0.0.0:50051")).expect("allowed");
+        settings.tls.allow_plaintext = false;
+        settings.tls.cert_file = Some("cert.pem".into());
+        settings.tls.key_file = Some("key.pem".into());
+        refuse_plaintext_beyond_loopback(&settings, addr("0.0.0.0:50051")).expect("tls");
     }
 }

@@ -42,6 +42,9 @@ pub struct TlsSettings {
     /// connections; SIGHUP reloads at once). Default 30s.
     #[serde(with = "humantime_serde")]
     pub watch_interval: Duration,
+    /// Listen beyond loopback without TLS (e.g. behind a reverse proxy that terminates TLS);
+    /// without it such a server refuses to start. Default false.
+    pub allow_plaintext: bool,
 }
 
 impl TlsSettings {
@@ -52,7 +55,7 @@ impl TlsSettings {
 
 impl Default for TlsSettings {
     fn default() -> Self {
-        Self { cert_file: None, key_file: None, watch_interval: Duration::from_secs(30) }
+        Self { cert_file: None, key_file: None, watch_interval: Duration::from_secs(30), allow_plaintext: false }
     }
 }
 
@@ -72,6 +75,9 @@ pub struct LimitsSettings {
     /// Live Subscribe streams of one user's devices at once (a device's newer stream ends its
     /// older one). Default 100.
     pub max_subscriptions_per_user: u32,
+    /// Open client connections (TLS handshakes included); a connection past it is closed as
+    /// soon as it is accepted. Default 10,000.
+    pub max_connections: u32,
     /// Calls in handlers at once over all connections (a stream counts until it started);
     /// more are shed with RESOURCE_EXHAUSTED. Default 1,024.
     pub max_concurrent_requests: u32,
@@ -151,7 +157,8 @@ pub struct DeliverySettings {
 pub struct AccountsSettings {
     /// Whether CreateAccount is possible at all. Default true.
     pub allow_registration: bool,
-    /// When set, CreateAccount needs this value in `x-lockstep-registration-secret`. Default unset.
+    /// When set, CreateAccount needs this value in `x-lockstep-registration-secret`; an empty
+    /// value is refused. Default unset.
     pub registration_secret: Option<String>,
     /// CreateAccount without the secret on a server that listens beyond loopback (anyone who
     /// reaches it can then create accounts, each with a Kafka topic). Default false: without a
@@ -231,6 +238,14 @@ pub struct RateLimitSettings {
     pub redeem_per_address: Rate,
     /// Push per account. Default burst 1,000, 3,600,000 an hour (1,000 a second).
     pub push_per_account: Rate,
+    /// CreateAccount refused for a bad invite code or registration secret, per peer address
+    /// (each one is a guess); these never take from `create_account_total`, which only
+    /// admitted calls use. Default burst 10, 60 an hour.
+    pub failed_registration_per_address: Rate,
+    /// Calls that cost database or Kafka work per account: SetPushTarget, GetPushTarget,
+    /// RemovePushTarget, every Keys call and ListDevices (one Kafka lookup per device).
+    /// Default burst 200, 18,000 an hour (5 a second).
+    pub database_calls_per_account: Rate,
 }
 
 impl Default for RateLimitSettings {
@@ -241,6 +256,8 @@ impl Default for RateLimitSettings {
             pairing_ticket_per_account: Rate { burst: 10, per_hour: 60 },
             redeem_per_address: Rate { burst: 10, per_hour: 60 },
             push_per_account: Rate { burst: 1000, per_hour: 3_600_000 },
+            failed_registration_per_address: Rate { burst: 10, per_hour: 60 },
+            database_calls_per_account: Rate { burst: 200, per_hour: 18_000 },
         }
     }
 }
@@ -342,6 +359,7 @@ impl Default for LimitsSettings {
             max_streams_per_connection: 64,
             max_subscriptions: 20_000,
             max_subscriptions_per_user: 100,
+            max_connections: 10_000,
             max_concurrent_requests: 1024,
             max_concurrent_requests_per_connection: 32,
             max_concurrent_requests_per_device: 32,
@@ -448,6 +466,9 @@ impl Settings {
             return fail("events.lease_interval must be at least 1s");
         }
         let limits = &self.limits;
+        if limits.max_connections == 0 {
+            return fail("limits.max_connections must be at least 1");
+        }
         if limits.max_concurrent_requests == 0
             || limits.max_concurrent_requests_per_connection == 0
             || limits.max_concurrent_requests_per_device == 0
@@ -472,6 +493,8 @@ impl Settings {
             ("pairing_ticket_per_account", rates.pairing_ticket_per_account),
             ("redeem_per_address", rates.redeem_per_address),
             ("push_per_account", rates.push_per_account),
+            ("failed_registration_per_address", rates.failed_registration_per_address),
+            ("database_calls_per_account", rates.database_calls_per_account),
         ] {
             if rate.burst == 0 {
                 return fail(&format!("rate_limits.{name}.burst must be at least 1"));
@@ -483,6 +506,10 @@ impl Settings {
             return fail(
                 "accounts.invite_only excludes accounts.registration_secret and accounts.allow_open_registration",
             );
+        }
+        if self.accounts.registration_secret.as_deref().is_some_and(|secret| secret.trim().is_empty()) {
+            // An empty header would match it: leave the secret unset instead.
+            return fail("accounts.registration_secret must not be empty (leave it unset for no secret)");
         }
         if self.accounts.max_devices_per_account == 0 {
             return fail("accounts.max_devices_per_account must be at least 1");
@@ -598,6 +625,38 @@ mod tests {
             jail.set_env("LOCKSTEP_ACCOUNTS__REGISTRATION_SECRET", "s3cret");
             let error = Settings::load(Some(file)).unwrap_err().to_string();
             assert!(error.contains("invite_only"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_empty_registration_secret_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            for empty in ["", "  "] {
+                jail.set_env("LOCKSTEP_ACCOUNTS__REGISTRATION_SECRET", empty);
+                let error = Settings::load(None).unwrap_err().to_string();
+                assert!(error.contains("accounts.registration_secret"), "{empty:?}: {error}");
+            }
+            jail.set_env("LOCKSTEP_ACCOUNTS__REGISTRATION_SECRET", "s3cret");
+            let settings = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.accounts.registration_secret.as_deref(), Some("s3cret"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn new_limits_load_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LOCKSTEP_LIMITS__MAX_CONNECTIONS", "2");
+            jail.set_env("LOCKSTEP_TLS__ALLOW_PLAINTEXT", "true");
+            jail.set_env("LOCKSTEP_RATE_LIMITS__DATABASE_CALLS_PER_ACCOUNT", "{burst=3,per_hour=4}");
+            let settings = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.limits.max_connections, 2);
+            assert!(settings.tls.allow_plaintext);
+            assert_eq!(settings.rate_limits.database_calls_per_account, Rate { burst: 3, per_hour: 4 });
+            jail.set_env("LOCKSTEP_LIMITS__MAX_CONNECTIONS", "0");
+            let error = Settings::load(None).unwrap_err().to_string();
+            assert!(error.contains("limits.max_connections"), "{error}");
             Ok(())
         });
     }

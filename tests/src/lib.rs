@@ -24,6 +24,6 @@ pub mod proxy;
 pub mod workload;
 
 pub use lockstep_testkit::{
-    cli, dashboard, device, device_group, free_port, http_get, http_get_with, kafka, log_tail, process, promtool_check,
-    push, server, stack, tls, user_topic, wait,
+    cli, dashboard, device, device_group, free_port, http_get, http_get_with, http_request, kafka, log_tail, process,
+    promtool_check, push, server, stack, tls, user_topic, wait,
 };

@@ -13,7 +13,10 @@ use lockstep_e2e::{
 };
 use lockstep_proto::{
     retry,
-    v1::{CreateAccountRequest, CreatePairingTicketRequest, RedeemPairingTicketRequest, RevokeDeviceRequest},
+    v1::{
+        CreateAccountRequest, CreatePairingTicketRequest, ListDevicesRequest, RedeemPairingTicketRequest,
+        RevokeDeviceRequest,
+    },
 };
 use rdkafka::{
     ClientConfig,
@@ -131,5 +134,28 @@ async fn pairing_tickets_are_rate_limited_and_accounts_capped_at_their_devices()
     };
     assert_throttled(&status);
     assert_eq!(issued, 10);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_heavy_calls_are_rate_limited_per_account() -> anyhow::Result<()> {
+    let kafka = Kafka::start().await?;
+    let server = Server::start_with_default_limits(
+        &kafka,
+        &[
+            ("LOCKSTEP_RATE_LIMITS__DATABASE_CALLS_PER_ACCOUNT__BURST", "3"),
+            ("LOCKSTEP_RATE_LIMITS__DATABASE_CALLS_PER_ACCOUNT__PER_HOUR", "1"),
+        ],
+    )
+    .await?;
+    let busy = Device::create_account(&server, "busy").await?;
+    let other = Device::create_account(&server, "other").await?;
+    for _ in 0..3 {
+        busy.accounts.clone().list_devices(busy.request(ListDevicesRequest {})).await?;
+    }
+    let status = busy.accounts.clone().list_devices(busy.request(ListDevicesRequest {})).await.unwrap_err();
+    assert_throttled(&status);
+    // Per account: another account's calls still go through.
+    other.accounts.clone().list_devices(other.request(ListDevicesRequest {})).await?;
     Ok(())
 }

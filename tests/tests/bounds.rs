@@ -196,3 +196,41 @@ async fn one_device_cannot_take_every_call_slot() -> anyhow::Result<()> {
     assert_eq!(listed.into_inner().devices.len(), 2);
     Ok(())
 }
+
+/// `limits.max_connections`: with two connections open, a third is closed at once (its
+/// call fails); when one of the two closes, new connections are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_are_closed() -> anyhow::Result<()> {
+    use lockstep_e2e::{kafka::Kafka, server::Server};
+    use lockstep_proto::v1::GetServerInfoRequest;
+    let kafka = Kafka::start().await?;
+    let server = Server::start_with(&kafka, &[("LOCKSTEP_LIMITS__MAX_CONNECTIONS", "2")]).await?;
+    let mut first = server.sync().await?;
+    first.get_server_info(GetServerInfoRequest {}).await?;
+    let mut second = server.sync().await?;
+    second.get_server_info(GetServerInfoRequest {}).await?;
+    // A third connection is accepted by the kernel and closed by the server before any answer.
+    let third = match server.sync().await {
+        Ok(mut third) => {
+            third.get_server_info(GetServerInfoRequest {}).await.map(|_| ()).map_err(|status| status.to_string())
+        }
+        Err(error) => Err(error.to_string()),
+    };
+    assert!(third.is_err(), "a third connection was served");
+    second.get_server_info(GetServerInfoRequest {}).await.expect("the open connections are still served");
+    drop(first);
+    // The server frees the slot when it sees the connection end: wait for that.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let served = match server.sync().await {
+            Ok(mut client) => client.get_server_info(GetServerInfoRequest {}).await.is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "a freed slot never served a new connection");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -343,9 +343,40 @@ async fn the_dashboard_shows_each_devices_status_in_the_api_and_in_a_real_browse
         lockstep_e2e::http_get_with(guarded.addr(), "/api/v1/devices", &[("Authorization", &bearer)]).await?.0,
         200
     );
-    assert_eq!(guarded.get(&format!("/?token={token}")).await?.0, 200);
-    let cookie = format!("lockstep_admin={token}");
-    assert_eq!(lockstep_e2e::http_get_with(guarded.addr(), "/metrics", &[("Cookie", &cookie)]).await?.0, 200);
+    // A token in the URL is not accepted (browser history, proxy logs); the sign-in form is.
+    assert_eq!(guarded.get(&format!("/?token={token}")).await?.0, 401);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let (status, _, _) =
+        lockstep_e2e::http_request(guarded.addr(), "POST", "/login", &form, "token=wrong-token-0123456789").await?;
+    assert_eq!(status, 401, "a wrong token signs nobody in");
+    let (status, head, _) =
+        lockstep_e2e::http_request(guarded.addr(), "POST", "/login", &form, &format!("token={token}")).await?;
+    assert_eq!(status, 303, "{head}");
+    let set_cookie = head
+        .lines()
+        .find_map(|line| line.strip_prefix("set-cookie: ").or_else(|| line.strip_prefix("Set-Cookie: ")))
+        .ok_or_else(|| anyhow::anyhow!("no session cookie in {head}"))?;
+    assert!(!set_cookie.contains(token), "the raw token is not the session: {set_cookie}");
+    for attribute in ["HttpOnly", "SameSite=Strict"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    assert!(!set_cookie.contains("Secure"), "plain HTTP without secure_cookie: {set_cookie}");
+    let session = set_cookie.split(';').next().unwrap_or_default();
+    assert_eq!(lockstep_e2e::http_get_with(guarded.addr(), "/metrics", &[("Cookie", session)]).await?.0, 200);
+    assert_eq!(lockstep_e2e::http_get_with(guarded.addr(), "/", &[("Cookie", session)]).await?.0, 200);
+    let (_, head, _) = lockstep_e2e::http_request(
+        guarded.addr(),
+        "POST",
+        "/login",
+        &[form[0], ("X-Forwarded-Proto", "https")],
+        &format!("token={token}"),
+    )
+    .await?;
+    assert!(head.contains("; Secure"), "behind TLS the cookie is Secure: {head}");
+    // DNS rebinding: a page on another name that resolves to 127.0.0.1 is refused, token or not.
+    let rebound = [("Host", "rebind.example:8090"), ("Authorization", bearer.as_str())];
+    assert_eq!(lockstep_e2e::http_get_with(guarded.addr(), "/api/v1/devices", &rebound).await?.0, 421);
+    assert_eq!(lockstep_e2e::http_get_with(dashboard.addr(), "/", &[("Host", "rebind.example")]).await?.0, 421);
     assert_eq!(
         lockstep_e2e::http_get_with(guarded.addr(), "/", &[("Authorization", "Bearer wrong-token-0123456789")])
             .await?

@@ -182,3 +182,41 @@ async fn invite_guesses_are_rate_limited_and_a_closed_server_says_so() -> anyhow
     assert_eq!(user_topics(kafka.bootstrap())?, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_invite_codes_do_not_use_up_the_server_wide_account_budget() -> anyhow::Result<()> {
+    let kafka = Kafka::start().await?;
+    let server = Server::start_with_default_limits(
+        &kafka,
+        &[
+            ("LOCKSTEP_ACCOUNTS__INVITE_ONLY", "true"),
+            // Only the buckets under test can refuse here.
+            ("LOCKSTEP_RATE_LIMITS__CREATE_ACCOUNT_PER_ADDRESS__BURST", "1000"),
+            ("LOCKSTEP_RATE_LIMITS__CREATE_ACCOUNT_TOTAL__BURST", "2"),
+            ("LOCKSTEP_RATE_LIMITS__CREATE_ACCOUNT_TOTAL__PER_HOUR", "1"),
+            ("LOCKSTEP_RATE_LIMITS__FAILED_REGISTRATION_PER_ADDRESS__BURST", "10"),
+            ("LOCKSTEP_RATE_LIMITS__FAILED_REGISTRATION_PER_ADDRESS__PER_HOUR", "1"),
+        ],
+    )
+    .await?;
+    let guess = |index: usize| format!("lsi_guess{index:023}");
+    for index in 0..5 {
+        assert_refused(create_account(&server, "guesser", &guess(index)).await);
+    }
+    // The server-wide budget of 2 is still whole: two real sign-ups get through, a third does not.
+    let invites = create_invites(&server, &["--count", "3"])?;
+    create_account(&server, "first", &invites[0].1).await.expect("first sign-up");
+    create_account(&server, "second", &invites[1].1).await.expect("second sign-up");
+    let status = create_account(&server, "third", &invites[2].1).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("new accounts"), "{status:?}");
+    // The guesser's own bucket: five more guesses are checked, then it is empty.
+    for index in 5..10 {
+        assert_refused(create_account(&server, "guesser", &guess(index)).await);
+    }
+    let status = create_account(&server, "guesser", &guess(10)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("refused invite codes"), "{status:?}");
+    assert!(lockstep_proto::retry::retry_after(&status).is_some(), "{status:?}");
+    Ok(())
+}

@@ -185,3 +185,20 @@ async fn kafka_over_tls_with_sasl_scram_through_a_terminating_proxy() -> anyhow:
     assert_eq!(offsets.fetch(&group, &topic, 0).await?, Some(3));
     Ok(())
 }
+
+/// Listening beyond loopback without a certificate, the server refuses to start (before it
+/// touches Kafka) and names the setting that would allow it.
+#[test]
+fn a_server_beyond_loopback_without_tls_refuses_to_start() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let output = std::process::Command::new(lockstep_e2e::server::lockstep_binary()?)
+        .args(["--listen", "0.0.0.0:0", "--kafka-brokers", "127.0.0.1:1"])
+        .env("LOCKSTEP_DATA_DIR", data.path())
+        .env_remove("LOCKSTEP_TLS__ALLOW_PLAINTEXT")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "started: {stderr}");
+    assert!(stderr.contains("tls.allow_plaintext") && stderr.contains("without TLS"), "{stderr}");
+    Ok(())
+}

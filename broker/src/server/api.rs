@@ -14,7 +14,10 @@ use lockstep_schemas::{PushTarget, TargetRemovedReason};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::App;
+use super::{
+    App,
+    rate_limit::{self, Source},
+};
 use crate::{
     accounts::{AuthedDevice, InviteClaim, InviteError},
     delivery::SubscribeStream,
@@ -129,7 +132,25 @@ impl accounts_server::Accounts for AccountsApi {
         request: Request<CreateAccountRequest>,
     ) -> Result<Response<CreateAccountResponse>, Status> {
         let name = check_device_name(&request.get_ref().device_name)?;
-        let invite = self.admit(&request).await?;
+        let rates = &self.app.rates;
+        let source = Source::of(request.remote_addr().map(|addr| addr.ip()));
+        if let Err(wait) = rates.failed_registration_per_address.peek(&source) {
+            return Err(rate_limit::exhausted("refused invite codes or registration secrets", wait));
+        }
+        let invite = match self.admit(&request).await {
+            Ok(invite) => invite,
+            Err(refused @ ApiError::PermissionDenied(_)) => {
+                // A guess: it takes from its source's own bucket, never from the budget
+                // that admitted calls share.
+                let _ = rates.failed_registration_per_address.check(&source);
+                return Err(refused.into());
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if let Err(wait) = rates.create_account_total.check(&()) {
+            tracing::debug!(?wait, "rate limited: rate_limits.create_account_total");
+            return Err(rate_limit::exhausted("new accounts", wait));
+        }
         let user_id = uuid::Uuid::now_v7().to_string();
         let topic = user_topic(&self.app.settings.kafka, &user_id);
         // A failure from here on drops `invite`, which frees it for another try.

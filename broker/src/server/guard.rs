@@ -14,9 +14,12 @@
 //!    as the bytes arrive. Either limit sheds with RESOURCE_EXHAUSTED (retryable)
 //!    and `x-lockstep-retry-after-ms`, which clients wait out before retrying.
 //! 3. **Rate-limit** what an attacker would repeat (see `rate_limit`):
-//!    CreateAccount and RedeemPairingTicket per peer address (and CreateAccount
-//!    for the whole server), CreatePairingTicket and Push per account; shed the
-//!    same way, with the wait until the next token.
+//!    CreateAccount and RedeemPairingTicket per peer address (an IPv4 address or
+//!    an IPv6 /64), CreatePairingTicket, Push and the calls that cost database
+//!    or Kafka work (push targets, Keys, ListDevices) per account; shed the same
+//!    way, with the wait until the next token. CreateAccount's server-wide
+//!    budget and its failed guesses are counted by the handler, which alone
+//!    knows whether an invite code was good.
 //! 4. **Time out.** A call (body upload included) that is not answered within
 //!    `limits.request_timeout` ends UNAVAILABLE (retryable); a stream counts
 //!    until its first message.
@@ -41,13 +44,8 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use super::rate_limit::RateLimiter;
-use crate::{
-    accounts::Accounts,
-    error::ApiError,
-    settings::{LimitsSettings, RateLimitSettings},
-    slots::KeyedSlots,
-};
+use super::rate_limit::{self, Rates, Source};
+use crate::{accounts::Accounts, error::ApiError, settings::LimitsSettings, slots::KeyedSlots};
 use lockstep_kafka::locks::lock;
 
 /// Calls anyone may make without a device token.
@@ -60,6 +58,9 @@ const PUSH: &str = "/lockstep.v1.Sync/Push";
 const CREATE_ACCOUNT: &str = "/lockstep.v1.Accounts/CreateAccount";
 const REDEEM: &str = "/lockstep.v1.Accounts/RedeemPairingTicket";
 const PAIRING_TICKET: &str = "/lockstep.v1.Accounts/CreatePairingTicket";
+/// Calls that cost database or Kafka work per call (ListDevices: one Kafka lookup per device).
+const DATABASE_CALLS: &[&str] =
+    &["/lockstep.v1.Accounts/ListDevices", "/lockstep.v1.PushTargets/", "/lockstep.v1.Keys/"];
 /// The services this gate guards; health and reflection stay open.
 const GUARDED_PREFIX: &str = "/lockstep.v1.";
 const MAX_TOKEN_CHARS: usize = 128;
@@ -72,16 +73,7 @@ struct Shared {
     push_bytes: Arc<Semaphore>,
     request_timeout: Duration,
     retry_after: Duration,
-    rates: Rates,
-}
-
-/// One limiter per rate-limited call; `None` keys a peer whose address is unknown.
-struct Rates {
-    create_account_per_address: RateLimiter<Option<IpAddr>>,
-    create_account_total: RateLimiter<()>,
-    pairing_ticket_per_account: RateLimiter<Arc<str>>,
-    redeem_per_address: RateLimiter<Option<IpAddr>>,
-    push_per_account: RateLimiter<Arc<str>>,
+    rates: Arc<Rates>,
 }
 
 #[derive(Clone)]
@@ -90,7 +82,7 @@ pub struct GuardLayer {
 }
 
 impl GuardLayer {
-    pub fn new(accounts: Accounts, limits: &LimitsSettings, rates: &RateLimitSettings) -> Self {
+    pub fn new(accounts: Accounts, limits: &LimitsSettings, rates: Arc<Rates>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 accounts,
@@ -99,13 +91,7 @@ impl GuardLayer {
                 push_bytes: Arc::new(Semaphore::new(limits.max_inflight_push_bytes as usize)),
                 request_timeout: limits.request_timeout,
                 retry_after: limits.retry_after,
-                rates: Rates {
-                    create_account_per_address: RateLimiter::new(rates.create_account_per_address),
-                    create_account_total: RateLimiter::new(rates.create_account_total),
-                    pairing_ticket_per_account: RateLimiter::new(rates.pairing_ticket_per_account),
-                    redeem_per_address: RateLimiter::new(rates.redeem_per_address),
-                    push_per_account: RateLimiter::new(rates.push_per_account),
-                },
+                rates,
             }),
         }
     }
@@ -152,27 +138,31 @@ impl Shared {
 
     /// The rate limit of the call at `path`, if it has one.
     fn rate_limit(&self, path: &str, peer: Option<IpAddr>, user_id: Option<&Arc<str>>) -> Result<(), Status> {
-        let rates = &self.rates;
-        let (verdict, what) = match (path, user_id) {
-            (CREATE_ACCOUNT, _) => (
-                rates.create_account_per_address.check(&peer).and_then(|()| rates.create_account_total.check(&())),
-                "new accounts",
-            ),
-            (REDEEM, _) => (rates.redeem_per_address.check(&peer), "pairing attempts"),
-            (PAIRING_TICKET, Some(user)) => (rates.pairing_ticket_per_account.check(user), "pairing tickets"),
-            (PUSH, Some(user)) => (rates.push_per_account.check(user), "pushes"),
-            _ => (Ok(()), ""),
-        };
-        verdict.map_err(|wait| {
-            tracing::debug!(path, ?peer, ?wait, "rate limited");
-            let mut status = Status::from(ApiError::ResourceExhausted(format!(
-                "too many {what} from here; retry in {} s",
-                wait.as_secs().max(1)
-            )));
-            retry::set_retry_after(&mut status, wait);
-            status
-        })
+        rate_limit(&self.rates, path, peer, user_id)
     }
+}
+
+/// The rate limit of the call at `path`, if it has one.
+fn rate_limit(rates: &Rates, path: &str, peer: Option<IpAddr>, user_id: Option<&Arc<str>>) -> Result<(), Status> {
+    let source = Source::of(peer);
+    let (verdict, what) = match (path, user_id) {
+        (CREATE_ACCOUNT, _) => (rates.create_account_per_address.check(&source), "new accounts"),
+        (REDEEM, _) => (rates.redeem_per_address.check(&source), "pairing attempts"),
+        (PAIRING_TICKET, Some(user)) => (rates.pairing_ticket_per_account.check(user), "pairing tickets"),
+        (PUSH, Some(user)) => (rates.push_per_account.check(user), "pushes"),
+        (path, Some(user)) if is_database_call(path) => {
+            (rates.database_calls_per_account.check(user), "account and key lookups")
+        }
+        _ => (Ok(()), ""),
+    };
+    verdict.map_err(|wait| {
+        tracing::debug!(path, ?peer, ?wait, "rate limited");
+        rate_limit::exhausted(what, wait)
+    })
+}
+
+fn is_database_call(path: &str) -> bool {
+    DATABASE_CALLS.iter().any(|call| if call.ends_with('/') { path.starts_with(call) } else { path == *call })
 }
 
 /// The address of the peer that sent `request`, in the clear or through TLS.
@@ -317,5 +307,49 @@ impl HttpBody for BudgetedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{Rate, RateLimitSettings};
+
+    #[test]
+    fn database_heavy_calls_share_one_bucket_per_account() {
+        let settings =
+            RateLimitSettings { database_calls_per_account: Rate { burst: 3, per_hour: 1 }, ..Default::default() };
+        let rates = Rates::new(&settings);
+        let (alice, bob): (Arc<str>, Arc<str>) = ("alice".into(), "bob".into());
+        for path in [
+            "/lockstep.v1.Accounts/ListDevices",
+            "/lockstep.v1.Keys/ListDeviceKeys",
+            "/lockstep.v1.PushTargets/SetPushTarget",
+        ] {
+            rate_limit(&rates, path, None, Some(&alice)).expect("within the burst");
+        }
+        let status = rate_limit(&rates, "/lockstep.v1.Keys/GetEpochKeys", None, Some(&alice)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(retry::retry_after(&status).is_some_and(|wait| wait >= Duration::from_secs(60)), "{status:?}");
+        rate_limit(&rates, "/lockstep.v1.Keys/GetEpochKeys", None, Some(&bob)).expect("another account");
+        for path in ["/lockstep.v1.Sync/Ack", "/lockstep.v1.Accounts/RevokeDevice", "/lockstep.v1.Sync/GetServerInfo"] {
+            rate_limit(&rates, path, None, Some(&alice)).expect("not a database-heavy call");
+        }
+    }
+
+    #[test]
+    fn create_account_takes_only_the_per_address_bucket_here() {
+        let settings = RateLimitSettings {
+            create_account_per_address: Rate { burst: 1, per_hour: 1 },
+            create_account_total: Rate { burst: 1, per_hour: 1 },
+            ..Default::default()
+        };
+        let rates = Rates::new(&settings);
+        let peer = |text: &str| Some(text.parse::<IpAddr>().unwrap());
+        rate_limit(&rates, CREATE_ACCOUNT, peer("2001:db8::1"), None).expect("first call");
+        assert!(rate_limit(&rates, CREATE_ACCOUNT, peer("2001:db8::ffff"), None).is_err(), "same /64");
+        rate_limit(&rates, CREATE_ACCOUNT, peer("2001:db8:0:1::1"), None).expect("another /64");
+        // The server-wide budget is the handler's, for admitted calls only.
+        rates.create_account_total.check(&()).expect("untouched by the guard");
     }
 }

@@ -26,6 +26,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::connections::{ConnectionLimit, Counted};
 use crate::settings::TlsSettings;
 
 /// Handshakes in progress at once; more connections wait in the kernel's backlog.
@@ -154,12 +155,14 @@ pub fn server_config(store: Arc<CertStore>) -> ServerConfig {
     config
 }
 
-/// Accepts TCP connections on `listener`, runs each TLS handshake in its own task
-/// (bounded, with a deadline) and yields the finished streams to the gRPC server.
+/// Accepts TCP connections on `listener` (those past `limit` are closed at once), runs
+/// each TLS handshake in its own task (bounded, with a deadline) and yields the finished
+/// streams to the gRPC server.
 pub fn incoming(
     listener: TcpListener,
     config: ServerConfig,
-) -> ReceiverStream<io::Result<TlsStream<tokio::net::TcpStream>>> {
+    limit: ConnectionLimit,
+) -> ReceiverStream<io::Result<Counted<TlsStream<tokio::net::TcpStream>>>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (streams_tx, streams_rx) = mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
@@ -178,15 +181,18 @@ pub fn incoming(
             if streams_tx.is_closed() {
                 return;
             }
+            // The slot is held from here to the connection's end, its handshake included.
+            let Some(stream) = limit.admit(stream) else { continue };
             // See `server::run` on TCP_NODELAY; dead peers are found by HTTP/2 keepalive pings.
-            let _ = stream.set_nodelay(true);
+            let _ = stream.get_ref().set_nodelay(true);
             let acceptor = acceptor.clone();
             let streams_tx = streams_tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream)).await {
+                let (tcp, slot) = stream.into_parts();
+                match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = streams_tx.send(Ok(tls)).await;
+                        let _ = streams_tx.send(Ok(Counted::from_parts(tls, slot))).await;
                     }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "tls handshake failed"),
                     Err(_) => tracing::debug!(%peer, "tls handshake timed out"),

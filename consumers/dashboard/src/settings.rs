@@ -17,10 +17,21 @@ use crate::status::StatusSettings;
 pub struct Settings {
     /// Where the page, the JSON API and `/metrics` listen. Default `127.0.0.1:8090`.
     pub listen_addr: SocketAddr,
-    /// The admin token: needed (bearer, `lockstep_admin` cookie or `?token=`) for
-    /// everything but `/healthz`. Required when `listen_addr` is not a loopback
-    /// address. Default unset.
+    /// The admin token: needed for everything but `/healthz` and `/login`, as
+    /// `Authorization: Bearer <token>` or through the sign-in form at `/login` (which
+    /// sets a session cookie derived from it; a token in the URL is not accepted).
+    /// Required when `listen_addr` is not a loopback address. Default unset.
     pub admin_token: Option<String>,
+    /// Host names (or addresses) the dashboard answers to besides loopback ones
+    /// (`localhost`, 127.0.0.0/8, `::1`) and its own listen address, e.g.
+    /// `["dashboard", "ops.example.org"]`. Requests naming any other `Host` are refused
+    /// (421), so that a web page cannot read the dashboard through DNS rebinding.
+    /// Default empty.
+    pub allowed_hosts: Vec<String>,
+    /// Mark the session cookie `Secure` (browsers then send it over HTTPS only): set it
+    /// when TLS is terminated in front of the dashboard. Requests that arrive with
+    /// `X-Forwarded-Proto: https` get a `Secure` cookie anyway. Default false.
+    pub secure_cookie: bool,
     /// How often the page reloads itself (`<meta http-equiv=refresh>`). Default 5s.
     #[serde(with = "humantime_serde")]
     pub page_refresh: Duration,
@@ -80,6 +91,8 @@ impl Default for Settings {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8090)),
             admin_token: None,
+            allowed_hosts: Vec::new(),
+            secure_cookie: false,
             page_refresh: Duration::from_secs(5),
             table_rows: 500,
             kafka: DashboardKafkaSettings::default(),
@@ -120,6 +133,8 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("listen_addr", &self.listen_addr)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("secure_cookie", &self.secure_cookie)
             .field("page_refresh", &self.page_refresh)
             .field("table_rows", &self.table_rows)
             .field("kafka", &self.kafka)
@@ -158,6 +173,14 @@ impl Settings {
         let fail = |message: &str| Err(SettingsError::invalid(message));
         if !self.listen_addr.ip().is_loopback() && self.admin_token.as_deref().is_none_or(|t| t.len() < 16) {
             return fail("admin_token (at least 16 characters) is required when listen_addr is not a loopback address");
+        }
+        let bad_host = |host: &String| {
+            host.trim().is_empty()
+                || host.contains(['/', ' '])
+                || (host.contains(':') && host.trim_matches(['[', ']']).parse::<std::net::Ipv6Addr>().is_err())
+        };
+        if self.allowed_hosts.iter().any(bad_host) {
+            return fail("allowed_hosts: each entry is a host name or address, without a port or scheme");
         }
         if self.refresh.interval.is_zero() || self.refresh.concurrency == 0 || self.page_refresh.is_zero() {
             return fail("refresh.interval, refresh.concurrency and page_refresh must be non-zero");

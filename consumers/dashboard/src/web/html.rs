@@ -312,6 +312,20 @@ pub fn user_page(user: &UserView, now_ms: i64, refresh: Duration) -> String {
     page
 }
 
+/// The sign-in form: the admin token goes in a POST body, never in the URL.
+pub fn login_page(error: Option<&str>) -> String {
+    let error =
+        error.map(|error| format!("<p class=\"st st-RESYNC_NEEDED\">{}</p>", escape(error))).unwrap_or_default();
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\"><title>sign in: lockstep dashboard</title>\
+         <style>{STYLE}</style></head><body><h1>Lockstep dashboard</h1>{error}\
+         <form method=\"post\" action=\"/login\"><label>Admin token \
+         <input type=\"password\" name=\"token\" autocomplete=\"current-password\" required autofocus></label> \
+         <button type=\"submit\">Sign in</button></form></body></html>"
+    )
+}
+
 pub fn not_found(user_id: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>unknown user</title></head>\

@@ -1,16 +1,18 @@
 //! The HTTP side: the page (server-rendered HTML that reloads itself, no
 //! JavaScript), the JSON API with the same data, `/metrics` and `/healthz`.
-//! Everything but `/healthz` needs the admin token when one is set.
+//! Everything but `/healthz` and `/login` needs the admin token when one is set,
+//! and every request must name an allowed host (see `auth`).
 
+mod auth;
 mod html;
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    middleware::{self, Next},
+    extract::{Path, Query, State},
+    http::{StatusCode, header},
+    middleware,
     response::{Html, IntoResponse, Response},
     routing::get,
 };
@@ -20,9 +22,6 @@ use lockstep_kafka::locks::lock;
 
 use crate::{App, fleet::DeviceView, now_ms, status::Status};
 
-/// The cookie that carries the admin token after a `?token=` visit.
-const TOKEN_COOKIE: &str = "lockstep_admin";
-
 pub fn router(app: Arc<App>) -> Router {
     let protected = Router::new()
         .route("/", get(fleet_page))
@@ -31,8 +30,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/users/{user_id}", get(api_user))
         .route("/api/v1/summary", get(api_summary))
         .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
-    Router::new().route("/healthz", get(healthz)).merge(protected).with_state(app)
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth::require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/login", get(auth::login_form).post(auth::login))
+        .merge(protected)
+        .layer(middleware::from_fn_with_state(app.clone(), auth::require_allowed_host))
+        .with_state(app)
 }
 
 #[derive(Serialize)]
@@ -48,9 +52,6 @@ pub struct DeviceFilter {
     pub user: Option<String>,
     /// Most rows on the page (default `table_rows`).
     pub limit: Option<usize>,
-    /// The admin token (read by the middleware).
-    #[allow(dead_code)]
-    pub token: Option<String>,
 }
 
 impl DeviceFilter {
@@ -73,54 +74,6 @@ impl DeviceFilter {
             .filter(|view| user.is_none_or(|user| view.user_id == user))
             .collect())
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn presented_token(headers: &HeaderMap, query: Option<&str>) -> (Option<String>, bool) {
-    if let Some(bearer) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-    {
-        return (Some(bearer.trim().to_string()), false);
-    }
-    if let Some(token) =
-        query.and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_string))
-    {
-        return (Some(token), true);
-    }
-    let cookie = headers.get_all(header::COOKIE).iter().filter_map(|value| value.to_str().ok()).find_map(|cookies| {
-        cookies
-            .split(';')
-            .find_map(|pair| pair.trim().strip_prefix(TOKEN_COOKIE).and_then(|rest| rest.strip_prefix('=')))
-    });
-    (cookie.map(str::to_string), false)
-}
-
-async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let Some(expected) = app.settings.admin_token.as_deref() else {
-        return next.run(request).await;
-    };
-    let (presented, from_query) = presented_token(request.headers(), request.uri().query());
-    if !presented.is_some_and(|token| constant_time_eq(token.as_bytes(), expected.as_bytes())) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "admin token required (Authorization: Bearer, or ?token=)\n",
-        )
-            .into_response();
-    }
-    let mut response = next.run(request).await;
-    if from_query
-        && let Ok(cookie) =
-            HeaderValue::from_str(&format!("{TOKEN_COOKIE}={expected}; Path=/; HttpOnly; SameSite=Strict"))
-    {
-        response.headers_mut().insert(header::SET_COOKIE, cookie);
-    }
-    response
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
