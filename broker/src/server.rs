@@ -339,9 +339,11 @@ async fn grpc_router(
     health_reporter.set_serving::<SyncServer<SyncApi>>().await;
     health_reporter.set_serving::<PushTargetsServer<PushTargetsApi>>().await;
     health_reporter.set_serving::<KeysServer<KeysApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both forms of reflection: grpcurl speaks v1, while Python's grpcio-reflection, older grpcurl
+    // and several GUI clients speak only v1alpha (and get UNIMPLEMENTED without it).
+    let reflection =
+        || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET);
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let max_message = limits.max_request_bytes as usize;
     let accounts_service = AccountsServer::new(AccountsApi::new(app.clone()))
         .max_decoding_message_size(64 * 1024)
@@ -363,7 +365,8 @@ async fn grpc_router(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(accounts_service)
         .add_service(sync_service)
         .add_service(push_targets_service)

@@ -1,6 +1,7 @@
 //! The API through an independent gRPC implementation (Python grpcio, with
 //! stubs generated from our .proto files by grpcio-tools): what a non-Rust
-//! device would see. scripts/test installs grpcio; without it this test fails.
+//! device would see; and reflection as Python's grpcio-reflection (v1alpha
+//! only) sees it. scripts/test installs both; without them these tests fail.
 
 use std::{path::Path, process::Command};
 
@@ -26,5 +27,29 @@ async fn a_python_grpcio_device_can_sync() -> anyhow::Result<()> {
         output.status
     );
     assert!(stdout.contains("grpcio client: ok"), "{stdout}");
+    Ok(())
+}
+
+/// Python's grpcio-reflection speaks only v1alpha reflection (so do older grpcurl and GUI
+/// clients): the server answers it as it answers v1, with every service and its descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_answers_a_v1alpha_client() -> anyhow::Result<()> {
+    let kafka = Kafka::start().await?;
+    let server = Server::start(&kafka).await?;
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let address = server.addr().to_string();
+    let output = tokio::task::spawn_blocking({
+        let script = here.join("python/reflection_check.py");
+        move || Command::new("python3").arg(script).arg(address).output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "v1alpha reflection check failed ({}); install with `python3 -m pip install grpcio-reflection`\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("v1alpha reflection: ok"), "{stdout}");
     Ok(())
 }
