@@ -98,10 +98,14 @@ impl Reporter {
             return;
         }
         let forced = matches!(progress, Progress::Resync { .. } | Progress::Rebuilt { .. } | Progress::CaughtUp { .. });
-        if !forced && self.last.elapsed() < Duration::from_millis(200) {
-            return;
+        // Only lines of the same stream of progress thin each other out: a live change right after
+        // a heartbeat's "up to date" line is still shown.
+        if !forced {
+            if self.last.elapsed() < Duration::from_millis(200) {
+                return;
+            }
+            self.last = Instant::now();
         }
-        self.last = Instant::now();
         let line = match progress {
             Progress::Pushed { done, total } => format!("pushed {done}/{total} local changes"),
             Progress::Received { applied, cursor, log_end: Some(end) } => {

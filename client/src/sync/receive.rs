@@ -45,6 +45,14 @@ fn idle_limit(heartbeat_interval_ms: u32) -> Duration {
     }
 }
 
+/// The log end as known after a batch moved the cursor: the last heartbeat's,
+/// but never below the cursor (the log holds what was just applied). A live
+/// batch arrives before the heartbeat that tells the new end; without this,
+/// progress read "at offset 5 of 0". Unknown stays unknown (no heartbeat yet).
+fn log_end_after_batch(known: Option<i64>, cursor: i64) -> Option<i64> {
+    known.map(|end| end.max(cursor))
+}
+
 fn reason_of(reason: i32) -> ResyncReason {
     match WireReason::try_from(reason) {
         Ok(WireReason::HistoryExpired) => ResyncReason::HistoryExpired,
@@ -210,6 +218,7 @@ impl Syncer {
                     report.applied_from_deferred += applied.from_deferred as u64;
                     let cursor = self.store.cursor()?.unwrap_or(last + 1);
                     report.cursor = Some(cursor);
+                    log_end = log_end_after_batch(log_end, cursor);
                     progress(Progress::Received { applied: report.received, cursor, log_end });
                 }
                 Some(Event::Heartbeat(heartbeat)) => {
@@ -346,6 +355,13 @@ mod tests {
         assert_eq!(idle_limit(10_000), Duration::from_secs(30));
         assert_eq!(idle_limit(100), Duration::from_secs(1), "at least a second");
         assert_eq!(idle_limit(0), Duration::from_secs(90), "a server that does not say");
+    }
+
+    #[test]
+    fn the_log_end_shown_is_never_below_the_cursor() {
+        assert_eq!(log_end_after_batch(Some(0), 5), Some(5), "a live batch after a heartbeat at an empty log");
+        assert_eq!(log_end_after_batch(Some(10_000), 500), Some(10_000), "a catch-up under way");
+        assert_eq!(log_end_after_batch(None, 5), None, "no heartbeat yet: not known");
     }
 
     #[test]

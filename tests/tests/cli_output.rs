@@ -1,0 +1,73 @@
+//! What `lockstep-cli` tells a person in the first hour: every command's help,
+//! the progress of `watch`, what `server-info` shows a web app, and which
+//! address to use when the scheme does not match the server (issue 23).
+
+use anyhow::Context;
+use lockstep_e2e::stack::CliStack;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+
+/// The next stderr line of `watch` that `wanted` accepts.
+async fn next_line(
+    lines: &mut Lines<BufReader<tokio::process::ChildStderr>>,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let found = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if wanted(&line) {
+                return Ok::<_, anyhow::Error>(Some(line));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .context("no such progress line within 60 s")??;
+    found.context("watch ended")
+}
+
+/// "received 3 changes (at offset 7 of 7)" → (7, 7).
+fn offset_and_end(line: &str) -> Option<(i64, i64)> {
+    let inner = line.split("(at offset ").nth(1)?.strip_suffix(')')?;
+    let (offset, end) = inner.split_once(" of ")?;
+    Some((offset.parse().ok()?, end.parse().ok()?))
+}
+
+/// A live batch reaches `watch` before the heartbeat that tells the new log
+/// end; its progress line used to show the old end ("at offset 5 of 0").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_progress_never_shows_the_log_end_below_the_offset() -> anyhow::Result<()> {
+    assert_eq!(offset_and_end("received 5 changes (at offset 5 of 0)"), Some((5, 0)));
+    let CliStack { kafka: _kafka, server: _server, device: phone } = CliStack::start("phone").await?;
+    let laptop = phone.pair("laptop").await?;
+    let mut watch = laptop.spawn(&["watch"])?;
+    let mut lines = BufReader::new(watch.stderr.take().context("piped stderr")?).lines();
+    next_line(&mut lines, |line| line.starts_with("up to date at offset")).await?;
+
+    // Progress is shown at most every 200 ms, so a round's "received" line may be
+    // skipped; a round ends when the watch is up to date with what the phone wrote.
+    let mut shown = Vec::new();
+    for round in 0..20 {
+        phone.json(&["put", "-c", "notes", &format!(r#"{{"round":{round}}}"#)]).await?;
+        let log_end = phone.sync().await?["cursor"].as_i64().context("the phone's cursor")?;
+        loop {
+            let line =
+                next_line(&mut lines, |line| line.starts_with("received") || line.starts_with("up to date")).await?;
+            if line.starts_with("received") {
+                shown.push(line);
+            } else if line.strip_prefix("up to date at offset ").and_then(|at| at.parse::<i64>().ok()) >= Some(log_end)
+            {
+                break;
+            }
+        }
+        if shown.len() >= 3 {
+            break;
+        }
+    }
+    println!("watch showed: {shown:?}");
+    assert!(!shown.is_empty(), "watch never showed a received change");
+    for line in &shown {
+        let (offset, end) = offset_and_end(line).with_context(|| format!("no log end in {line:?}"))?;
+        assert!(end >= offset, "the log end shown is stale: {line:?}");
+    }
+    watch.start_kill()?;
+    Ok(())
+}
