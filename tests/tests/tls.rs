@@ -90,7 +90,9 @@ async fn the_cli_syncs_over_tls_refuses_a_wrong_certificate_and_follows_a_renewa
     // from a Lockstep handler, only a dead connection (not an application error, which would
     // mean the port served plaintext gRPC).
     let error = stranger.fail(&["init", "--server", &server.endpoint(), "--name", "x"]).await?;
+    println!("plaintext to the TLS port: {error}");
     assert!(is_dead_connection(&error), "plaintext to the TLS port: {error}");
+    assert!(error.contains("use https://") || error.contains("starts with https://"), "told what to do: {error}");
     // With a CA file the client refuses before connecting.
     let error = stranger.fail(&["--ca-file", &pinned, "init", "--server", &server.endpoint(), "--name", "x"]).await?;
     assert!(error.contains("a CA file was given but the server address is not https://"), "{error}");

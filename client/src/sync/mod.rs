@@ -87,6 +87,15 @@ pub enum SyncError {
 }
 
 fn describe(status: &Status) -> String {
+    if let Some(causes) = transport_failure(status) {
+        let hint = if PLAINTEXT_DIALED.load(std::sync::atomic::Ordering::Relaxed) {
+            " (the connection broke before the server answered: a server that speaks TLS does this to a plaintext \
+             client; if it does, its address starts with https://)"
+        } else {
+            " (the connection broke before the server answered; try again)"
+        };
+        return format!("{causes} ({:?}){hint}", status.code());
+    }
     let hint = match status.code() {
         Code::Unauthenticated => {
             " (this device's token is not valid any more: it may have been revoked; pair it again)"
@@ -98,6 +107,26 @@ fn describe(status: &Status) -> String {
         _ => "",
     };
     format!("{} ({:?}){hint}", status.message(), status.code())
+}
+
+/// A failure below gRPC: a status tonic made from a broken connection (no server
+/// sent it, so it has a source), as its message and the chain of its causes.
+/// Alone, "transport error (Unknown)" told nobody what to do.
+fn transport_failure(status: &Status) -> Option<String> {
+    let source = std::error::Error::source(status)?;
+    Some(with_causes(status.message().to_string(), Some(source)))
+}
+
+/// `message: cause: its cause…`, each cause once (the layers often repeat their inner error).
+fn with_causes(mut message: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(inner) = source {
+        let cause = inner.to_string();
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+        source = inner.source();
+    }
+    message
 }
 
 impl SyncError {
@@ -178,6 +207,11 @@ pub fn allow_plaintext() {
     ALLOW_PLAINTEXT.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether this process dialed a server by `http://` (no TLS): a connection that
+/// then breaks before any answer is most likely a TLS port, and the error says so.
+/// Process-wide like [`allow_plaintext`]: the CLI talks to one server per process.
+static PLAINTEXT_DIALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// `localhost`, `*.localhost`, 127.0.0.0/8 and `[::1]`.
 fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -220,13 +254,17 @@ pub async fn connect(server: &str, trust: &Trust) -> Result<Channel, SyncError> 
         endpoint = endpoint.tls_config(trust.tls_config()).map_err(|error| fail(format!("tls: {error}")))?;
     } else if matches!(trust, Trust::PinnedCa(_)) {
         return Err(fail("a CA file was given but the server address is not https://".into()));
+    } else {
+        PLAINTEXT_DIALED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    let tls = endpoint.uri().scheme_str() == Some("https");
     endpoint.connect().await.map_err(|error| {
-        let mut message = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(inner) = source {
-            message = format!("{message}: {inner}");
-            source = inner.source();
+        let message = with_causes(error.to_string(), std::error::Error::source(&error));
+        // rustls read something that is not a TLS record: the port answers plaintext.
+        if tls && message.contains("InvalidContentType") {
+            return fail(format!(
+                "{message} (the server does not answer in TLS: if it serves plaintext, its address starts with http://)"
+            ));
         }
         fail(message)
     })
@@ -615,6 +653,18 @@ pub fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broken_connection_names_its_causes_an_answer_does_not() {
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        let causes = transport_failure(&broken).expect("tonic made it from an error");
+        assert!(causes.contains("connection reset by peer"), "{causes}");
+        assert_eq!(transport_failure(&Status::unknown("transport error")), None, "a server's answer has no source");
+        assert_eq!(transport_failure(&Status::permission_denied("invite required")), None);
+    }
 
     #[test]
     fn plaintext_goes_to_loopback_only() {
