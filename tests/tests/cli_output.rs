@@ -3,7 +3,7 @@
 //! address to use when the scheme does not match the server (issue 23).
 
 use anyhow::Context;
-use lockstep_e2e::stack::CliStack;
+use lockstep_e2e::{cli::Cli, kafka::Kafka, server::Server, stack::CliStack};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 
 /// The next stderr line of `watch` that `wanted` accepts.
@@ -69,5 +69,43 @@ async fn watch_progress_never_shows_the_log_end_below_the_offset() -> anyhow::Re
         assert!(end >= offset, "the log end shown is stale: {line:?}");
     }
     watch.start_kill()?;
+    Ok(())
+}
+
+/// The P-256 generator as an uncompressed point, base64url: a valid public key.
+const VAPID_PUBLIC_KEY: &str =
+    "BGsX0fLhLEJH-Lzm5WOkQPJ3A32BLeszoPShOUXYmMKWT-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU";
+
+/// A web app needs the VAPID public key to subscribe; `server-info` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_info_shows_the_vapid_public_key() -> anyhow::Result<()> {
+    let kafka = Kafka::shared().await?;
+    let events = |name: &str| format!("lockstep.events.test-{name}-{}", uuid::Uuid::new_v4());
+    let (with_key, without_key) = (events("vapid"), events("none"));
+    let push_server = Server::start_with(
+        kafka,
+        &[("LOCKSTEP_PUSH__VAPID_PUBLIC_KEY", VAPID_PUBLIC_KEY), ("LOCKSTEP_EVENTS__TOPIC", &with_key)],
+    )
+    .await?;
+    let plain_server = Server::start_with(kafka, &[("LOCKSTEP_EVENTS__TOPIC", &without_key)]).await?;
+    let cli = Cli::new("newcomer")?;
+
+    let info = cli.json(&["server-info", "--server", &push_server.endpoint()]).await?;
+    assert_eq!(info["web_push"], true, "{info}");
+    assert_eq!(info["vapid_public_key"], VAPID_PUBLIC_KEY, "{info}");
+    let text = cli.run(&["server-info", "--server", &push_server.endpoint()]).await?;
+    assert!(text.contains(&format!("VAPID public key {VAPID_PUBLIC_KEY}")), "{text}");
+
+    let info = cli.json(&["server-info", "--server", &plain_server.endpoint()]).await?;
+    assert_eq!(info["web_push"], false, "{info}");
+    assert!(info["vapid_public_key"].is_null(), "{info}");
+    let text = cli.run(&["server-info", "--server", &plain_server.endpoint()]).await?;
+    assert!(text.contains("web push wake-ups: not configured"), "{text}");
+
+    // The reverse of tls.rs's plaintext-to-TLS case: https:// to a plaintext server.
+    let error = cli.fail(&["init", "--server", &plain_server.https_endpoint(), "--name", "x"]).await?;
+    println!("TLS to the plaintext port: {error}");
+    assert!(error.contains("cannot reach the server at https://"), "{error}");
+    assert!(error.contains("http://"), "told that the server speaks plaintext: {error}");
     Ok(())
 }

@@ -51,6 +51,8 @@ pub(super) async fn show(server: &str, rpc_timeout: Duration, trust: &Trust, as_
                 "stream_send_timeout_ms": info.stream_send_timeout_ms,
                 "max_concurrent_requests_per_device": info.max_concurrent_requests_per_device,
                 "web_push": !info.vapid_public_key.is_empty(),
+                // What a web app passes to PushManager.subscribe({applicationServerKey}).
+                "vapid_public_key": (!info.vapid_public_key.is_empty()).then_some(&info.vapid_public_key),
             })
         );
         return Ok(());
@@ -69,7 +71,11 @@ pub(super) async fn show(server: &str, rpc_timeout: Duration, trust: &Trust, as_
         "calls end after {} ms; a stream whose device reads nothing for {} ms ends",
         info.request_timeout_ms, info.stream_send_timeout_ms
     );
-    println!("web push wake-ups: {}", if info.vapid_public_key.is_empty() { "not configured" } else { "available" });
+    if info.vapid_public_key.is_empty() {
+        println!("web push wake-ups: not configured");
+    } else {
+        println!("web push wake-ups: available, VAPID public key {}", info.vapid_public_key);
+    }
     Ok(())
 }
 
