@@ -2,9 +2,68 @@
 //! the progress of `watch`, what `server-info` shows a web app, and which
 //! address to use when the scheme does not match the server (issue 23).
 
-use anyhow::Context;
-use lockstep_e2e::{cli::Cli, kafka::Kafka, server::Server, stack::CliStack};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use lockstep_e2e::{
+    cli::{Cli, cli_binary},
+    kafka::Kafka,
+    server::Server,
+    stack::CliStack,
+};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+
+/// `lockstep-cli <path…> --help`: it must exit 0; returns its stdout.
+fn help(path: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(cli_binary()?).args(path).arg("--help").output()?;
+    let stdout = String::from_utf8(output.stdout)?;
+    if !output.status.success() {
+        bail!("{path:?} --help exited {}: {}", output.status, String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(stdout)
+}
+
+/// The subcommands a help text lists under "Commands:" (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| line.trim() != "Commands:")
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_help_answers_and_the_common_commands_show_examples() -> anyhow::Result<()> {
+    let top = help(&[])?;
+    assert!(top.contains("pair redeem") && top.contains("init --server"), "the two-device walkthrough: {top}");
+    let mut pending: Vec<Vec<String>> = subcommands(&top).into_iter().map(|name| vec![name]).collect();
+    assert!(pending.len() >= 19, "every command listed: {pending:?}");
+    let mut seen = Vec::new();
+    while let Some(path) = pending.pop() {
+        let args: Vec<&str> = path.iter().map(String::as_str).collect();
+        let text = help(&args)?;
+        assert!(text.contains("Usage: lockstep-cli"), "{path:?}: {text}");
+        for sub in subcommands(&text) {
+            pending.push([path.clone(), vec![sub]].concat());
+        }
+        seen.push((path.join(" "), text));
+    }
+    for name in ["init", "pair", "put", "sync"] {
+        let (_, text) = seen.iter().find(|(path, _)| path == name).with_context(|| format!("{name} not listed"))?;
+        let examples = text.split("Examples:").nth(1).with_context(|| format!("{name} --help: no example: {text}"))?;
+        let runs_it = |line: &str| {
+            line.trim_start().starts_with("lockstep-cli ") && line.split_whitespace().any(|word| word == name)
+        };
+        assert!(examples.lines().any(runs_it), "{name} --help: no example runs it: {text}");
+    }
+    for nested in ["pair show", "pair redeem", "push set", "account delete", "passphrase set"] {
+        assert!(seen.iter().any(|(path, _)| path == nested), "{nested} --help was not run: {seen:?}");
+    }
+    Ok(())
+}
 
 /// The next stderr line of `watch` that `wanted` accepts.
 async fn next_line(

@@ -27,7 +27,7 @@ use crate::{store::Store, sync};
 
 /// Lockstep client: an end-to-end-encrypted local store that syncs through a Lockstep server.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, after_help = TWO_DEVICES)]
 pub struct Args {
     /// The local store (SQLite; holds the account key, keep it private).
     #[arg(long, env = "LOCKSTEP_STORE", default_value = "lockstep-client.db", global = true)]
@@ -98,9 +98,29 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(number * seconds))
 }
 
+/// The top-level help's closing lines: the walkthrough of the README, in short.
+const TWO_DEVICES: &str = "\
+Two devices, one account (a server from `scripts/run` on this machine):
+  lockstep-cli --store laptop.db init --server http://127.0.0.1:50051 --name laptop
+  lockstep-cli --store laptop.db put -c notes '{\"title\":\"Milk\"}'
+  lockstep-cli --store laptop.db sync
+  lockstep-cli --store laptop.db pair show           # a one-time code; on the new device:
+  lockstep-cli --store phone.db pair redeem --name phone
+  lockstep-cli --store phone.db sync
+  lockstep-cli --store phone.db list
+
+Each device is one store (--store, or LOCKSTEP_STORE). `lockstep-cli <command> --help` says more.";
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create an account on a server; this store becomes its first device.
+    #[command(after_help = "\
+Examples:
+  lockstep-cli --store laptop.db init --server http://127.0.0.1:50051 --name laptop
+  lockstep-cli --store laptop.db init --server https://sync.example.org --name laptop --invite-file invite.txt
+  lockstep-cli server-info --server https://sync.example.org     # what a new account needs there
+
+Another device joins the account with `pair`, not `init`.")]
     Init {
         /// e.g. https://sync.example.org (or http://127.0.0.1:50051 on this machine)
         #[arg(long)]
@@ -108,6 +128,7 @@ enum Command {
         /// A name for this device, e.g. laptop.
         #[arg(long)]
         name: String,
+        /// The server's registration secret, when it asks for one (`server-info` says).
         #[arg(long, env = "LOCKSTEP_REGISTRATION_SECRET", hide_env_values = true)]
         registration_secret: Option<String>,
         /// A single-use invite code from the server's operator (`lsi_…`).
@@ -118,18 +139,36 @@ enum Command {
         invite_file: Option<PathBuf>,
     },
     /// What a server needs for a new account, and the limits it sets (no account needed).
+    #[command(after_help = "\
+Examples:
+  lockstep-cli server-info --server https://sync.example.org
+  lockstep-cli --json server-info --server http://127.0.0.1:50051   # vapid_public_key: for Web Push")]
     ServerInfo {
         /// e.g. https://sync.example.org; default: this store's server.
         #[arg(long)]
         server: Option<String>,
     },
     /// Add a device: `pair show` on a device that has the account, `pair redeem` on the new one.
+    #[command(after_help = "\
+Examples:
+  lockstep-cli --store laptop.db pair show                 # on a device of the account
+  lockstep-cli --store phone.db pair redeem --name phone   # on the new one; paste the code
+  lockstep-cli --store phone.db pair redeem --name phone --code-file code.txt")]
     Pair {
         #[command(subcommand)]
         command: PairCommand,
     },
     /// Write fields into a record (JSON object; `-` reads stdin). Prints the record.
+    #[command(after_help = "\
+Examples:
+  lockstep-cli put -c notes '{\"title\":\"Milk\",\"done\":false}'   # a new record; prints its id
+  lockstep-cli put -c notes --id <ID> '{\"done\":true}'         # change one field of it
+  lockstep-cli put -c notes --id <ID> '{\"title\":null}'        # remove a field
+  echo '{\"title\":\"Eggs\"}' | lockstep-cli put -c notes -
+
+The change stays local (in the outbox) until `sync` or `watch` pushes it.")]
     Put {
+        /// The collection (the kind of record: notes, passwords, …).
         #[arg(long, short, default_value = "items")]
         collection: String,
         /// The record to change; a new record (with a new id) if omitted.
@@ -139,14 +178,25 @@ enum Command {
         fields: String,
     },
     /// Write many records: one JSON object per line, {"collection":…,"id":…,"fields":{…}}.
+    #[command(after_help = "\
+Example:
+  printf '%s\\n' '{\"collection\":\"notes\",\"fields\":{\"title\":\"Milk\"}}' | lockstep-cli import -")]
     Import {
         /// A file, or `-` for stdin.
         file: PathBuf,
     },
     /// Show one record.
-    Get { id: String },
+    Get {
+        /// The record's id (`put` and `list` print it).
+        id: String,
+    },
     /// List records.
+    #[command(after_help = "\
+Examples:
+  lockstep-cli list
+  lockstep-cli --json list -c notes")]
     List {
+        /// Only this collection.
         #[arg(long, short)]
         collection: Option<String>,
         /// Include deleted records.
@@ -154,8 +204,17 @@ enum Command {
         deleted: bool,
     },
     /// Delete a record (it leaves a tombstone that syncs like an edit).
-    Delete { id: String },
+    Delete {
+        /// The record's id (`list` prints it).
+        id: String,
+    },
     /// Push local changes, receive everything new, then stop.
+    #[command(after_help = "\
+Examples:
+  lockstep-cli --store laptop.db sync
+  lockstep-cli --store laptop.db --json sync     # a report: pushed, received, cursor, …
+
+Progress goes to stderr; `watch` stays connected instead.")]
     Sync,
     /// The account's server moved to a new address (same server, same data).
     SetServer {
@@ -163,14 +222,18 @@ enum Command {
         server: String,
     },
     /// Stay connected: push local changes as they are made, apply incoming ones live.
+    #[command(after_help = "\
+Example:
+  lockstep-cli --store laptop.db watch     # until Ctrl-C; then prints what it did")]
     Watch,
     /// This device: cursor, lag at the last sync, outbox, problems, key epoch.
     Status,
     /// The account's devices.
     Devices,
-    /// Revoke a device (a lost or stolen one): its token stops working, and this
-    /// device starts a new key epoch sealed to the remaining devices only, so the
-    /// revoked device cannot read what is written from now on.
+    /// Revoke a device (a lost or stolen one): its token stops working.
+    ///
+    /// This device then starts a new key epoch sealed to the remaining devices only,
+    /// so the revoked device cannot read what is written from now on.
     Revoke {
         /// The device id (`lockstep-cli devices` lists them).
         device_id: String,
@@ -320,5 +383,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Account { command } => account::delete(&ctx, command).await,
         Command::Passphrase { command } => passphrase::run(&args, command),
         Command::Leave { wipe, yes } => account::leave(&ctx, *wipe, *yes).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    /// `--help` of every command says what each of its arguments is.
+    #[test]
+    fn every_command_and_argument_says_what_it_is() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands().filter(|sub| sub.get_name() != "help") {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} (what it does)"));
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Args::command(), "lockstep-cli", &mut missing);
+        assert!(missing.is_empty(), "without a help text: {missing:?}");
     }
 }

@@ -28,6 +28,7 @@ pub(super) enum PairCommand {
         /// Read the code from this file.
         #[arg(long, conflicts_with = "code")]
         code_file: Option<PathBuf>,
+        /// A name for this device, e.g. phone.
         #[arg(long)]
         name: String,
         /// If the account rotated its keys (a device was revoked), wait this long

@@ -30,13 +30,16 @@ pub(super) enum PushCommand {
         /// A Matrix push gateway, e.g. https://push.example.org/_matrix/push/v1/notify (with --app-id and --pushkey).
         #[arg(long, requires_all = ["app_id", "pushkey"])]
         webhook: Option<String>,
+        /// The app id the gateway knows this app by, e.g. org.example.notes (with --webhook).
         #[arg(long)]
         app_id: Option<String>,
+        /// The device's push key at that gateway (with --webhook).
         #[arg(long)]
         pushkey: Option<String>,
     },
     /// Show this device's push target (its URL only with --reveal: it is a secret).
     Show {
+        /// Print the target's URL too.
         #[arg(long)]
         reveal: bool,
     },
