@@ -38,8 +38,11 @@ impl PairingCode {
         Zeroizing::new(format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&*json)))
     }
 
+    /// The code, alone or as the one line that holds it in what `pair show` printed
+    /// (so that `pair show > code.txt` and `pair redeem < code.txt` work).
     pub fn decode(text: &str) -> Result<Self, PairingCodeError> {
-        let body = text.trim().strip_prefix(PREFIX).ok_or(PairingCodeError("it does not start with LOCKSTEP1:"))?;
+        let line = text.lines().map(str::trim).find(|line| line.starts_with(PREFIX)).unwrap_or(text.trim());
+        let body = line.strip_prefix(PREFIX).ok_or(PairingCodeError("it does not start with LOCKSTEP1:"))?;
         let json = Zeroizing::new(URL_SAFE_NO_PAD.decode(body).map_err(|_| PairingCodeError("bad base64"))?);
         let wire: Wire = serde_json::from_slice(&json).map_err(|_| PairingCodeError("bad content"))?;
         let key = AccountKey::from_base64(&wire.key).map_err(|_| PairingCodeError("bad key"))?;
@@ -73,6 +76,8 @@ mod tests {
         assert_eq!((back.server.as_str(), back.ticket.as_str()), ("http://127.0.0.1:50051", "lsp_abc"));
         assert_eq!(back.key, code.key);
         assert!(code.qr().lines().count() > 10);
+        let shown = format!("{}\n{}\n\nOn the new device: lockstep-cli pair redeem …\n", code.qr(), &*text);
+        assert_eq!(PairingCode::decode(&shown).unwrap().key, code.key, "the whole output of `pair show`");
         assert!(PairingCode::decode("hello").unwrap_err().to_string().contains("LOCKSTEP1"));
         assert!(PairingCode::decode("LOCKSTEP1:!!!").is_err());
     }
