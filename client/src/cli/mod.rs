@@ -27,7 +27,7 @@ use crate::{store::Store, sync};
 
 /// Lockstep client: an end-to-end-encrypted local store that syncs through a Lockstep server.
 #[derive(Debug, Parser)]
-#[command(version, after_help = TWO_DEVICES)]
+#[command(version, after_help = TWO_DEVICES, next_help_heading = "Global options")]
 pub struct Args {
     /// The local store (SQLite; holds the account key, keep it private).
     #[arg(long, env = "LOCKSTEP_STORE", default_value = "lockstep-client.db", global = true)]
