@@ -13,7 +13,7 @@ use tokio::{
 use crate::server::{Server, workspace_binary};
 
 pub fn cli_binary() -> anyhow::Result<PathBuf> {
-    workspace_binary("lockstep-cli", &["client/src", "proto/proto"])
+    workspace_binary("lockstep-cli", "client")
 }
 
 pub struct Cli {

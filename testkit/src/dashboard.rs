@@ -28,7 +28,7 @@ pub fn dashboard_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("LOCKSTEP_DASHBOARD_BIN") {
         return Ok(PathBuf::from(path));
     }
-    workspace_binary("lockstep-dashboard", &["consumers/dashboard/src", "broker/src", "schemas/avro", "schemas/src"])
+    workspace_binary("lockstep-dashboard", "consumers/dashboard")
 }
 
 pub struct Dashboard {

@@ -32,7 +32,7 @@ pub fn push_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("LOCKSTEP_PUSH_BIN") {
         return Ok(PathBuf::from(path));
     }
-    workspace_binary("lockstep-push", &["consumers/push/src", "schemas/avro", "schemas/src"])
+    workspace_binary("lockstep-push", "consumers/push")
 }
 
 /// A `lockstep-push` process with its own data directory (its VAPID key);

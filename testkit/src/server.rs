@@ -64,24 +64,81 @@ pub fn lockstep_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("LOCKSTEP_BIN") {
         return Ok(PathBuf::from(path));
     }
-    workspace_binary("lockstep", &["broker/src", "proto/proto", "schemas/avro", "schemas/src"])
+    workspace_binary("lockstep", "broker")
 }
 
-/// A binary of this workspace in target/debug, refusing one older than `sources`.
-pub fn workspace_binary(name: &str, sources: &[&str]) -> anyhow::Result<PathBuf> {
+/// A binary of this workspace in target/debug, built from the crate in `crate_dir`,
+/// refusing one older than that crate's sources or those of any workspace crate it
+/// depends on (read from the Cargo.toml files, so a new dependency needs no edit here).
+pub fn workspace_binary(name: &str, crate_dir: &str) -> anyhow::Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
     let binary = target.join("debug").join(name);
     let built = std::fs::metadata(&binary).and_then(|metadata| metadata.modified()).map_err(|_| {
         anyhow::anyhow!("{} is missing: run `cargo build --bins` first (scripts/test does)", binary.display())
     })?;
-    for sources in sources {
-        let newest = newest_mtime(&workspace.join(sources));
-        if newest > built {
-            bail!("{} is older than {sources}: run `cargo build --bins` first (scripts/test does)", binary.display());
+    for sources in build_inputs(&workspace, crate_dir)? {
+        if newest_mtime(&sources) > built {
+            bail!(
+                "{} is older than {}: run `cargo build --bins` first (scripts/test does)",
+                binary.display(),
+                sources.display()
+            );
         }
     }
     Ok(binary)
+}
+
+/// What a build of the crate in `crate_dir` reads: its manifest, build script and every
+/// folder but tests and examples, and the same of each workspace crate it depends on.
+fn build_inputs(workspace: &Path, crate_dir: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let root = std::fs::read_to_string(workspace.join("Cargo.toml"))?;
+    // `lockstep-x = { path = "dir" }` in [workspace.dependencies].
+    let paths: std::collections::HashMap<&str, &str> = root
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.split_once('=')?;
+            let path = rest.split_once("path = \"")?.1.split_once('"')?.0;
+            Some((name.trim(), path))
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut pending = vec![crate_dir.to_string()];
+    let mut inputs = Vec::new();
+    while let Some(dir) = pending.pop() {
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
+        let crate_path = workspace.join(&dir);
+        let manifest = std::fs::read_to_string(crate_path.join("Cargo.toml"))
+            .with_context(|| format!("reading {dir}/Cargo.toml"))?;
+        let mut section = "";
+        for line in manifest.lines().map(str::trim) {
+            if line.starts_with('[') {
+                section = line;
+                continue;
+            }
+            if !matches!(section, "[dependencies]" | "[build-dependencies]") {
+                continue;
+            }
+            let name = line.split(['=', '.', ' ']).next().unwrap_or_default();
+            if let Some(path) = paths.get(name) {
+                pending.push((*path).to_string());
+            }
+        }
+        for entry in std::fs::read_dir(&crate_path)?.flatten() {
+            let file_name = entry.file_name();
+            let keep = match file_name.to_str() {
+                Some("tests" | "examples" | "benches" | "target") => false,
+                Some(other) => entry.path().is_dir() || matches!(other, "Cargo.toml" | "build.rs"),
+                None => false,
+            };
+            if keep {
+                inputs.push(entry.path());
+            }
+        }
+    }
+    Ok(inputs)
 }
 
 fn newest_mtime(dir: &Path) -> SystemTime {
@@ -318,5 +375,40 @@ impl Drop for Server {
         if std::thread::panicking() {
             eprintln!("--- lockstep log (last lines) ---\n{}", log_tail(&self.log_path()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(crate_dir: &str) -> Vec<String> {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut found: Vec<String> = build_inputs(workspace, crate_dir)
+            .unwrap()
+            .iter()
+            .map(|path| path.strip_prefix(workspace).unwrap().display().to_string())
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn a_binary_is_checked_against_the_crates_it_is_built_from_and_no_other() {
+        let dashboard = inputs("consumers/dashboard");
+        for needed in
+            ["consumers/dashboard/src", "kafka/src", "schemas/avro", "schemas/src", "proto/proto", "telemetry/src"]
+        {
+            assert!(dashboard.iter().any(|input| input == needed), "{needed} missing from {dashboard:?}");
+        }
+        assert!(!dashboard.iter().any(|input| input.starts_with("broker")), "{dashboard:?}");
+        assert!(!dashboard.iter().any(|input| input.ends_with("/tests")), "{dashboard:?}");
+        let server = inputs("broker");
+        for needed in ["broker/src", "kafka/src", "telemetry/src", "proto/build.rs", "proto/proto"] {
+            assert!(server.iter().any(|input| input == needed), "{needed} missing from {server:?}");
+        }
+        let cli = inputs("client");
+        assert!(cli.iter().any(|input| input == "client/src"), "{cli:?}");
+        assert!(!cli.iter().any(|input| input.starts_with("broker") || input.starts_with("kafka")), "{cli:?}");
     }
 }
