@@ -24,7 +24,10 @@ use rdkafka::{
     consumer::{BaseConsumer, Consumer},
 };
 
-use crate::log_tail;
+use crate::{
+    log_tail,
+    wait::{eventually, not_yet, ready},
+};
 
 /// The Apache Kafka version of `scripts/kafka/pom.xml` and `scripts/lib.sh` (a test keeps them equal).
 pub const KAFKA_VERSION: &str = "4.1.1";
@@ -405,35 +408,34 @@ impl Drop for Guardian {
 /// broker that just restarted lists itself before it has taken its partitions back
 /// (log recovery after a `kill -9`, `__consumer_offsets` loading).
 pub(crate) async fn wait_partitions_led(bootstrap: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
     let client = Arc::new(internal_client(bootstrap)?);
-    loop {
+    eventually(START_DEADLINE, "every partition to have a leader", || {
         let client = Arc::clone(&client);
-        let leaderless = tokio::task::spawn_blocking(move || {
-            client.fetch_metadata(None, Duration::from_millis(500)).map(|metadata| {
-                metadata
-                    .topics()
-                    .iter()
-                    .flat_map(|topic| {
-                        topic
-                            .partitions()
-                            .iter()
-                            .filter(|partition| partition.leader() < 0 || partition.error().is_some())
-                            .map(move |partition| format!("{}-{}", topic.name(), partition.id()))
-                    })
-                    .collect::<Vec<_>>()
+        async move {
+            let leaderless = tokio::task::spawn_blocking(move || {
+                client.fetch_metadata(None, Duration::from_millis(500)).map(|metadata| {
+                    metadata
+                        .topics()
+                        .iter()
+                        .flat_map(|topic| {
+                            topic
+                                .partitions()
+                                .iter()
+                                .filter(|partition| partition.leader() < 0 || partition.error().is_some())
+                                .map(move |partition| format!("{}-{}", topic.name(), partition.id()))
+                        })
+                        .collect::<Vec<_>>()
+                })
             })
-        })
-        .await?;
-        match leaderless {
-            Ok(leaderless) if leaderless.is_empty() => return Ok(()),
-            Ok(leaderless) if started.elapsed() > START_DEADLINE => {
-                bail!("partitions still without a leader after {START_DEADLINE:?}: {}", leaderless.join(", "))
-            }
-            Err(error) if started.elapsed() > START_DEADLINE => bail!("kafka metadata: {error}"),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            .await??;
+            anyhow::Ok(if leaderless.is_empty() {
+                ready(())
+            } else {
+                not_yet(format!("leaderless: {}", leaderless.join(", ")))
+            })
         }
-    }
+    })
+    .await
 }
 
 pub(crate) fn internal_client(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
