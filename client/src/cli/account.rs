@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::{Ctx, open_empty, open_store, protect_new, server_info};
+use super::{Ctx, open_empty, protect_new, server_info};
 use crate::{
     store::{Account, Store},
     sync::{self, Syncer},
@@ -59,8 +59,7 @@ pub(super) async fn init(
 /// `devices`: the account's devices.
 pub(super) async fn devices(ctx: &Ctx<'_>) -> anyhow::Result<()> {
     let (args, rpc_timeout, trust) = (ctx.args, ctx.args.rpc_timeout, &ctx.trust);
-    let open = || open_store(args);
-    let account = open()?.account()?;
+    let account = ctx.open()?.account()?;
     let devices = sync::list_devices(&account, rpc_timeout, trust).await?;
     if args.json {
         let devices: Vec<Value> = devices
@@ -86,8 +85,7 @@ pub(super) async fn devices(ctx: &Ctx<'_>) -> anyhow::Result<()> {
 pub(super) async fn delete(ctx: &Ctx<'_>, command: &AccountCommand) -> anyhow::Result<()> {
     let AccountCommand::Delete { confirm } = command;
     let (args, rpc_timeout, trust) = (ctx.args, ctx.args.rpc_timeout, &ctx.trust);
-    let open = || open_store(args);
-    let account = open()?.account()?;
+    let account = ctx.open()?.account()?;
     if *confirm != account.user_id {
         bail!("--confirm must be this account's user id ({}): deleting it cannot be undone", account.user_id);
     }
@@ -125,11 +123,10 @@ pub(super) async fn delete(ctx: &Ctx<'_>, command: &AccountCommand) -> anyhow::R
 /// `leave`: this device leaves the account.
 pub(super) async fn leave(ctx: &Ctx<'_>, wipe: bool, yes: bool) -> anyhow::Result<()> {
     let (args, rpc_timeout, trust) = (ctx.args, ctx.args.rpc_timeout, &ctx.trust);
-    let open = || open_store(args);
     if !yes {
         bail!("leaving revokes this device (pair again to come back); run again with --yes");
     }
-    let account = open()?.account()?;
+    let account = ctx.open()?.account()?;
     sync::account::leave(&account, rpc_timeout, trust).await?;
     let mut wiped = Vec::new();
     if wipe {
@@ -201,7 +198,7 @@ pub(super) async fn register_device_key(store: Store, rpc_timeout: Duration, tru
 
 /// Revokes a device, then starts the next key epoch for the remaining ones.
 pub(super) async fn revoke(ctx: &Ctx<'_>, device_id: &str) -> anyhow::Result<()> {
-    let (store, rpc_timeout, trust, as_json) = (open_store(ctx.args)?, ctx.args.rpc_timeout, &ctx.trust, ctx.args.json);
+    let (store, rpc_timeout, trust, as_json) = (ctx.open()?, ctx.args.rpc_timeout, &ctx.trust, ctx.args.json);
     let account = store.account()?;
     if device_id == account.device_id {
         sync::revoke_device(&account, device_id, rpc_timeout, trust).await?;

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::{
     Ctx,
     account::{print_new_device, register_device_key},
-    humantime_duration, open_empty, open_store, protect_new, secrets,
+    humantime_duration, open_empty, protect_new, secrets,
 };
 use crate::{hlc::unix_ms as now_ms, pairing::PairingCode, sync};
 
@@ -50,8 +50,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, command: &PairCommand) -> anyhow::Result<
 
 async fn show(ctx: &Ctx<'_>, no_qr: bool) -> anyhow::Result<()> {
     let (args, rpc_timeout, trust) = (ctx.args, ctx.args.rpc_timeout, &ctx.trust);
-    let open = || open_store(args);
-    let store = open()?;
+    let store = ctx.open()?;
     let account = store.account()?;
     let (ticket, expires_at_ms) = sync::pairing_ticket(&account, rpc_timeout, trust).await?;
     let code = PairingCode { server: account.server.clone(), ticket, key: account.key.clone() };

@@ -10,8 +10,8 @@ use crate::store::{Record, Store};
 
 /// `put`: fields into a record.
 pub(super) fn put(ctx: &Ctx<'_>, collection: &str, id: Option<&str>, fields: &str) -> anyhow::Result<()> {
-    let (args, open) = (ctx.args, || ctx.open());
-    let mut store = open()?;
+    let args = ctx.args;
+    let mut store = ctx.open()?;
     store.account()?;
     let fields = parse_fields(&read_arg(fields)?)?;
     let record = store.put(collection, id, &fields)?;
@@ -25,8 +25,8 @@ pub(super) fn put(ctx: &Ctx<'_>, collection: &str, id: Option<&str>, fields: &st
 
 /// `import`: one JSON object per line.
 pub(super) fn import(ctx: &Ctx<'_>, file: &std::path::Path) -> anyhow::Result<()> {
-    let (args, open) = (ctx.args, || ctx.open());
-    let mut store = open()?;
+    let args = ctx.args;
+    let mut store = ctx.open()?;
     store.account()?;
     let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -73,8 +73,8 @@ pub(super) fn import(ctx: &Ctx<'_>, file: &std::path::Path) -> anyhow::Result<()
 }
 
 pub(super) fn get(ctx: &Ctx<'_>, id: &str) -> anyhow::Result<()> {
-    let (args, open) = (ctx.args, || ctx.open());
-    let store = open()?;
+    let args = ctx.args;
+    let store = ctx.open()?;
     let Some(record) = store.get(id)? else { bail!("no record {id} on this device (try `lockstep-cli sync`)") };
     if args.json {
         println!("{}", record_json(&record));
@@ -85,8 +85,8 @@ pub(super) fn get(ctx: &Ctx<'_>, id: &str) -> anyhow::Result<()> {
 }
 
 pub(super) fn list(ctx: &Ctx<'_>, collection: Option<&str>, deleted: bool) -> anyhow::Result<()> {
-    let (args, open) = (ctx.args, || ctx.open());
-    let store = open()?;
+    let args = ctx.args;
+    let store = ctx.open()?;
     let records = store.list(collection, deleted)?;
     if args.json {
         println!("{}", Value::Array(records.iter().map(record_json).collect()));
@@ -97,8 +97,8 @@ pub(super) fn list(ctx: &Ctx<'_>, collection: Option<&str>, deleted: bool) -> an
 }
 
 pub(super) fn delete(ctx: &Ctx<'_>, id: &str) -> anyhow::Result<()> {
-    let (args, open) = (ctx.args, || ctx.open());
-    let mut store = open()?;
+    let args = ctx.args;
+    let mut store = ctx.open()?;
     store.account()?;
     let record = store.delete(id)?;
     if args.json {

@@ -82,10 +82,9 @@ pub(super) async fn show(server: &str, rpc_timeout: Duration, trust: &Trust, as_
 /// `server-info`: what a server needs for a new account, and its limits.
 pub(super) async fn run(ctx: &super::Ctx<'_>, server: Option<&str>) -> anyhow::Result<()> {
     let (args, rpc_timeout, trust) = (ctx.args, ctx.args.rpc_timeout, &ctx.trust);
-    let open = || ctx.open();
     let server = match server {
         Some(server) => server.to_string(),
-        None => open()?.account().context("no --server, and this store holds no account")?.server,
+        None => ctx.open()?.account().context("no --server, and this store holds no account")?.server,
     };
     show(&server, rpc_timeout, trust, args.json).await?;
     Ok(())

@@ -13,8 +13,7 @@ use crate::sync::{self, Progress, Report, Syncer, Until};
 /// `sync`: push, receive everything new, stop.
 pub(super) async fn sync(ctx: &Ctx<'_>) -> anyhow::Result<()> {
     let (args, rpc_timeout, trust) = (ctx.args, ctx.args.rpc_timeout, &ctx.trust);
-    let open = || ctx.open();
-    let store = open()?;
+    let store = ctx.open()?;
     let mut syncer = Syncer::new(store)?.with_rpc_timeout(rpc_timeout).with_trust(trust.clone());
     let mut reporter = Reporter::new();
     reporter.quiet = args.json && !std::io::stderr().is_terminal() && std::env::var_os("LOCKSTEP_PROGRESS").is_none();
@@ -25,8 +24,8 @@ pub(super) async fn sync(ctx: &Ctx<'_>) -> anyhow::Result<()> {
 
 /// `set-server`: the account's server moved.
 pub(super) fn set_server(ctx: &Ctx<'_>, server: &str) -> anyhow::Result<()> {
-    let (args, open) = (ctx.args, || ctx.open());
-    let mut store = open()?;
+    let args = ctx.args;
+    let mut store = ctx.open()?;
     store.set_server(server)?;
     if args.json {
         println!("{}", json!({"server": server}));
