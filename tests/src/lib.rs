@@ -13,12 +13,16 @@
 //! - [`fault_stack`]: the stack a fault run stands on (one Kafka broker, or a cluster) and its logs.
 //! - [`cluster_faults`]: the faults of a cluster's brokers (replication faults) and recovery times.
 //! - [`leaks`]: whether spans or event records hold anything of a pushed change.
+//! - [`markdown`], [`doc_commands`]: the commands the docs show, and whether the binaries'
+//!   `--help` lists their subcommands and flags (for `tests/tests/docs.rs`).
 
 pub mod cluster_faults;
+pub mod doc_commands;
 pub mod fault_run;
 pub mod fault_stack;
 pub mod history;
 pub mod leaks;
+pub mod markdown;
 pub mod outcome;
 pub mod proxy;
 pub mod workload;
