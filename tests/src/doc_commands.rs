@@ -112,9 +112,11 @@ impl Programs {
         let mut asked_for_help = false;
         let mut value_expected = false;
         for word in &words[1..] {
-            let command = || std::iter::once(binary).chain(path.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
+            let command =
+                || std::iter::once(binary).chain(path.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
             if word.starts_with('-') && word.len() > 1 && word != "--" {
-                let (flag, value) = word.split_once('=').map_or((word.as_str(), None), |(flag, value)| (flag, Some(value)));
+                let (flag, value) =
+                    word.split_once('=').map_or((word.as_str(), None), |(flag, value)| (flag, Some(value)));
                 asked_for_help |= matches!(flag, "-h" | "--help" | "-V" | "--version");
                 value_expected = value.is_none() && takes_value(&help, flag);
                 if !lists_flag(&help, flag) && !self.accepts_hidden(binary, &path, flag)? {

@@ -96,7 +96,9 @@ pub fn parse(text: &str) -> Page {
 fn is_list_item(trimmed: &str) -> bool {
     trimmed.starts_with("- ")
         || trimmed.starts_with("* ")
-        || trimmed.split_once(". ").is_some_and(|(number, _)| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+        || trimmed
+            .split_once(". ")
+            .is_some_and(|(number, _)| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Single-backtick spans (the docs use no double ones), across line breaks within a paragraph.
@@ -298,13 +300,13 @@ mod tests {
             words("id=$($cli --json list | python3 -c 'import json; print(1)')"),
             vec![vec!["$cli", "--json", "list"], vec!["python3", "-c", "import json; print(1)"]]
         );
-        assert_eq!(words("$cli pair redeem --name phone < code.txt && rm code.txt"), vec![
-            vec!["$cli", "pair", "redeem", "--name", "phone"],
-            vec!["rm", "code.txt"]
-        ]);
-        assert_eq!(assignments("LOCKSTEP_KAFKA_BROKERS=k:9092 scripts/run"), vec![(
-            "LOCKSTEP_KAFKA_BROKERS".to_string(),
-            "scripts/run".to_string()
-        )]);
+        assert_eq!(
+            words("$cli pair redeem --name phone < code.txt && rm code.txt"),
+            vec![vec!["$cli", "pair", "redeem", "--name", "phone"], vec!["rm", "code.txt"]]
+        );
+        assert_eq!(
+            assignments("LOCKSTEP_KAFKA_BROKERS=k:9092 scripts/run"),
+            vec![("LOCKSTEP_KAFKA_BROKERS".to_string(), "scripts/run".to_string())]
+        );
     }
 }

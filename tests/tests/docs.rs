@@ -100,8 +100,31 @@ fn run_of<'a>(runs: &'a [Run], page: &str, fence: &markdown::Fence) -> Option<&'
     runs.iter().find(|run| run.page == page && first.starts_with(run.first_line))
 }
 
+/// How much of the docs the check saw.
+#[derive(Debug, Default)]
+struct Tally {
+    blocks_run: usize,
+    blocks_marked: usize,
+    /// Commands of a workspace binary or script, or `cargo test`, checked in blocks and spans.
+    block_commands: usize,
+    span_commands: usize,
+}
+
+fn is_checked_command(words: &[String]) -> bool {
+    words.first().is_some_and(|first| {
+        binary_of(first).is_some()
+            || first.starts_with("scripts/")
+            || (first == "cargo" && words.get(1).is_some_and(|w| w == "test"))
+    })
+}
+
 /// What is wrong with the commands of `pages`; empty when every one is run or checked.
-fn problems(pages: &BTreeMap<String, String>, runs: &[Run], programs: &mut Programs) -> anyhow::Result<Vec<String>> {
+fn problems(
+    pages: &BTreeMap<String, String>,
+    runs: &[Run],
+    programs: &mut Programs,
+    tally: &mut Tally,
+) -> anyhow::Result<Vec<String>> {
     let every_flag = programs.every_flag()?;
     let mut problems = Vec::new();
     let mut runs_found = vec![0; runs.len()];
@@ -128,8 +151,11 @@ fn problems(pages: &BTreeMap<String, String>, runs: &[Run], programs: &mut Progr
             }
             match (&fence.checked_by, run) {
                 (Some(_), Some(_)) => problems.push(format!("{at}: this block is run here and marked too; drop one")),
-                (Some(marker), None) => problems.extend(check_marker(marker).into_iter().map(|p| format!("{at}: {p}"))),
-                (None, Some(_)) => {}
+                (Some(marker), None) => {
+                    tally.blocks_marked += 1;
+                    problems.extend(check_marker(marker).into_iter().map(|p| format!("{at}: {p}")));
+                }
+                (None, Some(_)) => tally.blocks_run += 1,
                 (None, None) => problems.push(format!(
                     "{at}: a shell block that nothing runs. Add it to RUNS in tests/tests/docs.rs (with what its output \
                      must show), or, if it cannot run in a test, put `<!-- checked-by: WHAT (why) -->` on the line \
@@ -139,6 +165,7 @@ fn problems(pages: &BTreeMap<String, String>, runs: &[Run], programs: &mut Progr
             for (offset, line) in fence.body.iter().enumerate() {
                 let at = format!("{name}:{}", fence.line + 1 + offset);
                 for words in markdown::commands(line) {
+                    tally.block_commands += usize::from(is_checked_command(&words));
                     problems.extend(check_command(&words, true, programs)?.into_iter().map(|p| format!("{at}: {p}")));
                 }
                 problems.extend(check_assignments(line, programs)?.into_iter().map(|p| format!("{at}: {p}")));
@@ -146,7 +173,7 @@ fn problems(pages: &BTreeMap<String, String>, runs: &[Run], programs: &mut Progr
         }
         for (line, span) in code_spans {
             let at = format!("{name}:{line}: `{span}`");
-            problems.extend(check_span(&span, programs, &every_flag)?.into_iter().map(|p| format!("{at}: {p}")));
+            problems.extend(check_span(&span, programs, &every_flag, tally)?.into_iter().map(|p| format!("{at}: {p}")));
         }
     }
     for (run, found) in runs.iter().zip(runs_found) {
@@ -199,7 +226,7 @@ fn check_command(words: &[String], needs_subcommand: bool, programs: &mut Progra
     let mut problems = Vec::new();
     // A script run (a block's line, a span with arguments) is executable; one only named exists.
     let named_only = !needs_subcommand && words.len() == 1;
-    if first.starts_with("scripts/") && !first.contains('*') {
+    if first.starts_with("scripts/") && !first.contains(['*', '…']) {
         let path = workspace_root().join(first);
         if named_only && !path.exists() {
             problems.push(format!("{first} does not exist"));
@@ -247,7 +274,9 @@ fn check_cargo_test(words: &[String]) -> Vec<String> {
     });
     match (directory, value_of("--test")) {
         (None, _) => vec![format!("no workspace package is named {package}")],
-        (Some(directory), Some(target)) if !workspace_root().join(directory).join(format!("tests/{target}.rs")).exists() => {
+        (Some(directory), Some(target))
+            if !workspace_root().join(directory).join(format!("tests/{target}.rs")).exists() =>
+        {
             vec![format!("{package} has no test {target} ({directory}/tests/{target}.rs)")]
         }
         _ => Vec::new(),
@@ -256,7 +285,12 @@ fn check_cargo_test(words: &[String]) -> Vec<String> {
 
 /// An inline code span that is a command: of a binary (`lockstep-cli leave --yes [--wipe]`),
 /// `lockstep-cli`'s subcommands without its name (`pair redeem --name NAME`), bare flags.
-fn check_span(span: &str, programs: &mut Programs, every_flag: &std::collections::BTreeSet<String>) -> anyhow::Result<Vec<String>> {
+fn check_span(
+    span: &str,
+    programs: &mut Programs,
+    every_flag: &std::collections::BTreeSet<String>,
+    tally: &mut Tally,
+) -> anyhow::Result<Vec<String>> {
     // Placeholders and optional parts read as plain words: `<user id>`, `[--wipe]`, `…`.
     let mut plain = String::new();
     let mut in_placeholder = false;
@@ -288,6 +322,7 @@ fn check_span(span: &str, programs: &mut Programs, every_flag: &std::collections
         if words.len() > 1 && binary_of(&first).is_none() && cli_subcommands.contains(&first) {
             words.insert(0, "lockstep-cli".to_string());
         }
+        tally.span_commands += usize::from(is_checked_command(&words));
         problems.extend(check_command(&words, false, programs)?);
     }
     Ok(problems)
@@ -306,8 +341,13 @@ fn accepted_hidden(programs: &Programs, flag: &str) -> anyhow::Result<bool> {
 #[test]
 fn every_command_in_the_docs_is_run_or_checked() -> anyhow::Result<()> {
     let mut programs = Programs::new()?;
-    let problems = problems(&pages()?, RUNS, &mut programs)?;
+    let mut tally = Tally::default();
+    let problems = problems(&pages()?, RUNS, &mut programs, &mut tally)?;
+    eprintln!("{tally:?}");
     assert!(problems.is_empty(), "{} problems in the docs' commands:\n{}", problems.len(), problems.join("\n"));
+    // A parser that stopped seeing the docs would pass them all.
+    assert!(tally.blocks_run == RUNS.len() && tally.blocks_marked >= 3, "{tally:?}");
+    assert!(tally.block_commands >= 20 && tally.span_commands >= 30, "{tally:?}");
     Ok(())
 }
 
@@ -319,7 +359,7 @@ fn a_block_nothing_runs_and_a_flag_nothing_takes_are_found() -> anyhow::Result<(
                 sync --no-such-flag\nLOCKSTEP_NOPE=1 lockstep-cli sync\n```\n\n```\npicture\n```\n\nRun `lockstep-cli frobnicate` or `pair redeem \
                 --nam x`, `--wipe`, `--nowhere`.\n\n    indented\n";
     let pages = BTreeMap::from([("docs/x.md".to_string(), page.to_string())]);
-    let problems = problems(&pages, &[], &mut programs)?.join("\n");
+    let problems = problems(&pages, &[], &mut programs, &mut Tally::default())?.join("\n");
     for expected in [
         "docs/x.md:3: a shell block that nothing runs. Add it to RUNS",
         "docs/x.md:8: checked-by names scripts/nothing, which is no executable file",
