@@ -67,7 +67,8 @@ const RUNS: &[Run] = &[
         page: "docs/operating.md",
         first_line: "lockstep invite create --count 3",
         server_env: &[("LOCKSTEP_ACCOUNTS__INVITE_ONLY", "true")],
-        stdout_has: &["lsi_", "revoked", "unused", "the Smiths"],
+        // `invite list` after the init: one code used (its state column), one revoked, one unused.
+        stdout_has: &["lsi_", "  used  ", "  revoked  ", "  unused  ", "the Smiths"],
         last_line_has: &[],
     },
 ];
