@@ -33,8 +33,24 @@ use rdkafka::{
 
 use crate::{Config, stats::Metrics};
 
-/// Records in the server's events topic (high − low watermark, summed over its partitions).
+/// Records in the server's events topic (high − low watermark, summed over its
+/// partitions). Asked again while the topic is new and its partitions have no
+/// leader yet (W6 run alone starts right after the server created the topic).
 async fn events_topic_records(bootstrap: &str) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match events_topic_records_once(bootstrap).await {
+            Ok(records) => return Ok(records),
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("    the events topic is not ready yet ({error}); asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn events_topic_records_once(bootstrap: &str) -> anyhow::Result<i64> {
     let bootstrap = bootstrap.to_string();
     tokio::task::spawn_blocking(move || {
         let topic = lockstep_broker::settings::Settings::default().events.topic;
@@ -94,7 +110,7 @@ pub async fn run(
     let (users_count, devices_per_user) = (config.w6_users, 10);
     let backlog = events_topic_records(bootstrap).await?;
     metrics.add(round, "w6.events_before", backlog as f64);
-    let service = PushService::start().await?;
+    let service = PushService::start_go().await?;
     // The push service listens on 127.0.0.1: the worker must be told it may reach it. The
     // worker's own session timeout (10 s), not the kit's shorter one for tests that kill workers.
     let settings = [WORKER_ALLOWS_LOCAL_PUSH, ("LOCKSTEP_PUSH_EVENTS__SESSION_TIMEOUT", "10s")];

@@ -1,6 +1,7 @@
 //! Wake-ups for tests: the real `lockstep-push` worker, and the local push
 //! service `tests/python/push_service.py` (written apart from the worker: it
-//! verifies VAPID and decrypts with Python's `http-ece` and `cryptography`).
+//! verifies VAPID and decrypts with Python's `http-ece` and `cryptography`), or
+//! its fast twin in Go (`tests/go/push_service`) for the benchmark's bursts.
 
 use std::{
     io::{BufRead, BufReader},
@@ -253,7 +254,7 @@ impl Seen {
     }
 }
 
-/// The Python push service on a free port, killed when dropped.
+/// A local push service on a free port, killed when dropped.
 pub struct PushService {
     _process: Process,
     origin: String,
@@ -262,14 +263,45 @@ pub struct PushService {
 }
 
 impl PushService {
+    /// The Python service (`tests/python/push_service.py`): every control API
+    /// (failures on demand, webhooks, rejections).
     pub async fn start() -> anyhow::Result<Self> {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/push_service.py");
         let dir = tempfile::Builder::new().prefix("push-service-").tempdir()?;
+        let mut command = Command::new("python3");
+        command.arg(&script);
+        Self::spawn("push_service.py", command, dir).await
+    }
+
+    /// The Go service (`tests/go/push_service`, Go's standard library): the same
+    /// subscriptions, push endpoint and `requests`, verified and decrypted as
+    /// strictly, without the control API, and fast enough that a burst of a
+    /// thousand wake-ups measures the worker rather than the service (the
+    /// benchmark's W6). Built with `go build` into a temporary directory.
+    pub async fn start_go() -> anyhow::Result<Self> {
+        let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/go/push_service");
+        let dir = tempfile::Builder::new().prefix("push-service-go-").tempdir()?;
+        let binary = dir.path().join("push_service");
+        let built = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&binary)
+            .arg(".")
+            .current_dir(&source)
+            .env("GOTOOLCHAIN", "local")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run `go build` (is Go installed?)")?;
+        if !built.status.success() {
+            bail!("go build of {} failed:\n{}", source.display(), String::from_utf8_lossy(&built.stderr));
+        }
+        Self::spawn("push_service (Go)", Command::new(&binary), dir).await
+    }
+
+    async fn spawn(name: &str, mut command: Command, dir: TempDir) -> anyhow::Result<Self> {
         let log_path = dir.path().join("push_service.log");
         let log = std::fs::File::create(&log_path)?;
-        let mut command = Command::new("python3");
-        command.arg(&script).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
-        let mut process = Process::spawn("push_service.py", &mut command, &log_path)?;
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+        let mut process = Process::spawn(name, &mut command, &log_path)?;
         let stdout = process.child_mut().stdout.take().context("push service stdout")?;
         let port = tokio::task::spawn_blocking(move || {
             let mut line = String::new();

@@ -38,8 +38,12 @@ struct PushStack {
 /// Kafka, a server that advertises the worker's VAPID key, the worker (with
 /// `worker_env`), the push service; returns once the worker joined its group.
 async fn push_stack(worker_env: &[(&str, &str)]) -> anyhow::Result<PushStack> {
+    push_stack_with(PushService::start().await?, worker_env).await
+}
+
+/// [`push_stack`] with another push service.
+async fn push_stack_with(service: PushService, worker_env: &[(&str, &str)]) -> anyhow::Result<PushStack> {
     let kafka = Kafka::start().await?;
-    let service = PushService::start().await?;
     // The server advertises the worker's key and creates the events topic; the
     // worker subscribes to it after.
     // The push service listens on 127.0.0.1, which targets may not name unless allowed.
@@ -227,6 +231,40 @@ async fn an_offline_device_gets_one_wake_up_per_burst_a_connected_or_acked_one_n
     assert!(!text.contains(&phone.device_id) && !text.contains(&laptop.user_id), "no per-device labels");
     lockstep_e2e::promtool_check(&text)?;
     assert_eq!(lockstep_e2e::http_get(metrics_addr, "/healthz").await?.0, 200);
+    Ok(())
+}
+
+/// The benchmark's W6 wakes its devices at the Go push service, not the Python
+/// one (which answers a few hundred requests a second): the Go one must verify
+/// and decrypt the worker's wake-ups as strictly, or W6 would count wake-ups no
+/// real push service would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_push_service_of_the_benchmark_verifies_and_decrypts_real_wake_ups() -> anyhow::Result<()> {
+    // Kafka and the worker are bound, not `..`-dropped: dropping them stops them.
+    let PushStack { kafka: _kafka, server, worker: _worker, service } =
+        push_stack_with(PushService::start_go().await?, &[]).await?;
+    let laptop = Device::create_account(&server, "laptop").await?;
+    let phones = [laptop.pair(&server, "phone").await?, laptop.pair(&server, "tablet").await?];
+    let mut subscriptions = Vec::new();
+    for phone in &phones {
+        let subscription = service.subscribe().await?;
+        set_web_push(&server, phone, &subscription).await?;
+        subscriptions.push(subscription);
+    }
+    let log_end = burst(&laptop, 200).await?;
+    for subscription in &subscriptions {
+        let seen = service.wait_for(&subscription.id, 1, WAIT).await?;
+        assert_clean_wake_up(&seen[0], log_end);
+        assert!(seen[0].header("vapid_sub").is_some_and(|sub| sub.starts_with("mailto:") || sub.starts_with("https:")));
+    }
+    // A request that is not the worker's is refused: no VAPID, or another subscription's keys.
+    let endpoint = subscriptions[0].endpoint.strip_prefix("http://").expect("an http:// endpoint");
+    let (address, path) = endpoint.split_at(endpoint.find('/').expect("a path"));
+    let (status, _, _) = lockstep_e2e::http_request(address.parse()?, "POST", path, &[], "not a wake-up").await?;
+    assert_eq!(status, 401);
+    let seen = service.requests_to(&subscriptions[0].id).await?;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].error(), Some("no vapid authorization"));
     Ok(())
 }
 

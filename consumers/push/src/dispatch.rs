@@ -243,12 +243,20 @@ pub struct Job<T> {
 pub struct Dispatcher<T> {
     waker: Arc<Waker>,
     queues: OriginQueues<Job<T>>,
+    /// Attempts talking to their push service (each holds a slot of its origin).
     attempts: JoinSet<(String, Lane, Job<T>, AttemptReport)>,
+    /// Attempts that got their answer, publishing their events (no slot held).
+    publishing: JoinSet<(String, Job<T>, AttemptReport)>,
 }
 
 impl<T: Send + 'static> Dispatcher<T> {
     pub fn new(waker: Arc<Waker>, wake: &WakeSettings) -> Self {
-        Self { waker, queues: OriginQueues::new(Limits::from(wake)), attempts: JoinSet::new() }
+        Self {
+            waker,
+            queues: OriginQueues::new(Limits::from(wake)),
+            attempts: JoinSet::new(),
+            publishing: JoinSet::new(),
+        }
     }
 
     pub fn submit(&mut self, tag: T, order: WakeOrder) {
@@ -273,11 +281,11 @@ impl<T: Send + 'static> Dispatcher<T> {
 
     /// Nothing in flight or waiting.
     pub fn is_idle(&self) -> bool {
-        self.attempts.is_empty() && self.queues.waiting() == 0
+        self.attempts.is_empty() && self.publishing.is_empty() && self.queues.waiting() == 0
     }
 
     pub fn in_flight(&self) -> usize {
-        self.attempts.len()
+        self.attempts.len() + self.publishing.len()
     }
 
     /// The next wake-up that ended (after its retries). Pending forever when idle.
@@ -288,7 +296,7 @@ impl<T: Send + 'static> Dispatcher<T> {
             let due = self.queues.next_due();
             tokio::select! {
                 Some(joined) = self.attempts.join_next(), if !self.attempts.is_empty() => {
-                    let (origin, lane, mut job, report) = match joined {
+                    let (origin, lane, job, report) = match joined {
                         Ok(done) => done,
                         Err(error) => {
                             // Only a panic gets here; its slot is lost with it.
@@ -296,10 +304,26 @@ impl<T: Send + 'static> Dispatcher<T> {
                             continue;
                         }
                     };
+                    // The push service answered: its slot is free for the next request
+                    // while this attempt's events go to Kafka.
                     self.queues.finished(&origin, lane, report.slow);
                     if let Some(pause) = report.origin_pause {
                         self.queues.pause(&origin, Instant::now() + pause);
                     }
+                    let waker = self.waker.clone();
+                    self.publishing.spawn(async move {
+                        waker.publish(&report.events).await;
+                        (origin, job, report)
+                    });
+                }
+                Some(joined) = self.publishing.join_next(), if !self.publishing.is_empty() => {
+                    let (origin, mut job, report) = match joined {
+                        Ok(done) => done,
+                        Err(error) => {
+                            tracing::error!(%error, "publishing a wake-up's events failed");
+                            continue;
+                        }
+                    };
                     match report.end {
                         AttemptEnd::Done(result) => {
                             metrics::gauge!("lockstep_push_wakeups_in_flight").set(self.queues.in_flight() as f64);

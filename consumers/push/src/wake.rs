@@ -81,13 +81,18 @@ pub enum AttemptEnd {
 }
 
 /// One attempt, as the dispatcher needs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AttemptReport {
     pub end: AttemptEnd,
     /// No answer, or one later than `wake.slow_after`.
     pub slow: bool,
     /// The origin asked for a pause (429): no request to it before then.
     pub origin_pause: Option<Duration>,
+    /// The attempt's `WakeUp` event (and a `PushTargetRemoved`), to publish with
+    /// [`Waker::publish`] before the attempt counts as ended. The dispatcher does
+    /// that after it gave the origin's slot back: a slot is for talking to the push
+    /// service, not for waiting on Kafka's acknowledgement.
+    pub events: Vec<Event>,
 }
 
 /// What one request got back.
@@ -103,10 +108,17 @@ pub struct Waker {
     client: reqwest::Client,
     policy: Arc<TargetPolicy>,
     vapid: VapidKey,
+    /// Signed VAPID authorizations by origin, reused for half their lifetime
+    /// (RFC 8292 lets a token be reused until it expires; an ES256 signature per
+    /// request was most of the CPU a wake-up costs).
+    vapid_tokens: std::sync::Mutex<std::collections::HashMap<String, (String, Instant)>>,
     settings: Settings,
     worker_id: String,
     publisher: Publisher,
 }
+
+/// At most this many origins' tokens are kept (then the cache starts again).
+const MAX_CACHED_TOKENS: usize = 4096;
 
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -136,7 +148,7 @@ impl Waker {
             .user_agent(concat!("lockstep-push/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Http(e.without_url().to_string()))?;
-        Ok(Self { client, policy, vapid, settings, worker_id, publisher })
+        Ok(Self { client, policy, vapid, vapid_tokens: Default::default(), settings, worker_id, publisher })
     }
 
     /// One attempt to wake the device; publishes its `WakeUp` event (and a
@@ -195,22 +207,21 @@ impl Waker {
             ?outcome,
             "wake-up attempt"
         );
-        let body = EventBody::WakeUp {
+        let event = |body| Event { user_id: order.user_id.clone(), node_id: self.worker_id.clone(), at_ms, body };
+        let mut events = vec![event(EventBody::WakeUp {
             device_id: order.device_id.clone(),
             log_end: order.log_end,
             outcome,
             http_status: status,
-        };
-        self.publish(order, at_ms, body).await;
+        })];
         if let Some(reason) = removed {
-            let body = EventBody::PushTargetRemoved { device_id: order.device_id.clone(), reason };
-            self.publish(order, at_ms, body).await;
+            events.push(event(EventBody::PushTargetRemoved { device_id: order.device_id.clone(), reason }));
         }
         let end = match retry_in {
             Some(delay) if outcome != WakeUpOutcome::Failed => AttemptEnd::Retry { delay, next },
             _ => AttemptEnd::Done(WakeResult { outcome, target_removed: removed.is_some(), at_ms }),
         };
-        AttemptReport { end, slow, origin_pause }
+        AttemptReport { end, slow, origin_pause, events }
     }
 
     /// Exponential backoff with ±50 % jitter: base · 2^(attempt−1), capped.
@@ -259,11 +270,7 @@ impl Waker {
         match &order.target {
             PushTarget::WebPush { p256dh, auth, .. } => {
                 let http = &self.settings.http;
-                let authorization = self.vapid.authorization(
-                    order.target.origin(),
-                    &self.settings.vapid.subject,
-                    self.settings.vapid.token_lifetime,
-                );
+                let authorization = self.vapid_authorization(order.target.origin());
                 let request = self
                     .client
                     .post(url)
@@ -299,6 +306,25 @@ impl Waker {
         }
     }
 
+    /// The VAPID authorization for `origin`: a cached one younger than half the
+    /// token lifetime (so it is valid for at least as long again), else a new one.
+    fn vapid_authorization(&self, origin: &str) -> String {
+        let lifetime = self.settings.vapid.token_lifetime;
+        let now = Instant::now();
+        let mut tokens = lockstep_kafka::locks::lock(&self.vapid_tokens);
+        if let Some((token, made)) = tokens.get(origin)
+            && now.duration_since(*made) < lifetime / 2
+        {
+            return token.clone();
+        }
+        let token = self.vapid.authorization(origin, &self.settings.vapid.subject, lifetime);
+        if tokens.len() >= MAX_CACHED_TOKENS {
+            tokens.clear();
+        }
+        tokens.insert(origin.to_owned(), (token.clone(), now));
+        token
+    }
+
     fn webhook_rejected(&self, target: &PushTarget, body: &[u8]) -> bool {
         let PushTarget::Webhook { pushkey, .. } = target else { return false };
         let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
@@ -306,10 +332,12 @@ impl Waker {
         rejected.is_some_and(|keys| keys.iter().any(|key| key.as_str() == Some(pushkey)))
     }
 
-    async fn publish(&self, order: &WakeOrder, at_ms: i64, body: EventBody) {
-        let event = Event { user_id: order.user_id.clone(), node_id: self.worker_id.clone(), at_ms, body };
-        if let Err(error) = self.publisher.publish(&event).await {
-            tracing::warn!(user_id = %order.user_id, device_id = %order.device_id, %error, "cannot publish wake-up event");
+    /// Publishes an attempt's events, in order (waits for Kafka's acknowledgement).
+    pub async fn publish(&self, events: &[Event]) {
+        for event in events {
+            if let Err(error) = self.publisher.publish(event).await {
+                tracing::warn!(user_id = %event.user_id, kind = event.body.kind(), %error, "cannot publish wake-up event");
+            }
         }
     }
 }
@@ -331,6 +359,29 @@ fn retry_after_at(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Dur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waker(token_lifetime: Duration) -> (Waker, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let vapid = VapidKey::load_or_create(dir.path()).unwrap();
+        let mut settings = Settings::default();
+        settings.vapid.token_lifetime = token_lifetime;
+        (Waker::new(settings, vapid, "push-test".into(), Publisher::disabled()).unwrap(), dir)
+    }
+
+    #[test]
+    fn a_vapid_token_is_signed_once_per_origin_and_renewed_at_half_its_lifetime() {
+        let (waker, _dir) = waker(Duration::from_secs(2));
+        let first = waker.vapid_authorization("https://push.example");
+        assert_eq!(waker.vapid_authorization("https://push.example"), first, "reused");
+        let other = waker.vapid_authorization("https://other.example");
+        assert_ne!(other, first, "each origin is its own audience");
+        // Half the lifetime later the token is signed again, with an `exp` at least a
+        // second later (ES256 here is deterministic: the same claims would sign the same).
+        std::thread::sleep(Duration::from_millis(1_100));
+        let renewed = waker.vapid_authorization("https://push.example");
+        assert_ne!(renewed, first, "renewed once half its lifetime passed");
+        assert_eq!(waker.vapid_authorization("https://push.example"), renewed);
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {

@@ -1,0 +1,3 @@
+module lockstep.dev/tests/push_service
+
+go 1.24
