@@ -179,7 +179,11 @@ pub async fn w1(
     metrics.add(round, &format!("{name}.lat_rate_pushes"), rate);
     metrics.add(round, &format!("{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
     metrics.add(round, &format!("{name}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
-    metrics.add(round, &format!("{name}.failed_pushes"), failures.load(Ordering::Relaxed) as f64);
+    let failed = failures.load(Ordering::Relaxed);
+    metrics.add(round, &format!("{name}.failed_pushes"), failed as f64);
+    // Every change the workload wrote: both saturation phases and the latency phase's pushes.
+    let latency_changes = count.saturating_sub(failed) * SATURATION_BATCH;
+    metrics.add(round, &format!("{name}.changes"), (written + spread_written + latency_changes) as f64);
     Ok(())
 }
 
@@ -317,6 +321,7 @@ pub async fn w2(
     let key = format!("w2.d{devices}");
     metrics.add(round, &format!("{key}.deliveries_rps"), (count * devices as u64) as f64 / elapsed);
     metrics.add(round, &format!("{key}.push_rps"), count as f64 / pushed.as_secs_f64());
+    let saturation_count = count;
 
     // Latency: single-change pushes on an open-loop schedule.
     let count = config.latency_count();
@@ -342,6 +347,7 @@ pub async fn w2(
     }
     metrics.add(round, &format!("{key}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
     metrics.add(round, &format!("{key}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
+    metrics.add(round, &format!("{key}.delivered"), ((saturation_count + count) * devices as u64) as f64);
     Ok(())
 }
 
@@ -408,6 +414,7 @@ pub async fn w4(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
     metrics.add(round, "w4.duplicates", duplicates as f64);
     metrics.add(round, "w4.losses", (count - distinct) as f64);
     metrics.add(round, "w4.ack_window", window as f64);
+    metrics.add(round, "w4.delivered", received as f64);
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! `lockstep-bench`: starts Kafka, Lockstep and Redis, drives them on an
+//! `lockstep-bench`: starts Kafka, Lockstep, Redis and NATS, drives them on an
 //! open-loop schedule, repeats each workload in interleaved rounds and writes
 //! BENCHMARKS.md. Not part of the test suite; run it with `scripts/bench`.
 
@@ -6,6 +6,7 @@ mod client;
 mod dashboard;
 mod lockstep;
 mod machine;
+mod nats;
 mod peer;
 mod procs;
 mod profile;
@@ -19,10 +20,13 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 
-use crate::{procs::Redis, stats::Metrics};
+use crate::{
+    procs::{Nats, Redis},
+    stats::Metrics,
+};
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks Lockstep against raw Apache Kafka and Redis Streams; writes BENCHMARKS.md")]
+#[command(about = "Benchmarks Lockstep against raw Apache Kafka, Redis Streams and NATS JetStream; writes BENCHMARKS.md")]
 pub struct Args {
     /// Scaled-down counts and durations, one round: a smoke run of a minute or two.
     #[arg(long)]
@@ -50,6 +54,9 @@ pub struct Args {
     pub cli_bin: PathBuf,
     #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
     pub redis_bin: PathBuf,
+    /// `nats-server` (2.9 or later, JetStream), the other W5 peer.
+    #[arg(long, env = "NATS_SERVER_BIN", default_value = "nats-server")]
+    pub nats_bin: PathBuf,
     /// Changes per second of the open-loop latency phases of W0, W2 and W5.
     #[arg(long, default_value_t = 200.0)]
     pub latency_rate: f64,
@@ -123,6 +130,56 @@ impl Config {
     }
 }
 
+/// W5's peers, each its own process (so that the CPU table tells them apart).
+struct Peers {
+    redis_always: Redis,
+    redis_everysec: Redis,
+    nats: Nats,
+}
+
+/// W5: the W2 fan-out at each device count and the W4 resume, against each
+/// peer in turn; a failure is recorded and the next setting runs.
+async fn w5(
+    peers: &Peers,
+    config: &Config,
+    processes: &[(&'static str, u32)],
+    round: usize,
+    metrics: &mut Metrics,
+) {
+    let redis = [("w5.redis_always", &peers.redis_always.url), ("w5.redis_everysec", &peers.redis_everysec.url)];
+    for &devices in &config.fanout_devices {
+        let devices_config = config.with_devices(devices);
+        for (prefix, url) in redis {
+            let cpu = procs::CpuSnapshot::take(processes);
+            let outcome = peer::fanout(url, prefix, &devices_config, devices, round, metrics).await;
+            cpu.record(metrics, round, &format!("{prefix}.d{devices}"));
+            if let Err(error) = outcome {
+                metrics.failures.push(format!("round {} {prefix} ({devices} devices): {error:#}", round + 1));
+            }
+        }
+        let cpu = procs::CpuSnapshot::take(processes);
+        let outcome = nats::fanout(&peers.nats.url, &devices_config, devices, round, metrics).await;
+        cpu.record(metrics, round, &format!("w5.nats.d{devices}"));
+        if let Err(error) = outcome {
+            metrics.failures.push(format!("round {} w5.nats ({devices} devices): {error:#}", round + 1));
+        }
+    }
+    for (prefix, url) in redis {
+        let cpu = procs::CpuSnapshot::take(processes);
+        let outcome = peer::resume(url, prefix, config, round, metrics).await;
+        cpu.record(metrics, round, &format!("{prefix}.resume"));
+        if let Err(error) = outcome {
+            metrics.failures.push(format!("round {} {prefix} resume: {error:#}", round + 1));
+        }
+    }
+    let cpu = procs::CpuSnapshot::take(processes);
+    let outcome = nats::resume(&peers.nats.url, config, round, metrics).await;
+    cpu.record(metrics, round, "w5.nats.resume");
+    if let Err(error) = outcome {
+        metrics.failures.push(format!("round {} w5.nats resume: {error:#}", round + 1));
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -144,12 +201,21 @@ async fn main() -> anyhow::Result<()> {
         }
         let kafka = procs::start_kafka().await?;
         let server = procs::start_lockstep(&args.lockstep_bin, kafka.bootstrap()).await?;
-        let redis =
-            if args.workloads.iter().any(|w| w == "w5") { Some(Redis::start(&args.redis_bin).await?) } else { None };
+        let peers = if args.workloads.iter().any(|w| w == "w5") {
+            Some(Peers {
+                redis_always: Redis::start(&args.redis_bin, "always").await?,
+                redis_everysec: Redis::start(&args.redis_bin, "everysec").await?,
+                nats: Nats::start(&args.nats_bin).await?,
+            })
+        } else {
+            None
+        };
         let processes = [
             ("server", server.pid()),
             ("kafka", kafka.pid()),
-            ("redis", redis.as_ref().map_or(0, Redis::pid)),
+            ("redis_always", peers.as_ref().map_or(0, |peers| peers.redis_always.pid())),
+            ("redis_everysec", peers.as_ref().map_or(0, |peers| peers.redis_everysec.pid())),
+            ("nats", peers.as_ref().map_or(0, |peers| peers.nats.pid())),
             ("bench", std::process::id()),
         ];
         for workload in &args.workloads {
@@ -186,8 +252,10 @@ async fn main() -> anyhow::Result<()> {
                 "w2" => {
                     for &devices in &config.fanout_devices {
                         let profiler = profile::Profiler::start_if(profiling, server.pid(), &format!("w2-{devices}"));
+                        let setting = procs::CpuSnapshot::take(&processes);
                         let outcome =
                             lockstep::w2(&server, &config.with_devices(devices), devices, round, metrics).await;
+                        setting.record(metrics, round, &format!("w2.d{devices}"));
                         profiles.extend(profiler.map(profile::Profiler::finish));
                         if let Err(error) = outcome {
                             metrics.failures.push(format!("round {} w2 ({devices} devices): {error:#}", round + 1));
@@ -205,25 +273,17 @@ async fn main() -> anyhow::Result<()> {
                 "ws" => ws::run(&server, &args.cli_bin, &config, round, metrics).await,
                 "wd" => dashboard::wd(&kafka, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
                 "w3" => lockstep::w3(&args.lockstep_bin, &config, round, metrics).await,
-                "w5" => match &redis {
-                    Some(redis) => {
-                        for &devices in &config.fanout_devices {
-                            let outcome =
-                                peer::fanout(&redis.url, &config.with_devices(devices), devices, round, metrics).await;
-                            if let Err(error) = outcome {
-                                metrics.failures.push(format!("round {} w5 ({devices} devices): {error:#}", round + 1));
-                            }
-                        }
-                        peer::resume(&redis.url, &config, round, metrics).await
+                "w5" => match &peers {
+                    Some(peers) => {
+                        w5(peers, &config, &processes, round, metrics).await;
+                        Ok(())
                     }
                     None => Ok(()),
                 },
                 other => Err(anyhow::anyhow!("unknown workload {other}")),
             };
             if workload != "w3" {
-                for (process, seconds) in cpu.since() {
-                    metrics.add(round, &format!("cpu.{workload}.{process}_s"), seconds);
-                }
+                cpu.record(metrics, round, workload);
             }
             if let Err(error) = outcome {
                 eprintln!("  {workload} failed: {error:#}");
