@@ -90,6 +90,8 @@ pub struct Config {
     pub streams_per_connection: usize,
     /// W6: users with 10 offline devices each.
     pub w6_users: usize,
+    /// W6: events of a prior day written to the events topic before the worker starts.
+    pub w6_backlog_events: usize,
     /// WS: timed syncs per record count and round (the round's figure is their median).
     pub sync_repeats: usize,
 }
@@ -113,6 +115,7 @@ impl Config {
             fanout_records: 0,
             streams_per_connection: args.streams_per_connection.clamp(1, 64),
             w6_users: if full { 100 } else { 20 },
+            w6_backlog_events: if full { 500_000 } else { 20_000 },
             sync_repeats: if full { 3 } else { 1 },
         }
     }

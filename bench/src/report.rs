@@ -581,16 +581,25 @@ pub fn render(
          pushes), all users at once. Latency: Kafka's ack of a user's first change → each of its devices' \
          wake-up arriving (VAPID verified, body decrypted) at tests/python/push_service.py. Target: p99 ≤ 1 s, \
          1 wake-up per device per burst. W6 runs last in its round, on the broker and the server that the \
-         earlier workloads loaded: the events topic (`lockstep.events`) already holds their events (row \
-         \"events already in the topic\"), and the push worker, a new consumer group, reads it from the start \
-         before it acts.\n",
-        config.w6_users
+         earlier workloads loaded: the events topic (`lockstep.events`) already holds their events, and before \
+         the push worker starts W6 writes a prior day's traffic to it: {} events of {} users (3 devices each: \
+         added and connected, then appends of 10 changes each followed by the 3 devices' acks, 100 events a \
+         user, `at_ms` spread over the last day, no push target), straight to Kafka with the schema's encoder \
+         (`lockstep_schemas::encode_event`, key = user id, as the server writes them). The push worker, a new \
+         consumer group, reads the whole topic from the start (row \"events already in the topic\") before it \
+         acts; so does the server's own follower of the topic.\n",
+        config.w6_users,
+        config.w6_backlog_events,
+        config.w6_backlog_events.div_ceil(100),
     );
     table(
         &mut out,
         metrics,
         &[
-            row("w6.events_before", "events already in the topic when W6 starts"),
+            row("w6.backlog_written", "prior day's events written before the worker starts"),
+            row("w6.backlog_users", "users of those events"),
+            row("w6.backlog_write_s", "writing them, s"),
+            row("w6.events_before", "events already in the topic when the worker starts (the earlier workloads' and those)"),
             row("w6.worker_acting_s", "push worker start → partitions assigned, s"),
             row("w6.p50_ms", "ack → wake-up p50, ms"),
             row("w6.p99_ms", "ack → wake-up p99, ms"),
