@@ -66,10 +66,16 @@ pub struct Args {
     /// Skip the extra round (not counted) that profiles the server with `perf` during W1, W2 and W4.
     #[arg(long)]
     pub no_profile: bool,
+    /// The most idle devices W3 opens (the full run goes to 100,000 in its first round only).
+    #[arg(long, default_value_t = 100_000)]
+    pub w3_max_devices: usize,
     /// The command line to print in the report (scripts/bench passes its own).
     #[arg(long)]
     pub command: Option<String>,
 }
+
+/// W3's largest count of idle devices, measured in the first round only.
+pub const W3_LARGE: usize = 100_000;
 
 /// Sizes and durations of one run.
 #[derive(Clone, Debug)]
@@ -84,6 +90,8 @@ pub struct Config {
     pub fanout_devices: Vec<usize>,
     pub resume_records: u64,
     pub idle_devices: Vec<usize>,
+    /// W3 stops below this many idle devices (`--w3-max-devices`).
+    pub w3_max_devices: usize,
     pub settle_time: Duration,
     pub cpu_time: Duration,
     pub fanout_records: u64,
@@ -109,7 +117,8 @@ impl Config {
             fanout_deliveries: if full { 300_000 } else { 30_000 },
             fanout_devices: vec![1, 10, 100],
             resume_records: if full { 100_000 } else { 10_000 },
-            idle_devices: if full { vec![1_000, 10_000] } else { vec![100, 1_000] },
+            idle_devices: if full { vec![1_000, 10_000, W3_LARGE] } else { vec![100, 1_000] },
+            w3_max_devices: args.w3_max_devices,
             settle_time: Duration::from_secs(if full { 2 } else { 1 }),
             cpu_time: Duration::from_secs(if full { 10 } else { 2 }),
             fanout_records: 0,
@@ -118,6 +127,17 @@ impl Config {
             w6_backlog_events: if full { 500_000 } else { 20_000 },
             sync_repeats: if full { 3 } else { 1 },
         }
+    }
+
+    /// W3's idle device counts in `round`: the largest one (about 5 minutes: creating the
+    /// devices and opening their streams) only in the first round, to keep the full run
+    /// near 20 minutes on 2 cores.
+    pub fn idle_devices_in_round(&self, round: usize) -> Vec<usize> {
+        self.idle_devices
+            .iter()
+            .copied()
+            .filter(|&count| count <= self.w3_max_devices && (round == 0 || count < W3_LARGE))
+            .collect()
     }
 
     /// Changes pushed in W2/W5 saturation with `devices` subscribers.
@@ -275,7 +295,10 @@ async fn main() -> anyhow::Result<()> {
                 "w6" => w6::run(&server, &args.push_bin, kafka.bootstrap(), &config, round, metrics).await,
                 "ws" => ws::run(&server, &args.cli_bin, &config, round, metrics).await,
                 "wd" => dashboard::wd(&kafka, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
-                "w3" => lockstep::w3(&args.lockstep_bin, &config, round, metrics).await,
+                "w3" => {
+                    lockstep::w3(&args.lockstep_bin, &config, &config.idle_devices_in_round(round), round, metrics)
+                        .await
+                }
                 "w5" => match &peers {
                     Some(peers) => {
                         w5(peers, &config, &processes, round, metrics).await;

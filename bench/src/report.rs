@@ -176,7 +176,13 @@ fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
             tax.map(|s| s.median <= limit),
         ));
     }
-    let largest = config.idle_devices.iter().copied().max().unwrap_or(0);
+    let largest = config
+        .idle_devices
+        .iter()
+        .copied()
+        .filter(|count| metrics.get(&format!("w3.n{count}.per_device_kib")).is_some())
+        .max()
+        .unwrap_or(0);
     let per_device = metrics.summary(&format!("w3.n{largest}.per_device_kib"));
     targets.push(Target::new(
         format!("W3 ≤ 5 KiB RSS per idle device at {largest} devices (the target is at 100,000, or the machine's limit)"),
@@ -633,6 +639,24 @@ pub fn render(
     table(&mut out, metrics, &rows);
 
     out.push_str("## W3 idle devices\n\n");
+    let counts = config.idle_devices.iter().map(|count| format_value(*count as f64)).collect::<Vec<_>>().join(", ");
+    if config.idle_devices.contains(&crate::W3_LARGE) {
+        let _ = writeln!(
+            out,
+            "Counts: {counts} (at most `--w3-max-devices`, {}); {} only in the first round (creating the devices \
+             and opening their streams takes about 5 minutes on 2 cores), so its rows have one round.\n",
+            format_value(config.w3_max_devices as f64),
+            format_value(crate::W3_LARGE as f64),
+        );
+    } else {
+        let _ = writeln!(out, "Counts: {counts} (a smoke run: 100,000 is for the full run).\n");
+    }
+    for note in &metrics.notes {
+        let _ = writeln!(out, "- {note}");
+    }
+    if !metrics.notes.is_empty() {
+        out.push('\n');
+    }
     let mut rows = vec![row("w3.rss0_kib", "server RSS with the devices created, no stream, KiB")];
     for count in &config.idle_devices {
         rows.push((format!("w3.n{count}.rss_kib"), format!("{count} devices: server RSS, KiB")));
