@@ -11,6 +11,7 @@ mod peer;
 mod procs;
 mod profile;
 mod report;
+mod stages;
 mod stats;
 mod w0;
 mod w6;
@@ -246,6 +247,9 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             eprintln!("  {workload}");
+            // Per-stage histograms of the round's server (W1off, W1trace and W3 run their own).
+            let stage_server = !matches!(workload.as_str(), "w1off" | "w1trace" | "w3");
+            let stage_snapshot = stages::StageSnapshot::take(server.admin_addr().filter(|_| stage_server)).await;
             let cpu = procs::CpuSnapshot::take(&processes);
             let outcome: anyhow::Result<()> = match workload.as_str() {
                 "w0" => w0::run(kafka.bootstrap(), &config, round, metrics).await,
@@ -311,6 +315,7 @@ async fn main() -> anyhow::Result<()> {
             if workload != "w3" {
                 cpu.record(metrics, round, workload);
             }
+            stage_snapshot.record(metrics, round, workload).await;
             if let Err(error) = outcome {
                 eprintln!("  {workload} failed: {error:#}");
                 metrics.failures.push(format!("round {} {workload}: {error:#}", round + 1));

@@ -414,6 +414,51 @@ fn cpu_tables(out: &mut String, args: &Args, config: &Config, metrics: &Metrics)
     out.push('\n');
 }
 
+/// Per workload, count and mean time of each stage of the server's stage histograms, or a
+/// line saying a family is absent.
+fn stage_tables(out: &mut String, args: &Args, metrics: &Metrics) {
+    out.push_str(
+        "## Per-stage timing (the server's `/metrics`)\n\nThe round's server's `/metrics` (admin listener) is \
+         scraped before and after each workload that uses it (not W1off, W1trace or W3, which run their own); \
+         per stage: the observations during the workload and their mean time (histogram sum / count).\n\n",
+    );
+    for (family, short) in crate::stages::FAMILIES {
+        let present = metrics.get(&format!("stages.{short}.present"));
+        match present {
+            None => {
+                let _ = writeln!(out, "- `{family}`: not scraped (no workload used the round's server).\n");
+                continue;
+            }
+            Some(rounds) if rounds.values().all(|&present| present == 0.0) => {
+                let _ = writeln!(out, "- `{family}`: absent from `/metrics` (this server does not expose it).\n");
+                continue;
+            }
+            Some(_) => {}
+        }
+        let _ = writeln!(out, "`{family}`:\n");
+        out.push_str("| workload | stage | observations | mean, ms |\n| --- | --- | ---: | ---: |\n");
+        for workload in &args.workloads {
+            let prefix = format!("stage.{workload}.{short}.");
+            for key in metrics.values.keys().filter(|key| key.starts_with(&prefix) && key.ends_with(".count")) {
+                let stage = &key[prefix.len()..key.len() - ".count".len()];
+                let mean = metrics.summary(&format!("{prefix}{stage}.mean_ms"));
+                let _ = writeln!(
+                    out,
+                    "| {workload} | {stage} | {} | {} |",
+                    metrics.summary(key).map_or("—".into(), |s| format_value(s.median)),
+                    mean.map_or("—".into(), |s| format!(
+                        "{} ({} – {})",
+                        format_value(s.median),
+                        format_value(s.min),
+                        format_value(s.max)
+                    )),
+                );
+            }
+        }
+        out.push('\n');
+    }
+}
+
 pub fn render(
     args: &Args,
     config: &Config,
@@ -688,6 +733,7 @@ pub fn render(
     table(&mut out, metrics, &rows);
 
     cpu_tables(&mut out, args, config, metrics);
+    stage_tables(&mut out, args, metrics);
 
     if !profiles.is_empty() {
         out.push_str("## Where the server's time goes (`perf record -g` of `lockstep` in an extra round whose figures are not counted)\n\n");
