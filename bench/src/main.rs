@@ -27,7 +27,9 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks Lockstep against raw Apache Kafka, Redis Streams and NATS JetStream; writes BENCHMARKS.md")]
+#[command(
+    about = "Benchmarks Lockstep against raw Apache Kafka, Redis Streams and NATS JetStream; writes BENCHMARKS.md"
+)]
 pub struct Args {
     /// Scaled-down counts and durations, one round: a smoke run of a minute or two.
     #[arg(long)]
@@ -163,13 +165,7 @@ struct Peers {
 
 /// W5: the W2 fan-out at each device count and the W4 resume, against each
 /// peer in turn; a failure is recorded and the next setting runs.
-async fn w5(
-    peers: &Peers,
-    config: &Config,
-    processes: &[(&'static str, u32)],
-    round: usize,
-    metrics: &mut Metrics,
-) {
+async fn w5(peers: &Peers, config: &Config, processes: &[(&'static str, u32)], round: usize, metrics: &mut Metrics) {
     let redis = [("w5.redis_always", &peers.redis_always.url), ("w5.redis_everysec", &peers.redis_everysec.url)];
     for &devices in &config.fanout_devices {
         let devices_config = config.with_devices(devices);

@@ -78,7 +78,7 @@ async fn durable_consumer(
     ack_wait: Duration,
 ) -> anyhow::Result<PullConsumer> {
     let stream = jetstream.get_stream(stream).await?;
-    Ok(stream
+    stream
         .create_consumer(pull::Config {
             durable_name: Some(device.to_string()),
             deliver_policy,
@@ -87,7 +87,7 @@ async fn durable_consumer(
             ..Default::default()
         })
         .await
-        .with_context(|| format!("creating consumer {device}"))?)
+        .with_context(|| format!("creating consumer {device}"))
 }
 
 /// Publishes `seqs`, then waits for every publish ack (the stream stored them).
@@ -164,8 +164,7 @@ pub async fn fanout(
     let mut readers: Vec<Reader> = Vec::new();
     for device in 0..devices {
         let jetstream = connect(url).await?;
-        let consumer =
-            durable_consumer(
+        let consumer = durable_consumer(
             &jetstream,
             &name,
             &format!("device{device}"),

@@ -135,11 +135,9 @@ pub fn tax_limit_ms(devices: usize) -> f64 {
 
 /// Lockstep's push→delivery minus W0's produce→ack at the same quantile, rate and round.
 pub fn latency_tax(metrics: &Metrics, devices: usize, quantile: &str) -> Option<Summary> {
-    Summary::of(metrics.combine(
-        &format!("w2.d{devices}.{quantile}_ms"),
-        &format!("w0.ack_{quantile}_ms"),
-        |a, b| a - b,
-    ))
+    Summary::of(
+        metrics.combine(&format!("w2.d{devices}.{quantile}_ms"), &format!("w0.ack_{quantile}_ms"), |a, b| a - b),
+    )
 }
 
 fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
@@ -185,7 +183,9 @@ fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
         .unwrap_or(0);
     let per_device = metrics.summary(&format!("w3.n{largest}.per_device_kib"));
     targets.push(Target::new(
-        format!("W3 ≤ 5 KiB RSS per idle device at {largest} devices (the target is at 100,000, or the machine's limit)"),
+        format!(
+            "W3 ≤ 5 KiB RSS per idle device at {largest} devices (the target is at 100,000, or the machine's limit)"
+        ),
         per_device.map_or("not measured".into(), |s| format!("{:.2} KiB ({:.2} – {:.2})", s.median, s.min, s.max)),
         per_device.map(|s| s.median <= 5.0),
     ));
@@ -220,7 +220,9 @@ fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
         if behind == 100_000 {
             "W4 a device 100,000 behind caught up in ≤ 10 s".into()
         } else {
-            format!("W4 a device 100,000 behind caught up in ≤ 10 s (100,000 / the records/s of a device {behind} behind)")
+            format!(
+                "W4 a device 100,000 behind caught up in ≤ 10 s (100,000 / the records/s of a device {behind} behind)"
+            )
         },
         catch_up,
         10.0,
@@ -258,9 +260,7 @@ fn targets(metrics: &Metrics, config: &Config) -> Vec<Target> {
     let wake_up = metrics.summary("w6.p99_ms");
     targets.push(Target::new(
         "W6 push → wake-up p99 ≤ 1 s over the Kafka ack, the events topic full",
-        wake_up.map_or("not measured".into(), |s| {
-            format!("{:.0} ms ({:.0} – {:.0})", s.median, s.min, s.max)
-        }),
+        wake_up.map_or("not measured".into(), |s| format!("{:.0} ms ({:.0} – {:.0})", s.median, s.min, s.max)),
         wake_up.map(|s| s.median <= 1000.0),
     ));
     let most = metrics.summary("w6.max_wakeups_per_device");
@@ -381,7 +381,9 @@ fn cpu_tables(out: &mut String, args: &Args, config: &Config, metrics: &Metrics)
         lines.push(("w4".into(), "server", "w4.delivered".into(), "w4.rps".into()));
     }
     if args.workloads.iter().any(|workload| workload == "w5") {
-        for (prefix, process) in [("w5.redis_always", "redis_always"), ("w5.redis_everysec", "redis_everysec"), ("w5.nats", "nats")] {
+        for (prefix, process) in
+            [("w5.redis_always", "redis_always"), ("w5.redis_everysec", "redis_everysec"), ("w5.nats", "nats")]
+        {
             for devices in &config.fanout_devices {
                 let key = format!("{prefix}.d{devices}");
                 lines.push((key.clone(), process, format!("{key}.delivered"), format!("{key}.deliveries_rps")));
@@ -616,6 +618,7 @@ pub fn render(
             row("w4.ack_window", "Lockstep unacked window at the crash"),
         ],
     );
+    out.push_str("The same resume through the W5 peers:\n\n");
     let mut rows = Vec::new();
     for (prefix, title) in W5_PEERS_SHOWN {
         let peer = title.trim_start_matches("W5 peer fan-out: ");
@@ -640,8 +643,8 @@ pub fn render(
          consumer group, reads the whole topic from the start (row \"events already in the topic\") before it \
          acts; so does the server's own follower of the topic.\n",
         config.w6_users,
-        config.w6_backlog_events,
-        config.w6_backlog_events.div_ceil(100),
+        format_value(config.w6_backlog_events as f64),
+        format_value(config.w6_backlog_events.div_ceil(100) as f64),
     );
     table(
         &mut out,
@@ -650,7 +653,10 @@ pub fn render(
             row("w6.backlog_written", "prior day's events written before the worker starts"),
             row("w6.backlog_users", "users of those events"),
             row("w6.backlog_write_s", "writing them, s"),
-            row("w6.events_before", "events already in the topic when the worker starts (the earlier workloads' and those)"),
+            row(
+                "w6.events_before",
+                "events already in the topic when the worker starts (the earlier workloads' and those)",
+            ),
             row("w6.worker_acting_s", "push worker start → partitions assigned, s"),
             row("w6.p50_ms", "ack → wake-up p50, ms"),
             row("w6.p99_ms", "ack → wake-up p99, ms"),

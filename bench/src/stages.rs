@@ -102,8 +102,7 @@ impl StageSnapshot {
             metrics.add(round, &format!("stages.{short}.present"), f64::from(u8::from(after.present.contains(&short))));
         }
         for ((family, stage), (count, sum)) in &after.totals {
-            let (count_before, sum_before) =
-                before.totals.get(&(*family, stage.clone())).copied().unwrap_or_default();
+            let (count_before, sum_before) = before.totals.get(&(*family, stage.clone())).copied().unwrap_or_default();
             let count = count - count_before;
             if count <= 0.0 {
                 continue;
