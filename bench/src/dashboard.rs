@@ -43,7 +43,7 @@ async fn create_topics(bootstrap: &str, topics: &[String], partitions: i32) -> a
     Ok(())
 }
 
-async fn produce_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> anyhow::Result<()> {
+pub async fn produce_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> anyhow::Result<()> {
     let results: Vec<_> = stream::iter(records)
         .map(|(topic, key, value)| async move {
             producer

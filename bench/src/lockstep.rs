@@ -179,7 +179,11 @@ pub async fn w1(
     metrics.add(round, &format!("{name}.lat_rate_pushes"), rate);
     metrics.add(round, &format!("{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
     metrics.add(round, &format!("{name}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
-    metrics.add(round, &format!("{name}.failed_pushes"), failures.load(Ordering::Relaxed) as f64);
+    let failed = failures.load(Ordering::Relaxed);
+    metrics.add(round, &format!("{name}.failed_pushes"), failed as f64);
+    // Every change the workload wrote: both saturation phases and the latency phase's pushes.
+    let latency_changes = count.saturating_sub(failed) * SATURATION_BATCH;
+    metrics.add(round, &format!("{name}.changes"), (written + spread_written + latency_changes) as f64);
     Ok(())
 }
 
@@ -317,6 +321,7 @@ pub async fn w2(
     let key = format!("w2.d{devices}");
     metrics.add(round, &format!("{key}.deliveries_rps"), (count * devices as u64) as f64 / elapsed);
     metrics.add(round, &format!("{key}.push_rps"), count as f64 / pushed.as_secs_f64());
+    let saturation_count = count;
 
     // Latency: single-change pushes on an open-loop schedule.
     let count = config.latency_count();
@@ -342,6 +347,7 @@ pub async fn w2(
     }
     metrics.add(round, &format!("{key}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
     metrics.add(round, &format!("{key}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
+    metrics.add(round, &format!("{key}.delivered"), ((saturation_count + count) * devices as u64) as f64);
     Ok(())
 }
 
@@ -408,10 +414,46 @@ pub async fn w4(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
     metrics.add(round, "w4.duplicates", duplicates as f64);
     metrics.add(round, "w4.losses", (count - distinct) as f64);
     metrics.add(round, "w4.ack_window", window as f64);
+    metrics.add(round, "w4.delivered", received as f64);
     Ok(())
 }
 
 const DEVICES_PER_USER: usize = 100;
+
+/// Memory W3 asks to be free per idle device before it tries a count: the server's RSS per
+/// device (about 8.5 KiB measured at 10,000) and the bench's client side of the stream, with
+/// room to spare.
+const W3_MEMORY_PER_DEVICE_KIB: u64 = 64;
+
+/// The counts of `counts` this machine can hold: each idle stream costs the bench and the
+/// server one file descriptor per `streams_per_connection` streams (the process's limit is
+/// inherited by the server), and memory. A count left out is said in the report, and why.
+fn fitting_counts(counts: &[usize], streams_per_connection: usize, round: usize, metrics: &mut Metrics) -> Vec<usize> {
+    let descriptors = procs::open_files_limit();
+    let available = procs::memory_available_kib();
+    let mut fitting = Vec::new();
+    for &count in counts {
+        // Connections, plus Kafka's, the accounts database's and the runtime's.
+        let needed_descriptors = count.div_ceil(streams_per_connection) as u64 + 1_000;
+        let needed_kib = count as u64 * W3_MEMORY_PER_DEVICE_KIB;
+        let reason = match (descriptors, available) {
+            (Some(limit), _) if limit < needed_descriptors => {
+                Some(format!("{needed_descriptors} file descriptors needed, the limit is {limit}"))
+            }
+            (_, Some(free)) if free < needed_kib => {
+                Some(format!("{needed_kib} KiB of memory asked for, {free} KiB available"))
+            }
+            _ => None,
+        };
+        match reason {
+            Some(reason) => {
+                metrics.notes.push(format!("round {}: W3 stopped before {count} idle devices: {reason}", round + 1));
+            }
+            None => fitting.push(count),
+        }
+    }
+    fitting
+}
 
 /// W3: a fresh Kafka and server; idle devices, `DEVICES_PER_USER` per user,
 /// are created, then the server's RSS is read with no stream, and with each
@@ -420,10 +462,20 @@ const DEVICES_PER_USER: usize = 100;
 /// The devices are created by the same server process that then holds their
 /// streams: after a restart, every user's first stream waits for a shared
 /// Kafka reader to find the end of the empty topic (see ANALYSIS.md).
-pub async fn w3(lockstep_bin: &Path, config: &Config, round: usize, metrics: &mut Metrics) -> anyhow::Result<()> {
+pub async fn w3(
+    lockstep_bin: &Path,
+    config: &Config,
+    counts: &[usize],
+    round: usize,
+    metrics: &mut Metrics,
+) -> anyhow::Result<()> {
+    let counts = fitting_counts(counts, config.streams_per_connection, round, metrics);
+    if counts.is_empty() {
+        return Ok(());
+    }
     let kafka = procs::start_kafka().await?;
     let lockstep = procs::start_lockstep(lockstep_bin, kafka.bootstrap()).await?;
-    let count = config.idle_devices.iter().copied().max().unwrap_or(0);
+    let count = counts.iter().copied().max().unwrap_or(0);
     let started = Instant::now();
     let users = count.div_ceil(DEVICES_PER_USER);
     let endpoint = lockstep.endpoint();
@@ -454,7 +506,7 @@ pub async fn w3(lockstep_bin: &Path, config: &Config, round: usize, metrics: &mu
     let ready = Arc::new(AtomicUsize::new(0));
     let mut streams: Vec<JoinHandle<()>> = Vec::new();
     let mut channels: Vec<SyncClient<Channel>> = Vec::new();
-    for &count in &config.idle_devices {
+    for &count in &counts {
         let count = count.min(devices.len());
         while channels.len() < count.div_ceil(config.streams_per_connection) {
             channels.push(sync(channel(&lockstep.endpoint()).await?));

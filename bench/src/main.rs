@@ -1,4 +1,4 @@
-//! `lockstep-bench`: starts Kafka, Lockstep and Redis, drives them on an
+//! `lockstep-bench`: starts Kafka, Lockstep, Redis and NATS, drives them on an
 //! open-loop schedule, repeats each workload in interleaved rounds and writes
 //! BENCHMARKS.md. Not part of the test suite; run it with `scripts/bench`.
 
@@ -6,10 +6,12 @@ mod client;
 mod dashboard;
 mod lockstep;
 mod machine;
+mod nats;
 mod peer;
 mod procs;
 mod profile;
 mod report;
+mod stages;
 mod stats;
 mod w0;
 mod w6;
@@ -19,10 +21,15 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 
-use crate::{procs::Redis, stats::Metrics};
+use crate::{
+    procs::{Nats, Redis},
+    stats::Metrics,
+};
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks Lockstep against raw Apache Kafka and Redis Streams; writes BENCHMARKS.md")]
+#[command(
+    about = "Benchmarks Lockstep against raw Apache Kafka, Redis Streams and NATS JetStream; writes BENCHMARKS.md"
+)]
 pub struct Args {
     /// Scaled-down counts and durations, one round: a smoke run of a minute or two.
     #[arg(long)]
@@ -50,6 +57,9 @@ pub struct Args {
     pub cli_bin: PathBuf,
     #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
     pub redis_bin: PathBuf,
+    /// `nats-server` (2.9 or later, JetStream), the other W5 peer.
+    #[arg(long, env = "NATS_SERVER_BIN", default_value = "nats-server")]
+    pub nats_bin: PathBuf,
     /// Changes per second of the open-loop latency phases of W0, W2 and W5.
     #[arg(long, default_value_t = 200.0)]
     pub latency_rate: f64,
@@ -59,10 +69,16 @@ pub struct Args {
     /// Skip the extra round (not counted) that profiles the server with `perf` during W1, W2 and W4.
     #[arg(long)]
     pub no_profile: bool,
+    /// The most idle devices W3 opens (the full run goes to 100,000 in its first round only).
+    #[arg(long, default_value_t = 100_000)]
+    pub w3_max_devices: usize,
     /// The command line to print in the report (scripts/bench passes its own).
     #[arg(long)]
     pub command: Option<String>,
 }
+
+/// W3's largest count of idle devices, measured in the first round only.
+pub const W3_LARGE: usize = 100_000;
 
 /// Sizes and durations of one run.
 #[derive(Clone, Debug)]
@@ -77,12 +93,16 @@ pub struct Config {
     pub fanout_devices: Vec<usize>,
     pub resume_records: u64,
     pub idle_devices: Vec<usize>,
+    /// W3 stops below this many idle devices (`--w3-max-devices`).
+    pub w3_max_devices: usize,
     pub settle_time: Duration,
     pub cpu_time: Duration,
     pub fanout_records: u64,
     pub streams_per_connection: usize,
     /// W6: users with 10 offline devices each.
     pub w6_users: usize,
+    /// W6: events of a prior day written to the events topic before the worker starts.
+    pub w6_backlog_events: usize,
     /// WS: timed syncs per record count and round (the round's figure is their median).
     pub sync_repeats: usize,
 }
@@ -100,14 +120,27 @@ impl Config {
             fanout_deliveries: if full { 300_000 } else { 30_000 },
             fanout_devices: vec![1, 10, 100],
             resume_records: if full { 100_000 } else { 10_000 },
-            idle_devices: if full { vec![1_000, 10_000] } else { vec![100, 1_000] },
+            idle_devices: if full { vec![1_000, 10_000, W3_LARGE] } else { vec![100, 1_000] },
+            w3_max_devices: args.w3_max_devices,
             settle_time: Duration::from_secs(if full { 2 } else { 1 }),
             cpu_time: Duration::from_secs(if full { 10 } else { 2 }),
             fanout_records: 0,
             streams_per_connection: args.streams_per_connection.clamp(1, 64),
             w6_users: if full { 100 } else { 20 },
+            w6_backlog_events: if full { 500_000 } else { 20_000 },
             sync_repeats: if full { 3 } else { 1 },
         }
+    }
+
+    /// W3's idle device counts in `round`: the largest one (about 5 minutes: creating the
+    /// devices and opening their streams) only in the first round, to keep the full run
+    /// near 20 minutes on 2 cores.
+    pub fn idle_devices_in_round(&self, round: usize) -> Vec<usize> {
+        self.idle_devices
+            .iter()
+            .copied()
+            .filter(|&count| count <= self.w3_max_devices && (round == 0 || count < W3_LARGE))
+            .collect()
     }
 
     /// Changes pushed in W2/W5 saturation with `devices` subscribers.
@@ -120,6 +153,50 @@ impl Config {
 
     pub fn latency_count(&self) -> u64 {
         (self.latency_rate * self.latency_time.as_secs_f64()).ceil().max(10.0) as u64
+    }
+}
+
+/// W5's peers, each its own process (so that the CPU table tells them apart).
+struct Peers {
+    redis_always: Redis,
+    redis_everysec: Redis,
+    nats: Nats,
+}
+
+/// W5: the W2 fan-out at each device count and the W4 resume, against each
+/// peer in turn; a failure is recorded and the next setting runs.
+async fn w5(peers: &Peers, config: &Config, processes: &[(&'static str, u32)], round: usize, metrics: &mut Metrics) {
+    let redis = [("w5.redis_always", &peers.redis_always.url), ("w5.redis_everysec", &peers.redis_everysec.url)];
+    for &devices in &config.fanout_devices {
+        let devices_config = config.with_devices(devices);
+        for (prefix, url) in redis {
+            let cpu = procs::CpuSnapshot::take(processes);
+            let outcome = peer::fanout(url, prefix, &devices_config, devices, round, metrics).await;
+            cpu.record(metrics, round, &format!("{prefix}.d{devices}"));
+            if let Err(error) = outcome {
+                metrics.failures.push(format!("round {} {prefix} ({devices} devices): {error:#}", round + 1));
+            }
+        }
+        let cpu = procs::CpuSnapshot::take(processes);
+        let outcome = nats::fanout(&peers.nats.url, &devices_config, devices, round, metrics).await;
+        cpu.record(metrics, round, &format!("w5.nats.d{devices}"));
+        if let Err(error) = outcome {
+            metrics.failures.push(format!("round {} w5.nats ({devices} devices): {error:#}", round + 1));
+        }
+    }
+    for (prefix, url) in redis {
+        let cpu = procs::CpuSnapshot::take(processes);
+        let outcome = peer::resume(url, prefix, config, round, metrics).await;
+        cpu.record(metrics, round, &format!("{prefix}.resume"));
+        if let Err(error) = outcome {
+            metrics.failures.push(format!("round {} {prefix} resume: {error:#}", round + 1));
+        }
+    }
+    let cpu = procs::CpuSnapshot::take(processes);
+    let outcome = nats::resume(&peers.nats.url, config, round, metrics).await;
+    cpu.record(metrics, round, "w5.nats.resume");
+    if let Err(error) = outcome {
+        metrics.failures.push(format!("round {} w5.nats resume: {error:#}", round + 1));
     }
 }
 
@@ -144,12 +221,21 @@ async fn main() -> anyhow::Result<()> {
         }
         let kafka = procs::start_kafka().await?;
         let server = procs::start_lockstep(&args.lockstep_bin, kafka.bootstrap()).await?;
-        let redis =
-            if args.workloads.iter().any(|w| w == "w5") { Some(Redis::start(&args.redis_bin).await?) } else { None };
+        let peers = if args.workloads.iter().any(|w| w == "w5") {
+            Some(Peers {
+                redis_always: Redis::start(&args.redis_bin, "always").await?,
+                redis_everysec: Redis::start(&args.redis_bin, "everysec").await?,
+                nats: Nats::start(&args.nats_bin).await?,
+            })
+        } else {
+            None
+        };
         let processes = [
             ("server", server.pid()),
             ("kafka", kafka.pid()),
-            ("redis", redis.as_ref().map_or(0, Redis::pid)),
+            ("redis_always", peers.as_ref().map_or(0, |peers| peers.redis_always.pid())),
+            ("redis_everysec", peers.as_ref().map_or(0, |peers| peers.redis_everysec.pid())),
+            ("nats", peers.as_ref().map_or(0, |peers| peers.nats.pid())),
             ("bench", std::process::id()),
         ];
         for workload in &args.workloads {
@@ -157,6 +243,9 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             eprintln!("  {workload}");
+            // Per-stage histograms of the round's server (W1off, W1trace and W3 run their own).
+            let stage_server = !matches!(workload.as_str(), "w1off" | "w1trace" | "w3");
+            let stage_snapshot = stages::StageSnapshot::take(server.admin_addr().filter(|_| stage_server)).await;
             let cpu = procs::CpuSnapshot::take(&processes);
             let outcome: anyhow::Result<()> = match workload.as_str() {
                 "w0" => w0::run(kafka.bootstrap(), &config, round, metrics).await,
@@ -186,8 +275,10 @@ async fn main() -> anyhow::Result<()> {
                 "w2" => {
                     for &devices in &config.fanout_devices {
                         let profiler = profile::Profiler::start_if(profiling, server.pid(), &format!("w2-{devices}"));
+                        let setting = procs::CpuSnapshot::take(&processes);
                         let outcome =
                             lockstep::w2(&server, &config.with_devices(devices), devices, round, metrics).await;
+                        setting.record(metrics, round, &format!("w2.d{devices}"));
                         profiles.extend(profiler.map(profile::Profiler::finish));
                         if let Err(error) = outcome {
                             metrics.failures.push(format!("round {} w2 ({devices} devices): {error:#}", round + 1));
@@ -204,27 +295,23 @@ async fn main() -> anyhow::Result<()> {
                 "w6" => w6::run(&server, &args.push_bin, kafka.bootstrap(), &config, round, metrics).await,
                 "ws" => ws::run(&server, &args.cli_bin, &config, round, metrics).await,
                 "wd" => dashboard::wd(&kafka, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
-                "w3" => lockstep::w3(&args.lockstep_bin, &config, round, metrics).await,
-                "w5" => match &redis {
-                    Some(redis) => {
-                        for &devices in &config.fanout_devices {
-                            let outcome =
-                                peer::fanout(&redis.url, &config.with_devices(devices), devices, round, metrics).await;
-                            if let Err(error) = outcome {
-                                metrics.failures.push(format!("round {} w5 ({devices} devices): {error:#}", round + 1));
-                            }
-                        }
-                        peer::resume(&redis.url, &config, round, metrics).await
+                "w3" => {
+                    lockstep::w3(&args.lockstep_bin, &config, &config.idle_devices_in_round(round), round, metrics)
+                        .await
+                }
+                "w5" => match &peers {
+                    Some(peers) => {
+                        w5(peers, &config, &processes, round, metrics).await;
+                        Ok(())
                     }
                     None => Ok(()),
                 },
                 other => Err(anyhow::anyhow!("unknown workload {other}")),
             };
             if workload != "w3" {
-                for (process, seconds) in cpu.since() {
-                    metrics.add(round, &format!("cpu.{workload}.{process}_s"), seconds);
-                }
+                cpu.record(metrics, round, workload);
             }
+            stage_snapshot.record(metrics, round, workload).await;
             if let Err(error) = outcome {
                 eprintln!("  {workload} failed: {error:#}");
                 metrics.failures.push(format!("round {} {workload}: {error:#}", round + 1));

@@ -1,5 +1,6 @@
-//! W5 peer: the W2 and W4 shapes against Redis Streams (AOF on): one stream
-//! per user, one consumer group per device, XADD / XREADGROUP / XACK.
+//! W5 peer: the W2 and W4 shapes against Redis Streams (AOF on, `appendfsync`
+//! `always` or `everysec`): one stream per user, one consumer group per
+//! device, XADD / XREADGROUP / XACK. `prefix` names the figures of one Redis.
 
 use std::{
     sync::{
@@ -136,6 +137,7 @@ type Reader = (Arc<Mutex<Seen>>, JoinHandle<anyhow::Result<()>>);
 /// with its own connection and acks every batch it read.
 pub async fn fanout(
     url: &str,
+    prefix: &str,
     config: &Config,
     devices: usize,
     round: usize,
@@ -206,9 +208,10 @@ pub async fn fanout(
     .await?;
     let last = readers.iter().filter_map(|(seen, _)| lock(seen).last_at).max();
     let elapsed = last.context("no delivery")?.duration_since(started).as_secs_f64();
-    let name = format!("w5.d{devices}");
+    let name = format!("{prefix}.d{devices}");
     metrics.add(round, &format!("{name}.deliveries_rps"), (count * devices as u64) as f64 / elapsed);
     metrics.add(round, &format!("{name}.push_rps"), count as f64 / pushed.as_secs_f64());
+    let saturation_count = count;
 
     let count = config.latency_count();
     let plan = Schedule::new(config.latency_rate);
@@ -234,6 +237,7 @@ pub async fn fanout(
     }
     metrics.add(round, &format!("{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
     metrics.add(round, &format!("{name}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
+    metrics.add(round, &format!("{name}.delivered"), ((saturation_count + count) * devices as u64) as f64);
     redis::cmd("DEL").arg(&key).exec_async(&mut producer).await?;
     Ok(())
 }
@@ -242,7 +246,13 @@ pub async fn fanout(
 /// `resume_records` entries catches up; half-way the device crashes after a
 /// read and before its ack, reconnects, reads its pending entries (`0`),
 /// then new ones (`>`).
-pub async fn resume(url: &str, config: &Config, round: usize, metrics: &mut Metrics) -> anyhow::Result<()> {
+pub async fn resume(
+    url: &str,
+    prefix: &str,
+    config: &Config,
+    round: usize,
+    metrics: &mut Metrics,
+) -> anyhow::Result<()> {
     let key = format!("user:{round}:resume");
     let group = "device";
     let mut producer = connect(url).await?;
@@ -291,10 +301,11 @@ pub async fn resume(url: &str, config: &Config, round: usize, metrics: &mut Metr
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    metrics.add(round, "w5.resume.rps", count as f64 / elapsed);
-    metrics.add(round, "w5.resume.duplicates", (received - distinct) as f64);
-    metrics.add(round, "w5.resume.losses", (count - distinct) as f64);
-    metrics.add(round, "w5.resume.ack_window", window as f64);
+    metrics.add(round, &format!("{prefix}.resume.rps"), count as f64 / elapsed);
+    metrics.add(round, &format!("{prefix}.resume.duplicates"), (received - distinct) as f64);
+    metrics.add(round, &format!("{prefix}.resume.losses"), (count - distinct) as f64);
+    metrics.add(round, &format!("{prefix}.resume.ack_window"), window as f64);
+    metrics.add(round, &format!("{prefix}.resume.delivered"), received as f64);
     redis::cmd("DEL").arg(&key).exec_async(&mut producer).await?;
     Ok(())
 }

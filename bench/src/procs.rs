@@ -1,6 +1,6 @@
 //! The processes a benchmark round drives: Apache Kafka (one KRaft node) and
 //! the `lockstep` server from the test kit (started as the tests start them),
-//! and `redis-server`, each on a free port of 127.0.0.1 with its data in a
+//! `redis-server` and `nats-server`, each on a free port of 127.0.0.1 with its data in a
 //! temporary directory. Killed when dropped. Also /proc readings.
 
 use std::{path::Path, process::Command};
@@ -77,7 +77,8 @@ pub struct Redis {
 }
 
 impl Redis {
-    pub async fn start(binary: &Path) -> anyhow::Result<Self> {
+    /// `appendfsync`: `always` (fsync before each write is answered) or `everysec`.
+    pub async fn start(binary: &Path, appendfsync: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("lockstep-bench-redis-").tempdir()?;
         let port = free_port()?;
         let log_path = dir.path().join("redis.log");
@@ -85,6 +86,7 @@ impl Redis {
         let mut command = Command::new(binary);
         command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+            .args(["--appendfsync", appendfsync])
             .args(["--protected-mode", "no", "--daemonize", "no", "--dir"])
             .arg(dir.path())
             .stdin(std::process::Stdio::null())
@@ -93,6 +95,36 @@ impl Redis {
         let mut process = Process::spawn("redis-server", &mut command, &log_path)?;
         process.wait_for_port(port, std::time::Duration::from_secs(30)).await?;
         Ok(Self { process, url: format!("redis://127.0.0.1:{port}/"), _dir: dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+}
+
+/// `nats-server` with JetStream on, its file storage in a temporary directory.
+pub struct Nats {
+    process: Process,
+    pub url: String,
+    _dir: TempDir,
+}
+
+impl Nats {
+    pub async fn start(binary: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("lockstep-bench-nats-").tempdir()?;
+        let port = free_port()?;
+        let log_path = dir.path().join("nats.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = Command::new(binary);
+        command
+            .args(["--addr", "127.0.0.1", "--port", &port.to_string(), "--jetstream", "--store_dir"])
+            .arg(dir.path().join("jetstream"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut process = Process::spawn("nats-server", &mut command, &log_path)?;
+        process.wait_for_port(port, std::time::Duration::from_secs(30)).await?;
+        Ok(Self { process, url: format!("nats://127.0.0.1:{port}"), _dir: dir })
     }
 
     pub fn pid(&self) -> u32 {
@@ -112,6 +144,20 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:")).context("no VmRSS")?;
     Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
+/// This process's soft limit of open files (`Max open files` of /proc/self/limits).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `MemAvailable` of /proc/meminfo, KiB.
+pub fn memory_available_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// CPU time (user + system) a process used so far, in clock ticks.
@@ -156,6 +202,13 @@ impl CpuSnapshot {
                 .filter_map(|&(name, pid)| cpu_ticks(pid).ok().map(|ticks| (name, pid, ticks)))
                 .collect(),
         )
+    }
+
+    /// Records the CPU seconds each process used since the snapshot as `cpu.{what}.{process}_s`.
+    pub fn record(&self, metrics: &mut crate::stats::Metrics, round: usize, what: &str) {
+        for (process, seconds) in self.since() {
+            metrics.add(round, &format!("cpu.{what}.{process}_s"), seconds);
+        }
     }
 
     /// CPU seconds each process used since the snapshot.

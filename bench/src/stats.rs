@@ -66,6 +66,8 @@ impl Schedule {
 pub struct Metrics {
     pub values: BTreeMap<String, BTreeMap<usize, f64>>,
     pub failures: Vec<String>,
+    /// What the report should say about what did not run, and why.
+    pub notes: Vec<String>,
 }
 
 impl Metrics {

@@ -7,10 +7,11 @@
 //! a coalescing failure.
 //!
 //! W6 runs last in a round, on the broker and server that W1–W4 loaded: the
-//! events topic already holds their events (counted before the worker starts),
-//! and the worker, a new consumer group, replays all of it (issue 20 asks for
-//! W6 with the events topic full; on Nisshi that state took the p99 from 1.09 s
-//! to 23.6 s).
+//! events topic already holds their events, and before the worker starts W6
+//! adds a prior day's traffic of many users ([`fill_events_topic`]); the
+//! worker, a new consumer group, replays all of it (issue 20 asks for W6 with
+//! the events topic full; on Nisshi that state took the p99 from 1.09 s to
+//! 23.6 s).
 
 use std::{
     path::Path,
@@ -30,6 +31,8 @@ use rdkafka::{
     ClientConfig,
     consumer::{BaseConsumer, Consumer},
 };
+
+use lockstep_schemas::{Event, EventBody, encode_event};
 
 use crate::{Config, stats::Metrics};
 
@@ -65,6 +68,68 @@ async fn events_topic_records_once(bootstrap: &str) -> anyhow::Result<i64> {
         anyhow::Ok(records)
     })
     .await?
+}
+
+/// Events of one user in a prior day's backlog: 3 devices added and connected, then
+/// appends each followed by the 3 devices' acks, until this many.
+const BACKLOG_EVENTS_PER_USER: usize = 100;
+const BACKLOG_DEVICES_PER_USER: usize = 3;
+
+/// Writes `events` events of a prior day's traffic to the server's events topic, straight
+/// to Kafka with the schema's encoder (key = user id, as the server writes them), for
+/// `events / 100` users that have devices and appends but no push target (so the worker
+/// replays them without waking anyone). Returns the users written.
+pub async fn fill_events_topic(bootstrap: &str, events: usize) -> anyhow::Result<usize> {
+    let topic = lockstep_broker::settings::Settings::default().events.topic;
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "200000")
+        .create()?;
+    let day_ago_ms = (now_s() * 1000.0) as i64 - 86_400_000;
+    let users = events.div_ceil(BACKLOG_EVENTS_PER_USER);
+    // In chunks of users, so that the encoded backlog is never all in memory.
+    for chunk in (0..users).collect::<Vec<_>>().chunks(500) {
+        let mut records = Vec::with_capacity(chunk.len() * BACKLOG_EVENTS_PER_USER);
+        for &index in chunk {
+            let user = uuid::Uuid::new_v4().to_string();
+            let devices: Vec<String> =
+                (0..BACKLOG_DEVICES_PER_USER).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+            let mut bodies = Vec::with_capacity(BACKLOG_EVENTS_PER_USER);
+            for device in &devices {
+                bodies.push(EventBody::DeviceAdded { device_id: device.clone() });
+                bodies.push(EventBody::DeviceConnected { device_id: device.clone(), lease_until_ms: day_ago_ms });
+            }
+            let mut log_end = 0;
+            while bodies.len() < BACKLOG_EVENTS_PER_USER {
+                bodies.push(EventBody::LogAppended {
+                    log_generation: 0,
+                    first_offset: log_end,
+                    log_end: log_end + 10,
+                    count: 10,
+                    origin_device_id: devices[0].clone(),
+                    first_received_at_ms: day_ago_ms,
+                });
+                log_end += 10;
+                for device in &devices {
+                    bodies.push(EventBody::DeviceAcked {
+                        device_id: device.clone(),
+                        log_generation: 0,
+                        committed_offset: log_end - 1,
+                    });
+                }
+            }
+            bodies.truncate(BACKLOG_EVENTS_PER_USER.min(events - index * BACKLOG_EVENTS_PER_USER));
+            for (sequence, body) in bodies.into_iter().enumerate() {
+                // Spread over the day, in order within the user.
+                let at_ms = day_ago_ms + ((index * 997) % 20_000_000 + sequence * 600_000) as i64;
+                let event = Event { user_id: user.clone(), node_id: "node-bench-prior-day".into(), at_ms, body };
+                records.push((topic.clone(), user.clone(), encode_event(&event)?));
+            }
+        }
+        crate::dashboard::produce_all(&producer, records).await?;
+    }
+    Ok(users)
 }
 
 fn now_s() -> f64 {
@@ -108,6 +173,11 @@ pub async fn run(
     metrics: &mut Metrics,
 ) -> anyhow::Result<()> {
     let (users_count, devices_per_user) = (config.w6_users, 10);
+    let filling = Instant::now();
+    let backlog_users = fill_events_topic(bootstrap, config.w6_backlog_events).await?;
+    metrics.add(round, "w6.backlog_written", config.w6_backlog_events as f64);
+    metrics.add(round, "w6.backlog_users", backlog_users as f64);
+    metrics.add(round, "w6.backlog_write_s", filling.elapsed().as_secs_f64());
     let backlog = events_topic_records(bootstrap).await?;
     metrics.add(round, "w6.events_before", backlog as f64);
     let service = PushService::start_go().await?;
