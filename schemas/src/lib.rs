@@ -147,15 +147,18 @@ pub fn encode_change(envelope: &ChangeEnvelope) -> Result<Vec<u8>, SchemaError> 
 /// Never panics on arbitrary input; every failure is a [`SchemaError`].
 /// The input must be exactly one datum: trailing bytes are an error.
 pub fn decode_change(bytes: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
-    let (fingerprint, mut body) = wire::split_header(bytes)?;
+    let (fingerprint, body) = wire::split_header(bytes)?;
     let writer = registry::lookup(&fingerprint).ok_or(SchemaError::UnknownFingerprint { fingerprint })?;
     wire::check_lengths(&writer.schema, body)?;
+    // The reader checks the header again and reads the datum after it.
+    let mut rest = bytes;
+    let mut value = writer.reader.read_value(&mut rest).map_err(SchemaError::MalformedBody)?;
+    if !rest.is_empty() {
+        return Err(SchemaError::TrailingBytes { count: rest.len() });
+    }
     // Resolution is the identity for the current schema, so skip it there.
-    let reader_schema = (!writer.is_current).then(|| &registry::current().schema);
-    let value =
-        apache_avro::from_avro_datum(&writer.schema, &mut body, reader_schema).map_err(SchemaError::MalformedBody)?;
-    if !body.is_empty() {
-        return Err(SchemaError::TrailingBytes { count: body.len() });
+    if !writer.is_current {
+        value = value.resolve(&registry::current().schema).map_err(SchemaError::MalformedBody)?;
     }
     ChangeEnvelope::from_avro_value(value)
 }

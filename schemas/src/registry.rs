@@ -8,9 +8,9 @@
 
 use std::sync::LazyLock;
 
-use apache_avro::Schema;
+use apache_avro::{GenericSingleObjectReader, Schema};
 
-use crate::{CHANGE_ENVELOPE_AVSC, Hex, canonical};
+use crate::{CHANGE_ENVELOPE_AVSC, Hex, canonical, wire};
 
 /// `(file, schema text)` of every superseded envelope schema that may still
 /// be found in Kafka, oldest first. Empty while v1 is the only version.
@@ -25,6 +25,9 @@ pub(crate) struct KnownSchema {
     /// CRC-64-AVRO of `canonical_form`, little-endian as on the wire.
     pub(crate) fingerprint: [u8; 8],
     pub(crate) is_current: bool,
+    /// Reads a single-object datum of this schema with its names resolved once
+    /// (`from_avro_datum` resolves them for every record a catch-up reads).
+    pub(crate) reader: GenericSingleObjectReader,
 }
 
 struct Registry {
@@ -47,7 +50,9 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         if let Some(other) = schemas.iter().find(|s| s.fingerprint == fingerprint) {
             panic!("embedded Avro schemas {} and {file} have the same fingerprint {}", other.file, Hex(&fingerprint));
         }
-        schemas.push(KnownSchema { file, schema, canonical_form, fingerprint, is_current });
+        let reader = GenericSingleObjectReader::new_with_header_builder(schema.clone(), wire::Header(fingerprint))
+            .unwrap_or_else(|e| panic!("embedded Avro schema {file} does not resolve: {e}"));
+        schemas.push(KnownSchema { file, schema, canonical_form, fingerprint, is_current, reader });
     }
     Registry { schemas }
 });

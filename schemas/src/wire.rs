@@ -112,3 +112,16 @@ fn read_varint(rest: &mut &[u8]) -> Option<i64> {
     }
     None
 }
+
+/// Our single-object header (`C3 01` + a CRC-64-AVRO fingerprint of our own
+/// Parsing Canonical Form), for apache-avro's single-object readers and writers,
+/// which resolve a schema's named types once instead of on every datum.
+pub(crate) struct Header(pub(crate) [u8; 8]);
+
+impl apache_avro::headers::HeaderBuilder for Header {
+    fn build_header(&self) -> Vec<u8> {
+        let mut header = Vec::with_capacity(crate::SINGLE_OBJECT_HEADER_LEN);
+        write_header(&self.0, &mut header);
+        header
+    }
+}

@@ -198,3 +198,19 @@ proptest! {
         prop_assert_eq!(decode_event(&encode_event(&event).unwrap()).unwrap(), event);
     }
 }
+
+/// The writer and reader that resolve the schema once produce and read exactly
+/// the bytes of apache-avro's per-call `to_avro_datum` / `from_avro_datum`.
+#[test]
+fn the_cached_writer_and_reader_match_the_per_call_functions_byte_for_byte() {
+    for event in one_of_each() {
+        let mut expected = Vec::new();
+        wire::write_header(&EVENT_SCHEMA.fingerprint, &mut expected);
+        expected.extend(apache_avro::to_avro_datum(&EVENT_SCHEMA.schema, event_to_value(&event).unwrap()).unwrap());
+        let bytes = encode_event(&event).unwrap();
+        assert_eq!(bytes, expected, "{event:?}");
+        let mut body = &bytes[crate::SINGLE_OBJECT_HEADER_LEN..];
+        let value = apache_avro::from_avro_datum(&EVENT_SCHEMA.schema, &mut body, None).unwrap();
+        assert_eq!(event_from_value(value).unwrap(), decode_event(&bytes).unwrap());
+    }
+}
