@@ -176,9 +176,6 @@ fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer,
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", fetch_wait_max_ms(settings, fetch_wait::CATCH_UP_READER))
         .set("queued.max.messages.kbytes", "8192")
-        // A catch-up streams one partition: each fetch of it brings up to this much, so a
-        // backlog arrives in a few round trips, not one per MiB (the default).
-        .set("fetch.message.max.bytes", "8388608")
         .create()
         .map_err(KafkaError::client("reader creation"))
 }
