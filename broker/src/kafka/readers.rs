@@ -167,6 +167,9 @@ impl Drop for ReaderLease {
 /// A reader with no job for this long gives up its assignment.
 const IDLE_UNASSIGN: Duration = Duration::from_secs(1);
 
+/// `fetch.queue.backoff.ms` of the readers (see [`create_reader`]).
+const READER_QUEUE_BACKOFF_MS: &str = "10";
+
 fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer, KafkaError> {
     base_config(settings, &format!("lockstep-reader-{index}"))
         .set("group.id", "lockstep.readers")
@@ -176,6 +179,11 @@ fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer,
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", fetch_wait_max_ms(settings, fetch_wait::CATCH_UP_READER))
         .set("queued.max.messages.kbytes", "8192")
+        // Once a reader's queue holds those 8 MiB (a catch-up reads faster than its device
+        // takes the data), librdkafka postpones the partition's next fetch by this much:
+        // 1 s by default, a stall of up to a second each time a long catch-up fills the
+        // queue. A full queue drains in tens of milliseconds.
+        .set("fetch.queue.backoff.ms", READER_QUEUE_BACKOFF_MS)
         .create()
         .map_err(KafkaError::client("reader creation"))
 }
