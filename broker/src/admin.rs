@@ -20,6 +20,16 @@ use crate::{delivery::Delivery, events::Events, kafka::Topics};
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+/// Buckets for the per-stage histograms, in seconds: 10 µs … 10 s (a stage of
+/// a chunk or of a push often takes well under a millisecond).
+const STAGE_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
+];
+
+/// Stages of a catch-up chunk and of a push (see `docs/metrics.md`).
+pub const CATCHUP_STAGE_SECONDS: &str = "lockstep_catchup_stage_seconds";
+pub const PUSH_STAGE_SECONDS: &str = "lockstep_push_stage_seconds";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once; later calls return
@@ -29,6 +39,11 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("non-empty buckets")
+                // Full names sort before suffixes: these win over the latency buckets.
+                .set_buckets_for_metric(Matcher::Full(CATCHUP_STAGE_SECONDS.into()), STAGE_BUCKETS)
+                .expect("non-empty buckets")
+                .set_buckets_for_metric(Matcher::Full(PUSH_STAGE_SECONDS.into()), STAGE_BUCKETS)
                 .expect("non-empty buckets")
                 .build_recorder();
             let handle = recorder.handle();
@@ -53,6 +68,20 @@ fn describe() {
         "lockstep_kafka_produce_duration_seconds",
         Unit::Seconds,
         "One record, enqueued to acknowledged by Kafka (acks=all)."
+    );
+    describe_histogram!(
+        CATCHUP_STAGE_SECONDS,
+        Unit::Seconds,
+        "Catch-up from Kafka, per chunk, by stage: lease (waiting for a shared reader), fetch (Kafka \
+         reads), decode (records to changes), send (waiting for the device's stream to take the batch)."
+    );
+    describe_histogram!(
+        PUSH_STAGE_SECONDS,
+        Unit::Seconds,
+        "Pushes, per push, by stage: enqueue (waiting for the user's earlier pushes to enqueue), dedup \
+         (the dedup index, looked up and written), produce (encoding and handing records to the \
+         producer), ack (waiting for Kafka's acks), finish (waiting for earlier pushes to settle, then \
+         settling and publishing to live devices)."
     );
     describe_gauge!("lockstep_live_streams", "Subscribe streams open on this node.");
     describe_gauge!(

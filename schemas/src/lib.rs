@@ -28,6 +28,8 @@
 //! - `src/wire.rs` — the single-object framing (magic + fingerprint header).
 //! - `src/change.rs` — [`ChangeEnvelope`] / [`Op`] and their mapping to and
 //!   from Avro values.
+//! - `src/direct.rs` — the current envelope schema read field by field (the
+//!   fast path of [`decode_change`]; apache-avro reads everything else).
 //! - `src/event.rs` — [`Event`]: the metadata-only notifications on the
 //!   events topic (`avro/event.avsc`), same framing.
 //! - `src/target_policy.rs` — where a push target may point: the address policy
@@ -36,6 +38,7 @@
 
 mod canonical;
 mod change;
+mod direct;
 mod event;
 mod registry;
 pub mod target_policy;
@@ -149,6 +152,12 @@ pub fn encode_change(envelope: &ChangeEnvelope) -> Result<Vec<u8>, SchemaError> 
 pub fn decode_change(bytes: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
     let (fingerprint, body) = wire::split_header(bytes)?;
     let writer = registry::lookup(&fingerprint).ok_or(SchemaError::UnknownFingerprint { fingerprint })?;
+    if writer.is_current
+        && *DIRECT
+        && let Some(envelope) = direct::read(body)
+    {
+        return Ok(envelope);
+    }
     wire::check_lengths(&writer.schema, body)?;
     // The reader checks the header again and reads the datum after it.
     let mut rest = bytes;
@@ -162,6 +171,9 @@ pub fn decode_change(bytes: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
     }
     ChangeEnvelope::from_avro_value(value)
 }
+
+/// Whether [`direct`] reads the current schema (it knows one version).
+static DIRECT: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| direct::reads(&registry::current().schema));
 
 /// The parsed current writer schema of [`ChangeEnvelope`], for tools and tests.
 pub fn change_envelope_schema() -> &'static apache_avro::Schema {

@@ -390,6 +390,36 @@ proptest! {
         let _ = decode_change(&bytes);
     }
 
+    /// The direct reader reads every envelope as apache-avro does.
+    #[test]
+    fn direct_reader_reads_envelopes_as_apache_avro(envelope in any_envelope()) {
+        let bytes = encode_change(&envelope).unwrap();
+        let body = &bytes[SINGLE_OBJECT_HEADER_LEN..];
+        prop_assert_eq!(crate::direct::read(body), Some(envelope));
+        prop_assert_eq!(crate::direct::read(body), Some(generic_decode(body).unwrap()));
+    }
+
+    /// Whatever the direct reader accepts, apache-avro accepts as the same envelope.
+    #[test]
+    fn direct_reader_accepts_nothing_apache_avro_refuses(
+        envelope in any_envelope(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        cut in any::<prop::sample::Index>(),
+        noise in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let mut bytes = encode_change(&envelope).unwrap();
+        for (at, byte) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        let body = &bytes[SINGLE_OBJECT_HEADER_LEN.min(bytes.len())..];
+        for body in [body, &body[..cut.index(body.len().max(1)).min(body.len())], &noise[..]] {
+            if let Some(direct) = crate::direct::read(body) {
+                prop_assert_eq!(Some(direct), generic_decode(body).ok());
+            }
+        }
+    }
+
     #[test]
     fn arbitrary_body_after_valid_header_never_panics(
         body in proptest::collection::vec(any::<u8>(), 0..2048),
@@ -414,4 +444,46 @@ proptest! {
         let _ = decode_change(&bytes);
         let _ = decode_change(&bytes[..cut.index(bytes.len())]);
     }
+}
+
+/// apache-avro's reading of a current-schema body, as `decode_change` did before the direct reader.
+fn generic_decode(mut body: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
+    let value =
+        apache_avro::from_avro_datum(change_envelope_schema(), &mut body, None).map_err(SchemaError::MalformedBody)?;
+    if !body.is_empty() {
+        return Err(SchemaError::TrailingBytes { count: body.len() });
+    }
+    ChangeEnvelope::from_avro_value(value)
+}
+
+#[test]
+fn the_direct_reader_knows_the_current_schema() {
+    assert!(
+        crate::direct::reads(change_envelope_schema()),
+        "avro/change_envelope.avsc changed: update src/direct.rs (until then, every record takes the slow path)"
+    );
+}
+
+#[test]
+fn a_non_canonical_varint_reads_as_apache_avro_reads_it() {
+    // schema_version 1 written in two bytes (0x82 0x00), then a minimal envelope.
+    let envelope = ChangeEnvelope {
+        schema_version: 1,
+        user_id: "u".into(),
+        origin_device_id: "d".into(),
+        change_id: "c".into(),
+        record_id: "r".into(),
+        collection: "n".into(),
+        op: Op::Delete,
+        hlc: -5,
+        key_epoch: 7,
+        nonce: vec![1, 2],
+        ciphertext: vec![3],
+        received_at_ms: 9,
+    };
+    let bytes = encode_change(&envelope).unwrap();
+    let mut body = vec![0x82, 0x00];
+    body.extend_from_slice(&bytes[SINGLE_OBJECT_HEADER_LEN + 1..]);
+    assert_eq!(crate::direct::read(&body), Some(envelope.clone()));
+    assert_eq!(generic_decode(&body).unwrap(), envelope);
 }

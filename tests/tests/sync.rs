@@ -216,3 +216,54 @@ async fn concurrent_pushes_of_one_user_are_ordered_once_and_retryable() -> anyho
     assert_eq!(read_topic(kafka.bootstrap(), &topic_of(&phone)).await?.len(), 2_000);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_catch_up_delivers_each_offset_once_in_bounded_messages_past_a_stalled_device() -> anyhow::Result<()> {
+    // One shared reader, small messages, a one-message stream buffer: the catch-up
+    // crosses dozens of Kafka reads, and a device that reads nothing must not keep
+    // the only reader from the device that does.
+    const MAX_BYTES: usize = 64 * 1024;
+    const MAX_CHANGES: usize = 50;
+    let env = [
+        ("LOCKSTEP_DELIVERY__CATCHUP_READERS", "1"),
+        ("LOCKSTEP_DELIVERY__BATCH_MAX_BYTES", "65536"),
+        ("LOCKSTEP_DELIVERY__BATCH_MAX_CHANGES", "50"),
+        ("LOCKSTEP_DELIVERY__STREAM_BUFFER", "1"),
+        ("LOCKSTEP_LIMITS__MAX_CIPHERTEXT_BYTES", "16384"),
+    ];
+    let Stack { server, device: phone, .. } = Stack::start_with("phone", &env).await?;
+    let stalled = phone.pair(&server, "stalled").await?;
+    let laptop = phone.pair(&server, "laptop").await?;
+    // Pushed before anyone subscribed: no live tail holds them, every one comes from Kafka.
+    let pushed = changes(4000, 2048);
+    let mut offsets = Vec::new();
+    for batch in pushed.chunks(500) {
+        offsets.extend(phone.push_ok(batch.to_vec()).await?);
+    }
+    assert_eq!(offsets, (0..4000).collect::<Vec<i64>>());
+
+    // 8 MB behind: more than HTTP/2 flow control lets through to a device that reads nothing.
+    let _stalled_stream = stalled.subscribe(None).await?;
+    let mut stream = laptop.subscribe(None).await?;
+    let mut received = Received::default();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while received.changes.len() < pushed.len() {
+        let message = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out with {} changes", received.changes.len()))??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        if let Some(lockstep_proto::v1::subscribe_response::Event::Changes(batch)) = message.event {
+            let payload: usize = batch
+                .changes
+                .iter()
+                .filter_map(|delivered| delivered.change.as_ref())
+                .map(|change| change.ciphertext.len() + change.nonce.len())
+                .sum();
+            assert!(batch.changes.len() <= MAX_CHANGES, "{} changes in one message", batch.changes.len());
+            assert!(payload <= MAX_BYTES, "{payload} bytes of ciphertext in one message");
+            received.changes.extend(batch.changes);
+        }
+    }
+    assert_same_changes(&received, &pushed, &offsets, &phone.device_id);
+    Ok(())
+}

@@ -466,6 +466,22 @@ pub fn delivered_record(offset: i64, record: Result<ChangeEnvelope, String>) -> 
     }
 }
 
+/// What a device receives for records read from the log (in offset order),
+/// with the `traceparent` headers (by offset) of those that carry one.
+pub fn delivered_records(
+    records: Vec<(i64, Result<ChangeEnvelope, String>)>,
+    traceparents: Vec<(i64, String)>,
+) -> Vec<DeliveredChange> {
+    let mut changes: Vec<DeliveredChange> =
+        records.into_iter().map(|(offset, record)| delivered_record(offset, record)).collect();
+    for (offset, traceparent) in traceparents {
+        if let Ok(index) = changes.binary_search_by_key(&offset, |change| change.offset) {
+            changes[index].traceparent = traceparent;
+        }
+    }
+    changes
+}
+
 /// What a device receives for a change in the log.
 pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChange {
     let op = Op::from(envelope.op);
@@ -523,6 +539,33 @@ pub fn split_by_bytes(changes: Vec<DeliveredChange>, max_bytes: usize) -> Vec<Ve
     }
     if !batch.is_empty() {
         batches.push(batch);
+    }
+    batches
+}
+
+/// Splits consecutive changes into messages of at most `max_changes` changes
+/// and `max_bytes` encoded (see [`split_by_bytes`]).
+pub fn split_into_batches(
+    changes: Vec<DeliveredChange>,
+    max_changes: usize,
+    max_bytes: usize,
+) -> Vec<Vec<DeliveredChange>> {
+    let max_changes = max_changes.max(1);
+    let mut batches = Vec::new();
+    for batch in split_by_bytes(changes, max_bytes) {
+        if batch.len() <= max_changes {
+            batches.push(batch);
+            continue;
+        }
+        // Each change moves once (splitting off the rest again and again would not).
+        let mut changes = batch.into_iter();
+        loop {
+            let part: Vec<DeliveredChange> = changes.by_ref().take(max_changes).collect();
+            if part.is_empty() {
+                break;
+            }
+            batches.push(part);
+        }
     }
     batches
 }

@@ -1,8 +1,9 @@
 //! One device's stream: catch up from Kafka, then follow the live tail.
 
 use std::{
+    future::Future,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lockstep_proto::v1::{
@@ -10,12 +11,12 @@ use lockstep_proto::v1::{
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
-use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, delivered_record, split_by_bytes};
+use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, delivered_records, split_into_batches};
 use crate::{
     accounts::AuthedDevice,
     db::now_ms,
     error::ApiError,
-    kafka::{KafkaError, topics::Watermarks},
+    kafka::{KafkaError, PendingRead, ReadChunk, ReaderLease, topics::Watermarks},
     shutdown::Shutdown,
 };
 
@@ -26,6 +27,47 @@ const READ_WAIT: Duration = Duration::from_secs(2);
 const MAX_READ_WAIT: Duration = Duration::from_secs(16);
 /// Longest a stream waits for room to tell the device why it ends.
 const FINAL_SEND_WAIT: Duration = Duration::from_secs(1);
+/// Longest a catching-up session keeps a shared reader while its device keeps
+/// up; then it queues again behind the other sessions.
+const LEASE_SLICE: Duration = Duration::from_millis(250);
+/// Most records in one catch-up read: reads are sized by bytes
+/// (`delivery.batch_max_bytes`); this only bounds a chunk of tiny records.
+const CHUNK_MAX_RECORDS: usize = 8192;
+
+/// A shared reader this session holds, since when.
+struct Lease {
+    reader: ReaderLease,
+    since: Instant,
+}
+
+/// The next chunk, read ahead.
+enum Ahead {
+    Pending(PendingRead),
+    Ready(Result<ReadChunk, KafkaError>),
+}
+
+/// Where one catch-up chunk's time went (`lockstep_catchup_stage_seconds`).
+#[derive(Default)]
+struct ChunkStages {
+    /// Waiting for a shared reader (zero while the session keeps one).
+    lease: Duration,
+    /// Waiting for the reader's chunk, less its decoding (what a read ahead did not hide).
+    fetch: Duration,
+    /// Decoding the records (in the reader) and making them changes (here).
+    decode: Duration,
+    /// Waiting for the device's stream to take the messages.
+    send: Duration,
+}
+
+impl ChunkStages {
+    fn record(&self) {
+        for (stage, spent) in
+            [("lease", self.lease), ("fetch", self.fetch), ("decode", self.decode), ("send", self.send)]
+        {
+            metrics::histogram!(crate::admin::CATCHUP_STAGE_SECONDS, "stage" => stage).record(spent.as_secs_f64());
+        }
+    }
+}
 
 pub(super) struct Start {
     pub from_offset: Option<i64>,
@@ -156,6 +198,13 @@ impl Session {
     /// and forwards the changes. Returns the new cursor. While it waits for a
     /// shared reader or for Kafka, the device still gets its heartbeats: a
     /// busy server or a slow Kafka must not look like a dead connection.
+    ///
+    /// The session keeps its reader from chunk to chunk while the device keeps
+    /// up, and has it read the next chunk while this one goes to the device. It
+    /// gives the reader back before any wait for the device (a slow device never
+    /// holds a shared reader) and after `LEASE_SLICE` (then it queues behind the
+    /// other sessions: the pool is fair). At most two chunks of
+    /// `delivery.batch_max_bytes` are in memory per stream besides its buffer.
     async fn catch_up(
         &mut self,
         mut cursor: i64,
@@ -163,28 +212,40 @@ impl Session {
         heartbeat: &mut tokio::time::Interval,
     ) -> Result<i64, Ended> {
         let settings = &self.delivery.inner.settings;
-        let limits = (settings.batch_max_changes, settings.batch_max_bytes);
+        let limits = (CHUNK_MAX_RECORDS.max(settings.batch_max_changes), settings.batch_max_bytes);
+        let (readers, topic) = (self.delivery.inner.readers.clone(), self.topic.clone());
         let mut wait = READ_WAIT;
+        let mut lease: Option<Lease> = None;
+        // The chunk from `cursor` on, read while the previous one was sent.
+        let mut ahead: Option<Ahead> = None;
         loop {
             self.check_stop()?;
-            // One lease per chunk: a slow device never holds a shared reader
-            // while it waits for the device to take the data.
-            let (readers, topic) = (self.delivery.inner.readers.clone(), self.topic.clone());
-            let read = async move {
-                let lease = readers.lease().await?;
-                lease.read(&topic, cursor, until, limits, wait).await
-            };
-            tokio::pin!(read);
-            let chunk = loop {
-                tokio::select! {
-                    chunk = &mut read => break chunk,
-                    _ = heartbeat.tick() => self.send_heartbeat(cursor).await?,
-                    _ = self.stop_rx.changed() => self.check_stop()?,
+            let mut stages = ChunkStages::default();
+            let started = Instant::now();
+            let chunk = match ahead.take() {
+                Some(Ahead::Ready(chunk)) => chunk,
+                Some(Ahead::Pending(pending)) => self.while_waiting(cursor, heartbeat, pending.chunk()).await?,
+                None => {
+                    let reader = match lease.take() {
+                        Some(lease) => lease,
+                        None => {
+                            let reader = self.while_waiting(cursor, heartbeat, readers.lease()).await??;
+                            stages.lease = started.elapsed();
+                            Lease { reader, since: Instant::now() }
+                        }
+                    };
+                    let pending = reader.reader.submit(&topic, cursor, until, limits, wait).await;
+                    lease = Some(reader);
+                    let pending = pending?;
+                    self.while_waiting(cursor, heartbeat, pending.chunk()).await?
                 }
             };
+            let waited = started.elapsed().saturating_sub(stages.lease);
             let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(KafkaError::OffsetOutOfRange { .. }) => {
+                    // The reader dropped its position: nothing to keep it for.
+                    lease = None;
                     let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
                     if cursor >= watermarks.log_start && cursor <= watermarks.log_end {
                         continue;
@@ -210,19 +271,30 @@ impl Session {
                 // The device checks contiguity and refuses to move its cursor over a hole.
                 tracing::error!(topic = %self.topic, cursor, first, "offsets of a user's log are not contiguous");
             }
-            let got_records = !chunk.records.is_empty();
-            if got_records {
-                let mut changes: Vec<DeliveredChange> =
-                    chunk.records.into_iter().map(|(offset, record)| delivered_record(offset, record)).collect();
-                for (offset, traceparent) in chunk.traceparents {
-                    if let Some(change) = changes.iter_mut().find(|change| change.offset == offset) {
-                        change.traceparent = traceparent;
-                    }
+            let next = cursor.max(chunk.next_offset);
+            let done = chunk.end_of_log || until.is_some_and(|until| next >= until);
+            // Read the next chunk while this one goes to the device.
+            match lease.take() {
+                Some(reader) if !done && chunk.filled && reader.since.elapsed() < LEASE_SLICE => {
+                    ahead = Some(Ahead::Pending(reader.reader.submit(&topic, next, until, limits, READ_WAIT).await?));
+                    lease = Some(reader);
                 }
-                metrics::counter!("lockstep_deliveries_total", "source" => "catchup").increment(changes.len() as u64);
-                self.send_changes(changes).await?;
+                Some(reader) if !done && reader.since.elapsed() < LEASE_SLICE => lease = Some(reader),
+                _ => {}
             }
-            cursor = cursor.max(chunk.next_offset);
+            let got_records = !chunk.records.is_empty();
+            // The reader decodes while the session waits (or sends, reading ahead).
+            stages.fetch = waited.saturating_sub(chunk.decode_time);
+            stages.decode = chunk.decode_time;
+            if got_records {
+                let converting = Instant::now();
+                let changes = delivered_records(chunk.records, chunk.traceparents);
+                stages.decode += converting.elapsed();
+                metrics::counter!("lockstep_deliveries_total", "source" => "catchup").increment(changes.len() as u64);
+                stages.send = self.send_chunk(changes, cursor, heartbeat, &mut lease, &mut ahead).await?;
+            }
+            stages.record();
+            cursor = next;
             if chunk.end_of_log {
                 self.live_log.note_end(cursor);
                 return Ok(cursor);
@@ -244,18 +316,73 @@ impl Session {
                     return Ok(cursor);
                 }
             }
-            // The live tail may have caught up with us; prefer it.
-            if !matches!(self.live_log.read(cursor, 1), LogRead::Behind { .. }) {
+            // The live tail may have caught up with us; prefer it (a read ahead
+            // is as good: it holds the same changes).
+            if ahead.is_none() && !matches!(self.live_log.read(cursor, 1), LogRead::Behind { .. }) {
                 return Ok(cursor);
             }
         }
     }
 
-    /// Sends consecutive changes in messages of at most `batch_max_bytes`.
-    async fn send_changes(&mut self, changes: Vec<DeliveredChange>) -> Result<(), Ended> {
-        let max_bytes = self.delivery.inner.settings.batch_max_bytes;
+    /// Sends a chunk's changes in messages of at most `batch_max_changes` and
+    /// `batch_max_bytes`. Before the first message that has to wait for the
+    /// device, gives the reader back (once its read ahead came back, kept for
+    /// later). Returns how long the sends waited for room.
+    async fn send_chunk(
+        &mut self,
+        changes: Vec<DeliveredChange>,
+        cursor: i64,
+        heartbeat: &mut tokio::time::Interval,
+        lease: &mut Option<Lease>,
+        ahead: &mut Option<Ahead>,
+    ) -> Result<Duration, Ended> {
+        let settings = &self.delivery.inner.settings;
+        let (max_changes, max_bytes) = (settings.batch_max_changes, settings.batch_max_bytes);
         let _spans = delivery_spans(&changes);
-        for changes in split_by_bytes(changes, max_bytes) {
+        let mut waited = Duration::ZERO;
+        for changes in split_into_batches(changes, max_changes, max_bytes) {
+            let message = Ok(SubscribeResponse { event: Some(Event::Changes(ChangeBatch { changes })) });
+            let message = match self.stream_tx.try_send(message) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(ApiError::Aborted("device closed the stream".into()).into());
+                }
+                Err(mpsc::error::TrySendError::Full(message)) => message,
+            };
+            if let Some(Ahead::Pending(pending)) = ahead.take() {
+                *ahead = Some(Ahead::Ready(self.while_waiting(cursor, heartbeat, pending.chunk()).await?));
+            }
+            *lease = None;
+            let waiting = Instant::now();
+            self.send_message(message).await?;
+            waited += waiting.elapsed();
+        }
+        Ok(waited)
+    }
+
+    /// Waits for `work`, sending the device its heartbeats meanwhile; a stop ends the wait.
+    async fn while_waiting<T>(
+        &mut self,
+        cursor: i64,
+        heartbeat: &mut tokio::time::Interval,
+        work: impl Future<Output = T>,
+    ) -> Result<T, Ended> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return Ok(done),
+                _ = heartbeat.tick() => self.send_heartbeat(cursor).await?,
+                _ = self.stop_rx.changed() => self.check_stop()?,
+            }
+        }
+    }
+
+    /// Sends consecutive changes in messages of at most `batch_max_changes` and `batch_max_bytes`.
+    async fn send_changes(&mut self, changes: Vec<DeliveredChange>) -> Result<(), Ended> {
+        let settings = &self.delivery.inner.settings;
+        let (max_changes, max_bytes) = (settings.batch_max_changes, settings.batch_max_bytes);
+        let _spans = delivery_spans(&changes);
+        for changes in split_into_batches(changes, max_changes, max_bytes) {
             self.send(Event::Changes(ChangeBatch { changes })).await?;
         }
         Ok(())
@@ -288,10 +415,13 @@ impl Session {
     /// Sends one message, waiting for room at most `delivery.send_timeout`; a stop or a
     /// vanished device ends the wait.
     async fn send(&mut self, event: Event) -> Result<(), Ended> {
-        let message = SubscribeResponse { event: Some(event) };
+        self.send_message(Ok(SubscribeResponse { event: Some(event) })).await
+    }
+
+    async fn send_message(&mut self, message: Result<SubscribeResponse, tonic::Status>) -> Result<(), Ended> {
         let send_timeout = self.delivery.inner.settings.send_timeout;
         tokio::select! {
-            sent = self.stream_tx.send(Ok(message)) => {
+            sent = self.stream_tx.send(message) => {
                 sent.map_err(|_| ApiError::Aborted("device closed the stream".into()).into())
             }
             _ = self.stop_rx.changed() => Ok(self.check_stop()?),

@@ -20,7 +20,7 @@ use dedup::digest_of_envelope;
 pub use dedup::{DedupIndex, IndexEntry};
 use lockstep_proto::v1::{Change, PushResult, push_result};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, encode_change};
-use pipeline::{Plan, Settled, UserPush, Written, failed, plan_batch, settle};
+use pipeline::{Plan, PushStage, PushStages, Settled, UserPush, Written, failed, plan_batch, settle};
 use tracing::Instrument;
 
 use crate::{
@@ -110,6 +110,7 @@ impl Gateway {
         let user = self.user_state(&device.user_id);
         let received_at_ms = now_ms();
         let mut results: Vec<Option<PushResult>> = vec![None; changes.len()];
+        let mut stages = PushStages::start();
 
         // Plan and enqueue, in request order, under the user's enqueue lock.
         let mut enqueue = user.enqueue.lock().await;
@@ -118,6 +119,7 @@ impl Gateway {
             // let it finish, then answer from the index.
             user.wait_finished(enqueue.next_ticket).await;
         }
+        stages.lap(PushStage::Enqueue);
         user.index().settle_doubts(&device.device_id, &changes, Instant::now());
         self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await?;
         let ids = changes.iter().map(|change| change.change_id.clone()).collect();
@@ -130,6 +132,7 @@ impl Gateway {
         let traceparent = lockstep_telemetry::traceparent_of(&produce_span);
         let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
         let plans = plan_batch(&device.device_id, changes, &known, &mut user.index());
+        stages.lap(PushStage::Dedup);
         let mut written = Vec::new();
         let mut pending = Vec::new();
         for (index_in_batch, plan) in plans.into_iter().enumerate() {
@@ -150,15 +153,18 @@ impl Gateway {
         }
         let ticket = user.ticket(&mut enqueue, running);
         drop(enqueue);
+        stages.lap(PushStage::Produce);
 
         // Kafka's acks, with nothing held: the user's next push enqueues meanwhile.
         produce_span.record("messaging.batch.message_count", pending.len());
         let outcomes = futures::future::join_all(pending).instrument(produce_span).await;
+        stages.lap(PushStage::Ack);
 
         // Settle in ticket (= offset) order.
         user.wait_finished(ticket.number).await;
         let indexed_through = user.index().indexed_through;
         let mut settled = settle(device, received_at_ms, indexed_through, written, outcomes, &traceparent);
+        stages.lap(PushStage::Finish);
         if settled.contiguous {
             self.record(&user, device, &topic, indexed_through, &mut settled).await;
         } else {
@@ -167,6 +173,7 @@ impl Gateway {
             // Kafka's answers are not to be trusted as they are. Read the log.
             self.verify(&user, device, &topic, &mut settled).await;
         }
+        stages.lap(PushStage::Dedup);
         {
             let mut index = user.index();
             // Only now: a retry arriving before would not find them in the index.
@@ -192,6 +199,8 @@ impl Gateway {
         // Published in ticket order, so the live tail sees this user's changes in offset order.
         self.delivery.publish(&device.user_id, std::mem::take(&mut settled.published));
         ticket.finish();
+        stages.lap(PushStage::Finish);
+        stages.record();
         for (index_in_batch, result) in settled.results {
             results[index_in_batch] = Some(result);
         }

@@ -15,7 +15,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use lockstep_proto::v1::{Change, DeliveredChange, PushError, PushResult, push_result};
@@ -146,6 +146,63 @@ impl Drop for Ticket {
             user.finished.send_modify(|finished| *finished = number + 1);
             drop(running);
         });
+    }
+}
+
+/// Where one push's time goes (`lockstep_push_stage_seconds`): each lap adds
+/// the time since the previous lap to a stage; a stage may get several laps
+/// (the dedup index is read before the produce and written after the acks).
+pub(super) struct PushStages {
+    last: Instant,
+    spent: [Duration; PushStage::ALL.len()],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PushStage {
+    /// Waiting for the user's earlier pushes to enqueue (the enqueue lock).
+    Enqueue,
+    /// The dedup index: looking the batch up, re-reading it when behind, recording the offsets.
+    Dedup,
+    /// Encoding the envelopes and handing them to the producer.
+    Produce,
+    /// Waiting for Kafka's acks.
+    Ack,
+    /// Waiting for earlier pushes to settle, settling, publishing to live devices.
+    Finish,
+}
+
+impl PushStage {
+    const ALL: [PushStage; 5] =
+        [PushStage::Enqueue, PushStage::Dedup, PushStage::Produce, PushStage::Ack, PushStage::Finish];
+
+    fn label(self) -> &'static str {
+        match self {
+            PushStage::Enqueue => "enqueue",
+            PushStage::Dedup => "dedup",
+            PushStage::Produce => "produce",
+            PushStage::Ack => "ack",
+            PushStage::Finish => "finish",
+        }
+    }
+}
+
+impl PushStages {
+    pub fn start() -> Self {
+        Self { last: Instant::now(), spent: Default::default() }
+    }
+
+    pub fn lap(&mut self, stage: PushStage) {
+        let now = Instant::now();
+        self.spent[stage as usize] += now - self.last;
+        self.last = now;
+    }
+
+    /// One observation per stage for this push.
+    pub fn record(self) {
+        for stage in PushStage::ALL {
+            metrics::histogram!(crate::admin::PUSH_STAGE_SECONDS, "stage" => stage.label())
+                .record(self.spent[stage as usize].as_secs_f64());
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub use lockstep_kafka::{
     bounded, device_group, fetch_wait, fetch_wait_max_ms, group_offsets, topics, user_topic,
 };
 pub use producer::Producer;
-pub use readers::{ReadChunk, ReaderPool};
+pub use readers::{PendingRead, ReadChunk, ReaderLease, ReaderPool};
 
 /// The Kafka clients one server process shares between its parts.
 #[derive(Clone)]

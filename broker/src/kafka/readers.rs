@@ -46,6 +46,8 @@ pub struct ReadChunk {
     pub timed_out: bool,
     /// The `traceparent` header of records that carry one, by offset.
     pub traceparents: Vec<(i64, String)>,
+    /// Time the reader spent decoding the records (the rest of the read is Kafka's).
+    pub decode_time: Duration,
 }
 
 /// A record's `traceparent` header (see `telemetry`), if it has a readable one.
@@ -107,6 +109,17 @@ impl ReaderPool {
     }
 }
 
+/// A read handed to a leased reader, whose chunk is still to come.
+pub struct PendingRead {
+    reply_rx: oneshot::Receiver<Result<ReadChunk, KafkaError>>,
+}
+
+impl PendingRead {
+    pub async fn chunk(self) -> Result<ReadChunk, KafkaError> {
+        self.reply_rx.await.map_err(|_| KafkaError::WorkerGone("reader"))?
+    }
+}
+
 impl ReaderLease {
     /// Reads records of `topic` from `from`, stopping before `until` (if
     /// given), at the end of the log, after `max_records` or `max_bytes` of
@@ -119,12 +132,27 @@ impl ReaderLease {
         limits: (usize, usize),
         max_wait: Duration,
     ) -> Result<ReadChunk, KafkaError> {
+        self.submit(topic, from, until, limits, max_wait).await?.chunk().await
+    }
+
+    /// Hands the reader the read [`Self::read`] does and returns at once, so
+    /// that the caller can work meanwhile (send the previous chunk). The
+    /// reader works on it even if the lease is dropped before its chunk came:
+    /// the next holder's first read then waits for it.
+    pub async fn submit(
+        &self,
+        topic: &Arc<str>,
+        from: i64,
+        until: Option<i64>,
+        limits: (usize, usize),
+        max_wait: Duration,
+    ) -> Result<PendingRead, KafkaError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         let (max_records, max_bytes) = limits;
         let job = ReadJob { topic: topic.clone(), from, until, max_records, max_bytes, max_wait, reply_tx };
         let job_tx = self.job_tx.as_ref().ok_or(KafkaError::WorkerGone("reader"))?;
         job_tx.send(job).await.map_err(|_| KafkaError::WorkerGone("reader"))?;
-        reply_rx.await.map_err(|_| KafkaError::WorkerGone("reader"))?
+        Ok(PendingRead { reply_rx })
     }
 }
 
@@ -139,6 +167,9 @@ impl Drop for ReaderLease {
 /// A reader with no job for this long gives up its assignment.
 const IDLE_UNASSIGN: Duration = Duration::from_secs(1);
 
+/// `fetch.queue.backoff.ms` of the readers (see [`create_reader`]).
+const READER_QUEUE_BACKOFF_MS: &str = "10";
+
 fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer, KafkaError> {
     base_config(settings, &format!("lockstep-reader-{index}"))
         .set("group.id", "lockstep.readers")
@@ -148,6 +179,11 @@ fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer,
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", fetch_wait_max_ms(settings, fetch_wait::CATCH_UP_READER))
         .set("queued.max.messages.kbytes", "8192")
+        // Once a reader's queue holds those 8 MiB (a catch-up reads faster than its device
+        // takes the data), librdkafka postpones the partition's next fetch by this much:
+        // 1 s by default, a stall of up to a second each time a long catch-up fills the
+        // queue. A full queue drains in tens of milliseconds.
+        .set("fetch.queue.backoff.ms", READER_QUEUE_BACKOFF_MS)
         .create()
         .map_err(KafkaError::client("reader creation"))
 }
@@ -219,6 +255,7 @@ fn run_job(
         filled: false,
         timed_out: false,
         traceparents: Vec::new(),
+        decode_time: Duration::ZERO,
     };
     if job.until.is_some_and(|until| until <= job.from) {
         return Ok(chunk);
@@ -245,11 +282,13 @@ fn run_job(
                 chunk.next_offset = offset + 1;
                 *position = Some((job.topic.clone(), chunk.next_offset));
                 bytes += message.payload_len();
+                let decoding = Instant::now();
                 let decoded = match message.payload().map(decode_change) {
                     Some(Ok(envelope)) => Ok(envelope),
                     Some(Err(error)) => Err(format!("not a change envelope this server can read: {error}")),
                     None => Err("a record without a value".to_string()),
                 };
+                chunk.decode_time += decoding.elapsed();
                 if let Err(reason) = &decoded {
                     tracing::error!(topic = %job.topic, offset, reason, "undecodable record in a user's log");
                 }
