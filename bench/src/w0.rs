@@ -99,7 +99,19 @@ fn consume(
     topic: &str,
     count: u64,
     timeout: Duration,
+    on_record: impl FnMut(u64),
+) -> anyhow::Result<Duration> {
+    consume_with(bootstrap, topic, count, timeout, on_record, || {})
+}
+
+/// [`consume`], calling `on_assigned` once the consumer is assigned.
+fn consume_with(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    timeout: Duration,
     mut on_record: impl FnMut(u64),
+    on_assigned: impl FnOnce(),
 ) -> anyhow::Result<Duration> {
     let consumer = consumer(bootstrap)?;
     // Connected and bootstrapped before the clock starts.
@@ -107,6 +119,7 @@ fn consume(
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, 0, Offset::Offset(0))?;
     consumer.assign(&assignment)?;
+    on_assigned();
     let started = std::time::Instant::now();
     let mut received = 0;
     while received < count {
@@ -174,6 +187,31 @@ pub async fn run(bootstrap: &str, config: &Config, round: usize, metrics: &mut M
     })
     .await??;
     metrics.add(round, "w0.consume_rps", count as f64 / consume_time.as_secs_f64());
+
+    // Live: produce at saturation while a consumer tails the topic, the raw-Kafka
+    // twin of W2 with one device (whose deliveries cannot outrun what is pushed).
+    // Records/s from the first enqueue to the last record consumed.
+    let topic = format!("bench.w0.tail.{round}.{}", uuid::Uuid::new_v4().simple());
+    create_topic(bootstrap, &topic).await?;
+    let (bootstrap_owned, topic_owned) = (bootstrap.to_string(), topic.clone());
+    let (assigned_tx, assigned_rx) = tokio::sync::oneshot::channel();
+    let tail = tokio::task::spawn_blocking(move || {
+        let assigned = move || {
+            let _ = assigned_tx.send(());
+        };
+        consume_with(&bootstrap_owned, &topic_owned, count, Duration::from_secs(120), |_| {}, assigned)
+    });
+    assigned_rx.await.context("the tailing consumer did not start")?;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(count as usize);
+    for seq in 0..count {
+        deliveries.push(enqueue(&producer, &topic, seq, size).await?);
+    }
+    for delivery in deliveries {
+        delivery.await.context("producer dropped")?.map_err(|(error, _)| error)?;
+    }
+    tail.await??;
+    metrics.add(round, "w0.tail_rps", count as f64 / started.elapsed().as_secs_f64());
 
     // produce→consume latency on an open-loop schedule at the latency rate.
     let topic = format!("bench.w0.lat.{round}.{}", uuid::Uuid::new_v4().simple());
