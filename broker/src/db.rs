@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS pairing_tickets (
     expires_at_ms INTEGER NOT NULL,
     redeemed_at_ms INTEGER
 );
+-- Issuing a ticket sweeps the expired ones, and revoking a device drops the tickets it issued:
+-- without these, both scanned every ticket of the last `pairing_ticket_ttl` (pairing 100,000
+-- devices took quadratic time, issue 20's W3).
+CREATE INDEX IF NOT EXISTS pairing_tickets_by_expiry ON pairing_tickets(expires_at_ms);
+CREATE INDEX IF NOT EXISTS pairing_tickets_by_issuer ON pairing_tickets(issued_by_device);
 -- single-use codes for CreateAccount (accounts/invites.rs); the code itself is never stored
 CREATE TABLE IF NOT EXISTS invites (
     invite_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused
@@ -220,6 +225,31 @@ mod sharing_tests {
         let (read_then_write, other_write) = tokio::join!(reading, writing);
         read_then_write.unwrap();
         other_write.unwrap();
+    }
+
+    /// The two statements that run on every ticket issued or device revoked search an
+    /// index instead of scanning every ticket of the last ten minutes.
+    #[tokio::test]
+    async fn the_ticket_sweeps_search_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let plans = db
+            .call(|connection| {
+                let mut plans = Vec::new();
+                for statement in [
+                    "DELETE FROM pairing_tickets WHERE expires_at_ms < 1",
+                    "DELETE FROM pairing_tickets WHERE issued_by_device = 'd' AND redeemed_at_ms IS NULL",
+                ] {
+                    let mut query = connection.prepare(&format!("EXPLAIN QUERY PLAN {statement}"))?;
+                    let rows = query.query_map([], |row| row.get::<_, String>(3))?;
+                    plans.push(rows.collect::<Result<Vec<_>, _>>()?.join("; "));
+                }
+                Ok(plans)
+            })
+            .await
+            .unwrap();
+        assert!(plans[0].contains("INDEX pairing_tickets_by_expiry"), "{plans:?}");
+        assert!(plans[1].contains("INDEX pairing_tickets_by_issuer"), "{plans:?}");
     }
 }
 
