@@ -227,8 +227,8 @@ mod sharing_tests {
         other_write.unwrap();
     }
 
-    /// The two statements that run on every ticket issued or device revoked search an
-    /// index instead of scanning every ticket of the last ten minutes.
+    /// The statements that run on every ticket issued, redeemed or device revoked search an
+    /// index instead of scanning every ticket of the last ten minutes, or every device.
     #[tokio::test]
     async fn the_ticket_sweeps_search_an_index() {
         let dir = tempfile::tempdir().unwrap();
@@ -239,9 +239,12 @@ mod sharing_tests {
                 for statement in [
                     "DELETE FROM pairing_tickets WHERE expires_at_ms < 1",
                     "DELETE FROM pairing_tickets WHERE issued_by_device = 'd' AND redeemed_at_ms IS NULL",
+                    crate::accounts::REDEEM_TICKET,
                 ] {
                     let mut query = connection.prepare(&format!("EXPLAIN QUERY PLAN {statement}"))?;
-                    let rows = query.query_map([], |row| row.get::<_, String>(3))?;
+                    let parameters = vec![rusqlite::types::Value::Null; query.parameter_count()];
+                    let rows =
+                        query.query_map(rusqlite::params_from_iter(parameters), |row| row.get::<_, String>(3))?;
                     plans.push(rows.collect::<Result<Vec<_>, _>>()?.join("; "));
                 }
                 Ok(plans)
@@ -250,6 +253,9 @@ mod sharing_tests {
             .unwrap();
         assert!(plans[0].contains("INDEX pairing_tickets_by_expiry"), "{plans:?}");
         assert!(plans[1].contains("INDEX pairing_tickets_by_issuer"), "{plans:?}");
+        // The issuer by its primary key, not a list of every device.
+        assert!(!plans[2].contains("SCAN"), "{plans:?}");
+        assert!(plans[2].contains("SEARCH devices USING INDEX sqlite_autoindex_devices_1"), "{plans:?}");
     }
 }
 
