@@ -474,8 +474,8 @@ pub async fn w3(
         return Ok(());
     }
     let kafka = procs::start_kafka().await?;
-    let lockstep = procs::start_lockstep(lockstep_bin, kafka.bootstrap()).await?;
     let count = counts.iter().copied().max().unwrap_or(0);
+    let lockstep = procs::start_lockstep_for_idle(lockstep_bin, kafka.bootstrap(), count).await?;
     let started = Instant::now();
     let users = count.div_ceil(DEVICES_PER_USER);
     let endpoint = lockstep.endpoint();

@@ -25,6 +25,19 @@ pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockst
     Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
 }
 
+/// The server for W3: its subscription and connection limits (20,000 and 10,000 by default)
+/// raised to hold `streams` idle streams, so that W3 measures the machine, not the defaults.
+pub async fn start_lockstep_for_idle(binary: &Path, kafka: &str, streams: usize) -> anyhow::Result<Lockstep> {
+    let (subscriptions, connections) = ((streams + 1_000).to_string(), (streams / 10 + 10_000).to_string());
+    let mut env = vec![
+        lockstep_testkit::push::SERVER_ALLOWS_LOCAL_PUSH,
+        ("LOCKSTEP_LIMITS__MAX_SUBSCRIPTIONS", subscriptions.as_str()),
+        ("LOCKSTEP_LIMITS__MAX_CONNECTIONS", connections.as_str()),
+    ];
+    env.extend_from_slice(lockstep_testkit::server::UNTHROTTLED);
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
+}
+
 /// The same server exporting traces to `otlp_endpoint`, sampling 10 % of pushes.
 pub async fn start_lockstep_tracing(binary: &Path, kafka: &str, otlp_endpoint: &str) -> anyhow::Result<Lockstep> {
     let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint), ("OTEL_TRACES_SAMPLER_ARG", "0.1")];

@@ -525,8 +525,9 @@ pub fn render(
          durable consumer acks explicitly (each message of a batch once the batch is read: under `AckPolicy::All` \
          the first ack after the crash would also ack the crashed batch before it came back) and JetStream \
          redelivers the crashed batch after the consumer's `ack_wait` of {} s.\n\
-         - W3: idle devices, {} per user, {} streams per HTTP/2 connection; RSS from /proc/PID/status after {} s of \
-         settling, CPU from /proc/PID/stat over {} s.\n",
+         - W3: idle devices, {} per user, {} streams per HTTP/2 connection, on a server whose subscription and \
+         connection limits are raised to hold them (defaults: 20,000 and 10,000); RSS from /proc/PID/status after \
+         {} s of settling, CPU from /proc/PID/stat over {} s.\n",
         config.payload_bytes,
         config.pushers,
         config.latency_rate,
