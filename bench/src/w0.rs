@@ -91,6 +91,23 @@ async fn enqueue(
     }
 }
 
+/// Enqueues the records `seqs` one after the other, then waits for every delivery report.
+async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    seqs: std::ops::Range<u64>,
+    size: usize,
+) -> anyhow::Result<()> {
+    let mut deliveries = Vec::with_capacity(seqs.end.saturating_sub(seqs.start) as usize);
+    for seq in seqs {
+        deliveries.push(enqueue(producer, topic, seq, size).await?);
+    }
+    for delivery in deliveries {
+        delivery.await.context("producer dropped")?.map_err(|(error, _)| error)?;
+    }
+    Ok(())
+}
+
 /// Reads `count` records of `topic` from offset 0 on a blocking thread;
 /// calls `on_record(seq)` as each arrives; returns the time from the
 /// assignment (the consumer is connected already) to the last record.
@@ -152,13 +169,7 @@ pub async fn run(bootstrap: &str, config: &Config, round: usize, metrics: &mut M
     create_topic(bootstrap, &topic).await?;
     let count = config.w0_records;
     let started = Instant::now();
-    let mut deliveries = Vec::with_capacity(count as usize);
-    for seq in 0..count {
-        deliveries.push(enqueue(&producer, &topic, seq, size).await?);
-    }
-    for delivery in deliveries {
-        delivery.await.context("producer dropped")?.map_err(|(error, _)| error)?;
-    }
+    produce_all(&producer, &topic, 0..count, size).await?;
     let produce_time = started.elapsed();
     metrics.add(round, "w0.produce_rps", count as f64 / produce_time.as_secs_f64());
 
@@ -167,13 +178,7 @@ pub async fn run(bootstrap: &str, config: &Config, round: usize, metrics: &mut M
     let mut batch_times = Vec::new();
     for batch in 0..30u64 {
         let started = Instant::now();
-        let mut deliveries = Vec::with_capacity(100);
-        for seq in batch * 100..(batch + 1) * 100 {
-            deliveries.push(enqueue(&producer, &topic, count + seq, size).await?);
-        }
-        for delivery in deliveries {
-            delivery.await.context("producer dropped")?.map_err(|(error, _)| error)?;
-        }
+        produce_all(&producer, &topic, count + batch * 100..count + (batch + 1) * 100, size).await?;
         batch_times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     if let Some(summary) = stats::Summary::of(batch_times) {
@@ -203,13 +208,7 @@ pub async fn run(bootstrap: &str, config: &Config, round: usize, metrics: &mut M
     });
     assigned_rx.await.context("the tailing consumer did not start")?;
     let started = Instant::now();
-    let mut deliveries = Vec::with_capacity(count as usize);
-    for seq in 0..count {
-        deliveries.push(enqueue(&producer, &topic, seq, size).await?);
-    }
-    for delivery in deliveries {
-        delivery.await.context("producer dropped")?.map_err(|(error, _)| error)?;
-    }
+    produce_all(&producer, &topic, 0..count, size).await?;
     tail.await??;
     metrics.add(round, "w0.tail_rps", count as f64 / started.elapsed().as_secs_f64());
 
