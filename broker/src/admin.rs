@@ -26,9 +26,13 @@ const STAGE_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
 ];
 
+/// Writes per dedup commit: 1 up to the writer's group limit (256).
+const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// Stages of a catch-up chunk and of a push (see `docs/metrics.md`).
 pub const CATCHUP_STAGE_SECONDS: &str = "lockstep_catchup_stage_seconds";
 pub const PUSH_STAGE_SECONDS: &str = "lockstep_push_stage_seconds";
+pub const DEDUP_GROUP_WRITES: &str = "lockstep_dedup_group_writes";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -44,6 +48,8 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(CATCHUP_STAGE_SECONDS.into()), STAGE_BUCKETS)
                 .expect("non-empty buckets")
                 .set_buckets_for_metric(Matcher::Full(PUSH_STAGE_SECONDS.into()), STAGE_BUCKETS)
+                .expect("non-empty buckets")
+                .set_buckets_for_metric(Matcher::Full(DEDUP_GROUP_WRITES.into()), GROUP_BUCKETS)
                 .expect("non-empty buckets")
                 .build_recorder();
             let handle = recorder.handle();
@@ -82,6 +88,10 @@ fn describe() {
          (the dedup index, looked up and written), produce (encoding and handing records to the \
          producer), ack (waiting for Kafka's acks), finish (waiting for earlier pushes to settle, then \
          settling and publishing to live devices)."
+    );
+    describe_histogram!(
+        DEDUP_GROUP_WRITES,
+        "Pushes' dedup index writes committed together in one transaction (gateway/dedup.rs)."
     );
     describe_gauge!("lockstep_live_streams", "Subscribe streams open on this node.");
     describe_gauge!(

@@ -6,6 +6,12 @@
 //! offset below which every change is indexed. A push that cannot prove its
 //! records were the next ones (a failure, a gap) leaves that mark alone, and
 //! the next push first re-reads the topic from the mark (`Gateway::reindex`).
+//!
+//! A push's index entries are written behind it ([`DedupIndex::submit`]): one
+//! writer task commits every entry submitted meanwhile, by any user's pushes, in
+//! one transaction, in submission order. A user's next push need not wait for the
+//! commit, only for the submission; a change stays "in flight" (gateway) until its
+//! entry is committed, so a retry never misses it.
 
 use std::collections::HashMap;
 
@@ -80,14 +86,37 @@ pub struct IndexEntry {
     pub digest: Digest,
 }
 
+/// Pushes' writes waiting for the writer; a push submitting past this waits.
+const WRITE_QUEUE: usize = 1024;
+/// The most writes committed in one transaction.
+const MAX_GROUP: usize = 256;
+
+/// Why submitted entries were not committed (every write of the group shares it).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("dedup index write: {0}")]
+pub struct WriteFailed(String);
+
+/// One push's entries and mark move ([`DedupIndex::record`]'s arguments).
+struct Write {
+    user_id: String,
+    entries: Vec<IndexEntry>,
+    advance: Option<(i64, i64)>,
+}
+
+type Committed = tokio::sync::oneshot::Sender<Result<(), WriteFailed>>;
+
 #[derive(Clone)]
 pub struct DedupIndex {
     db: Db,
+    writes: tokio::sync::mpsc::Sender<(Write, Committed)>,
 }
 
 impl DedupIndex {
+    /// Starts the writer task: call within the runtime.
     pub fn new(db: Db) -> Self {
-        Self { db }
+        let (writes, queue) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(commit_in_groups(db.clone(), queue));
+        Self { db, writes }
     }
 
     /// The offsets and digests of those of `change_ids` already written by the device.
@@ -132,44 +161,35 @@ impl DedupIndex {
             .await
     }
 
-    /// Stores entries (ignoring ones already there) and, when `advance` is
-    /// `Some((from, to))`, moves the user's mark from `from` to `to` — only if
-    /// it still is at `from`.
+    /// Queues entries (ignoring ones already there) and, when `advance` is
+    /// `Some((from, to))`, a move of the user's mark from `from` to `to` — only
+    /// if it still is at `from`. Returns once queued, which fixes the order of
+    /// this write among all others; the returned future ends when it is committed.
+    pub async fn submit(
+        &self,
+        user_id: &str,
+        entries: Vec<IndexEntry>,
+        advance: Option<(i64, i64)>,
+    ) -> impl std::future::Future<Output = Result<(), WriteFailed>> + Send + 'static {
+        let (committed, outcome) = tokio::sync::oneshot::channel();
+        let write = Write { user_id: user_id.to_string(), entries, advance };
+        let queued = self.writes.send((write, committed)).await.is_ok();
+        async move {
+            if !queued {
+                return Err(WriteFailed("the writer has stopped".into()));
+            }
+            outcome.await.unwrap_or_else(|_| Err(WriteFailed("the writer stopped before committing".into())))
+        }
+    }
+
+    /// [`Self::submit`], waiting for the commit.
     pub async fn record(
         &self,
         user_id: &str,
         entries: Vec<IndexEntry>,
         advance: Option<(i64, i64)>,
-    ) -> Result<(), DbError> {
-        let user = user_id.to_string();
-        self.db
-            .call(move |connection| {
-                let transaction = connection.transaction()?;
-                {
-                    let mut insert = transaction.prepare_cached(
-                        "INSERT OR IGNORE INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )?;
-                    for entry in &entries {
-                        insert.execute(params![user, entry.device_id, entry.change_id, entry.offset, entry.digest.as_slice()])?;
-                    }
-                    // Kafka acknowledged these offsets: the log must never end below them (log_guard).
-                    if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
-                        transaction.execute(
-                            "UPDATE users SET log_high_mark = MAX(log_high_mark, ?2) WHERE user_id = ?1",
-                            params![user, end],
-                        )?;
-                    }
-                    if let Some((from, to)) = advance {
-                        transaction.execute(
-                            "UPDATE users SET dedup_indexed_through = ?3 WHERE user_id = ?1 AND dedup_indexed_through = ?2",
-                            params![user, from, to],
-                        )?;
-                    }
-                }
-                transaction.commit()?;
-                Ok(())
-            })
-            .await
+    ) -> Result<(), WriteFailed> {
+        self.submit(user_id, entries, advance).await.await
     }
 
     pub async fn set_indexed_through(&self, user_id: &str, through: i64) -> Result<(), DbError> {
@@ -183,5 +203,137 @@ impl DedupIndex {
                 Ok(())
             })
             .await
+    }
+}
+
+/// The writer: takes every write queued meanwhile (up to [`MAX_GROUP`]) and
+/// commits them in one transaction, in order; each learns the outcome.
+async fn commit_in_groups(db: Db, mut queue: tokio::sync::mpsc::Receiver<(Write, Committed)>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let (writes, waiting): (Vec<Write>, Vec<Committed>) = group.drain(..).unzip();
+        let outcome = db
+            .call(move |connection| write_group(connection, &writes))
+            .await
+            .map_err(|error| WriteFailed(error.to_string()));
+        metrics::histogram!(crate::admin::DEDUP_GROUP_WRITES).record(waiting.len() as f64);
+        for committed in waiting {
+            // A push that went away no longer waits: nothing to tell it.
+            let _ = committed.send(outcome.clone());
+        }
+    }
+}
+
+fn write_group(connection: &mut rusqlite::Connection, writes: &[Write]) -> Result<(), DbError> {
+    let transaction = connection.transaction()?;
+    {
+        let mut insert = transaction.prepare_cached(
+            "INSERT OR IGNORE INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut high_mark =
+            transaction.prepare_cached("UPDATE users SET log_high_mark = MAX(log_high_mark, ?2) WHERE user_id = ?1")?;
+        let mut advance = transaction.prepare_cached(
+            "UPDATE users SET dedup_indexed_through = ?3 WHERE user_id = ?1 AND dedup_indexed_through = ?2",
+        )?;
+        for Write { user_id, entries, advance: moved } in writes {
+            for entry in entries {
+                insert.execute(params![
+                    user_id,
+                    entry.device_id,
+                    entry.change_id,
+                    entry.offset,
+                    entry.digest.as_slice()
+                ])?;
+            }
+            // Kafka acknowledged these offsets: the log must never end below them (log_guard).
+            if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
+                high_mark.execute(params![user_id, end])?;
+            }
+            if let Some((from, to)) = moved {
+                advance.execute(params![user_id, from, to])?;
+            }
+        }
+    }
+    transaction.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(change_id: &str, offset: i64) -> IndexEntry {
+        IndexEntry { device_id: "d".into(), change_id: change_id.into(), offset, digest: [offset as u8; 16] }
+    }
+
+    async fn index_with_user() -> (DedupIndex, Db, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.call(|connection| {
+            connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('u', 0)", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        (DedupIndex::new(db.clone()), db, dir)
+    }
+
+    #[tokio::test]
+    async fn writes_queued_while_one_commits_are_committed_together_in_order() {
+        let (index, db, _dir) = index_with_user().await;
+        // Hold the connection: the writer's first group waits, the rest queue behind it.
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let holding = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.call(move |_| {
+                    held.recv().ok();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut committed = Vec::new();
+        // Three pushes of one user, each moving the mark on from where the last left it.
+        for (number, from) in [0_i64, 2, 4].into_iter().enumerate() {
+            let entries = vec![entry(&format!("c{number}a"), from), entry(&format!("c{number}b"), from + 1)];
+            committed.push(index.submit("u", entries, Some((from, from + 2))).await);
+        }
+        // A move from a mark that is not there is ignored (a push after a failed one).
+        committed.push(index.submit("u", vec![entry("late", 9)], Some((7, 10))).await);
+        hold.send(()).unwrap();
+        holding.await.unwrap().unwrap();
+        for outcome in futures::future::join_all(committed).await {
+            outcome.unwrap();
+        }
+        assert_eq!(index.indexed_through("u").await.unwrap(), 6, "the mark followed the chain, not the stray move");
+        let found =
+            index.lookup("u", "d", vec!["c0a".into(), "c2b".into(), "late".into(), "never".into()]).await.unwrap();
+        assert_eq!(found.get("c0a").map(|(offset, _)| *offset), Some(0));
+        assert_eq!(found.get("c2b").map(|(offset, _)| *offset), Some(5));
+        assert_eq!(found.get("late").map(|(offset, _)| *offset), Some(9), "entries are facts, kept without the move");
+        assert!(!found.contains_key("never"));
+        let high_mark: i64 = db
+            .call(|connection| Ok(connection.query_row("SELECT log_high_mark FROM users", [], |row| row.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(high_mark, 10, "what Kafka acknowledged is the log's floor");
+    }
+
+    #[tokio::test]
+    async fn a_failed_group_fails_every_write_in_it() {
+        let (index, db, _dir) = index_with_user().await;
+        db.call(|connection| {
+            connection.execute_batch("DROP TABLE pushed_changes")?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let first = index.submit("u", vec![entry("a", 0)], Some((0, 1))).await;
+        let second = index.submit("u", vec![], Some((1, 2))).await;
+        assert!(first.await.is_err());
+        let _ = second.await;
+        assert_eq!(index.indexed_through("u").await.unwrap(), 0, "a failed group moves no mark");
     }
 }

@@ -116,8 +116,10 @@ impl Gateway {
         let mut enqueue = user.enqueue.lock().await;
         if user.retries_in_flight(&device.device_id, &changes) {
             // A retry of a push still being written (the device gave up on it):
-            // let it finish, then answer from the index.
+            // let it finish and its dedup record commit, then answer from the index.
+            // Bounded: a push that died half-way leaves its changes in flight.
             user.wait_finished(enqueue.next_ticket).await;
+            user.wait_released(&device.device_id, &changes, self.kafka.produce_timeout).await;
         }
         stages.lap(PushStage::Enqueue);
         user.index().settle_doubts(&device.device_id, &changes, Instant::now());
@@ -165,13 +167,37 @@ impl Gateway {
         let indexed_through = user.index().indexed_through;
         let mut settled = settle(device, received_at_ms, indexed_through, written, outcomes, &traceparent);
         stages.lap(PushStage::Finish);
-        if settled.contiguous {
-            self.record(&user, device, &topic, indexed_through, &mut settled).await;
+        let committed = if settled.contiguous {
+            Some(self.record(&user, device, indexed_through, &mut settled).await)
         } else {
             // A failure, a gap, or an offset out of sequence (librdkafka reports
             // -1, or another change's offset, after a DuplicateSequenceNumber):
             // Kafka's answers are not to be trusted as they are. Read the log.
             self.verify(&user, device, &topic, &mut settled).await;
+            None
+        };
+        stages.lap(PushStage::Dedup);
+        if let (Some(first), Some(last)) = (settled.published.first(), settled.published.last()) {
+            let generation = self.guard.cached_generation(&device.user_id).unwrap_or_default();
+            let appended = (first.offset, last.offset + 1, settled.published.len() as i64);
+            let bytes: usize =
+                settled.published.iter().filter_map(|d| d.change.as_ref()).map(|c| c.ciphertext.len()).sum();
+            metrics::counter!("lockstep_changes_pushed_total").increment(settled.published.len() as u64);
+            metrics::counter!("lockstep_pushed_bytes_total").increment(bytes as u64);
+            self.events.log_appended(&device.user_id, generation, appended, &device.device_id, received_at_ms);
+        }
+        // Published in ticket order, so the live tail sees this user's changes in offset order.
+        self.delivery.publish(&device.user_id, std::mem::take(&mut settled.published));
+        // The user's next push may settle now: its dedup record is queued behind this one's.
+        let running = ticket.finish();
+        stages.lap(PushStage::Finish);
+        if let Some(committed) = committed
+            && let Err(error) = committed.await
+        {
+            // The changes are in Kafka: answer with their offsets anyway; the
+            // next push rebuilds the index from the topic.
+            tracing::error!(topic, %error, "failed to record pushed changes in the dedup index");
+            user.index().ready = false;
         }
         stages.lap(PushStage::Dedup);
         {
@@ -187,19 +213,9 @@ impl Gateway {
                 index.in_doubt.insert((device.device_id.clone(), change_id.clone()), until);
             }
         }
-        if let (Some(first), Some(last)) = (settled.published.first(), settled.published.last()) {
-            let generation = self.guard.cached_generation(&device.user_id).unwrap_or_default();
-            let appended = (first.offset, last.offset + 1, settled.published.len() as i64);
-            let bytes: usize =
-                settled.published.iter().filter_map(|d| d.change.as_ref()).map(|c| c.ciphertext.len()).sum();
-            metrics::counter!("lockstep_changes_pushed_total").increment(settled.published.len() as u64);
-            metrics::counter!("lockstep_pushed_bytes_total").increment(bytes as u64);
-            self.events.log_appended(&device.user_id, generation, appended, &device.device_id, received_at_ms);
-        }
-        // Published in ticket order, so the live tail sees this user's changes in offset order.
-        self.delivery.publish(&device.user_id, std::mem::take(&mut settled.published));
-        ticket.finish();
-        stages.lap(PushStage::Finish);
+        user.released();
+        // Shutdown waited for the dedup record.
+        drop(running);
         stages.record();
         for (index_in_batch, result) in settled.results {
             results[index_in_batch] = Some(result);
@@ -207,30 +223,23 @@ impl Gateway {
         Ok(results.into_iter().map(|result| result.unwrap_or_default()).collect())
     }
 
-    /// Records contiguous, trusted offsets in the dedup index and moves its mark.
+    /// Queues the dedup record of contiguous, trusted offsets, moving the
+    /// index's mark (the mark in memory at once: the user's next push queues its
+    /// record behind this one). The returned future ends with the commit.
     async fn record(
         &self,
         user: &UserPush,
         device: &AuthedDevice,
-        topic: &str,
         indexed_through: i64,
         settled: &mut Settled,
-    ) {
+    ) -> impl std::future::Future<Output = Result<(), dedup::WriteFailed>> + Send + 'static {
         if let Some(end) = settled.entries.iter().map(|entry| entry.offset + 1).max() {
             self.guard.note_acknowledged(&device.user_id, end);
         }
         let advance = Some((indexed_through, settled.next_expected));
-        let recorded = self.dedup.record(&device.user_id, std::mem::take(&mut settled.entries), advance).await;
-        let mut index = user.index();
-        match recorded {
-            Ok(()) => index.indexed_through = settled.next_expected,
-            Err(error) => {
-                // The changes are in Kafka: answer with their offsets anyway; the
-                // next push rebuilds the index from the topic.
-                tracing::error!(topic, %error, "failed to record pushed changes in the dedup index");
-                index.ready = false;
-            }
-        }
+        let committed = self.dedup.submit(&device.user_id, std::mem::take(&mut settled.entries), advance).await;
+        user.index().indexed_through = settled.next_expected;
+        committed
     }
 
     /// Re-reads the log and answers each written change with the offset the
@@ -338,7 +347,7 @@ impl Gateway {
                     digest: digest_of_envelope(envelope),
                 })
                 .collect();
-            self.dedup.record(user_id, entries, None).await?;
+            self.dedup.record(user_id, entries, None).await.map_err(|error| ApiError::Internal(error.to_string()))?;
             cursor = chunk.next_offset;
             if chunk.end_of_log {
                 break;

@@ -32,6 +32,8 @@ pub(super) struct UserPush {
     index: Mutex<IndexState>,
     /// How many tickets have finished; ticket `n` finishes when this is `n`.
     finished: tokio::sync::watch::Sender<u64>,
+    /// Told when a push's changes leave `in_flight` (their dedup record committed).
+    released: tokio::sync::Notify,
     pub used: LastUsed,
 }
 
@@ -109,6 +111,28 @@ impl UserPush {
         ticket
     }
 
+    /// Tells retries waiting in [`Self::wait_released`] that changes left `in_flight`.
+    pub fn released(&self) {
+        self.released.notify_waiters();
+    }
+
+    /// Waits, at most `limit`, until no change of the batch is in flight.
+    pub async fn wait_released(&self, device_id: &Arc<str>, changes: &[Change], limit: Duration) {
+        let waiting = async {
+            loop {
+                let released = self.released.notified();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                if !self.retries_in_flight(device_id, changes) {
+                    return;
+                }
+                released.await;
+            }
+        };
+        // Past the limit the plan answers UNAVAILABLE for what is still in flight.
+        let _ = tokio::time::timeout(limit, waiting).await;
+    }
+
     /// Whether a change of the batch is still being written by an earlier push
     /// (a device retrying a push it gave up on).
     pub fn retries_in_flight(&self, device_id: &Arc<str>, changes: &[Change]) -> bool {
@@ -128,9 +152,12 @@ pub(super) struct Ticket {
 }
 
 impl Ticket {
-    pub fn finish(mut self) {
+    /// Lets the user's next push settle; returns what keeps shutdown waiting,
+    /// to be dropped once the push's dedup record is committed.
+    pub fn finish(mut self) -> Option<Shutdown> {
         self.done = true;
         self.user.finished.send_modify(|finished| *finished = self.number + 1);
+        self.running.take()
     }
 }
 
@@ -426,6 +453,29 @@ mod tests {
         assert!(user.retries_in_flight(&device_id, &[change("x"), change("a")]));
         assert!(!user.retries_in_flight(&device_id, &[change("x")]));
         assert!(!user.retries_in_flight(&"other".into(), &[change("a")]), "another device's id is another change");
+    }
+
+    #[tokio::test]
+    async fn a_retry_waits_until_its_change_left_flight_and_no_longer_than_its_limit() {
+        let user = Arc::new(UserPush::default());
+        let device_id: Arc<str> = "d".into();
+        user.index().in_flight.insert((device_id.clone(), "a".into()));
+        let waiting = {
+            let (user, device_id) = (user.clone(), device_id.clone());
+            tokio::spawn(async move { user.wait_released(&device_id, &[change("a")], Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        user.released();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "told, but the change is still in flight");
+        user.index().in_flight.clear();
+        user.released();
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        // A change left in flight by a push that died: the wait ends at its limit.
+        user.index().in_flight.insert((device_id.clone(), "b".into()));
+        let started = Instant::now();
+        user.wait_released(&device_id, &[change("b")], Duration::from_millis(50)).await;
+        assert!(started.elapsed() >= Duration::from_millis(50));
     }
 
     fn written(ids: &[&str]) -> Vec<Written> {
