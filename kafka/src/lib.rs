@@ -16,6 +16,8 @@
 //! - [`group_offsets`]: commits and fetches consumer-group offsets for any number of groups
 //!   over shared connections (no rdkafka consumer per group).
 //! - [`locks`]: the one way Lockstep's processes take a std lock.
+//! - [`producer`]: [`DeliveryProducer`], the producer every process writes with (delivery
+//!   reports as futures, polled without rust-rdkafka's idle spin).
 
 pub mod client;
 pub mod deadline;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod group_offsets;
 pub mod locks;
 pub mod naming;
+pub mod producer;
 pub mod settings;
 pub mod topics;
 
@@ -31,5 +34,6 @@ pub use deadline::{KafkaFailure, Retry, bounded};
 pub use error::KafkaError;
 pub use group_offsets::{GroupOffsets, GroupOffsetsError, GroupOffsetsSettings};
 pub use naming::{device_group, user_topic};
+pub use producer::{Delivered, DeliveryProducer, Record};
 pub use settings::{KafkaSettings, SettingsError, layered, optional_addr};
 pub use topics::Topics;

@@ -7,8 +7,8 @@
 
 use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
+use lockstep_kafka::{DeliveryProducer, Record};
 use lockstep_schemas::encode_event;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{Events, Inner, RETRY_BACKOFF, node_id, pending::Pending};
@@ -39,8 +39,8 @@ pub fn events_kafka(settings: &Settings) -> KafkaSettings {
     kafka
 }
 
-fn create_producer(settings: &Settings) -> Result<FutureProducer, KafkaError> {
-    base_config(&events_kafka(settings), "lockstep-events")
+fn create_producer(settings: &Settings) -> Result<DeliveryProducer, KafkaError> {
+    let config = base_config(&events_kafka(settings), "lockstep-events")
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "10")
@@ -48,8 +48,8 @@ fn create_producer(settings: &Settings) -> Result<FutureProducer, KafkaError> {
         .set("compression.type", "none")
         .set("message.timeout.ms", settings.kafka.produce_timeout.as_millis().to_string())
         .set("queue.buffering.max.kbytes", "16384")
-        .create()
-        .map_err(KafkaError::client("events producer creation"))
+        .clone();
+    DeliveryProducer::create(&config, "events producer").map_err(KafkaError::client("events producer creation"))
 }
 
 impl Publisher {
@@ -109,7 +109,7 @@ async fn run(
     inner: Arc<Inner>,
     settings: Settings,
     topics: Topics,
-    mut producer: FutureProducer,
+    mut producer: DeliveryProducer,
     mut stop_rx: watch::Receiver<Option<tokio::time::Instant>>,
 ) {
     let topic = settings.events.topic.clone();
@@ -175,7 +175,7 @@ struct Sent {
     error: String,
 }
 
-async fn send(producer: &FutureProducer, topic: &str, batch: Vec<Pending>) -> Sent {
+async fn send(producer: &DeliveryProducer, topic: &str, batch: Vec<Pending>) -> Sent {
     let mut waiting = Vec::with_capacity(batch.len());
     let mut failed = Vec::new();
     let mut error = String::new();
@@ -188,10 +188,11 @@ async fn send(producer: &FutureProducer, topic: &str, batch: Vec<Pending>) -> Se
                 continue;
             }
         };
-        let record = FutureRecord::to(topic).key(pending.event.user_id.as_bytes()).payload(&payload);
-        match producer.send_result(record) {
+        let record =
+            Record { topic, partition: None, key: pending.event.user_id.as_bytes(), payload: &payload, headers: None };
+        match producer.send_now(record) {
             Ok(delivery) => waiting.push((pending, delivery)),
-            Err((send_error, _)) => {
+            Err(send_error) => {
                 error = send_error.to_string();
                 failed.push(pending);
             }
@@ -200,13 +201,9 @@ async fn send(producer: &FutureProducer, topic: &str, batch: Vec<Pending>) -> Se
     let mut published = 0;
     for (pending, delivery) in waiting {
         match delivery.await {
-            Ok(Ok(_)) => published += 1,
-            Ok(Err((delivery_error, _))) => {
+            Ok(_) => published += 1,
+            Err(delivery_error) => {
                 error = delivery_error.to_string();
-                failed.push(pending);
-            }
-            Err(_canceled) => {
-                error = "producer gone".into();
                 failed.push(pending);
             }
         }

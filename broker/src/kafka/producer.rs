@@ -18,10 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lockstep_kafka::{DeliveryProducer, Record};
 use rdkafka::{
     error::RDKafkaErrorCode,
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord, Producer as _},
+    producer::Producer as _,
 };
 
 use super::{KafkaError, base_config};
@@ -45,14 +46,14 @@ struct Inner {
 
 /// One librdkafka producer and its recent failures.
 struct Instance {
-    producer: FutureProducer,
+    producer: DeliveryProducer,
     number: u64,
     created: Instant,
     failures_in_a_row: AtomicU32,
 }
 
-fn create(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
-    base_config(settings, "lockstep-gateway")
+fn create(settings: &KafkaSettings) -> Result<DeliveryProducer, KafkaError> {
+    let config = base_config(settings, "lockstep-gateway")
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", settings.linger_ms.to_string())
@@ -60,8 +61,8 @@ fn create(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
         .set("compression.type", "none")
         .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string())
         .set("queue.buffering.max.kbytes", "65536")
-        .create()
-        .map_err(KafkaError::client("producer creation"))
+        .clone();
+    DeliveryProducer::create(&config, "gateway producer").map_err(KafkaError::client("producer creation"))
 }
 
 /// Errors after which this producer instance will not recover by itself:
@@ -108,15 +109,11 @@ impl Producer {
         traceparent: Option<&str>,
     ) -> impl Future<Output = Result<i64, KafkaError>> + Send + 'static + use<> {
         let instance = self.current();
-        let mut record = FutureRecord::to(topic).partition(0).key(key).payload(payload);
-        if let Some(traceparent) = traceparent {
-            record =
-                record.headers(OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(traceparent) }));
-        }
-        let enqueued = instance
-            .producer
-            .send_result(record)
-            .map_err(|(source, _)| KafkaError::Client { operation: "produce", source });
+        let headers = traceparent
+            .map(|traceparent| OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(traceparent) }));
+        let record = Record { topic, partition: Some(0), key, payload, headers };
+        let enqueued =
+            instance.producer.send_now(record).map_err(|source| KafkaError::Client { operation: "produce", source });
         let this = self.clone();
         let enqueued_at = Instant::now();
         async move {
@@ -124,9 +121,9 @@ impl Producer {
             let outcome = match enqueued {
                 Err(error) => Err(error),
                 Ok(delivery) => match delivery.await {
-                    Ok(Ok(delivery)) => Ok(delivery.offset),
-                    Ok(Err((source, _))) => Err(KafkaError::Client { operation: "produce", source }),
-                    Err(_canceled) => Err(KafkaError::WorkerGone("producer")),
+                    Ok(delivered) => Ok(delivered.offset),
+                    Err(rdkafka::error::KafkaError::Canceled) => Err(KafkaError::WorkerGone("producer")),
+                    Err(source) => Err(KafkaError::Client { operation: "produce", source }),
                 },
             };
             this.note_outcome(&instance, &outcome);
@@ -146,7 +143,7 @@ impl Producer {
         };
         let fatal = match outcome {
             Ok(_) => None,
-            Err(_) => instance.producer.client().fatal_error(),
+            Err(_) => instance.producer.inner().client().fatal_error(),
         };
         let stuck_after = if fatal.is_some() { Some(1) } else { stuck_after };
         let Some(stuck_after) = stuck_after else {

@@ -22,7 +22,6 @@ use lockstep_schemas::{Event, encode_event};
 use rdkafka::{
     ClientContext, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext},
-    producer::{FutureProducer, FutureRecord},
     types::RDKafkaRespErr,
 };
 use tokio::sync::mpsc;
@@ -263,7 +262,7 @@ pub async fn wait_for_topic(settings: &Settings) -> Result<(), Error> {
 #[derive(Clone)]
 pub struct Publisher {
     /// None: events are dropped (tests and measurements without Kafka).
-    producer: Option<FutureProducer>,
+    producer: Option<lockstep_kafka::DeliveryProducer>,
     topic: String,
     timeout: Duration,
 }
@@ -276,7 +275,8 @@ impl Publisher {
         // must share one partition, or a replay would miss "already woken".
         config.set("partitioner", "murmur2_random");
         config.set("message.timeout.ms", settings.kafka.produce_timeout.as_millis().to_string());
-        let producer = config.create().map_err(Error::kafka("create producer"))?;
+        let producer = lockstep_kafka::DeliveryProducer::create(&config, "push events producer")
+            .map_err(Error::kafka("create producer"))?;
         Ok(Self {
             producer: Some(producer),
             topic: settings.events.topic.clone(),
@@ -293,7 +293,13 @@ impl Publisher {
     pub async fn publish(&self, event: &Event) -> Result<(), Error> {
         let payload = encode_event(event).map_err(|e| Error::Encode(e.to_string()))?;
         let Some(producer) = &self.producer else { return Ok(()) };
-        let record = FutureRecord::to(&self.topic).key(event.user_id.as_bytes()).payload(&payload);
-        producer.send(record, self.timeout).await.map(|_| ()).map_err(|(e, _)| Error::kafka("produce event")(e))
+        let record = lockstep_kafka::Record {
+            topic: &self.topic,
+            partition: None,
+            key: event.user_id.as_bytes(),
+            payload: &payload,
+            headers: None,
+        };
+        producer.send(record, self.timeout).await.map(|_| ()).map_err(Error::kafka("produce event"))
     }
 }
