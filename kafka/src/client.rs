@@ -20,6 +20,23 @@ pub fn base_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig {
     config
 }
 
+/// `fetch.queue.backoff.ms` of every Lockstep consumer. Once a consumer's local queue
+/// holds `queued.min.messages` or `queued.max.messages.kbytes`, librdkafka postpones the
+/// partition's next fetch by this much: 1 s by default, so a consumer reading a backlog (a
+/// catch-up, a push worker starting on a full events topic) stalled up to a second each
+/// time its queue filled, though the queue drains in milliseconds.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
+/// [`base_config`] for a consumer: [`FETCH_QUEUE_BACKOFF_MS`] unless
+/// `kafka.client_config` sets `fetch.queue.backoff.ms` itself.
+pub fn consumer_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig {
+    let mut config = base_config(settings, client_id);
+    if !settings.client_config.iter().any(|(key, _)| key == "fetch.queue.backoff.ms") {
+        config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+    }
+    config
+}
+
 /// `fetch.wait.max.ms` of each Lockstep consumer: how long the broker may hold
 /// a fetch that finds no new data. Apache Kafka answers a waiting fetch only
 /// when the wait ends or enough bytes arrived, so a short wait is how a reader

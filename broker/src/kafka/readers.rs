@@ -22,7 +22,7 @@ use rdkafka::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::{KafkaError, base_config, fetch_wait, fetch_wait_max_ms};
+use super::{KafkaError, fetch_wait, fetch_wait_max_ms};
 use lockstep_kafka::locks::lock;
 
 use crate::settings::KafkaSettings;
@@ -167,11 +167,10 @@ impl Drop for ReaderLease {
 /// A reader with no job for this long gives up its assignment.
 const IDLE_UNASSIGN: Duration = Duration::from_secs(1);
 
-/// `fetch.queue.backoff.ms` of the readers (see [`create_reader`]).
-const READER_QUEUE_BACKOFF_MS: &str = "10";
-
 fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer, KafkaError> {
-    base_config(settings, &format!("lockstep-reader-{index}"))
+    // `consumer_config`: a reader's queue fills whenever a catch-up reads faster than its
+    // device takes the data; librdkafka's default 1 s fetch back-off stalled it each time.
+    lockstep_kafka::consumer_config(settings, &format!("lockstep-reader-{index}"))
         .set("group.id", "lockstep.readers")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -179,11 +178,6 @@ fn create_reader(settings: &KafkaSettings, index: usize) -> Result<BaseConsumer,
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", fetch_wait_max_ms(settings, fetch_wait::CATCH_UP_READER))
         .set("queued.max.messages.kbytes", "8192")
-        // Once a reader's queue holds those 8 MiB (a catch-up reads faster than its device
-        // takes the data), librdkafka postpones the partition's next fetch by this much:
-        // 1 s by default, a stall of up to a second each time a long catch-up fills the
-        // queue. A full queue drains in tens of milliseconds.
-        .set("fetch.queue.backoff.ms", READER_QUEUE_BACKOFF_MS)
         .create()
         .map_err(KafkaError::client("reader creation"))
 }

@@ -18,7 +18,7 @@ use rdkafka::{
 };
 
 use crate::{
-    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, base_config, fetch_wait, fetch_wait_max_ms},
+    kafka::{GroupOffsets, GroupOffsetsSettings, KafkaError, fetch_wait, fetch_wait_max_ms},
     push_targets::PushTargets,
     settings::{KafkaSettings, Settings},
     shutdown::ShutdownSource,
@@ -50,7 +50,7 @@ pub async fn run(settings: Settings, kafka: KafkaSettings, push_targets: PushTar
 
 async fn follow(settings: &Settings, kafka: &KafkaSettings, push_targets: &PushTargets) -> Result<(), KafkaError> {
     let topic = settings.events.topic.clone();
-    let consumer: StreamConsumer = base_config(kafka, "lockstep-events-follower")
+    let consumer: StreamConsumer = lockstep_kafka::consumer_config(kafka, "lockstep-events-follower")
         .set("group.id", FOLLOWER_GROUP)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -16,7 +16,7 @@ use std::{
 
 use futures::{StreamExt, stream};
 use lockstep_kafka::{
-    GroupOffsets, GroupOffsetsSettings, KafkaError, KafkaSettings, Topics, base_config, device_group, fetch_wait,
+    GroupOffsets, GroupOffsetsSettings, KafkaError, KafkaSettings, Topics, consumer_config, device_group, fetch_wait,
     fetch_wait_max_ms, locks::lock as locked, user_topic,
 };
 use lockstep_schemas::{Event, decode_change, decode_event};
@@ -52,7 +52,7 @@ pub fn read_events_blocking(
     stop: Arc<AtomicBool>,
 ) -> Result<(), DashboardKafkaError> {
     let topic = settings.events.topic.clone();
-    let consumer: BaseConsumer = base_config(&settings.events_kafka(), "lockstep-dashboard-events")
+    let consumer: BaseConsumer = consumer_config(&settings.events_kafka(), "lockstep-dashboard-events")
         .set("group.id", &settings.events.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -147,7 +147,7 @@ impl Refresher {
             security: lockstep_kafka::group_offsets::security::KafkaSecurity::from_client_config(&kafka.client_config)?,
         })
         .await?;
-        let record_reader: BaseConsumer = base_config(&kafka, "lockstep-dashboard-records")
+        let record_reader: BaseConsumer = consumer_config(&kafka, "lockstep-dashboard-records")
             .set("group.id", format!("{}.records", settings.events.group))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -149,7 +149,7 @@ impl GroupMember {
             incoming_tx: incoming_tx.clone(),
             commit_points: commit_points.clone(),
         };
-        let mut config = lockstep_kafka::base_config(&settings.kafka, "lockstep-push");
+        let mut config = lockstep_kafka::consumer_config(&settings.kafka, "lockstep-push");
         config
             .set("group.id", &settings.events.group)
             .set("enable.auto.commit", "false")
