@@ -249,13 +249,18 @@ fn pairing_codes() -> (Vec<Value>, Vec<Value>) {
             json!({ "text": *text, "shown": shown, "server": server, "ticket": ticket, "key": *code.key.to_base64() })
         })
         .collect();
-    let bad = ["hello", "LOCKSTEP1:!!!", "LOCKSTEP1:bm90IGpzb24", "LOCKSTEP1:eyJzZXJ2ZXIiOiJ4IiwidGlja2V0IjoieSIsImtleSI6InNob3J0In0"]
-        .into_iter()
-        .map(|text| {
-            let error = PairingCode::decode(text).expect_err("a bad code").to_string();
-            json!({ "text": text, "error": error })
-        })
-        .collect();
+    let bad = [
+        "hello",
+        "LOCKSTEP1:!!!",
+        "LOCKSTEP1:bm90IGpzb24",
+        "LOCKSTEP1:eyJzZXJ2ZXIiOiJ4IiwidGlja2V0IjoieSIsImtleSI6InNob3J0In0",
+    ]
+    .into_iter()
+    .map(|text| {
+        let error = PairingCode::decode(text).expect_err("a bad code").to_string();
+        json!({ "text": text, "error": error })
+    })
+    .collect();
     (good, bad)
 }
 

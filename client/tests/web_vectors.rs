@@ -41,7 +41,8 @@ fn typescript_vectors_open_verify_and_merge_alike() {
         let account = AccountKey::from_base64(&text(envelope, "account_key")).expect("account key");
         let mut epochs = EpochKeys::default();
         for (epoch, key) in envelope["epoch_keys"].as_object().expect("epoch keys") {
-            epochs.insert(epoch.parse().expect("an epoch"), EpochKey::from_base64(key.as_str().expect("a key")).unwrap());
+            epochs
+                .insert(epoch.parse().expect("an epoch"), EpochKey::from_base64(key.as_str().expect("a key")).unwrap());
         }
         let bound = &envelope["binding"];
         let (user_id, record_id, collection) =

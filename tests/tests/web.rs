@@ -197,8 +197,8 @@ async fn browsers_call_unary_and_streaming_rpcs_over_grpc_web() -> anyhow::Resul
     let laptop: Device = device.pair(&server, "web-laptop").await?;
 
     // Unary, authenticated: ListDevices sees both devices.
-    let response = grpc_web(&server, "/lockstep.v1.Accounts/ListDevices", Some(&device.token), &ListDevicesRequest {})
-        .await?;
+    let response =
+        grpc_web(&server, "/lockstep.v1.Accounts/ListDevices", Some(&device.token), &ListDevicesRequest {}).await?;
     assert_eq!(response.status, 200);
     assert!(response.header("content-type").is_some_and(|kind| kind.starts_with("application/grpc-web")));
     assert_eq!(response.header("access-control-allow-origin"), Some(APP), "{:?}", response.headers);
@@ -215,9 +215,13 @@ async fn browsers_call_unary_and_streaming_rpcs_over_grpc_web() -> anyhow::Resul
         grpc_web(&server, "/lockstep.v1.Sync/Subscribe", Some(&laptop.token), &SubscribeRequest::default()).await?;
     assert_eq!(stream.status, 200);
     let pushed = change("web-note", 48);
-    let response =
-        grpc_web(&server, "/lockstep.v1.Sync/Push", Some(&device.token), &PushRequest { changes: vec![pushed.clone()] })
-            .await?;
+    let response = grpc_web(
+        &server,
+        "/lockstep.v1.Sync/Push",
+        Some(&device.token),
+        &PushRequest { changes: vec![pushed.clone()] },
+    )
+    .await?;
     let (messages, trailers) = response.unary().await?;
     assert_eq!(trailers.get("grpc-status").map(String::as_str), Some("0"), "{trailers:?}");
     let results = PushResponse::decode(messages.first().context("a push response")?.as_slice())?.results;
@@ -226,7 +230,8 @@ async fn browsers_call_unary_and_streaming_rpcs_over_grpc_web() -> anyhow::Resul
         loop {
             match stream.frame().await? {
                 Some(Frame::Message(message)) => {
-                    if let Some(subscribe_response::Event::Changes(batch)) = SubscribeResponse::decode(&*message)?.event {
+                    if let Some(subscribe_response::Event::Changes(batch)) = SubscribeResponse::decode(&*message)?.event
+                    {
                         return anyhow::Ok(batch.changes);
                     }
                 }

@@ -47,7 +47,8 @@ const EXPOSED_HEADERS: &[&str] = &[
 
 /// The CORS layer of `settings`: only the listed origins, POST, the headers above.
 pub fn cors_layer(settings: &WebSettings) -> CorsLayer {
-    let names = |names: &'static [&'static str]| names.iter().map(|name| HeaderName::from_static(name)).collect::<Vec<_>>();
+    let names =
+        |names: &'static [&'static str]| names.iter().map(|name| HeaderName::from_static(name)).collect::<Vec<_>>();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(allowed_origins(settings).iter().cloned()))
         .allow_methods([Method::POST])
