@@ -5,22 +5,29 @@
 //! with gRPC-Web's framing (a flag byte, a 4-byte length, the message; trailers as a frame
 //! with flag 0x80), as a browser's `fetch` would send it.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail, ensure};
 use lockstep_e2e::{
     device::{Device, change},
-    stack::Stack,
+    server::Server,
+    stack::{Broker, Stack},
+    tls::TestCa,
 };
 use lockstep_proto::v1::{
     ListDevicesRequest, ListDevicesResponse, PushRequest, PushResponse, SubscribeRequest, SubscribeResponse,
     push_result, subscribe_response,
 };
 use prost::Message;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::TcpStream,
 };
+
+/// A connection, in the clear or through TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 const APP: &str = "https://app.example";
 const WAIT: Duration = Duration::from_secs(60);
@@ -29,7 +36,7 @@ const WAIT: Duration = Duration::from_secs(60);
 struct Response {
     status: u16,
     headers: HashMap<String, String>,
-    body: BufReader<TcpStream>,
+    body: BufReader<Box<dyn Io>>,
     chunked: bool,
     /// Body bytes read but not yet taken as frames.
     buffer: Vec<u8>,
@@ -124,13 +131,25 @@ fn parse_headers(text: &str) -> HashMap<String, String> {
 
 /// Sends one HTTP/1.1 request on a new connection and reads the response's head.
 async fn request(
-    server: &lockstep_e2e::server::Server,
+    server: &Server,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> anyhow::Result<Response> {
-    let mut stream = TcpStream::connect(server.addr()).await?;
+    let stream: Box<dyn Io> = Box::new(TcpStream::connect(server.addr()).await?);
+    request_on(stream, server, method, path, headers, body).await
+}
+
+/// Sends one HTTP/1.1 request on `stream` and reads the response's head.
+async fn request_on(
+    mut stream: Box<dyn Io>,
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<Response> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n", server.addr(), body.len());
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -159,7 +178,19 @@ async fn request(
 
 /// A gRPC-Web call (binary `application/grpc-web+proto`) of `message` to `path`.
 async fn grpc_web(
-    server: &lockstep_e2e::server::Server,
+    server: &Server,
+    path: &str,
+    token: Option<&str>,
+    message: &impl Message,
+) -> anyhow::Result<Response> {
+    let stream: Box<dyn Io> = Box::new(TcpStream::connect(server.addr()).await?);
+    grpc_web_on(stream, server, path, token, message).await
+}
+
+/// Like [`grpc_web`], on `stream`.
+async fn grpc_web_on(
+    stream: Box<dyn Io>,
+    server: &Server,
     path: &str,
     token: Option<&str>,
     message: &impl Message,
@@ -178,7 +209,7 @@ async fn grpc_web(
     if let Some(bearer) = &bearer {
         headers.push(("authorization", bearer));
     }
-    request(server, "POST", path, &headers, &body).await
+    request_on(stream, server, "POST", path, &headers, &body).await
 }
 
 fn preflight_headers(origin: &str) -> [(&str, &str); 3] {
@@ -298,5 +329,50 @@ async fn by_default_no_origin_passes_a_preflight() -> anyhow::Result<()> {
     let (messages, trailers) = response.unary().await?;
     assert_eq!(trailers.get("grpc-status").map(String::as_str), Some("0"), "{trailers:?}");
     assert_eq!(messages.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_client_that_speaks_only_http1_calls_too() -> anyhow::Result<()> {
+    let ca = TestCa::new("lockstep web test ca")?;
+    let certs = tempfile::tempdir()?;
+    let served = ca.issue(&["localhost", "127.0.0.1"], certs.path(), "server")?;
+    let (cert_file, key_file) = (served.cert.to_string_lossy().to_string(), served.key.to_string_lossy().to_string());
+    let events_topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
+    let kafka = Broker::shared().await?;
+    let server = Server::start_with(
+        &kafka,
+        &[
+            ("LOCKSTEP_TLS__CERT_FILE", &cert_file),
+            ("LOCKSTEP_TLS__KEY_FILE", &key_file),
+            ("LOCKSTEP_EVENTS__TOPIC", &events_topic),
+        ],
+    )
+    .await?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca.ca_file())? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connect = || async {
+        let tcp = TcpStream::connect(server.addr()).await?;
+        let tls = connector.connect(ServerName::try_from("localhost")?.to_owned(), tcp).await?;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        anyhow::Ok(Box::new(tls) as Box<dyn Io>)
+    };
+    let info = lockstep_proto::v1::GetServerInfoRequest {};
+    let response = grpc_web_on(connect().await?, &server, "/lockstep.v1.Sync/GetServerInfo", None, &info).await?;
+    let (messages, trailers) = response.unary().await?;
+    assert_eq!(trailers.get("grpc-status").map(String::as_str), Some("0"), "{trailers:?}");
+    assert_eq!(messages.len(), 1);
+    let push = PushRequest { changes: vec![change("r1", 8)] };
+    let response = grpc_web_on(connect().await?, &server, "/lockstep.v1.Sync/Push", None, &push).await?;
+    let (_, trailers) = response.unary().await?;
+    assert_eq!(trailers.get("grpc-status").map(String::as_str), Some("16"), "{trailers:?}");
     Ok(())
 }
