@@ -6,6 +6,7 @@
 export * from './bytes.js';
 export * from './crypto.js';
 export * from './epochs.js';
+export * from './grpc-web.js';
 export * from './hlc.js';
 export * from './ids.js';
 export * from './json.js';

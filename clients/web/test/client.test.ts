@@ -219,3 +219,27 @@ describe('pairing codes', () => {
     assert.throws(() => decodePairingCode('LOCKSTEP1:!!!'), PairingCodeError);
   });
 });
+
+describe('gRPC-Web framing', () => {
+  it('frames split anywhere come back whole; trailers and trailers-only answers carry the status', async () => {
+    const { FrameReader, GrpcStatus, callStatus, frame } = await import('../src/grpc-web.js');
+    const trailers = utf8('grpc-status:16\r\ngrpc-message:no%20token\r\n');
+    const body = new Uint8Array([...frame(utf8('one')), ...frame(new Uint8Array(0)), ...frame(utf8('three')), 0x80, 0, 0, 0, trailers.length, ...trailers]);
+    for (let cut = 1; cut < body.length; cut += 3) {
+      const reader = new FrameReader();
+      const frames = [...reader.push(body.subarray(0, cut)), ...reader.push(body.subarray(cut))];
+      assert.ok(reader.atFrameBoundary());
+      assert.deepEqual(
+        frames.filter((f) => f.kind === 'message').map((f) => new TextDecoder().decode(f.message)),
+        ['one', '', 'three'],
+      );
+      const last = frames.find((f) => f.kind === 'trailers');
+      assert.ok(last && last.kind === 'trailers');
+      assert.deepEqual(callStatus(last.trailers, new Headers()), { code: GrpcStatus.Unauthenticated, message: 'no token' });
+    }
+    const headers = new Headers({ 'grpc-status': '8', 'grpc-message': 'busy' });
+    assert.deepEqual(callStatus(undefined, headers), { code: GrpcStatus.ResourceExhausted, message: 'busy' });
+    assert.equal(callStatus(undefined, new Headers()), null);
+    assert.throws(() => new FrameReader(10).push(frame(new Uint8Array(11))));
+  });
+});
