@@ -287,3 +287,26 @@ kafka_build_class_archive() {
     rm -rf "$dir"
     return 1
 }
+
+# Node.js >= 20.19 and npm, for the browser client (clients/web; @noble's engines). False when
+# either is missing or older (Debian's own nodejs may be).
+have_node() {
+    command -v node >/dev/null && command -v npm >/dev/null \
+        && node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'
+}
+
+# The browser client (clients/web): npm ci (package-lock.json), tsc, its tests, and the test
+# vectors both ways: the Rust client's checked by the TypeScript tests, the TypeScript
+# client's checked by client/tests/web_vectors.rs.
+run_web_client_tests() {
+    local vectors
+    vectors="$(mktemp -d)"
+    npm ci --no-audit --no-fund >&2
+    npm run --silent build -w clients/web
+    cargo run --quiet --locked -p lockstep-client --example web_vectors -- "$vectors/rust.json"
+    LOCKSTEP_RUST_VECTORS="$vectors/rust.json" npm test --silent -w clients/web
+    npm run --silent vectors -w clients/web -- "$vectors/web.json"
+    LOCKSTEP_WEB_VECTORS="$vectors/web.json" \
+        cargo test --quiet --locked -p lockstep-client --test web_vectors -- --ignored
+    rm -rf "$vectors"
+}

@@ -10,6 +10,7 @@ pub mod guard;
 mod keys_api;
 pub mod rate_limit;
 pub mod tls;
+pub mod web;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -21,6 +22,7 @@ use lockstep_proto::{
     },
 };
 use tokio::net::TcpListener;
+use tower::layer::util::{Identity, Stack};
 
 pub use api::{AccountsApi, PushTargetsApi, SyncApi};
 pub use keys_api::KeysApi;
@@ -358,9 +360,16 @@ async fn grpc_router(
     let sync_service = SyncServer::new(SyncApi::new(app.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(limits.max_response_bytes());
+    // HTTP/1.1 for gRPC-Web (browsers); the layers, outermost first: CORS (see `web`),
+    // gRPC-Web to gRPC, then the guard every call passes.
+    let web = &app.settings.web;
     let router = tonic::transport::Server::builder()
+        .accept_http1(true)
         .max_concurrent_streams(limits.max_streams_per_connection)
         .concurrency_limit_per_connection(limits.max_concurrent_requests_per_connection as usize)
+        .layer(web::PreflightGateLayer::new(web))
+        .layer(web::cors_layer(web))
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(guard::GuardLayer::new(app.accounts.clone(), limits, app.rates.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -374,8 +383,11 @@ async fn grpc_router(
     Ok((router, health_reporter))
 }
 
-/// The middleware every gRPC call passes.
-type GuardStack = tower::layer::util::Stack<guard::GuardLayer, tower::layer::util::Identity>;
+/// The middleware every call passes, innermost first.
+type GuardStack = Stack<
+    guard::GuardLayer,
+    Stack<tonic_web::GrpcWebLayer, Stack<tower_http::cors::CorsLayer, Stack<web::PreflightGateLayer, Identity>>>,
+>;
 
 /// When shutdown began (`None` before): the drain deadline counts from there.
 type BeganRx = tokio::sync::watch::Receiver<Option<tokio::time::Instant>>;

@@ -28,6 +28,7 @@ pub struct Settings {
     pub events: EventsSettings,
     pub push: PushSettings,
     pub rate_limits: RateLimitSettings,
+    pub web: WebSettings,
 }
 
 /// TLS of the gRPC listener. Off unless both files are set.
@@ -318,6 +319,43 @@ pub struct PushSettings {
     pub allow_private_targets: Vec<String>,
 }
 
+/// Browsers: the gRPC port also serves gRPC-Web (HTTP/1.1 or HTTP/2, `application/grpc-web`
+/// and `application/grpc-web-text`), behind the same authentication, limits and error mapping.
+/// Pages from another origin may call it only when their origin is listed (CORS).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSettings {
+    /// Origins (`scheme://host[:port]`, no path) whose pages may call the server from a
+    /// browser, e.g. `["https://app.example"]`; a preflight from any other origin is refused
+    /// (403, no CORS headers). Default empty: closed to every other origin.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may keep a preflight's answer. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub preflight_max_age: Duration,
+}
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        Self { allowed_origins: Vec::new(), preflight_max_age: Duration::from_secs(600) }
+    }
+}
+
+impl WebSettings {
+    /// Why `origin` cannot be listed in `web.allowed_origins`, if it cannot.
+    fn origin_problem(origin: &str) -> Option<&'static str> {
+        let Some(rest) = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://")) else {
+            return Some("must start with https:// or http://");
+        };
+        if rest.is_empty() || rest.contains(['/', '?', '#', '*', '@']) || rest.chars().any(|c| c.is_whitespace()) {
+            return Some("must be scheme://host[:port], without a path, a wildcard or credentials");
+        }
+        if http::HeaderValue::from_str(origin).is_err() {
+            return Some("is not a valid header value");
+        }
+        None
+    }
+}
+
 impl Default for EventsSettings {
     fn default() -> Self {
         Self {
@@ -346,6 +384,7 @@ impl Default for Settings {
             events: EventsSettings::default(),
             push: PushSettings::default(),
             rate_limits: RateLimitSettings::default(),
+            web: WebSettings::default(),
         }
     }
 }
@@ -511,6 +550,11 @@ impl Settings {
             // An empty header would match it: leave the secret unset instead.
             return fail("accounts.registration_secret must not be empty (leave it unset for no secret)");
         }
+        for origin in &self.web.allowed_origins {
+            if let Some(problem) = WebSettings::origin_problem(origin) {
+                return fail(&format!("web.allowed_origins: {origin:?} {problem}"));
+            }
+        }
         if self.accounts.max_devices_per_account == 0 {
             return fail("accounts.max_devices_per_account must be at least 1");
         }
@@ -657,6 +701,26 @@ mod tests {
             jail.set_env("LOCKSTEP_LIMITS__MAX_CONNECTIONS", "0");
             let error = Settings::load(None).unwrap_err().to_string();
             assert!(error.contains("limits.max_connections"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn web_origins_load_from_file_and_env_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("lockstep.toml", "[web]\nallowed_origins = [\"https://app.example\"]\n")?;
+            let settings = Settings::load(Some("lockstep.toml".as_ref())).map_err(|e| e.to_string())?;
+            assert_eq!(settings.web.allowed_origins, ["https://app.example"]);
+            jail.set_env("LOCKSTEP_WEB__ALLOWED_ORIGINS", "[\"http://localhost:8080\"]");
+            jail.set_env("LOCKSTEP_WEB__PREFLIGHT_MAX_AGE", "1m");
+            let settings = Settings::load(Some("lockstep.toml".as_ref())).map_err(|e| e.to_string())?;
+            assert_eq!(settings.web.allowed_origins, ["http://localhost:8080"]);
+            assert_eq!(settings.web.preflight_max_age, Duration::from_secs(60));
+            for bad in ["*", "app.example", "https://app.example/", "https://*.example", "https://a b"] {
+                jail.set_env("LOCKSTEP_WEB__ALLOWED_ORIGINS", format!("[{bad:?}]"));
+                let error = Settings::load(None).unwrap_err().to_string();
+                assert!(error.contains("web.allowed_origins"), "{bad}: {error}");
+            }
             Ok(())
         });
     }

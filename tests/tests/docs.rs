@@ -1,4 +1,5 @@
-//! Every command the docs show works: the README, `docs/*.md` and `client/README.md`.
+//! Every command the docs show works: the README, `docs/*.md`, `client/README.md` and
+//! `clients/web/README.md`.
 //!
 //! - Every shell block (```sh, ```bash, ```shell, ```console, …) is either run here against a
 //!   live server ([`RUNS`] says what its output must show) or carries a marker on the line
@@ -80,7 +81,7 @@ fn workspace_root() -> &'static Path {
 /// The pages this test holds to their commands, by their path from the workspace root.
 fn pages() -> anyhow::Result<BTreeMap<String, String>> {
     let root = workspace_root();
-    let mut names = vec!["README.md".to_string(), "client/README.md".to_string()];
+    let mut names = vec!["README.md".to_string(), "client/README.md".to_string(), "clients/web/README.md".to_string()];
     for entry in std::fs::read_dir(root.join("docs"))? {
         let name = entry?.file_name().to_string_lossy().into_owned();
         if name.ends_with(".md") {

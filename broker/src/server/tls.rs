@@ -151,7 +151,9 @@ pub fn server_config(store: Arc<CertStore>) -> ServerConfig {
         .expect("ring supports the default protocol versions")
         .with_no_client_auth()
         .with_cert_resolver(store);
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // h2 first (the server's order wins): gRPC clients and browsers get HTTP/2; a gRPC-Web
+    // client that offers only HTTP/1.1 still gets a connection.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config
 }
 
