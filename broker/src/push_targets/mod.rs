@@ -275,4 +275,29 @@ mod tests {
         };
         assert!(validate(&empty_key, &public()).unwrap_err().to_string().contains("app_id"));
     }
+
+    use crate::{both_backends, store::testing::TestStore};
+
+    both_backends!(a_target_is_set_replaced_read_and_removed_per_device, |store: TestStore| async move {
+        let accounts = crate::accounts::Accounts::open(store.store.clone(), std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let created = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+        let device = accounts.authenticate(&created.token).unwrap();
+        let targets = PushTargets::new(store.store.clone(), Events::disabled(), public());
+        assert!(matches!(targets.get(&device).await, Err(TargetError::NotFound)));
+        let first = web_push("https://push.example/a", 65, 16);
+        targets.set(&device, first.clone()).await.unwrap();
+        assert_eq!(targets.get(&device).await.unwrap().target, first);
+        let second = webhook("https://gw.example/_matrix/push/v1/notify");
+        let stored = targets.set(&device, second.clone()).await.unwrap();
+        assert_eq!(targets.get(&device).await.unwrap(), stored);
+        assert_eq!(targets.announce_all().await.unwrap(), 1);
+        // A worker's report older than the last change keeps the target; a newer one removes it.
+        assert!(!targets.forget_gone("u1", &device.device_id, stored.updated_at_ms - 1).await.unwrap());
+        assert!(targets.forget_gone("u1", &device.device_id, stored.updated_at_ms).await.unwrap());
+        targets.set(&device, first).await.unwrap();
+        targets.remove(&device, TargetRemovedReason::RemovedByDevice).await.unwrap();
+        assert!(matches!(targets.remove(&device, TargetRemovedReason::RemovedByDevice).await, Err(TargetError::NotFound)));
+    });
 }

@@ -151,3 +151,52 @@ pub fn tables_and_columns(connection: &Conn<'_>) -> Result<Vec<(String, String)>
     };
     connection.query(sql, &[])?.iter().map(|row| Ok((row.get(0)?, row.get(1)?))).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::TestStore;
+
+    /// A column added to one dialect and forgotten in the other fails here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_two_schemas_have_the_same_tables_and_columns() {
+        let (sqlite, postgres) = (TestStore::sqlite().await, TestStore::postgres().await);
+        let node_local = |(table, column): &(String, String)| {
+            !NODE_LOCAL.iter().any(|(local_table, local_column)| {
+                local_table == table && (*local_column == "*" || local_column == column)
+            })
+        };
+        let sqlite_columns: Vec<_> = sqlite
+            .store
+            .call(|connection| tables_and_columns(connection))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(node_local)
+            .collect();
+        let postgres_columns = postgres.store.call(|connection| tables_and_columns(connection)).await.unwrap();
+        assert!(sqlite_columns.len() > 40, "{sqlite_columns:?}");
+        assert_eq!(sqlite_columns, postgres_columns);
+        // Opening again (a restart, another node) migrates nothing twice.
+        let again = postgres.reopen().await;
+        assert_eq!(again.call(|connection| tables_and_columns(connection)).await.unwrap(), postgres_columns);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_or_malformed_postgres_url_is_a_readable_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let settings = crate::settings::DatabaseSettings {
+            url: Some(format!("postgres://lockstep:hunter2@127.0.0.1:{port}/lockstep")),
+            max_connections: 2,
+        };
+        let error = crate::store::Store::open(dir.path(), &settings).await.err().expect("nothing listens there");
+        let message = error.to_string();
+        assert!(message.contains("cannot connect to PostgreSQL at postgres://lockstep:***@127.0.0.1"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        let settings =
+            crate::settings::DatabaseSettings { url: Some("postgres://[::1/x".into()), ..Default::default() };
+        let error = crate::store::Store::open(dir.path(), &settings).await.err().expect("malformed");
+        assert!(error.to_string().contains("is not usable"), "{error}");
+    }
+}

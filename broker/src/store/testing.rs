@@ -15,7 +15,7 @@ pub struct TestStore {
     pub store: Store,
     pub dir: tempfile::TempDir,
     /// Kept running while the store lives.
-    pub _postgres: Option<Postgres>,
+    pub postgres: Option<std::sync::Arc<Postgres>>,
     pub url: Option<String>,
 }
 
@@ -23,7 +23,7 @@ impl TestStore {
     pub async fn sqlite() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::sqlite(Db::open(dir.path()).unwrap()).unwrap();
-        Self { store, dir, _postgres: None, url: None }
+        Self { store, dir, postgres: None, url: None }
     }
 
     pub async fn postgres() -> Self {
@@ -31,7 +31,7 @@ impl TestStore {
         let url = postgres.new_database().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = Store::postgres(&url, 4, Db::open(dir.path()).unwrap()).await.unwrap();
-        Self { store, dir, _postgres: Some(postgres), url: Some(url) }
+        Self { store, dir, postgres: Some(std::sync::Arc::new(postgres)), url: Some(url) }
     }
 
     /// The same database opened again (a restart).
@@ -61,7 +61,11 @@ macro_rules! both_backends {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
                 let store = $crate::store::testing::TestStore::postgres().await;
+                // A body that uses only some fields of `store` drops the rest at once (closures
+                // capture fields): the server lives until the body ends.
+                let server = store.postgres.clone();
                 ($body)(store).await;
+                drop(server);
             }
         }
     };
