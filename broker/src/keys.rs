@@ -48,7 +48,6 @@ pub const MAX_EPOCH: u32 = 1 << 30;
 /// deleting an account deletes.
 pub const TABLES_BY_USER: [&str; 3] = ["sealed_epoch_keys", "key_epochs", "device_keys"];
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
     /// A malformed request: nothing was stored.
@@ -140,11 +139,8 @@ fn current_in(tx: &impl Sql, user_id: &str) -> Result<u32, DbError> {
 }
 
 fn revoked_devices_in(tx: &impl Sql, user_id: &str) -> Result<i64, DbError> {
-    tx.query_one(
-        "SELECT count(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NOT NULL",
-        values![user_id],
-    )?
-    .get(0)
+    tx.query_one("SELECT count(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NOT NULL", values![user_id])?
+        .get(0)
 }
 
 fn rotation_due_in(tx: &impl Sql, user_id: &str) -> Result<bool, DbError> {

@@ -30,7 +30,6 @@ use erasure::Erasure;
 use crate::{
     accounts::{Accounts, AccountsError},
     db::DbError,
-    store::Store,
     delivery::{Delivery, log_guard::LogGuard},
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
@@ -40,6 +39,7 @@ use crate::{
     push_targets::PushTargets,
     settings::Settings,
     shutdown::{ShutdownController, ShutdownSource, ShutdownTrigger},
+    store::Store,
 };
 
 /// How long start-up waits for Kafka to answer.

@@ -211,7 +211,10 @@ impl Invites {
                     return Ok(Ok(()));
                 }
                 let settled: Option<(Option<i64>, Option<i64>)> = transaction
-                    .query_opt("SELECT used_at_ms, revoked_at_ms FROM invites WHERE invite_id = ?1", values![invite_id])?
+                    .query_opt(
+                        "SELECT used_at_ms, revoked_at_ms FROM invites WHERE invite_id = ?1",
+                        values![invite_id],
+                    )?
                     .map(|row| Ok::<_, DbError>((row.get(0)?, row.get(1)?)))
                     .transpose()?;
                 Ok(Err(match settled {

@@ -490,53 +490,56 @@ mod tests {
             .unwrap();
     }
 
-    both_backends!(a_loss_is_recorded_once_and_each_device_is_refused_until_it_repairs, |store: TestStore| async move {
-        let guard = guard(&store);
-        add_user(&guard, "u", &["a", "b"]).await;
-        let (user, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("u".into(), "a".into(), "b".into());
-        assert_eq!(guard.check(&user, log(0, 5), None).await.unwrap(), 0);
-        guard.ensure_repaired(&user, &a).await.unwrap();
-        // Kafka came back without the last 5 changes.
-        assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1);
-        assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1, "recorded once");
-        for device in [&a, &b] {
-            let refused = guard.ensure_repaired(&user, device).await.unwrap_err();
-            assert_eq!(refused.code(), tonic::Code::DataLoss);
-            assert!(refused.to_string().contains("expected at least 5"), "{refused}");
+    both_backends!(
+        a_loss_is_recorded_once_and_each_device_is_refused_until_it_repairs,
+        |store: TestStore| async move {
+            let guard = guard(&store);
+            add_user(&guard, "u", &["a", "b"]).await;
+            let (user, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("u".into(), "a".into(), "b".into());
+            assert_eq!(guard.check(&user, log(0, 5), None).await.unwrap(), 0);
+            guard.ensure_repaired(&user, &a).await.unwrap();
+            // Kafka came back without the last 5 changes.
+            assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1);
+            assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1, "recorded once");
+            for device in [&a, &b] {
+                let refused = guard.ensure_repaired(&user, device).await.unwrap_err();
+                assert_eq!(refused.code(), tonic::Code::DataLoss);
+                assert!(refused.to_string().contains("expected at least 5"), "{refused}");
+            }
+            guard.mark_repaired(&user, &a).await.unwrap();
+            guard.ensure_repaired(&user, &a).await.unwrap();
+            assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b has not repaired yet");
+
+            // A new guard (a restarted server) knows all of it from the database, and
+            // the user's dedup index is gone with the old log.
+            let restarted = LogGuard::new(guard.inner.db.clone());
+            assert_eq!(restarted.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
+            restarted.ensure_repaired(&user, &a).await.unwrap();
+            assert!(restarted.ensure_repaired(&user, &b).await.is_err());
+            let (dedup_rows, indexed_through): (i64, i64) = guard
+                .inner
+                .db
+                .local()
+                .call(|connection| {
+                    Ok((
+                        connection.query_row("SELECT count(*) FROM pushed_changes", [], |row| row.get(0))?,
+                        connection.query_row("SELECT dedup_indexed_through FROM users", [], |row| row.get(0))?,
+                    ))
+                })
+                .await
+                .unwrap();
+            assert_eq!((dedup_rows, indexed_through), (0, 0));
+
+            // Forgotten when idle, and the same verdicts from the database afterwards.
+            assert_eq!(guard.evict_idle(Duration::from_secs(60)), (0, 0), "just used");
+            assert_eq!(guard.evict_idle(Duration::ZERO), (1, 2));
+            assert_eq!(guard.state_entries(), (0, 0));
+            assert_eq!(guard.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
+            guard.ensure_repaired(&user, &a).await.unwrap();
+            assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b still has to repair");
+            assert_eq!(guard.state_entries(), (1, 2));
         }
-        guard.mark_repaired(&user, &a).await.unwrap();
-        guard.ensure_repaired(&user, &a).await.unwrap();
-        assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b has not repaired yet");
-
-        // A new guard (a restarted server) knows all of it from the database, and
-        // the user's dedup index is gone with the old log.
-        let restarted = LogGuard::new(guard.inner.db.clone());
-        assert_eq!(restarted.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
-        restarted.ensure_repaired(&user, &a).await.unwrap();
-        assert!(restarted.ensure_repaired(&user, &b).await.is_err());
-        let (dedup_rows, indexed_through): (i64, i64) = guard
-            .inner
-            .db
-            .local()
-            .call(|connection| {
-                Ok((
-                    connection.query_row("SELECT count(*) FROM pushed_changes", [], |row| row.get(0))?,
-                    connection.query_row("SELECT dedup_indexed_through FROM users", [], |row| row.get(0))?,
-                ))
-            })
-            .await
-            .unwrap();
-        assert_eq!((dedup_rows, indexed_through), (0, 0));
-
-        // Forgotten when idle, and the same verdicts from the database afterwards.
-        assert_eq!(guard.evict_idle(Duration::from_secs(60)), (0, 0), "just used");
-        assert_eq!(guard.evict_idle(Duration::ZERO), (1, 2));
-        assert_eq!(guard.state_entries(), (0, 0));
-        assert_eq!(guard.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
-        guard.ensure_repaired(&user, &a).await.unwrap();
-        assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b still has to repair");
-        assert_eq!(guard.state_entries(), (1, 2));
-    });
+    );
 
     both_backends!(a_commit_past_the_end_is_a_loss_too, |store: TestStore| async move {
         let guard = guard(&store);

@@ -279,9 +279,8 @@ mod tests {
     use crate::{both_backends, store::testing::TestStore};
 
     both_backends!(a_target_is_set_replaced_read_and_removed_per_device, |store: TestStore| async move {
-        let accounts = crate::accounts::Accounts::open(store.store.clone(), std::time::Duration::from_secs(60))
-            .await
-            .unwrap();
+        let accounts =
+            crate::accounts::Accounts::open(store.store.clone(), std::time::Duration::from_secs(60)).await.unwrap();
         let created = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
         let device = accounts.authenticate(&created.token).unwrap();
         let targets = PushTargets::new(store.store.clone(), Events::disabled(), public());
@@ -298,6 +297,9 @@ mod tests {
         assert!(targets.forget_gone("u1", &device.device_id, stored.updated_at_ms).await.unwrap());
         targets.set(&device, first).await.unwrap();
         targets.remove(&device, TargetRemovedReason::RemovedByDevice).await.unwrap();
-        assert!(matches!(targets.remove(&device, TargetRemovedReason::RemovedByDevice).await, Err(TargetError::NotFound)));
+        assert!(matches!(
+            targets.remove(&device, TargetRemovedReason::RemovedByDevice).await,
+            Err(TargetError::NotFound)
+        ));
     });
 }

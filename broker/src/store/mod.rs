@@ -190,9 +190,8 @@ impl Row {
     pub fn get<T: FromValue>(&self, index: usize) -> Result<T, DbError> {
         let value = self.0.get(index).cloned().ok_or_else(|| DbError::Column(format!("no column {index}")))?;
         let shown = format!("{value:?}");
-        T::from_value(value).ok_or_else(|| {
-            DbError::Column(format!("column {index} is {shown}, not a {}", std::any::type_name::<T>()))
-        })
+        T::from_value(value)
+            .ok_or_else(|| DbError::Column(format!("column {index} is {shown}, not a {}", std::any::type_name::<T>())))
     }
 }
 

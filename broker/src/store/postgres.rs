@@ -35,9 +35,10 @@ pub(super) async fn connect(url: &str, max_connections: usize) -> Result<Pool, D
     let pool = config
         .create_pool(Some(Runtime::Tokio1), NoTls)
         .map_err(|error| DbError::Connect(format!("database.url {shown} is not usable: {error}")))?;
-    let first = pool.get().await.map_err(|error| {
-        DbError::Connect(format!("cannot connect to PostgreSQL at {shown}: {}", describe(&error)))
-    })?;
+    let first = pool
+        .get()
+        .await
+        .map_err(|error| DbError::Connect(format!("cannot connect to PostgreSQL at {shown}: {}", describe(&error))))?;
     drop(first);
     tracing::info!(url = %shown, max_connections, "accounts database: postgresql");
     Ok(pool)
@@ -216,7 +217,10 @@ mod tests {
     #[test]
     fn numbered_parameters_become_dollars_and_passwords_are_hidden() {
         assert_eq!(dollar_placeholders("SELECT ?1, ?12 WHERE a = '?'"), "SELECT $1, $12 WHERE a = '?'");
-        assert_eq!(redact_url("postgres://lockstep:s3cret@db:5432/lockstep"), "postgres://lockstep:***@db:5432/lockstep");
+        assert_eq!(
+            redact_url("postgres://lockstep:s3cret@db:5432/lockstep"),
+            "postgres://lockstep:***@db:5432/lockstep"
+        );
         assert_eq!(redact_url("postgres://db/lockstep"), "postgres://db/lockstep");
     }
 }
