@@ -377,7 +377,7 @@ impl Store {
     pub async fn postgres(url: &str, max_connections: usize, local: Db) -> Result<Self, DbError> {
         let pool = postgres::connect(url, max_connections).await?;
         let store = Self { backend: Backend::Postgres(pool), local };
-        store.call(|connection| schema::migrate_postgres(connection)).await?;
+        store.call(schema::migrate_postgres).await?;
         Ok(store)
     }
 

@@ -155,10 +155,11 @@ impl Executor<'_> {
     }
 
     pub(super) fn batch(&self, sql: &str) -> Result<(), DbError> {
-        Ok(match &self.client {
+        match &self.client {
             Client::Plain(client) => self.runtime.block_on(client.batch_execute(sql))?,
             Client::Transaction(transaction) => self.runtime.block_on(transaction.batch_execute(sql))?,
-        })
+        }
+        Ok(())
     }
 }
 
