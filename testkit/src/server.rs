@@ -58,7 +58,7 @@ pub struct Server {
     dir: TempDir,
     /// The server's own PostgreSQL when the test kit's backend is PostgreSQL
     /// ([`test_database_is_postgres`]); stopped after the server (fields drop after `drop`).
-    postgres: Option<Postgres>,
+    postgres: Option<(Postgres, String)>,
 }
 
 /// Whether servers started by the test kit keep their accounts in PostgreSQL (each its own
@@ -212,8 +212,10 @@ impl Server {
         let mut postgres = None;
         if test_database_is_postgres()? && !settings.iter().any(|(key, _)| key == "LOCKSTEP_DATABASE__URL") {
             let server = tokio::task::spawn_blocking(Postgres::start).await??;
-            settings.push(("LOCKSTEP_DATABASE__URL".into(), server.new_database()?));
-            postgres = Some(server);
+            let url = server.new_database()?;
+            let database = url.rsplit('/').next().unwrap_or_default().to_string();
+            settings.push(("LOCKSTEP_DATABASE__URL".into(), url));
+            postgres = Some((server, database));
         }
         let mut server = Self {
             binary,
@@ -257,7 +259,43 @@ impl Server {
 
     /// The PostgreSQL server the test kit started for this server, if any.
     pub fn postgres(&self) -> Option<&Postgres> {
-        self.postgres.as_ref()
+        self.postgres.as_ref().map(|(server, _)| server)
+    }
+
+    /// Runs `sql` (an UPDATE or DELETE) on the server's accounts database, whichever holds it
+    /// (SQLite in the data directory, or the PostgreSQL the test kit started); the rows changed.
+    /// For tests that play a server whose database was tampered with.
+    pub fn accounts_execute(&self, sql: &str) -> anyhow::Result<u64> {
+        match &self.postgres {
+            Some((server, database)) => {
+                let counted = format!("WITH changed AS ({sql} RETURNING 1) SELECT count(*) FROM changed");
+                Ok(server.psql(database, &counted)?.trim().parse()?)
+            }
+            None => {
+                let connection = rusqlite::Connection::open(self.data_dir().join("lockstep.db"))?;
+                Ok(connection.execute(sql, [])? as u64)
+            }
+        }
+    }
+
+    /// The first column of the first row of `sql` on the accounts database, as an integer.
+    pub fn accounts_count(&self, sql: &str) -> anyhow::Result<i64> {
+        match &self.postgres {
+            Some((server, database)) => Ok(server.psql(database, sql)?.trim().parse()?),
+            None => {
+                let connection = rusqlite::Connection::open(self.data_dir().join("lockstep.db"))?;
+                Ok(connection.query_row(sql, [], |row| row.get(0))?)
+            }
+        }
+    }
+
+    /// An SQL literal of `bytes` for the accounts database's dialect.
+    pub fn accounts_blob_literal(&self, bytes: &[u8]) -> String {
+        let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+        match &self.postgres {
+            Some(_) => format!("'\\x{hex}'::bytea"),
+            None => format!("x'{hex}'"),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
