@@ -1,6 +1,7 @@
 //! The server's own small SQLite database (`<data_dir>/lockstep.db`): accounts,
 //! devices, pairing tickets, invites and the push deduplication index. Kafka holds the
-//! changes themselves; nothing here is needed to read them.
+//! changes themselves; nothing here is needed to read them. With the accounts in PostgreSQL
+//! (`database.url`, see `store`), only the dedup index is used here.
 //!
 //! One connection behind a mutex, used from `spawn_blocking`, so no async task
 //! ever blocks on SQLite.

@@ -41,7 +41,13 @@
 //! mark only (written when an account is made and at start, [`Store::mirror_users_locally`]);
 //! the log guard resets the index and then records the incident in the shared database, in two
 //! transactions (a crash between them only repeats the reset). Moving the index where every
-//! node sees it is the next slice of issue 21, with the cross-node delivery.
+//! node sees it is the next slice of issue 21, with the cross-node delivery and the token cache
+//! (`Accounts` loads the active tokens at start and learns only of devices paired or revoked
+//! through its own node: another node's come in at the next start, until the events topic
+//! carries them).
+//!
+//! PostgreSQL statements are not prepared once and cached yet (each is parsed on every call, one
+//! more round trip): deadpool-postgres has a statement cache, for when the numbers ask for it.
 
 mod postgres;
 pub mod schema;
