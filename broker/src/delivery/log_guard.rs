@@ -19,6 +19,7 @@
 //!   and pushes back what it holds that the log no longer has. The account
 //!   heals from the union of its devices.
 
+use rusqlite::OptionalExtension;
 use std::{
     collections::HashMap,
     future::Future,
@@ -143,6 +144,24 @@ impl LogGuard {
             })
             .await?
             .unwrap_or(UserMark { high_mark: 0, generation: 0 });
+        let stored = if self.inner.db.is_shared() {
+            // With the accounts in PostgreSQL, the gateway still raises the mark with its dedup
+            // record in the node-local SQLite (`gateway::dedup`): the higher of the two counts.
+            let user = user_id.to_string();
+            let local: Option<i64> = self
+                .inner
+                .db
+                .local()
+                .call(move |connection| {
+                    Ok(connection
+                        .query_row("SELECT log_high_mark FROM users WHERE user_id = ?1", [user], |row| row.get(0))
+                        .optional()?)
+                })
+                .await?;
+            UserMark { high_mark: stored.high_mark.max(local.unwrap_or(0)), ..stored }
+        } else {
+            stored
+        };
         let mut users = lock(&self.inner.users);
         Ok(users.entry(user_id.clone()).or_insert_with(|| Cached::new(stored)).get())
     }
@@ -315,6 +334,22 @@ impl LogGuard {
                 Ok(())
             })
             .await?;
+        if self.inner.db.is_shared() {
+            // The node-local mark (see `mark`) comes down only now that the incident is recorded:
+            // a stop before this line finds the loss again (a second incident), never misses it.
+            let user = user_id.to_string();
+            self.inner
+                .db
+                .local()
+                .call(move |connection| {
+                    connection.execute(
+                        "UPDATE users SET log_high_mark = ?2 WHERE user_id = ?1",
+                        rusqlite::params![user, watermarks.log_end],
+                    )?;
+                    Ok(())
+                })
+                .await?;
+        }
         let mark = UserMark { high_mark: watermarks.log_end, generation };
         lock(&self.inner.users).insert(user_id.clone(), Cached::new(mark));
         Ok(generation)
@@ -567,5 +602,28 @@ mod tests {
         let (_, generation) = guard.check_bounds(&user, read, None).await.unwrap();
         assert_eq!(generation, 0, "a mark raised after the bounds were read is no evidence");
         assert_eq!(guard.mark(&user).await.unwrap().high_mark, 9);
+    });
+
+    // The gateway raises the mark with its dedup record, in the node-local SQLite (also when the
+    // accounts are in PostgreSQL): that mark counts, and comes down with an incident.
+    both_backends!(the_mark_the_dedup_record_raised_counts_on_both_backends, |store: TestStore| async move {
+        let guard = guard(&store);
+        add_user(&guard, "u", &["a"]).await;
+        guard
+            .inner
+            .db
+            .local()
+            .call(|connection| {
+                connection.execute("UPDATE users SET log_high_mark = 7 WHERE user_id = 'u'", [])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let user: Arc<str> = "u".into();
+        assert_eq!(guard.mark(&user).await.unwrap(), UserMark { high_mark: 7, generation: 0 });
+        assert_eq!(guard.check(&user, log(0, 2), None).await.unwrap(), 1, "the log lost what Kafka acknowledged");
+        let restarted = LogGuard::new(store.store.clone());
+        assert_eq!(restarted.mark(&user).await.unwrap(), UserMark { high_mark: 2, generation: 1 });
+        assert_eq!(restarted.check(&user, log(0, 2), None).await.unwrap(), 1, "recorded once");
     });
 }
