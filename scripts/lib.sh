@@ -88,6 +88,38 @@ apt_install() {
     $sudo apt-get install -y -qq "$@" >&2 || { $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq "$@" >&2; }
 }
 
+# The bin directory of the newest PostgreSQL Debian installed (/usr/lib/postgresql/<major>/bin),
+# or nothing.
+postgres_bin_dir() {
+    local dir best="" best_major=0 major
+    for dir in /usr/lib/postgresql/*/bin; do
+        [[ -x "$dir/initdb" && -x "$dir/postgres" ]] || continue
+        major="$(basename "$(dirname "$dir")")"
+        major="${major%%.*}"
+        [[ "$major" =~ ^[0-9]+$ ]] || continue
+        if ((major > best_major)); then
+            best="$dir"
+            best_major=$major
+        fi
+    done
+    echo "$best"
+}
+
+# PostgreSQL for the tests of accounts in PostgreSQL (testkit/src/postgres.rs starts it as an
+# unprivileged user in a temp directory): Debian's package, whatever its major version; exports
+# LOCKSTEP_POSTGRES_BIN (its bin directory, not on PATH) for the test kit.
+ensure_postgres() {
+    local bin
+    bin="$(postgres_bin_dir)"
+    if [[ -z "$bin" ]] || ! command -v psql >/dev/null; then
+        log "installing Debian package postgresql (for initdb, postgres and psql)"
+        apt_install postgresql postgresql-client
+        bin="$(postgres_bin_dir)"
+    fi
+    [[ -n "$bin" ]] || { log "no PostgreSQL under /usr/lib/postgresql/*/bin after installing it"; return 1; }
+    export LOCKSTEP_POSTGRES_BIN="$bin"
+}
+
 # The major Java version of the java binary $1 (0 if it does not run).
 java_major() {
     local version

@@ -1,6 +1,7 @@
 //! The server's own small SQLite database (`<data_dir>/lockstep.db`): accounts,
 //! devices, pairing tickets, invites and the push deduplication index. Kafka holds the
-//! changes themselves; nothing here is needed to read them.
+//! changes themselves; nothing here is needed to read them. With the accounts in PostgreSQL
+//! (`database.url`, see `store`), only the dedup index is used here.
 //!
 //! One connection behind a mutex, used from `spawn_blocking`, so no async task
 //! ever blocks on SQLite.
@@ -16,13 +17,21 @@ use rusqlite::Connection;
 pub enum DbError {
     #[error("accounts database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("accounts database (postgresql): {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// PostgreSQL is unreachable or refused us (at start, or no pooled connection in time).
+    #[error("accounts database (postgresql): {0}")]
+    Connect(String),
+    /// A column of another type than the code reads: a bug, or a schema that drifted.
+    #[error("accounts database: {0}")]
+    Column(String),
     #[error("accounts database task failed: {0}")]
     Task(String),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
 }
 
-const MIGRATIONS: &str = "
+pub(crate) const MIGRATIONS: &str = "
 CREATE TABLE IF NOT EXISTS users (
     user_id TEXT PRIMARY KEY,
     created_at_ms INTEGER NOT NULL,
@@ -137,6 +146,8 @@ impl Db {
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(MIGRATIONS)?;
         add_columns(&connection)?;
+        // The key directory's tables (their PostgreSQL twins are beside them in `store::schema`).
+        connection.execute_batch(crate::store::schema::SQLITE_KEYS)?;
         Ok(Self { connection: Arc::new(Mutex::new(connection)) })
     }
 
@@ -157,7 +168,7 @@ impl Db {
 }
 
 /// Columns added after the first release, for databases created before them.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+pub(crate) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // The highest log end Kafka acknowledged (log_guard); starts at what the dedup index covers.
     ("users", "log_high_mark", "INTEGER NOT NULL DEFAULT 0"),
     ("users", "log_generation", "INTEGER NOT NULL DEFAULT 0"),

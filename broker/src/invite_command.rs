@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::{
     Settings,
     accounts::{Invites, invites::CreatedInvite},
-    db::Db,
+    store::Store,
 };
 
 #[derive(Debug, Subcommand)]
@@ -57,7 +57,8 @@ pub async fn run(settings: &Settings, command: InviteCommand) -> anyhow::Result<
         "no server database at {}: start the server once, or pass its --data-dir (or --config)",
         database.display()
     );
-    let invites = Invites::new(Db::open(&settings.data_dir)?, settings.limits.request_timeout);
+    let store = Store::open(&settings.data_dir, &settings.database).await?;
+    let invites = Invites::new(store, settings.limits.request_timeout);
     match command {
         InviteCommand::Create { count, expires_in, note, json } => {
             let created = invites.create(count, expires_in, &note).await?;

@@ -23,11 +23,11 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use rusqlite::{OptionalExtension, Transaction, params};
-
 use crate::{
     accounts::AuthedDevice,
-    db::{Db, DbError, now_ms},
+    db::{DbError, now_ms},
+    store::{LOCK_USER, Sql, Store},
+    values,
 };
 use lockstep_kafka::locks::{read, write};
 
@@ -47,34 +47,6 @@ pub const MAX_EPOCH: u32 = 1 << 30;
 /// The tables that hold rows of a user (all keyed by `user_id` too): what
 /// deleting an account deletes.
 pub const TABLES_BY_USER: [&str; 3] = ["sealed_epoch_keys", "key_epochs", "device_keys"];
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS device_keys (
-    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
-    user_id TEXT NOT NULL,
-    public_key BLOB NOT NULL,
-    proof BLOB NOT NULL,
-    registered_at_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS device_keys_by_user ON device_keys(user_id);
-CREATE TABLE IF NOT EXISTS key_epochs (
-    user_id TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    started_by_device TEXT NOT NULL,
-    started_at_ms INTEGER NOT NULL,
-    -- how many of the user's devices were revoked when this epoch started
-    revoked_devices INTEGER NOT NULL,
-    PRIMARY KEY (user_id, epoch)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sealed_epoch_keys (
-    device_id TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    user_id TEXT NOT NULL,
-    sealed BLOB NOT NULL,
-    sealed_by_device TEXT NOT NULL,
-    PRIMARY KEY (device_id, epoch)
-) WITHOUT ROWID;
-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -125,7 +97,7 @@ pub struct EpochKeys {
 
 #[derive(Clone)]
 pub struct KeyDirectory {
-    db: Db,
+    db: Store,
     /// The current epoch per user, read from the database once.
     current: Arc<RwLock<HashMap<Arc<str>, u32>>>,
 }
@@ -160,25 +132,26 @@ fn check_count(count: usize) -> Result<(), KeysError> {
     Ok(())
 }
 
-fn current_in(tx: &rusqlite::Connection, user_id: &str) -> rusqlite::Result<u32> {
+fn current_in(tx: &impl Sql, user_id: &str) -> Result<u32, DbError> {
     let epoch: Option<u32> =
-        tx.query_row("SELECT max(epoch) FROM key_epochs WHERE user_id = ?1", [user_id], |row| row.get(0))?;
+        tx.query_one("SELECT max(epoch) FROM key_epochs WHERE user_id = ?1", values![user_id])?.get(0)?;
     Ok(epoch.unwrap_or(1))
 }
 
-fn rotation_due_in(tx: &rusqlite::Connection, user_id: &str) -> rusqlite::Result<bool> {
-    let revoked: i64 = tx.query_row(
-        "SELECT count(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NOT NULL",
-        [user_id],
-        |row| row.get(0),
-    )?;
+fn revoked_devices_in(tx: &impl Sql, user_id: &str) -> Result<i64, DbError> {
+    tx.query_one("SELECT count(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NOT NULL", values![user_id])?
+        .get(0)
+}
+
+fn rotation_due_in(tx: &impl Sql, user_id: &str) -> Result<bool, DbError> {
+    let revoked = revoked_devices_in(tx, user_id)?;
     let covered: Option<i64> = tx
-        .query_row(
+        .query_opt(
             "SELECT revoked_devices FROM key_epochs WHERE user_id = ?1 ORDER BY epoch DESC LIMIT 1",
-            [user_id],
-            |row| row.get(0),
-        )
-        .optional()?;
+            values![user_id],
+        )?
+        .map(|row| row.get(0))
+        .transpose()?;
     Ok(revoked > covered.unwrap_or(0))
 }
 
@@ -186,36 +159,40 @@ fn rotation_due_in(tx: &rusqlite::Connection, user_id: &str) -> rusqlite::Result
 type KeyAndProof = (Vec<u8>, Vec<u8>);
 
 /// The user's active devices that registered a key: device id → (key, proof).
-fn active_keys_in(tx: &rusqlite::Connection, user_id: &str) -> rusqlite::Result<HashMap<String, KeyAndProof>> {
-    let mut statement = tx.prepare(
+fn active_keys_in(tx: &impl Sql, user_id: &str) -> Result<HashMap<String, KeyAndProof>, DbError> {
+    tx.query(
         "SELECT k.device_id, k.public_key, k.proof FROM device_keys k JOIN devices d ON d.device_id = k.device_id
          WHERE d.user_id = ?1 AND d.revoked_at_ms IS NULL",
-    )?;
-    let rows = statement.query_map([user_id], |row| Ok((row.get(0)?, (row.get(1)?, row.get(2)?))))?;
-    rows.collect()
+        values![user_id],
+    )?
+    .iter()
+    .map(|row| Ok((row.get(0)?, (row.get(1)?, row.get(2)?))))
+    .collect()
 }
 
-fn missing_epochs_in(tx: &rusqlite::Connection, user_id: &str, device_id: &str) -> rusqlite::Result<Vec<u32>> {
-    let mut statement = tx.prepare_cached(
+fn missing_epochs_in(tx: &impl Sql, user_id: &str, device_id: &str) -> Result<Vec<u32>, DbError> {
+    tx.query(
         "SELECT e.epoch FROM key_epochs e WHERE e.user_id = ?1
            AND NOT EXISTS (SELECT 1 FROM sealed_epoch_keys s WHERE s.device_id = ?2 AND s.epoch = e.epoch)
          ORDER BY e.epoch LIMIT ?3",
-    )?;
-    let rows = statement.query_map(params![user_id, device_id, MAX_EPOCHS_PER_REQUEST as i64], |row| row.get(0))?;
-    rows.collect()
+        values![user_id, device_id, MAX_EPOCHS_PER_REQUEST as i64],
+    )?
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
 }
 
-fn insert_sealed(tx: &Transaction<'_>, user_id: &str, by: &str, sealed: &SealedKey) -> rusqlite::Result<usize> {
+fn insert_sealed(tx: &impl Sql, user_id: &str, by: &str, sealed: &SealedKey) -> Result<u64, DbError> {
     tx.execute(
-        "INSERT OR IGNORE INTO sealed_epoch_keys (device_id, epoch, user_id, sealed, sealed_by_device)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![sealed.device_id, sealed.epoch, user_id, sealed.sealed, by],
+        "INSERT INTO sealed_epoch_keys (device_id, epoch, user_id, sealed, sealed_by_device)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        values![&sealed.device_id, sealed.epoch, user_id, &sealed.sealed, by],
     )
 }
 
 impl KeyDirectory {
-    pub async fn open(db: Db) -> Result<Self, KeysError> {
-        db.call(|connection| Ok(connection.execute_batch(SCHEMA)?)).await?;
+    /// The key directory of `db` (its tables are made with the store's schema).
+    pub async fn open(db: Store) -> Result<Self, KeysError> {
         Ok(Self { db, current: Arc::default() })
     }
 
@@ -225,7 +202,7 @@ impl KeyDirectory {
             return Ok(*epoch);
         }
         let user = user_id.to_string();
-        let epoch = self.db.call(move |connection| Ok(current_in(connection, &user)?)).await?;
+        let epoch = self.db.call(move |connection| current_in(connection, &user)).await?;
         // A rotation that finished meanwhile wrote a higher epoch: keep the higher.
         let mut current = write(&self.current);
         let entry = current.entry(user_id.clone()).or_insert(epoch);
@@ -270,10 +247,9 @@ impl KeyDirectory {
             .call(move |connection| {
                 let tx = connection.transaction()?;
                 let existing: Option<(Vec<u8>, Vec<u8>)> = tx
-                    .query_row("SELECT public_key, proof FROM device_keys WHERE device_id = ?1", [&device_id], |row| {
-                        Ok((row.get(0)?, row.get(1)?))
-                    })
-                    .optional()?;
+                    .query_opt("SELECT public_key, proof FROM device_keys WHERE device_id = ?1", values![&device_id])?
+                    .map(|row| Ok::<_, DbError>((row.get(0)?, row.get(1)?)))
+                    .transpose()?;
                 match existing {
                     Some((stored_key, stored_proof)) if stored_key == public_key && stored_proof == proof => {}
                     Some(_) => {
@@ -287,7 +263,7 @@ impl KeyDirectory {
                         tx.execute(
                             "INSERT INTO device_keys (device_id, user_id, public_key, proof, registered_at_ms)
                              VALUES (?1, ?2, ?3, ?4, ?5)",
-                            params![device_id, user, public_key, proof, now_ms()],
+                            values![&device_id, &user, public_key, proof, now_ms()],
                         )?;
                     }
                 }
@@ -305,17 +281,16 @@ impl KeyDirectory {
             .db
             .call(move |connection| {
                 let tx = connection.transaction()?;
-                let mut statement = tx.prepare(
+                let rows = tx.query(
                     "SELECT d.device_id, k.public_key, k.proof FROM devices d
                      LEFT JOIN device_keys k ON k.device_id = d.device_id
                      WHERE d.user_id = ?1 AND d.revoked_at_ms IS NULL ORDER BY d.created_at_ms, d.device_id",
+                    values![&user],
                 )?;
-                let rows = statement.query_map([&user], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?, row.get::<_, Option<Vec<u8>>>(2)?))
-                })?;
                 let mut devices = Vec::new();
                 for row in rows {
-                    let (device_id, public_key, proof) = row?;
+                    let (device_id, public_key, proof): (String, Option<Vec<u8>>, Option<Vec<u8>>) =
+                        (row.get(0)?, row.get(1)?, row.get(2)?);
                     let missing_epochs =
                         if public_key.is_some() { missing_epochs_in(&tx, &user, &device_id)? } else { Vec::new() };
                     devices.push(DeviceKeyEntry {
@@ -325,7 +300,6 @@ impl KeyDirectory {
                         missing_epochs,
                     });
                 }
-                drop(statement);
                 Ok(DeviceKeys {
                     current_epoch: current_in(&tx, &user)?,
                     devices,
@@ -356,6 +330,8 @@ impl KeyDirectory {
             .db
             .call(move |connection| {
                 let tx = connection.transaction()?;
+                // Two devices starting the next epoch at once: one after the other.
+                tx.execute(LOCK_USER, values![&user])?;
                 let current = current_in(&tx, &user)?;
                 if epoch != current + 1 {
                     return Ok(Err(KeysError::Precondition(format!(
@@ -387,15 +363,11 @@ impl KeyDirectory {
                         "the new epoch carries no sealed copy for the device that starts it".into(),
                     )));
                 }
-                let revoked: i64 = tx.query_row(
-                    "SELECT count(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NOT NULL",
-                    [&user],
-                    |row| row.get(0),
-                )?;
+                let revoked = revoked_devices_in(&tx, &user)?;
                 tx.execute(
                     "INSERT INTO key_epochs (user_id, epoch, started_by_device, started_at_ms, revoked_devices)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![user, epoch, by, now_ms(), revoked],
+                    values![&user, epoch, &by, now_ms(), revoked],
                 )?;
                 for sealed in &sealed_keys {
                     insert_sealed(&tx, &user, &by, sealed)?;
@@ -469,26 +441,25 @@ impl KeyDirectory {
                 for epoch in &unopened {
                     tx.execute(
                         "DELETE FROM sealed_epoch_keys WHERE device_id = ?1 AND user_id = ?2 AND epoch = ?3",
-                        params![device_id, user, epoch],
+                        values![&device_id, &user, *epoch],
                     )?;
                 }
-                let mut statement = tx.prepare(
-                    "SELECT epoch, sealed, sealed_by_device FROM sealed_epoch_keys
-                     WHERE device_id = ?1 AND user_id = ?2 AND epoch > ?3 ORDER BY epoch LIMIT ?4",
-                )?;
-                let rows = statement.query_map(
-                    params![device_id, user, since_epoch, MAX_EPOCHS_PER_REQUEST as i64 + 1],
-                    |row| {
+                let mut sealed_keys = tx
+                    .query(
+                        "SELECT epoch, sealed, sealed_by_device FROM sealed_epoch_keys
+                         WHERE device_id = ?1 AND user_id = ?2 AND epoch > ?3 ORDER BY epoch LIMIT ?4",
+                        values![&device_id, &user, since_epoch, MAX_EPOCHS_PER_REQUEST as i64 + 1],
+                    )?
+                    .iter()
+                    .map(|row| {
                         Ok(SealedKey {
                             device_id: device_id.clone(),
                             epoch: row.get(0)?,
                             sealed: row.get(1)?,
                             sealed_by_device_id: row.get(2)?,
                         })
-                    },
-                )?;
-                let mut sealed_keys = rows.collect::<Result<Vec<_>, _>>()?;
-                drop(statement);
+                    })
+                    .collect::<Result<Vec<_>, DbError>>()?;
                 let more = sealed_keys.len() > MAX_EPOCHS_PER_REQUEST;
                 sealed_keys.truncate(MAX_EPOCHS_PER_REQUEST);
                 let answer = EpochKeys {

@@ -25,7 +25,9 @@
 //!   dashboard and other nodes; never content.
 //! - [`kafka`]: the shared Kafka contract of `lockstep-kafka` (settings, naming, errors,
 //!   user topics, group offsets, the bounded wait) and the server's own producer and readers.
-//! - [`settings`] (imports no module of this crate), [`db`], [`slots`], [`idle`],
+//! - [`store`]: the shared state's database behind one interface: SQLite (one node, default)
+//!   or PostgreSQL (several nodes); both schemas side by side.
+//! - [`settings`] (imports no module of this crate), [`db`] (the node-local SQLite), [`slots`], [`idle`],
 //!   [`shutdown`] (the one shutdown every task holds).
 //!
 //! Shared with the consumers: `lockstep-kafka` (Kafka settings, naming, group offsets, the one
@@ -47,6 +49,7 @@ pub mod server;
 pub mod settings;
 pub mod shutdown;
 pub mod slots;
+pub mod store;
 
 pub use server::run;
 pub use settings::Settings;

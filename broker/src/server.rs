@@ -31,7 +31,7 @@ use erasure::Erasure;
 
 use crate::{
     accounts::{Accounts, AccountsError},
-    db::{Db, DbError},
+    db::DbError,
     delivery::{Delivery, log_guard::LogGuard},
     events::{Events, Publisher},
     gateway::{DedupIndex, Gateway},
@@ -41,6 +41,7 @@ use crate::{
     push_targets::PushTargets,
     settings::Settings,
     shutdown::{ShutdownController, ShutdownSource, ShutdownTrigger},
+    store::Store,
 };
 
 /// How long start-up waits for Kafka to answer.
@@ -103,8 +104,11 @@ pub struct Background {
 
 impl App {
     pub async fn start(settings: Settings, shutdown: ShutdownSource) -> Result<(Self, Background), ServerError> {
-        let db = Db::open(&settings.data_dir)?;
-        let accounts = Accounts::open(db.clone(), settings.accounts.pairing_ticket_ttl)
+        let store = Store::open(&settings.data_dir, &settings.database).await?;
+        let mirrored = store.mirror_users_locally().await?;
+        tracing::info!(engine = store.engine(), accounts = mirrored, "accounts database open");
+        let db = store.clone();
+        let accounts = Accounts::open(store.clone(), settings.accounts.pairing_ticket_ttl)
             .await?
             .with_max_devices(settings.accounts.max_devices_per_account)
             .with_invite_claim_lease(settings.limits.request_timeout);
@@ -129,7 +133,8 @@ impl App {
         let clients =
             KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets: offsets.clone() };
         let delivery = Delivery::new(&clients, guard.clone(), events.clone(), shutdown.clone(), &settings);
-        let dedup = DedupIndex::new(db.clone());
+        // The dedup index stays in the node-local SQLite (see `store`).
+        let dedup = DedupIndex::new(store.local().clone());
         let log_guard = guard.clone();
         let shutdown_for_sweep = shutdown.clone();
         let gateway =

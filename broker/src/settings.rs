@@ -29,6 +29,46 @@ pub struct Settings {
     pub push: PushSettings,
     pub rate_limits: RateLimitSettings,
     pub web: WebSettings,
+    pub database: DatabaseSettings,
+}
+
+/// Where the accounts (users, devices, tokens, pairing tickets, invites, push targets, keys)
+/// live. Unset: SQLite in `data_dir` (one node). A PostgreSQL URL: shared by every node that
+/// names it. The push dedup index stays in `data_dir` either way (see `store`).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:5432/database` (env `LOCKSTEP_DATABASE__URL`). Default
+    /// unset (SQLite in `data_dir`). The server refuses to start when it cannot connect.
+    pub url: Option<String>,
+    /// Connections the server keeps to PostgreSQL at most. Default 8.
+    pub max_connections: usize,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self { url: None, max_connections: 8 }
+    }
+}
+
+/// `url` with its password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((credentials, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    match credentials.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// The URL's password is a secret: never printed.
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
 }
 
 /// TLS of the gRPC listener. Off unless both files are set.
@@ -385,6 +425,7 @@ impl Default for Settings {
             push: PushSettings::default(),
             rate_limits: RateLimitSettings::default(),
             web: WebSettings::default(),
+            database: DatabaseSettings::default(),
         }
     }
 }
@@ -458,6 +499,14 @@ impl Settings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         let fail = |message: &str| Err(SettingsError::invalid(message));
+        if let Some(url) = &self.database.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return fail("database.url must be a postgres:// or postgresql:// URL (unset: SQLite in data_dir)");
+            }
+        }
+        if self.database.max_connections == 0 {
+            return fail("database.max_connections must be at least 1");
+        }
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");
         }

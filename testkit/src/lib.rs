@@ -6,6 +6,8 @@
 //! - [`process`]: a child process killed on drop, with its log and its exit.
 //! - [`kafka`]: Apache Kafka from the jars `scripts/lib.sh` caches: one broker on free
 //!   ports (or one shared per test binary), a three-node cluster for replication faults.
+//! - [`postgres`]: PostgreSQL from Debian's package in a temp directory, one database per test;
+//!   `LOCKSTEP_TEST_DATABASE=postgres` gives every [`server`] its own (SQLite otherwise).
 //! - [`records`]: what a plain Kafka client reads back (topic records, events, group offsets).
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, SIGTERM, restart.
 //! - [`device`]: a device's view of the gRPC API (bearer token, push, subscribe, ack).
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod dashboard;
 pub mod device;
 pub mod kafka;
+pub mod postgres;
 pub mod process;
 pub mod push;
 pub mod records;

@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::{
     kafka::Kafka,
     log_tail,
+    postgres::Postgres,
     process::Process,
     wait::{eventually, failed, not_yet, ready},
 };
@@ -55,6 +56,20 @@ pub struct Server {
     kafka: String,
     env: Vec<(String, String)>,
     dir: TempDir,
+    /// The server's own PostgreSQL when the test kit's backend is PostgreSQL
+    /// ([`test_database_is_postgres`]); stopped after the server (fields drop after `drop`).
+    postgres: Option<(Postgres, String)>,
+}
+
+/// Whether servers started by the test kit keep their accounts in PostgreSQL (each its own
+/// server and database) instead of SQLite: `LOCKSTEP_TEST_DATABASE=postgres`. Unset or
+/// `sqlite`: SQLite. A test that sets `LOCKSTEP_DATABASE__URL` itself keeps its own.
+pub fn test_database_is_postgres() -> anyhow::Result<bool> {
+    match std::env::var("LOCKSTEP_TEST_DATABASE").as_deref() {
+        Err(_) | Ok("" | "sqlite") => Ok(false),
+        Ok("postgres" | "postgresql") => Ok(true),
+        Ok(other) => bail!("LOCKSTEP_TEST_DATABASE={other}: use sqlite or postgres"),
+    }
 }
 
 /// The server binary: `$LOCKSTEP_BIN`, else `<target dir>/debug/lockstep`.
@@ -192,7 +207,16 @@ impl Server {
     /// The server `binary` (e.g. a release build for benchmarks) against
     /// `kafka`, with exactly the `LOCKSTEP_*` settings in `env`.
     pub async fn start_binary(binary: PathBuf, kafka: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let settings = env.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+        let mut settings: Vec<(String, String)> =
+            env.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+        let mut postgres = None;
+        if test_database_is_postgres()? && !settings.iter().any(|(key, _)| key == "LOCKSTEP_DATABASE__URL") {
+            let server = tokio::task::spawn_blocking(Postgres::start).await??;
+            let url = server.new_database()?;
+            let database = url.rsplit('/').next().unwrap_or_default().to_string();
+            settings.push(("LOCKSTEP_DATABASE__URL".into(), url));
+            postgres = Some((server, database));
+        }
         let mut server = Self {
             binary,
             process: None,
@@ -201,6 +225,7 @@ impl Server {
             kafka: kafka.to_string(),
             env: settings,
             dir: tempfile::Builder::new().prefix("lockstep-server-").tempdir()?,
+            postgres,
         };
         server.spawn().await?;
         Ok(server)
@@ -230,6 +255,47 @@ impl Server {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`) of the running process.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         *self.admin_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The PostgreSQL server the test kit started for this server, if any.
+    pub fn postgres(&self) -> Option<&Postgres> {
+        self.postgres.as_ref().map(|(server, _)| server)
+    }
+
+    /// Runs `sql` (an UPDATE or DELETE) on the server's accounts database, whichever holds it
+    /// (SQLite in the data directory, or the PostgreSQL the test kit started); the rows changed.
+    /// For tests that play a server whose database was tampered with.
+    pub fn accounts_execute(&self, sql: &str) -> anyhow::Result<u64> {
+        match &self.postgres {
+            Some((server, database)) => {
+                let counted = format!("WITH changed AS ({sql} RETURNING 1) SELECT count(*) FROM changed");
+                Ok(server.psql(database, &counted)?.trim().parse()?)
+            }
+            None => {
+                let connection = rusqlite::Connection::open(self.data_dir().join("lockstep.db"))?;
+                Ok(connection.execute(sql, [])? as u64)
+            }
+        }
+    }
+
+    /// The first column of the first row of `sql` on the accounts database, as an integer.
+    pub fn accounts_count(&self, sql: &str) -> anyhow::Result<i64> {
+        match &self.postgres {
+            Some((server, database)) => Ok(server.psql(database, sql)?.trim().parse()?),
+            None => {
+                let connection = rusqlite::Connection::open(self.data_dir().join("lockstep.db"))?;
+                Ok(connection.query_row(sql, [], |row| row.get(0))?)
+            }
+        }
+    }
+
+    /// An SQL literal of `bytes` for the accounts database's dialect.
+    pub fn accounts_blob_literal(&self, bytes: &[u8]) -> String {
+        let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+        match &self.postgres {
+            Some(_) => format!("'\\x{hex}'::bytea"),
+            None => format!("x'{hex}'"),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {

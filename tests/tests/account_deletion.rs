@@ -38,14 +38,20 @@ fn kafka_state(bootstrap: &str, topic: &str, groups: &[String]) -> anyhow::Resul
 }
 
 /// Rows that still name `user_id`, per table of the server's database.
+/// The rows of `user_id` in the accounts database (SQLite or PostgreSQL) and in the node-local
+/// SQLite (the dedup index, and its `users` row when the accounts are in PostgreSQL).
 fn rows_of(server: &Server, user_id: &str) -> anyhow::Result<Vec<(String, i64)>> {
-    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
     let mut found = Vec::new();
-    let tables = ["users", "devices", "pairing_tickets", "push_targets", "pushed_changes", "log_incidents"];
+    let tables = ["users", "devices", "pairing_tickets", "push_targets", "log_incidents"];
     for table in tables.into_iter().chain(lockstep_broker::keys::TABLES_BY_USER) {
-        let count: i64 =
-            db.query_row(&format!("SELECT count(*) FROM {table} WHERE user_id = ?1"), [user_id], |r| r.get(0))?;
+        let count = server.accounts_count(&format!("SELECT count(*) FROM {table} WHERE user_id = '{user_id}'"))?;
         found.push((table.to_string(), count));
+    }
+    let local = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
+    for table in ["pushed_changes", "users"] {
+        let count: i64 =
+            local.query_row(&format!("SELECT count(*) FROM {table} WHERE user_id = ?1"), [user_id], |r| r.get(0))?;
+        found.push((format!("local {table}"), count));
     }
     Ok(found)
 }

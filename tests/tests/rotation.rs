@@ -240,10 +240,9 @@ async fn a_server_that_relists_a_revoked_device_gets_no_new_epoch_key_for_it() -
     assert_eq!(revoked["started_epoch"], 2, "{revoked}");
 
     // The server marks the phone active again (restarted, so that its token works again too).
-    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
-    let relisted = db.execute("UPDATE devices SET revoked_at_ms = NULL WHERE device_id = ?1", [&phone_id])?;
+    let relisted =
+        server.accounts_execute(&format!("UPDATE devices SET revoked_at_ms = NULL WHERE device_id = '{phone_id}'"))?;
     assert_eq!(relisted, 1);
-    drop(db);
     server.restart().await?;
     let listed = laptop.json(&["devices"]).await?;
     let phone_entry = listed.as_array().context("devices")?.iter().find(|device| device["device_id"] == phone_id);
@@ -343,13 +342,12 @@ async fn a_copy_of_an_epoch_key_that_does_not_open_is_replaced() -> anyhow::Resu
     laptop.sync().await?;
 
     // The desk's copy of epoch 2 is damaged on the server (same length, other bytes).
-    let db = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
-    let damaged = db.execute(
-        "UPDATE sealed_epoch_keys SET sealed = randomblob(136) WHERE device_id = ?1 AND epoch = 2",
-        [&desk_id],
-    )?;
+    let other_bytes: Vec<u8> = (0..136).map(|_| rand::random()).collect();
+    let damaged = server.accounts_execute(&format!(
+        "UPDATE sealed_epoch_keys SET sealed = {} WHERE device_id = '{desk_id}' AND epoch = 2",
+        server.accounts_blob_literal(&other_bytes)
+    ))?;
     assert_eq!(damaged, 1);
-    drop(db);
     let refused = desk.fail(&["sync"]).await?;
     assert!(refused.contains("no device of the account has shared that epoch's key"), "{refused}");
     assert_eq!(key_epoch(&desk).await?, 1);

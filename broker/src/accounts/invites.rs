@@ -17,11 +17,14 @@
 
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use super::secrets::{hash_secret, new_secret};
-use crate::db::{Db, DbError, now_ms};
+use crate::{
+    db::{DbError, now_ms},
+    store::{Sql, Store, Tx},
+    values,
+};
 
 /// The prefix of invite codes (`lsi_` + 27 base64url characters).
 pub const INVITE_PREFIX: &str = "lsi_";
@@ -43,12 +46,6 @@ pub enum InviteError {
     BadRequest(String),
     #[error(transparent)]
     Db(#[from] DbError),
-}
-
-impl From<rusqlite::Error> for InviteError {
-    fn from(error: rusqlite::Error) -> Self {
-        InviteError::Db(DbError::Sqlite(error))
-    }
 }
 
 /// A new invite; `code` exists only here, never in the database.
@@ -117,13 +114,13 @@ impl InviteState {
 /// The invites table, for the server (claims) and for `lockstep invite`.
 #[derive(Clone)]
 pub struct Invites {
-    db: Db,
+    db: Store,
     claim_lease: Duration,
 }
 
 impl Invites {
     /// `claim_lease`: how long a CreateAccount may hold an invite before it counts as abandoned.
-    pub fn new(db: Db, claim_lease: Duration) -> Self {
+    pub fn new(db: Store, claim_lease: Duration) -> Self {
         Self { db, claim_lease }
     }
 
@@ -151,11 +148,14 @@ impl Invites {
                 let mut created = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     let code = new_secret(INVITE_PREFIX, INVITE_BYTES);
-                    transaction.execute(
-                        "INSERT INTO invites (code_hash, note, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                        params![hash_secret(&code).as_slice(), note, now, expires_at_ms],
-                    )?;
-                    created.push(CreatedInvite { invite_id: transaction.last_insert_rowid(), code, expires_at_ms });
+                    let invite_id: i64 = transaction
+                        .query_one(
+                            "INSERT INTO invites (code_hash, note, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4)
+                             RETURNING invite_id",
+                            values![hash_secret(&code).as_slice(), &note, now, expires_at_ms],
+                        )?
+                        .get(0)?;
+                    created.push(CreatedInvite { invite_id, code, expires_at_ms });
                 }
                 transaction.commit()?;
                 Ok(created)
@@ -169,24 +169,27 @@ impl Invites {
             .db
             .call(|connection| {
                 let now = now_ms();
-                let mut statement = connection.prepare(
-                    "SELECT invite_id, note, created_at_ms, expires_at_ms, used_at_ms, used_by_user, revoked_at_ms
-                     FROM invites ORDER BY invite_id",
-                )?;
-                let rows = statement.query_map([], |row| {
-                    let (expires_at_ms, used_at_ms, revoked_at_ms) = (row.get(3)?, row.get(4)?, row.get(6)?);
-                    Ok(InviteRecord {
-                        invite_id: row.get(0)?,
-                        note: row.get(1)?,
-                        created_at_ms: row.get(2)?,
-                        expires_at_ms,
-                        used_at_ms,
-                        used_by_user: row.get(5)?,
-                        revoked_at_ms,
-                        state: InviteState::of(used_at_ms, revoked_at_ms, expires_at_ms, now),
+                connection
+                    .query(
+                        "SELECT invite_id, note, created_at_ms, expires_at_ms, used_at_ms, used_by_user, revoked_at_ms
+                         FROM invites ORDER BY invite_id",
+                        &[],
+                    )?
+                    .iter()
+                    .map(|row| {
+                        let (expires_at_ms, used_at_ms, revoked_at_ms) = (row.get(3)?, row.get(4)?, row.get(6)?);
+                        Ok(InviteRecord {
+                            invite_id: row.get(0)?,
+                            note: row.get(1)?,
+                            created_at_ms: row.get(2)?,
+                            expires_at_ms,
+                            used_at_ms,
+                            used_by_user: row.get(5)?,
+                            revoked_at_ms,
+                            state: InviteState::of(used_at_ms, revoked_at_ms, expires_at_ms, now),
+                        })
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    .collect::<Result<Vec<_>, DbError>>()
             })
             .await?)
     }
@@ -201,19 +204,19 @@ impl Invites {
                 let revoked = transaction.execute(
                     "UPDATE invites SET revoked_at_ms = ?2
                      WHERE invite_id = ?1 AND used_at_ms IS NULL AND revoked_at_ms IS NULL",
-                    params![invite_id, now],
+                    values![invite_id, now],
                 )?;
                 if revoked == 1 {
                     transaction.commit()?;
                     return Ok(Ok(()));
                 }
                 let settled: Option<(Option<i64>, Option<i64>)> = transaction
-                    .query_row(
+                    .query_opt(
                         "SELECT used_at_ms, revoked_at_ms FROM invites WHERE invite_id = ?1",
-                        [invite_id],
-                        |row| Ok((row.get(0)?, row.get(1)?)),
-                    )
-                    .optional()?;
+                        values![invite_id],
+                    )?
+                    .map(|row| Ok::<_, DbError>((row.get(0)?, row.get(1)?)))
+                    .transpose()?;
                 Ok(Err(match settled {
                     None => InviteError::NotFound(invite_id),
                     Some((Some(_), _)) => InviteError::Settled(invite_id, "used"),
@@ -234,17 +237,16 @@ impl Invites {
             .call(move |connection| {
                 let now = now_ms();
                 let claimed_until_ms = now.saturating_add(lease_ms);
-                Ok(connection
-                    .query_row(
+                connection
+                    .query_opt(
                         "UPDATE invites SET claimed_until_ms = ?3
                          WHERE code_hash = ?1 AND used_at_ms IS NULL AND revoked_at_ms IS NULL AND expires_at_ms > ?2
                            AND (claimed_until_ms IS NULL OR claimed_until_ms <= ?2)
                          RETURNING invite_id",
-                        params![code_hash.as_slice(), now, claimed_until_ms],
-                        |row| row.get::<_, i64>(0),
-                    )
-                    .optional()?
-                    .map(|invite_id| (invite_id, claimed_until_ms)))
+                        values![code_hash.as_slice(), now, claimed_until_ms],
+                    )?
+                    .map(|row| Ok((row.get::<i64>(0)?, claimed_until_ms)))
+                    .transpose()
             })
             .await?
             .ok_or(InviteError::Invalid)?;
@@ -252,8 +254,8 @@ impl Invites {
     }
 
     /// Forgets which account used an invite, when that account is deleted.
-    pub(crate) fn forget_user(transaction: &rusqlite::Transaction<'_>, user_id: &str) -> rusqlite::Result<()> {
-        transaction.execute("UPDATE invites SET used_by_user = NULL WHERE used_by_user = ?1", [user_id])?;
+    pub(crate) fn forget_user(transaction: &Tx<'_>, user_id: &str) -> Result<(), DbError> {
+        transaction.execute("UPDATE invites SET used_by_user = NULL WHERE used_by_user = ?1", values![user_id])?;
         Ok(())
     }
 }
@@ -263,7 +265,7 @@ pub struct InviteClaim {
     invite_id: i64,
     /// Identifies this claim: a release never frees a newer claim made after this one lapsed.
     claimed_until_ms: i64,
-    db: Db,
+    db: Store,
     spent: bool,
 }
 
@@ -275,11 +277,11 @@ impl InviteClaim {
     /// Marks the invite used by `user_id`, inside the transaction that creates the account.
     /// False (write nothing then) when it was revoked meanwhile, or spent by a request whose
     /// lease had lapsed.
-    pub(super) fn spend(&self, transaction: &rusqlite::Transaction<'_>, user_id: &str) -> rusqlite::Result<bool> {
+    pub(super) fn spend(&self, transaction: &Tx<'_>, user_id: &str) -> Result<bool, DbError> {
         let spent = transaction.execute(
             "UPDATE invites SET used_at_ms = ?2, used_by_user = ?3, claimed_until_ms = NULL
              WHERE invite_id = ?1 AND used_at_ms IS NULL AND revoked_at_ms IS NULL",
-            params![self.invite_id, now_ms(), user_id],
+            values![self.invite_id, now_ms(), user_id],
         )?;
         Ok(spent == 1)
     }
@@ -304,7 +306,7 @@ impl Drop for InviteClaim {
                     connection.execute(
                         "UPDATE invites SET claimed_until_ms = NULL
                          WHERE invite_id = ?1 AND claimed_until_ms = ?2 AND used_at_ms IS NULL",
-                        params![invite_id, claimed_until_ms],
+                        values![invite_id, claimed_until_ms],
                     )?;
                     Ok(())
                 })
@@ -320,15 +322,14 @@ impl Drop for InviteClaim {
 mod tests {
     use super::*;
 
-    async fn invites(lease: Duration) -> (tempfile::TempDir, Invites) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).unwrap();
-        (dir, Invites::new(db, lease))
+    use crate::{both_backends, store::testing::TestStore};
+
+    fn invites(store: &TestStore, lease: Duration) -> Invites {
+        Invites::new(store.store.clone(), lease)
     }
 
-    #[tokio::test]
-    async fn codes_are_long_random_and_stored_only_as_hashes() {
-        let (dir, invites) = invites(Duration::from_secs(30)).await;
+    both_backends!(codes_are_long_random_and_stored_only_as_hashes, |store: TestStore| async move {
+        let invites = invites(&store, Duration::from_secs(30));
         let created = invites.create(3, Duration::from_secs(3600), "for the family").await.unwrap();
         assert_eq!(created.len(), 3);
         for invite in &created {
@@ -340,19 +341,29 @@ mod tests {
         assert_ne!(created[0].code, created[1].code);
         let ids: Vec<i64> = created.iter().map(|invite| invite.invite_id).collect();
         assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+        let stored: Vec<Vec<u8>> = invites
+            .db
+            .call(|connection| {
+                connection.query("SELECT code_hash FROM invites", &[])?.iter().map(|row| row.get(0)).collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 3);
+        for invite in &created {
+            assert!(stored.contains(&hash_secret(&invite.code).as_slice().to_vec()), "stored as its hash");
+        }
         drop(invites);
-        let raw = std::fs::read(dir.path().join("lockstep.db")).unwrap();
-        let wal = std::fs::read(dir.path().join("lockstep.db-wal")).unwrap_or_default();
+        let raw = std::fs::read(store.dir.path().join("lockstep.db")).unwrap();
+        let wal = std::fs::read(store.dir.path().join("lockstep.db-wal")).unwrap_or_default();
         for invite in &created {
             let code = invite.code.as_bytes();
             let found = |bytes: &[u8]| bytes.windows(code.len()).any(|window| window == code);
             assert!(!found(&raw) && !found(&wal), "a code is in the database");
         }
-    }
+    });
 
-    #[tokio::test]
-    async fn a_claim_is_exclusive_released_on_drop_and_spent_once() {
-        let (_dir, invites) = invites(Duration::from_secs(30)).await;
+    both_backends!(a_claim_is_exclusive_released_on_drop_and_spent_once, |store: TestStore| async move {
+        let invites = invites(&store, Duration::from_secs(30));
         let code = invites.create(1, Duration::from_secs(3600), "").await.unwrap().remove(0).code;
         let claim = invites.claim(&code).await.unwrap();
         assert!(matches!(invites.claim(&code).await, Err(InviteError::Invalid)), "claimed twice");
@@ -383,11 +394,10 @@ mod tests {
         assert_eq!(listed[0].state, InviteState::Used);
         assert_eq!(listed[0].used_by_user.as_deref(), Some("u1"));
         assert!(matches!(invites.revoke(listed[0].invite_id).await, Err(InviteError::Settled(_, "used"))));
-    }
+    });
 
-    #[tokio::test]
-    async fn a_lapsed_lease_frees_the_invite() {
-        let (_dir, invites) = invites(Duration::from_millis(1)).await;
+    both_backends!(a_lapsed_lease_frees_the_invite, |store: TestStore| async move {
+        let invites = invites(&store, Duration::from_millis(1));
         let code = invites.create(1, Duration::from_secs(3600), "").await.unwrap().remove(0).code;
         let claim = invites.claim(&code).await.unwrap();
         // A crashed server never releases: the lease lapses.
@@ -401,15 +411,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let held: Option<i64> = invites
             .db
-            .call(|connection| Ok(connection.query_row("SELECT claimed_until_ms FROM invites", [], |row| row.get(0))?))
+            .call(|connection| connection.query_one("SELECT claimed_until_ms FROM invites", &[])?.get(0))
             .await
             .unwrap();
         assert_eq!(held, Some(second.claimed_until_ms));
-    }
+    });
 
-    #[tokio::test]
-    async fn expired_revoked_and_unknown_codes_are_all_just_invalid() {
-        let (_dir, invites) = invites(Duration::from_secs(30)).await;
+    both_backends!(expired_revoked_and_unknown_codes_are_all_just_invalid, |store: TestStore| async move {
+        let invites = invites(&store, Duration::from_secs(30));
         let short = invites.create(1, Duration::from_millis(1), "").await.unwrap().remove(0);
         let revoked = invites.create(1, Duration::from_secs(3600), "").await.unwrap().remove(0);
         invites.revoke(revoked.invite_id).await.unwrap();
@@ -423,5 +432,5 @@ mod tests {
         assert!(matches!(invites.revoke(revoked.invite_id).await, Err(InviteError::Settled(_, "revoked"))));
         assert!(matches!(invites.revoke(999).await, Err(InviteError::NotFound(999))));
         assert!(matches!(invites.create(0, Duration::from_secs(1), "").await, Err(InviteError::BadRequest(_))));
-    }
+    });
 }

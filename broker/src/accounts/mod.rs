@@ -13,12 +13,14 @@ use std::{
     time::Duration,
 };
 
-use rusqlite::{OptionalExtension, params};
-
 pub use invites::{InviteClaim, InviteError, Invites};
 pub use secrets::{TokenHash, hash_secret, new_secret};
 
-use crate::db::{Db, DbError, now_ms};
+use crate::{
+    db::{DbError, now_ms},
+    store::{LOCK_USER, Sql, Store},
+    values,
+};
 use lockstep_kafka::locks::{read, write};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +62,7 @@ const DEFAULT_INVITE_CLAIM_LEASE: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Accounts {
-    db: Db,
+    db: Store,
     tokens: Arc<RwLock<HashMap<TokenHash, AuthedDevice>>>,
     ticket_ttl: Duration,
     /// Devices (not revoked) an account may have.
@@ -68,7 +70,9 @@ pub struct Accounts {
     invites: Invites,
 }
 
-/// Marks a ticket redeemed if it is unexpired, unused and its issuer is not revoked. The
+/// Marks a ticket redeemed if it is unexpired, unused and its issuer is not revoked (exactly
+/// once under concurrency: PostgreSQL re-checks the `WHERE` against a row another transaction
+/// redeemed meanwhile, SQLite has one writer at a time). The
 /// issuer is looked up by its key (`EXISTS`): `issued_by_device IN (SELECT … FROM devices)`
 /// listed every device of the server on each redemption (pairing 100,000 devices slowed
 /// to 40 a second, issue 20's W3).
@@ -79,15 +83,14 @@ pub(crate) const REDEEM_TICKET: &str = "UPDATE pairing_tickets SET redeemed_at_m
      RETURNING user_id";
 
 impl Accounts {
-    pub async fn open(db: Db, ticket_ttl: Duration) -> Result<Self, AccountsError> {
+    pub async fn open(db: Store, ticket_ttl: Duration) -> Result<Self, AccountsError> {
         let active = db
             .call(|connection| {
-                let mut statement = connection
-                    .prepare("SELECT token_hash, user_id, device_id FROM devices WHERE revoked_at_ms IS NULL")?;
-                let rows = statement.query_map([], |row| {
-                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                connection
+                    .query("SELECT token_hash, user_id, device_id FROM devices WHERE revoked_at_ms IS NULL", &[])?
+                    .iter()
+                    .map(|row| Ok((row.get::<Vec<u8>>(0)?, row.get::<String>(1)?, row.get::<String>(2)?)))
+                    .collect::<Result<Vec<_>, DbError>>()
             })
             .await?;
         let mut tokens = HashMap::with_capacity(active.len());
@@ -165,10 +168,10 @@ impl Accounts {
                         return Ok(false);
                     }
                 }
-                transaction.execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, ?2)", params![user, now])?;
+                transaction.execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, ?2)", values![&user, now])?;
                 transaction.execute(
                     "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![device, user, device_name, hash.as_slice(), now],
+                    values![&device, &user, device_name, hash.as_slice(), now],
                 )?;
                 transaction.commit()?;
                 if let Some(invite) = invite {
@@ -180,6 +183,7 @@ impl Accounts {
         if !written {
             return Ok(None);
         }
+        self.db.mirror_user_locally(&user_id).await?;
         self.remember(hash, &user_id, &device_id);
         Ok(Some(NewDevice { user_id, device_id, token }))
     }
@@ -194,11 +198,11 @@ impl Accounts {
                 // Expired tickets are useless; drop them while we are here.
                 connection.execute(
                     "DELETE FROM pairing_tickets WHERE expires_at_ms < ?1",
-                    params![now_ms() - 86_400_000],
+                    values![now_ms() - 86_400_000],
                 )?;
                 connection.execute(
                     "INSERT INTO pairing_tickets (ticket_hash, user_id, issued_by_device, expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![hash.as_slice(), user, issuer, expires_at_ms],
+                    values![hash.as_slice(), user, issuer, expires_at_ms],
                 )?;
                 Ok(())
             })
@@ -220,14 +224,19 @@ impl Accounts {
                 let transaction = connection.transaction()?;
                 let now = now_ms();
                 let user: Option<String> = transaction
-                    .query_row(REDEEM_TICKET, params![ticket_hash.as_slice(), now], |row| row.get(0))
-                    .optional()?;
+                    .query_opt(REDEEM_TICKET, values![ticket_hash.as_slice(), now])?
+                    .map(|row| row.get(0))
+                    .transpose()?;
                 let Some(user) = user else { return Ok(Err(AccountsError::TicketInvalid)) };
-                let devices: i64 = transaction.query_row(
-                    "SELECT COUNT(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NULL",
-                    [&user],
-                    |row| row.get(0),
-                )?;
+                // Two redemptions of different tickets of one account at once: counted one
+                // after the other.
+                transaction.execute(LOCK_USER, values![&user])?;
+                let devices: i64 = transaction
+                    .query_one(
+                        "SELECT COUNT(*) FROM devices WHERE user_id = ?1 AND revoked_at_ms IS NULL",
+                        values![&user],
+                    )?
+                    .get(0)?;
                 if devices >= i64::from(max_devices) {
                     // Rolled back: the ticket stays valid for after a revocation.
                     return Ok(Err(AccountsError::TooManyDevices(max_devices)));
@@ -236,7 +245,7 @@ impl Accounts {
                 transaction.execute(
                     "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms, log_generation)
                      VALUES (?1, ?2, ?3, ?4, ?5, (SELECT log_generation FROM users WHERE user_id = ?2))",
-                    params![device, user, device_name, hash.as_slice(), now],
+                    values![device, &user, device_name, hash.as_slice(), now],
                 )?;
                 transaction.commit()?;
                 Ok(Ok(user))
@@ -251,18 +260,21 @@ impl Accounts {
         Ok(self
             .db
             .call(move |connection| {
-                let mut statement = connection.prepare(
-                    "SELECT device_id, name, created_at_ms, revoked_at_ms FROM devices WHERE user_id = ?1 ORDER BY created_at_ms, device_id",
-                )?;
-                let rows = statement.query_map([user], |row| {
-                    Ok(DeviceRecord {
-                        device_id: row.get(0)?,
-                        name: row.get(1)?,
-                        created_at_ms: row.get(2)?,
-                        revoked_at_ms: row.get(3)?,
+                connection
+                    .query(
+                        "SELECT device_id, name, created_at_ms, revoked_at_ms FROM devices WHERE user_id = ?1 ORDER BY created_at_ms, device_id",
+                        values![user],
+                    )?
+                    .iter()
+                    .map(|row| {
+                        Ok(DeviceRecord {
+                            device_id: row.get(0)?,
+                            name: row.get(1)?,
+                            created_at_ms: row.get(2)?,
+                            revoked_at_ms: row.get(3)?,
+                        })
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    .collect::<Result<Vec<_>, DbError>>()
             })
             .await?)
     }
@@ -275,23 +287,18 @@ impl Accounts {
             .db
             .call(move |connection| {
                 let transaction = connection.transaction()?;
-                let exists: Option<i64> = transaction
-                    .query_row(
-                        "SELECT 1 FROM devices WHERE device_id = ?1 AND user_id = ?2",
-                        params![device, user],
-                        |row| row.get(0),
-                    )
-                    .optional()?;
+                let exists = transaction
+                    .query_opt("SELECT 1 FROM devices WHERE device_id = ?1 AND user_id = ?2", values![&device, user])?;
                 if exists.is_none() {
                     return Ok(false);
                 }
                 transaction.execute(
                     "UPDATE devices SET revoked_at_ms = ?2 WHERE device_id = ?1 AND revoked_at_ms IS NULL",
-                    params![device, now_ms()],
+                    values![&device, now_ms()],
                 )?;
                 transaction.execute(
                     "DELETE FROM pairing_tickets WHERE issued_by_device = ?1 AND redeemed_at_ms IS NULL",
-                    params![device],
+                    values![&device],
                 )?;
                 transaction.commit()?;
                 Ok(true)

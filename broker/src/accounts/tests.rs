@@ -1,29 +1,26 @@
 use std::time::Duration;
 
 use super::*;
+use crate::{both_backends, store::testing::TestStore};
 
-async fn accounts(ttl: Duration) -> (tempfile::TempDir, Accounts) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path()).unwrap();
-    (dir, Accounts::open(db, ttl).await.unwrap())
+async fn accounts(store: &TestStore, ttl: Duration) -> Accounts {
+    Accounts::open(store.store.clone(), ttl).await.unwrap()
 }
 
-#[tokio::test]
-async fn tokens_authenticate_and_survive_reopen() {
-    let (dir, accounts) = accounts(Duration::from_secs(60)).await;
+both_backends!(tokens_authenticate_and_survive_reopen, |store: TestStore| async move {
+    let accounts = accounts(&store, Duration::from_secs(60)).await;
     let first = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
     assert!(first.token.len() >= 40, "token too short: {}", first.token);
     let authed = accounts.authenticate(&first.token).unwrap();
     assert_eq!(&*authed.device_id, first.device_id);
     assert!(accounts.authenticate("lst_nope").is_none());
     drop(accounts);
-    let reopened = Accounts::open(Db::open(dir.path()).unwrap(), Duration::from_secs(60)).await.unwrap();
+    let reopened = Accounts::open(store.reopen().await, Duration::from_secs(60)).await.unwrap();
     assert_eq!(reopened.authenticate(&first.token).unwrap().user_id.as_ref(), "u1");
-}
+});
 
-#[tokio::test]
-async fn tickets_are_one_time_and_expire() {
-    let (_dir, accounts) = accounts(Duration::from_secs(60)).await;
+both_backends!(tickets_are_one_time_and_expire, |store: TestStore| async move {
+    let accounts = accounts(&store, Duration::from_secs(60)).await;
     let first = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
     let device = accounts.authenticate(&first.token).unwrap();
     let (ticket, expires) = accounts.create_pairing_ticket(&device).await.unwrap();
@@ -37,17 +34,16 @@ async fn tickets_are_one_time_and_expire() {
     ));
     assert_eq!(accounts.list_devices("u1").await.unwrap().len(), 2);
 
-    let (_dir, short) = self::accounts(Duration::from_millis(1)).await;
+    let short = Accounts::open(store.store.clone(), Duration::from_millis(1)).await.unwrap();
     let first = short.create_account("u2".into(), "laptop".into()).await.unwrap();
     let device = short.authenticate(&first.token).unwrap();
     let (ticket, _) = short.create_pairing_ticket(&device).await.unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(matches!(short.redeem_pairing_ticket(&ticket, "phone".into()).await, Err(AccountsError::TicketInvalid)));
-}
+});
 
-#[tokio::test]
-async fn revoke_is_scoped_to_the_account() {
-    let (_dir, accounts) = accounts(Duration::from_secs(60)).await;
+both_backends!(revoke_is_scoped_to_the_account, |store: TestStore| async move {
+    let accounts = accounts(&store, Duration::from_secs(60)).await;
     let alice = accounts.create_account("alice".into(), "laptop".into()).await.unwrap();
     let bob = accounts.create_account("bob".into(), "laptop".into()).await.unwrap();
     assert!(matches!(accounts.revoke_device("bob", &alice.device_id).await, Err(AccountsError::DeviceNotFound)));
@@ -60,11 +56,10 @@ async fn revoke_is_scoped_to_the_account() {
     assert!(accounts.redeem_pairing_ticket(&ticket, "phone".into()).await.is_err());
     let listed = accounts.list_devices("alice").await.unwrap();
     assert!(listed[0].revoked_at_ms.is_some());
-}
+});
 
-#[tokio::test]
-async fn an_invite_is_spent_with_the_account_or_not_at_all() {
-    let (_dir, accounts) = accounts(Duration::from_secs(60)).await;
+both_backends!(an_invite_is_spent_with_the_account_or_not_at_all, |store: TestStore| async move {
+    let accounts = accounts(&store, Duration::from_secs(60)).await;
     let code = accounts.invites().create(1, Duration::from_secs(60), "").await.unwrap().remove(0).code;
     let claim = accounts.invites().claim(&code).await.unwrap();
     let invite_id = claim.invite_id();
@@ -80,4 +75,50 @@ async fn an_invite_is_spent_with_the_account_or_not_at_all() {
     let listed = accounts.invites().list().await.unwrap();
     assert_eq!(listed[1].used_by_user.as_deref(), Some("u2"));
     assert!(accounts.invites().claim(&code).await.is_err(), "spent");
-}
+});
+
+// Many redemptions of one ticket at once, each on its own connection: exactly one pairs a
+// device (PostgreSQL's READ COMMITTED re-checks the ticket's row; SQLite has one writer).
+both_backends!(a_ticket_redeemed_concurrently_pairs_exactly_one_device, |store: TestStore| async move {
+    let accounts = accounts(&store, Duration::from_secs(60)).await;
+    let first = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+    let device = accounts.authenticate(&first.token).unwrap();
+    for round in 0..5 {
+        let (ticket, _) = accounts.create_pairing_ticket(&device).await.unwrap();
+        let attempts: Vec<_> = (0..4)
+            .map(|attempt| {
+                let (accounts, ticket) = (accounts.clone(), ticket.clone());
+                tokio::spawn(async move { accounts.redeem_pairing_ticket(&ticket, format!("d{attempt}")).await })
+            })
+            .collect();
+        let mut paired = 0;
+        for attempt in attempts {
+            match attempt.await.unwrap() {
+                Ok(_) => paired += 1,
+                Err(AccountsError::TicketInvalid) => {}
+                Err(other) => panic!("round {round}: {other}"),
+            }
+        }
+        assert_eq!(paired, 1, "round {round}");
+    }
+    assert_eq!(accounts.list_devices("u1").await.unwrap().len(), 6);
+});
+
+// Two redemptions of different tickets of an account at its device limit: one pairs.
+both_backends!(the_device_limit_holds_under_concurrent_pairing, |store: TestStore| async move {
+    let accounts = accounts(&store, Duration::from_secs(60)).await.with_max_devices(2);
+    let first = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+    let device = accounts.authenticate(&first.token).unwrap();
+    for _ in 0..3 {
+        let (one, _) = accounts.create_pairing_ticket(&device).await.unwrap();
+        let (two, _) = accounts.create_pairing_ticket(&device).await.unwrap();
+        let (a, b) = tokio::join!(
+            accounts.redeem_pairing_ticket(&one, "phone".into()),
+            accounts.redeem_pairing_ticket(&two, "tablet".into())
+        );
+        let paired: Vec<NewDevice> = [a, b].into_iter().filter_map(Result::ok).collect();
+        assert_eq!(paired.len(), 1);
+        assert_eq!(accounts.list_devices("u1").await.unwrap().iter().filter(|d| d.revoked_at_ms.is_none()).count(), 2);
+        accounts.revoke_device("u1", &paired[0].device_id).await.unwrap();
+    }
+});

@@ -19,6 +19,7 @@
 //!   and pushes back what it holds that the log no longer has. The account
 //!   heals from the union of its devices.
 
+use rusqlite::OptionalExtension;
 use std::{
     collections::HashMap,
     future::Future,
@@ -26,13 +27,13 @@ use std::{
     time::Duration,
 };
 
-use rusqlite::{OptionalExtension, params};
-
 use crate::{
-    db::{Db, DbError, now_ms},
+    db::{DbError, now_ms},
     error::ApiError,
     idle::LastUsed,
     kafka::{KafkaError, Topics, topics::Watermarks},
+    store::{Sql, Store},
+    values,
 };
 use lockstep_kafka::locks::lock;
 
@@ -105,7 +106,7 @@ pub struct LogGuard {
 }
 
 struct Inner {
-    db: Db,
+    db: Store,
     users: Mutex<HashMap<Arc<str>, Cached<UserMark>>>,
     /// device id -> the log generation it last repaired to.
     devices: Mutex<HashMap<Arc<str>, Cached<i64>>>,
@@ -115,7 +116,7 @@ struct Inner {
 }
 
 impl LogGuard {
-    pub fn new(db: Db) -> Self {
+    pub fn new(db: Store) -> Self {
         Self {
             inner: Arc::new(Inner {
                 db,
@@ -136,14 +137,31 @@ impl LogGuard {
             .inner
             .db
             .call(move |connection| {
-                Ok(connection
-                    .query_row("SELECT log_high_mark, log_generation FROM users WHERE user_id = ?1", [user], |row| {
-                        Ok(UserMark { high_mark: row.get(0)?, generation: row.get(1)? })
-                    })
-                    .optional()?)
+                connection
+                    .query_opt("SELECT log_high_mark, log_generation FROM users WHERE user_id = ?1", values![user])?
+                    .map(|row| Ok(UserMark { high_mark: row.get(0)?, generation: row.get(1)? }))
+                    .transpose()
             })
             .await?
             .unwrap_or(UserMark { high_mark: 0, generation: 0 });
+        let stored = if self.inner.db.is_shared() {
+            // With the accounts in PostgreSQL, the gateway still raises the mark with its dedup
+            // record in the node-local SQLite (`gateway::dedup`): the higher of the two counts.
+            let user = user_id.to_string();
+            let local: Option<i64> = self
+                .inner
+                .db
+                .local()
+                .call(move |connection| {
+                    Ok(connection
+                        .query_row("SELECT log_high_mark FROM users WHERE user_id = ?1", [user], |row| row.get(0))
+                        .optional()?)
+                })
+                .await?;
+            UserMark { high_mark: stored.high_mark.max(local.unwrap_or(0)), ..stored }
+        } else {
+            stored
+        };
         let mut users = lock(&self.inner.users);
         Ok(users.entry(user_id.clone()).or_insert_with(|| Cached::new(stored)).get())
     }
@@ -250,8 +268,9 @@ impl LogGuard {
             .db
             .call(move |connection| {
                 connection.execute(
-                    "UPDATE users SET log_high_mark = MAX(log_high_mark, ?2) WHERE user_id = ?1",
-                    params![user, end],
+                    "UPDATE users SET log_high_mark = CASE WHEN log_high_mark > ?2 THEN log_high_mark ELSE ?2 END
+                     WHERE user_id = ?1",
+                    values![user, end],
                 )?;
                 Ok(())
             })
@@ -278,6 +297,24 @@ impl LogGuard {
             generation,
             "the kafka log of a user lost changes it had acknowledged: its devices get DATA_LOSS until they repair"
         );
+        // The dedup index first (node-local, see `store`): its offsets point into the old log.
+        // Were the process to stop before the incident below is recorded, the next check finds
+        // the same loss and resets the index again.
+        let user = user_id.to_string();
+        self.inner
+            .db
+            .local()
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                transaction.execute(
+                    "UPDATE users SET dedup_indexed_through = ?2 WHERE user_id = ?1",
+                    rusqlite::params![user, watermarks.log_start],
+                )?;
+                transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", [&user])?;
+                transaction.commit()?;
+                Ok(())
+            })
+            .await?;
         let user = user_id.to_string();
         let reason = evidence.as_str();
         self.inner
@@ -285,20 +322,34 @@ impl LogGuard {
             .call(move |connection| {
                 let transaction = connection.transaction()?;
                 transaction.execute(
-                    "UPDATE users SET log_generation = ?2, log_high_mark = ?3, dedup_indexed_through = ?4 WHERE user_id = ?1",
-                    params![user, generation, watermarks.log_end, watermarks.log_start],
+                    "UPDATE users SET log_generation = ?2, log_high_mark = ?3 WHERE user_id = ?1",
+                    values![&user, generation, watermarks.log_end],
                 )?;
-                // Its offsets point into the old log.
-                transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", [&user])?;
                 transaction.execute(
                     "INSERT INTO log_incidents (user_id, generation, detected_at_ms, expected_end, found_start, found_end, reason)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![user, generation, now_ms(), expected_end, watermarks.log_start, watermarks.log_end, reason],
+                    values![&user, generation, now_ms(), expected_end, watermarks.log_start, watermarks.log_end, reason],
                 )?;
                 transaction.commit()?;
                 Ok(())
             })
             .await?;
+        if self.inner.db.is_shared() {
+            // The node-local mark (see `mark`) comes down only now that the incident is recorded:
+            // a stop before this line finds the loss again (a second incident), never misses it.
+            let user = user_id.to_string();
+            self.inner
+                .db
+                .local()
+                .call(move |connection| {
+                    connection.execute(
+                        "UPDATE users SET log_high_mark = ?2 WHERE user_id = ?1",
+                        rusqlite::params![user, watermarks.log_end],
+                    )?;
+                    Ok(())
+                })
+                .await?;
+        }
         let mark = UserMark { high_mark: watermarks.log_end, generation };
         lock(&self.inner.users).insert(user_id.clone(), Cached::new(mark));
         Ok(generation)
@@ -314,9 +365,10 @@ impl LogGuard {
             .inner
             .db
             .call(move |connection| {
-                Ok(connection
-                    .query_row("SELECT log_generation FROM devices WHERE device_id = ?1", [device], |row| row.get(0))
-                    .optional()?)
+                connection
+                    .query_opt("SELECT log_generation FROM devices WHERE device_id = ?1", values![device])?
+                    .map(|row| row.get(0))
+                    .transpose()
             })
             .await?
             .unwrap_or(0);
@@ -348,8 +400,9 @@ impl LogGuard {
             .db
             .call(move |connection| {
                 connection.execute(
-                    "UPDATE devices SET log_generation = MAX(log_generation, ?2) WHERE device_id = ?1",
-                    params![device, generation],
+                    "UPDATE devices SET log_generation = CASE WHEN log_generation > ?2 THEN log_generation ELSE ?2 END
+                     WHERE device_id = ?1",
+                    values![device, generation],
                 )?;
                 Ok(())
             })
@@ -365,22 +418,22 @@ impl LogGuard {
             .db
             .call(move |connection| {
                 let found = connection
-                    .query_row(
+                    .query_opt(
                         "SELECT detected_at_ms, expected_end, found_start, found_end, reason FROM log_incidents
                          WHERE user_id = ?1 ORDER BY generation DESC LIMIT 1",
-                        [user],
-                        |row| {
-                            Ok(format!(
-                                "{}: expected at least {} changes, Kafka holds offsets {}..{}, detected at {} ms",
-                                row.get::<_, String>(4)?,
-                                row.get::<_, i64>(1)?,
-                                row.get::<_, i64>(2)?,
-                                row.get::<_, i64>(3)?,
-                                row.get::<_, i64>(0)?,
-                            ))
-                        },
-                    )
-                    .optional()?;
+                        values![user],
+                    )?
+                    .map(|row| {
+                        Ok::<_, DbError>(format!(
+                            "{}: expected at least {} changes, Kafka holds offsets {}..{}, detected at {} ms",
+                            row.get::<String>(4)?,
+                            row.get::<i64>(1)?,
+                            row.get::<i64>(2)?,
+                            row.get::<i64>(3)?,
+                            row.get::<i64>(0)?,
+                        ))
+                    })
+                    .transpose()?;
                 Ok(found.unwrap_or_else(|| "no details recorded".into()))
             })
             .await
@@ -432,28 +485,39 @@ mod tests {
         }
     }
 
-    fn guard() -> (LogGuard, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).unwrap();
-        (LogGuard::new(db), dir)
+    use crate::{both_backends, store::testing::TestStore};
+
+    fn guard(store: &TestStore) -> LogGuard {
+        LogGuard::new(store.store.clone())
     }
 
     async fn add_user(guard: &LogGuard, user: &str, devices: &[&str]) {
         let (user, devices): (String, Vec<String>) = (user.into(), devices.iter().map(|d| d.to_string()).collect());
+        let name = user.clone();
         guard
             .inner
             .db
             .call(move |connection| {
-                connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, 0)", [&user])?;
+                connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, 0)", values![&user])?;
                 for device in devices {
                     connection.execute(
-                        "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?1, ?1, 0)",
-                        params![device, user],
+                        "INSERT INTO devices (device_id, user_id, name, token_hash, created_at_ms) VALUES (?1, ?2, ?1, ?3, 0)",
+                        values![&device, &user, device.as_bytes()],
                     )?;
                 }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        guard.inner.db.mirror_user_locally(&name).await.unwrap();
+        guard
+            .inner
+            .db
+            .local()
+            .call(move |connection| {
                 connection.execute(
                     "INSERT INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest) VALUES (?1, 'a', 'c', 0, x'00')",
-                    [&user],
+                    [&name],
                 )?;
                 Ok(())
             })
@@ -461,57 +525,59 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
-    async fn a_loss_is_recorded_once_and_each_device_is_refused_until_it_repairs() {
-        let (guard, _dir) = guard();
-        add_user(&guard, "u", &["a", "b"]).await;
-        let (user, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("u".into(), "a".into(), "b".into());
-        assert_eq!(guard.check(&user, log(0, 5), None).await.unwrap(), 0);
-        guard.ensure_repaired(&user, &a).await.unwrap();
-        // Kafka came back without the last 5 changes.
-        assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1);
-        assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1, "recorded once");
-        for device in [&a, &b] {
-            let refused = guard.ensure_repaired(&user, device).await.unwrap_err();
-            assert_eq!(refused.code(), tonic::Code::DataLoss);
-            assert!(refused.to_string().contains("expected at least 5"), "{refused}");
+    both_backends!(
+        a_loss_is_recorded_once_and_each_device_is_refused_until_it_repairs,
+        |store: TestStore| async move {
+            let guard = guard(&store);
+            add_user(&guard, "u", &["a", "b"]).await;
+            let (user, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("u".into(), "a".into(), "b".into());
+            assert_eq!(guard.check(&user, log(0, 5), None).await.unwrap(), 0);
+            guard.ensure_repaired(&user, &a).await.unwrap();
+            // Kafka came back without the last 5 changes.
+            assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1);
+            assert_eq!(guard.check(&user, log(0, 0), None).await.unwrap(), 1, "recorded once");
+            for device in [&a, &b] {
+                let refused = guard.ensure_repaired(&user, device).await.unwrap_err();
+                assert_eq!(refused.code(), tonic::Code::DataLoss);
+                assert!(refused.to_string().contains("expected at least 5"), "{refused}");
+            }
+            guard.mark_repaired(&user, &a).await.unwrap();
+            guard.ensure_repaired(&user, &a).await.unwrap();
+            assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b has not repaired yet");
+
+            // A new guard (a restarted server) knows all of it from the database, and
+            // the user's dedup index is gone with the old log.
+            let restarted = LogGuard::new(guard.inner.db.clone());
+            assert_eq!(restarted.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
+            restarted.ensure_repaired(&user, &a).await.unwrap();
+            assert!(restarted.ensure_repaired(&user, &b).await.is_err());
+            let (dedup_rows, indexed_through): (i64, i64) = guard
+                .inner
+                .db
+                .local()
+                .call(|connection| {
+                    Ok((
+                        connection.query_row("SELECT count(*) FROM pushed_changes", [], |row| row.get(0))?,
+                        connection.query_row("SELECT dedup_indexed_through FROM users", [], |row| row.get(0))?,
+                    ))
+                })
+                .await
+                .unwrap();
+            assert_eq!((dedup_rows, indexed_through), (0, 0));
+
+            // Forgotten when idle, and the same verdicts from the database afterwards.
+            assert_eq!(guard.evict_idle(Duration::from_secs(60)), (0, 0), "just used");
+            assert_eq!(guard.evict_idle(Duration::ZERO), (1, 2));
+            assert_eq!(guard.state_entries(), (0, 0));
+            assert_eq!(guard.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
+            guard.ensure_repaired(&user, &a).await.unwrap();
+            assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b still has to repair");
+            assert_eq!(guard.state_entries(), (1, 2));
         }
-        guard.mark_repaired(&user, &a).await.unwrap();
-        guard.ensure_repaired(&user, &a).await.unwrap();
-        assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b has not repaired yet");
+    );
 
-        // A new guard (a restarted server) knows all of it from the database, and
-        // the user's dedup index is gone with the old log.
-        let restarted = LogGuard::new(guard.inner.db.clone());
-        assert_eq!(restarted.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
-        restarted.ensure_repaired(&user, &a).await.unwrap();
-        assert!(restarted.ensure_repaired(&user, &b).await.is_err());
-        let (dedup_rows, indexed_through): (i64, i64) = guard
-            .inner
-            .db
-            .call(|connection| {
-                Ok((
-                    connection.query_row("SELECT count(*) FROM pushed_changes", [], |row| row.get(0))?,
-                    connection.query_row("SELECT dedup_indexed_through FROM users", [], |row| row.get(0))?,
-                ))
-            })
-            .await
-            .unwrap();
-        assert_eq!((dedup_rows, indexed_through), (0, 0));
-
-        // Forgotten when idle, and the same verdicts from the database afterwards.
-        assert_eq!(guard.evict_idle(Duration::from_secs(60)), (0, 0), "just used");
-        assert_eq!(guard.evict_idle(Duration::ZERO), (1, 2));
-        assert_eq!(guard.state_entries(), (0, 0));
-        assert_eq!(guard.mark(&user).await.unwrap(), UserMark { high_mark: 0, generation: 1 });
-        guard.ensure_repaired(&user, &a).await.unwrap();
-        assert!(guard.ensure_repaired(&user, &b).await.is_err(), "b still has to repair");
-        assert_eq!(guard.state_entries(), (1, 2));
-    }
-
-    #[tokio::test]
-    async fn a_commit_past_the_end_is_a_loss_too() {
-        let (guard, _dir) = guard();
+    both_backends!(a_commit_past_the_end_is_a_loss_too, |store: TestStore| async move {
+        let guard = guard(&store);
         add_user(&guard, "u", &["a"]).await;
         let user: Arc<str> = "u".into();
         let a: Arc<str> = "a".into();
@@ -521,11 +587,10 @@ mod tests {
         assert_eq!(guard.check(&user, log(0, 4), Some((&a, 9))).await.unwrap(), 1);
         guard.mark_repaired(&user, &a).await.unwrap();
         assert_eq!(guard.check(&user, log(0, 4), Some((&a, 4))).await.unwrap(), 1);
-    }
+    });
 
-    #[tokio::test]
-    async fn pushes_acknowledged_while_the_bounds_are_read_are_no_loss() {
-        let (guard, _dir) = guard();
+    both_backends!(pushes_acknowledged_while_the_bounds_are_read_are_no_loss, |store: TestStore| async move {
+        let guard = guard(&store);
         add_user(&guard, "u", &["a"]).await;
         let user: Arc<str> = "u".into();
         assert_eq!(guard.check(&user, log(0, 5), None).await.unwrap(), 0);
@@ -537,5 +602,28 @@ mod tests {
         let (_, generation) = guard.check_bounds(&user, read, None).await.unwrap();
         assert_eq!(generation, 0, "a mark raised after the bounds were read is no evidence");
         assert_eq!(guard.mark(&user).await.unwrap().high_mark, 9);
-    }
+    });
+
+    // The gateway raises the mark with its dedup record, in the node-local SQLite (also when the
+    // accounts are in PostgreSQL): that mark counts, and comes down with an incident.
+    both_backends!(the_mark_the_dedup_record_raised_counts_on_both_backends, |store: TestStore| async move {
+        let guard = guard(&store);
+        add_user(&guard, "u", &["a"]).await;
+        guard
+            .inner
+            .db
+            .local()
+            .call(|connection| {
+                connection.execute("UPDATE users SET log_high_mark = 7 WHERE user_id = 'u'", [])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let user: Arc<str> = "u".into();
+        assert_eq!(guard.mark(&user).await.unwrap(), UserMark { high_mark: 7, generation: 0 });
+        assert_eq!(guard.check(&user, log(0, 2), None).await.unwrap(), 1, "the log lost what Kafka acknowledged");
+        let restarted = LogGuard::new(store.store.clone());
+        assert_eq!(restarted.mark(&user).await.unwrap(), UserMark { high_mark: 2, generation: 1 });
+        assert_eq!(restarted.check(&user, log(0, 2), None).await.unwrap(), 1, "recorded once");
+    });
 }

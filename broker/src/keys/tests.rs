@@ -1,20 +1,17 @@
 use std::time::Duration;
 
 use super::*;
-use crate::accounts::Accounts;
+use crate::{accounts::Accounts, both_backends, store::testing::TestStore};
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     accounts: Accounts,
     keys: KeyDirectory,
 }
 
-async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path()).unwrap();
-    let accounts = Accounts::open(db.clone(), Duration::from_secs(60)).await.unwrap();
-    let keys = KeyDirectory::open(db).await.unwrap();
-    Fixture { _dir: dir, accounts, keys }
+async fn fixture(store: &TestStore) -> Fixture {
+    let accounts = Accounts::open(store.store.clone(), Duration::from_secs(60)).await.unwrap();
+    let keys = KeyDirectory::open(store.store.clone()).await.unwrap();
+    Fixture { accounts, keys }
 }
 
 impl Fixture {
@@ -38,9 +35,8 @@ fn key(byte: u8) -> (Vec<u8>, Vec<u8>) {
     (vec![byte; PUBLIC_KEY_BYTES], vec![byte; PROOF_BYTES])
 }
 
-#[tokio::test]
-async fn a_rotation_covers_exactly_the_active_devices_with_keys() {
-    let f = fixture().await;
+both_backends!(a_rotation_covers_exactly_the_active_devices_with_keys, |store: TestStore| async move {
+    let f = fixture(&store).await;
     let created = f.accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
     let laptop = f.accounts.authenticate(&created.token).unwrap();
     let phone = f.pair(&laptop, "phone").await;
@@ -100,11 +96,10 @@ async fn a_rotation_covers_exactly_the_active_devices_with_keys() {
     // Pushes under epoch 1 are stale now.
     assert!(f.keys.check_push_epochs(&phone, [2, 2].into_iter()).await.is_ok());
     assert!(matches!(f.keys.check_push_epochs(&phone, [2, 1].into_iter()).await, Err(KeysError::Precondition(_))));
-}
+});
 
-#[tokio::test]
-async fn devices_that_come_later_get_shared_copies_within_their_account() {
-    let f = fixture().await;
+both_backends!(devices_that_come_later_get_shared_copies_within_their_account, |store: TestStore| async move {
+    let f = fixture(&store).await;
     let created = f.accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
     let laptop = f.accounts.authenticate(&created.token).unwrap();
     let (public_key, proof) = key(1);
@@ -137,14 +132,13 @@ async fn devices_that_come_later_get_shared_copies_within_their_account() {
     let listed = f.keys.list("u1").await.unwrap();
     assert!(listed.devices.iter().all(|device| device.missing_epochs.is_empty()));
     assert!(matches!(f.keys.share(&laptop, Vec::new()).await, Err(KeysError::Invalid(_))));
-}
+});
 
-/// A client that knows a device is revoked (whatever the server's list says)
-/// leaves it out of a new epoch: the epoch starts, and the device is listed as
-/// missing it.
-#[tokio::test]
-async fn a_new_epoch_may_leave_out_an_active_device() {
-    let f = fixture().await;
+// A client that knows a device is revoked (whatever the server's list says)
+// leaves it out of a new epoch: the epoch starts, and the device is listed as
+// missing it.
+both_backends!(a_new_epoch_may_leave_out_an_active_device, |store: TestStore| async move {
+    let f = fixture(&store).await;
     let created = f.accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
     let laptop = f.accounts.authenticate(&created.token).unwrap();
     let phone = f.pair(&laptop, "phone").await;
@@ -157,13 +151,12 @@ async fn a_new_epoch_may_leave_out_an_active_device() {
     let entry = listed.devices.iter().find(|device| device.device_id == *phone.device_id).unwrap();
     assert_eq!(entry.missing_epochs, [2]);
     assert!(f.keys.get(&phone, 0, Vec::new()).await.unwrap().sealed_keys.is_empty());
-}
+});
 
-/// One bad copy does not block an epoch for its recipient: once it reports
-/// the copy unopened, the epoch is missing again and a later share replaces it.
-#[tokio::test]
-async fn a_copy_the_recipient_cannot_open_is_replaced_by_a_later_share() {
-    let f = fixture().await;
+// One bad copy does not block an epoch for its recipient: once it reports
+// the copy unopened, the epoch is missing again and a later share replaces it.
+both_backends!(a_copy_the_recipient_cannot_open_is_replaced_by_a_later_share, |store: TestStore| async move {
+    let f = fixture(&store).await;
     let created = f.accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
     let laptop = f.accounts.authenticate(&created.token).unwrap();
     let phone = f.pair(&laptop, "phone").await;
@@ -190,4 +183,4 @@ async fn a_copy_the_recipient_cannot_open_is_replaced_by_a_later_share() {
     assert_eq!(got.sealed_keys[0].sealed, sealed(&phone, 2).sealed);
     assert_eq!(got.sealed_keys[0].sealed_by_device_id, &*tablet.device_id);
     assert!(matches!(f.keys.get(&phone, 0, vec![2; MAX_EPOCHS_PER_REQUEST + 1]).await, Err(KeysError::Invalid(_))));
-}
+});

@@ -10,12 +10,13 @@
 pub mod follower;
 
 use lockstep_schemas::{PushTarget, TargetRemovedReason};
-use rusqlite::{OptionalExtension, params};
 
 use crate::{
     accounts::AuthedDevice,
-    db::{Db, DbError, now_ms},
+    db::{DbError, now_ms},
     events::Events,
+    store::{Row as StoreRow, Sql, Store},
+    values,
 };
 
 pub use lockstep_schemas::target_policy::{
@@ -52,7 +53,7 @@ pub fn validate(target: &PushTarget, policy: &TargetPolicy) -> Result<(), Target
 /// it is written.
 #[derive(Clone)]
 pub struct PushTargets {
-    db: Db,
+    db: Store,
     events: Events,
     policy: TargetPolicy,
 }
@@ -70,12 +71,20 @@ fn from_row((kind, endpoint, p256dh, auth, app_id, pushkey, updated_at_ms): Row)
 
 const SELECT: &str = "SELECT kind, endpoint, p256dh, auth, app_id, pushkey, updated_at_ms FROM push_targets";
 
-fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+fn read_row(row: &StoreRow, first: usize) -> Result<Row, DbError> {
+    Ok((
+        row.get(first)?,
+        row.get(first + 1)?,
+        row.get(first + 2)?,
+        row.get(first + 3)?,
+        row.get(first + 4)?,
+        row.get(first + 5)?,
+        row.get(first + 6)?,
+    ))
 }
 
 impl PushTargets {
-    pub fn new(db: Db, events: Events, policy: TargetPolicy) -> Self {
+    pub fn new(db: Store, events: Events, policy: TargetPolicy) -> Self {
         Self { db, events, policy }
     }
 
@@ -99,7 +108,7 @@ impl PushTargets {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                      ON CONFLICT (device_id) DO UPDATE SET kind = ?3, endpoint = ?4, p256dh = ?5, auth = ?6,
                          app_id = ?7, pushkey = ?8, updated_at_ms = ?9",
-                    params![id, user, kind, endpoint, p256dh, auth, app_id, pushkey, updated_at_ms],
+                    values![id, user, kind, endpoint, p256dh, auth, app_id, pushkey, updated_at_ms],
                 )?;
                 Ok(())
             })
@@ -114,7 +123,10 @@ impl PushTargets {
         let row = self
             .db
             .call(move |connection| {
-                Ok(connection.query_row(&format!("{SELECT} WHERE device_id = ?1"), [id], read_row).optional()?)
+                connection
+                    .query_opt(&format!("{SELECT} WHERE device_id = ?1"), values![id])?
+                    .map(|row| read_row(&row, 0))
+                    .transpose()
             })
             .await?;
         row.and_then(from_row).ok_or(TargetError::NotFound)
@@ -125,7 +137,7 @@ impl PushTargets {
         let id = device.device_id.to_string();
         let removed = self
             .db
-            .call(move |connection| Ok(connection.execute("DELETE FROM push_targets WHERE device_id = ?1", [id])?))
+            .call(move |connection| connection.execute("DELETE FROM push_targets WHERE device_id = ?1", values![id]))
             .await?;
         if removed == 0 {
             return Err(TargetError::NotFound);
@@ -143,10 +155,10 @@ impl PushTargets {
         let removed = self
             .db
             .call(move |connection| {
-                Ok(connection.execute(
+                connection.execute(
                     "DELETE FROM push_targets WHERE device_id = ?1 AND user_id = ?2 AND updated_at_ms <= ?3",
-                    params![device, user, at_ms],
-                )?)
+                    values![device, user, at_ms],
+                )
             })
             .await?;
         Ok(removed > 0)
@@ -159,18 +171,15 @@ impl PushTargets {
         let rows = self
             .db
             .call(|connection| {
-                let mut statement = connection.prepare(
-                    "SELECT user_id, device_id, kind, endpoint, p256dh, auth, app_id, pushkey, updated_at_ms \
-                     FROM push_targets",
-                )?;
-                let rows = statement.query_map([], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        (row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?),
-                    ))
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                connection
+                    .query(
+                        "SELECT user_id, device_id, kind, endpoint, p256dh, auth, app_id, pushkey, updated_at_ms \
+                         FROM push_targets",
+                        &[],
+                    )?
+                    .iter()
+                    .map(|row| Ok((row.get::<String>(0)?, row.get::<String>(1)?, read_row(row, 2)?)))
+                    .collect::<Result<Vec<_>, DbError>>()
             })
             .await?;
         let mut announced = 0;
@@ -266,4 +275,31 @@ mod tests {
         };
         assert!(validate(&empty_key, &public()).unwrap_err().to_string().contains("app_id"));
     }
+
+    use crate::{both_backends, store::testing::TestStore};
+
+    both_backends!(a_target_is_set_replaced_read_and_removed_per_device, |store: TestStore| async move {
+        let accounts =
+            crate::accounts::Accounts::open(store.store.clone(), std::time::Duration::from_secs(60)).await.unwrap();
+        let created = accounts.create_account("u1".into(), "laptop".into()).await.unwrap();
+        let device = accounts.authenticate(&created.token).unwrap();
+        let targets = PushTargets::new(store.store.clone(), Events::disabled(), public());
+        assert!(matches!(targets.get(&device).await, Err(TargetError::NotFound)));
+        let first = web_push("https://push.example/a", 65, 16);
+        targets.set(&device, first.clone()).await.unwrap();
+        assert_eq!(targets.get(&device).await.unwrap().target, first);
+        let second = webhook("https://gw.example/_matrix/push/v1/notify");
+        let stored = targets.set(&device, second.clone()).await.unwrap();
+        assert_eq!(targets.get(&device).await.unwrap(), stored);
+        assert_eq!(targets.announce_all().await.unwrap(), 1);
+        // A worker's report older than the last change keeps the target; a newer one removes it.
+        assert!(!targets.forget_gone("u1", &device.device_id, stored.updated_at_ms - 1).await.unwrap());
+        assert!(targets.forget_gone("u1", &device.device_id, stored.updated_at_ms).await.unwrap());
+        targets.set(&device, first).await.unwrap();
+        targets.remove(&device, TargetRemovedReason::RemovedByDevice).await.unwrap();
+        assert!(matches!(
+            targets.remove(&device, TargetRemovedReason::RemovedByDevice).await,
+            Err(TargetError::NotFound)
+        ));
+    });
 }

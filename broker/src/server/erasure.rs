@@ -12,17 +12,17 @@
 
 use std::{sync::Arc, time::Duration};
 
-use rusqlite::params;
-
 use crate::{
     accounts::{Accounts, AuthedDevice},
-    db::{Db, DbError, now_ms},
+    db::{DbError, now_ms},
     delivery::Delivery,
     error::ApiError,
     events::Events,
     kafka::{GroupOffsets, KafkaError, KafkaFailure, Topics, device_group, user_topic},
     settings::KafkaSettings,
     shutdown::ShutdownSource,
+    store::{Sql, Store},
+    values,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +70,7 @@ pub struct Erasure {
 }
 
 struct Inner {
-    db: Db,
+    db: Store,
     accounts: Accounts,
     delivery: Delivery,
     events: Events,
@@ -83,7 +83,7 @@ struct Inner {
 impl Erasure {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        db: Db,
+        db: Store,
         accounts: Accounts,
         delivery: Delivery,
         events: Events,
@@ -106,18 +106,18 @@ impl Erasure {
                 let now = now_ms();
                 transaction.execute(
                     "UPDATE users SET deleting_at_ms = ?2 WHERE user_id = ?1 AND deleting_at_ms IS NULL",
-                    params![user, now],
+                    values![&user, now],
                 )?;
                 transaction.execute(
                     "UPDATE devices SET revoked_at_ms = ?2 WHERE user_id = ?1 AND revoked_at_ms IS NULL",
-                    params![user, now],
+                    values![&user, now],
                 )?;
-                transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", params![user])?;
-                let devices = {
-                    let mut statement = transaction.prepare("SELECT device_id FROM devices WHERE user_id = ?1")?;
-                    let rows = statement.query_map([&user], |row| row.get::<_, String>(0))?;
-                    rows.collect::<Result<Vec<_>, _>>()?
-                };
+                transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", values![&user])?;
+                let devices = transaction
+                    .query("SELECT device_id FROM devices WHERE user_id = ?1", values![&user])?
+                    .iter()
+                    .map(|row| row.get::<String>(0))
+                    .collect::<Result<Vec<_>, _>>()?;
                 transaction.commit()?;
                 Ok(devices)
             })
@@ -139,12 +139,15 @@ impl Erasure {
         let devices: Vec<(String, bool)> = inner
             .db
             .call(move |connection| {
-                let mut statement = connection.prepare(
-                    "SELECT d.device_id, EXISTS (SELECT 1 FROM push_targets t WHERE t.device_id = d.device_id)
-                     FROM devices d WHERE d.user_id = ?1",
-                )?;
-                let rows = statement.query_map([&user], |row| Ok((row.get(0)?, row.get(1)?)))?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                connection
+                    .query(
+                        "SELECT d.device_id, EXISTS (SELECT 1 FROM push_targets t WHERE t.device_id = d.device_id)
+                         FROM devices d WHERE d.user_id = ?1",
+                        values![&user],
+                    )?
+                    .iter()
+                    .map(|row| Ok((row.get(0)?, row.get(1)?)))
+                    .collect::<Result<Vec<_>, DbError>>()
             })
             .await?;
         let mut purged = Purged::default();
@@ -162,24 +165,42 @@ impl Erasure {
                 inner.events.target_removed(user_id, device_id, lockstep_schemas::TargetRemovedReason::DeviceRevoked);
             }
         }
+        // The dedup index first, in the node-local SQLite (see `store`): were the process to
+        // stop between the two, the account's row (still marked as being deleted) brings the
+        // purge back at the next start.
+        let (user, shared) = (user_id.to_owned(), inner.db.is_shared());
+        let dedup = inner
+            .db
+            .local()
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                let dedup = transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", [&user])?;
+                if shared {
+                    // Only the index's mark is in this `users` row; with SQLite alone it is the
+                    // account's own row, deleted below with its devices.
+                    transaction.execute("DELETE FROM users WHERE user_id = ?1", [&user])?;
+                }
+                transaction.commit()?;
+                Ok(dedup)
+            })
+            .await?;
         let user = user_id.to_owned();
-        let (targets, dedup, devices_removed) = inner
+        let (targets, devices_removed) = inner
             .db
             .call(move |connection| {
                 let transaction = connection.transaction()?;
-                let targets = transaction.execute("DELETE FROM push_targets WHERE user_id = ?1", params![user])?;
-                let dedup = transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", params![user])?;
-                transaction.execute("DELETE FROM log_incidents WHERE user_id = ?1", params![user])?;
-                transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", params![user])?;
+                let targets = transaction.execute("DELETE FROM push_targets WHERE user_id = ?1", values![&user])?;
+                transaction.execute("DELETE FROM log_incidents WHERE user_id = ?1", values![&user])?;
+                transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", values![&user])?;
                 crate::accounts::Invites::forget_user(&transaction, &user)?;
                 // Key tables (`keys`): device_keys references devices, so before them.
                 for table in crate::keys::TABLES_BY_USER {
-                    transaction.execute(&format!("DELETE FROM {table} WHERE user_id = ?1"), params![user])?;
+                    transaction.execute(&format!("DELETE FROM {table} WHERE user_id = ?1"), values![&user])?;
                 }
-                let devices = transaction.execute("DELETE FROM devices WHERE user_id = ?1", params![user])?;
-                transaction.execute("DELETE FROM users WHERE user_id = ?1", params![user])?;
+                let devices = transaction.execute("DELETE FROM devices WHERE user_id = ?1", values![&user])?;
+                transaction.execute("DELETE FROM users WHERE user_id = ?1", values![&user])?;
                 transaction.commit()?;
-                Ok((targets, dedup, devices))
+                Ok((targets, devices))
             })
             .await?;
         purged.push_targets_removed = targets as u32;
@@ -222,9 +243,11 @@ impl Erasure {
             .inner
             .db
             .call(|connection| {
-                let mut statement = connection.prepare("SELECT user_id FROM users WHERE deleting_at_ms IS NOT NULL")?;
-                let rows = statement.query_map([], |row| row.get(0))?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                connection
+                    .query("SELECT user_id FROM users WHERE deleting_at_ms IS NOT NULL", &[])?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect::<Result<Vec<_>, DbError>>()
             })
             .await?;
         for user_id in &users {
