@@ -212,6 +212,11 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
     assert_eq!(on_pwa, on_cli);
     let title = &on_cli[&shared_id]["title"];
     assert!(title == "browser title" || title == "laptop title", "one title wins: {title}");
+    if let Some(path) = std::env::var_os("LOCKSTEP_PWA_SCREENSHOT") {
+        // docs/pwa.png is this picture: `LOCKSTEP_PWA_SCREENSHOT=$PWD/docs/pwa.png cargo test -p lockstep-e2e --test web_pwa`.
+        status_until(&mut browser, "live").await?;
+        browser.call(json!({"cmd": "screenshot", "path": path.to_string_lossy()})).await?;
+    }
 
     // The server stops: the PWA keeps working, says it is offline, keeps the edit through a reload.
     ensure!(server.terminate()?, "the server was running");
@@ -228,13 +233,20 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
 
     // A reload in the middle of a sync, both ways: nothing is lost.
     let lines: String = (0..200)
-        .map(|i| format!("{}\n", json!({"collection": "notes", "id": format!("bulk-{i:03}"), "fields": {"title": format!("bulk {i}")}})))
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"collection": "notes", "id": format!("bulk-{i:03}"), "fields": {"title": format!("bulk {i}")}})
+            )
+        })
         .collect();
     let import = cli.write_file("bulk.jsonl", &lines)?;
     cli.run(&["import", import.to_str().context("path")?]).await?;
     cli.sync().await?;
     for i in 0..30 {
-        browser.call(json!({"cmd": "put", "id": format!("web-{i:02}"), "fields": {"title": format!("web {i}")}})).await?;
+        browser
+            .call(json!({"cmd": "put", "id": format!("web-{i:02}"), "fields": {"title": format!("web {i}")}}))
+            .await?;
     }
     browser.call(json!({"cmd": "reload"})).await?;
     let on_cli = cli_until(&cli, "the browser's 30 notes on the laptop", |notes| {
@@ -263,12 +275,11 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
     assert!(stored["record"]["state"].as_str().unwrap_or_default().contains("wake up"), "{stored}");
     assert_eq!(stored["lastWake"]["payload"]["reason"], "behind", "{stored}");
 
-    // The page, reopened, as the docs show it.
+    // The page, reopened, is up to date.
     browser.call(json!({"cmd": "open", "url": url})).await?;
+    let notes = browser.call(json!({"cmd": "notes"})).await?;
     status_until(&mut browser, "live").await?;
-    if let Some(path) = std::env::var_os("LOCKSTEP_PWA_SCREENSHOT") {
-        browser.call(json!({"cmd": "screenshot", "path": path.to_string_lossy()})).await?;
-    }
+    ensure!(notes.get(&woken_id).is_some(), "the reopened page lists the note the push brought: {notes}");
     browser.call(json!({"cmd": "quit"})).await?;
     Ok(())
 }
