@@ -4,7 +4,8 @@
 //! new fields on both sides) end identical; the PWA works with the server stopped and pushes
 //! its outbox when it returns; a reload in the middle of a sync loses nothing; a Web Push
 //! delivered to its service worker (the DevTools protocol's `ServiceWorker.deliverPushMessage`)
-//! makes it sync with no page of the app open.
+//! makes it sync with no page of the app open; a CLI device revoked by another cannot read what
+//! the PWA writes afterwards (it writes under the new key epoch).
 //!
 //! Needs Node.js and npm (the web client is built here: `npm ci` when `node_modules` is
 //! missing, then `npm run build -w clients/web`), python3 (serves the static files) and
@@ -17,10 +18,12 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+use lockstep_client::{crypto::Binding, store::Store as ClientStore};
 use lockstep_e2e::{
     cli::Cli,
     dashboard::chromium,
     free_port,
+    kafka::read_topic,
     server::Server,
     stack::Broker,
     wait::{eventually, not_yet, ready},
@@ -121,11 +124,6 @@ impl Browser {
             None => Ok(answer["ok"].clone()),
         }
     }
-
-    /// The visible fields of every live note in the PWA's store.
-    async fn records(&mut self) -> anyhow::Result<Value> {
-        self.call(json!({"cmd": "records"})).await
-    }
 }
 
 /// The visible fields of every live record of `notes` on the CLI device.
@@ -152,51 +150,85 @@ async fn cli_until(cli: &Cli, what: &str, check: impl Fn(&Value) -> bool) -> any
     .await
 }
 
-/// Waits until the PWA's notes pass `check`; returns them.
+/// Waits until the PWA's notes (as its store holds them) pass `check`; returns them.
 async fn pwa_until(browser: &mut Browser, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    browser_until(browser, json!({"cmd": "records"}), what, check).await
+}
+
+/// Waits until the notes the page lists pass `check`; returns them.
+async fn page_until(browser: &mut Browser, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    browser_until(browser, json!({"cmd": "notes"}), what, check).await
+}
+
+async fn browser_until(
+    browser: &mut Browser,
+    command: Value,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let records = browser.records().await?;
-        if check(&records) {
-            return Ok(records);
+        let seen = browser.call(command.clone()).await?;
+        if check(&seen) {
+            return Ok(seen);
         }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the PWA never got to: {what}; it holds {records}");
-        }
+        ensure!(tokio::time::Instant::now() < deadline, "the PWA never got to: {what}; it holds {seen}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
+/// Kafka, a server that lets the PWA's origin call it, the PWA's static files, a CLI device
+/// (`laptop`) and the PWA in Chromium, paired with the code `pair show` printed, pasted whole.
+struct PwaStack {
+    kafka: Broker,
+    server: Server,
+    cli: Cli,
+    browser: Browser,
+    url: String,
+    _web: StaticServer,
+}
+
+impl PwaStack {
+    async fn start() -> anyhow::Result<Self> {
+        let dist = build_web_client().await?;
+        let web = StaticServer::start(&dist.join("pwa")).await?;
+        let kafka = Broker::shared().await?;
+        let events_topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
+        let origins = format!("[\"{}\"]", web.origin);
+        let server = Server::start_with(
+            &kafka,
+            &[("LOCKSTEP_WEB__ALLOWED_ORIGINS", &origins), ("LOCKSTEP_EVENTS__TOPIC", &events_topic)],
+        )
+        .await?;
+        let cli = Cli::init("laptop", &server).await?;
+        let mut browser = Browser::start(&dist).await?;
+        let url = format!("{}/", web.origin);
+        let shown = browser.call(json!({"cmd": "open", "url": url})).await?;
+        assert_eq!(shown, "not paired yet");
+        let printed = cli.run(&["pair", "show"]).await?;
+        assert!(printed.contains("LOCKSTEP1:"), "{printed}");
+        browser.call(json!({"cmd": "pair", "code": printed, "name": "browser"})).await?;
+        Ok(Self { kafka, server, cli, browser, url, _web: web })
+    }
+}
+
+fn id_of(put: &Value) -> anyhow::Result<String> {
+    Ok(put["id"].as_str().context("put --json prints the id")?.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_included() -> anyhow::Result<()> {
-    let dist = build_web_client().await?;
-    let web = StaticServer::start(&dist.join("pwa")).await?;
-    let kafka = Broker::shared().await?;
-    let events_topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
-    let origins = format!("[\"{}\"]", web.origin);
-    let mut server = Server::start_with(
-        &kafka,
-        &[("LOCKSTEP_WEB__ALLOWED_ORIGINS", &origins), ("LOCKSTEP_EVENTS__TOPIC", &events_topic)],
-    )
-    .await?;
-    let cli = Cli::init("laptop", &server).await?;
-    let mut browser = Browser::start(&dist).await?;
-    let url = format!("{}/", web.origin);
-    let shown = browser.call(json!({"cmd": "open", "url": url})).await?;
-    assert_eq!(shown, "not paired yet");
-
-    // Pairing: the code `pair show` printed, pasted whole.
-    let printed = cli.run(&["pair", "show"]).await?;
-    assert!(printed.contains("LOCKSTEP1:"), "{printed}");
-    browser.call(json!({"cmd": "pair", "code": printed, "name": "browser"})).await?;
+    let PwaStack { kafka: _kafka, mut server, cli, mut browser, url, _web } = PwaStack::start().await?;
 
     // The CLI's note reaches the page; the page's note reaches the CLI.
     let shared = cli.json(&["put", "-c", "notes", r#"{"title":"from the laptop","body":"one"}"#]).await?;
-    let shared_id = shared["id"].as_str().or_else(|| shared["record_id"].as_str()).context("put --json")?.to_string();
+    let shared_id = id_of(&shared)?;
     cli.sync().await?;
     pwa_until(&mut browser, "the laptop's note", |notes| notes[&shared_id]["title"] == "from the laptop").await?;
-    let shown = browser.call(json!({"cmd": "notes"})).await?;
-    assert_eq!(shown[&shared_id]["title"], "from the laptop", "the page lists it: {shown}");
+    page_until(&mut browser, "the page listing the laptop's note", |notes| {
+        notes[&shared_id]["title"] == "from the laptop"
+    })
+    .await?;
     let web_id = browser.call(json!({"cmd": "addNote", "title": "from the browser", "body": "two"})).await?;
     let web_id = web_id.as_str().context("the new note's id")?.to_string();
     cli_until(&cli, "the browser's note on the laptop", |notes| notes[&web_id]["title"] == "from the browser").await?;
@@ -225,8 +257,10 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
     let status = status_until(&mut browser, "offline").await?;
     assert!(status["shown"].as_str().unwrap_or_default().contains("waiting to be sent"), "{status}");
     browser.call(json!({"cmd": "reload"})).await?;
-    let notes = browser.call(json!({"cmd": "notes"})).await?;
-    assert_eq!(notes[&offline_id]["title"], "written offline", "after a reload, offline: {notes}");
+    page_until(&mut browser, "the offline note listed after a reload", |notes| {
+        notes[&offline_id]["title"] == "written offline"
+    })
+    .await?;
     server.restart().await?;
     cli_until(&cli, "the note written offline on the laptop", |notes| notes[&offline_id]["title"] == "written offline")
         .await?;
@@ -258,7 +292,7 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
     // A push wakes the service worker with no page of the app open: it syncs.
     browser.call(json!({"cmd": "close"})).await?;
     let woken = cli.json(&["put", "-c", "notes", r#"{"title":"wake up"}"#]).await?;
-    let woken_id = woken["id"].as_str().or_else(|| woken["record_id"].as_str()).context("put --json")?.to_string();
+    let woken_id = id_of(&woken)?;
     cli.sync().await?;
     let before = browser.call(json!({"cmd": "stored", "id": woken_id})).await?;
     assert!(before["record"].is_null(), "nothing has synced it yet: {before}");
@@ -277,9 +311,11 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
 
     // The page, reopened, is up to date.
     browser.call(json!({"cmd": "open", "url": url})).await?;
-    let notes = browser.call(json!({"cmd": "notes"})).await?;
     status_until(&mut browser, "live").await?;
-    ensure!(notes.get(&woken_id).is_some(), "the reopened page lists the note the push brought: {notes}");
+    page_until(&mut browser, "the reopened page listing the note the push brought", |notes| {
+        notes[&woken_id]["title"] == "wake up"
+    })
+    .await?;
     browser.call(json!({"cmd": "quit"})).await?;
     Ok(())
 }
@@ -295,4 +331,55 @@ async fn status_until(browser: &mut Browser, state: &str) -> anyhow::Result<Valu
         ensure!(tokio::time::Instant::now() < deadline, "the PWA never got to {state}: {status}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// After the laptop revokes a stolen device, the PWA gets the new epoch's key (sealed to it by
+/// the laptop), writes under it, and the stolen device's keys cannot open what it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_cli_device_cannot_read_what_the_pwa_writes_afterwards() -> anyhow::Result<()> {
+    let PwaStack { kafka, server: _server, cli: laptop, mut browser, url: _url, _web } = PwaStack::start().await?;
+    let stolen = laptop.pair("stolen").await?;
+    let before_id = id_of(&laptop.json(&["put", "-c", "notes", r#"{"title":"before"}"#]).await?)?;
+    laptop.sync().await?;
+    stolen.sync().await?;
+    pwa_until(&mut browser, "the note written before the revocation", |notes| notes[&before_id]["title"] == "before")
+        .await?;
+
+    let status = stolen.json(&["status"]).await?;
+    let stolen_id = status["device_id"].as_str().context("device id")?.to_string();
+    let user_id = status["user_id"].as_str().context("user id")?.to_string();
+    let revoked = laptop.json(&["revoke", &stolen_id]).await?;
+    assert_eq!(revoked["started_epoch"], 2, "the laptop started epoch 2: {revoked}");
+
+    let after_id = browser.call(json!({"cmd": "addNote", "title": "after the revocation"})).await?;
+    let after_id = after_id.as_str().context("the new note's id")?.to_string();
+    cli_until(&laptop, "the PWA's note on the laptop", |notes| notes[&after_id]["title"] == "after the revocation")
+        .await?;
+    let refused = stolen.fail(&["sync"]).await?;
+    assert!(refused.contains("Unauthenticated"), "{refused}");
+
+    // The log as Kafka holds it: the PWA wrote under epoch 2, which the stolen keys do not open.
+    let log = read_topic(kafka.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let written = log
+        .iter()
+        .rev()
+        .map(|(_, envelope)| envelope)
+        .find(|envelope| envelope.record_id == after_id)
+        .context("the PWA's change is in the log")?;
+    assert_eq!(written.key_epoch, 2, "the PWA sealed its change under the new epoch");
+    let stolen_account = ClientStore::open(&stolen.store, Duration::from_secs(3600))?.account()?;
+    let laptop_account = ClientStore::open(&laptop.store, Duration::from_secs(3600))?.account()?;
+    let binding = Binding {
+        user_id: &written.user_id,
+        record_id: &written.record_id,
+        collection: &written.collection,
+        op: lockstep_proto::v1::Op::from(written.op.clone()) as i32,
+        key_epoch: written.key_epoch,
+    };
+    assert!(stolen_account.epoch_keys.get(2).is_none(), "the stolen device holds no key of epoch 2");
+    assert!(stolen_account.keyring().open(&binding, &written.nonce, &written.ciphertext).is_err());
+    assert!(stolen_account.key.open(&binding, &written.nonce, &written.ciphertext).is_err());
+    assert!(laptop_account.keyring().open(&binding, &written.nonce, &written.ciphertext).is_ok());
+    browser.call(json!({"cmd": "quit"})).await?;
+    Ok(())
 }

@@ -12,6 +12,8 @@ interface Note {
   id: string;
   title: string;
   body: string;
+  /** Fields other devices wrote besides title and body, shown as they are. */
+  extra: string;
 }
 
 const notes = new Map<string, Note>();
@@ -53,7 +55,7 @@ function renderList(): void {
       li = document.createElement('li');
       li.dataset.id = note.id;
       li.innerHTML = `<input class="title" aria-label="Title" /><textarea class="body" rows="2" aria-label="Note"></textarea>
-        <div class="row"><button class="save">Save</button><button class="delete secondary">Delete</button></div>`;
+        <div class="meta"></div><div class="row"><button class="save">Save</button><button class="delete secondary">Delete</button></div>`;
       li.querySelector('.save')!.addEventListener('click', () => {
         const title = li!.querySelector<HTMLInputElement>('.title')!.value;
         const body = li!.querySelector<HTMLTextAreaElement>('.body')!.value;
@@ -61,6 +63,7 @@ function renderList(): void {
       });
       li.querySelector('.delete')!.addEventListener('click', () => void run(engine.delete(note.id)));
     }
+    li.querySelector<HTMLElement>('.meta')!.textContent = note.extra ? `also: ${note.extra}` : '';
     if (note.id !== focused) {
       li.querySelector<HTMLInputElement>('.title')!.value = note.title;
       li.querySelector<HTMLTextAreaElement>('.body')!.value = note.body;
@@ -138,7 +141,13 @@ async function showNotes(): Promise<void> {
     collection: COLLECTION,
     apply(recordId, fields) {
       if (fields === null) notes.delete(recordId);
-      else notes.set(recordId, { id: recordId, title: text(fields.title), body: text(fields.body) });
+      else {
+        const extra = Object.entries(fields)
+          .filter(([name]) => name !== 'title' && name !== 'body')
+          .map(([name, value]) => `${name}: ${text(value)}`)
+          .join(' · ');
+        notes.set(recordId, { id: recordId, title: text(fields.title), body: text(fields.body), extra });
+      }
     },
   });
   renderList();

@@ -334,6 +334,7 @@ export class SyncEngine extends EventTarget {
       pushing = pushing
         .then(async () => {
           report.pushed += await this.push();
+          await this.#setStatus(this.#status.state, this.#status.message);
         })
         .catch((error: unknown) => {
           controller.abort(error);
