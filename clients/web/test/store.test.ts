@@ -2,22 +2,29 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { IDBFactory } from 'fake-indexeddb';
 
 import {
   AccountKey,
   ChangePayload,
   DeviceSecret,
+  EpochKey,
   EpochKeys,
   GrpcStatus,
   type Incoming,
+  Keyring,
   RecordState,
   RpcError,
   Store,
+  SyncEngine,
   Transport,
   frame,
   keyring,
+  sealEpochKey,
 } from '../src/index.js';
+import { GetEpochKeysResponseSchema } from '../src/gen/lockstep/v1/keys_pb.js';
+import { PushRequestSchema, PushResponseSchema } from '../src/gen/lockstep/v1/sync_pb.js';
 import type { Account } from '../src/store.js';
 
 async function openStore(): Promise<[Store, Account]> {
@@ -135,5 +142,99 @@ describe('transport', () => {
     const body = new Uint8Array([...frame(new Uint8Array([0x0a, 0x02, 0x76, 0x31])), 0x80, 0, 0, 0, trailers.length, ...trailers]);
     const ok = new Transport('http://server', null, { fetch: answer(200, {}, body) });
     assert.equal((await ok.serverInfo()).serverVersion, 'v1');
+  });
+});
+
+describe('engine against a fake server', () => {
+  type Handler = (path: string, body: Uint8Array) => Response;
+  const fakeFetch = (handler: Handler) =>
+    (async (url: string, init: { body: Uint8Array }) => handler(new URL(url).pathname.slice(1), init.body)) as unknown as typeof fetch;
+  const ok = (bytes: Uint8Array) => {
+    const trailers = new TextEncoder().encode('grpc-status: 0\r\n');
+    return new Response(new Uint8Array([...frame(bytes), 0x80, 0, 0, 0, trailers.length, ...trailers]) as BodyInit, {
+      status: 200,
+    });
+  };
+  const pushedChanges = (body: Uint8Array) => fromBinary(PushRequestSchema, body.subarray(5)).changes;
+  const accepted = (body: Uint8Array) =>
+    ok(
+      toBinary(
+        PushResponseSchema,
+        create(PushResponseSchema, {
+          results: pushedChanges(body).map((_, index) => ({ result: { case: 'offset' as const, value: BigInt(index) } })),
+        }),
+      ),
+    );
+
+  it('a push that failed is retried with the same bytes', async () => {
+    const [store] = await openStore();
+    await store.put('notes', 'n1', { title: 'hello' });
+    const bodies: Uint8Array[] = [];
+    let down = true;
+    const engine = new SyncEngine(store, {
+      fetch: fakeFetch((path, body) => {
+        assert.equal(path, 'lockstep.v1.Sync/Push');
+        bodies.push(body);
+        if (down) throw new TypeError('Failed to fetch');
+        return accepted(body);
+      }),
+    });
+    const error = await engine.push().catch((caught: unknown) => caught);
+    assert.ok(error instanceof RpcError && error.transient, String(error));
+    assert.equal(await store.outboxLength(), 1);
+    down = false;
+    assert.equal(await engine.push(), 1);
+    assert.equal(bodies.length, 2);
+    assert.deepEqual(bodies[1], bodies[0]);
+    assert.equal(await store.outboxLength(), 0);
+  });
+
+  it('a push refused under a stale epoch fetches the new epoch key and seals again under it', async () => {
+    const [store, account] = await openStore();
+    account.deviceKeyRegistered = true;
+    await store.saveAccount(account);
+    await store.put('notes', 'n1', { title: 'after the rotation' });
+    const epochKey = EpochKey.generate();
+    const sealed = sealEpochKey(
+      account.key,
+      account.deviceSecret.publicKey(),
+      { userId: account.userId, deviceId: account.deviceId, epoch: 2 },
+      epochKey,
+    );
+    const epochs: number[] = [];
+    const engine = new SyncEngine(store, {
+      fetch: fakeFetch((path, body) => {
+        if (path === 'lockstep.v1.Keys/GetEpochKeys') {
+          return ok(
+            toBinary(
+              GetEpochKeysResponseSchema,
+              create(GetEpochKeysResponseSchema, {
+                currentEpoch: 2,
+                sealedKeys: [{ deviceId: account.deviceId, epoch: 2, sealed, sealedByDeviceId: 'laptop' }],
+              }),
+            ),
+          );
+        }
+        const [change] = pushedChanges(body);
+        epochs.push(change!.keyEpoch);
+        if (change!.keyEpoch < 2) {
+          return new Response(null, { status: 200, headers: { 'grpc-status': '9', 'grpc-message': 'stale key epoch' } });
+        }
+        const keys = new EpochKeys();
+        keys.insert(2, epochKey);
+        const plaintext = new Keyring(account.key, keys).open(
+          { userId: account.userId, recordId: change!.recordId, collection: change!.collection, op: change!.op, keyEpoch: 2 },
+          change!.nonce,
+          change!.ciphertext,
+        );
+        assert.deepEqual(ChangePayload.decode(plaintext).state.visible(), { title: 'after the rotation' });
+        return accepted(body);
+      }),
+    });
+    assert.equal(await engine.push(), 1);
+    assert.deepEqual(epochs, [1, 2]);
+    const stored = await store.account();
+    assert.ok(stored?.epochKeys.get(2), 'the epoch key is kept');
+    assert.equal(await store.outboxLength(), 0);
   });
 });
