@@ -15,3 +15,4 @@ export * from './record.js';
 export * from './store.js';
 export * from './sync.js';
 export * from './transport.js';
+export * from './adapters.js';

@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 
 import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
-import { IDBFactory } from 'fake-indexeddb';
+import { Dexie } from 'dexie';
+import { IDBFactory, IDBKeyRange } from 'fake-indexeddb';
 
 import {
   AccountKey,
@@ -19,6 +20,7 @@ import {
   Store,
   SyncEngine,
   Transport,
+  dexieTable,
   frame,
   keyring,
   sealEpochKey,
@@ -236,5 +238,25 @@ describe('engine against a fake server', () => {
     const stored = await store.account();
     assert.ok(stored?.epochKeys.get(2), 'the epoch key is kept');
     assert.equal(await store.outboxLength(), 0);
+  });
+});
+
+describe('an app table (Dexie)', () => {
+  it('holds every live record of its collection, and follows edits, merges and deletes', async () => {
+    const [store] = await openStore();
+    await store.put('notes', 'old', { title: 'kept from before' });
+    await store.put('todos', 't1', { text: 'another collection' });
+    const db = new Dexie(`app-${Math.random()}`, { indexedDB: new IDBFactory(), IDBKeyRange });
+    db.version(1).stores({ notes: 'id, title' });
+    const notes = db.table<{ id: string; title?: string; body?: string }>('notes');
+    const engine = new SyncEngine(store);
+    await engine.register(dexieTable('notes', notes));
+    assert.deepEqual(await notes.toArray(), [{ id: 'old', title: 'kept from before' }]);
+    await engine.put('notes', 'n1', { title: 'new', body: 'text' });
+    assert.deepEqual(await notes.get('n1'), { id: 'n1', title: 'new', body: 'text' });
+    await engine.delete('old');
+    assert.equal(await notes.get('old'), undefined);
+    assert.deepEqual((await notes.orderBy('title').keys()), ['new']);
+    db.close();
   });
 });
