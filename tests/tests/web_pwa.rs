@@ -40,8 +40,13 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Builds the web client and its PWA (once per test binary run).
+/// Builds the web client and its PWA, once for the tests of this binary (they run at once).
 async fn build_web_client() -> anyhow::Result<PathBuf> {
+    static BUILT: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
+    BUILT.get_or_try_init(build_once).await.cloned()
+}
+
+async fn build_once() -> anyhow::Result<PathBuf> {
     let root = repo_root();
     let run = |args: &'static [&'static str]| {
         let root = root.clone();

@@ -58,8 +58,10 @@ export class RpcError extends Error {
     readonly code: number,
     readonly detail: string,
     server: string,
+    /** Whether `detail` is the server's `grpc-message` (else what the browser said). */
+    fromServer = true,
   ) {
-    super(`${explain(code, call, server)}${detail ? ` (server says: ${detail})` : ''}`);
+    super(`${explain(code, call, server)}${detail ? ` (${fromServer ? 'server says: ' : ''}${detail})` : ''}`);
     this.name = 'RpcError';
   }
 
@@ -129,11 +131,14 @@ export class Transport {
     } catch (error) {
       if (signal?.aborted) throw new RpcError(call, GrpcStatus.Cancelled, 'stopped', this.server);
       const timedOut = error instanceof DOMException && error.name === 'TimeoutError';
+      // fetch says no more (a refused connection and a refused CORS check look alike to a page).
+      const said = error instanceof Error ? error.message : String(error);
       throw new RpcError(
         call,
         timedOut ? GrpcStatus.DeadlineExceeded : GrpcStatus.Unavailable,
-        error instanceof Error ? error.message : String(error),
+        timedOut ? said : `${said}: is it running, and does its web.allowed_origins list this page's origin?`,
         this.server,
+        false,
       );
     }
     if (!response.ok) {
@@ -142,6 +147,7 @@ export class Transport {
         response.status === 401 ? GrpcStatus.Unauthenticated : GrpcStatus.Unavailable,
         `HTTP ${response.status}`,
         this.server,
+        false,
       );
     }
     return response;
@@ -160,7 +166,7 @@ export class Transport {
           try {
             next = await chunks.read();
           } catch (error) {
-            throw new RpcError(call, GrpcStatus.Unavailable, `the answer was cut: ${String(error)}`, this.server);
+            throw new RpcError(call, GrpcStatus.Unavailable, `the answer was cut: ${String(error)}`, this.server, false);
           }
           if (next.done) break;
           for (const item of reader.push(next.value)) {
@@ -174,11 +180,11 @@ export class Transport {
     }
     const status = callStatus(trailers, response.headers);
     if (status === null) {
-      throw new RpcError(call, GrpcStatus.Unavailable, 'the answer ended without a status', this.server);
+      throw new RpcError(call, GrpcStatus.Unavailable, 'the answer ended without a status', this.server, false);
     }
     if (status.code !== GrpcStatus.Ok) throw new RpcError(call, status.code, status.message, this.server);
     if (!reader.atFrameBoundary()) {
-      throw new RpcError(call, GrpcStatus.Unavailable, 'the answer was cut inside a message', this.server);
+      throw new RpcError(call, GrpcStatus.Unavailable, 'the answer was cut inside a message', this.server, false);
     }
   }
 

@@ -136,7 +136,7 @@ describe('transport', () => {
     });
     const offline = await down.serverInfo().catch((caught: unknown) => caught);
     assert.ok(offline instanceof RpcError && offline.transient);
-    assert.match(offline.message, /cannot be reached/);
+    assert.match(offline.message, /cannot be reached right now \(Failed to fetch: is it running, and does its web.allowed_origins/);
   });
 
   it('reads a message then the status from the trailers frame', async () => {
