@@ -17,7 +17,8 @@ interface PushEvent extends ExtendableEvent {
 interface WorkerScope {
   addEventListener(type: string, listener: (event: never) => void): void;
   skipWaiting(): Promise<void>;
-  clients: { claim(): Promise<void> };
+  clients: { claim(): Promise<void>; matchAll(options: { type: string }): Promise<{ visibilityState?: string }[]> };
+  registration: { showNotification(title: string, options: { body: string; tag: string }): Promise<void> };
   location: Location;
 }
 const worker = self as unknown as WorkerScope;
@@ -70,6 +71,12 @@ worker.addEventListener('push', (event: PushEvent) => {
         if (!(await engine.store.account())) return;
         const report = await engine.syncOnce();
         await engine.store.setMeta('lastWake', { atMs: Date.now(), payload, report });
+        // A push subscribed with userVisibleOnly shows something when no page of the app is in view.
+        const windows = await worker.clients.matchAll({ type: 'window' });
+        if (report.changedRecords && !windows.some((client) => client.visibilityState === 'visible')) {
+          const body = `${report.changedRecords} note${report.changedRecords === 1 ? '' : 's'} changed on your other devices`;
+          await worker.registration.showNotification('Lockstep Notes', { body, tag: 'lockstep-sync' }).catch(() => undefined);
+        }
       } finally {
         engine.store.close();
       }
