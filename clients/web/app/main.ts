@@ -3,7 +3,7 @@
  * syncs live while open, sync status and problems in plain words, Web Push wake-ups through
  * the service worker.
  */
-import { type JsonValue, Transport, fromBase64Url, pair } from '../src/index.js';
+import { type JsonValue, RpcError, Transport, fromBase64Url, pair } from '../src/index.js';
 import { COLLECTION, openEngine } from './common.js';
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -172,7 +172,10 @@ async function showNotes(): Promise<void> {
   const account = (await engine.store.account())!;
   registerPush(new Transport(account.server, account.token))
     .then((state) => (pushState = state))
-    .catch((error: unknown) => (pushState = `off: ${error instanceof Error ? error.message : String(error)}`))
+    .catch((error: unknown) => {
+      const said = error instanceof Error ? error.message : String(error);
+      pushState = `off: ${error instanceof RpcError ? said : `this browser did not subscribe (${said}); the app syncs while it is open`}`;
+    })
     .finally(() => void renderDevice());
 }
 
