@@ -12,3 +12,7 @@ export * from './ids.js';
 export * from './json.js';
 export * from './pairing.js';
 export * from './record.js';
+export * from './store.js';
+export * from './sync.js';
+export * from './transport.js';
+export * from './adapters.js';

@@ -1,0 +1,262 @@
+/** The IndexedDB store and the transport's error mapping, in Node (fake-indexeddb, a fake fetch). */
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import { Dexie } from 'dexie';
+import { IDBFactory, IDBKeyRange } from 'fake-indexeddb';
+
+import {
+  AccountKey,
+  ChangePayload,
+  DeviceSecret,
+  EpochKey,
+  EpochKeys,
+  GrpcStatus,
+  type Incoming,
+  Keyring,
+  RecordState,
+  RpcError,
+  Store,
+  SyncEngine,
+  Transport,
+  dexieTable,
+  frame,
+  keyring,
+  sealEpochKey,
+} from '../src/index.js';
+import { GetEpochKeysResponseSchema } from '../src/gen/lockstep/v1/keys_pb.js';
+import { PushRequestSchema, PushResponseSchema } from '../src/gen/lockstep/v1/sync_pb.js';
+import type { Account } from '../src/store.js';
+
+async function openStore(): Promise<[Store, Account]> {
+  const store = await Store.open(`test-${Math.random()}`, { indexedDB: new IDBFactory() });
+  const account: Account = {
+    server: 'http://127.0.0.1:1',
+    userId: 'user-1',
+    deviceId: 'web-device',
+    deviceName: 'browser',
+    token: 'token',
+    key: AccountKey.generate(),
+    deviceSecret: DeviceSecret.generate(),
+    epochKeys: new EpochKeys(),
+    deviceKeyRegistered: false,
+  };
+  await store.saveAccount(account);
+  return [store, account];
+}
+
+function incoming(offset: number, recordId: string, state: RecordState): Incoming {
+  return { offset, recordId, collection: 'notes', originDeviceId: 'cli', content: { payload: new ChangePayload(state) } };
+}
+
+describe('store', () => {
+  it('keeps the account, with its secrets, across opens', async () => {
+    const [store, account] = await openStore();
+    const again = await store.account();
+    assert.equal(again?.userId, account.userId);
+    assert.ok(again?.key.equals(account.key));
+    assert.deepEqual(again?.deviceSecret.publicKey(), account.deviceSecret.publicKey());
+  });
+
+  it('queues each edit with the record and seals it once: a retry sends the same bytes', async () => {
+    const [store, account] = await openStore();
+    const record = await store.put('notes', null, { title: 'hello' });
+    await store.put('notes', record.recordId, { body: 'world' });
+    assert.deepEqual((await store.get(record.recordId))?.state.visible(), { title: 'hello', body: 'world' });
+    const first = await store.sealedOutboxBatch(10);
+    const second = await store.sealedOutboxBatch(10);
+    assert.equal(first.length, 2);
+    assert.deepEqual(
+      second.map((entry) => [entry.changeId, entry.sealed.nonce, entry.sealed.ciphertext]),
+      first.map((entry) => [entry.changeId, entry.sealed.nonce, entry.sealed.ciphertext]),
+    );
+    const opened = keyring(account).open(
+      { userId: 'user-1', recordId: record.recordId, collection: 'notes', op: 1, keyEpoch: 1 },
+      first[1]!.sealed.nonce,
+      first[1]!.sealed.ciphertext,
+    );
+    assert.deepEqual(ChangePayload.decode(opened).state.visible(), { title: 'hello', body: 'world' });
+    await store.outboxDone([first[0]!.seq]);
+    assert.equal(await store.outboxLength(), 1);
+    await assert.rejects(store.put('lockstep.revocations', null, { x: 1 }), /reserved/);
+  });
+
+  it('merges incoming changes per field, moves the cursor, refuses a gap and never moves back', async () => {
+    const [store] = await openStore();
+    const mine = await store.put('notes', 'n1', { title: 'mine', local: 1 });
+    const theirs = new RecordState();
+    theirs.set({ title: 'theirs', remote: 2 }, { hlc: mine.state.maxHlc() + 1n, device: 'cli' });
+    const applied = await store.apply([incoming(0, 'n1', theirs)]);
+    assert.deepEqual(applied.changedRecords, ['n1']);
+    assert.deepEqual((await store.get('n1'))?.state.visible(), { title: 'theirs', local: 1, remote: 2 });
+    assert.equal(await store.cursor(), 1);
+    await assert.rejects(store.apply([incoming(5, 'n1', theirs)]), /offset 5 where offset 1/);
+    assert.equal(await store.cursor(), 1);
+    await store.apply([incoming(0, 'n1', theirs)]);
+    assert.equal(await store.cursor(), 1);
+    const problem: Incoming = { ...incoming(1, 'n2', theirs), content: { problem: 'undecryptable', detail: 'bad tag' } };
+    assert.equal((await store.apply([problem])).problems, 1);
+    assert.equal((await store.problems())[0]?.kind, 'undecryptable');
+  });
+
+  it('a resync keeps every local record and queues what the log lacks', async () => {
+    const [store] = await openStore();
+    await store.put('notes', 'kept', { title: 'only here' });
+    const seen = new RecordState();
+    seen.set({ title: 'from the log' }, { hlc: 1n << 16n, device: 'cli' });
+    await store.apply([incoming(0, 'logged', seen)]);
+    const pushed = await store.sealedOutboxBatch(10);
+    await store.outboxDone(pushed.map((entry) => entry.seq));
+    await store.beginResync('history-expired', 7);
+    assert.equal(await store.cursor(), 7);
+    assert.equal(await store.finishResync(), 1);
+    assert.deepEqual((await store.outbox()).map((entry) => entry.recordId), ['kept']);
+    assert.equal((await store.list('notes')).length, 2);
+    assert.equal(await store.finishResync(), null);
+  });
+});
+
+describe('transport', () => {
+  const answer = (status: number, headers: Record<string, string>, body: Uint8Array = new Uint8Array()) =>
+    (async () => new Response(body as BodyInit, { status, headers })) as unknown as typeof fetch;
+
+  it('says in words why a call failed', async () => {
+    const refused = new Transport('http://server', 'token', {
+      fetch: answer(200, { 'grpc-status': String(GrpcStatus.Unauthenticated), 'grpc-message': 'token%20revoked' }),
+    });
+    const error = await refused.serverInfo().catch((caught: unknown) => caught);
+    assert.ok(error instanceof RpcError);
+    assert.equal(error.code, GrpcStatus.Unauthenticated);
+    assert.match(error.message, /no longer accepts this device.*\(server says: token revoked\)/);
+    const down = new Transport('http://server', null, {
+      fetch: (async () => {
+        throw new TypeError('Failed to fetch');
+      }) as unknown as typeof fetch,
+    });
+    const offline = await down.serverInfo().catch((caught: unknown) => caught);
+    assert.ok(offline instanceof RpcError && offline.transient);
+    assert.match(offline.message, /cannot be reached right now \(Failed to fetch: is it running, and does its web.allowed_origins/);
+  });
+
+  it('reads a message then the status from the trailers frame', async () => {
+    const trailers = new TextEncoder().encode('grpc-status: 0\r\n');
+    const body = new Uint8Array([...frame(new Uint8Array([0x0a, 0x02, 0x76, 0x31])), 0x80, 0, 0, 0, trailers.length, ...trailers]);
+    const ok = new Transport('http://server', null, { fetch: answer(200, {}, body) });
+    assert.equal((await ok.serverInfo()).serverVersion, 'v1');
+  });
+});
+
+describe('engine against a fake server', () => {
+  type Handler = (path: string, body: Uint8Array) => Response;
+  const fakeFetch = (handler: Handler) =>
+    (async (url: string, init: { body: Uint8Array }) => handler(new URL(url).pathname.slice(1), init.body)) as unknown as typeof fetch;
+  const ok = (bytes: Uint8Array) => {
+    const trailers = new TextEncoder().encode('grpc-status: 0\r\n');
+    return new Response(new Uint8Array([...frame(bytes), 0x80, 0, 0, 0, trailers.length, ...trailers]) as BodyInit, {
+      status: 200,
+    });
+  };
+  const pushedChanges = (body: Uint8Array) => fromBinary(PushRequestSchema, body.subarray(5)).changes;
+  const accepted = (body: Uint8Array) =>
+    ok(
+      toBinary(
+        PushResponseSchema,
+        create(PushResponseSchema, {
+          results: pushedChanges(body).map((_, index) => ({ result: { case: 'offset' as const, value: BigInt(index) } })),
+        }),
+      ),
+    );
+
+  it('a push that failed is retried with the same bytes', async () => {
+    const [store] = await openStore();
+    await store.put('notes', 'n1', { title: 'hello' });
+    const bodies: Uint8Array[] = [];
+    let down = true;
+    const engine = new SyncEngine(store, {
+      fetch: fakeFetch((path, body) => {
+        assert.equal(path, 'lockstep.v1.Sync/Push');
+        bodies.push(body);
+        if (down) throw new TypeError('Failed to fetch');
+        return accepted(body);
+      }),
+    });
+    const error = await engine.push().catch((caught: unknown) => caught);
+    assert.ok(error instanceof RpcError && error.transient, String(error));
+    assert.equal(await store.outboxLength(), 1);
+    down = false;
+    assert.equal(await engine.push(), 1);
+    assert.equal(bodies.length, 2);
+    assert.deepEqual(bodies[1], bodies[0]);
+    assert.equal(await store.outboxLength(), 0);
+  });
+
+  it('a push refused under a stale epoch fetches the new epoch key and seals again under it', async () => {
+    const [store, account] = await openStore();
+    account.deviceKeyRegistered = true;
+    await store.saveAccount(account);
+    await store.put('notes', 'n1', { title: 'after the rotation' });
+    const epochKey = EpochKey.generate();
+    const sealed = sealEpochKey(
+      account.key,
+      account.deviceSecret.publicKey(),
+      { userId: account.userId, deviceId: account.deviceId, epoch: 2 },
+      epochKey,
+    );
+    const epochs: number[] = [];
+    const engine = new SyncEngine(store, {
+      fetch: fakeFetch((path, body) => {
+        if (path === 'lockstep.v1.Keys/GetEpochKeys') {
+          return ok(
+            toBinary(
+              GetEpochKeysResponseSchema,
+              create(GetEpochKeysResponseSchema, {
+                currentEpoch: 2,
+                sealedKeys: [{ deviceId: account.deviceId, epoch: 2, sealed, sealedByDeviceId: 'laptop' }],
+              }),
+            ),
+          );
+        }
+        const [change] = pushedChanges(body);
+        epochs.push(change!.keyEpoch);
+        if (change!.keyEpoch < 2) {
+          return new Response(null, { status: 200, headers: { 'grpc-status': '9', 'grpc-message': 'stale key epoch' } });
+        }
+        const keys = new EpochKeys();
+        keys.insert(2, epochKey);
+        const plaintext = new Keyring(account.key, keys).open(
+          { userId: account.userId, recordId: change!.recordId, collection: change!.collection, op: change!.op, keyEpoch: 2 },
+          change!.nonce,
+          change!.ciphertext,
+        );
+        assert.deepEqual(ChangePayload.decode(plaintext).state.visible(), { title: 'after the rotation' });
+        return accepted(body);
+      }),
+    });
+    assert.equal(await engine.push(), 1);
+    assert.deepEqual(epochs, [1, 2]);
+    const stored = await store.account();
+    assert.ok(stored?.epochKeys.get(2), 'the epoch key is kept');
+    assert.equal(await store.outboxLength(), 0);
+  });
+});
+
+describe('an app table (Dexie)', () => {
+  it('holds every live record of its collection, and follows edits, merges and deletes', async () => {
+    const [store] = await openStore();
+    await store.put('notes', 'old', { title: 'kept from before' });
+    await store.put('todos', 't1', { text: 'another collection' });
+    const db = new Dexie(`app-${Math.random()}`, { indexedDB: new IDBFactory(), IDBKeyRange });
+    db.version(1).stores({ notes: 'id, title' });
+    const notes = db.table<{ id: string; title?: string; body?: string }>('notes');
+    const engine = new SyncEngine(store);
+    await engine.register(dexieTable('notes', notes));
+    assert.deepEqual(await notes.toArray(), [{ id: 'old', title: 'kept from before' }]);
+    await engine.put('notes', 'n1', { title: 'new', body: 'text' });
+    assert.deepEqual(await notes.get('n1'), { id: 'n1', title: 'new', body: 'text' });
+    await engine.delete('old');
+    assert.equal(await notes.get('old'), undefined);
+    assert.deepEqual((await notes.orderBy('title').keys()), ['new']);
+    db.close();
+  });
+});
