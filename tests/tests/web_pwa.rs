@@ -22,12 +22,15 @@ use lockstep_client::{crypto::Binding, store::Store as ClientStore};
 use lockstep_e2e::{
     cli::Cli,
     dashboard::chromium,
+    device::with_token,
     free_port,
     kafka::read_topic,
+    push::{PushService, PushWorker, SERVER_ALLOWS_LOCAL_PUSH, WORKER_ALLOWS_LOCAL_PUSH},
     server::Server,
     stack::Broker,
     wait::{eventually, not_yet, ready},
 };
+use lockstep_proto::v1::{PushTarget as ProtoTarget, SetPushTargetRequest, WebPushTarget, push_target::Target};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
@@ -191,20 +194,59 @@ struct PwaStack {
     browser: Browser,
     url: String,
     _web: StaticServer,
+    /// The real `lockstep-push` worker and the local push service, when asked for.
+    push: Option<(PushWorker, PushService)>,
 }
 
 impl PwaStack {
     async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// With `push`, the server advertises the VAPID key of a real `lockstep-push` worker (on
+    /// the server's events topic) that may wake targets at the local push service.
+    async fn start_with(push: bool) -> anyhow::Result<Self> {
         let dist = build_web_client().await?;
         let web = StaticServer::start(&dist.join("pwa")).await?;
         let kafka = Broker::shared().await?;
-        let events_topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
+        let unique = uuid::Uuid::new_v4();
+        let events_topic = format!("lockstep.events.test-{unique}");
         let origins = format!("[\"{}\"]", web.origin);
-        let server = Server::start_with(
-            &kafka,
-            &[("LOCKSTEP_WEB__ALLOWED_ORIGINS", &origins), ("LOCKSTEP_EVENTS__TOPIC", &events_topic)],
-        )
-        .await?;
+        let mut env =
+            vec![("LOCKSTEP_WEB__ALLOWED_ORIGINS", origins.as_str()), ("LOCKSTEP_EVENTS__TOPIC", &events_topic)];
+        let mut worker = None;
+        let key;
+        if push {
+            let group = format!("lockstep.push-worker.test-{unique}");
+            let prepared = PushWorker::prepare(
+                kafka.bootstrap(),
+                &[
+                    WORKER_ALLOWS_LOCAL_PUSH,
+                    ("LOCKSTEP_PUSH_EVENTS__TOPIC", &events_topic),
+                    ("LOCKSTEP_PUSH_EVENTS__GROUP", &group),
+                    // A wake-up made while the page closed must not hold back the next one.
+                    ("LOCKSTEP_PUSH_WAKE__MIN_INTERVAL", "1s"),
+                ],
+            )?;
+            key = prepared.vapid_public_key().to_string();
+            env.extend([
+                ("LOCKSTEP_PUSH__VAPID_PUBLIC_KEY", key.as_str()),
+                SERVER_ALLOWS_LOCAL_PUSH,
+                // Leases of 3 s: the closed page's stream stops counting soon.
+                ("LOCKSTEP_EVENTS__LEASE_INTERVAL", "1s"),
+            ]);
+            worker = Some(prepared);
+        }
+        let server = Server::start_with(&kafka, &env).await?;
+        let push = match worker {
+            Some(mut worker) => {
+                // The server created the events topic; the worker subscribes to it now.
+                worker.restart()?;
+                worker.wait_until_acting(1).await?;
+                Some((worker, PushService::start().await?))
+            }
+            None => None,
+        };
         let cli = Cli::init("laptop", &server).await?;
         let mut browser = Browser::start(&dist).await?;
         let url = format!("{}/", web.origin);
@@ -213,7 +255,7 @@ impl PwaStack {
         let printed = cli.run(&["pair", "show"]).await?;
         assert!(printed.contains("LOCKSTEP1:"), "{printed}");
         browser.call(json!({"cmd": "pair", "code": printed, "name": "browser"})).await?;
-        Ok(Self { kafka, server, cli, browser, url, _web: web })
+        Ok(Self { kafka, server, cli, browser, url, _web: web, push })
     }
 }
 
@@ -223,7 +265,7 @@ fn id_of(put: &Value) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_included() -> anyhow::Result<()> {
-    let PwaStack { kafka: _kafka, mut server, cli, mut browser, url, _web } = PwaStack::start().await?;
+    let PwaStack { kafka: _kafka, mut server, cli, mut browser, url, _web, .. } = PwaStack::start().await?;
 
     // The CLI's note reaches the page; the page's note reaches the CLI.
     let shared = cli.json(&["put", "-c", "notes", r#"{"title":"from the laptop","body":"one"}"#]).await?;
@@ -342,7 +384,7 @@ async fn status_until(browser: &mut Browser, state: &str) -> anyhow::Result<Valu
 /// the laptop), writes under it, and the stolen device's keys cannot open what it wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_cli_device_cannot_read_what_the_pwa_writes_afterwards() -> anyhow::Result<()> {
-    let PwaStack { kafka, server: _server, cli: laptop, mut browser, url: _url, _web } = PwaStack::start().await?;
+    let PwaStack { kafka, server: _server, cli: laptop, mut browser, url: _url, _web, .. } = PwaStack::start().await?;
     let stolen = laptop.pair("stolen").await?;
     let before_id = id_of(&laptop.json(&["put", "-c", "notes", r#"{"title":"before"}"#]).await?)?;
     laptop.sync().await?;
@@ -385,6 +427,80 @@ async fn a_revoked_cli_device_cannot_read_what_the_pwa_writes_afterwards() -> an
     assert!(stolen_account.keyring().open(&binding, &written.nonce, &written.ciphertext).is_err());
     assert!(stolen_account.key.open(&binding, &written.nonce, &written.ciphertext).is_err());
     assert!(laptop_account.keyring().open(&binding, &written.nonce, &written.ciphertext).is_ok());
+    browser.call(json!({"cmd": "quit"})).await?;
+    Ok(())
+}
+
+/// What `docs/push.md` says a Web Push wake-up carries: `{"v":1,"log_end":N}`, two integers and
+/// nothing else; none of `secrets` (record ids, collections, field values) appears in its text.
+fn metadata_only(payload: &str, secrets: &[&str]) -> anyhow::Result<Value> {
+    let value: Value = serde_json::from_str(payload).with_context(|| format!("the payload is JSON: {payload}"))?;
+    let fields = value.as_object().with_context(|| format!("the payload is an object: {payload}"))?;
+    let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    ensure!(names == ["log_end", "v"], "the payload holds {names:?}, not only v and log_end: {payload}");
+    ensure!(fields.values().all(Value::is_u64), "the payload's values are not all integers: {payload}");
+    for secret in secrets {
+        ensure!(!payload.contains(secret), "the payload names {secret:?}: {payload}");
+    }
+    Ok(value)
+}
+
+/// The real push worker wakes the PWA's device at a push service (the local one, which decrypts
+/// RFC 8291 with the subscription's keys) while no page of the app is open; exactly the payload
+/// it decrypted is delivered to the service worker, which syncs; the payload is metadata only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_workers_own_wake_up_reaches_the_service_worker_and_holds_metadata_only() -> anyhow::Result<()> {
+    let PwaStack { kafka: _kafka, server, cli, mut browser, url: _url, _web, push } =
+        PwaStack::start_with(true).await?;
+    let (_worker, service) = push.context("the stack has a push worker")?;
+
+    // The PWA's device (its own token) sets a Web Push target at the local push service.
+    let account = browser
+        .call(json!({"cmd": "eval", "expression": "window.lockstep.store.account().then((a) => ({ userId: a.userId, deviceId: a.deviceId, token: a.token }))"}))
+        .await?;
+    let token = account["token"].as_str().context("the PWA's token")?;
+    let user_id = account["userId"].as_str().context("the PWA's user id")?.to_string();
+    let subscription = service.subscribe().await?;
+    let unb64 = |text: &str| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, text);
+    let target = Target::WebPush(WebPushTarget {
+        endpoint: subscription.endpoint.clone(),
+        p256dh: unb64(&subscription.p256dh)?.into(),
+        auth: unb64(&subscription.auth)?.into(),
+    });
+    let request = SetPushTargetRequest { target: Some(ProtoTarget { target: Some(target), updated_at_ms: 0 }) };
+    server.push_targets().await?.set_push_target(with_token(request, token)).await?;
+    status_until(&mut browser, "live").await?;
+
+    // The page closes (its stream's lease runs out); the laptop writes.
+    browser.call(json!({"cmd": "close"})).await?;
+    let woken = cli.json(&["put", "-c", "notes", r#"{"title":"secret title","body":"secret body"}"#]).await?;
+    let woken_id = id_of(&woken)?;
+    cli.sync().await?;
+    let before = browser.call(json!({"cmd": "stored", "id": woken_id})).await?;
+    assert!(before["record"].is_null(), "nothing has synced it yet: {before}");
+
+    // The worker's wake-up, as the push service verified (VAPID) and decrypted it.
+    let seen = service.wait_for(&subscription.id, 1, WAIT).await?;
+    let wake_up = seen.last().context("a wake-up")?;
+    assert_eq!(wake_up.error(), None, "the push service verified and decrypted it: {:?}", wake_up.raw);
+    let payload = wake_up.raw["payload"].as_str().with_context(|| format!("a body: {:?}", wake_up.raw))?.to_string();
+    let sent = metadata_only(&payload, &[&woken_id, "notes", "secret title", "secret body", &user_id])?;
+    assert_eq!(sent["v"], 1, "{payload}");
+
+    // Exactly that payload, delivered to the service worker with no page open: it syncs.
+    browser.call(json!({"cmd": "wake", "data": payload})).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stored = loop {
+        let stored = browser.call(json!({"cmd": "stored", "id": woken_id})).await?;
+        if !stored["record"].is_null() {
+            break stored;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the service worker never synced after the push: {stored}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(stored["record"]["state"].as_str().unwrap_or_default().contains("secret title"), "{stored}");
+    assert_eq!(stored["lastWake"]["payload"], sent, "the service worker got the worker's payload: {stored}");
     browser.call(json!({"cmd": "quit"})).await?;
     Ok(())
 }

@@ -6,7 +6,7 @@
  * program only acts in the browser and reports what the page shows.
  *
  * Commands: open {url}, pair {code}, addNote {title, body}, put {id, fields}, notes, status,
- * reload, close, wake {payload} (a Web Push delivered to the service worker with the DevTools
+ * reload, close, wake {payload | data} (a Web Push delivered to the service worker with the DevTools
  * protocol's ServiceWorker.deliverPushMessage, no page of the app open), stored {id} (a
  * record as IndexedDB holds it, read from a page of the origin that does not run the app),
  * screenshot {path}, quit.
@@ -147,7 +147,8 @@ async function handle(command: Command): Promise<unknown> {
         await cdp.send('ServiceWorker.deliverPushMessage', {
           origin,
           registrationId,
-          data: JSON.stringify(command.payload ?? {}),
+          // `data`: a payload exactly as a push service delivered it; else `payload` as JSON.
+          data: typeof command.data === 'string' ? command.data : JSON.stringify(command.payload ?? {}),
         });
         return registrationId;
       } finally {
