@@ -4,8 +4,10 @@
 //! new fields on both sides) end identical; the PWA works with the server stopped and pushes
 //! its outbox when it returns; a reload in the middle of a sync loses nothing; a Web Push
 //! delivered to its service worker (the DevTools protocol's `ServiceWorker.deliverPushMessage`)
-//! makes it sync with no page of the app open; a CLI device revoked by another cannot read what
-//! the PWA writes afterwards (it writes under the new key epoch).
+//! makes it sync with no page of the app open, and so does exactly the payload the real
+//! `lockstep-push` worker sent (decrypted by the local push service), which holds only `v` and
+//! `log_end`; a CLI device revoked by another cannot read what the PWA writes afterwards (it
+//! writes under the new key epoch).
 //!
 //! Needs Node.js and npm (the web client is built here: `npm ci` when `node_modules` is
 //! missing, then `npm run build -w clients/web`), python3 (serves the static files) and
