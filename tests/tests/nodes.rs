@@ -5,12 +5,14 @@
 //! - a device revoked through one node is refused by every node and its streams on every node
 //!   end (every node follows the events topic's DeviceRevoked);
 //! - a node that never hears of the revocation still refuses the token once its cached check is
-//!   older than `accounts.token_recheck_interval`.
+//!   older than `accounts.token_recheck_interval`;
+//! - a change pushed through one node reaches live streams on the others (LogAppended, the
+//!   doorbell: they read it from the user's topic with their shared readers).
 
 use std::time::Duration;
 
 use lockstep_e2e::{
-    device::{Device, changes},
+    device::{Device, Received, changes, receive_changes, receive_until},
     kafka::Kafka,
     server::Server,
     wait::eventually,
@@ -132,5 +134,44 @@ async fn a_node_that_missed_the_revocation_refuses_the_token_after_its_recheck_i
     refused_eventually(&on_deaf, "the node without events").await?;
     let refused = on_deaf.subscribe(None).await.expect_err("a revoked device cannot subscribe");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    Ok(())
+}
+
+/// The doorbell: changes pushed through nodes 1 and 3 reach a device streaming from node 2,
+/// live (the same stream, no reconnect), in offset order, and the pushers' own streams too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_pushed_through_other_nodes_reach_a_live_stream_in_offset_order() -> anyhow::Result<()> {
+    let kafka = Kafka::shared().await?;
+    let (_database, url) = postgres().await?;
+    let topic = format!("lockstep.events.test-{}", uuid::Uuid::new_v4());
+    let settings = [("LOCKSTEP_DATABASE__URL", url.as_str()), ("LOCKSTEP_EVENTS__TOPIC", topic.as_str())];
+    let nodes = [
+        Server::start_with(kafka, &settings).await?,
+        Server::start_with(kafka, &settings).await?,
+        Server::start_with(kafka, &settings).await?,
+    ];
+    let phone = Device::create_account(&nodes[0], "phone").await?;
+    let mut laptop = phone.pair(&nodes[0], "laptop").await?;
+    laptop.reconnect(&nodes[1]).await?;
+    let mut tablet = phone.pair(&nodes[0], "tablet").await?;
+    tablet.reconnect(&nodes[2]).await?;
+    let mut laptop_stream = laptop.subscribe(None).await?;
+    let mut phone_stream = phone.subscribe(None).await?;
+    // Both streams are live (at the end of the empty log) before anything is pushed.
+    let mut laptop_received = Received::default();
+    receive_until(&mut laptop_stream, &mut laptop_received, WAIT, |received| !received.heartbeats.is_empty()).await?;
+
+    let mut pushed = Vec::new();
+    for round in 0..3 {
+        pushed.extend(phone.push_ok(changes(2, 16 + round)).await?);
+        pushed.extend(tablet.push_ok(changes(1, 16 + round)).await?);
+    }
+    assert_eq!(pushed, (0..9).collect::<Vec<_>>());
+    receive_until(&mut laptop_stream, &mut laptop_received, WAIT, |received| received.changes.len() >= 9).await?;
+    assert_eq!(laptop_received.offsets(), pushed, "node 2's stream got every change once, in order");
+    assert!(laptop_received.resyncs.is_empty(), "{:?}", laptop_received.resyncs);
+    // The phone's stream on node 1 gets the tablet's changes from node 3 too.
+    let phone_received = receive_changes(&mut phone_stream, 9, WAIT).await?;
+    assert_eq!(phone_received.offsets(), pushed);
     Ok(())
 }

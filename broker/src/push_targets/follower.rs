@@ -5,7 +5,11 @@
 //!   `GetPushTarget` tells the truth and the periodic announcement does not
 //!   bring it back;
 //! - another node's `DeviceRevoked` (several nodes on one PostgreSQL): the
-//!   device's token leaves this node's cache and its streams on this node end.
+//!   device's token leaves this node's cache and its streams on this node end;
+//! - another node's `LogAppended` (the doorbell): if this node streams to
+//!   devices of that user, their live tail learns the log's new end and the
+//!   sessions read the missing changes from the user's topic with the shared
+//!   readers (see `Delivery::log_appended_elsewhere`).
 //!
 //! Every node reads every partition of the topic: the partitions are assigned
 //! (not subscribed, so nodes never split them), and each node has its own group
@@ -146,14 +150,20 @@ async fn apply(payload: &[u8], followed: &Followed) -> Result<(), KafkaError> {
     let Ok(event) = decode_event(payload) else {
         return Ok(()); // not ours to judge; the dashboard and workers report undecodable events
     };
-    if let EventBody::DeviceRevoked { device_id } = &event.body {
-        if event.node_id != followed.node_id {
+    // This node's own facts were applied when they were recorded.
+    let elsewhere = event.node_id != followed.node_id;
+    match &event.body {
+        EventBody::LogAppended { log_end, .. } if elsewhere => {
+            followed.delivery.log_appended_elsewhere(&event.user_id, *log_end);
+        }
+        EventBody::DeviceRevoked { device_id } if elsewhere => {
             // The row is revoked already (the event follows the commit): a later use of the
             // token asks the database, and the device's streams here end now.
             followed.accounts.forget_device(device_id);
             followed.delivery.revoke(device_id);
             tracing::info!(user_id = event.user_id, device_id, by = event.node_id, "device revoked on another node");
         }
+        _ => {}
     }
     if let EventBody::PushTargetRemoved {
         device_id,
