@@ -13,6 +13,10 @@
 //!   node's DeviceRevoked event refuses the token within that interval;
 //! - the events follower forgets a device revoked through another node as soon
 //!   as it reads the event.
+//!
+//! With SQLite (one node, the only writer) the cache is the whole truth: an
+//! unknown token is refused without a query, so a flood of made-up tokens costs
+//! no database work.
 
 pub mod invites;
 mod secrets;
@@ -98,6 +102,8 @@ pub struct Accounts {
     tokens: Arc<RwLock<HashMap<TokenHash, CachedToken>>>,
     refused: Arc<Mutex<HashSet<TokenHash>>>,
     token_recheck: Duration,
+    /// Whether other nodes may write the accounts (PostgreSQL): then the cache can be stale.
+    shared: bool,
     ticket_ttl: Duration,
     /// Devices (not revoked) an account may have.
     max_devices: u32,
@@ -140,6 +146,7 @@ impl Accounts {
         tracing::info!(active_devices = tokens.len(), "accounts loaded");
         let invites = Invites::new(db.clone(), DEFAULT_INVITE_CLAIM_LEASE);
         Ok(Self {
+            shared: db.engine() != "sqlite",
             db,
             tokens: Arc::new(RwLock::new(tokens)),
             refused: Arc::default(),
@@ -185,12 +192,12 @@ impl Accounts {
     pub fn cached(&self, token: &str) -> CachedAuth {
         let hash = hash_secret(token);
         if let Some(cached) = read(&self.tokens).get(&hash) {
-            if cached.checked_at.elapsed() < self.token_recheck {
+            if !self.shared || cached.checked_at.elapsed() < self.token_recheck {
                 return CachedAuth::Valid(cached.device.clone());
             }
             return CachedAuth::Unsure;
         }
-        if lock(&self.refused).contains(&hash) { CachedAuth::Refused } else { CachedAuth::Unsure }
+        if !self.shared || lock(&self.refused).contains(&hash) { CachedAuth::Refused } else { CachedAuth::Unsure }
     }
 
     /// The device of `token`: from the cache when it was checked recently, else from the
