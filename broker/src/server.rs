@@ -111,6 +111,7 @@ impl App {
         let accounts = Accounts::open(store.clone(), settings.accounts.pairing_ticket_ttl)
             .await?
             .with_max_devices(settings.accounts.max_devices_per_account)
+            .with_token_recheck(settings.accounts.token_recheck_interval)
             .with_invite_claim_lease(settings.limits.request_timeout);
         let keys = KeyDirectory::open(db.clone()).await?;
         let kafka = &settings.kafka;
@@ -162,12 +163,13 @@ impl App {
                 shutdown.clone(),
             ));
             let events_kafka = crate::events::events_kafka(&settings);
-            tokio::spawn(crate::push_targets::follower::run(
-                settings.clone(),
-                events_kafka,
-                push_targets.clone(),
-                shutdown,
-            ));
+            let followed = crate::push_targets::follower::Followed {
+                push_targets: push_targets.clone(),
+                accounts: accounts.clone(),
+                delivery: delivery.clone(),
+                node_id: events.node_id().to_owned(),
+            };
+            tokio::spawn(crate::push_targets::follower::run(settings.clone(), events_kafka, followed, shutdown));
         }
         tokio::spawn(forget_idle_state(
             gateway.clone(),

@@ -214,6 +214,11 @@ pub struct AccountsSettings {
     pub pairing_ticket_ttl: Duration,
     /// Devices (not revoked) one account may have; pairing one more is refused. Default 50.
     pub max_devices_per_account: u32,
+    /// How long a node trusts a device token it checked against the accounts database before it
+    /// checks it again: the bound on how long a node that missed a DeviceRevoked event (several
+    /// nodes on one PostgreSQL) still accepts the revoked token. Default 30 seconds.
+    #[serde(with = "humantime_serde")]
+    pub token_recheck_interval: Duration,
 }
 
 /// What CreateAccount needs on a server, as GetServerInfo advertises it. A valid invite code
@@ -312,6 +317,7 @@ impl fmt::Debug for AccountsSettings {
             .field("invite_only", &self.invite_only)
             .field("pairing_ticket_ttl", &self.pairing_ticket_ttl)
             .field("max_devices_per_account", &self.max_devices_per_account)
+            .field("token_recheck_interval", &self.token_recheck_interval)
             .finish()
     }
 }
@@ -477,6 +483,7 @@ impl Default for AccountsSettings {
             invite_only: false,
             pairing_ticket_ttl: Duration::from_secs(600),
             max_devices_per_account: 50,
+            token_recheck_interval: Duration::from_secs(30),
         }
     }
 }
@@ -603,6 +610,9 @@ impl Settings {
             if let Some(problem) = WebSettings::origin_problem(origin) {
                 return fail(&format!("web.allowed_origins: {origin:?} {problem}"));
             }
+        }
+        if self.accounts.token_recheck_interval.is_zero() {
+            return fail("accounts.token_recheck_interval must be more than zero");
         }
         if self.accounts.max_devices_per_account == 0 {
             return fail("accounts.max_devices_per_account must be at least 1");

@@ -1,16 +1,30 @@
 //! Accounts: users, devices, bearer tokens, pairing tickets and invite codes.
 //!
 //! Tokens and tickets are random secrets (256 and 192 bits); only their SHA-256
-//! hashes are stored. Active devices are mirrored in memory so that every
-//! request is authenticated without touching SQLite.
+//! hashes are stored. Tokens are cached in memory so that most requests are
+//! authenticated without touching the database, but the cache is never needed
+//! for correctness (several nodes share one PostgreSQL, issue 21):
+//! - a token the cache does not know is looked up in the database (a device
+//!   paired through another node works at once); tokens found unknown or
+//!   revoked there are remembered in a bounded negative cache (256-bit random
+//!   tokens: an unknown one never becomes valid later, a revoked one neither);
+//! - a cached token is checked against the database again once it is older
+//!   than `accounts.token_recheck_interval`, so a node that missed another
+//!   node's DeviceRevoked event refuses the token within that interval;
+//! - the events follower forgets a device revoked through another node as soon
+//!   as it reads the event.
+//!
+//! With SQLite (one node, the only writer) the cache is the whole truth: an
+//! unknown token is refused without a query, so a flood of made-up tokens costs
+//! no database work.
 
 pub mod invites;
 mod secrets;
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::Duration,
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 pub use invites::{InviteClaim, InviteError, Invites};
@@ -21,7 +35,7 @@ use crate::{
     store::{LOCK_USER, Sql, Store},
     values,
 };
-use lockstep_kafka::locks::{read, write};
+use lockstep_kafka::locks::{lock, read, write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountsError {
@@ -59,11 +73,37 @@ pub struct NewDevice {
 
 /// See [`Accounts::with_invite_claim_lease`].
 const DEFAULT_INVITE_CLAIM_LEASE: Duration = Duration::from_secs(30);
+/// See [`Accounts::with_token_recheck`].
+const DEFAULT_TOKEN_RECHECK: Duration = Duration::from_secs(30);
+/// Tokens remembered as unknown or revoked; past it, the negative cache starts over.
+const MAX_REFUSED_TOKENS: usize = 10_000;
+
+/// A token the database said is valid, and when it said so.
+#[derive(Clone)]
+struct CachedToken {
+    device: AuthedDevice,
+    checked_at: Instant,
+}
+
+/// What the token cache alone can say about a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CachedAuth {
+    /// Valid, checked against the database within the recheck interval.
+    Valid(AuthedDevice),
+    /// Unknown or revoked (remembered from an earlier database lookup).
+    Refused,
+    /// Not known, or checked too long ago: ask [`Accounts::lookup`].
+    Unsure,
+}
 
 #[derive(Clone)]
 pub struct Accounts {
     db: Store,
-    tokens: Arc<RwLock<HashMap<TokenHash, AuthedDevice>>>,
+    tokens: Arc<RwLock<HashMap<TokenHash, CachedToken>>>,
+    refused: Arc<Mutex<HashSet<TokenHash>>>,
+    token_recheck: Duration,
+    /// Whether other nodes may write the accounts (PostgreSQL): then the cache can be stale.
+    shared: bool,
     ticket_ttl: Duration,
     /// Devices (not revoked) an account may have.
     max_devices: u32,
@@ -94,16 +134,34 @@ impl Accounts {
             })
             .await?;
         let mut tokens = HashMap::with_capacity(active.len());
+        let checked_at = Instant::now();
         for (hash, user_id, device_id) in active {
             let Ok(hash) = TokenHash::try_from(hash.as_slice()) else {
                 tracing::warn!(device_id, "skipping device with a malformed token hash");
                 continue;
             };
-            tokens.insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
+            let device = AuthedDevice { user_id: user_id.into(), device_id: device_id.into() };
+            tokens.insert(hash, CachedToken { device, checked_at });
         }
         tracing::info!(active_devices = tokens.len(), "accounts loaded");
         let invites = Invites::new(db.clone(), DEFAULT_INVITE_CLAIM_LEASE);
-        Ok(Self { db, tokens: Arc::new(RwLock::new(tokens)), ticket_ttl, max_devices: u32::MAX, invites })
+        Ok(Self {
+            shared: db.engine() != "sqlite",
+            db,
+            tokens: Arc::new(RwLock::new(tokens)),
+            refused: Arc::default(),
+            token_recheck: DEFAULT_TOKEN_RECHECK,
+            ticket_ttl,
+            max_devices: u32::MAX,
+            invites,
+        })
+    }
+
+    /// How long a token checked against the database is trusted before it is checked again
+    /// (`accounts.token_recheck_interval`).
+    pub fn with_token_recheck(mut self, interval: Duration) -> Self {
+        self.token_recheck = interval;
+        self
     }
 
     /// How long a CreateAccount may hold an invite it redeems (the longest a call may take:
@@ -123,9 +181,63 @@ impl Accounts {
         self
     }
 
+    /// The device of `token` if the cache holds it (however long ago it was checked): for
+    /// handlers behind the token layer, which looked the token up with [`Accounts::lookup`].
     pub fn authenticate(&self, token: &str) -> Option<AuthedDevice> {
         let hash = hash_secret(token);
-        read(&self.tokens).get(&hash).cloned()
+        read(&self.tokens).get(&hash).map(|cached| cached.device.clone())
+    }
+
+    /// What the cache alone says about `token`, without waiting for the database.
+    pub fn cached(&self, token: &str) -> CachedAuth {
+        let hash = hash_secret(token);
+        if let Some(cached) = read(&self.tokens).get(&hash) {
+            if !self.shared || cached.checked_at.elapsed() < self.token_recheck {
+                return CachedAuth::Valid(cached.device.clone());
+            }
+            return CachedAuth::Unsure;
+        }
+        if !self.shared || lock(&self.refused).contains(&hash) { CachedAuth::Refused } else { CachedAuth::Unsure }
+    }
+
+    /// The device of `token`: from the cache when it was checked recently, else from the
+    /// database (and cached either way). `None` for an unknown or revoked token.
+    pub async fn lookup(&self, token: &str) -> Result<Option<AuthedDevice>, AccountsError> {
+        match self.cached(token) {
+            CachedAuth::Valid(device) => return Ok(Some(device)),
+            CachedAuth::Refused => return Ok(None),
+            CachedAuth::Unsure => {}
+        }
+        let hash = hash_secret(token);
+        let found = self
+            .db
+            .call(move |connection| {
+                connection
+                    .query_opt(
+                        "SELECT user_id, device_id FROM devices WHERE token_hash = ?1 AND revoked_at_ms IS NULL",
+                        values![hash.as_slice()],
+                    )?
+                    .map(|row| Ok::<_, DbError>((row.get::<String>(0)?, row.get::<String>(1)?)))
+                    .transpose()
+            })
+            .await?;
+        metrics::counter!("lockstep_token_lookups_total", "found" => if found.is_some() { "yes" } else { "no" })
+            .increment(1);
+        match found {
+            Some((user_id, device_id)) => {
+                self.remember(hash, &user_id, &device_id);
+                Ok(Some(AuthedDevice { user_id: user_id.into(), device_id: device_id.into() }))
+            }
+            None => {
+                write(&self.tokens).remove(&hash);
+                let mut refused = lock(&self.refused);
+                if refused.len() >= MAX_REFUSED_TOKENS {
+                    refused.clear();
+                }
+                refused.insert(hash);
+                Ok(None)
+            }
+        }
     }
 
     /// Records a new user and its first device. The caller has created the
@@ -307,17 +419,20 @@ impl Accounts {
         if !found {
             return Err(AccountsError::DeviceNotFound);
         }
-        write(&self.tokens).retain(|_, authed| &*authed.device_id != device_id);
+        self.forget_device(device_id);
         Ok(())
     }
 
-    /// Forgets a device's token in memory (its row was revoked already).
+    /// Forgets a device's token in memory (its row was revoked already, on this node or on
+    /// another: the events follower calls this for another node's DeviceRevoked). A later use
+    /// of the token asks the database, which refuses it.
     pub fn forget_device(&self, device_id: &str) {
-        write(&self.tokens).retain(|_, authed| &*authed.device_id != device_id);
+        write(&self.tokens).retain(|_, cached| &*cached.device.device_id != device_id);
     }
 
     fn remember(&self, hash: TokenHash, user_id: &str, device_id: &str) {
-        write(&self.tokens).insert(hash, AuthedDevice { user_id: user_id.into(), device_id: device_id.into() });
+        let device = AuthedDevice { user_id: user_id.into(), device_id: device_id.into() };
+        write(&self.tokens).insert(hash, CachedToken { device, checked_at: Instant::now() });
     }
 }
 

@@ -122,3 +122,31 @@ both_backends!(the_device_limit_holds_under_concurrent_pairing, |store: TestStor
         accounts.revoke_device("u1", &paired[0].device_id).await.unwrap();
     }
 });
+
+// Two nodes on one PostgreSQL: what one writes, the other's token cache learns from the database.
+both_backends!(a_token_cache_falls_back_to_the_shared_database, |store: TestStore| async move {
+    let first = accounts(&store, Duration::from_secs(60)).await;
+    let second = accounts(&store, Duration::from_secs(60)).await.with_token_recheck(Duration::from_millis(50));
+    let alice = first.create_account("alice".into(), "laptop".into()).await.unwrap();
+    if store.store.engine() == "sqlite" {
+        // One node only: its cache is the whole truth, an unknown token costs no query.
+        assert_eq!(second.cached(&alice.token), CachedAuth::Refused);
+        assert_eq!(first.cached(&alice.token), CachedAuth::Valid(first.authenticate(&alice.token).unwrap()));
+        return;
+    }
+    // Created after the second node loaded its cache: unknown to it, found in the database.
+    assert_eq!(second.cached(&alice.token), CachedAuth::Unsure);
+    let found = second.lookup(&alice.token).await.unwrap().expect("in the database");
+    assert_eq!(&*found.device_id, alice.device_id);
+    assert_eq!(second.cached(&alice.token), CachedAuth::Valid(found.clone()));
+    // An unknown token is remembered as refused.
+    assert!(second.lookup("lst_nope").await.unwrap().is_none());
+    assert_eq!(second.cached("lst_nope"), CachedAuth::Refused);
+    // Revoked through the first node; the second never hears of it, but checks again.
+    first.revoke_device("alice", &alice.device_id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(second.cached(&alice.token), CachedAuth::Unsure);
+    assert!(second.lookup(&alice.token).await.unwrap().is_none());
+    assert_eq!(second.cached(&alice.token), CachedAuth::Refused);
+    assert!(second.authenticate(&alice.token).is_none());
+});

@@ -153,6 +153,21 @@ impl Delivery {
         }
     }
 
+    /// Another node appended to the user's log, which now ends at `log_end` (its LogAppended
+    /// event, the doorbell). If this node streams to devices of the user, their live tail
+    /// learns the new end: a session behind it reads the missing changes from the user's topic
+    /// through the shared readers, in offset order, as for any gap in the tail. Nothing
+    /// happens for a user without streams here, and an end the tail knows already is ignored.
+    pub fn log_appended_elsewhere(&self, user_id: &str, log_end: i64) -> bool {
+        let Some(log) = self.live_log_if_active(user_id) else { return false };
+        if log.end().is_some_and(|end| end >= log_end) {
+            return false;
+        }
+        metrics::counter!("lockstep_doorbells_total").increment(1);
+        log.note_end(log_end);
+        true
+    }
+
     /// Bytes held by every user's live cache together.
     pub fn cached_bytes(&self) -> usize {
         self.inner.cache_budget.used()

@@ -45,7 +45,12 @@ use tonic::{
 use tower::{Layer, Service};
 
 use super::rate_limit::{self, Rates, Source};
-use crate::{accounts::Accounts, error::ApiError, settings::LimitsSettings, slots::KeyedSlots};
+use crate::{
+    accounts::{Accounts, AuthedDevice, CachedAuth},
+    error::ApiError,
+    settings::LimitsSettings,
+    slots::KeyedSlots,
+};
 use lockstep_kafka::locks::lock;
 
 /// Calls anyone may make without a device token.
@@ -191,7 +196,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // The clone is the one that was not made ready: take the ready one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -200,68 +205,101 @@ where
         if !path.starts_with(GUARDED_PREFIX) {
             return Box::pin(inner.call(request));
         }
-        let refuse = |status: Status| -> Self::Future {
-            if path == PUSH {
-                // Pushes refused here never reach the handler, which counts the others.
-                let code = crate::error::code_name(status.code());
-                metrics::counter!("lockstep_pushes_total", "code" => code).increment(1);
-            }
-            Box::pin(std::future::ready(Ok(status.into_http())))
+        if OPEN_RPCS.contains(&path) {
+            return admit(inner, shared, request, None);
+        }
+        let token = match bearer_token(request.headers()) {
+            Ok(token) => token,
+            Err(error) => return refuse(path, error.into()),
         };
-        let mut caller = None;
-        if !OPEN_RPCS.contains(&path) {
-            let device = bearer_token(request.headers()).and_then(|token| {
-                shared
-                    .accounts
-                    .authenticate(token)
-                    .ok_or_else(|| ApiError::Unauthenticated("unknown or revoked device token".into()))
-            });
-            match device {
-                Ok(device) => caller = Some(device),
-                Err(error) => return refuse(error.into()),
+        match shared.accounts.cached(token) {
+            CachedAuth::Valid(device) => admit(inner, shared, request, Some(device)),
+            CachedAuth::Refused => refuse(path, unknown_token().into()),
+            // Paired through another node, or checked too long ago: the database decides.
+            CachedAuth::Unsure => {
+                let token = token.to_owned();
+                Box::pin(async move {
+                    match shared.accounts.lookup(&token).await {
+                        Ok(Some(device)) => admit(inner, shared, request, Some(device)).await,
+                        Ok(None) => refuse(request.uri().path(), unknown_token().into()).await,
+                        Err(error) => refuse(request.uri().path(), ApiError::from(error).into()).await,
+                    }
+                })
             }
         }
-        let user_id = caller.as_ref().map(|device| &device.user_id);
-        if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id) {
-            return refuse(status);
-        }
-        let device_call = match caller {
-            Some(device) => match shared.device_calls.take(&device.device_id) {
-                Ok(call) => Some(call),
-                Err(_) => {
-                    tracing::debug!(path, "request shed: limits.max_concurrent_requests_per_device reached");
-                    return refuse(shared.shed("too many requests of this device in progress"));
-                }
-            },
-            None => None,
-        };
-        let Ok(call_permit) = shared.requests.clone().try_acquire_owned() else {
-            tracing::debug!(path, "request shed: limits.max_concurrent_requests reached");
-            return refuse(shared.shed("too many requests in progress"));
-        };
-        // Push bodies count against the byte budget as they arrive; what they took is
-        // given back when the call is answered (the decoded changes live until then).
-        let held_bytes = Arc::new(Mutex::new(None::<OwnedSemaphorePermit>));
-        if path == PUSH {
-            request = request
-                .map(|body| Body::new(BudgetedBody { inner: body, shared: shared.clone(), held: held_bytes.clone() }));
-        }
-        let timeout = shared.request_timeout;
-        Box::pin(async move {
-            let answered = tokio::time::timeout(timeout, inner.call(request)).await;
-            drop(call_permit);
-            drop(device_call);
-            drop(held_bytes);
-            match answered {
-                Ok(response) => response,
-                Err(_) => Ok(Status::from(ApiError::Unavailable(format!(
-                    "the request was not answered within {} s (limits.request_timeout)",
-                    timeout.as_secs()
-                )))
-                .into_http()),
-            }
-        })
     }
+}
+
+fn unknown_token() -> ApiError {
+    ApiError::Unauthenticated("unknown or revoked device token".into())
+}
+
+/// Answers `status` without calling the handler.
+fn refuse<E: Send + 'static>(path: &str, status: Status) -> BoxFuture<Result<http::Response<Body>, E>> {
+    if path == PUSH {
+        // Pushes refused here never reach the handler, which counts the others.
+        let code = crate::error::code_name(status.code());
+        metrics::counter!("lockstep_pushes_total", "code" => code).increment(1);
+    }
+    Box::pin(std::future::ready(Ok(status.into_http())))
+}
+
+/// Rate limits, concurrency bounds and the timeout for a call whose caller (if it needs one)
+/// was authenticated.
+fn admit<S>(
+    mut inner: S,
+    shared: Arc<Shared>,
+    mut request: http::Request<Body>,
+    caller: Option<AuthedDevice>,
+) -> BoxFuture<Result<http::Response<Body>, S::Error>>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    let path = request.uri().path().to_owned();
+    let path = path.as_str();
+    let refuse = |status: Status| refuse::<S::Error>(path, status);
+    let user_id = caller.as_ref().map(|device| &device.user_id);
+    if let Err(status) = shared.rate_limit(path, peer_ip(&request), user_id) {
+        return refuse(status);
+    }
+    let device_call = match caller {
+        Some(device) => match shared.device_calls.take(&device.device_id) {
+            Ok(call) => Some(call),
+            Err(_) => {
+                tracing::debug!(path, "request shed: limits.max_concurrent_requests_per_device reached");
+                return refuse(shared.shed("too many requests of this device in progress"));
+            }
+        },
+        None => None,
+    };
+    let Ok(call_permit) = shared.requests.clone().try_acquire_owned() else {
+        tracing::debug!(path, "request shed: limits.max_concurrent_requests reached");
+        return refuse(shared.shed("too many requests in progress"));
+    };
+    // Push bodies count against the byte budget as they arrive; what they took is
+    // given back when the call is answered (the decoded changes live until then).
+    let held_bytes = Arc::new(Mutex::new(None::<OwnedSemaphorePermit>));
+    if path == PUSH {
+        request = request
+            .map(|body| Body::new(BudgetedBody { inner: body, shared: shared.clone(), held: held_bytes.clone() }));
+    }
+    let timeout = shared.request_timeout;
+    Box::pin(async move {
+        let answered = tokio::time::timeout(timeout, inner.call(request)).await;
+        drop(call_permit);
+        drop(device_call);
+        drop(held_bytes);
+        match answered {
+            Ok(response) => response,
+            Err(_) => Ok(Status::from(ApiError::Unavailable(format!(
+                "the request was not answered within {} s (limits.request_timeout)",
+                timeout.as_secs()
+            )))
+            .into_http()),
+        }
+    })
 }
 
 /// A request body whose data frames take permits from the push byte budget.
