@@ -107,7 +107,7 @@ postgres_bin_dir() {
 
 # PostgreSQL for the tests of accounts in PostgreSQL (testkit/src/postgres.rs starts it as an
 # unprivileged user in a temp directory): Debian's package, whatever its major version; exports
-# LOCKSTEP_POSTGRES_BIN (its bin directory, not on PATH) for the test kit.
+# LOCKSTEP_TEST_POSTGRES_BIN (its bin directory, not on PATH) for the test kit.
 ensure_postgres() {
     local bin
     bin="$(postgres_bin_dir)"
@@ -117,7 +117,7 @@ ensure_postgres() {
         bin="$(postgres_bin_dir)"
     fi
     [[ -n "$bin" ]] || { log "no PostgreSQL under /usr/lib/postgresql/*/bin after installing it"; return 1; }
-    export LOCKSTEP_POSTGRES_BIN="$bin"
+    export LOCKSTEP_TEST_POSTGRES_BIN="$bin"
 }
 
 # The major Java version of the java binary $1 (0 if it does not run).

@@ -494,6 +494,9 @@ impl Settings {
         let env = Env::prefixed("LOCKSTEP_")
             // Flags of the binary (clap reads these), not settings keys.
             .ignore(&["KAFKA_BROKERS", "CONFIG", "LISTEN", "LOG_JSON", "LOG"])
+            // The test kit's own variables (`LOCKSTEP_TEST_DATABASE`, `LOCKSTEP_TEST_POSTGRES_BIN`…),
+            // set for whole test runs, are not settings keys either.
+            .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
             .split("__");
         let mut settings = layered(Settings::default(), file, env)?;
         // Messages to devices stay under the server's own encoding cap, also
@@ -646,6 +649,9 @@ mod tests {
             jail.set_env("LOCKSTEP_LISTEN", "127.0.0.1:0");
             jail.set_env("LOCKSTEP_KAFKA_BROKERS", "kafka:9092");
             jail.set_env("LOCKSTEP_LOG_JSON", "true");
+            // Nor are the test kit's.
+            jail.set_env("LOCKSTEP_TEST_DATABASE", "postgres");
+            jail.set_env("LOCKSTEP_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin");
             let settings = Settings::load(Some(std::path::Path::new("lockstep.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(settings.listen_addr.port(), 7000);
             assert_eq!(settings.limits.max_changes_per_push, 20);

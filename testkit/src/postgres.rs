@@ -19,10 +19,10 @@ use anyhow::{Context, bail};
 const START_DEADLINE: Duration = Duration::from_secs(60);
 const USER: &str = "lockstep";
 
-/// The directory of `initdb`, `pg_ctl` and `postgres`: `$LOCKSTEP_POSTGRES_BIN`, else the
+/// The directory of `initdb`, `pg_ctl` and `postgres`: `$LOCKSTEP_TEST_POSTGRES_BIN`, else the
 /// newest `/usr/lib/postgresql/<version>/bin` (Debian's layout; `scripts/test` installs it).
 pub fn postgres_binaries() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LOCKSTEP_POSTGRES_BIN") {
+    if let Some(dir) = std::env::var_os("LOCKSTEP_TEST_POSTGRES_BIN") {
         return Ok(PathBuf::from(dir));
     }
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -38,12 +38,12 @@ pub fn postgres_binaries() -> anyhow::Result<PathBuf> {
     found.sort();
     found.pop().map(|(_, bin)| bin).context(
         "no PostgreSQL under /usr/lib/postgresql/*/bin (install Debian's postgresql package, or set \
-         LOCKSTEP_POSTGRES_BIN)",
+         LOCKSTEP_TEST_POSTGRES_BIN)",
     )
 }
 
 /// A command for PostgreSQL's own programs. PostgreSQL refuses to run as root: as root (a
-/// container), they run as `$LOCKSTEP_POSTGRES_USER` (default `postgres`, which Debian's package
+/// container), they run as `$LOCKSTEP_TEST_POSTGRES_USER` (default `postgres`, which Debian's package
 /// creates) through `setpriv`, and the directory is given to that user.
 fn postgres_command(program: &Path, dir: &Path) -> anyhow::Result<Command> {
     let running_as_root = Command::new("id")
@@ -52,7 +52,7 @@ fn postgres_command(program: &Path, dir: &Path) -> anyhow::Result<Command> {
         .map(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
         .unwrap_or(false);
     let mut command = if running_as_root {
-        let user = std::env::var("LOCKSTEP_POSTGRES_USER").unwrap_or_else(|_| "postgres".into());
+        let user = std::env::var("LOCKSTEP_TEST_POSTGRES_USER").unwrap_or_else(|_| "postgres".into());
         let owned = Command::new("chown").arg("-R").arg(format!("{user}:")).arg(dir).status()?;
         if !owned.success() {
             bail!("cannot give {} to the user {user} (PostgreSQL does not run as root)", dir.display());
