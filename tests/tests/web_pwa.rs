@@ -346,15 +346,13 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
     let before = browser.call(json!({"cmd": "stored", "id": woken_id})).await?;
     assert!(before["record"].is_null(), "nothing has synced it yet: {before}");
     browser.call(json!({"cmd": "wake", "payload": {"reason": "behind", "log_end_offset": 1}})).await?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let stored = loop {
-        let stored = browser.call(json!({"cmd": "stored", "id": woken_id})).await?;
-        if !stored["record"].is_null() {
-            break stored;
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "the service worker never synced after the push: {stored}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let stored = browser_until(
+        &mut browser,
+        json!({"cmd": "stored", "id": woken_id}),
+        "the service worker's sync after the push",
+        |stored| !stored["record"].is_null(),
+    )
+    .await?;
     assert!(stored["record"]["state"].as_str().unwrap_or_default().contains("wake up"), "{stored}");
     assert_eq!(stored["lastWake"]["payload"]["reason"], "behind", "{stored}");
 
@@ -371,15 +369,7 @@ async fn the_pwa_and_a_cli_device_sync_offline_reloads_and_push_wake_ups_include
 
 /// Waits until the PWA's sync status is `state`; returns it (with the words the page shows).
 async fn status_until(browser: &mut Browser, state: &str) -> anyhow::Result<Value> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = browser.call(json!({"cmd": "status"})).await?;
-        if status["state"] == state {
-            return Ok(status);
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "the PWA never got to {state}: {status}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    browser_until(browser, json!({"cmd": "status"}), state, |status| status["state"] == state).await
 }
 
 /// After the laptop revokes a stolen device, the PWA gets the new epoch's key (sealed to it by
@@ -492,15 +482,13 @@ async fn the_push_workers_own_wake_up_reaches_the_service_worker_and_holds_metad
 
     // Exactly that payload, delivered to the service worker with no page open: it syncs.
     browser.call(json!({"cmd": "wake", "data": payload})).await?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let stored = loop {
-        let stored = browser.call(json!({"cmd": "stored", "id": woken_id})).await?;
-        if !stored["record"].is_null() {
-            break stored;
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "the service worker never synced after the push: {stored}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let stored = browser_until(
+        &mut browser,
+        json!({"cmd": "stored", "id": woken_id}),
+        "the service worker's sync after the push",
+        |stored| !stored["record"].is_null(),
+    )
+    .await?;
     assert!(stored["record"]["state"].as_str().unwrap_or_default().contains("secret title"), "{stored}");
     assert_eq!(stored["lastWake"]["payload"], sent, "the service worker got the worker's payload: {stored}");
     browser.call(json!({"cmd": "quit"})).await?;
