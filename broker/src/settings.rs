@@ -292,6 +292,11 @@ pub struct RateLimitSettings {
     /// RemovePushTarget, every Keys call and ListDevices (one Kafka lookup per device).
     /// Default burst 200, 18,000 an hour (5 a second).
     pub database_calls_per_account: Rate,
+    /// Database lookups of tokens this node does not know, per peer address. Only with a
+    /// shared database (`database.url`): a token paired through another node is looked up
+    /// once, then cached, but every made-up token would cost a query. Default burst 100,
+    /// 6,000 an hour (100 a minute).
+    pub unknown_token_lookups_per_address: Rate,
 }
 
 impl Default for RateLimitSettings {
@@ -304,6 +309,7 @@ impl Default for RateLimitSettings {
             push_per_account: Rate { burst: 1000, per_hour: 3_600_000 },
             failed_registration_per_address: Rate { burst: 10, per_hour: 60 },
             database_calls_per_account: Rate { burst: 200, per_hour: 18_000 },
+            unknown_token_lookups_per_address: Rate { burst: 100, per_hour: 6_000 },
         }
     }
 }
@@ -593,6 +599,7 @@ impl Settings {
             ("push_per_account", rates.push_per_account),
             ("failed_registration_per_address", rates.failed_registration_per_address),
             ("database_calls_per_account", rates.database_calls_per_account),
+            ("unknown_token_lookups_per_address", rates.unknown_token_lookups_per_address),
         ] {
             if rate.burst == 0 {
                 return fail(&format!("rate_limits.{name}.burst must be at least 1"));

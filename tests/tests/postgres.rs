@@ -5,13 +5,17 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use lockstep_e2e::{
-    device::{Device, changes, receive_changes},
+    device::{Device, changes, receive_changes, with_token},
     kafka::Kafka,
     server::Server,
 };
-use lockstep_proto::v1::{
-    CreatePairingTicketRequest, ListDevicesRequest, RedeemPairingTicketRequest, RevokeDeviceRequest,
+use lockstep_proto::{
+    retry,
+    v1::{
+        CreatePairingTicketRequest, ListDevicesRequest, PushRequest, RedeemPairingTicketRequest, RevokeDeviceRequest,
+    },
 };
 use lockstep_testkit::postgres::Postgres;
 use tonic::Code;
@@ -145,5 +149,64 @@ async fn an_unreachable_postgresql_stops_the_start_with_a_readable_error() -> an
     assert!(stderr.contains(&expected), "{stderr}");
     assert!(stderr.contains("Connection refused"), "{stderr}");
     assert!(!stderr.contains("hunter2") && !stderr.contains("panicked"), "{stderr}");
+    Ok(())
+}
+
+/// `lockstep_token_lookups_total{found="no"}`: database lookups that found no device.
+async fn unknown_token_lookups(server: &Server) -> anyhow::Result<f64> {
+    let admin = server.admin_addr().context("the server printed its admin address")?;
+    let (_, metrics) = lockstep_e2e::http_get(admin, "/metrics").await?;
+    Ok(metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("lockstep_token_lookups_total{found=\"no\"} "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or_default())
+}
+
+/// With a shared database a node asks it about every token it has not seen, so made-up tokens
+/// would each cost a query: past `rate_limits.unknown_token_lookups_per_address` they are shed
+/// (RESOURCE_EXHAUSTED, retryable) without one, while known tokens and tokens already found
+/// unknown are answered from the cache as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_tokens_cost_the_shared_database_a_bounded_number_of_lookups() -> anyhow::Result<()> {
+    let kafka = Kafka::shared().await?;
+    let (_database_server, url, _) = postgres().await?;
+    let server = Server::start_with(
+        kafka,
+        &[
+            ("LOCKSTEP_DATABASE__URL", &url),
+            ("LOCKSTEP_RATE_LIMITS__UNKNOWN_TOKEN_LOOKUPS_PER_ADDRESS__BURST", "5"),
+            ("LOCKSTEP_RATE_LIMITS__UNKNOWN_TOKEN_LOOKUPS_PER_ADDRESS__PER_HOUR", "1"),
+        ],
+    )
+    .await?;
+    let phone = Device::create_account(&server, "phone").await?;
+    let push_as = |token: String| {
+        let mut sync = phone.sync.clone();
+        async move { sync.push(with_token(PushRequest { changes: changes(1, 8) }, &token)).await.map(|_| ()) }
+    };
+    let made_up: Vec<String> = (0..8).map(|index| format!("lst_made_up_{index}_{}", phone.user_id)).collect();
+
+    // The first five are looked up (and not found): refused as unknown.
+    for token in &made_up[..5] {
+        let refused = push_as(token.clone()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    }
+    assert_eq!(unknown_token_lookups(&server).await?, 5.0);
+    // The rest are shed before the database is asked.
+    for token in &made_up[5..] {
+        let shed = push_as(token.clone()).await.unwrap_err();
+        assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+        assert!(retry::is_retryable(&shed), "{shed:?}");
+        assert!(retry::retry_after(&shed).is_some_and(|wait| wait > Duration::ZERO), "{shed:?}");
+        assert!(shed.message().contains("unknown device tokens"), "{shed:?}");
+    }
+    assert_eq!(unknown_token_lookups(&server).await?, 5.0, "no lookup past the limit");
+    // A token found unknown before is refused from the negative cache, as unknown, with no lookup;
+    // the account's own device is served from the cache.
+    let refused = push_as(made_up[0].clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert_eq!(phone.push_ok(changes(2, 8)).await?, [0, 1]);
+    assert_eq!(unknown_token_lookups(&server).await?, 5.0);
     Ok(())
 }

@@ -92,8 +92,12 @@ pub enum CachedAuth {
     Valid(AuthedDevice),
     /// Unknown or revoked (remembered from an earlier database lookup).
     Refused,
-    /// Not known, or checked too long ago: ask [`Accounts::lookup`].
-    Unsure,
+    /// Not known to this node (paired through another node, or made up): ask
+    /// [`Accounts::lookup`]. Only with a shared database; the guard limits these per
+    /// address (`rate_limits.unknown_token_lookups_per_address`), since each costs a query.
+    Unknown,
+    /// Known, but checked longer ago than the recheck interval: ask [`Accounts::lookup`].
+    Stale,
 }
 
 #[derive(Clone)]
@@ -195,9 +199,9 @@ impl Accounts {
             if !self.shared || cached.checked_at.elapsed() < self.token_recheck {
                 return CachedAuth::Valid(cached.device.clone());
             }
-            return CachedAuth::Unsure;
+            return CachedAuth::Stale;
         }
-        if !self.shared || lock(&self.refused).contains(&hash) { CachedAuth::Refused } else { CachedAuth::Unsure }
+        if !self.shared || lock(&self.refused).contains(&hash) { CachedAuth::Refused } else { CachedAuth::Unknown }
     }
 
     /// The device of `token`: from the cache when it was checked recently, else from the
@@ -206,7 +210,7 @@ impl Accounts {
         match self.cached(token) {
             CachedAuth::Valid(device) => return Ok(Some(device)),
             CachedAuth::Refused => return Ok(None),
-            CachedAuth::Unsure => {}
+            CachedAuth::Unknown | CachedAuth::Stale => {}
         }
         let hash = hash_secret(token);
         let found = self

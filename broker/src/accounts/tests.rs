@@ -135,7 +135,7 @@ both_backends!(a_token_cache_falls_back_to_the_shared_database, |store: TestStor
         return;
     }
     // Created after the second node loaded its cache: unknown to it, found in the database.
-    assert_eq!(second.cached(&alice.token), CachedAuth::Unsure);
+    assert_eq!(second.cached(&alice.token), CachedAuth::Unknown);
     let found = second.lookup(&alice.token).await.unwrap().expect("in the database");
     assert_eq!(&*found.device_id, alice.device_id);
     assert_eq!(second.cached(&alice.token), CachedAuth::Valid(found.clone()));
@@ -145,7 +145,7 @@ both_backends!(a_token_cache_falls_back_to_the_shared_database, |store: TestStor
     // Revoked through the first node; the second never hears of it, but checks again.
     first.revoke_device("alice", &alice.device_id).await.unwrap();
     tokio::time::sleep(Duration::from_millis(60)).await;
-    assert_eq!(second.cached(&alice.token), CachedAuth::Unsure);
+    assert_eq!(second.cached(&alice.token), CachedAuth::Stale);
     assert!(second.lookup(&alice.token).await.unwrap().is_none());
     assert_eq!(second.cached(&alice.token), CachedAuth::Refused);
     assert!(second.authenticate(&alice.token).is_none());

@@ -216,7 +216,16 @@ where
             CachedAuth::Valid(device) => admit(inner, shared, request, Some(device)),
             CachedAuth::Refused => refuse(path, unknown_token().into()),
             // Paired through another node, or checked too long ago: the database decides.
-            CachedAuth::Unsure => {
+            // A token this node never saw costs a query each: limited per address, so a
+            // flood of made-up tokens cannot keep the shared database busy.
+            unsure => {
+                if unsure == CachedAuth::Unknown {
+                    let source = Source::of(peer_ip(&request));
+                    if let Err(wait) = shared.rates.unknown_token_lookups_per_address.check(&source) {
+                        tracing::debug!(path, ?source, ?wait, "unknown-token lookups rate limited");
+                        return refuse(path, rate_limit::exhausted("lookups of unknown device tokens", wait));
+                    }
+                }
                 let token = token.to_owned();
                 Box::pin(async move {
                     match shared.accounts.lookup(&token).await {

@@ -56,6 +56,9 @@ pub struct Rates {
     pub redeem_per_address: RateLimiter<Source>,
     pub push_per_account: RateLimiter<Arc<str>>,
     pub database_calls_per_account: RateLimiter<Arc<str>>,
+    /// Taken by a token this node does not know, before the database is asked (shared
+    /// database only, see `accounts`).
+    pub unknown_token_lookups_per_address: RateLimiter<Source>,
 }
 
 impl Rates {
@@ -68,6 +71,7 @@ impl Rates {
             redeem_per_address: RateLimiter::new(settings.redeem_per_address),
             push_per_account: RateLimiter::new(settings.push_per_account),
             database_calls_per_account: RateLimiter::new(settings.database_calls_per_account),
+            unknown_token_lookups_per_address: RateLimiter::new(settings.unknown_token_lookups_per_address),
         }
     }
 }
