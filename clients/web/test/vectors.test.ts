@@ -24,6 +24,9 @@ import {
   decodePairingCode,
   deviceKeyProof,
   fromHex,
+  isRevoked,
+  readRevocation,
+  REVOCATIONS_COLLECTION,
   openEpochKey,
   parseJson,
   toHex,
@@ -95,6 +98,24 @@ describe('rust vectors', { skip }, () => {
       assert.equal(toHex(deviceKeyProof(account, sealed.user_id, sealed.device_id, publicKey)), sealed.device_key_proof);
       verifyDeviceKey(account, sealed.user_id, sealed.device_id, publicKey, fromHex(sealed.device_key_proof));
       assert.throws(() => verifyDeviceKey(account, sealed.user_id, 'another', publicKey, fromHex(sealed.device_key_proof)), CryptoError);
+    }
+  });
+
+  it('revocation control records the Rust store wrote read as the same revocations', () => {
+    assert.ok(vectors.revocation_records.length >= 3);
+    for (const record of vectors.revocation_records) {
+      assert.equal(record.collection, REVOCATIONS_COLLECTION);
+      assert.equal(record.record_id, `revoked:${record.device_id}`);
+      const state = RecordState.fromJsonText(record.state);
+      const fields = Object.fromEntries([...state.fields].map(([name, field]) => [name, field.value]));
+      const revoked = readRevocation(fields);
+      assert.ok(revoked, record.state);
+      assert.equal(revoked.deviceId, record.device_id);
+      assert.equal(toHex(revoked.publicKey), record.public_key);
+      assert.equal(revoked.revokedInEpoch, Number(record.revoked_in_epoch));
+      assert.ok(isRevoked([revoked], record.device_id, new Uint8Array()));
+      assert.equal(isRevoked([revoked], 'another', fromHex(record.public_key)), record.public_key !== '');
+      assert.equal(state.toJsonText(), RecordState.fromJsonText(record.state).toJsonText());
     }
   });
 
