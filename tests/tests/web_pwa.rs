@@ -611,7 +611,7 @@ fn metadata_only(payload: &str, secrets: &[&str]) -> anyhow::Result<Value> {
 /// it decrypted is delivered to the service worker, which syncs; the payload is metadata only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_push_workers_own_wake_up_reaches_the_service_worker_and_holds_metadata_only() -> anyhow::Result<()> {
-    let PwaStack { kafka: _kafka, server, cli, mut browser, url: _url, _web, push } =
+    let PwaStack { kafka: _kafka, server, cli, mut browser, url: _url, _web, push, .. } =
         PwaStack::start_with(true, Pairing::Paste).await?;
     let (_worker, service) = push.context("the stack has a push worker")?;
 
