@@ -210,7 +210,8 @@ fn revocation_records() -> anyhow::Result<Vec<Value>> {
         let public_key = if index == 1 { Vec::new() } else { DeviceSecret::generate().public_key().to_vec() };
         let revoked = RevokedDevice { device_id: device_id.into(), public_key, revoked_in_epoch: 1 + index as u32 * 3 };
         store.record_revocation(&revoked)?;
-        let record = store.get(&format!("revoked:{device_id}"))?.ok_or_else(|| anyhow::anyhow!("the control record"))?;
+        let record =
+            store.get(&format!("revoked:{device_id}"))?.ok_or_else(|| anyhow::anyhow!("the control record"))?;
         records.push(json!({
             "record_id": record.record_id,
             "collection": record.collection,

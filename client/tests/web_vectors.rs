@@ -140,7 +140,8 @@ fn check_rotation(rotation: &Value) {
         assert_eq!(secret.public_key().to_vec(), bytes(device, "public_key"));
         verify_device_key(&account, &user_id, &device_id, &bytes(device, "public_key"), &bytes(device, "proof"))
             .expect("a device key proof verifies");
-        let copies: Vec<&Value> = sealed_keys.iter().filter(|sealed| sealed["device_id"] == device_id.as_str()).collect();
+        let copies: Vec<&Value> =
+            sealed_keys.iter().filter(|sealed| sealed["device_id"] == device_id.as_str()).collect();
         if device_id == revoked_id {
             assert!(copies.is_empty(), "no copy of the new epoch for the revoked device");
             continue;
