@@ -12,6 +12,11 @@ type Decode = (data: Uint8ClampedArray, width: number, height: number) => { data
 const jsQR: Decode =
   (jsQRModule as unknown as { default?: Decode }).default ?? (jsQRModule as unknown as Decode);
 
+/** The text of a QR code in an RGBA frame (as a canvas gives it), decoded by jsQR; null if none. */
+export function decodeQrFrame(rgba: Uint8ClampedArray, width: number, height: number): string | null {
+  return jsQR(rgba, width, height)?.data ?? null;
+}
+
 /** A scan that could not go on, with words for the person holding the camera. */
 export class ScanError extends Error {
   override name = 'ScanError';
@@ -61,7 +66,7 @@ export async function scanPairingCode(
   signal: AbortSignal,
   onNotice: (message: string) => void = () => undefined,
 ): Promise<string> {
-  if (!navigator.mediaDevices?.getUserMedia) {
+  if (typeof navigator === 'undefined' || !navigator.mediaDevices?.getUserMedia) {
     throw new ScanError(
       'This browser offers no camera to this page (a camera needs a page served over HTTPS or from localhost): paste the code instead.',
     );
@@ -96,8 +101,8 @@ export async function scanPairingCode(
         canvas.width = video.videoWidth;
         canvas.height = video.videoHeight;
         context.drawImage(video, 0, 0);
-        const found = jsQR(context.getImageData(0, 0, canvas.width, canvas.height).data, canvas.width, canvas.height);
-        if (found) texts = [found.data];
+        const found = decodeQrFrame(context.getImageData(0, 0, canvas.width, canvas.height).data, canvas.width, canvas.height);
+        if (found !== null) texts = [found];
       }
       const code = texts.find((text) => text.includes('LOCKSTEP1:'));
       if (code) return code;

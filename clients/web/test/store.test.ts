@@ -31,6 +31,7 @@ import {
 } from '../src/index.js';
 import { RevokeDeviceRequestSchema, RevokeDeviceResponseSchema } from '../src/gen/lockstep/v1/accounts_pb.js';
 import {
+  GetEpochKeysRequestSchema,
   GetEpochKeysResponseSchema,
   ListDeviceKeysResponseSchema,
   ShareEpochKeysRequestSchema,
@@ -348,6 +349,46 @@ describe('revoking a device from the browser', () => {
     assert.deepEqual(shared, []);
     await assert.rejects(store.put(REVOCATIONS_COLLECTION, null, { device_id: 'x' }), /reserved/);
     await assert.rejects(store.delete('revoked:stolen'), /reserved/);
+  });
+});
+
+describe('epoch keys that do not open', () => {
+  it('are reported (for another device to share again) and never used', async () => {
+    const [store, account] = await openStore();
+    account.deviceKeyRegistered = true;
+    await store.saveAccount(account);
+    const good = EpochKey.generate();
+    const sealedFor = (epoch: number) => ({ userId: account.userId, deviceId: account.deviceId, epoch });
+    // Epoch 2 sealed with another account's key (its proof does not verify); epoch 3 is fine.
+    const forged = sealEpochKey(AccountKey.generate(), account.deviceSecret.publicKey(), sealedFor(2), EpochKey.generate());
+    const sealed = sealEpochKey(account.key, account.deviceSecret.publicKey(), sealedFor(3), good);
+    const requests: { sinceEpoch: number; unopenedEpochs: number[] }[] = [];
+    const engine = new SyncEngine(store, {
+      fetch: (async (url: string, init: { body: Uint8Array }) => {
+        assert.equal(new URL(url).pathname.slice(1), 'lockstep.v1.Keys/GetEpochKeys');
+        const asked = fromBinary(GetEpochKeysRequestSchema, init.body.subarray(5));
+        requests.push({ sinceEpoch: asked.sinceEpoch, unopenedEpochs: [...asked.unopenedEpochs] });
+        const sealedKeys =
+          asked.sinceEpoch === 0
+            ? [
+                { deviceId: account.deviceId, epoch: 2, sealed: forged, sealedByDeviceId: 'server' },
+                { deviceId: account.deviceId, epoch: 3, sealed, sealedByDeviceId: 'laptop' },
+              ]
+            : [];
+        const trailers = new TextEncoder().encode('grpc-status: 0\r\n');
+        const answer = toBinary(GetEpochKeysResponseSchema, create(GetEpochKeysResponseSchema, { currentEpoch: 3, sealedKeys }));
+        return new Response(new Uint8Array([...frame(answer), 0x80, 0, 0, 0, trailers.length, ...trailers]) as BodyInit, { status: 200 });
+      }) as unknown as typeof fetch,
+    });
+    const outcome = await engine.syncKeys();
+    assert.equal(outcome.received, 1);
+    assert.deepEqual(requests, [
+      { sinceEpoch: 0, unopenedEpochs: [] },
+      { sinceEpoch: 3, unopenedEpochs: [2] },
+    ]);
+    const held = (await store.account())!.epochKeys;
+    assert.equal(held.get(2), undefined, 'the forged key is never used');
+    assert.equal(held.get(3)?.toBase64(), good.toBase64());
   });
 });
 

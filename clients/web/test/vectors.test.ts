@@ -34,6 +34,30 @@ import {
   verifyDeviceKey,
 } from '../src/index.js';
 
+import { decodeQrFrame } from '../app/scan.js';
+
+/**
+ * What a camera would see of the QR code the CLI drew with Unicode half blocks (light modules
+ * inked, for a dark terminal): dark modules black, light ones white, 4 pixels each, RGBA.
+ */
+function halfBlockQrToRgba(shown: string): { rgba: Uint8ClampedArray; width: number; height: number } {
+  const isQrLine = (line: string) => line.length > 20 && /^[ ▀▄█]+$/u.test(line);
+  const lines = shown.split('\n').filter(isQrLine).map((line) => [...line]);
+  const size = lines[0]!.length;
+  const scale = 4;
+  const [width, height] = [size * scale, size * scale];
+  const rgba = new Uint8ClampedArray(width * height * 4).fill(255);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const [mx, my] = [Math.floor(x / scale), Math.floor(y / scale)];
+      const glyph = lines[Math.floor(my / 2)]![mx]!;
+      const light = my % 2 === 0 ? glyph === '▀' || glyph === '█' : glyph === '▄' || glyph === '█';
+      if (!light) rgba.fill(0, (y * width + x) * 4, (y * width + x) * 4 + 3);
+    }
+  }
+  return { rgba, width, height };
+}
+
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Vectors = any;
 
@@ -98,6 +122,13 @@ describe('rust vectors', { skip }, () => {
       assert.equal(toHex(deviceKeyProof(account, sealed.user_id, sealed.device_id, publicKey)), sealed.device_key_proof);
       verifyDeviceKey(account, sealed.user_id, sealed.device_id, publicKey, fromHex(sealed.device_key_proof));
       assert.throws(() => verifyDeviceKey(account, sealed.user_id, 'another', publicKey, fromHex(sealed.device_key_proof)), CryptoError);
+    }
+  });
+
+  it('the QR code `pair show` draws decodes to the pairing code with the PWA scanner', () => {
+    for (const code of vectors.pairing_codes) {
+      const frame = halfBlockQrToRgba(code.shown);
+      assert.equal(decodeQrFrame(frame.rgba, frame.width, frame.height), code.text);
     }
   });
 
