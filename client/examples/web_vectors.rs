@@ -16,6 +16,7 @@ use lockstep_client::{
     ids::new_id,
     pairing::PairingCode,
     record::{ChangePayload, RecordState, Stamp},
+    store::{Account, RevokedDevice, Store},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::{Map, Value, json};
@@ -189,6 +190,40 @@ fn sealed_epoch_keys() -> Vec<Value> {
         .collect()
 }
 
+/// Revocation control records as this crate's store writes them (`Store::record_revocation`),
+/// for the TypeScript client to read as revocations (by device id and by public key).
+fn revocation_records() -> anyhow::Result<Vec<Value>> {
+    let dir = tempfile::tempdir()?;
+    let mut store = Store::open(&dir.path().join("store.db"), Duration::from_secs(3600))?;
+    store.save_account(&Account {
+        server: "http://127.0.0.1:1".into(),
+        user_id: "user-revocations".into(),
+        device_id: "laptop".into(),
+        device_name: "laptop".into(),
+        token: String::from("token").into(),
+        key: AccountKey::generate(),
+        key_epoch: 1,
+        epoch_keys: EpochKeys::default(),
+    })?;
+    let mut records = Vec::new();
+    for (index, device_id) in ["phone", "old-tablet", &new_id()].into_iter().enumerate() {
+        let public_key = if index == 1 { Vec::new() } else { DeviceSecret::generate().public_key().to_vec() };
+        let revoked = RevokedDevice { device_id: device_id.into(), public_key, revoked_in_epoch: 1 + index as u32 * 3 };
+        store.record_revocation(&revoked)?;
+        let record =
+            store.get(&format!("revoked:{device_id}"))?.ok_or_else(|| anyhow::anyhow!("the control record"))?;
+        records.push(json!({
+            "record_id": record.record_id,
+            "collection": record.collection,
+            "state": serde_json::to_string(&record.state)?,
+            "device_id": revoked.device_id,
+            "public_key": hex::encode(&revoked.public_key),
+            "revoked_in_epoch": revoked.revoked_in_epoch,
+        }));
+    }
+    Ok(records)
+}
+
 /// The wall clock the HLC scenarios read (a `fn` pointer cannot capture).
 static WALL_MS: AtomicU64 = AtomicU64::new(0);
 
@@ -272,6 +307,7 @@ fn main() -> anyhow::Result<()> {
         "producer": "rust",
         "envelopes": envelopes(&mut rng),
         "sealed_epoch_keys": sealed_epoch_keys(),
+        "revocation_records": revocation_records()?,
         "merges": merges(&mut rng),
         "hlc": hlc_scenarios(&mut rng),
         "pairing_codes": pairing,

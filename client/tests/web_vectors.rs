@@ -87,6 +87,12 @@ fn typescript_vectors_open_verify_and_merge_alike() {
         .expect("a TypeScript device key proof verifies");
     }
 
+    let rotations = vectors["rotations"].as_array().expect("rotations");
+    assert!(rotations.len() >= 3);
+    for rotation in rotations {
+        check_rotation(rotation);
+    }
+
     let merges = vectors["merges"].as_array().expect("merges");
     assert!(merges.len() >= 200);
     for (index, case) in merges.iter().enumerate() {
@@ -111,4 +117,68 @@ fn typescript_vectors_open_verify_and_merge_alike() {
         assert_eq!(parsed.get_version_num(), 7, "{id}");
     }
     assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "ids of one generator strictly increase");
+}
+
+/// A rotation the TypeScript client made when it revoked a device: every remaining device
+/// opens its copy of the new epoch's key (made for it, with the account key's proof), the
+/// revoked device has none, and the control record sealed under the new epoch reads as this
+/// crate's store reads a revocation (`store::revocations`).
+fn check_rotation(rotation: &Value) {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use lockstep_client::store::REVOCATIONS_COLLECTION;
+
+    let account = AccountKey::from_base64(&text(rotation, "account_key")).expect("account key");
+    let user_id = text(rotation, "user_id");
+    let epoch = number(rotation, "epoch");
+    let revoked_id = text(rotation, "revoked_device_id");
+    let sealed_keys = rotation["sealed_keys"].as_array().expect("sealed keys");
+    let devices = rotation["devices"].as_array().expect("devices");
+    let mut epoch_key = None;
+    for device in devices {
+        let device_id = text(device, "device_id");
+        let secret = DeviceSecret::from_base64(&text(device, "device_secret")).expect("device secret");
+        assert_eq!(secret.public_key().to_vec(), bytes(device, "public_key"));
+        verify_device_key(&account, &user_id, &device_id, &bytes(device, "public_key"), &bytes(device, "proof"))
+            .expect("a device key proof verifies");
+        let copies: Vec<&Value> =
+            sealed_keys.iter().filter(|sealed| sealed["device_id"] == device_id.as_str()).collect();
+        if device_id == revoked_id {
+            assert!(copies.is_empty(), "no copy of the new epoch for the revoked device");
+            continue;
+        }
+        assert_eq!(copies.len(), 1, "one copy for {device_id}");
+        assert_eq!(number(copies[0], "epoch"), epoch);
+        let sealed_for = SealedFor { user_id: &user_id, device_id: &device_id, epoch };
+        let key = open_epoch_key(&account, &secret, &sealed_for, &bytes(copies[0], "sealed")).expect("the copy opens");
+        assert_eq!(*key.to_base64(), text(rotation, "epoch_key"));
+        epoch_key = Some(key);
+    }
+    assert_eq!(sealed_keys.len(), devices.len() - 1, "every remaining device got a copy");
+
+    let mut epochs = EpochKeys::default();
+    epochs.insert(epoch, epoch_key.expect("a remaining device"));
+    let record = &rotation["control_record"];
+    let (record_id, collection) = (text(record, "record_id"), text(record, "collection"));
+    assert_eq!(collection, REVOCATIONS_COLLECTION);
+    assert_eq!(record_id, format!("revoked:{revoked_id}"));
+    validate_record_id(&record_id).expect("a valid record id");
+    let binding = Binding {
+        user_id: &user_id,
+        record_id: &record_id,
+        collection: &collection,
+        op: number(record, "op") as i32,
+        key_epoch: number(record, "key_epoch"),
+    };
+    assert_eq!(binding.key_epoch, epoch, "the control record goes up under the new epoch");
+    let keyring = Keyring { account: &account, epochs: &epochs };
+    let plaintext = keyring.open(&binding, &bytes(record, "nonce"), &bytes(record, "ciphertext")).expect("opens");
+    assert_eq!(*plaintext, bytes(record, "plaintext"));
+    let payload = ChangePayload::decode(&plaintext).expect("a payload");
+    assert_eq!(payload.encode(), *plaintext);
+    let field = |name: &str| payload.state.fields.get(name).map(|field| field.value.clone()).unwrap_or(Value::Null);
+    assert_eq!(field("device_id"), Value::from(revoked_id.as_str()));
+    let revoked = devices.iter().find(|device| device["device_id"] == revoked_id.as_str()).expect("the revoked device");
+    let public_key = URL_SAFE_NO_PAD.decode(field("public_key").as_str().expect("a string")).expect("base64url");
+    assert_eq!(public_key, bytes(revoked, "public_key"));
+    assert_eq!(field("revoked_in_epoch").as_u64(), Some(u64::from(epoch - 1)));
 }

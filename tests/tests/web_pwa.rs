@@ -187,8 +187,17 @@ async fn browser_until(
     }
 }
 
+/// How the PWA pairs with the CLI device's `pair show`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pairing {
+    /// Pastes what it printed, whole (after checking that scanning without a camera says why).
+    Paste,
+    /// Scans the QR code it drew, shown to Chromium's fake camera.
+    Scan,
+}
+
 /// Kafka, a server that lets the PWA's origin call it, the PWA's static files, a CLI device
-/// (`laptop`) and the PWA in Chromium, paired with the code `pair show` printed, pasted whole.
+/// (`laptop`) and the PWA in Chromium, paired with what `pair show` printed.
 struct PwaStack {
     kafka: Broker,
     server: Server,
@@ -198,16 +207,18 @@ struct PwaStack {
     _web: StaticServer,
     /// The real `lockstep-push` worker and the local push service, when asked for.
     push: Option<(PushWorker, PushService)>,
+    /// The fake camera's video file, while Chromium may read it.
+    _camera: Option<tempfile::TempDir>,
 }
 
 impl PwaStack {
     async fn start() -> anyhow::Result<Self> {
-        Self::start_with(false).await
+        Self::start_with(false, Pairing::Paste).await
     }
 
     /// With `push`, the server advertises the VAPID key of a real `lockstep-push` worker (on
     /// the server's events topic) that may wake targets at the local push service.
-    async fn start_with(push: bool) -> anyhow::Result<Self> {
+    async fn start_with(push: bool, pairing: Pairing) -> anyhow::Result<Self> {
         let dist = build_web_client().await?;
         let web = StaticServer::start(&dist.join("pwa")).await?;
         let kafka = Broker::shared().await?;
@@ -250,15 +261,77 @@ impl PwaStack {
             None => None,
         };
         let cli = Cli::init("laptop", &server).await?;
-        let mut browser = Browser::start(&dist).await?;
-        let url = format!("{}/", web.origin);
-        let shown = browser.call(json!({"cmd": "open", "url": url})).await?;
-        assert_eq!(shown, "not paired yet");
         let printed = cli.run(&["pair", "show"]).await?;
         assert!(printed.contains("LOCKSTEP1:"), "{printed}");
-        browser.call(json!({"cmd": "pair", "code": printed, "name": "browser"})).await?;
-        Ok(Self { kafka, server, cli, browser, url, _web: web, push })
+        let camera = match pairing {
+            Pairing::Scan => {
+                let dir = tempfile::tempdir()?;
+                let video = dir.path().join("pairing-qr.y4m");
+                std::fs::write(&video, qr_video_frame(&printed)?)?;
+                Some((dir, video))
+            }
+            Pairing::Paste => None,
+        };
+        let mut browser = Browser::start(&dist).await?;
+        let url = format!("{}/", web.origin);
+        let mut open = json!({"cmd": "open", "url": url});
+        if let Some((_, video)) = &camera {
+            open["camera"] = json!(video.to_string_lossy());
+        }
+        let shown = browser.call(open).await?;
+        assert_eq!(shown, "not paired yet");
+        match pairing {
+            Pairing::Paste => {
+                // No camera in this Chromium: the page says why and what to do instead.
+                let said = browser.call(json!({"cmd": "scanProblem"})).await?;
+                let said = said.as_str().unwrap_or_default();
+                assert!(said.contains("camera") && said.contains("paste the code"), "{said}");
+                browser.call(json!({"cmd": "pair", "code": printed, "name": "browser"})).await?;
+            }
+            Pairing::Scan => {
+                let said = browser.call(json!({"cmd": "scanPair", "name": "scanned browser"})).await?;
+                assert_eq!(said, "Pairing code scanned.");
+            }
+        }
+        Ok(Self { kafka, server, cli, browser, url, _web: web, push, _camera: camera.map(|(dir, _)| dir) })
     }
+}
+
+/// The QR code `lockstep-cli pair show` drew (Unicode half blocks, light modules inked for a
+/// dark terminal) as one frame of a Y4M video for Chromium's fake camera: dark modules black,
+/// light ones white, 6 pixels each, centred on white. Nothing else draws it: this is what a
+/// phone's camera would see of the terminal.
+fn qr_video_frame(printed: &str) -> anyhow::Result<Vec<u8>> {
+    let block = |c: char| matches!(c, ' ' | '▀' | '▄' | '█');
+    let lines: Vec<Vec<char>> = printed
+        .lines()
+        .map(|line| line.chars().collect::<Vec<_>>())
+        .skip_while(|chars| !(chars.len() > 20 && chars.iter().all(|&c| block(c)) && chars.contains(&'█')))
+        .take_while(|chars| chars.len() > 20 && chars.iter().all(|&c| block(c)))
+        .collect();
+    let size = lines.first().context("pair show drew no QR code")?.len();
+    ensure!(lines.iter().all(|line| line.len() == size), "the QR code's lines differ in width");
+    // Two module rows per line; the last line of an odd-sized code has only its top half.
+    ensure!(lines.len() * 2 >= size && lines.len() * 2 <= size + 1, "{} lines for {size} modules", lines.len());
+    let light = |x: usize, y: usize| {
+        let c = lines[y / 2][x];
+        if y % 2 == 0 { matches!(c, '▀' | '█') } else { matches!(c, '▄' | '█') }
+    };
+    let (width, height, scale) = (640_usize, 480_usize, 6_usize);
+    ensure!(size * scale <= height, "a QR code of {size} modules does not fit");
+    let (left, top) = ((width - size * scale) / 2, (height - size * scale) / 2);
+    let mut luma = vec![235_u8; width * height];
+    for y in 0..size * scale {
+        for x in 0..size * scale {
+            if !light(x / scale, y / scale) {
+                luma[(top + y) * width + left + x] = 16;
+            }
+        }
+    }
+    let mut video = format!("YUV4MPEG2 W{width} H{height} F10:1 Ip A1:1 C420jpeg\nFRAME\n").into_bytes();
+    video.extend_from_slice(&luma);
+    video.extend(std::iter::repeat_n(128_u8, width * height / 2));
+    Ok(video)
 }
 
 fn id_of(put: &Value) -> anyhow::Result<String> {
@@ -423,6 +496,101 @@ async fn a_revoked_cli_device_cannot_read_what_the_pwa_writes_afterwards() -> an
     Ok(())
 }
 
+/// The PWA revokes a CLI device from its device list (after a confirmation, which can be
+/// declined): it records the revocation, starts key epoch 2 sealed to the remaining devices
+/// only, and writes under it. The revoked device can no longer sync and holds no key that
+/// opens what the PWA wrote afterwards; the remaining CLI device reads the old and the new
+/// notes and took the PWA's control record as a revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pwa_revokes_a_cli_device_and_starts_a_key_epoch_it_never_gets() -> anyhow::Result<()> {
+    let PwaStack { kafka, server: _server, cli: laptop, mut browser, url: _url, _web, .. } = PwaStack::start().await?;
+    let stolen = laptop.pair("stolen").await?;
+    let before_id = browser.call(json!({"cmd": "addNote", "title": "before the revocation"})).await?;
+    let before_id = before_id.as_str().context("the new note's id")?.to_string();
+    for cli in [&laptop, &stolen] {
+        cli_until(cli, "the PWA's first note", |notes| notes[&before_id]["title"] == "before the revocation").await?;
+    }
+    let status = stolen.json(&["status"]).await?;
+    let stolen_id = status["device_id"].as_str().context("device id")?.to_string();
+    let user_id = status["user_id"].as_str().context("user id")?.to_string();
+
+    let declined = browser.call(json!({"cmd": "revoke", "deviceId": stolen_id, "accept": false})).await?;
+    assert!(declined["asked"].as_str().unwrap_or_default().contains("cannot be undone"), "{declined}");
+    assert!(declined["said"].as_str().unwrap_or_default().contains("was not revoked"), "{declined}");
+    stolen.sync().await.context("the stolen device still syncs after a declined revocation")?;
+
+    let revoked = browser.call(json!({"cmd": "revoke", "deviceId": stolen_id, "accept": true})).await?;
+    let said = revoked["said"].as_str().unwrap_or_default();
+    assert!(said.starts_with("Revoked") && said.contains("key epoch 2 started"), "{revoked}");
+    let after_id = browser.call(json!({"cmd": "addNote", "title": "after the revocation"})).await?;
+    let after_id = after_id.as_str().context("the new note's id")?.to_string();
+
+    let on_laptop = cli_until(&laptop, "both notes on the remaining device", |notes| {
+        notes[&before_id]["title"] == "before the revocation" && notes[&after_id]["title"] == "after the revocation"
+    })
+    .await?;
+    assert_eq!(on_laptop.as_object().map(|notes| notes.len()), Some(2), "{on_laptop}");
+    let refused = stolen.fail(&["sync"]).await?;
+    assert!(refused.contains("Unauthenticated"), "{refused}");
+
+    // The log as Kafka holds it: the PWA wrote under epoch 2, which the stolen keys do not open.
+    let log = read_topic(kafka.bootstrap(), &format!("lockstep.user.{user_id}")).await?;
+    let written = log
+        .iter()
+        .rev()
+        .map(|(_, envelope)| envelope)
+        .find(|envelope| envelope.record_id == after_id)
+        .context("the PWA's change is in the log")?;
+    assert_eq!(written.key_epoch, 2, "the PWA sealed its change under the epoch it started");
+    let control = log
+        .iter()
+        .map(|(_, envelope)| envelope)
+        .find(|envelope| envelope.record_id == format!("revoked:{stolen_id}"))
+        .context("the PWA's revocation record is in the log")?;
+    assert_eq!(control.key_epoch, 2, "the revocation record went up under the new epoch");
+    let stolen_store = ClientStore::open(&stolen.store, Duration::from_secs(3600))?;
+    let stolen_account = stolen_store.account()?;
+    let laptop_store = ClientStore::open(&laptop.store, Duration::from_secs(3600))?;
+    let laptop_account = laptop_store.account()?;
+    let binding = Binding {
+        user_id: &written.user_id,
+        record_id: &written.record_id,
+        collection: &written.collection,
+        op: lockstep_proto::v1::Op::from(written.op.clone()) as i32,
+        key_epoch: written.key_epoch,
+    };
+    assert!(stolen_account.epoch_keys.get(2).is_none(), "the stolen device holds no key of epoch 2");
+    assert!(stolen_account.keyring().open(&binding, &written.nonce, &written.ciphertext).is_err());
+    assert!(stolen_account.key.open(&binding, &written.nonce, &written.ciphertext).is_err());
+    assert!(stolen_store.get(&after_id)?.is_none(), "the stolen device never got the new note");
+    assert!(laptop_account.keyring().open(&binding, &written.nonce, &written.ciphertext).is_ok());
+    let revoked_on_laptop = laptop_store.revoked_devices()?;
+    assert!(
+        revoked_on_laptop.iter().any(|device| device.device_id == stolen_id && device.public_key.len() == 32),
+        "the laptop read the PWA's control record as a revocation: {revoked_on_laptop:?}"
+    );
+    browser.call(json!({"cmd": "quit"})).await?;
+    Ok(())
+}
+
+/// The PWA pairs from the QR code the CLI drew, seen through Chromium's fake camera (a video
+/// file made from `pair show`'s output), then syncs with the CLI device both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pwa_pairs_by_scanning_the_clis_qr_code_and_syncs() -> anyhow::Result<()> {
+    let PwaStack { kafka: _kafka, server: _server, cli, mut browser, .. } =
+        PwaStack::start_with(false, Pairing::Scan).await?;
+    let devices = cli.json(&["devices"]).await?;
+    assert!(devices.to_string().contains("scanned browser"), "the scanned pairing made a device: {devices}");
+    let from_cli = id_of(&cli.json(&["put", "-c", "notes", r#"{"title":"from the laptop"}"#]).await?)?;
+    cli.sync().await?;
+    pwa_until(&mut browser, "the laptop's note", |notes| notes[&from_cli]["title"] == "from the laptop").await?;
+    let from_web = browser.call(json!({"cmd": "addNote", "title": "from the scanned browser"})).await?;
+    let from_web = from_web.as_str().context("the new note's id")?.to_string();
+    cli_until(&cli, "the browser's note", |notes| notes[&from_web]["title"] == "from the scanned browser").await?;
+    browser.call(json!({"cmd": "quit"})).await?;
+    Ok(())
+}
+
 /// What `docs/push.md` says a Web Push wake-up carries: `{"v":1,"log_end":N}`, two integers and
 /// nothing else; none of `secrets` (record ids, collections, field values) appears in its text.
 fn metadata_only(payload: &str, secrets: &[&str]) -> anyhow::Result<Value> {
@@ -443,8 +611,8 @@ fn metadata_only(payload: &str, secrets: &[&str]) -> anyhow::Result<Value> {
 /// it decrypted is delivered to the service worker, which syncs; the payload is metadata only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_push_workers_own_wake_up_reaches_the_service_worker_and_holds_metadata_only() -> anyhow::Result<()> {
-    let PwaStack { kafka: _kafka, server, cli, mut browser, url: _url, _web, push } =
-        PwaStack::start_with(true).await?;
+    let PwaStack { kafka: _kafka, server, cli, mut browser, url: _url, _web, push, .. } =
+        PwaStack::start_with(true, Pairing::Paste).await?;
     let (_worker, service) = push.context("the stack has a push worker")?;
 
     // The PWA's device (its own token) sets a Web Push target at the local push service.

@@ -1,10 +1,12 @@
 /**
- * The notes PWA: pair by pasting the `LOCKSTEP1:` code, a notes list that works offline and
+ * The notes PWA: pair by scanning the QR code of `lockstep-cli pair show` or pasting its
+ * `LOCKSTEP1:` code, revoke another device (which starts a new key epoch), a notes list that works offline and
  * syncs live while open, sync status and problems in plain words, Web Push wake-ups through
  * the service worker.
  */
 import { type JsonValue, RpcError, Transport, fromBase64Url, pair } from '../src/index.js';
 import { COLLECTION, openEngine } from './common.js';
+import { ScanError, scanPairingCode } from './scan.js';
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
@@ -168,6 +170,7 @@ async function showNotes(): Promise<void> {
     );
   });
   window.addEventListener('online', () => engine.retryNow());
+  $('load-devices').addEventListener('click', () => void renderDevices());
   engine.start();
   const account = (await engine.store.account())!;
   registerPush(new Transport(account.server, account.token))
@@ -179,20 +182,124 @@ async function showNotes(): Promise<void> {
     .finally(() => void renderDevice());
 }
 
+/** Lists the account's devices, each other active one with a button that revokes it (after a confirmation). */
+async function renderDevices(): Promise<void> {
+  const message = $('devices-message');
+  const account = (await engine.store.account())!;
+  let devices;
+  try {
+    devices = await engine.devices();
+  } catch (error) {
+    message.textContent = `Could not list the devices: ${error instanceof Error ? error.message : String(error)}`;
+    message.className = 'problem';
+    message.hidden = false;
+    return;
+  }
+  const list = $('devices');
+  list.innerHTML = '';
+  for (const device of devices) {
+    const li = document.createElement('li');
+    li.dataset.deviceId = device.deviceId;
+    const label = document.createElement('span');
+    label.textContent = `${device.name || 'unnamed'} (${device.deviceId})`;
+    li.append(label);
+    if (device.deviceId === account.deviceId) {
+      label.textContent += ' · this device';
+    } else if (device.revokedAtMs > 0n) {
+      label.textContent += ` · revoked ${new Date(Number(device.revokedAtMs)).toLocaleString()}`;
+      li.dataset.revoked = 'true';
+    } else {
+      const button = document.createElement('button');
+      button.className = 'revoke danger';
+      button.textContent = 'Revoke this device';
+      button.addEventListener('click', () => void revoke(device.deviceId, device.name || device.deviceId));
+      li.append(button);
+    }
+    list.append(li);
+  }
+}
+
+async function revoke(deviceId: string, name: string): Promise<void> {
+  const message = $('devices-message');
+  const confirmed = window.confirm(
+    `Revoke “${name}”? It stops syncing at once, and everything written from now on is sealed with a new key it never gets. ` +
+      'This cannot be undone: to use it again, pair it anew.',
+  );
+  if (!confirmed) {
+    message.textContent = `“${name}” was not revoked.`;
+    message.className = '';
+    message.hidden = false;
+    return;
+  }
+  message.textContent = `Revoking “${name}”…`;
+  message.className = '';
+  message.hidden = false;
+  try {
+    const { keys } = await engine.revoke(deviceId);
+    message.textContent =
+      keys.startedEpoch !== null
+        ? `Revoked “${name}”: it can no longer sync, and key epoch ${keys.startedEpoch} started, sealed to the remaining devices only.`
+        : `Revoked “${name}”: it can no longer sync${keys.supported ? `; key epoch ${keys.currentEpoch} is in force` : ' (this server does not rotate keys)'}.`;
+  } catch (error) {
+    message.textContent = `Could not revoke “${name}”: ${error instanceof Error ? error.message : String(error)}`;
+    message.className = 'problem';
+  }
+  await renderDevices();
+  await renderDevice();
+}
+
+function pairWith(code: string): void {
+  const error = $('pair-error');
+  error.hidden = true;
+  $('status-text').textContent = 'pairing…';
+  pair(engine.store, code, $<HTMLInputElement>('device-name').value || 'browser')
+    .then(() => showNotes())
+    .catch((failure: unknown) => {
+      error.textContent = `Pairing failed: ${failure instanceof Error ? failure.message : String(failure)}`;
+      error.hidden = false;
+      $('status-text').textContent = 'not paired yet';
+    });
+}
+
 function showPairing(): void {
   $('pairing').hidden = false;
   $('status').dataset.state = 'stopped';
   $('status-text').textContent = 'not paired yet';
-  $('pair').addEventListener('click', () => {
-    const error = $('pair-error');
-    error.hidden = true;
-    $('status-text').textContent = 'pairing…';
-    pair(engine.store, $<HTMLTextAreaElement>('code').value, $<HTMLInputElement>('device-name').value || 'browser')
-      .then(() => showNotes())
+  $('pair').addEventListener('click', () => pairWith($<HTMLTextAreaElement>('code').value));
+  let scanning: AbortController | null = null;
+  const video = $<HTMLVideoElement>('camera');
+  const message = $('scan-message');
+  const stopScanning = () => {
+    scanning?.abort();
+    scanning = null;
+    video.hidden = true;
+    $('scan-stop').hidden = true;
+  };
+  $('scan-stop').addEventListener('click', () => {
+    stopScanning();
+    message.hidden = true;
+  });
+  $('scan').addEventListener('click', () => {
+    if (scanning) return;
+    scanning = new AbortController();
+    video.hidden = false;
+    $('scan-stop').hidden = false;
+    message.className = '';
+    message.textContent = 'Point the camera at the QR code that `lockstep-cli pair show` draws.';
+    message.hidden = false;
+    scanPairingCode(video, scanning.signal, (notice) => (message.textContent = notice))
+      .then((code) => {
+        stopScanning();
+        message.textContent = 'Pairing code scanned.';
+        $<HTMLTextAreaElement>('code').value = code;
+        pairWith(code);
+      })
       .catch((failure: unknown) => {
-        error.textContent = `Pairing failed: ${failure instanceof Error ? failure.message : String(failure)}`;
-        error.hidden = false;
-        $('status-text').textContent = 'not paired yet';
+        const aborted = scanning === null;
+        stopScanning();
+        if (aborted) return;
+        message.className = 'problem';
+        message.textContent = failure instanceof ScanError ? failure.message : `Scanning failed: ${String(failure)}; paste the code instead.`;
       });
   });
 }

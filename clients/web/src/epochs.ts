@@ -277,3 +277,45 @@ export class Keyring {
     return openWith(this.subkey(binding.keyEpoch), binding, nonce, ciphertext);
   }
 }
+
+/** A device as the server lists it (ListDeviceKeys): its public key and proof, empty while unregistered. */
+export interface ListedDeviceKey {
+  deviceId: string;
+  publicKey: Uint8Array;
+  proof: Uint8Array;
+}
+
+/** One epoch key sealed to one device, as StartKeyEpoch and ShareEpochKeys take it. */
+export interface SealedCopy {
+  deviceId: string;
+  epoch: number;
+  sealed: Uint8Array;
+}
+
+/**
+ * Seals `key` of `epoch` to each device with a registered public key, as the Rust client's
+ * rotation does: a device whose proof does not verify with the account key is refused (the
+ * server cannot slip in a key of its own), and so is the whole rotation (throws). Devices
+ * without a key are left out: the server lists them as missing the epoch, for a later share.
+ */
+export function sealToDevices(
+  account: AccountKey,
+  userId: string,
+  epoch: number,
+  key: EpochKey,
+  devices: ListedDeviceKey[],
+): SealedCopy[] {
+  if (epoch < 2) throw new RangeError("epoch 1 is the account key's");
+  return devices
+    .filter((device) => device.publicKey.length > 0)
+    .map((device) => {
+      let publicKey: Uint8Array;
+      try {
+        publicKey = verifyDeviceKey(account, userId, device.deviceId, device.publicKey, device.proof);
+      } catch (error) {
+        const kind = error instanceof CryptoError ? error.kind : 'device-proof';
+        throw new CryptoError(kind, `device ${device.deviceId}; no key is sealed to it`);
+      }
+      return { deviceId: device.deviceId, epoch, sealed: sealEpochKey(account, publicKey, { userId, deviceId: device.deviceId, epoch }, key) };
+    });
+}

@@ -12,6 +12,7 @@ export * from './ids.js';
 export * from './json.js';
 export * from './pairing.js';
 export * from './record.js';
+export * from './revocations.js';
 export * from './store.js';
 export * from './sync.js';
 export * from './transport.js';

@@ -17,8 +17,17 @@ import { Clock } from './hlc.js';
 import { newId, validateCollection, validateRecordId } from './ids.js';
 import type { JsonValue } from './json.js';
 import { ChangePayload, RecordState } from './record.js';
+import {
+  REVOCATIONS_COLLECTION,
+  type RevokedDevice,
+  mergeRevocations,
+  readRevocation,
+  revocationFields,
+  revocationRecordId,
+} from './revocations.js';
 
-export const RESERVED_PREFIX = 'lockstep.';
+/** Collections whose names start with this are the client's own (as in Rust), not the app's. */
+export const RESERVED_PREFIX = '_lockstep.';
 
 export interface Account {
   server: string;
@@ -256,7 +265,44 @@ export class Store {
   async delete(recordId: string): Promise<StoredRecord> {
     const existing = await this.get(recordId);
     if (!existing || existing.state.isDeleted()) throw new StoreError(`no record ${recordId}`);
+    if (existing.collection.startsWith(RESERVED_PREFIX)) throw new StoreError(`collection ${existing.collection} is reserved`);
     return this.localChange(recordId, existing.collection, Op.Delete, (state, stamp) => state.delete(stamp));
+  }
+
+  // Revocations (see revocations.ts).
+
+  /**
+   * Records that `revoked` is revoked: this device refuses to seal epoch keys to it from now on,
+   * and the control record telling every device so is queued (sealed when pushed: after the
+   * rotation that follows, under the new epoch).
+   */
+  async recordRevocation(revoked: RevokedDevice): Promise<StoredRecord> {
+    await this.#keepRevoked([revoked]);
+    const recordId = revocationRecordId(revoked.deviceId);
+    validateRecordId(recordId);
+    return this.localChange(recordId, REVOCATIONS_COLLECTION, Op.Upsert, (state, stamp) =>
+      state.set(revocationFields(revoked), stamp),
+    );
+  }
+
+  /** Every revocation this device knows of, its own and the log's; the list only grows. */
+  async revokedDevices(): Promise<RevokedDevice[]> {
+    const fromLog: RevokedDevice[] = [];
+    for (const record of await this.list(REVOCATIONS_COLLECTION, true)) {
+      const fields = Object.fromEntries([...record.state.fields].map(([name, field]) => [name, field.value]));
+      const revoked = readRevocation(fields);
+      if (revoked) fromLog.push(revoked);
+    }
+    return this.#keepRevoked(fromLog);
+  }
+
+  async #keepRevoked(more: RevokedDevice[]): Promise<RevokedDevice[]> {
+    const stored = ((await this.getMeta('revokedDevices')) as { deviceId: string; publicKey: string; revokedInEpoch: number }[] | undefined) ?? [];
+    const known = stored.map((revoked) => ({ ...revoked, publicKey: fromBase64Url(revoked.publicKey) }));
+    const merged = mergeRevocations(known, more);
+    const rows = merged.map((revoked) => ({ ...revoked, publicKey: toBase64Url(revoked.publicKey) }));
+    if (JSON.stringify(rows) !== JSON.stringify(stored)) await this.setMeta('revokedDevices', rows);
+    return merged;
   }
 
   private async localChange(

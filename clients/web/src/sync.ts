@@ -5,12 +5,24 @@
  * backoff. It reports its status in words a person understands, and tells the app's tables
  * (adapters) which records changed.
  */
-import { DeviceSecret, EpochKeys, deviceKeyProof, openEpochKey } from './epochs.js';
+import {
+  DeviceSecret,
+  EpochKey,
+  EpochKeys,
+  type SealedCopy,
+  deviceKeyProof,
+  openEpochKey,
+  sealToDevices,
+  verifyDeviceKey,
+} from './epochs.js';
+import type { Device } from './gen/lockstep/v1/accounts_pb.js';
+import type { DeviceKey } from './gen/lockstep/v1/keys_pb.js';
 import { GrpcStatus } from './grpc-web.js';
 import { ResyncReason, type DeliveredChange } from './gen/lockstep/v1/sync_pb.js';
 import type { JsonValue } from './json.js';
 import { decodePairingCode } from './pairing.js';
 import { ChangePayload, PayloadError } from './record.js';
+import { isRevoked } from './revocations.js';
 import { type Account, type Incoming, type StoredRecord, Store, keyring } from './store.js';
 import { RpcError, Transport } from './transport.js';
 
@@ -64,6 +76,29 @@ export async function pair(store: Store, codeText: string, deviceName: string, f
   await store.saveAccount(account);
   return account;
 }
+
+/** What a key sync did (the Rust client's `KeySync`). */
+export interface KeySync {
+  /** This device registered its public key now. */
+  registered: boolean;
+  /** Epoch keys received and opened. */
+  received: number;
+  /** The epoch this device started (after a revocation). */
+  startedEpoch: number | null;
+  /** Sealed copies shared with devices that lacked them. */
+  shared: number;
+  /** The account's current epoch, as the server says. */
+  currentEpoch: number;
+  /** The newest epoch this device holds. */
+  heldEpoch: number;
+  /** The server has the Keys service. */
+  supported: boolean;
+}
+
+/** StartKeyEpoch attempts when another device rotates or a device appears at the same time. */
+const ROTATION_ATTEMPTS = 3;
+/** Sealed keys per ShareEpochKeys call (the server takes up to 1,024). */
+const SHARE_CHUNK = 512;
 
 function backoffMs(attempt: number): number {
   const cap = Math.min(30_000, 250 * 2 ** Math.min(attempt, 7));
@@ -188,21 +223,53 @@ export class SyncEngine extends EventTarget {
     this.#wake?.();
   }
 
-  // Keys.
+  // Keys (as the Rust client's `sync/keys.rs`).
 
-  /** Registers this device's public key, then fetches and opens every epoch key sealed to it. */
-  async syncKeys(): Promise<void> {
+  /**
+   * Brings this device's keys up to date with the account: registers its public key, fetches
+   * and opens every epoch key sealed to it (a copy that does not open is reported, so that the
+   * server forgets it and another device shares it again), starts the next epoch when a
+   * revocation made one due, and, with `share`, seals the epochs it holds to devices that lack
+   * them. Sharing waits until the log was read: a revocation record waiting in it is not known
+   * before. A server without the Keys service (older than key rotation) is left alone.
+   */
+  async syncKeys(options: { share?: boolean } = {}): Promise<KeySync> {
     const [account, transport] = await this.#transport();
-    if (!account.deviceKeyRegistered) {
-      const publicKey = account.deviceSecret.publicKey();
-      await transport.registerDeviceKey(publicKey, deviceKeyProof(account.key, account.userId, account.deviceId, publicKey));
-      account.deviceKeyRegistered = true;
-      await this.store.saveAccount(account);
+    const outcome: KeySync = { registered: false, received: 0, startedEpoch: null, shared: 0, currentEpoch: 0, heldEpoch: 0, supported: true };
+    try {
+      if (!account.deviceKeyRegistered) {
+        const publicKey = account.deviceSecret.publicKey();
+        await transport.registerDeviceKey(publicKey, deviceKeyProof(account.key, account.userId, account.deviceId, publicKey));
+        account.deviceKeyRegistered = true;
+        await this.store.saveAccount(account);
+        outcome.registered = true;
+      }
+      const rotationDue = await this.#fetchEpochKeys(account, transport, outcome);
+      if (rotationDue || (await this.#revocationNeedsEpoch(account, outcome.currentEpoch))) {
+        await this.#rotate(account, transport, outcome);
+      }
+      if (options.share) await this.#shareMissing(account, transport, outcome);
+    } catch (error) {
+      if (error instanceof RpcError && error.code === GrpcStatus.Unimplemented) {
+        outcome.supported = false;
+        outcome.currentEpoch = account.epochKeys.newest();
+      } else throw error;
     }
-    for (let round = 0; round < 64; round++) {
-      const answer = await transport.epochKeys(account.epochKeys.newest());
+    outcome.heldEpoch = account.epochKeys.newest();
+    return outcome;
+  }
+
+  /** Fetches and opens the epoch keys sealed to this device it does not hold yet; returns whether a rotation is due. */
+  async #fetchEpochKeys(account: Account, transport: Transport, outcome: KeySync): Promise<boolean> {
+    let sinceEpoch = 0;
+    let unopened: number[] = [];
+    for (let round = 0; round < 1024; round++) {
+      const reported = unopened.length > 0;
+      const answer = await transport.epochKeys(sinceEpoch, unopened);
+      unopened = [];
       let opened = 0;
       for (const sealed of answer.sealedKeys) {
+        sinceEpoch = Math.max(sinceEpoch, sealed.epoch);
         if (sealed.deviceId !== account.deviceId || sealed.epoch < 2 || account.epochKeys.get(sealed.epoch)) continue;
         try {
           const key = openEpochKey(
@@ -214,12 +281,154 @@ export class SyncEngine extends EventTarget {
           account.epochKeys.insert(sealed.epoch, key);
           opened += 1;
         } catch {
-          // Not made with this account's key: never used.
+          // Not made with this account's key: never used; reported for another device to share again.
+          console.warn(`reporting epoch ${sealed.epoch}'s key (sealed by ${sealed.sealedByDeviceId}): it does not open or verify`);
+          unopened.push(sealed.epoch);
         }
       }
-      if (opened) await this.store.saveAccount(account);
-      if (!answer.more || !opened) break;
+      if (opened) {
+        outcome.received += opened;
+        await this.store.saveAccount(account);
+      }
+      outcome.currentEpoch = answer.currentEpoch;
+      // One more call reports the copies that did not open (the server then forgets them).
+      const done = !answer.more || answer.sealedKeys.length === 0;
+      if (done && (unopened.length === 0 || reported)) return answer.rotationDue;
     }
+    throw new Error('the server kept sending epoch keys');
+  }
+
+  /** Whether a revocation this device knows of has no epoch after it yet (asks nothing of the server). */
+  async #revocationNeedsEpoch(account: Account, serverEpoch: number): Promise<boolean> {
+    const newestKnown = Math.max(serverEpoch, account.epochKeys.newest());
+    return (await this.store.revokedDevices()).some((revoked) => revoked.revokedInEpoch >= newestKnown);
+  }
+
+  /** The listed devices this device must never seal an epoch key to: those the log or this device revoked. */
+  async #refused(account: Account, devices: DeviceKey[]): Promise<Set<string>> {
+    const revoked = await this.store.revokedDevices();
+    const refused = devices.filter(
+      (device) => device.deviceId !== account.deviceId && isRevoked(revoked, device.deviceId, device.publicKey),
+    );
+    for (const device of refused) console.warn(`the server lists device ${device.deviceId}, which this account revoked: no epoch key is sealed to it`);
+    return new Set(refused.map((device) => device.deviceId));
+  }
+
+  /** Starts the next epoch with a fresh random key sealed to every active device with a registered key, except revoked ones. */
+  async #rotate(account: Account, transport: Transport, outcome: KeySync): Promise<void> {
+    for (let attempt = 0; attempt < ROTATION_ATTEMPTS; attempt++) {
+      const listed = await transport.listDeviceKeys();
+      if (!listed.rotationDue && !(await this.#revocationNeedsEpoch(account, listed.currentEpoch))) return;
+      const epoch = listed.currentEpoch + 1;
+      const key = EpochKey.generate();
+      const refused = await this.#refused(account, listed.devices);
+      const sealedKeys = sealToDevices(
+        account.key,
+        account.userId,
+        epoch,
+        key,
+        listed.devices.filter((device) => !refused.has(device.deviceId)),
+      );
+      try {
+        await transport.startKeyEpoch(epoch, sealedKeys);
+      } catch (error) {
+        if (error instanceof RpcError && error.code === GrpcStatus.FailedPrecondition) {
+          // Another device rotated first, or the device set changed meanwhile.
+          const rotationDue = await this.#fetchEpochKeys(account, transport, outcome);
+          if (!rotationDue && !(await this.#revocationNeedsEpoch(account, outcome.currentEpoch))) return;
+          continue;
+        }
+        throw error;
+      }
+      account.epochKeys.insert(epoch, key);
+      await this.store.saveAccount(account);
+      outcome.startedEpoch = epoch;
+      outcome.currentEpoch = epoch;
+      return;
+    }
+    throw new Error(
+      `the key rotation did not go through after ${ROTATION_ATTEMPTS} attempts (devices changing meanwhile?); the next sync tries again`,
+    );
+  }
+
+  /** Seals the epochs this device holds to each device that lacks them (a device paired after a rotation). */
+  async #shareMissing(account: Account, transport: Transport, outcome: KeySync): Promise<void> {
+    const listed = await transport.listDeviceKeys();
+    const refused = await this.#refused(account, listed.devices);
+    const sealedKeys: SealedCopy[] = [];
+    for (const device of listed.devices) {
+      const held = device.missingEpochs.filter((epoch) => account.epochKeys.get(epoch));
+      if (device.deviceId === account.deviceId || !device.publicKey.length || !held.length || refused.has(device.deviceId)) continue;
+      for (const epoch of held) {
+        try {
+          sealedKeys.push(...sealToDevices(account.key, account.userId, epoch, account.epochKeys.get(epoch)!, [device]));
+        } catch (error) {
+          console.warn(`not sharing epoch keys with device ${device.deviceId}: ${error instanceof Error ? error.message : String(error)}`);
+          break;
+        }
+      }
+    }
+    for (let start = 0; start < sealedKeys.length; start += SHARE_CHUNK) {
+      const answer = await transport.shareEpochKeys(sealedKeys.slice(start, start + SHARE_CHUNK));
+      outcome.shared += answer.stored;
+    }
+  }
+
+  // Devices.
+
+  /** The account's devices, as the server lists them (revoked ones included, with when). */
+  async devices(): Promise<Device[]> {
+    const [, transport] = await this.#transport();
+    return (await transport.listDevices()).devices;
+  }
+
+  /**
+   * Revokes another device of the account, as the Rust client's `Syncer::revoke`: the
+   * revocation is recorded in the log (a control record with the device's registered key),
+   * the server revokes it (its token stops working), then this device starts the next key
+   * epoch sealed to every remaining device and pushes the record under it: what is written
+   * afterwards is sealed with a key the revoked device never gets.
+   */
+  async revoke(deviceId: string): Promise<{ keys: KeySync; pushed: number }> {
+    const run = this.#busy.then(async () => {
+      const [account, transport] = await this.#transport();
+      if (deviceId === account.deviceId) throw new Error('this is this device: to leave, revoke it from another device');
+      let listed;
+      try {
+        listed = await transport.listDeviceKeys();
+      } catch (error) {
+        if (!(error instanceof RpcError && error.code === GrpcStatus.Unimplemented)) throw error;
+        // A server from before key rotation: nothing to seal, nothing to record against.
+        await transport.revokeDevice(deviceId);
+        return { keys: await this.syncKeys({ share: true }), pushed: 0 };
+      }
+      const device = listed.devices.find((listedDevice) => listedDevice.deviceId === deviceId);
+      let publicKey: Uint8Array = new Uint8Array();
+      if (device?.publicKey.length) {
+        try {
+          // The key the server lists counts only with the account key's proof.
+          publicKey = verifyDeviceKey(account.key, account.userId, deviceId, device.publicKey, device.proof);
+        } catch {
+          publicKey = new Uint8Array();
+        }
+      }
+      const revoked = { deviceId, publicKey, revokedInEpoch: Math.max(listed.currentEpoch, account.epochKeys.newest()) };
+      if (device) {
+        // Recorded before the server hears of it: this device refuses it from now on.
+        await this.store.recordRevocation(revoked);
+        await transport.revokeDevice(deviceId);
+      } else {
+        // Unknown or revoked already: the server says which; record only a real device.
+        await transport.revokeDevice(deviceId);
+        await this.store.recordRevocation(revoked);
+      }
+      const keys = await this.syncKeys({ share: true });
+      const pushed = await this.push();
+      await this.#setStatus(this.#status.state, this.#status.message);
+      return { keys, pushed };
+    });
+    this.#busy = run.catch(() => undefined);
+    return run;
   }
 
   // Push.
@@ -321,6 +530,7 @@ export class SyncEngine extends EventTarget {
     const stop = () => controller.abort();
     options.signal?.addEventListener('abort', stop);
     let repairing = (await this.store.pendingResync())?.logStart === null;
+    let sharedKeys = false;
     let stream: AsyncGenerator<import('./gen/lockstep/v1/sync_pb.js').SubscribeResponse>;
     const subscribe = async () => {
       const cursor = await this.store.cursor();
@@ -395,6 +605,11 @@ export class SyncEngine extends EventTarget {
             }
             await pushing;
             if (!options.live) return report;
+            if (!sharedKeys) {
+              // The log is read (its revocation records too): now keys may go to devices that lack them.
+              sharedKeys = true;
+              await this.syncKeys({ share: true });
+            }
             await this.#setStatus('live', 'up to date');
             options.onCaughtUp?.();
           }
@@ -421,6 +636,7 @@ export class SyncEngine extends EventTarget {
         await this.syncKeys();
         const pushed = await this.push();
         const report = await this.receive({ live: false });
+        await this.syncKeys({ share: true });
         report.pushed += pushed + (await this.push());
         await this.#setStatus('live', 'up to date');
         return report;

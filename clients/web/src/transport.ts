@@ -6,12 +6,26 @@
  */
 import { create, fromBinary, toBinary, type DescMessage, type MessageInitShape, type MessageShape } from '@bufbuild/protobuf';
 import { CONTENT_TYPE, FrameReader, GrpcStatus, callStatus, frame } from './grpc-web.js';
-import { RedeemPairingTicketRequestSchema, RedeemPairingTicketResponseSchema } from './gen/lockstep/v1/accounts_pb.js';
+import {
+  ListDevicesRequestSchema,
+  ListDevicesResponseSchema,
+  RedeemPairingTicketRequestSchema,
+  RedeemPairingTicketResponseSchema,
+  RevokeDeviceRequestSchema,
+  RevokeDeviceResponseSchema,
+} from './gen/lockstep/v1/accounts_pb.js';
 import {
   GetEpochKeysRequestSchema,
   GetEpochKeysResponseSchema,
+  ListDeviceKeysRequestSchema,
+  ListDeviceKeysResponseSchema,
   RegisterDeviceKeyRequestSchema,
   RegisterDeviceKeyResponseSchema,
+  type SealedEpochKeySchema,
+  ShareEpochKeysRequestSchema,
+  ShareEpochKeysResponseSchema,
+  StartKeyEpochRequestSchema,
+  StartKeyEpochResponseSchema,
 } from './gen/lockstep/v1/keys_pb.js';
 import { SetPushTargetRequestSchema, SetPushTargetResponseSchema } from './gen/lockstep/v1/push_targets_pb.js';
 import {
@@ -253,12 +267,50 @@ export class Transport {
     );
   }
 
-  epochKeys(sinceEpoch: number, options?: CallOptions) {
+  epochKeys(sinceEpoch: number, unopenedEpochs: number[] = [], options?: CallOptions) {
     return this.unary(
       'lockstep.v1.Keys/GetEpochKeys',
       GetEpochKeysRequestSchema,
-      { sinceEpoch },
+      { sinceEpoch, unopenedEpochs },
       GetEpochKeysResponseSchema,
+      options,
+    );
+  }
+
+  listDeviceKeys(options?: CallOptions) {
+    return this.unary('lockstep.v1.Keys/ListDeviceKeys', ListDeviceKeysRequestSchema, {}, ListDeviceKeysResponseSchema, options);
+  }
+
+  startKeyEpoch(epoch: number, sealedKeys: MessageInitShape<typeof SealedEpochKeySchema>[], options?: CallOptions) {
+    return this.unary(
+      'lockstep.v1.Keys/StartKeyEpoch',
+      StartKeyEpochRequestSchema,
+      { epoch, sealedKeys },
+      StartKeyEpochResponseSchema,
+      options,
+    );
+  }
+
+  shareEpochKeys(sealedKeys: MessageInitShape<typeof SealedEpochKeySchema>[], options?: CallOptions) {
+    return this.unary(
+      'lockstep.v1.Keys/ShareEpochKeys',
+      ShareEpochKeysRequestSchema,
+      { sealedKeys },
+      ShareEpochKeysResponseSchema,
+      options,
+    );
+  }
+
+  listDevices(options?: CallOptions) {
+    return this.unary('lockstep.v1.Accounts/ListDevices', ListDevicesRequestSchema, {}, ListDevicesResponseSchema, options);
+  }
+
+  revokeDevice(deviceId: string, options?: CallOptions) {
+    return this.unary(
+      'lockstep.v1.Accounts/RevokeDevice',
+      RevokeDeviceRequestSchema,
+      { deviceId },
+      RevokeDeviceResponseSchema,
       options,
     );
   }

@@ -22,10 +22,23 @@ import {
   Transport,
   dexieTable,
   frame,
+  REVOCATIONS_COLLECTION,
+  deviceKeyProof,
   keyring,
+  openEpochKey,
+  readRevocation,
   sealEpochKey,
 } from '../src/index.js';
-import { GetEpochKeysResponseSchema } from '../src/gen/lockstep/v1/keys_pb.js';
+import { RevokeDeviceRequestSchema, RevokeDeviceResponseSchema } from '../src/gen/lockstep/v1/accounts_pb.js';
+import {
+  GetEpochKeysRequestSchema,
+  GetEpochKeysResponseSchema,
+  ListDeviceKeysResponseSchema,
+  ShareEpochKeysRequestSchema,
+  ShareEpochKeysResponseSchema,
+  StartKeyEpochRequestSchema,
+  StartKeyEpochResponseSchema,
+} from '../src/gen/lockstep/v1/keys_pb.js';
 import { PushRequestSchema, PushResponseSchema } from '../src/gen/lockstep/v1/sync_pb.js';
 import type { Account } from '../src/store.js';
 
@@ -79,7 +92,7 @@ describe('store', () => {
     assert.deepEqual(ChangePayload.decode(opened).state.visible(), { title: 'hello', body: 'world' });
     await store.outboxDone([first[0]!.seq]);
     assert.equal(await store.outboxLength(), 1);
-    await assert.rejects(store.put('lockstep.revocations', null, { x: 1 }), /reserved/);
+    await assert.rejects(store.put('_lockstep.revocations', null, { x: 1 }), /reserved/);
   });
 
   it('merges incoming changes per field, moves the cursor, refuses a gap and never moves back', async () => {
@@ -238,6 +251,144 @@ describe('engine against a fake server', () => {
     const stored = await store.account();
     assert.ok(stored?.epochKeys.get(2), 'the epoch key is kept');
     assert.equal(await store.outboxLength(), 0);
+  });
+});
+
+describe('revoking a device from the browser', () => {
+  const ok = (bytes: Uint8Array) => {
+    const trailers = new TextEncoder().encode('grpc-status: 0\r\n');
+    return new Response(new Uint8Array([...frame(bytes), 0x80, 0, 0, 0, trailers.length, ...trailers]) as BodyInit, {
+      status: 200,
+    });
+  };
+
+  it('records it, starts the next epoch sealed to every remaining device only, and pushes the record under it', async () => {
+    const [store, account] = await openStore();
+    account.deviceKeyRegistered = true;
+    await store.saveAccount(account);
+    const laptop = DeviceSecret.generate();
+    const stolen = DeviceSecret.generate();
+    const listed = (id: string, secret: DeviceSecret) => {
+      const publicKey = secret.publicKey();
+      return { deviceId: id, publicKey, proof: deviceKeyProof(account.key, account.userId, id, publicKey), missingEpochs: [] as number[] };
+    };
+    const server = { epoch: 1, revoked: new Set<string>(), rotationDue: false };
+    let started: ReturnType<typeof fromBinary<typeof StartKeyEpochRequestSchema>> | null = null;
+    const shared: string[] = [];
+    const pushed: { collection: string; keyEpoch: number; recordId: string; nonce: Uint8Array; ciphertext: Uint8Array; op: number }[] = [];
+    const engine = new SyncEngine(store, {
+      fetch: (async (url: string, init: { body: Uint8Array }) => {
+        const path = new URL(url).pathname.slice(1);
+        const body = init.body.subarray(5);
+        switch (path) {
+          case 'lockstep.v1.Keys/ListDeviceKeys': {
+            // A server that lies: it still lists the revoked device, now as missing epoch 2.
+            const devices = [listed(account.deviceId, account.deviceSecret), listed('laptop', laptop), listed('stolen', stolen)];
+            if (server.revoked.has('stolen')) devices[2]!.missingEpochs = server.epoch > 1 ? [2] : [];
+            return ok(toBinary(ListDeviceKeysResponseSchema, create(ListDeviceKeysResponseSchema, { currentEpoch: server.epoch, devices, rotationDue: server.rotationDue })));
+          }
+          case 'lockstep.v1.Accounts/RevokeDevice':
+            server.revoked.add(fromBinary(RevokeDeviceRequestSchema, body).deviceId);
+            server.rotationDue = true;
+            return ok(toBinary(RevokeDeviceResponseSchema, create(RevokeDeviceResponseSchema, {})));
+          case 'lockstep.v1.Keys/GetEpochKeys':
+            return ok(toBinary(GetEpochKeysResponseSchema, create(GetEpochKeysResponseSchema, { currentEpoch: server.epoch, rotationDue: server.rotationDue })));
+          case 'lockstep.v1.Keys/StartKeyEpoch':
+            started = fromBinary(StartKeyEpochRequestSchema, body);
+            server.epoch = started.epoch;
+            server.rotationDue = false;
+            return ok(toBinary(StartKeyEpochResponseSchema, create(StartKeyEpochResponseSchema, { currentEpoch: server.epoch })));
+          case 'lockstep.v1.Keys/ShareEpochKeys':
+            shared.push(...fromBinary(ShareEpochKeysRequestSchema, body).sealedKeys.map((sealed) => sealed.deviceId));
+            return ok(toBinary(ShareEpochKeysResponseSchema, create(ShareEpochKeysResponseSchema, { stored: 0 })));
+          case 'lockstep.v1.Sync/Push': {
+            const changes = fromBinary(PushRequestSchema, body).changes;
+            pushed.push(...changes);
+            return ok(
+              toBinary(
+                PushResponseSchema,
+                create(PushResponseSchema, { results: changes.map((_, index) => ({ result: { case: 'offset' as const, value: BigInt(index) } })) }),
+              ),
+            );
+          }
+          default:
+            throw new Error(`unexpected call ${path}`);
+        }
+      }) as unknown as typeof fetch,
+    });
+    await assert.rejects(engine.revoke(account.deviceId), /this device/);
+    const { keys, pushed: pushedCount } = await engine.revoke('stolen');
+    assert.equal(keys.startedEpoch, 2);
+    assert.equal(pushedCount, 1);
+    assert.ok(started, 'StartKeyEpoch was called');
+    const request = started as unknown as { epoch: number; sealedKeys: { deviceId: string; epoch: number; sealed: Uint8Array }[] };
+    assert.equal(request.epoch, 2);
+    assert.deepEqual(request.sealedKeys.map((sealed) => sealed.deviceId).sort(), ['laptop', account.deviceId].sort());
+    const laptopCopy = request.sealedKeys.find((sealed) => sealed.deviceId === 'laptop')!;
+    const epochKey = openEpochKey(account.key, laptop, { userId: account.userId, deviceId: 'laptop', epoch: 2 }, laptopCopy.sealed);
+    const held = (await store.account())!.epochKeys.get(2);
+    assert.equal(held?.toBase64(), epochKey.toBase64(), 'this device keeps the key it sealed to the others');
+    assert.deepEqual(shared, [], 'nothing is shared with the revoked device, whatever the server lists');
+    // The control record went up under the new epoch, readable by the laptop.
+    const [record] = pushed;
+    assert.equal(record!.collection, REVOCATIONS_COLLECTION);
+    assert.equal(record!.recordId, 'revoked:stolen');
+    assert.equal(record!.keyEpoch, 2);
+    const laptopKeys = new EpochKeys();
+    laptopKeys.insert(2, epochKey);
+    const plaintext = new Keyring(account.key, laptopKeys).open(
+      { userId: account.userId, recordId: record!.recordId, collection: record!.collection, op: record!.op, keyEpoch: 2 },
+      record!.nonce,
+      record!.ciphertext,
+    );
+    const revoked = readRevocation(ChangePayload.decode(plaintext).state.visible()!);
+    assert.deepEqual(revoked, { deviceId: 'stolen', publicKey: stolen.publicKey(), revokedInEpoch: 1 });
+    // A later sync neither rotates again nor shares with the revoked device.
+    const again = await engine.syncKeys({ share: true });
+    assert.equal(again.startedEpoch, null);
+    assert.deepEqual(shared, []);
+    await assert.rejects(store.put(REVOCATIONS_COLLECTION, null, { device_id: 'x' }), /reserved/);
+    await assert.rejects(store.delete('revoked:stolen'), /reserved/);
+  });
+});
+
+describe('epoch keys that do not open', () => {
+  it('are reported (for another device to share again) and never used', async () => {
+    const [store, account] = await openStore();
+    account.deviceKeyRegistered = true;
+    await store.saveAccount(account);
+    const good = EpochKey.generate();
+    const sealedFor = (epoch: number) => ({ userId: account.userId, deviceId: account.deviceId, epoch });
+    // Epoch 2 sealed with another account's key (its proof does not verify); epoch 3 is fine.
+    const forged = sealEpochKey(AccountKey.generate(), account.deviceSecret.publicKey(), sealedFor(2), EpochKey.generate());
+    const sealed = sealEpochKey(account.key, account.deviceSecret.publicKey(), sealedFor(3), good);
+    const requests: { sinceEpoch: number; unopenedEpochs: number[] }[] = [];
+    const engine = new SyncEngine(store, {
+      fetch: (async (url: string, init: { body: Uint8Array }) => {
+        assert.equal(new URL(url).pathname.slice(1), 'lockstep.v1.Keys/GetEpochKeys');
+        const asked = fromBinary(GetEpochKeysRequestSchema, init.body.subarray(5));
+        requests.push({ sinceEpoch: asked.sinceEpoch, unopenedEpochs: [...asked.unopenedEpochs] });
+        const sealedKeys =
+          asked.sinceEpoch === 0
+            ? [
+                { deviceId: account.deviceId, epoch: 2, sealed: forged, sealedByDeviceId: 'server' },
+                { deviceId: account.deviceId, epoch: 3, sealed, sealedByDeviceId: 'laptop' },
+              ]
+            : [];
+        const trailers = new TextEncoder().encode('grpc-status: 0\r\n');
+        const answer = toBinary(GetEpochKeysResponseSchema, create(GetEpochKeysResponseSchema, { currentEpoch: 3, sealedKeys }));
+        return new Response(new Uint8Array([...frame(answer), 0x80, 0, 0, 0, trailers.length, ...trailers]) as BodyInit, { status: 200 });
+      }) as unknown as typeof fetch,
+    });
+    const outcome = await engine.syncKeys();
+    assert.equal(outcome.received, 1);
+    assert.deepEqual(requests, [
+      { sinceEpoch: 0, unopenedEpochs: [] },
+      { sinceEpoch: 3, unopenedEpochs: [2] },
+    ]);
+    const held = (await store.account())!.epochKeys;
+    assert.equal(held.get(2), undefined, 'the forged key is never used');
+    assert.equal(held.get(3)?.toBase64(), good.toBase64());
   });
 });
 

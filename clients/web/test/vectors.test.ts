@@ -24,12 +24,39 @@ import {
   decodePairingCode,
   deviceKeyProof,
   fromHex,
+  isRevoked,
+  readRevocation,
+  REVOCATIONS_COLLECTION,
   openEpochKey,
   parseJson,
   toHex,
   validateRecordId,
   verifyDeviceKey,
 } from '../src/index.js';
+
+import { decodeQrFrame } from '../app/scan.js';
+
+/**
+ * What a camera would see of the QR code the CLI drew with Unicode half blocks (light modules
+ * inked, for a dark terminal): dark modules black, light ones white, 4 pixels each, RGBA.
+ */
+function halfBlockQrToRgba(shown: string): { rgba: Uint8ClampedArray; width: number; height: number } {
+  const isQrLine = (line: string) => line.length > 20 && /^[ ▀▄█]+$/u.test(line);
+  const lines = shown.split('\n').filter(isQrLine).map((line) => [...line]);
+  const size = lines[0]!.length;
+  const scale = 4;
+  const [width, height] = [size * scale, size * scale];
+  const rgba = new Uint8ClampedArray(width * height * 4).fill(255);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const [mx, my] = [Math.floor(x / scale), Math.floor(y / scale)];
+      const glyph = lines[Math.floor(my / 2)]![mx]!;
+      const light = my % 2 === 0 ? glyph === '▀' || glyph === '█' : glyph === '▄' || glyph === '█';
+      if (!light) rgba.fill(0, (y * width + x) * 4, (y * width + x) * 4 + 3);
+    }
+  }
+  return { rgba, width, height };
+}
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Vectors = any;
@@ -95,6 +122,31 @@ describe('rust vectors', { skip }, () => {
       assert.equal(toHex(deviceKeyProof(account, sealed.user_id, sealed.device_id, publicKey)), sealed.device_key_proof);
       verifyDeviceKey(account, sealed.user_id, sealed.device_id, publicKey, fromHex(sealed.device_key_proof));
       assert.throws(() => verifyDeviceKey(account, sealed.user_id, 'another', publicKey, fromHex(sealed.device_key_proof)), CryptoError);
+    }
+  });
+
+  it('the QR code `pair show` draws decodes to the pairing code with the PWA scanner', () => {
+    for (const code of vectors.pairing_codes) {
+      const frame = halfBlockQrToRgba(code.shown);
+      assert.equal(decodeQrFrame(frame.rgba, frame.width, frame.height), code.text);
+    }
+  });
+
+  it('revocation control records the Rust store wrote read as the same revocations', () => {
+    assert.ok(vectors.revocation_records.length >= 3);
+    for (const record of vectors.revocation_records) {
+      assert.equal(record.collection, REVOCATIONS_COLLECTION);
+      assert.equal(record.record_id, `revoked:${record.device_id}`);
+      const state = RecordState.fromJsonText(record.state);
+      const fields = Object.fromEntries([...state.fields].map(([name, field]) => [name, field.value]));
+      const revoked = readRevocation(fields);
+      assert.ok(revoked, record.state);
+      assert.equal(revoked.deviceId, record.device_id);
+      assert.equal(toHex(revoked.publicKey), record.public_key);
+      assert.equal(revoked.revokedInEpoch, Number(record.revoked_in_epoch));
+      assert.ok(isRevoked([revoked], record.device_id, new Uint8Array()));
+      assert.equal(isRevoked([revoked], 'another', fromHex(record.public_key)), record.public_key !== '');
+      assert.equal(state.toJsonText(), RecordState.fromJsonText(record.state).toJsonText());
     }
   });
 

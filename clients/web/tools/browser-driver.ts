@@ -5,7 +5,10 @@
  * `{"error":"…"}`). The test (Rust) holds the server and the CLI device and decides; this
  * program only acts in the browser and reports what the page shows.
  *
- * Commands: open {url}, pair {code}, addNote {title, body}, put {id, fields}, notes, status,
+ * Commands: open {url, camera?} (camera: a .y4m or .mjpeg file Chromium's fake camera plays),
+ * pair {code}, scanPair {name} (pairs from the QR code the camera shows), scanProblem (what
+ * the page says when scanning cannot start), revoke {deviceId, accept} (the device list's
+ * button and its confirmation, accepted or dismissed), addNote {title, body}, put {id, fields}, notes, status,
  * reload, close, wake {payload | data} (a Web Push delivered to the service worker with the DevTools
  * protocol's ServiceWorker.deliverPushMessage, no page of the app open), stored {id} (a
  * record as IndexedDB holds it, read from a page of the origin that does not run the app),
@@ -53,8 +56,13 @@ async function handle(command: Command): Promise<unknown> {
   switch (command.cmd) {
     case 'open': {
       appUrl = String(command.url);
-      browser ??= await chromium.launch({ executablePath, headless: true, args: ['--no-sandbox'] });
+      const camera = typeof command.camera === 'string' ? command.camera : null;
+      const args = ['--no-sandbox'];
+      // A fake camera that plays the given file, with getUserMedia's permission granted.
+      if (camera) args.push('--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream', `--use-file-for-fake-video-capture=${camera}`);
+      browser ??= await chromium.launch({ executablePath, headless: true, args });
       context ??= await browser.newContext({ viewport: { width: 820, height: 900 } });
+      if (camera) await context.grantPermissions(['camera'], { origin: new URL(appUrl).origin });
       page = await openApp();
       return page.locator('#status-text').textContent();
     }
@@ -71,6 +79,49 @@ async function handle(command: Command): Promise<unknown> {
       // The service worker takes the page over once installed (it caches the app for offline use).
       await current.waitForFunction(async () => Boolean((await navigator.serviceWorker.ready).active));
       return true;
+    }
+    case 'scanPair': {
+      const current = requirePage();
+      await current.fill('#device-name', String(command.name ?? 'browser'));
+      await current.click('#scan');
+      await current.waitForFunction(
+        () =>
+          !document.getElementById('notes')!.hidden ||
+          !document.getElementById('pair-error')!.hidden ||
+          document.getElementById('scan-message')!.className === 'problem',
+        undefined,
+        { timeout: 60_000 },
+      );
+      for (const failure of ['#pair-error', '#scan-message.problem']) {
+        if (await current.locator(failure).isVisible()) throw new Error(String(await current.locator(failure).textContent()));
+      }
+      await current.waitForFunction(async () => Boolean((await navigator.serviceWorker.ready).active));
+      return current.locator('#scan-message').textContent();
+    }
+    case 'scanProblem': {
+      const current = requirePage();
+      await current.click('#scan');
+      await current.waitForFunction(() => document.getElementById('scan-message')!.className === 'problem');
+      return current.locator('#scan-message').textContent();
+    }
+    case 'revoke': {
+      const current = requirePage();
+      await current.evaluate(() => ((document.getElementById('details') as HTMLDetailsElement).open = true));
+      await current.click('#load-devices');
+      const button = current.locator(`#devices li[data-device-id="${String(command.deviceId)}"] button.revoke`);
+      await button.waitFor();
+      let asked = '';
+      current.once('dialog', (dialog) => {
+        asked = dialog.message();
+        void (command.accept === false ? dialog.dismiss() : dialog.accept());
+      });
+      await current.evaluate(() => (document.getElementById('devices-message')!.textContent = ''));
+      await button.click();
+      await current.waitForFunction(() => {
+        const said = document.getElementById('devices-message')!.textContent ?? '';
+        return said !== '' && !said.endsWith('…');
+      });
+      return { asked, said: await current.locator('#devices-message').textContent() };
     }
     case 'addNote': {
       const current = requirePage();

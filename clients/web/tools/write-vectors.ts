@@ -16,12 +16,18 @@ import {
   EpochKeys,
   type JsonValue,
   Keyring,
+  REVOCATIONS_COLLECTION,
   RecordState,
+  type RevokedDevice,
   associatedData,
   deviceKeyProof,
   encodePairingCode,
+  isRevoked,
   newId,
+  revocationFields,
+  revocationRecordId,
   sealEpochKey,
+  sealToDevices,
   toHex,
 } from '../src/index.js';
 
@@ -142,6 +148,60 @@ function sealedEpochKeys(): unknown[] {
   });
 }
 
+/**
+ * Rotations as `SyncEngine.revoke` makes them: a device of four is revoked, the next epoch's
+ * key is sealed (with `sealToDevices`) to the three others only, and the revocation's control
+ * record is sealed under the new epoch. Rust opens every copy with the recipient's secret,
+ * finds none for the revoked device, and reads the control record as its store does.
+ */
+function rotations(): unknown[] {
+  return Array.from({ length: 4 }, (_, index) => {
+    const account = AccountKey.generate();
+    const userId = `user-${index}-rotation`;
+    const epoch = 2 + index;
+    const devices = Array.from({ length: 4 }, (_, n) => {
+      const secret = DeviceSecret.generate();
+      const deviceId = n === 0 ? newId() : `device-${n}`;
+      return { deviceId, secret, publicKey: secret.publicKey(), proof: deviceKeyProof(account, userId, deviceId, secret.publicKey()) };
+    });
+    const revokedDevice = devices[1 + (index % 3)]!;
+    const revoked: RevokedDevice = { deviceId: revokedDevice.deviceId, publicKey: revokedDevice.publicKey, revokedInEpoch: epoch - 1 };
+    const remaining = devices.filter((device) => !isRevoked([revoked], device.deviceId, device.publicKey));
+    const key = EpochKey.generate();
+    const sealed = sealToDevices(account, userId, epoch, key, remaining);
+    const state = new RecordState();
+    state.set(revocationFields(revoked), { hlc: (BigInt(1_800_000_000_000 + index) << 16n) | 1n, device: devices[0]!.deviceId });
+    const plaintext = new ChangePayload(state).encode();
+    const binding: Binding = { userId, recordId: revocationRecordId(revoked.deviceId), collection: REVOCATIONS_COLLECTION, op: 1, keyEpoch: epoch };
+    const epochs = new EpochKeys();
+    epochs.insert(epoch, key);
+    const { nonce, ciphertext } = new Keyring(account, epochs).seal(binding, plaintext);
+    return {
+      account_key: account.toBase64(),
+      user_id: userId,
+      epoch,
+      epoch_key: key.toBase64(),
+      devices: devices.map((device) => ({
+        device_id: device.deviceId,
+        device_secret: device.secret.toBase64(),
+        public_key: toHex(device.publicKey),
+        proof: toHex(device.proof),
+      })),
+      revoked_device_id: revoked.deviceId,
+      sealed_keys: sealed.map((copy) => ({ device_id: copy.deviceId, epoch: copy.epoch, sealed: toHex(copy.sealed) })),
+      control_record: {
+        record_id: binding.recordId,
+        collection: binding.collection,
+        op: binding.op,
+        key_epoch: binding.keyEpoch,
+        nonce: toHex(nonce),
+        ciphertext: toHex(ciphertext),
+        plaintext: toHex(plaintext),
+      },
+    };
+  });
+}
+
 function pairingCodes(): unknown[] {
   return [
     ['http://127.0.0.1:50051', 'lsp_web'],
@@ -161,6 +221,7 @@ const vectors = {
   producer: 'typescript',
   envelopes: envelopes(),
   sealed_epoch_keys: sealedEpochKeys(),
+  rotations: rotations(),
   merges: merges(),
   pairing_codes: pairingCodes(),
   ids: Array.from({ length: 50 }, () => newId()),
