@@ -443,7 +443,8 @@ def main():
         results["first_start_seconds"] = broker.start()
         results["nofile_limit"] = nofile_limit(broker.pid)
         results["max_map_count"] = int(open("/proc/sys/vm/max_map_count").read())
-        admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{args.port}", "socket.timeout.ms": 180000, "log_level": 2})
+        admin_config = {"bootstrap.servers": f"127.0.0.1:{args.port}", "socket.timeout.ms": 180000, "log_level": 2}
+        admin = AdminClient(admin_config)
         results["snapshots"].append(snapshot(broker, "no user topic", args.idle_seconds))
         have = 0
         for index, count in enumerate(counts):
@@ -488,6 +489,8 @@ def main():
                 results["snapshots"].append(
                     snapshot(broker, f"{have} user topics, {args.groups} device groups, after a restart", 0)
                 )
+                # A client of the broker before the restart waits for a controller it no longer finds.
+                admin = AdminClient(admin_config)
     finally:
         results["run_seconds"] = time.monotonic() - run_started
         if broker.alive():
