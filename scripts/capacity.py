@@ -6,7 +6,7 @@ controller in one JVM) with scripts/lib.sh and passes its java command line afte
 program starts that broker, then:
 
 1. baseline: no user topic;
-2. creates user topics `lockstep.user.<n>` (1 partition, replication 1, retention.ms=-1 as
+2. creates user topics `lockstep.user.<n>` (1 partition, replication 1, retention.ms=-1 and cleanup.policy=delete, as
    Lockstep creates them) with batched CreateTopics up to each count of --topics, measuring
    after each: time, controller metadata log size, broker RSS, live JVM heap (a full GC through
    `jcmd GC.class_histogram`), open file descriptors, memory maps, files on disk per partition,
@@ -231,7 +231,7 @@ def create_topics(admin, broker, start, end, batch):
             error = "the broker exited"
             break
         names = [f"lockstep.user.{i:07d}" for i in range(n, min(end, n + batch))]
-        topics = [NewTopic(name, num_partitions=1, replication_factor=1, config={"retention.ms": "-1"}) for name in names]
+        topics = [NewTopic(name, num_partitions=1, replication_factor=1, config={"retention.ms": "-1", "cleanup.policy": "delete"}) for name in names]
         futures = admin.create_topics(topics, operation_timeout=120, request_timeout=180)
         failures = []
         for name, future in futures.items():
@@ -436,6 +436,8 @@ def main():
     command = args.command[1:] if args.command and args.command[0] == "--" else args.command
     counts = [int(c) for c in args.topics.split(",") if c]
 
+    # SIGTERM (and Ctrl-C) stop the broker too: it runs in a session of its own.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     broker = Broker(command, args.data_dir, args.log, args.port)
     results = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "snapshots": [], "creations": []}
     run_started = time.monotonic()
