@@ -91,6 +91,23 @@ class Broker:
             self.proc.wait()
         return time.monotonic() - started
 
+    def fault_since(self, offset):
+        """(the first metadata publishing fault the broker logged after byte offset with its cause, or
+        None; the offset to look from next time)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return None, offset
+        lines = data.decode(errors="replace").splitlines()
+        for index, line in enumerate(lines):
+            if "metadata publishing fault" in line:
+                cause = next((l.strip() for l in lines[index + 1 : index + 4] if "Exception" in l), "")
+                return f"{line.strip()[:200]} {cause[:200]}".strip(), offset
+        # Look again from the last complete line on.
+        return None, offset + max(0, data.rfind(b"\n") + 1)
+
     def log_tail_errors(self, limit=5):
         try:
             with open(self.log_path, errors="replace") as f:
@@ -126,13 +143,17 @@ def nofile_limit(pid):
 
 def live_heap(pid):
     """Live heap in bytes after a full GC (GC.class_histogram collects first), and the JVM's view."""
-    histogram = subprocess.run(["jcmd", str(pid), "GC.class_histogram"], capture_output=True, text=True, timeout=600)
-    live = None
+    live = committed = None
+    try:
+        histogram = subprocess.run(["jcmd", str(pid), "GC.class_histogram"], capture_output=True, text=True, timeout=300)
+        info = subprocess.run(["jcmd", str(pid), "GC.heap_info"], capture_output=True, text=True, timeout=120).stdout
+    except subprocess.TimeoutExpired:
+        # jcmd attaches through a socket the JVM opens: a broker out of file descriptors cannot.
+        return None, None
     for line in histogram.stdout.splitlines()[::-1]:
         if line.startswith("Total"):
             live = int(line.split()[2])
             break
-    info = subprocess.run(["jcmd", str(pid), "GC.heap_info"], capture_output=True, text=True, timeout=120).stdout
     match = re.search(r"garbage-first heap\s+total (\d+)K, used (\d+)K", info)
     committed = int(match.group(1)) * 1024 if match else None
     return live, committed
@@ -224,6 +245,7 @@ def create_topics(admin, broker, start, end, batch):
     started = time.monotonic()
     created = 0
     error = None
+    broker.log_size_at_start = os.path.getsize(broker.log_path)
     load = loadavg()
     n = start
     while n < end:
@@ -251,14 +273,19 @@ def create_topics(admin, broker, start, end, batch):
     # creates each partition's log from the metadata it replays. Wait until they are on disk.
     on_disk = None
     seen, progress_at = -1, time.monotonic()
+    log_offset = broker.log_size_at_start
     while time.monotonic() - progress_at < 120 and broker.alive():
+        fault, log_offset = broker.fault_since(log_offset)
+        if fault:
+            error = error or f"the broker stopped applying metadata: {fault}"
+            break
         have = len(partition_dirs(broker.data_dir, "lockstep.user."))
         if have >= start + created:
             on_disk = time.monotonic() - started
             break
         if have != seen:
             seen, progress_at = have, time.monotonic()
-        time.sleep(0.5)
+        time.sleep(2)
     return {
         "from": start,
         "to": start + created,
@@ -462,7 +489,9 @@ def main():
                 }
                 log(f"the broker exited after {have} user topics: {results['stopped']['log']}")
                 break
-            results["snapshots"].append(snapshot(broker, f"{have} user topics", args.idle_seconds))
+            on_disk = len(partition_dirs(broker.data_dir, "lockstep.user."))
+            label = f"{have} user topics" if on_disk >= have else f"{have} user topics accepted, {on_disk} with a log"
+            results["snapshots"].append(snapshot(broker, label, args.idle_seconds))
             if creation["error"]:
                 results["stopped"] = {"at_topics": have, "error": creation["error"], "log": broker.log_tail_errors()}
                 log(f"creation stopped at {have}: {creation['error']}")
