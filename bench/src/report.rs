@@ -511,7 +511,9 @@ pub fn render(
          omission). HDR histograms, 3 significant digits. W0, W2 and W5 latency at {} changes/s for {} s; W1 at half \
          of its measured saturation push rate.\n\
          - W0 uses Lockstep's producer settings (idempotent, acks=all, linger 2 ms, no compression) and the settings \
-         of its catch-up readers (fetch.wait.max.ms 100).\n\
+         of its catch-up readers (fetch.wait.max.ms 100). Its measured phases run on a warm broker, like \
+         every workload after it: the same produce and consume run once first on a topic of their own (the \
+         warm-up figure in W0's table).\n\
          - W2/W5 saturation: {} deliveries in total per setting (changes = that / devices, clamped), rate = all \
          deliveries / (last delivery − first push). Devices ack every batch they receive (one ack in flight, newest \
          offset wins).\n\
@@ -562,6 +564,10 @@ pub fn render(
         &mut out,
         metrics,
         &[
+            row(
+                "w0.cold_produce_rps",
+                "warm-up: the same produce first on the fresh broker, records/s (not a divisor)",
+            ),
             row("w0.produce_rps", "produce, records/s"),
             row("w0.consume_rps", "consume, records/s"),
             row("w0.tail_rps", "live: produce at saturation while a consumer tails, records/s consumed"),
