@@ -390,9 +390,11 @@ impl Delivery {
     /// delayed on one node overwriting a newer one committed through another). With a shared
     /// database the device's PostgreSQL advisory lock (transaction-scoped) is held around the
     /// read from Kafka and the commit, so the read is fresh and the commit is the last one. The
-    /// cost: three database round trips and one pooled connection (`database.max_connections`)
-    /// per ack for its Kafka round trips, in multi-node mode only. With SQLite (one node) the
-    /// caller's `DeviceState::ack_lock` is enough and `work` runs at once.
+    /// cost, in multi-node mode only: per ack three database round trips (BEGIN, the lock,
+    /// ROLLBACK), one more Kafka round trip (the fresh OffsetFetch: the cached position may be
+    /// another node's past), and one pooled connection (`database.max_connections`) held for the
+    /// two Kafka calls. With SQLite (one node) the caller's `DeviceState::ack_lock` is enough,
+    /// the cached position is the truth, and `work` runs at once.
     async fn across_nodes<R>(
         &self,
         device: &AuthedDevice,
@@ -737,6 +739,30 @@ mod tests {
             change: Some(Change { ciphertext: Bytes::from(vec![7u8; ciphertext_bytes]), ..Default::default() }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_newer_stream_is_the_later_stamp_then_the_greater_node_id_and_never_itself() {
+        let stamp = |started_ms, node_id| StreamStamp { started_ms, node_id };
+        assert!(stamp(100, "node-a") < stamp(101, "node-a"));
+        assert!(stamp(100, "node-z") < stamp(101, "node-a"), "time first, whatever the node");
+        assert!(stamp(100, "node-a") < stamp(100, "node-b"), "the node id breaks a tie");
+        // A renewal names the same stream: not newer than itself, so it ends nothing.
+        assert!(stamp(100, "node-a").cmp(&stamp(100, "node-a")).is_eq());
+    }
+
+    #[test]
+    fn stream_stamps_pass_every_stamp_seen_even_from_a_clock_ahead() {
+        let clock = StreamClock::default();
+        let first = clock.next();
+        let second = clock.next();
+        assert!(second > first, "strictly increasing on one node");
+        // Another node, its clock an hour ahead, started a stream of a device we serve.
+        let ahead = crate::db::now_ms() + 3_600_000;
+        clock.observe(ahead);
+        assert!(clock.next() > ahead, "a stream started after hearing of it is newer");
+        clock.observe(first);
+        assert!(clock.next() > ahead + 1, "an old stamp moves nothing back");
     }
 
     #[test]

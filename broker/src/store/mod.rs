@@ -436,7 +436,9 @@ impl Store {
     {
         match &self.backend {
             Backend::Sqlite => work.await,
-            Backend::Postgres(pool) => postgres::with_advisory_lock(pool, (namespace, lock_key(name)), wait, work).await,
+            Backend::Postgres(pool) => {
+                postgres::with_advisory_lock(pool, (namespace, lock_key(name)), wait, work).await
+            }
         }
     }
 
