@@ -307,7 +307,8 @@ async fn revoking_through_node_3_ends_the_streams_on_nodes_1_and_2() -> anyhow::
     let started = Instant::now();
     let (laptop_revoked, tablet_revoked) = tokio::join!(revoke(&laptop), revoke(&tablet));
     let answered = started.elapsed();
-    (laptop_revoked?, tablet_revoked?);
+    laptop_revoked?;
+    tablet_revoked?;
     let (laptop_end, tablet_end) =
         tokio::join!(timed_end(&mut laptop_stream, started), timed_end(&mut tablet_stream, started));
     let ((laptop_status, laptop_after), (tablet_status, tablet_after)) = (laptop_end?, tablet_end?);
@@ -395,7 +396,8 @@ async fn acks_alternating_between_nodes_with_stale_ones_never_move_the_committed
     for round in 0..6 {
         let (fresh_node, stale_node) = (round % 3, (round + 2) % 3);
         let (fresh, stale) = tokio::join!(laptop_on[fresh_node].ack(next + 1), laptop_on[stale_node].ack(next));
-        (fresh?, stale?);
+        assert_eq!(fresh?, next + 2, "the fresh ack's answer");
+        assert!(stale? > next, "the stale ack's answer is never below its own commit");
         let committed = committed_in_kafka(&offsets, &laptop).await?;
         history.push((fresh_node, next + 1, committed));
         assert_eq!(committed, next + 2, "the fresh ack's position wins: {history:?}");
