@@ -160,7 +160,11 @@ pub async fn wd(
             events.push(event(user, index % 3, now - 30_000, body)?);
         }
         if *connected {
-            let body = EventBody::DeviceConnected { device_id: device.clone(), lease_until_ms: now + 3_600_000 };
+            let body = EventBody::DeviceConnected {
+                device_id: device.clone(),
+                lease_until_ms: now + 3_600_000,
+                stream_started_ms: None,
+            };
             events.push(event(user, index % 3, now - 10_000, body)?);
         }
     }

@@ -98,7 +98,11 @@ pub async fn fill_events_topic(bootstrap: &str, events: usize) -> anyhow::Result
             let mut bodies = Vec::with_capacity(BACKLOG_EVENTS_PER_USER);
             for device in &devices {
                 bodies.push(EventBody::DeviceAdded { device_id: device.clone() });
-                bodies.push(EventBody::DeviceConnected { device_id: device.clone(), lease_until_ms: day_ago_ms });
+                bodies.push(EventBody::DeviceConnected {
+                    device_id: device.clone(),
+                    lease_until_ms: day_ago_ms,
+                    stream_started_ms: None,
+                });
             }
             let mut log_end = 0;
             while bodies.len() < BACKLOG_EVENTS_PER_USER {

@@ -133,7 +133,7 @@ impl App {
         let guard = LogGuard::new(db.clone());
         let clients =
             KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets: offsets.clone() };
-        let delivery = Delivery::new(&clients, guard.clone(), events.clone(), shutdown.clone(), &settings);
+        let delivery = Delivery::new(&clients, &store, guard.clone(), events.clone(), shutdown.clone(), &settings);
         // The dedup index stays in the node-local SQLite (see `store`).
         let dedup = DedupIndex::new(store.local().clone());
         let log_guard = guard.clone();

@@ -16,6 +16,40 @@ use crate::{Hex, SchemaError, canonical, wire};
 /// The text of `avro/event.avsc`.
 pub const EVENT_AVSC: &str = include_str!("../avro/event.avsc");
 
+/// `(file, schema text)` of every superseded event schema that may still be on the events
+/// topic, oldest first: events their writers published are read by resolving them to the
+/// current schema (a field added since gets its default). Fields are only ever added with a
+/// default, so a reader that has the new schema text resolves either way.
+const PREVIOUS_EVENT_SCHEMAS: &[(&str, &str)] =
+    // Before `DeviceConnected.stream_started_at` (issue 21: a device's newest stream wins).
+    &[("avro/event.v1.avsc", include_str!("../avro/event.v1.avsc"))];
+
+/// A superseded writer schema, and its fingerprint on the wire.
+struct PreviousSchema {
+    schema: Schema,
+    fingerprint: [u8; 8],
+}
+
+static PREVIOUS: LazyLock<Vec<PreviousSchema>> = LazyLock::new(|| {
+    PREVIOUS_EVENT_SCHEMAS
+        .iter()
+        .map(|&(file, text)| {
+            let schema = Schema::parse_str(text).unwrap_or_else(|e| panic!("{file} does not parse: {e}"));
+            let canonical_form = canonical::parsing_canonical_form(text).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let fingerprint = canonical::crc64_avro(canonical_form.as_bytes()).to_le_bytes();
+            // Read by union index with the current schema's branch names (see `decode_event`).
+            let kinds = record_names(union_of(&schema, "body"));
+            assert!(EVENT_SCHEMA.body_kinds.starts_with(&kinds), "{file}: the body union's branches moved");
+            PreviousSchema { schema, fingerprint }
+        })
+        .collect()
+});
+
+/// Fingerprints of the superseded event schemas this crate still reads, oldest first.
+pub fn previous_event_fingerprints() -> Vec<[u8; 8]> {
+    PREVIOUS.iter().map(|previous| previous.fingerprint).collect()
+}
+
 struct EventSchema {
     schema: Schema,
     canonical_form: String,
@@ -142,6 +176,8 @@ pub enum EventBody {
     DeviceConnected {
         device_id: String,
         lease_until_ms: i64,
+        /// With the event's `node_id`, which stream this is; `None` from older servers.
+        stream_started_ms: Option<i64>,
     },
     DeviceDisconnected {
         device_id: String,
@@ -312,10 +348,27 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, SchemaError> {
 pub fn decode_event(bytes: &[u8]) -> Result<Event, SchemaError> {
     let (fingerprint, body) = wire::split_header(bytes)?;
     if fingerprint != EVENT_SCHEMA.fingerprint {
-        return Err(SchemaError::UnknownEventFingerprint {
-            fingerprint,
-            known: Hex(&EVENT_SCHEMA.fingerprint).to_string(),
-        });
+        let Some(previous) = PREVIOUS.iter().find(|previous| previous.fingerprint == fingerprint) else {
+            let known = std::iter::once(EVENT_SCHEMA.fingerprint).chain(previous_event_fingerprints());
+            return Err(SchemaError::UnknownEventFingerprint {
+                fingerprint,
+                known: known.map(|known| Hex(&known).to_string()).collect::<Vec<_>>().join(", "),
+            });
+        };
+        // An older writer (rare: a node not yet upgraded). Read with its own schema, then
+        // mapped like a current one: its branches are the current ones' first (checked when
+        // loaded) and a field added since is missing, which reads as its default (null).
+        // Not `from_avro_datum` with a reader schema: apache-avro resolves a union branch to
+        // the first reader branch of the same shape, not the same name (DeviceDisconnected,
+        // DeviceAdded and DeviceRevoked are all `{device_id}`).
+        wire::check_lengths(&previous.schema, body)?;
+        let mut rest = body;
+        let value =
+            apache_avro::from_avro_datum(&previous.schema, &mut rest, None).map_err(SchemaError::MalformedBody)?;
+        if !rest.is_empty() {
+            return Err(SchemaError::TrailingBytes { count: rest.len() });
+        }
+        return event_from_value(value);
     }
     wire::check_lengths(&EVENT_SCHEMA.schema, body)?;
     // The reader checks the header again and reads the datum after it.
@@ -357,9 +410,17 @@ fn event_to_value(event: &Event) -> Result<Value, SchemaError> {
             ("log_generation", Value::Long(*log_generation)),
             ("committed_offset", Value::Long(*committed_offset)),
         ]),
-        EventBody::DeviceConnected { device_id, lease_until_ms } => {
-            record(vec![("device_id", s(device_id)), ("lease_until", Value::TimestampMillis(*lease_until_ms))])
-        }
+        EventBody::DeviceConnected { device_id, lease_until_ms, stream_started_ms } => record(vec![
+            ("device_id", s(device_id)),
+            ("lease_until", Value::TimestampMillis(*lease_until_ms)),
+            (
+                "stream_started_at",
+                match stream_started_ms {
+                    None => Value::Union(0, Box::new(Value::Null)),
+                    Some(ms) => Value::Union(1, Box::new(Value::TimestampMillis(*ms))),
+                },
+            ),
+        ]),
         EventBody::DeviceDisconnected { device_id }
         | EventBody::DeviceAdded { device_id }
         | EventBody::DeviceRevoked { device_id } => record(vec![("device_id", s(device_id))]),
@@ -442,6 +503,22 @@ impl Fields {
         }
     }
 
+    /// A `["null", long]` union; missing (an older writer's record), its default: null.
+    fn optional_long(&mut self, field: &'static str) -> Result<Option<i64>, SchemaError> {
+        if !self.0.iter().any(|(name, _)| name == field) {
+            return Ok(None);
+        }
+        let value = match self.take(field)? {
+            Value::Union(_, value) => *value,
+            other => other,
+        };
+        match value {
+            Value::Null => Ok(None),
+            Value::Long(l) | Value::TimestampMillis(l) => Ok(Some(l)),
+            other => Err(unexpected(field, "null or a long", &other)),
+        }
+    }
+
     fn int(&mut self, field: &'static str) -> Result<i32, SchemaError> {
         match self.take(field)? {
             Value::Int(i) => Ok(i),
@@ -486,9 +563,11 @@ fn event_from_value(value: Value) -> Result<Event, SchemaError> {
             log_generation: b.long("log_generation")?,
             committed_offset: b.long("committed_offset")?,
         },
-        "DeviceConnected" => {
-            EventBody::DeviceConnected { device_id: b.string("device_id")?, lease_until_ms: b.long("lease_until")? }
-        }
+        "DeviceConnected" => EventBody::DeviceConnected {
+            device_id: b.string("device_id")?,
+            lease_until_ms: b.long("lease_until")?,
+            stream_started_ms: b.optional_long("stream_started_at")?,
+        },
         "DeviceDisconnected" => EventBody::DeviceDisconnected { device_id: b.string("device_id")? },
         "DeviceAdded" => EventBody::DeviceAdded { device_id: b.string("device_id")? },
         "DeviceRevoked" => EventBody::DeviceRevoked { device_id: b.string("device_id")? },

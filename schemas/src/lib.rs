@@ -49,7 +49,7 @@ use std::fmt;
 pub use change::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Op};
 pub use event::{
     EVENT_AVSC, Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, body_kinds, decode_event,
-    encode_event, event_canonical_form, event_fingerprint, event_schema,
+    encode_event, event_canonical_form, event_fingerprint, event_schema, previous_event_fingerprints,
 };
 pub use wire::{SINGLE_OBJECT_HEADER_LEN, SINGLE_OBJECT_MAGIC};
 
@@ -83,10 +83,14 @@ pub enum SchemaError {
     /// An events-topic record whose header names another schema.
     #[error(
         "unknown event schema fingerprint {} (CRC-64-AVRO, little-endian as on the wire); \
-         this build reads events with fingerprint {known}",
+         this build reads events with fingerprints {known}",
         Hex(fingerprint)
     )]
     UnknownEventFingerprint { fingerprint: [u8; 8], known: String },
+
+    /// The Avro body ends where a field of the schema should be.
+    #[error("truncated Avro body: it ends before field `{field}`")]
+    TruncatedBody { field: String },
 
     /// The Avro body could not be decoded with the writer schema (truncated or
     /// corrupt), or could not be resolved to the current reader schema.

@@ -40,7 +40,7 @@ pub(crate) fn split_header(bytes: &[u8]) -> Result<([u8; 8], &[u8]), SchemaError
 /// apache-avro allocates (zeroed) whatever a length prefix claims, up to
 /// 512 MiB, before it notices the input is shorter, and for a truncated
 /// `string` it returns `null` instead of an error. Checking first turns both
-/// into a clear error. Stops silently at anything it does not model (a
+/// into a clear error, and so does a union whose index is missing. Stops silently at anything it does not model (a
 /// malformed varint, a schema type our envelopes do not use) and leaves
 /// that to apache-avro.
 pub(crate) fn check_lengths(schema: &Schema, body: &[u8]) -> Result<(), SchemaError> {
@@ -80,6 +80,11 @@ fn walk(schema: &Schema, field: &str, rest: &mut &[u8]) -> Result<bool, SchemaEr
         }
         Schema::Null => Ok(true),
         Schema::Union(union) => {
+            // apache-avro reads a union with a null branch from no input at all as null (an
+            // optional field that a truncated record lost): refuse that here.
+            if rest.is_empty() {
+                return Err(SchemaError::TruncatedBody { field: field.to_owned() });
+            }
             let Some(index) = read_varint(rest) else {
                 return Ok(false);
             };

@@ -174,7 +174,8 @@ fn fastavro_reads_ours_and_we_read_fastavros() {
 #[test]
 fn fastavro_reads_our_events_byte_for_byte() {
     use lockstep_schemas::{
-        Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, encode_event, event_fingerprint,
+        Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, decode_event, encode_event,
+        event_fingerprint, previous_event_fingerprints,
     };
 
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -192,7 +193,11 @@ fn fastavro_reads_our_events_byte_for_byte() {
             first_received_at_ms: 1_732_470_000_000,
         }),
         event(EventBody::DeviceAcked { device_id: "phone".into(), log_generation: 1, committed_offset: 1005 }),
-        event(EventBody::DeviceConnected { device_id: "phone".into(), lease_until_ms: 1_732_470_090_000 }),
+        event(EventBody::DeviceConnected {
+            device_id: "phone".into(),
+            lease_until_ms: 1_732_470_090_000,
+            stream_started_ms: Some(1_732_470_000_500),
+        }),
         event(EventBody::PushTargetSet {
             device_id: "phone".into(),
             target: PushTarget::WebPush {
@@ -220,8 +225,14 @@ fn fastavro_reads_our_events_byte_for_byte() {
     for (i, e) in events.iter().enumerate() {
         fs::write(dir.path().join(format!("rust_{i}.bin")), encode_event(e).unwrap()).unwrap();
     }
-    let output =
-        Command::new("python3").arg(&script).arg(&avsc).arg(dir.path()).output().expect("python3 with fastavro");
+    let previous = manifest.join("avro/event.v1.avsc");
+    let output = Command::new("python3")
+        .arg(&script)
+        .arg(&avsc)
+        .arg(dir.path())
+        .arg(&previous)
+        .output()
+        .expect("python3 with fastavro");
     assert!(output.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&output.stderr));
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["fingerprint"].as_str().unwrap(), hex(&event_fingerprint()));
@@ -238,4 +249,24 @@ fn fastavro_reads_our_events_byte_for_byte() {
     assert_eq!(decoded(5)["body"]["record"]["reason"], "DEVICE_REVOKED");
     assert_eq!(decoded(6)["body"]["record"]["outcome"], "SENT");
     assert_eq!(decoded(6)["body"]["record"]["http_status"], 201);
+    assert_eq!(decoded(2)["body"]["record"]["stream_started_at"], 1_732_470_000_500_i64);
+
+    // The superseded schema (before `stream_started_at`), in both directions, by fastavro.
+    assert_eq!(report["previous_fingerprint"].as_str().unwrap(), hex(&previous_event_fingerprints()[0]));
+    let old_reader = &report["decoded_v1"]["rust_2.bin"]["body"]["record"];
+    assert_eq!(old_reader["lease_until"], 1_732_470_090_000_i64, "{old_reader}");
+    assert!(old_reader.get("stream_started_at").is_none(), "an old reader skips the new field: {old_reader}");
+    assert_eq!(report["decoded_v1"]["rust_0.bin"], decoded(0), "other kinds read the same with either schema");
+    let old_writer = fs::read(dir.path().join("py_v1_connected.bin")).unwrap();
+    assert_eq!(
+        decode_event(&old_writer).unwrap(),
+        Event {
+            node_id: "node-old".into(),
+            ..event(EventBody::DeviceConnected {
+                device_id: "phone".into(),
+                lease_until_ms: 1_732_470_090_000,
+                stream_started_ms: None,
+            })
+        }
+    );
 }

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Independent cross-check of the events wire format with fastavro.
 
-Run by tests/fastavro.rs:  python3 fastavro_events.py <event.avsc> <workdir>
+Run by tests/fastavro.rs:  python3 fastavro_events.py <event.avsc> <workdir> [<event.v1.avsc>]
 
 For every rust_<n>.bin in <workdir> (single-object encoded events written by
 the Rust crate) it checks the header against fastavro's own fingerprint,
 decodes the body, encodes the decoded record again with fastavro and checks
 the bytes are identical. Prints {"fingerprint": hex, "decoded": {file: {...}}}
-with the union branch names fastavro resolved.
+with the union branch names fastavro resolved. Given the superseded schema
+<event.v1.avsc> too, it also reads every file with that schema as the reader
+(Avro resolution: "decoded_v1"), and writes py_v1_connected.bin, a
+DeviceConnected as a writer of the old schema encodes it (its own fingerprint).
 """
 
 import datetime
@@ -58,7 +61,29 @@ def main():
         if again.getvalue() != data[10:]:
             sys.exit(f"{name}: fastavro re-encodes the record to different bytes")
         decoded[name] = jsonable(record)
-    json.dump({"fingerprint": fp_hex, "decoded": decoded}, sys.stdout)
+    report = {"fingerprint": fp_hex, "decoded": decoded}
+    if len(sys.argv) > 3:
+        with open(sys.argv[3], encoding="utf-8") as f:
+            previous = fastavro.parse_schema(json.load(f))
+        report["decoded_v1"] = {}
+        for name in decoded:
+            with open(os.path.join(workdir, name), "rb") as f:
+                body = io.BytesIO(f.read()[10:])
+            record = fastavro.schemaless_reader(body, schema, previous, return_record_name=True)
+            report["decoded_v1"][name] = jsonable(record)
+        old = {
+            "user_id": "user-1",
+            "node_id": "node-old",
+            "at": 1_732_470_000_999,
+            "body": ("lockstep.events.v1.DeviceConnected", {"device_id": "phone", "lease_until": 1_732_470_090_000}),
+        }
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, previous, old)
+        previous_fp = fingerprint(to_parsing_canonical_form(previous), "CRC-64-AVRO")
+        with open(os.path.join(workdir, "py_v1_connected.bin"), "wb") as f:
+            f.write(MAGIC + bytes.fromhex(previous_fp) + out.getvalue())
+        report["previous_fingerprint"] = previous_fp
+    json.dump(report, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ MAGIC = b"\xc3\x01"
 KIND_FIELDS = {
     "LogAppended": ["log_generation", "first_offset", "log_end", "count", "origin_device_id", "first_received_at"],
     "DeviceAcked": ["device_id", "log_generation", "committed_offset"],
-    "DeviceConnected": ["device_id", "lease_until"],
+    "DeviceConnected": ["device_id", "lease_until", "stream_started_at"],
     "DeviceDisconnected": ["device_id"],
     "DeviceAdded": ["device_id"],
     "DeviceRevoked": ["device_id"],

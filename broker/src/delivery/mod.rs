@@ -7,6 +7,16 @@
 //! each change), or — when it is behind that tail — the shared reader pool.
 //! Offsets move only when the device acks what it durably applied
 //! ([`Delivery::ack`]), through one shared group-offset client.
+//!
+//! # Several nodes (issue 21)
+//! - **A device's newest stream wins, on whatever node.** Each stream is named by the node that
+//!   serves it and a start stamp ([`Delivery::subscribe`]), published in its `DeviceConnected`
+//!   events; a node whose events follower sees a newer stream of a device it streams to ends
+//!   its own with ABORTED ([`Delivery::connected_elsewhere`]). See [`StreamStamp`] for what
+//!   "newer" means.
+//! - **Committed offsets never move backwards, whichever node an ack arrives at.** With a
+//!   shared database, an ack holds the device's advisory lock in PostgreSQL while it reads the
+//!   group's committed offset from Kafka and commits only a greater one ([`Delivery::ack`]).
 
 mod live_log;
 pub mod log_guard;
@@ -40,6 +50,7 @@ use crate::{
     settings::{CHANGE_OVERHEAD_BYTES, DeliverySettings, KafkaSettings, Settings},
     shutdown::ShutdownSource,
     slots::{KeyedSlots, Slot},
+    store::Store,
 };
 use lockstep_kafka::locks::lock;
 
@@ -47,6 +58,8 @@ use lockstep_kafka::locks::lock;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     Superseded,
+    /// A newer stream of the device started on another node.
+    SupersededElsewhere,
     Revoked,
     ShuttingDown,
 }
@@ -57,6 +70,9 @@ impl From<StopReason> for ApiError {
             StopReason::Superseded => {
                 ApiError::Aborted("a newer subscription of this device took over this stream".into())
             }
+            StopReason::SupersededElsewhere => ApiError::Aborted(
+                "a newer subscription of this device, on another server node, took over this stream".into(),
+            ),
             StopReason::Revoked => ApiError::Unauthenticated("this device was revoked".into()),
             StopReason::ShuttingDown => ApiError::ShuttingDown,
         }
@@ -76,9 +92,58 @@ struct DeviceState {
 
 const UNKNOWN: i64 = i64::MIN;
 
+/// The advisory-lock namespace of the device ack locks (see [`Delivery::ack`]); the schema
+/// migration uses 7106.
+const ACK_LOCK_NAMESPACE: i32 = 7107;
+
+/// Which of two streams of one device is newer, across nodes: the one with the greater
+/// `(started_ms, node_id)`.
+///
+/// `started_ms` comes from a hybrid logical clock per node ([`StreamClock`]): the node's wall
+/// clock in ms, but always past every stream start the node has issued or seen in a
+/// `DeviceConnected` event. So a stream that starts on a node after that node heard of another
+/// stream of the device is newer than it whatever the clocks say; only two subscriptions that
+/// start on different nodes within the events' propagation time (under a second) are ordered by
+/// the nodes' wall clocks, and a skew between them can make the later one lose. Then the device's
+/// newest stream ends with ABORTED once and its next subscribe, stamped past what its node has
+/// seen by then, wins. The node id breaks ties, so every node decides alike and exactly one
+/// stream of the device survives. A lease renewal repeats its stream's stamp: it names the same
+/// stream, which is never newer than itself, so renewals end nothing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StreamStamp<'a> {
+    pub started_ms: i64,
+    pub node_id: &'a str,
+}
+
+/// The clock of [`StreamStamp::started_ms`].
+#[derive(Default)]
+struct StreamClock {
+    latest: AtomicI64,
+}
+
+impl StreamClock {
+    /// A stamp past every one issued or observed here, and not before the wall clock.
+    fn next(&self) -> i64 {
+        let mut latest = self.latest.load(Ordering::Acquire);
+        loop {
+            let next = crate::db::now_ms().max(latest + 1);
+            match self.latest.compare_exchange_weak(latest, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return next,
+                Err(actual) => latest = actual,
+            }
+        }
+    }
+
+    fn observe(&self, stamp: i64) {
+        self.latest.fetch_max(stamp, Ordering::AcqRel);
+    }
+}
+
 struct SessionEntry {
     id: u64,
     user_id: Arc<str>,
+    /// This stream's [`StreamStamp::started_ms`] (its `DeviceConnected` events carry it).
+    started_ms: i64,
     stop_tx: watch::Sender<Option<StopReason>>,
 }
 
@@ -96,6 +161,10 @@ struct Inner {
     devices: Mutex<HashMap<Arc<str>, Arc<DeviceState>>>,
     subscriptions: Arc<Semaphore>,
     next_session_id: AtomicU64,
+    stream_clock: StreamClock,
+    /// The shared database when several nodes may serve one device (PostgreSQL): acks hold the
+    /// device's lock in it. `None` with SQLite (one node), where `DeviceState::ack_lock` suffices.
+    shared: Option<Store>,
     topics: Topics,
     readers: ReaderPool,
     offsets: GroupOffsets,
@@ -114,6 +183,7 @@ pub struct Delivery {
 impl Delivery {
     pub fn new(
         clients: &KafkaClients,
+        store: &Store,
         guard: LogGuard,
         events: Events,
         shutdown: ShutdownSource,
@@ -130,6 +200,8 @@ impl Delivery {
                 devices: Mutex::default(),
                 subscriptions: Arc::new(Semaphore::new(settings.limits.max_subscriptions as usize)),
                 next_session_id: AtomicU64::new(1),
+                stream_clock: StreamClock::default(),
+                shared: store.is_shared().then(|| store.clone()),
                 topics: clients.topics.clone(),
                 readers: clients.readers.clone(),
                 offsets: clients.offsets.clone(),
@@ -199,6 +271,10 @@ impl Delivery {
         // The committed offset before the log's bounds: an ack racing this
         // subscribe must not look like a commit past the end (see `log_guard`).
         let state = self.device_state(&device.device_id);
+        // Another node may have moved the device's offset since this one cached it.
+        if inner.shared.is_some() {
+            state.committed.store(UNKNOWN, Ordering::Release);
+        }
         let mut committed = self.committed(&device, &topic, &state).await?;
         let live_log = self.live_log(&device.user_id);
         // A lost log first: a device must hear DATA_LOSS, not an offset error.
@@ -226,11 +302,13 @@ impl Delivery {
 
         let session_id = inner.next_session_id.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = watch::channel(None);
-        let entry = SessionEntry { id: session_id, user_id: device.user_id.clone(), stop_tx };
+        // Stamped as it registers: past every stream of the device this node has heard of.
+        let started_ms = inner.stream_clock.next();
+        let entry = SessionEntry { id: session_id, user_id: device.user_id.clone(), started_ms, stop_tx };
         if let Some(previous) = lock(&inner.sessions).insert(device.device_id.clone(), entry) {
             previous.stop_tx.send_replace(Some(StopReason::Superseded));
         }
-        inner.events.connected(&device.user_id, &device.device_id);
+        inner.events.connected(&device.user_id, &device.device_id, started_ms);
         // After registering: either `shutdown` (which begins, then ends every
         // registered stream) sees this one, or this sees that it began.
         if lock(&inner.revoked).contains_key(&device.device_id) {
@@ -290,19 +368,48 @@ impl Delivery {
         }
         let state = self.device_state(&device.device_id);
         let _serialised = state.ack_lock.lock().await;
-        let committed = self.committed(device, &topic, &state).await?;
-        if committed.is_some_and(|committed| offset < committed) {
-            return Ok(committed.unwrap_or_default());
-        }
-        self.commit_locked(device, &topic, &state, offset + 1).await?;
-        metrics::counter!("lockstep_acks_total").increment(1);
-        Ok(offset + 1)
+        self.across_nodes(device, async {
+            if self.inner.shared.is_some() {
+                // Another node may have committed since: the cached value may be behind.
+                state.committed.store(UNKNOWN, Ordering::Release);
+            }
+            let committed = self.committed(device, &topic, &state).await?;
+            if committed.is_some_and(|committed| offset < committed) {
+                return Ok(committed.unwrap_or_default());
+            }
+            self.commit_locked(device, &topic, &state, offset + 1).await?;
+            metrics::counter!("lockstep_acks_total").increment(1);
+            Ok(offset + 1)
+        })
+        .await
+    }
+
+    /// Runs `work` (a read and a commit of the device's offset) as the only one for this device
+    /// on any node. Kafka's OffsetCommit has no compare-and-set: two nodes that each read the
+    /// committed offset and then commit a greater one could still land out of order (a stale ack
+    /// delayed on one node overwriting a newer one committed through another). With a shared
+    /// database the device's PostgreSQL advisory lock (transaction-scoped) is held around the
+    /// read from Kafka and the commit, so the read is fresh and the commit is the last one. The
+    /// cost, in multi-node mode only: per ack three database round trips (BEGIN, the lock,
+    /// ROLLBACK), one more Kafka round trip (the fresh OffsetFetch: the cached position may be
+    /// another node's past), and one pooled connection (`database.max_connections`) held for the
+    /// two Kafka calls. With SQLite (one node) the caller's `DeviceState::ack_lock` is enough,
+    /// the cached position is the truth, and `work` runs at once.
+    async fn across_nodes<R>(
+        &self,
+        device: &AuthedDevice,
+        work: impl std::future::Future<Output = Result<R, ApiError>>,
+    ) -> Result<R, ApiError> {
+        let Some(store) = &self.inner.shared else { return work.await };
+        // Longer than a holder takes (its Kafka calls are bounded by the operation deadline).
+        let wait = self.inner.kafka.operation_deadline * 2;
+        store.serialised(ACK_LOCK_NAMESPACE, &device.device_id, wait, work).await
     }
 
     /// Sets the device's committed position to `next`, also backwards (a repair).
     async fn commit(&self, device: &AuthedDevice, topic: &str, state: &DeviceState, next: i64) -> Result<(), ApiError> {
         let _serialised = state.ack_lock.lock().await;
-        self.commit_locked(device, topic, state, next).await
+        self.across_nodes(device, self.commit_locked(device, topic, state, next)).await
     }
 
     async fn commit_locked(
@@ -349,15 +456,50 @@ impl Delivery {
         }
     }
 
-    /// Renews the `DeviceConnected` lease of every live stream on this node.
+    /// Renews the `DeviceConnected` lease of every live stream on this node (with the stream's
+    /// own stamp: a renewal names the same stream, see [`StreamStamp`]).
     pub fn renew_leases(&self) {
-        let live: Vec<(Arc<str>, Arc<str>)> = lock(&self.inner.sessions)
+        let live: Vec<(Arc<str>, Arc<str>, i64)> = lock(&self.inner.sessions)
             .iter()
-            .map(|(device_id, entry)| (entry.user_id.clone(), device_id.clone()))
+            .map(|(device_id, entry)| (entry.user_id.clone(), device_id.clone(), entry.started_ms))
             .collect();
-        for (user_id, device_id) in live {
-            self.inner.events.connected(&user_id, &device_id);
+        for (user_id, device_id, started_ms) in live {
+            self.inner.events.connected(&user_id, &device_id, started_ms);
         }
+    }
+
+    /// Another node published a `DeviceConnected` of `device_id` (its events, read by this
+    /// node's events follower): a stream, or a renewal of one, named by `node_id` and
+    /// `started_ms`. If this node streams to the device and that stream is newer than this
+    /// node's ([`StreamStamp`]), this node's stream ends with ABORTED. An event of a server from
+    /// before stream stamps (`None`) ends nothing. Returns whether a stream ended.
+    pub fn connected_elsewhere(&self, device_id: &str, node_id: &str, started_ms: Option<i64>) -> bool {
+        let Some(started_ms) = started_ms else { return false };
+        let inner = &self.inner;
+        // Streams that start here from now on are newer than the one just heard of.
+        inner.stream_clock.observe(started_ms);
+        let local_node = inner.events.node_id();
+        let elsewhere = StreamStamp { started_ms, node_id };
+        let mut sessions = lock(&inner.sessions);
+        let superseded = sessions.get(device_id).is_some_and(|entry| {
+            node_id != local_node && StreamStamp { started_ms: entry.started_ms, node_id: local_node } < elsewhere
+        });
+        if !superseded {
+            return false;
+        }
+        let Some(entry) = sessions.remove(device_id) else { return false };
+        drop(sessions);
+        entry.stop_tx.send_replace(Some(StopReason::SupersededElsewhere));
+        self.inner.events.disconnected(&entry.user_id, device_id);
+        metrics::counter!("lockstep_streams_superseded_elsewhere_total").increment(1);
+        tracing::info!(
+            device_id,
+            by = node_id,
+            started_ms,
+            ours_started_ms = entry.started_ms,
+            "stream ended: a newer stream of the device started on another node"
+        );
+        true
     }
 
     pub fn active_streams(&self) -> usize {
@@ -597,6 +739,30 @@ mod tests {
             change: Some(Change { ciphertext: Bytes::from(vec![7u8; ciphertext_bytes]), ..Default::default() }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_newer_stream_is_the_later_stamp_then_the_greater_node_id_and_never_itself() {
+        let stamp = |started_ms, node_id| StreamStamp { started_ms, node_id };
+        assert!(stamp(100, "node-a") < stamp(101, "node-a"));
+        assert!(stamp(100, "node-z") < stamp(101, "node-a"), "time first, whatever the node");
+        assert!(stamp(100, "node-a") < stamp(100, "node-b"), "the node id breaks a tie");
+        // A renewal names the same stream: not newer than itself, so it ends nothing.
+        assert!(stamp(100, "node-a").cmp(&stamp(100, "node-a")).is_eq());
+    }
+
+    #[test]
+    fn stream_stamps_pass_every_stamp_seen_even_from_a_clock_ahead() {
+        let clock = StreamClock::default();
+        let first = clock.next();
+        let second = clock.next();
+        assert!(second > first, "strictly increasing on one node");
+        // Another node, its clock an hour ahead, started a stream of a device we serve.
+        let ahead = crate::db::now_ms() + 3_600_000;
+        clock.observe(ahead);
+        assert!(clock.next() > ahead, "a stream started after hearing of it is newer");
+        clock.observe(first);
+        assert!(clock.next() > ahead + 1, "an old stamp moves nothing back");
     }
 
     #[test]

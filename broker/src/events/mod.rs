@@ -121,11 +121,16 @@ impl Events {
         });
     }
 
-    /// The device has a live stream on this node (also the periodic lease renewal).
-    pub fn connected(&self, user_id: &str, device_id: &str) {
+    /// The device has a live stream on this node (also the periodic lease renewal), the one
+    /// that started at `stream_started_ms` (see `delivery::StreamStamp`).
+    pub fn connected(&self, user_id: &str, device_id: &str, stream_started_ms: i64) {
         let Some(inner) = &self.inner else { return };
         let lease_until_ms = now_ms() + 3 * inner.settings.lease_interval.as_millis() as i64;
-        self.record(user_id, || EventBody::DeviceConnected { device_id: device_id.to_owned(), lease_until_ms });
+        self.record(user_id, || EventBody::DeviceConnected {
+            device_id: device_id.to_owned(),
+            lease_until_ms,
+            stream_started_ms: Some(stream_started_ms),
+        });
     }
 
     pub fn disconnected(&self, user_id: &str, device_id: &str) {

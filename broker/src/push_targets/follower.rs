@@ -6,6 +6,8 @@
 //!   bring it back;
 //! - another node's `DeviceRevoked` (several nodes on one PostgreSQL): the
 //!   device's token leaves this node's cache and its streams on this node end;
+//! - another node's `DeviceConnected` of a device this node streams to: if that stream is newer
+//!   (see `delivery::StreamStamp`), this node's stream of the device ends with ABORTED;
 //! - another node's `LogAppended` (the doorbell): if this node streams to
 //!   devices of that user, their live tail learns the log's new end and the
 //!   sessions read the missing changes from the user's topic with the shared
@@ -155,6 +157,10 @@ async fn apply(payload: &[u8], followed: &Followed) -> Result<(), KafkaError> {
     match &event.body {
         EventBody::LogAppended { log_end, .. } if elsewhere => {
             followed.delivery.log_appended_elsewhere(&event.user_id, *log_end);
+        }
+        EventBody::DeviceConnected { device_id, stream_started_ms, .. } if elsewhere => {
+            // A newer stream of a device this node streams to ends this node's (ABORTED).
+            followed.delivery.connected_elsewhere(device_id, &event.node_id, *stream_started_ms);
         }
         EventBody::DeviceRevoked { device_id } if elsewhere => {
             // The row is revoked already (the event follows the commit): a later use of the

@@ -54,7 +54,7 @@ pub mod schema;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use crate::db::{Db, DbError};
 pub use crate::settings::redact_url;
@@ -63,6 +63,13 @@ pub use crate::settings::redact_url;
 /// other rows of the account (how many devices, which key epoch is next) are not raced by a
 /// concurrent transaction on another node. Parameter `?1`: the user id.
 pub const LOCK_USER: &str = "UPDATE users SET log_generation = log_generation WHERE user_id = ?1";
+
+/// A lock name as the 32-bit key of a PostgreSQL advisory lock: FNV-1a, the same on every node
+/// and every build (unlike `std`'s hasher).
+fn lock_key(name: &str) -> i32 {
+    let hash = name.bytes().fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+    hash as i32
+}
 
 /// One value of a row or a parameter: what both engines have in common.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -416,6 +423,25 @@ impl Store {
         }
     }
 
+    /// Runs `work` as the only holder of the lock named `(namespace, name)` among every node on
+    /// this store: a PostgreSQL transaction-scoped advisory lock (see `postgres::with_advisory_lock`;
+    /// three round trips, and one pooled connection held while `work` runs). With SQLite (one
+    /// node) it runs `work` at once: the caller serialises within the process. Names hash to 32
+    /// bits (FNV-1a): two names that collide only wait for each other. `wait` bounds the wait
+    /// for the lock.
+    pub async fn serialised<R, E, Fut>(&self, namespace: i32, name: &str, wait: Duration, work: Fut) -> Result<R, E>
+    where
+        Fut: std::future::Future<Output = Result<R, E>>,
+        E: From<DbError>,
+    {
+        match &self.backend {
+            Backend::Sqlite => work.await,
+            Backend::Postgres(pool) => {
+                postgres::with_advisory_lock(pool, (namespace, lock_key(name)), wait, work).await
+            }
+        }
+    }
+
     /// With PostgreSQL: gives `user_id` its row in the node-local SQLite, which holds the dedup
     /// index's mark (see the module doc). Nothing to do with SQLite alone.
     pub async fn mirror_user_locally(&self, user_id: &str) -> Result<(), DbError> {
@@ -467,5 +493,75 @@ impl Store {
             })
             .await?;
         Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::Duration,
+    };
+
+    use super::{lock_key, testing::TestStore};
+
+    #[test]
+    fn lock_keys_are_fnv1a_and_the_same_everywhere() {
+        assert_eq!(lock_key("") as u32, 0x811c_9dc5);
+        assert_eq!(lock_key("a") as u32, 0xe40c_292c);
+        assert_ne!(lock_key("device-1"), lock_key("device-2"));
+    }
+
+    /// Two "nodes" (two stores on one PostgreSQL database): work under one name never overlaps,
+    /// work under other names does not wait for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serialised_work_under_one_name_never_overlaps_across_stores() {
+        let first = TestStore::postgres().await;
+        let second = first.reopen().await;
+        let inside = Arc::new(AtomicUsize::new(0));
+        let most_inside = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for round in 0..8 {
+            let store = if round % 2 == 0 { first.store.clone() } else { second.clone() };
+            let (inside, most_inside) = (inside.clone(), most_inside.clone());
+            tasks.spawn(async move {
+                store
+                    .serialised(7107, "device-1", Duration::from_secs(10), async {
+                        let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most_inside.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, crate::db::DbError>(())
+                    })
+                    .await
+            });
+        }
+        // Another name takes a lock of its own.
+        let other = second
+            .serialised(7107, "device-2", Duration::from_secs(10), async { Ok::<_, crate::db::DbError>(7) })
+            .await
+            .unwrap();
+        assert_eq!(other, 7);
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(most_inside.load(Ordering::SeqCst), 1, "one holder at a time");
+        // An error inside ends the transaction too: the lock is free again.
+        let failed = first
+            .store
+            .serialised(7107, "device-1", Duration::from_secs(10), async {
+                Err::<(), _>(crate::db::DbError::Task("boom".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+        let again = tokio::time::timeout(
+            Duration::from_secs(10),
+            second.serialised(7107, "device-1", Duration::from_secs(5), async { Ok::<_, crate::db::DbError>(()) }),
+        )
+        .await;
+        assert!(matches!(again, Ok(Ok(()))), "{again:?}");
     }
 }

@@ -75,6 +75,36 @@ where
     .map_err(|error| DbError::Task(error.to_string()))?
 }
 
+/// Runs `work` while this connection's transaction holds the advisory lock `(namespace, key)`:
+/// one holder at a time across every node on this database. The lock ends with the transaction,
+/// which is rolled back (nothing was written), also when `work` fails, or when the caller's
+/// future is dropped mid-way (tokio-postgres sends the ROLLBACK before the connection's next
+/// use). Waiting for the lock is bounded by `wait` (`lock_timeout`). Three round trips besides
+/// `work`: BEGIN, the lock, ROLLBACK.
+pub(super) async fn with_advisory_lock<R, E, Fut>(
+    pool: &Pool,
+    (namespace, key): (i32, i32),
+    wait: Duration,
+    work: Fut,
+) -> Result<R, E>
+where
+    Fut: std::future::Future<Output = Result<R, E>>,
+    E: From<DbError>,
+{
+    let mut client =
+        pool.get().await.map_err(|error| DbError::Connect(format!("no database connection: {}", describe(&error))))?;
+    let transaction = client.transaction().await.map_err(DbError::from)?;
+    // Numbers only in this text: nothing a caller passes can change the statement.
+    let lock = format!(
+        "SET LOCAL lock_timeout = '{}ms'; SELECT pg_advisory_xact_lock({namespace}, {key})",
+        wait.as_millis().max(1)
+    );
+    transaction.batch_execute(&lock).await.map_err(DbError::from)?;
+    let outcome = work.await;
+    transaction.rollback().await.map_err(DbError::from)?;
+    outcome
+}
+
 pub struct Connection<'a> {
     client: &'a mut tokio_postgres::Client,
     runtime: Handle,

@@ -286,7 +286,7 @@ impl Fleet {
                     bucket.acked += moved;
                 }
             }
-            EventBody::DeviceConnected { device_id, lease_until_ms } => {
+            EventBody::DeviceConnected { device_id, lease_until_ms, .. } => {
                 let device = self.device(user_id, device_id);
                 if !device.revoked {
                     let lease = device.leases.entry(event.node_id.clone()).or_insert(*lease_until_ms);
@@ -562,7 +562,7 @@ mod tests {
         fleet.apply_event(&event(
             "u1",
             2_200,
-            EventBody::DeviceConnected { device_id: "d2".into(), lease_until_ms: 100_000 },
+            EventBody::DeviceConnected { device_id: "d2".into(), lease_until_ms: 100_000, stream_started_ms: None },
         ));
         fleet.apply_event(&event("u1", 2_300, EventBody::DeviceRevoked { device_id: "d4".into() }));
         fleet.apply_event(&event(

@@ -16,7 +16,16 @@ pub(crate) fn one_of_each() -> Vec<Event> {
             first_received_at_ms: 1_732_470_000_456,
         },
         EventBody::DeviceAcked { device_id: device.clone(), log_generation: 2, committed_offset: 13 },
-        EventBody::DeviceConnected { device_id: device.clone(), lease_until_ms: 1_732_470_090_000 },
+        EventBody::DeviceConnected {
+            device_id: device.clone(),
+            lease_until_ms: 1_732_470_090_000,
+            stream_started_ms: Some(1_732_470_000_123),
+        },
+        EventBody::DeviceConnected {
+            device_id: device.clone(),
+            lease_until_ms: 1_732_470_090_000,
+            stream_started_ms: None,
+        },
         EventBody::DeviceDisconnected { device_id: device.clone() },
         EventBody::DeviceAdded { device_id: device.clone() },
         EventBody::DeviceRevoked { device_id: device.clone() },
@@ -180,7 +189,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_events_never_panic(which in 0usize..10, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+    fn mutated_events_never_panic(which in 0usize..11, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
         let mut bytes = encode_event(&one_of_each()[which]).unwrap();
         let i = pos.index(bytes.len());
         bytes[i] = byte;
@@ -212,5 +221,67 @@ fn the_cached_writer_and_reader_match_the_per_call_functions_byte_for_byte() {
         let mut body = &bytes[crate::SINGLE_OBJECT_HEADER_LEN..];
         let value = apache_avro::from_avro_datum(&EVENT_SCHEMA.schema, &mut body, None).unwrap();
         assert_eq!(event_from_value(value).unwrap(), decode_event(&bytes).unwrap());
+    }
+}
+
+/// The body of `event` in the superseded schema `avro/event.v1.avsc`, with its header, as a
+/// server from before `DeviceConnected.stream_started_at` wrote it.
+fn encoded_as_v1(event: &Event) -> Vec<u8> {
+    let previous = &PREVIOUS[0];
+    let Value::Record(mut fields) = event_to_value(event).unwrap() else { panic!("not a record") };
+    // v1's DeviceConnected has no stream_started_at: drop it from the body's record.
+    if let Some((_, Value::Union(_, body))) = fields.iter_mut().find(|(name, _)| name == "body")
+        && let Value::Record(body_fields) = body.as_mut()
+    {
+        body_fields.retain(|(name, _)| name != "stream_started_at");
+    }
+    let mut bytes = Vec::new();
+    wire::write_header(&previous.fingerprint, &mut bytes);
+    bytes.extend(apache_avro::to_avro_datum(&previous.schema, Value::Record(fields)).unwrap());
+    bytes
+}
+
+#[test]
+fn events_of_the_previous_schema_resolve_to_the_current_one() {
+    assert_eq!(previous_event_fingerprints().len(), 1);
+    assert_ne!(previous_event_fingerprints()[0], event_fingerprint(), "the field changed the fingerprint");
+    for event in one_of_each() {
+        let bytes = encoded_as_v1(&event);
+        assert_eq!(&bytes[2..10], &previous_event_fingerprints()[0]);
+        let expected = match event.body.clone() {
+            // An old writer has no stream: the default, null.
+            EventBody::DeviceConnected { device_id, lease_until_ms, .. } => Event {
+                body: EventBody::DeviceConnected { device_id, lease_until_ms, stream_started_ms: None },
+                ..event
+            },
+            _ => event,
+        };
+        assert_eq!(decode_event(&bytes).unwrap(), expected);
+        for len in 0..bytes.len() {
+            assert!(decode_event(&bytes[..len]).is_err(), "{} truncated to {len}", expected.body.kind());
+        }
+    }
+}
+
+/// A reader of the old schema that is given the new writer schema (Avro resolution) reads
+/// the new events: the added field is skipped. (apache-avro picks a union branch by shape, so
+/// only DeviceConnected's branch is checked here; fastavro resolves by name, tests/fastavro.rs.)
+#[test]
+fn the_previous_schema_reads_current_events_by_resolution() {
+    for event in one_of_each() {
+        let bytes = encode_event(&event).unwrap();
+        let mut body = &bytes[crate::SINGLE_OBJECT_HEADER_LEN..];
+        let old = apache_avro::from_avro_datum(&EVENT_SCHEMA.schema, &mut body, Some(&PREVIOUS[0].schema)).unwrap();
+        let Value::Record(fields) = old else { panic!("not a record") };
+        let Some((_, Value::Union(index, body))) = fields.iter().find(|(name, _)| name == "body") else { panic!() };
+        let Value::Record(body) = body.as_ref() else { panic!("body is no record") };
+        assert!(body.iter().all(|(name, _)| name != "stream_started_at"), "{body:?}");
+        if let EventBody::DeviceConnected { lease_until_ms, .. } = event.body {
+            assert_eq!(body_kinds()[*index as usize], "DeviceConnected");
+            assert!(
+                body.iter()
+                    .any(|(name, value)| name == "lease_until" && *value == Value::TimestampMillis(lease_until_ms))
+            );
+        }
     }
 }

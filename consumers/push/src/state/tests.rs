@@ -60,8 +60,24 @@ fn connected_acked_targetless_and_revoked_devices_are_not_woken() {
     state.apply(0, 1, &event(0, "n1", acked("d", 3)));
     assert_eq!(state.decide("u", "d", 0), Decision::Idle, "no target");
     with_target(&mut state, "d");
-    state.apply(0, 2, &event(0, "n1", EventBody::DeviceConnected { device_id: "d".into(), lease_until_ms: 90_000 }));
-    state.apply(0, 3, &event(0, "n2", EventBody::DeviceConnected { device_id: "d".into(), lease_until_ms: 50_000 }));
+    state.apply(
+        0,
+        2,
+        &event(
+            0,
+            "n1",
+            EventBody::DeviceConnected { device_id: "d".into(), lease_until_ms: 90_000, stream_started_ms: None },
+        ),
+    );
+    state.apply(
+        0,
+        3,
+        &event(
+            0,
+            "n2",
+            EventBody::DeviceConnected { device_id: "d".into(), lease_until_ms: 50_000, stream_started_ms: None },
+        ),
+    );
     assert_eq!(state.decide("u", "d", 1_000), Decision::Later(90_000), "connected until the latest lease ends");
     state.apply(0, 4, &event(0, "n1", EventBody::DeviceDisconnected { device_id: "d".into() }));
     assert_eq!(state.decide("u", "d", 1_000), Decision::Later(50_000), "still connected on n2");
