@@ -308,7 +308,11 @@ async fn commit_in_groups(store: Store, mut queue: tokio::sync::mpsc::Receiver<(
 
 fn write_group(connection: &mut Conn<'_>, writes: &[Write]) -> Result<(), DbError> {
     let transaction = connection.transaction()?;
-    for Write { user_id, entries, advance, release_for } in writes {
+    // One user's writes keep their order; users go in one order, so that two nodes' groups in
+    // PostgreSQL take the rows of the users they share in the same order (no deadlock).
+    let mut by_user: Vec<&Write> = writes.iter().collect();
+    by_user.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    for Write { user_id, entries, advance, release_for } in by_user {
         for entry in entries {
             transaction.execute(
                 "INSERT INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest)
