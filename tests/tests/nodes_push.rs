@@ -74,8 +74,10 @@ async fn a_push_retried_on_another_node_is_in_the_log_once_with_the_first_offset
         }
         // And once more through the first node, which may hold a view of the index of its own.
         let again = on_node[first].push(push).await?;
-        assert_eq!(again.iter().map(|result| outcome(std::slice::from_ref(result))).collect::<Result<Vec<_>, _>>()?,
-            offsets.iter().map(|offset| Ok((*offset, true))).collect::<Vec<_>>());
+        assert_eq!(
+            again.iter().map(|result| outcome(std::slice::from_ref(result))).collect::<Result<Vec<_>, _>>()?,
+            offsets.iter().map(|offset| Ok((*offset, true))).collect::<Vec<_>>()
+        );
     }
     // A different change under a used id is refused by the node that did not write it, too.
     let original = change("r", 16);

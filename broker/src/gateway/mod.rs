@@ -436,7 +436,9 @@ impl Gateway {
                     Claim::Held => held.push(index),
                     Claim::Indexed { offset, digest: stored } => {
                         let result = match &plans[index] {
-                            Plan::Write { digest, change } => answer_from_index(&change.change_id, *digest, offset, stored),
+                            Plan::Write { digest, change } => {
+                                answer_from_index(&change.change_id, *digest, offset, stored)
+                            }
                             Plan::Answer(result) => result.clone(),
                         };
                         answer(plans, index, result);

@@ -246,7 +246,8 @@ mod tests {
     both_backends!(one_attempt_wins_the_other_waits_for_its_entry, |test: TestStore| async move {
         let store = test.store.clone();
         with_user(&store).await;
-        let (node1, node2) = (Reservations::new(store.clone(), "n1/a", LEASE), Reservations::new(store.clone(), "n2/b", LEASE));
+        let (node1, node2) =
+            (Reservations::new(store.clone(), "n1/a", LEASE), Reservations::new(store.clone(), "n2/b", LEASE));
         assert_eq!(node1.claim("u", "d", vec![change("c1"), change("c22")]).await.unwrap(), [Claim::Won, Claim::Won]);
         // The same changes through another node, in the other order: held, each in its place.
         assert_eq!(node2.claim("u", "d", vec![change("c22"), change("c1")]).await.unwrap(), [Claim::Held, Claim::Held]);
@@ -259,7 +260,14 @@ mod tests {
         let claims = node2.claim("u", "d", vec![change("c1"), change("c22")]).await.unwrap();
         assert_eq!(claims, [Claim::Indexed { offset: 7, digest: change("c1").1 }, Claim::Held]);
         let left: i64 = store
-            .call(|connection| connection.query_one("SELECT count(*) FROM push_reservations WHERE change_id = 'c1' AND device_id = 'd'", &[])?.get(0))
+            .call(|connection| {
+                connection
+                    .query_one(
+                        "SELECT count(*) FROM push_reservations WHERE change_id = 'c1' AND device_id = 'd'",
+                        &[],
+                    )?
+                    .get(0)
+            })
             .await
             .unwrap();
         assert_eq!(left, 0, "an indexed change is no longer reserved");
@@ -269,7 +277,8 @@ mod tests {
         let store = test.store.clone();
         with_user(&store).await;
         let dead = Reservations::new(store.clone(), "n1/dead", LEASE);
-        let (node2, node3) = (Reservations::new(store.clone(), "n2/b", LEASE), Reservations::new(store.clone(), "n3/c", LEASE));
+        let (node2, node3) =
+            (Reservations::new(store.clone(), "n2/b", LEASE), Reservations::new(store.clone(), "n3/c", LEASE));
         assert_eq!(dead.claim("u", "d", vec![change("c1")]).await.unwrap(), [Claim::Won]);
         assert_eq!(node2.claim("u", "d", vec![change("c1")]).await.unwrap(), [Claim::Held], "the lease still runs");
         expire_all(&store).await;

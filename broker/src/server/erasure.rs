@@ -202,7 +202,7 @@ impl Erasure {
             })
             .await?;
         purged.push_targets_removed = targets as u32;
-        purged.dedup_entries_removed = dedup as u64;
+        purged.dedup_entries_removed = dedup;
         purged.devices_removed = devices_removed as u32;
         tracing::info!(user_id, ?purged, "account deleted");
         Ok(purged)
