@@ -396,33 +396,51 @@ impl Gateway {
         plans: &mut [Plan],
     ) {
         let Some(reservations) = self.dedup.reservations() else { return };
-        let mut pending: Vec<usize> =
-            (0..plans.len()).filter(|index| matches!(plans[*index], Plan::Write { .. })).collect();
-        // Changes this attempt took over and re-read the log for: its next claim only renews them.
-        let mut reread: Vec<usize> = Vec::new();
-        let deadline = Instant::now() + self.kafka.produce_timeout;
-        let mut pause = Duration::from_millis(20);
+        let writes = |plans: &[Plan]| -> Vec<usize> {
+            (0..plans.len()).filter(|index| matches!(plans[*index], Plan::Write { .. })).collect()
+        };
+        let claimed = |plans: &[Plan], indexes: &[usize]| -> Vec<(String, dedup::Digest)> {
+            indexes
+                .iter()
+                .filter_map(|index| match &plans[*index] {
+                    Plan::Write { digest, change } => Some((change.change_id.clone(), *digest)),
+                    Plan::Answer(_) => None,
+                })
+                .collect()
+        };
         let answer = |plans: &mut [Plan], index: usize, result: PushResult| {
             if let Plan::Write { change, .. } = &plans[index] {
                 user.index().in_flight.remove(&(device.device_id.clone(), change.change_id.clone()));
             }
             plans[index] = Plan::Answer(result);
         };
+        let indexed = |plans: &mut [Plan], index: usize, offset: i64, stored: dedup::Digest| {
+            if let Plan::Write { digest, change } = &plans[index] {
+                let result = answer_from_index(&change.change_id, *digest, offset, stored);
+                answer(plans, index, result);
+            }
+        };
+        let unavailable = |plans: &mut [Plan], index: usize, why: &str| {
+            if let Plan::Write { change, .. } = &plans[index] {
+                let error = ApiError::Unavailable(format!("change_id {}: {why}; retry", change.change_id));
+                answer(plans, index, failed(&error));
+            }
+        };
+        let mut pending = writes(plans);
+        // Changes this attempt took over and re-read the log for: its next claim only renews them.
+        let mut reread: Vec<usize> = Vec::new();
+        // Time went by since the first claim (a wait, a re-read): the leases are renewed at the end.
+        let mut renew = false;
+        let deadline = Instant::now() + self.kafka.produce_timeout;
+        let mut pause = Duration::from_millis(20);
         while !pending.is_empty() {
-            let batch = pending
-                .iter()
-                .filter_map(|index| match &plans[*index] {
-                    Plan::Write { digest, change } => Some((change.change_id.clone(), *digest)),
-                    Plan::Answer(_) => None,
-                })
-                .collect();
+            let batch = claimed(plans, &pending);
             let claims = match reservations.claim(&device.user_id, &device.device_id, batch).await {
                 Ok(claims) => claims,
                 Err(error) => {
                     tracing::warn!(topic, %error, "cannot reserve a push's changes");
-                    let error = ApiError::Unavailable("cannot reserve the change for writing; retry".into());
                     for index in pending {
-                        answer(plans, index, failed(&error));
+                        unavailable(plans, index, "cannot reserve it for writing");
                     }
                     return;
                 }
@@ -434,26 +452,18 @@ impl Gateway {
                     Claim::TakenOver { from_self: true } if reread.contains(&index) => {}
                     Claim::TakenOver { .. } => taken.push(index),
                     Claim::Held => held.push(index),
-                    Claim::Indexed { offset, digest: stored } => {
-                        let result = match &plans[index] {
-                            Plan::Write { digest, change } => {
-                                answer_from_index(&change.change_id, *digest, offset, stored)
-                            }
-                            Plan::Answer(result) => result.clone(),
-                        };
-                        answer(plans, index, result);
-                    }
+                    Claim::Indexed { offset, digest } => indexed(plans, index, offset, digest),
                 }
             }
             if !taken.is_empty() {
                 // The old holder may have appended them: read the log up to its end first. The
                 // claim that follows renews the reservations, or finds the changes indexed.
+                renew = true;
                 user.wait_finished(tickets_before).await;
                 if let Err(error) = self.reindex(user, &device.user_id, topic).await {
                     tracing::warn!(topic, %error, "cannot re-read the log for a taken-over reservation");
-                    let error = ApiError::Unavailable("cannot re-read the log to check the change; retry".into());
                     for index in taken {
-                        answer(plans, index, failed(&error));
+                        unavailable(plans, index, "cannot re-read the log to check it");
                     }
                 } else {
                     reread.extend(&taken);
@@ -468,20 +478,39 @@ impl Gateway {
             }
             if now >= deadline {
                 for index in held {
-                    let change_id = match &plans[index] {
-                        Plan::Write { change, .. } => change.change_id.clone(),
-                        Plan::Answer(_) => continue,
-                    };
-                    let error = ApiError::Unavailable(format!(
-                        "change_id {change_id} is being written through another node; retry"
-                    ));
-                    answer(plans, index, failed(&error));
+                    unavailable(plans, index, "it is being written through another node");
                 }
                 break;
             }
+            renew = true;
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
             pending = held;
+        }
+        // A lease covers one produce from its start: renewed right before it when the claim is older.
+        let pending = writes(plans);
+        if !renew || pending.is_empty() {
+            return;
+        }
+        let batch = claimed(plans, &pending);
+        match reservations.claim(&device.user_id, &device.device_id, batch).await {
+            Ok(claims) => {
+                for (index, claim) in pending.into_iter().zip(claims) {
+                    match claim {
+                        Claim::Won | Claim::TakenOver { from_self: true } => {}
+                        Claim::Indexed { offset, digest } => indexed(plans, index, offset, digest),
+                        Claim::TakenOver { from_self: false } | Claim::Held => {
+                            unavailable(plans, index, "its reservation was lost")
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(topic, %error, "cannot renew a push's reservations");
+                for index in pending {
+                    unavailable(plans, index, "cannot reserve it for writing");
+                }
+            }
         }
     }
 
