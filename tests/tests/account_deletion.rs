@@ -50,11 +50,9 @@ fn rows_of(server: &Server, user_id: &str) -> anyhow::Result<Vec<(String, i64)>>
         found.push((table.to_string(), count));
     }
     let local = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
-    for table in ["users"] {
-        let count: i64 =
-            local.query_row(&format!("SELECT count(*) FROM {table} WHERE user_id = ?1"), [user_id], |r| r.get(0))?;
-        found.push((format!("local {table}"), count));
-    }
+    let local_users: i64 =
+        local.query_row("SELECT count(*) FROM users WHERE user_id = ?1", [user_id], |r| r.get(0))?;
+    found.push(("local users".to_string(), local_users));
     Ok(found)
 }
 
