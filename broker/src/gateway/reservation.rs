@@ -27,10 +27,13 @@
 //! produce request on its way. librdkafka gives up on a record `kafka.produce_timeout` after
 //! the produce (`message.timeout.ms`), and a request Kafka had not answered may still commit
 //! until the leader drops a stalled follower (`kafka.in_doubt_window`). The lease
-//! (`database.push_reservation_lease`) must exceed both together (settings validate it); what
-//! is left is a request held in the network longer than the lease (Kafka appends a produce
-//! request whenever it arrives) or node clocks apart by more than the margin, which is why
-//! expiry is the database's clock (PostgreSQL's `clock_timestamp()`), not the nodes'.
+//! (`database.push_reservation_lease`) must exceed both together (settings validate it), counted
+//! from the claim made right before the produce (a claim older than that, after a wait or a
+//! re-read, is renewed first). Expiry is the database's clock (PostgreSQL's
+//! `clock_timestamp()`), so node clocks do not matter. What is left: a produce request held in
+//! the network longer than the lease (Kafka appends a request whenever it arrives), or a node
+//! frozen (a paused VM, SIGSTOP) for longer than the lease between its claim and handing the
+//! record to librdkafka; either appends a change a second time, as without any reservation.
 //! A holder is one process (`<node id>/<random>`): a restarted node does not take its previous
 //! process's reservations for its own, whose requests may still land.
 
