@@ -50,8 +50,7 @@ fn rows_of(server: &Server, user_id: &str) -> anyhow::Result<Vec<(String, i64)>>
         found.push((table.to_string(), count));
     }
     let local = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
-    let local_users: i64 =
-        local.query_row("SELECT count(*) FROM users WHERE user_id = ?1", [user_id], |r| r.get(0))?;
+    let local_users: i64 = local.query_row("SELECT count(*) FROM users WHERE user_id = ?1", [user_id], |r| r.get(0))?;
     found.push(("local users".to_string(), local_users));
     Ok(found)
 }
@@ -97,9 +96,11 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
         let offsets = before["groups"][group]["offsets"].as_object();
         assert!(offsets.is_some_and(|o| o.contains_key(&format!("{topic}:0"))), "{group} before: {before}");
     }
-    assert!(rows_of(&server, &user_id)?.iter().all(|(table, n)| *n > 0
-        || ["log_incidents", "pairing_tickets", "key_epochs", "sealed_epoch_keys", "push_reservations"]
-            .contains(&table.as_str())));
+    assert!(rows_of(&server, &user_id)?.iter().all(|(table, n)| {
+        *n > 0
+            || ["log_incidents", "pairing_tickets", "key_epochs", "sealed_epoch_keys", "push_reservations"]
+                .contains(&table.as_str())
+    }));
 
     // A wrong confirmation deletes nothing.
     let error = phone.fail(&["account", "delete", "--confirm", "not-my-account"]).await?;
