@@ -1,7 +1,7 @@
 //! The server's own small SQLite database (`<data_dir>/lockstep.db`): accounts,
 //! devices, pairing tickets, invites and the push deduplication index. Kafka holds the
-//! changes themselves; nothing here is needed to read them. With the accounts in PostgreSQL
-//! (`database.url`, see `store`), only the dedup index is used here.
+//! changes themselves; nothing here is needed to read them. With the accounts and the dedup
+//! index in PostgreSQL (`database.url`, see `store`), only the node's own leftovers are here.
 //!
 //! One connection behind a mutex, used from `spawn_blocking`, so no async task
 //! ever blocks on SQLite.
@@ -100,6 +100,18 @@ CREATE TABLE IF NOT EXISTS pushed_changes (
     digest BLOB NOT NULL,
     PRIMARY KEY (user_id, device_id, change_id)
 ) WITHOUT ROWID;
+-- A change being written through one node (gateway::dedup, used when several nodes share the
+-- store): the attempt that inserted the row produces it; others wait for its index entry, or take
+-- the row over once it expired (and re-read the topic first).
+CREATE TABLE IF NOT EXISTS push_reservations (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    change_id TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    holder TEXT NOT NULL,            -- <node id>/<process id>: one attempt per process and change
+    expires_at_ms INTEGER NOT NULL,  -- database clock
+    PRIMARY KEY (user_id, device_id, change_id)
+) WITHOUT ROWID;
 ";
 
 /// The data directory (0700) and the database (0600) are the server's alone: they hold token
@@ -175,6 +187,8 @@ pub(crate) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("devices", "log_generation", "INTEGER NOT NULL DEFAULT 0"),
     // Set when the account's deletion began; the row goes once Kafka's copy is gone.
     ("users", "deleting_at_ms", "INTEGER"),
+    // The log generation the dedup index belongs to (gateway::dedup resets it when behind).
+    ("users", "dedup_generation", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 fn add_columns(connection: &Connection) -> Result<(), DbError> {
@@ -188,6 +202,10 @@ fn add_columns(connection: &Connection) -> Result<(), DbError> {
             connection.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))?;
             if *column == "log_high_mark" {
                 connection.execute_batch("UPDATE users SET log_high_mark = dedup_indexed_through")?;
+            }
+            if *column == "dedup_generation" {
+                // The log guard reset the index itself at each incident until now: it is current.
+                connection.execute_batch("UPDATE users SET dedup_generation = log_generation")?;
             }
         }
     }

@@ -134,8 +134,17 @@ impl App {
         let clients =
             KafkaClients { producer: producer.clone(), topics: topics.clone(), readers, offsets: offsets.clone() };
         let delivery = Delivery::new(&clients, &store, guard.clone(), events.clone(), shutdown.clone(), &settings);
-        // The dedup index stays in the node-local SQLite (see `store`).
-        let dedup = DedupIndex::new(store.local().clone());
+        // The dedup index is in the store: with PostgreSQL every node sees it, and a change is
+        // reserved there before it is produced (`gateway::reservation`).
+        let dedup = DedupIndex::new(store.clone());
+        let dedup = if store.is_shared() {
+            let node = Some(events.node_id()).filter(|id| !id.is_empty()).unwrap_or("node");
+            let holder = format!("{node}/{:016x}", rand::random::<u64>());
+            tracing::info!(holder, lease = ?settings.database.push_reservation_lease, "push reservations in the shared store");
+            dedup.with_reservations(&holder, settings.database.push_reservation_lease)
+        } else {
+            dedup
+        };
         let log_guard = guard.clone();
         let shutdown_for_sweep = shutdown.clone();
         let gateway =

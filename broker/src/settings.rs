@@ -34,7 +34,7 @@ pub struct Settings {
 
 /// Where the accounts (users, devices, tokens, pairing tickets, invites, push targets, keys)
 /// live. Unset: SQLite in `data_dir` (one node). A PostgreSQL URL: shared by every node that
-/// names it. The push dedup index stays in `data_dir` either way (see `store`).
+/// names it, with the push dedup index and its reservations (see `store`, `gateway::reservation`).
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
@@ -43,11 +43,17 @@ pub struct DatabaseSettings {
     pub url: Option<String>,
     /// Connections the server keeps to PostgreSQL at most. Default 8.
     pub max_connections: usize,
+    /// With `url` set: how long a node's reservation of a change it is producing holds before
+    /// another node may take it over (re-reading the user's topic first). Must exceed
+    /// `kafka.produce_timeout` + `kafka.in_doubt_window`, the longest a produce may still land
+    /// (`gateway::reservation`). Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub push_reservation_lease: Duration,
 }
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
-        Self { url: None, max_connections: 8 }
+        Self { url: None, max_connections: 8, push_reservation_lease: Duration::from_secs(60) }
     }
 }
 
@@ -67,6 +73,7 @@ impl fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &self.url.as_deref().map(redact_url))
             .field("max_connections", &self.max_connections)
+            .field("push_reservation_lease", &self.push_reservation_lease)
             .finish()
     }
 }
@@ -522,6 +529,14 @@ impl Settings {
         }
         if self.database.max_connections == 0 {
             return fail("database.max_connections must be at least 1");
+        }
+        if self.database.url.is_some()
+            && self.database.push_reservation_lease <= self.kafka.produce_timeout + self.kafka.in_doubt_window
+        {
+            return fail(
+                "database.push_reservation_lease must exceed kafka.produce_timeout + kafka.in_doubt_window (a produce \
+                 may land until then; another node taking the reservation over earlier could append it twice)",
+            );
         }
         if self.limits.max_changes_per_push == 0 {
             return fail("limits.max_changes_per_push must be at least 1");

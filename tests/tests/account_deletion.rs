@@ -38,21 +38,20 @@ fn kafka_state(bootstrap: &str, topic: &str, groups: &[String]) -> anyhow::Resul
 }
 
 /// Rows that still name `user_id`, per table of the server's database.
-/// The rows of `user_id` in the accounts database (SQLite or PostgreSQL) and in the node-local
-/// SQLite (the dedup index, and its `users` row when the accounts are in PostgreSQL).
+/// The rows of `user_id` in the accounts database (SQLite or PostgreSQL, with the dedup index
+/// and its reservations) and in the node-local SQLite (its `users` row when the accounts are in
+/// PostgreSQL).
 fn rows_of(server: &Server, user_id: &str) -> anyhow::Result<Vec<(String, i64)>> {
     let mut found = Vec::new();
-    let tables = ["users", "devices", "pairing_tickets", "push_targets", "log_incidents"];
+    let tables =
+        ["users", "devices", "pairing_tickets", "push_targets", "log_incidents", "pushed_changes", "push_reservations"];
     for table in tables.into_iter().chain(lockstep_broker::keys::TABLES_BY_USER) {
         let count = server.accounts_count(&format!("SELECT count(*) FROM {table} WHERE user_id = '{user_id}'"))?;
         found.push((table.to_string(), count));
     }
     let local = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
-    for table in ["pushed_changes", "users"] {
-        let count: i64 =
-            local.query_row(&format!("SELECT count(*) FROM {table} WHERE user_id = ?1"), [user_id], |r| r.get(0))?;
-        found.push((format!("local {table}"), count));
-    }
+    let local_users: i64 = local.query_row("SELECT count(*) FROM users WHERE user_id = ?1", [user_id], |r| r.get(0))?;
+    found.push(("local users".to_string(), local_users));
     Ok(found)
 }
 
@@ -97,8 +96,11 @@ async fn deleting_an_account_leaves_nothing_of_it_on_the_server() -> anyhow::Res
         let offsets = before["groups"][group]["offsets"].as_object();
         assert!(offsets.is_some_and(|o| o.contains_key(&format!("{topic}:0"))), "{group} before: {before}");
     }
-    assert!(rows_of(&server, &user_id)?.iter().all(|(table, n)| *n > 0
-        || ["log_incidents", "pairing_tickets", "key_epochs", "sealed_epoch_keys"].contains(&table.as_str())));
+    assert!(rows_of(&server, &user_id)?.iter().all(|(table, n)| {
+        *n > 0
+            || ["log_incidents", "pairing_tickets", "key_epochs", "sealed_epoch_keys", "push_reservations"]
+                .contains(&table.as_str())
+    }));
 
     // A wrong confirmation deletes nothing.
     let error = phone.fail(&["account", "delete", "--confirm", "not-my-account"]).await?;

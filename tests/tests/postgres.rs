@@ -51,13 +51,15 @@ async fn accounts_in_postgresql_pair_sync_revoke_and_survive_a_restart() -> anyh
     let received = receive_changes(&mut stream, 5, WAIT).await?;
     assert_eq!(received.offsets(), offsets);
 
-    // The accounts are in PostgreSQL; the node-local SQLite holds only the dedup index.
+    // The accounts and the dedup index are in PostgreSQL, not in the node-local SQLite.
     let user_filter = format!("user_id = '{}'", phone.user_id);
     assert_eq!(count(&database_server, &database, &format!("SELECT count(*) FROM devices WHERE {user_filter}"))?, 2);
+    let shared_index = format!("SELECT count(*) FROM pushed_changes WHERE {user_filter}");
+    assert_eq!(count(&database_server, &database, &shared_index)?, 5);
     let local = rusqlite::Connection::open(server.data_dir().join("lockstep.db"))?;
     let local_devices: i64 = local.query_row("SELECT count(*) FROM devices", [], |row| row.get(0))?;
     let local_index: i64 = local.query_row("SELECT count(*) FROM pushed_changes", [], |row| row.get(0))?;
-    assert_eq!((local_devices, local_index), (0, 5));
+    assert_eq!((local_devices, local_index), (0, 0));
     drop(local);
 
     // Revoked: the laptop's token is refused, on this process and after a restart.

@@ -12,15 +12,28 @@
 //! one transaction, in submission order. A user's next push need not wait for the
 //! commit, only for the submission; a change stays "in flight" (gateway) until its
 //! entry is committed, so a retry never misses it.
+//!
+//! The index is in the store's database: the data directory's SQLite with one node (the same
+//! file, connection and group commit as ever), PostgreSQL when several nodes share it
+//! (`database.url`), where every node sees every entry and mark. What a node keeps in memory
+//! (in flight, in doubt) covers its own attempts only; across nodes, `reservation` does.
+//!
+//! The index belongs to one log generation (`users.dedup_generation`): after a loss
+//! (`log_guard`) the first push to see the new generation, on any node, drops the entries and
+//! re-reads the log ([`DedupIndex::reset_for_generation`]).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use lockstep_proto::v1::Change;
 use lockstep_schemas::ChangeEnvelope;
-use rusqlite::params;
 use sha2::{Digest as _, Sha256};
 
-use crate::db::{Db, DbError};
+use super::reservation::Reservations;
+use crate::{
+    db::DbError,
+    store::{Conn, Sql, Store},
+    values,
+};
 
 /// A fingerprint of a change's content, to tell a retry from a reused id.
 pub type Digest = [u8; 16];
@@ -101,22 +114,39 @@ struct Write {
     user_id: String,
     entries: Vec<IndexEntry>,
     advance: Option<(i64, i64)>,
+    /// The holder whose reservations of these entries' changes are done with (several nodes).
+    release_for: Option<Arc<str>>,
 }
 
 type Committed = tokio::sync::oneshot::Sender<Result<(), WriteFailed>>;
 
+/// Where the index lives: the store's database (SQLite in the data directory with one node,
+/// PostgreSQL shared by every node with `database.url`); see `store` and `reservation`.
 #[derive(Clone)]
 pub struct DedupIndex {
-    db: Db,
+    store: Store,
     writes: tokio::sync::mpsc::Sender<(Write, Committed)>,
+    /// Set when several nodes share the store: changes are reserved before they are produced.
+    reservations: Option<Reservations>,
 }
 
 impl DedupIndex {
     /// Starts the writer task: call within the runtime.
-    pub fn new(db: Db) -> Self {
+    pub fn new(store: Store) -> Self {
         let (writes, queue) = tokio::sync::mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(commit_in_groups(db.clone(), queue));
-        Self { db, writes }
+        tokio::spawn(commit_in_groups(store.clone(), queue));
+        Self { store, writes, reservations: None }
+    }
+
+    /// Reserves each change in the store before producing it, as `holder`, for `lease`
+    /// (see `reservation`): for several nodes on one store.
+    pub fn with_reservations(mut self, holder: &str, lease: Duration) -> Self {
+        self.reservations = Some(Reservations::new(self.store.clone(), holder, lease));
+        self
+    }
+
+    pub fn reservations(&self) -> Option<&Reservations> {
+        self.reservations.as_ref()
     }
 
     /// The offsets and digests of those of `change_ids` already written by the device.
@@ -127,22 +157,12 @@ impl DedupIndex {
         change_ids: Vec<String>,
     ) -> Result<HashMap<String, (i64, Digest)>, DbError> {
         let (user, device) = (user_id.to_string(), device_id.to_string());
-        self.db
+        self.store
             .call(move |connection| {
-                let mut statement = connection.prepare_cached(
-                    "SELECT kafka_offset, digest FROM pushed_changes WHERE user_id = ?1 AND device_id = ?2 AND change_id = ?3",
-                )?;
                 let mut found = HashMap::new();
                 for change_id in change_ids {
-                    let mut rows = statement.query(params![user, device, change_id])?;
-                    if let Some(row) = rows.next()? {
-                        let offset: i64 = row.get(0)?;
-                        let stored: Vec<u8> = row.get(1)?;
-                        let mut digest = [0u8; 16];
-                        if stored.len() == 16 {
-                            digest.copy_from_slice(&stored);
-                        }
-                        found.insert(change_id, (offset, digest));
+                    if let Some(known) = lookup_one(connection, &user, &device, &change_id)? {
+                        found.insert(change_id, known);
                     }
                 }
                 Ok(found)
@@ -151,12 +171,43 @@ impl DedupIndex {
     }
 
     pub async fn indexed_through(&self, user_id: &str) -> Result<i64, DbError> {
+        Ok(self.mark(user_id).await?.0)
+    }
+
+    /// The user's mark (every offset below it is indexed) and the log generation the index
+    /// belongs to.
+    pub async fn mark(&self, user_id: &str) -> Result<(i64, i64), DbError> {
         let user = user_id.to_string();
-        self.db
+        self.store
             .call(move |connection| {
-                Ok(connection
-                    .query_row("SELECT dedup_indexed_through FROM users WHERE user_id = ?1", [user], |row| row.get(0))
-                    .unwrap_or(0))
+                connection
+                    .query_opt(
+                        "SELECT dedup_indexed_through, dedup_generation FROM users WHERE user_id = ?1",
+                        values![user],
+                    )?
+                    .map_or(Ok((0, 0)), |row| Ok((row.get(0)?, row.get(1)?)))
+            })
+            .await
+    }
+
+    /// The log lost changes (`log_guard`): the index's offsets point into the old log. Drops the
+    /// user's entries and sets the mark to `log_start`, once per generation whichever node sees
+    /// it first. Returns whether this call reset it.
+    pub async fn reset_for_generation(&self, user_id: &str, generation: i64, log_start: i64) -> Result<bool, DbError> {
+        let user = user_id.to_string();
+        self.store
+            .call(move |connection| {
+                let transaction = connection.transaction()?;
+                let reset = transaction.execute(
+                    "UPDATE users SET dedup_generation = ?2, dedup_indexed_through = ?3
+                     WHERE user_id = ?1 AND dedup_generation < ?2",
+                    values![&user, generation, log_start],
+                )? > 0;
+                if reset {
+                    transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", values![&user])?;
+                }
+                transaction.commit()?;
+                Ok(reset)
             })
             .await
     }
@@ -165,6 +216,8 @@ impl DedupIndex {
     /// `Some((from, to))`, a move of the user's mark from `from` to `to` — only
     /// if it still is at `from`. Returns once queued, which fixes the order of
     /// this write among all others; the returned future ends when it is committed.
+    /// With reservations, the entries' reservations held by this node go in the same
+    /// transaction: a change is never unreserved before it is indexed.
     pub async fn submit(
         &self,
         user_id: &str,
@@ -172,7 +225,8 @@ impl DedupIndex {
         advance: Option<(i64, i64)>,
     ) -> impl std::future::Future<Output = Result<(), WriteFailed>> + Send + 'static {
         let (committed, outcome) = tokio::sync::oneshot::channel();
-        let write = Write { user_id: user_id.to_string(), entries, advance };
+        let release_for = self.reservations.as_ref().map(|reservations| reservations.holder().clone());
+        let write = Write { user_id: user_id.to_string(), entries, advance, release_for };
         let queued = self.writes.send((write, committed)).await.is_ok();
         async move {
             if !queued {
@@ -194,11 +248,13 @@ impl DedupIndex {
 
     pub async fn set_indexed_through(&self, user_id: &str, through: i64) -> Result<(), DbError> {
         let user = user_id.to_string();
-        self.db
+        self.store
             .call(move |connection| {
                 connection.execute(
-                    "UPDATE users SET dedup_indexed_through = MAX(dedup_indexed_through, ?2) WHERE user_id = ?1",
-                    params![user, through],
+                    "UPDATE users SET dedup_indexed_through =
+                     CASE WHEN dedup_indexed_through > ?2 THEN dedup_indexed_through ELSE ?2 END
+                     WHERE user_id = ?1",
+                    values![user, through],
                 )?;
                 Ok(())
             })
@@ -206,13 +262,39 @@ impl DedupIndex {
     }
 }
 
+/// The (offset, digest) the index holds for one change, if any.
+pub(super) fn lookup_one(
+    connection: &impl Sql,
+    user_id: &str,
+    device_id: &str,
+    change_id: &str,
+) -> Result<Option<(i64, Digest)>, DbError> {
+    let Some(row) = connection.query_opt(
+        "SELECT kafka_offset, digest FROM pushed_changes WHERE user_id = ?1 AND device_id = ?2 AND change_id = ?3",
+        values![user_id, device_id, change_id],
+    )?
+    else {
+        return Ok(None);
+    };
+    Ok(Some((row.get(0)?, digest_from(&row.get::<Vec<u8>>(1)?))))
+}
+
+/// A stored digest (16 bytes; anything else matches no change).
+pub(super) fn digest_from(stored: &[u8]) -> Digest {
+    let mut digest = [0u8; 16];
+    if stored.len() == 16 {
+        digest.copy_from_slice(stored);
+    }
+    digest
+}
+
 /// The writer: takes every write queued meanwhile (up to [`MAX_GROUP`]) and
 /// commits them in one transaction, in order; each learns the outcome.
-async fn commit_in_groups(db: Db, mut queue: tokio::sync::mpsc::Receiver<(Write, Committed)>) {
+async fn commit_in_groups(store: Store, mut queue: tokio::sync::mpsc::Receiver<(Write, Committed)>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
         let (writes, waiting): (Vec<Write>, Vec<Committed>) = group.drain(..).unzip();
-        let outcome = db
+        let outcome = store
             .call(move |connection| write_group(connection, &writes))
             .await
             .map_err(|error| WriteFailed(error.to_string()));
@@ -224,43 +306,49 @@ async fn commit_in_groups(db: Db, mut queue: tokio::sync::mpsc::Receiver<(Write,
     }
 }
 
-fn write_group(connection: &mut rusqlite::Connection, writes: &[Write]) -> Result<(), DbError> {
+fn write_group(connection: &mut Conn<'_>, writes: &[Write]) -> Result<(), DbError> {
     let transaction = connection.transaction()?;
-    {
-        let mut insert = transaction.prepare_cached(
-            "INSERT OR IGNORE INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        let mut high_mark =
-            transaction.prepare_cached("UPDATE users SET log_high_mark = MAX(log_high_mark, ?2) WHERE user_id = ?1")?;
-        let mut advance = transaction.prepare_cached(
-            "UPDATE users SET dedup_indexed_through = ?3 WHERE user_id = ?1 AND dedup_indexed_through = ?2",
-        )?;
-        for Write { user_id, entries, advance: moved } in writes {
-            for entry in entries {
-                insert.execute(params![
-                    user_id,
-                    entry.device_id,
-                    entry.change_id,
-                    entry.offset,
-                    entry.digest.as_slice()
-                ])?;
-            }
-            // Kafka acknowledged these offsets: the log must never end below them (log_guard).
-            if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
-                high_mark.execute(params![user_id, end])?;
-            }
-            if let Some((from, to)) = moved {
-                advance.execute(params![user_id, from, to])?;
+    // One user's writes keep their order; users go in one order, so that two nodes' groups in
+    // PostgreSQL take the rows of the users they share in the same order (no deadlock).
+    let mut by_user: Vec<&Write> = writes.iter().collect();
+    by_user.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    for Write { user_id, entries, advance, release_for } in by_user {
+        for entry in entries {
+            transaction.execute(
+                "INSERT INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                values![user_id, &entry.device_id, &entry.change_id, entry.offset, entry.digest.as_slice()],
+            )?;
+            if let Some(holder) = release_for {
+                transaction.execute(
+                    "DELETE FROM push_reservations
+                     WHERE user_id = ?1 AND device_id = ?2 AND change_id = ?3 AND holder = ?4",
+                    values![user_id, &entry.device_id, &entry.change_id, &**holder],
+                )?;
             }
         }
+        // Kafka acknowledged these offsets: the log must never end below them (log_guard).
+        if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
+            transaction.execute(
+                "UPDATE users SET log_high_mark = CASE WHEN log_high_mark > ?2 THEN log_high_mark ELSE ?2 END
+                 WHERE user_id = ?1",
+                values![user_id, end],
+            )?;
+        }
+        if let Some((from, to)) = advance {
+            transaction.execute(
+                "UPDATE users SET dedup_indexed_through = ?3 WHERE user_id = ?1 AND dedup_indexed_through = ?2",
+                values![user_id, *from, *to],
+            )?;
+        }
     }
-    transaction.commit()?;
-    Ok(())
+    transaction.commit()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{both_backends, db::Db, store::testing::TestStore};
 
     fn entry(change_id: &str, offset: i64) -> IndexEntry {
         IndexEntry { device_id: "d".into(), change_id: change_id.into(), offset, digest: [offset as u8; 16] }
@@ -275,7 +363,7 @@ mod tests {
         })
         .await
         .unwrap();
-        (DedupIndex::new(db.clone()), db, dir)
+        (DedupIndex::new(Store::sqlite(db.clone()).unwrap()), db, dir)
     }
 
     #[tokio::test]
@@ -336,4 +424,31 @@ mod tests {
         let _ = second.await;
         assert_eq!(index.indexed_through("u").await.unwrap(), 0, "a failed group moves no mark");
     }
+
+    both_backends!(the_index_and_its_mark_are_in_the_store, |test: TestStore| async move {
+        let store = test.store.clone();
+        store
+            .call(|connection| {
+                connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('u', 0)", &[])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let index = DedupIndex::new(store.clone());
+        index.record("u", vec![entry("a", 0), entry("b", 1)], Some((0, 2))).await.unwrap();
+        // A second copy of an entry (a re-read of the log) is ignored, not an error.
+        index.record("u", vec![entry("a", 0)], None).await.unwrap();
+        index.set_indexed_through("u", 1).await.unwrap();
+        assert_eq!(index.mark("u").await.unwrap(), (2, 0), "the mark never goes back");
+        let found = index.lookup("u", "d", vec!["a".into(), "b".into(), "c".into()]).await.unwrap();
+        assert_eq!(found.get("b"), Some(&(1, [1u8; 16])));
+        assert!(!found.contains_key("c"));
+        // The log lost changes (generation 1, starting at 5 now): the index is dropped once.
+        assert!(index.reset_for_generation("u", 1, 5).await.unwrap());
+        assert!(!index.reset_for_generation("u", 1, 5).await.unwrap(), "another node already reset it");
+        assert_eq!(index.mark("u").await.unwrap(), (5, 1));
+        assert!(index.lookup("u", "d", vec!["a".into()]).await.unwrap().is_empty());
+        // A node whose guard still has the old generation resets nothing.
+        assert!(!index.reset_for_generation("u", 0, 0).await.unwrap());
+    });
 }

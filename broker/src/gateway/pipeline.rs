@@ -257,14 +257,7 @@ pub(super) fn plan_batch(
         .map(|change| {
             let digest = digest_of_change(&change);
             if let Some((offset, stored)) = known.get(&change.change_id) {
-                return Plan::Answer(if *stored == digest {
-                    written_at(*offset, true)
-                } else {
-                    failed(&ApiError::ChangeIdReused(format!(
-                        "change_id {} was already used for a different change (at offset {offset})",
-                        change.change_id
-                    )))
-                });
+                return Plan::Answer(answer_from_index(&change.change_id, digest, *offset, *stored));
             }
             if index.in_doubt.contains_key(&(device_id.clone(), change.change_id.clone())) {
                 return Plan::Answer(failed(&ApiError::Unavailable(format!(
@@ -353,6 +346,18 @@ pub(super) fn settle(
         }
     }
     settled
+}
+
+/// A change the index holds at `offset` with digest `stored`: a retry gets that offset, a
+/// different change under the same id is refused.
+pub(super) fn answer_from_index(change_id: &str, digest: Digest, offset: i64, stored: Digest) -> PushResult {
+    if stored == digest {
+        written_at(offset, true)
+    } else {
+        failed(&ApiError::ChangeIdReused(format!(
+            "change_id {change_id} was already used for a different change (at offset {offset})"
+        )))
+    }
 }
 
 fn written_at(offset: i64, duplicate: bool) -> PushResult {

@@ -165,31 +165,29 @@ impl Erasure {
                 inner.events.target_removed(user_id, device_id, lockstep_schemas::TargetRemovedReason::DeviceRevoked);
             }
         }
-        // The dedup index first, in the node-local SQLite (see `store`): were the process to
-        // stop between the two, the account's row (still marked as being deleted) brings the
-        // purge back at the next start.
-        let (user, shared) = (user_id.to_owned(), inner.db.is_shared());
-        let dedup = inner
-            .db
-            .local()
-            .call(move |connection| {
-                let transaction = connection.transaction()?;
-                let dedup = transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", [&user])?;
-                if shared {
-                    // Only the index's mark is in this `users` row; with SQLite alone it is the
-                    // account's own row, deleted below with its devices.
-                    transaction.execute("DELETE FROM users WHERE user_id = ?1", [&user])?;
-                }
-                transaction.commit()?;
-                Ok(dedup)
-            })
-            .await?;
+        // With PostgreSQL, the node-local SQLite keeps a `users` row per account (see `store`):
+        // removed first; were the process to stop between the two, the account's row (still
+        // marked as being deleted) brings the purge back at the next start.
+        if inner.db.is_shared() {
+            let user = user_id.to_owned();
+            inner
+                .db
+                .local()
+                .call(move |connection| {
+                    connection.execute("DELETE FROM users WHERE user_id = ?1", [&user])?;
+                    Ok(())
+                })
+                .await?;
+        }
         let user = user_id.to_owned();
-        let (targets, devices_removed) = inner
+        let (targets, devices_removed, dedup) = inner
             .db
             .call(move |connection| {
                 let transaction = connection.transaction()?;
                 let targets = transaction.execute("DELETE FROM push_targets WHERE user_id = ?1", values![&user])?;
+                // The dedup index and its reservations are in the store, on every node's view.
+                let dedup = transaction.execute("DELETE FROM pushed_changes WHERE user_id = ?1", values![&user])?;
+                transaction.execute("DELETE FROM push_reservations WHERE user_id = ?1", values![&user])?;
                 transaction.execute("DELETE FROM log_incidents WHERE user_id = ?1", values![&user])?;
                 transaction.execute("DELETE FROM pairing_tickets WHERE user_id = ?1", values![&user])?;
                 crate::accounts::Invites::forget_user(&transaction, &user)?;
@@ -200,11 +198,11 @@ impl Erasure {
                 let devices = transaction.execute("DELETE FROM devices WHERE user_id = ?1", values![&user])?;
                 transaction.execute("DELETE FROM users WHERE user_id = ?1", values![&user])?;
                 transaction.commit()?;
-                Ok((targets, devices))
+                Ok((targets, devices, dedup))
             })
             .await?;
         purged.push_targets_removed = targets as u32;
-        purged.dedup_entries_removed = dedup as u64;
+        purged.dedup_entries_removed = dedup;
         purged.devices_removed = devices_removed as u32;
         tracing::info!(user_id, ?purged, "account deleted");
         Ok(purged)

@@ -33,18 +33,15 @@
 //! account's `users` row with [`LOCK_USER`], which serialises them per account in PostgreSQL and
 //! costs nothing in SQLite (its write lock is taken at BEGIN already).
 //!
-//! # What stays node-local (the next step of issue 21)
-//! The push deduplication index (`pushed_changes`, `users.dedup_indexed_through`, used by
-//! `gateway::dedup`) stays in SQLite in the data directory, also when the accounts are in
-//! PostgreSQL ([`Store::local`]). With SQLite alone it is the same file and connection as
-//! before. With PostgreSQL, each node keeps a `users` row per account there for the index's
-//! mark only (written when an account is made and at start, [`Store::mirror_users_locally`]);
-//! the log guard resets the index and then records the incident in the shared database, in two
-//! transactions (a crash between them only repeats the reset). Moving the index where every
-//! node sees it is the next slice of issue 21, with the cross-node delivery and the token cache
-//! (`Accounts` loads the active tokens at start and learns only of devices paired or revoked
-//! through its own node: another node's come in at the next start, until the events topic
-//! carries them).
+//! # The push dedup index
+//! The index (`pushed_changes`, `users.dedup_indexed_through`, `users.dedup_generation`, used by
+//! `gateway::dedup`) and the reservations of changes being produced (`push_reservations`,
+//! `gateway::reservation`, with PostgreSQL only) are in the store like the rest: with SQLite
+//! alone the same file and connection as before; with PostgreSQL every node sees every entry.
+//! What is still node-local with PostgreSQL: a `users` row per account in the data directory's
+//! SQLite that the log guard reads an older copy of the log's high mark from (written when an
+//! account is made and at start, [`Store::mirror_users_locally`]), and the token cache
+//! (`Accounts` loads the active tokens at start; the events topic tells it of revocations).
 //!
 //! PostgreSQL statements are not prepared once and cached yet (each is parsed on every call, one
 //! more round trip): deadpool-postgres has a statement cache, for when the numbers ask for it.
@@ -361,12 +358,12 @@ enum Backend {
     Postgres(deadpool_postgres::Pool),
 }
 
-/// The shared state's database, and the node-local SQLite beside it.
+/// The shared state's database (with the push dedup index), and the node-local SQLite beside it.
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
-    /// SQLite in the data directory: the whole store with [`Backend::Sqlite`], the dedup index only
-    /// with PostgreSQL.
+    /// SQLite in the data directory: the whole store with [`Backend::Sqlite`], leftovers read by the
+    /// log guard with PostgreSQL (see the module doc).
     local: Db,
 }
 
@@ -381,12 +378,12 @@ impl Store {
         }
     }
 
-    /// SQLite only: the shared state and the dedup index in `local`.
+    /// SQLite only: the shared state, dedup index included, in `local`.
     pub fn sqlite(local: Db) -> Result<Self, DbError> {
         Ok(Self { backend: Backend::Sqlite, local })
     }
 
-    /// The shared state in PostgreSQL at `url` (migrated if needed), the dedup index in `local`.
+    /// The shared state and the dedup index in PostgreSQL at `url` (migrated if needed).
     pub async fn postgres(url: &str, max_connections: usize, local: Db) -> Result<Self, DbError> {
         let pool = postgres::connect(url, max_connections).await?;
         let store = Self { backend: Backend::Postgres(pool), local };
@@ -394,7 +391,7 @@ impl Store {
         Ok(store)
     }
 
-    /// The node-local SQLite database (the push dedup index).
+    /// The node-local SQLite database (the whole store with SQLite alone).
     pub fn local(&self) -> &Db {
         &self.local
     }
@@ -442,8 +439,8 @@ impl Store {
         }
     }
 
-    /// With PostgreSQL: gives `user_id` its row in the node-local SQLite, which holds the dedup
-    /// index's mark (see the module doc). Nothing to do with SQLite alone.
+    /// With PostgreSQL: gives `user_id` its row in the node-local SQLite, which the log guard still
+    /// reads (see the module doc). Nothing to do with SQLite alone.
     pub async fn mirror_user_locally(&self, user_id: &str) -> Result<(), DbError> {
         if !self.is_shared() {
             return Ok(());

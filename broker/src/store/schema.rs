@@ -2,16 +2,12 @@
 //! added to the other (`the_two_schemas_have_the_same_tables_and_columns` compares the tables
 //! and columns each engine reports).
 //!
-//! SQLite: `db::MIGRATIONS` and `db::ADDED_COLUMNS` (which also hold the node-local dedup
-//! index, see [`NODE_LOCAL`]) and [`SQLITE_KEYS`]. PostgreSQL: [`POSTGRES`], created whole;
+//! SQLite: `db::MIGRATIONS` and `db::ADDED_COLUMNS` and [`SQLITE_KEYS`]. PostgreSQL: [`POSTGRES`], created whole;
 //! a column added later goes in with `ALTER TABLE … ADD COLUMN IF NOT EXISTS` at the end of it.
 //! Every integer is 64-bit (`INTEGER` in SQLite, `BIGINT` here), every blob is `BYTEA`.
 
 use super::{Conn, Sql};
 use crate::db::DbError;
-
-/// Tables and columns only the node-local SQLite has (the push dedup index; `*` = the table).
-pub const NODE_LOCAL: &[(&str, &str)] = &[("pushed_changes", "*"), ("users", "dedup_indexed_through")];
 
 /// The key directory (`keys`): public keys, key epochs, sealed epoch keys.
 pub const SQLITE_KEYS: &str = "
@@ -126,6 +122,25 @@ CREATE TABLE IF NOT EXISTS sealed_epoch_keys (
     sealed_by_device TEXT NOT NULL,
     PRIMARY KEY (device_id, epoch)
 );
+CREATE TABLE IF NOT EXISTS pushed_changes (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    change_id TEXT NOT NULL,
+    kafka_offset BIGINT NOT NULL,
+    digest BYTEA NOT NULL,
+    PRIMARY KEY (user_id, device_id, change_id)
+);
+CREATE TABLE IF NOT EXISTS push_reservations (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    change_id TEXT NOT NULL,
+    digest BYTEA NOT NULL,
+    holder TEXT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (user_id, device_id, change_id)
+);
+ALTER TABLE users ADD COLUMN IF NOT EXISTS dedup_indexed_through BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS dedup_generation BIGINT NOT NULL DEFAULT 0;
 ";
 
 /// Creates what is missing, once even when several nodes start together (an advisory lock
@@ -161,19 +176,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_two_schemas_have_the_same_tables_and_columns() {
         let (sqlite, postgres) = (TestStore::sqlite().await, TestStore::postgres().await);
-        let node_local = |(table, column): &(String, String)| {
-            !NODE_LOCAL.iter().any(|(local_table, local_column)| {
-                local_table == table && (*local_column == "*" || local_column == column)
-            })
-        };
-        let sqlite_columns: Vec<_> = sqlite
-            .store
-            .call(|connection| tables_and_columns(connection))
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(node_local)
-            .collect();
+        let sqlite_columns = sqlite.store.call(|connection| tables_and_columns(connection)).await.unwrap();
         let postgres_columns = postgres.store.call(|connection| tables_and_columns(connection)).await.unwrap();
         assert!(sqlite_columns.len() > 40, "{sqlite_columns:?}");
         assert_eq!(sqlite_columns, postgres_columns);
@@ -189,6 +192,7 @@ mod tests {
         let settings = crate::settings::DatabaseSettings {
             url: Some(format!("postgres://lockstep:hunter2@127.0.0.1:{port}/lockstep")),
             max_connections: 2,
+            ..Default::default()
         };
         let error = crate::store::Store::open(dir.path(), &settings).await.err().expect("nothing listens there");
         let message = error.to_string();
