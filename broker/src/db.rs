@@ -31,6 +31,38 @@ pub enum DbError {
     DataDir { path: String, source: std::io::Error },
 }
 
+impl DbError {
+    /// Whether the same call may succeed if tried again: the database was unreachable, busy, or
+    /// chose this transaction as a deadlock's or a lock wait's victim. Anything else (a bug, a
+    /// schema that drifted, a constraint) is not.
+    pub fn is_retryable(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        match self {
+            DbError::Connect(_) => true,
+            DbError::Sqlite(rusqlite::Error::SqliteFailure(failure, _)) => matches!(
+                failure.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            DbError::Postgres(error) => match error.code() {
+                // No SQLSTATE: the connection broke (I/O, closed) rather than a statement failing.
+                None => error.is_closed() || error.as_db_error().is_none(),
+                Some(state) => [
+                    SqlState::LOCK_NOT_AVAILABLE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::QUERY_CANCELED,
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(state),
+            },
+            _ => false,
+        }
+    }
+}
+
 pub(crate) const MIGRATIONS: &str = "
 CREATE TABLE IF NOT EXISTS users (
     user_id TEXT PRIMARY KEY,

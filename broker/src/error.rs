@@ -80,19 +80,23 @@ impl ApiError {
                 AccountsError::TicketInvalid => Code::Unauthenticated,
                 AccountsError::DeviceNotFound => Code::NotFound,
                 AccountsError::TooManyDevices(_) => Code::FailedPrecondition,
+                AccountsError::Db(error) if error.is_retryable() => Code::Unavailable,
                 AccountsError::Db(_) => Code::Internal,
             },
             ApiError::Kafka(error) if error.is_retryable() => Code::Unavailable,
             ApiError::Kafka(_) => Code::Internal,
+            ApiError::Db(error) if error.is_retryable() => Code::Unavailable,
             ApiError::Db(_) => Code::Internal,
             ApiError::PushTarget(error) => match error {
                 TargetError::Invalid(_) => Code::InvalidArgument,
                 TargetError::NotFound => Code::NotFound,
+                TargetError::Db(error) if error.is_retryable() => Code::Unavailable,
                 TargetError::Db(_) => Code::Internal,
             },
             ApiError::Keys(error) => match error {
                 KeysError::Invalid(_) => Code::InvalidArgument,
                 KeysError::Precondition(_) => Code::FailedPrecondition,
+                KeysError::Db(error) if error.is_retryable() => Code::Unavailable,
                 KeysError::Db(_) => Code::Internal,
             },
             ApiError::ShuttingDown => Code::Unavailable,
@@ -226,6 +230,24 @@ mod tests {
         let status = Status::from(ApiError::Keys(KeysError::Precondition("stale key epoch".into())));
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(!retry::is_retryable(&status), "a stale epoch needs new keys, not the same request again");
+    }
+
+    #[test]
+    fn a_busy_or_unreachable_database_is_retryable_a_broken_statement_is_not() {
+        let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(5), Some("database is locked".into()));
+        let syntax = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(1), Some("syntax error".into()));
+        for (error, code) in [
+            (ApiError::Db(DbError::Sqlite(busy)), Code::Unavailable),
+            (ApiError::Db(DbError::Connect("no database connection: timed out".into())), Code::Unavailable),
+            (ApiError::Accounts(AccountsError::Db(DbError::Connect("refused".into()))), Code::Unavailable),
+            (ApiError::Db(DbError::Sqlite(syntax)), Code::Internal),
+            (ApiError::Db(DbError::Column("devices.token_hash is not a blob".into())), Code::Internal),
+        ] {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert_eq!(retry::is_retryable(&status), code == Code::Unavailable, "{status:?}");
+            assert!(!status.message().contains("database is locked") && !status.message().contains("syntax"));
+        }
     }
 
     #[test]

@@ -300,6 +300,12 @@ impl Server {
         }
     }
 
+    /// The accounts database's URL the server was started with (`LOCKSTEP_DATABASE__URL`), if any:
+    /// PostgreSQL instead of the SQLite in its data directory.
+    pub fn database_url(&self) -> Option<&str> {
+        self.env.iter().find(|(key, _)| key == "LOCKSTEP_DATABASE__URL").map(|(_, url)| url.as_str())
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -405,9 +405,11 @@ async fn run_block(at: &str, body: &[String], run: &Run, server: &Server, progra
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin)?;
     std::os::unix::fs::symlink(programs.binary("lockstep-cli"), bin.join("lockstep-cli"))?;
-    // `lockstep invite` works on the server's database, as it would on the server's machine.
+    // `lockstep invite` works on the server's database, as it would on the server's machine with
+    // the server's settings: its data directory, and its PostgreSQL when it has one.
+    let database = server.database_url().map(|url| format!("LOCKSTEP_DATABASE__URL='{url}' ")).unwrap_or_default();
     let wrapper = format!(
-        "#!/bin/sh\nLOCKSTEP_DATA_DIR='{}' exec '{}' \"$@\"\n",
+        "#!/bin/sh\n{database}LOCKSTEP_DATA_DIR='{}' exec '{}' \"$@\"\n",
         server.data_dir().display(),
         programs.binary("lockstep").display()
     );
