@@ -39,7 +39,11 @@ print(json.dumps(servers))
         .arg(repo_path("docker-compose.yml"))
         .output()
         .expect("python3 with PyYAML (scripts/test installs it)");
-    assert!(output.status.success(), "docker-compose.yml is not valid YAML: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "docker-compose.yml is not valid YAML: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).expect("the services as JSON")
 }
 

@@ -106,16 +106,14 @@ impl HaProxy {
         let check = Command::new("haproxy").arg("-c").arg("-f").arg(&config_path).output().context(
             "cannot run haproxy (Debian package haproxy: apt-get install haproxy; scripts/test installs it)",
         )?;
-        anyhow::ensure!(check.status.success(), "haproxy -c refused the config: {}", String::from_utf8_lossy(&check.stdout));
+        anyhow::ensure!(
+            check.status.success(),
+            "haproxy -c refused the config: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
         let log = std::fs::File::create(&log_path)?;
         let mut command = Command::new("haproxy");
-        command
-            .arg("-db")
-            .arg("-f")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        command.arg("-db").arg("-f").arg(&config_path).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let mut process = Process::spawn("haproxy", &mut command, &log_path)?;
         process.wait_for_port(addr.port(), START_DEADLINE).await?;
         let haproxy = Self { process: Some(process), addr, socket, dir };
@@ -232,6 +230,11 @@ mod tests {
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config(([127, 0, 0, 1], 8080).into(), &backends(), &dir.path().join("s"))).unwrap();
         let check = Command::new("haproxy").arg("-c").arg("-f").arg(&path).output().unwrap();
-        assert!(check.status.success(), "{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+        assert!(
+            check.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
     }
 }

@@ -28,6 +28,6 @@ pub mod proxy;
 pub mod workload;
 
 pub use lockstep_testkit::{
-    cli, dashboard, device, device_group, free_port, haproxy, http_get, http_get_with, http_request, kafka, log_tail, process,
-    promtool_check, push, server, stack, tls, user_topic, wait,
+    cli, dashboard, device, device_group, free_port, haproxy, http_get, http_get_with, http_request, kafka, log_tail,
+    process, promtool_check, push, server, stack, tls, user_topic, wait,
 };

@@ -18,6 +18,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use lockstep_e2e::{
     device::Device,
+    fault_run::{pid_alive, port_refused},
     haproxy::{Backend, HaProxy},
     history::History,
     kafka::{KafkaCluster, committed_offset, read_topic},
@@ -35,15 +36,6 @@ const RECEIVERS: usize = 6;
 /// debug level, which the test kit turns on).
 fn streams_started(node: &Server, device_id: &str) -> usize {
     node.log().lines().filter(|line| line.contains("stream started") && line.contains(device_id)).count()
-}
-
-/// Whether 127.0.0.1:`port` refuses connections (nothing listens there).
-async fn port_refused(port: u16) -> bool {
-    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), connect).await,
-        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,17 +65,12 @@ async fn kill9_of_a_node_while_its_devices_receive_they_reconnect_through_haprox
     for index in 0..RECEIVERS {
         receivers.push(phone.pair(&nodes[0], &format!("receiver-{index}")).await?);
     }
-    let history = Arc::new(History::new(
-        std::iter::once(&phone).chain(&receivers).map(|device| (device.device_id.clone(), 0)),
-    ));
+    let history =
+        Arc::new(History::new(std::iter::once(&phone).chain(&receivers).map(|device| (device.device_id.clone(), 0))));
     // Devices that go silent reopen their streams after 5 s (not the default 15 s): a stream
     // that a dead node left hanging is given up within the wait.
-    let plan = Plan {
-        batches_per_device: 90,
-        pause_ms: 40..120,
-        stream_idle: Duration::from_secs(5),
-        ..Plan::default()
-    };
+    let plan =
+        Plan { batches_per_device: 90, pause_ms: 40..120, stream_idle: Duration::from_secs(5), ..Plan::default() };
     let through_haproxy = receivers
         .iter()
         .map(|device| SimDevice::new(device, &haproxy.endpoint(), history.clone(), plan.call_timeout))
@@ -99,7 +86,10 @@ async fn kill9_of_a_node_while_its_devices_receive_they_reconnect_through_haprox
             match on.as_slice() {
                 [] => return anyhow::Ok(None),
                 [node] => placement.insert(device.device_id.clone(), *node),
-                _ => anyhow::bail!("{} streamed from nodes {on:?}: HAProxy does not keep a device on one node", device.device_id),
+                _ => anyhow::bail!(
+                    "{} streamed from nodes {on:?}: HAProxy does not keep a device on one node",
+                    device.device_id
+                ),
             };
         }
         anyhow::Ok(Some(placement))
@@ -119,7 +109,11 @@ async fn kill9_of_a_node_while_its_devices_receive_they_reconnect_through_haprox
     let pusher_node = (victim + 1) % 3;
     let pusher = SimDevice::new(&phone, &nodes[pusher_node].endpoint(), history.clone(), plan.call_timeout)?;
     let mut pushing = Workload::start(std::slice::from_ref(&pusher), &plan, 21);
-    println!("receivers per node {per_node:?}; killing node {} (carrying {victims:?}); pushing to node {}", victim + 1, pusher_node + 1);
+    println!(
+        "receivers per node {per_node:?}; killing node {} (carrying {victims:?}); pushing to node {}",
+        victim + 1,
+        pusher_node + 1
+    );
 
     // The victims receive live from their node before it dies.
     eventually(WAIT, "the victims receiving through their node", || async {
@@ -131,17 +125,20 @@ async fn kill9_of_a_node_while_its_devices_receive_they_reconnect_through_haprox
         .filter(|node| *node != victim)
         .map(|node| victims.iter().map(|device| streams_started(&nodes[node], device)).sum())
         .collect();
-    anyhow::ensure!(streams_before.iter().all(|started| *started == 0), "victims already elsewhere: {streams_before:?}");
+    anyhow::ensure!(
+        streams_before.iter().all(|started| *started == 0),
+        "victims already elsewhere: {streams_before:?}"
+    );
 
     let errors_before = history.stats().errors;
     let killed_at = std::time::Instant::now();
     let (pid, port) = (nodes[victim].pid(), nodes[victim].addr().port());
-    let alive_before = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let alive_before = pid_alive(pid);
     nodes[victim].kill9();
     let gone = ProcessGone {
         pid,
         alive_before,
-        pid_gone_after: !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        pid_gone_after: !pid_alive(pid),
         port_refused_after: port_refused(port).await,
     };
     let victim_name = format!("node{}", victim + 1);
@@ -153,9 +150,9 @@ async fn kill9_of_a_node_while_its_devices_receive_they_reconnect_through_haprox
 
     // Every victim streams again, from a node that lives, through HAProxy.
     eventually(WAIT, "the victims streaming from the other nodes", || async {
-        victims.iter().all(|device| {
-            (0..3).filter(|node| *node != victim).any(|node| streams_started(&nodes[node], device) > 0)
-        })
+        victims
+            .iter()
+            .all(|device| (0..3).filter(|node| *node != victim).any(|node| streams_started(&nodes[node], device) > 0))
     })
     .await?;
 
@@ -163,13 +160,12 @@ async fn kill9_of_a_node_while_its_devices_receive_they_reconnect_through_haprox
     let device_errors = history.stats().errors - errors_before;
     let written_after_kill = history.first_answered_written_after(killed_at).is_some();
     let topic = format!("lockstep.user.{}", phone.user_id);
-    let log: Vec<(i64, String)> = eventually(WAIT, "reading the user's log", || async {
-        read_topic(kafka.bootstrap(), &topic).await.map(Some)
-    })
-    .await?
-    .into_iter()
-    .map(|(offset, envelope)| (offset, envelope.change_id))
-    .collect();
+    let log: Vec<(i64, String)> =
+        eventually(WAIT, "reading the user's log", || async { read_topic(kafka.bootstrap(), &topic).await.map(Some) })
+            .await?
+            .into_iter()
+            .map(|(offset, envelope)| (offset, envelope.change_id))
+            .collect();
     let log_end = log.last().map_or(0, |(offset, _)| offset + 1);
     let settled = receiving.settle(&history, log_end, WAIT).await;
     let planned = pushing.planned_changes();
