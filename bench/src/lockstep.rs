@@ -271,6 +271,27 @@ fn subscribe_reader(
     Subscriber { stats, tasks: vec![reader, acker] }
 }
 
+/// Pushes changes `b0..b<count>` one per push, each when `plan` says it is due (open loop:
+/// a slow answer does not delay the next push), and waits for every answer.
+async fn push_on_schedule(
+    pusher: &Device,
+    client: &SyncClient<Channel>,
+    maker: &ChangeMaker,
+    plan: Schedule,
+    count: u64,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::with_capacity(count as usize);
+    for seq in 0..count {
+        tokio::time::sleep_until(plan.due(seq)).await;
+        let (pusher, mut client, change) = (pusher.clone(), client.clone(), maker.change('b', seq));
+        tasks.push(tokio::spawn(async move { pusher.push(&mut client, vec![change]).await }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
 /// W2: one user, `devices` subscribed devices. Deliveries/s while a fifth
 /// device pushes at saturation, then push→delivery latency at the latency rate.
 pub async fn w2(
@@ -327,16 +348,7 @@ pub async fn w2(
     let count = config.latency_count();
     let plan = Schedule::new(config.latency_rate);
     *lock(&schedule) = Some(plan);
-    let client = push_clients[0].clone();
-    let mut tasks = Vec::with_capacity(count as usize);
-    for seq in 0..count {
-        tokio::time::sleep_until(plan.due(seq)).await;
-        let (pusher, mut client, change) = (pusher.clone(), client.clone(), maker.change('b', seq));
-        tasks.push(tokio::spawn(async move { pusher.push(&mut client, vec![change]).await }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    push_on_schedule(&pusher, &push_clients[0], &maker, plan, count).await?;
     stats::wait_until("every device to receive the latency changes", || {
         subscribers.iter().all(|subscriber| lock(&subscriber.stats).latency >= count)
     })
@@ -593,15 +605,7 @@ pub async fn w7(
     let count = config.latency_count();
     let plan = Schedule::new(config.latency_rate);
     *lock(&schedule) = Some(plan);
-    let mut tasks = Vec::with_capacity(count as usize);
-    for seq in 0..count {
-        tokio::time::sleep_until(plan.due(seq)).await;
-        let (pusher, mut client, change) = (pusher.clone(), push_client.clone(), maker.change('b', seq));
-        tasks.push(tokio::spawn(async move { pusher.push(&mut client, vec![change]).await }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    push_on_schedule(&pusher, &push_client, &maker, plan, count).await?;
     stats::wait_until("the reader to receive every change", || lock(&subscriber.stats).latency >= count).await?;
     let histogram = lock(&subscriber.stats).histogram.clone();
     metrics.add(round, &format!("w7.{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
