@@ -263,26 +263,93 @@ log.dirs=$log_dir
 EOF
 }
 
-# Writes $1/server.properties for one combined KRaft node (broker and controller,
-# a static quorum of itself) listening on 127.0.0.1:$2, its controller on
-# 127.0.0.1:$3, its log in $1/data; formats that log on first start only (the
-# cluster id stays in $1/data/meta.properties). $4: the libs directory.
+# Writes $1/server.properties for one combined KRaft node (broker and controller)
+# listening on 127.0.0.1:$2, its controller on 127.0.0.1:$3, its log in $1/data;
+# formats that log on first start only (the cluster id stays in
+# $1/data/meta.properties). $4: the libs directory. Alone (scripts/run) it is node
+# 1 of a static quorum of itself; as one node of a cluster (scripts/cluster), $5
+# is its node id, $6 the quorum's voters (id@host:port,…), $7 the cluster id
+# every node is formatted with, and the lines of $KAFKA_EXTRA_PROPERTIES (e.g.
+# replication settings) follow and win over scripts/kafka/server.properties.
 kafka_prepare_node() {
-    local dir="$1" port="$2" controller_port="$3" libs="$4" cluster_id
+    local dir="$1" port="$2" controller_port="$3" libs="$4" node_id="${5:-1}" voters="${6:-1@127.0.0.1:$3}"
+    local cluster_id="${7:-}"
     mkdir -p "$dir/data"
     {
         cat "$LOCKSTEP_SCRIPTS/kafka/server.properties"
         echo
         echo "# This node (scripts/lib.sh, kafka_prepare_node; rewritten at every start)."
-        kafka_node_properties 1 "$port" "$controller_port" "1@127.0.0.1:$controller_port" "$dir/data"
+        kafka_node_properties "$node_id" "$port" "$controller_port" "$voters" "$dir/data"
+        if [[ -n "${KAFKA_EXTRA_PROPERTIES:-}" ]]; then printf '%s\n' "$KAFKA_EXTRA_PROPERTIES"; fi
     } >"$dir/server.properties"
     if [[ -f "$dir/data/meta.properties" ]]; then
         return
     fi
     # A random Kafka Uuid (16 bytes, URL-safe base64 without padding), without starting a JVM.
-    cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+    [[ -n "$cluster_id" ]] || cluster_id="$(kafka_new_cluster_id)"
     log "formatting Kafka's log in $dir/data (cluster id $cluster_id)"
     kafka_java "$libs" kafka.tools.StorageTool format --cluster-id="$cluster_id" -c "$dir/server.properties" >&2
+}
+
+# A new Kafka cluster id: a random Uuid (16 bytes, URL-safe base64 without padding).
+kafka_new_cluster_id() {
+    head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='
+}
+
+# Whether something accepts connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Starts the Kafka node prepared in $1 (kafka_prepare_node) with the jars in $2,
+# appending its output to $3, in a session of its own (so that Ctrl-C in the
+# terminal reaches the servers first; the caller stops Kafka after them). Sets
+# KAFKA_PID and KAFKA_LOG_OFFSET (where this start's lines begin in $3).
+kafka_start_node() {
+    local dir="$1" libs="$2" log_file="$3" jvm_options
+    mapfile -t jvm_options < <(kafka_jvm_options)
+    touch "$log_file"
+    # shellcheck disable=SC2034  # read by the caller
+    KAFKA_LOG_OFFSET="$(stat -c %s "$log_file")"
+    (exec setsid java "${jvm_options[@]}" -cp "$libs/*" kafka.Kafka "$dir/server.properties" \
+        >>"$log_file" 2>&1) &
+    # shellcheck disable=SC2034  # read by the caller
+    KAFKA_PID=$!
+}
+
+# Waits until the Kafka node of pid $1, logging to $2 since byte $3, serves on
+# 127.0.0.1:$4 (registered, unfenced, listener open); fails after 120 s or when
+# it exits, with the end of its log.
+kafka_wait_started() {
+    local pid="$1" log_file="$2" offset="$3" port="$4"
+    for _ in $(seq 1 1200); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "error: Kafka exited at start; the end of $log_file:" >&2
+            tail -n 30 "$log_file" >&2
+            return 1
+        fi
+        kafka_started_since "$log_file" "$offset" && port_open "$port" && return 0
+        sleep 0.1
+    done
+    echo "error: Kafka did not come up on 127.0.0.1:$port within 120 s; the end of $log_file:" >&2
+    tail -n 30 "$log_file" >&2
+    return 1
+}
+
+# Stops process $1 (named $2 in messages) with SIGTERM, waiting up to $3 seconds
+# before SIGKILL (a Kafka node's controlled shutdown takes about 2 s; killed, its
+# log recovers at the next start).
+stop_within() {
+    local pid="$1" name="$2" seconds="$3"
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 $((seconds * 10))); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name did not stop within $seconds s of SIGTERM: killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
 }
 
 # Whether the Kafka logging to $1 has said it started (broker unfenced, listeners

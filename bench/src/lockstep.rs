@@ -271,6 +271,27 @@ fn subscribe_reader(
     Subscriber { stats, tasks: vec![reader, acker] }
 }
 
+/// Pushes changes `b0..b<count>` one per push, each when `plan` says it is due (open loop:
+/// a slow answer does not delay the next push), and waits for every answer.
+async fn push_on_schedule(
+    pusher: &Device,
+    client: &SyncClient<Channel>,
+    maker: &ChangeMaker,
+    plan: Schedule,
+    count: u64,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::with_capacity(count as usize);
+    for seq in 0..count {
+        tokio::time::sleep_until(plan.due(seq)).await;
+        let (pusher, mut client, change) = (pusher.clone(), client.clone(), maker.change('b', seq));
+        tasks.push(tokio::spawn(async move { pusher.push(&mut client, vec![change]).await }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
 /// W2: one user, `devices` subscribed devices. Deliveries/s while a fifth
 /// device pushes at saturation, then push→delivery latency at the latency rate.
 pub async fn w2(
@@ -327,16 +348,7 @@ pub async fn w2(
     let count = config.latency_count();
     let plan = Schedule::new(config.latency_rate);
     *lock(&schedule) = Some(plan);
-    let client = push_clients[0].clone();
-    let mut tasks = Vec::with_capacity(count as usize);
-    for seq in 0..count {
-        tokio::time::sleep_until(plan.due(seq)).await;
-        let (pusher, mut client, change) = (pusher.clone(), client.clone(), maker.change('b', seq));
-        tasks.push(tokio::spawn(async move { pusher.push(&mut client, vec![change]).await }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    push_on_schedule(&pusher, &push_clients[0], &maker, plan, count).await?;
     stats::wait_until("every device to receive the latency changes", || {
         subscribers.iter().all(|subscriber| lock(&subscriber.stats).latency >= count)
     })
@@ -562,5 +574,42 @@ pub async fn w3(
     for stream in streams {
         stream.abort();
     }
+    Ok(())
+}
+
+/// W7: push → delivery across nodes (issue 21). Device A pushes single changes on the open-loop
+/// latency schedule through `pushing_node`; device B, of the same account, receives through
+/// `receiving_node` and acks. The same node: the single-node figure; another node sharing the
+/// accounts database and the events topic: the change reaches B's node through the events
+/// topic's LogAppended (the doorbell) and its shared readers. Figures `w7.<name>.p50_ms`,
+/// `p99_ms`, `delivered`.
+pub async fn w7(
+    pushing_node: &Lockstep,
+    receiving_node: &Lockstep,
+    name: &str,
+    config: &Config,
+    round: usize,
+    metrics: &mut Metrics,
+) -> anyhow::Result<()> {
+    let pusher = Device::create_account(&mut accounts(pushing_node).await?, "w7-pusher").await?;
+    // Paired through the receiving node: it knows the account from the shared database.
+    let reader = pusher.pair(&mut accounts(receiving_node).await?, "w7-reader").await?;
+    let mut client = sync(channel(&receiving_node.endpoint()).await?);
+    let stream = reader.subscribe(&mut client, None).await?;
+    let (schedule, ready) = (Arc::new(Mutex::new(None)), Arc::new(AtomicUsize::new(0)));
+    let subscriber = subscribe_reader(reader, client, stream, schedule.clone(), ready.clone());
+    stats::wait_until("the reader's first heartbeat", || ready.load(Ordering::Relaxed) >= 1).await?;
+
+    let push_client = sync(channel(&pushing_node.endpoint()).await?);
+    let maker = ChangeMaker::new(config.payload_bytes);
+    let count = config.latency_count();
+    let plan = Schedule::new(config.latency_rate);
+    *lock(&schedule) = Some(plan);
+    push_on_schedule(&pusher, &push_client, &maker, plan, count).await?;
+    stats::wait_until("the reader to receive every change", || lock(&subscriber.stats).latency >= count).await?;
+    let histogram = lock(&subscriber.stats).histogram.clone();
+    metrics.add(round, &format!("w7.{name}.p50_ms"), stats::quantile_ms(&histogram, 0.5));
+    metrics.add(round, &format!("w7.{name}.p99_ms"), stats::quantile_ms(&histogram, 0.99));
+    metrics.add(round, &format!("w7.{name}.delivered"), count as f64);
     Ok(())
 }

@@ -37,8 +37,8 @@ pub struct Args {
     /// Rounds; each runs every workload once, in order (default 3, 1 with --quick).
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// Workloads to run, in this order within each round.
-    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,wd,w6,ws")]
+    /// Workloads to run, in this order within each round (case does not matter: `W7` is `w7`).
+    #[arg(long, value_delimiter = ',', default_value = "w0,w1,w1off,w1trace,w2,w4,w3,w5,wd,w6,ws,w7")]
     pub workloads: Vec<String>,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -200,6 +200,25 @@ async fn w5(peers: &Peers, config: &Config, processes: &[(&'static str, u32)], r
     }
 }
 
+/// W7: two nodes of one cluster on the round's Kafka (their accounts in a PostgreSQL of their
+/// own, an events topic of their own): push → delivery with both devices on one node, then with
+/// the pushing device on node 1 and the receiving one on node 2, in the same round.
+async fn w7(
+    binary: &std::path::Path,
+    kafka: &str,
+    config: &Config,
+    round: usize,
+    metrics: &mut Metrics,
+) -> anyhow::Result<()> {
+    let postgres = tokio::task::spawn_blocking(lockstep_testkit::postgres::Postgres::start).await??;
+    let url = postgres.new_database()?;
+    let topic = format!("lockstep.events.w7-{}-{round}", std::process::id());
+    let node1 = procs::start_cluster_node(binary, kafka, &url, &topic).await?;
+    let node2 = procs::start_cluster_node(binary, kafka, &url, &topic).await?;
+    lockstep::w7(&node1, &node1, "one_node", config, round, metrics).await?;
+    lockstep::w7(&node1, &node2, "across_nodes", config, round, metrics).await
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -238,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
             ("nats", peers.as_ref().map_or(0, |peers| peers.nats.pid())),
             ("bench", std::process::id()),
         ];
-        for workload in &args.workloads {
+        for workload in args.workloads.iter().map(|workload| workload.to_ascii_lowercase()) {
             if profiling && !matches!(workload.as_str(), "w1" | "w2" | "w4") {
                 continue;
             }
@@ -294,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 "w6" => w6::run(&server, &args.push_bin, kafka.bootstrap(), &config, round, metrics).await,
                 "ws" => ws::run(&server, &args.cli_bin, &config, round, metrics).await,
+                "w7" => w7(&args.lockstep_bin, kafka.bootstrap(), &config, round, metrics).await,
                 "wd" => dashboard::wd(&kafka, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
                 "w3" => {
                     lockstep::w3(&args.lockstep_bin, &config, &config.idle_devices_in_round(round), round, metrics)
@@ -309,9 +329,9 @@ async fn main() -> anyhow::Result<()> {
                 other => Err(anyhow::anyhow!("unknown workload {other}")),
             };
             if workload != "w3" {
-                cpu.record(metrics, round, workload);
+                cpu.record(metrics, round, &workload);
             }
-            stage_snapshot.record(metrics, round, workload).await;
+            stage_snapshot.record(metrics, round, &workload).await;
             if let Err(error) = outcome {
                 eprintln!("  {workload} failed: {error:#}");
                 metrics.failures.push(format!("round {} {workload}: {error:#}", round + 1));

@@ -25,6 +25,19 @@ pub async fn start_lockstep(binary: &Path, kafka: &str) -> anyhow::Result<Lockst
     Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
 }
 
+/// A node of a cluster for W7: the accounts in the PostgreSQL database `database_url`, the events
+/// on `events_topic`, both shared with the other nodes started so.
+pub async fn start_cluster_node(
+    binary: &Path,
+    kafka: &str,
+    database_url: &str,
+    events_topic: &str,
+) -> anyhow::Result<Lockstep> {
+    let mut env = vec![("LOCKSTEP_DATABASE__URL", database_url), ("LOCKSTEP_EVENTS__TOPIC", events_topic)];
+    env.extend_from_slice(lockstep_testkit::server::UNTHROTTLED);
+    Lockstep::start_binary(binary.to_path_buf(), kafka, &env).await
+}
+
 /// The server for W3: its subscription and connection limits (20,000 and 10,000 by default)
 /// raised to hold `streams` idle streams, so that W3 measures the machine, not the defaults.
 pub async fn start_lockstep_for_idle(binary: &Path, kafka: &str, streams: usize) -> anyhow::Result<Lockstep> {

@@ -680,6 +680,30 @@ pub fn render(
             row("w6.premature", "wake-ups before the burst (devices were caught up)"),
         ],
     );
+    if metrics.get("w7.across_nodes.p99_ms").is_some() || metrics.get("w7.one_node.p99_ms").is_some() {
+        out.push_str("## W7 across nodes: push → delivery, device A on node 1, device B on node 2\n\n");
+        let _ = writeln!(
+            out,
+            "Two `lockstep` nodes on the round's Kafka sharing a PostgreSQL (accounts) and an events topic. \
+             Device A pushes single changes through node 1 at {} changes/s for {} s; device B, of the same \
+             account, receives and acks through node 1 (one node), then through node 2 (across nodes: node 2 \
+             learns of each change from its LogAppended event and reads it from the user's topic), in the same \
+             round. Latency: the change's scheduled push → B receiving it.\n",
+            config.latency_rate,
+            config.latency_time.as_secs()
+        );
+        table(
+            &mut out,
+            metrics,
+            &[
+                row("w7.one_node.p50_ms", "one node: push → delivery p50, ms"),
+                row("w7.one_node.p99_ms", "one node: push → delivery p99, ms"),
+                row("w7.across_nodes.p50_ms", "across nodes: push → delivery p50, ms"),
+                row("w7.across_nodes.p99_ms", "across nodes: push → delivery p99, ms"),
+                row("w7.across_nodes.delivered", "across nodes: changes delivered"),
+            ],
+        );
+    }
     let _ = writeln!(
         out,
         "## WS `lockstep-cli sync` wall time (heartbeat interval {} s, the server's default)\n",

@@ -11,6 +11,7 @@
 //! - [`records`]: what a plain Kafka client reads back (topic records, events, group offsets).
 //! - [`server`]: the `lockstep` binary on port 0; `kill -9`, SIGTERM, restart.
 //! - [`device`]: a device's view of the gRPC API (bearer token, push, subscribe, ack).
+//! - [`haproxy`]: Debian's HAProxy in front of several servers (gRPC over h2c, health checks).
 //! - [`dashboard`]: the `lockstep-dashboard` binary, a plain HTTP GET, headless Chromium.
 //! - [`cli`]: a device driven through the `lockstep-cli` binary, with its own store.
 //! - [`push`]: the `lockstep-push` worker, and a local push service (Python) that verifies and decrypts.
@@ -22,6 +23,7 @@
 pub mod cli;
 pub mod dashboard;
 pub mod device;
+pub mod haproxy;
 pub mod kafka;
 pub mod postgres;
 pub mod process;

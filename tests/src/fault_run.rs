@@ -534,12 +534,12 @@ pub fn fault_settings() -> Vec<(&'static str, &'static str)> {
 }
 
 /// Whether process `pid` exists (0: no process).
-pub(crate) fn pid_alive(pid: u32) -> bool {
+pub fn pid_alive(pid: u32) -> bool {
     pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Whether 127.0.0.1:`port` refuses connections (nothing listens there).
-pub(crate) async fn port_refused(port: u16) -> bool {
+pub async fn port_refused(port: u16) -> bool {
     let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
     matches!(
         tokio::time::timeout(Duration::from_secs(2), connect).await,

@@ -4,7 +4,7 @@
 //! (`lockstep-testkit`, shared with `bench/`); this crate adds the fault suite.
 //!
 //! # Layout
-//! - [`server`], [`device`], [`cli`], [`stack`], [`tls`], [`wait`]: re-exported from the test kit.
+//! - [`server`], [`device`], [`cli`], [`stack`], [`tls`], [`wait`], [`haproxy`]: re-exported from the test kit.
 //! - [`proxy`]: a TCP proxy between the server and Kafka that tests cut or slow down.
 //! - [`workload`]: simulated devices for the fault tests, recording into a [`history`].
 //! - [`history`]: what the devices saw in a fault run, checked against the invariants.
@@ -28,6 +28,6 @@ pub mod proxy;
 pub mod workload;
 
 pub use lockstep_testkit::{
-    cli, dashboard, device, device_group, free_port, http_get, http_get_with, http_request, kafka, log_tail, process,
-    promtool_check, push, server, stack, tls, user_topic, wait,
+    cli, dashboard, device, device_group, free_port, haproxy, http_get, http_get_with, http_request, kafka, log_tail,
+    process, promtool_check, push, server, stack, tls, user_topic, wait,
 };

@@ -23,8 +23,14 @@ fn one_kafka_version_and_one_config() {
     for file in ["kafka/server.properties", "kafka/jvm.options", "kafka/log4j2.properties"] {
         assert!(lib.contains(&format!("$LOCKSTEP_SCRIPTS/{file}")), "scripts/lib.sh does not read {file}");
     }
-    let run = repo_file("scripts/run");
-    assert!(run.contains("kafka_prepare_node") && run.contains("kafka_jvm_options"));
+    // scripts/run and scripts/cluster start their nodes with lib.sh's one way (no second copy).
+    for script in ["scripts/run", "scripts/cluster"] {
+        let text = repo_file(script);
+        assert!(text.contains("kafka_prepare_node") && text.contains("kafka_start_node"), "{script}");
+        assert!(!text.contains("kafka.Kafka"), "{script} starts Kafka itself instead of kafka_start_node");
+    }
+    let start = lib.split("kafka_start_node() {").nth(1).expect("kafka_start_node in scripts/lib.sh");
+    assert!(start.split("\n}\n").next().is_some_and(|body| body.contains("kafka_jvm_options")));
     assert!(node::option_lines(JVM_OPTIONS).any(|line| line.starts_with("-Xmx")));
     assert!(SERVER_PROPERTIES.contains("offsets.retention.minutes=576000"));
 }
