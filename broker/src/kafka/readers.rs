@@ -164,6 +164,9 @@ impl Drop for ReaderLease {
     }
 }
 
+/// Most records a chunk's buffer is sized for up front (it grows past that if need be).
+const RECORDS_PRESIZE: usize = 8192;
+
 /// A reader with no job for this long gives up its assignment.
 const IDLE_UNASSIGN: Duration = Duration::from_secs(1);
 
@@ -243,7 +246,8 @@ fn run_job(
         *position = Some((job.topic.clone(), job.from));
     }
     let mut chunk = ReadChunk {
-        records: Vec::new(),
+        // Sized once for a typical full chunk (records of about a KiB), not grown record by record.
+        records: Vec::with_capacity(job.max_records.min(job.max_bytes / 1024 + 1).min(RECORDS_PRESIZE)),
         next_offset: job.from,
         end_of_log: false,
         filled: false,
@@ -254,27 +258,33 @@ fn run_job(
     if job.until.is_some_and(|until| until <= job.from) {
         return Ok(chunk);
     }
-    let deadline = Instant::now() + job.max_wait;
+    // The clock is read twice per record (around its decoding, the later reading
+    // also serving the deadline check), and again after a poll that brought none.
+    let mut now = Instant::now();
+    let deadline = now + job.max_wait;
     let mut bytes = 0;
     loop {
         if chunk.records.len() >= job.max_records || bytes >= job.max_bytes {
             chunk.filled = true;
             break;
         }
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = deadline.saturating_duration_since(now);
         if remaining.is_zero() {
             chunk.timed_out = true;
             break;
         }
         match consumer.poll(remaining.min(Duration::from_millis(100))) {
-            None => continue,
+            None => {
+                now = Instant::now();
+                continue;
+            }
             Some(Ok(message)) => {
                 let offset = message.offset();
                 if offset < chunk.next_offset {
+                    now = Instant::now();
                     continue;
                 }
                 chunk.next_offset = offset + 1;
-                *position = Some((job.topic.clone(), chunk.next_offset));
                 bytes += message.payload_len();
                 let decoding = Instant::now();
                 let decoded = match message.payload().map(decode_change) {
@@ -282,7 +292,8 @@ fn run_job(
                     Some(Err(error)) => Err(format!("not a change envelope this server can read: {error}")),
                     None => Err("a record without a value".to_string()),
                 };
-                chunk.decode_time += decoding.elapsed();
+                now = Instant::now();
+                chunk.decode_time += now.saturating_duration_since(decoding);
                 if let Err(reason) = &decoded {
                     tracing::error!(topic = %job.topic, offset, reason, "undecodable record in a user's log");
                 }
@@ -312,12 +323,16 @@ fn run_job(
                     // librdkafka reconnects by itself (e.g. the broker restarted):
                     // keep polling until the job's deadline.
                     tracing::debug!(topic = %job.topic, %error, "transient kafka error while reading");
+                    now = Instant::now();
                     continue;
                 }
                 return Err(KafkaError::Client { operation: "read", source: error });
             }
         }
     }
+    // Where the assignment delivers next (an error instead makes the caller drop
+    // the position, so only a read that ends well gets here).
+    *position = Some((job.topic.clone(), chunk.next_offset));
     Ok(chunk)
 }
 
