@@ -39,10 +39,9 @@ impl DbError {
         use tokio_postgres::error::SqlState;
         match self {
             DbError::Connect(_) => true,
-            DbError::Sqlite(rusqlite::Error::SqliteFailure(failure, _)) => matches!(
-                failure.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ),
+            DbError::Sqlite(rusqlite::Error::SqliteFailure(failure, _)) => {
+                matches!(failure.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            }
             DbError::Postgres(error) => match error.code() {
                 // No SQLSTATE: the connection broke (I/O, closed) rather than a statement failing.
                 None => error.is_closed() || error.as_db_error().is_none(),
