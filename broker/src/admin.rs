@@ -65,6 +65,19 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     describe_counter!("lockstep_pushes_total", "Push requests answered, by gRPC code.");
     describe_counter!(
+        "lockstep_token_lookups_total",
+        "Device tokens the cache could not answer, looked up in the shared database, by whether one was found."
+    );
+    describe_counter!("lockstep_doorbells_total", "Other nodes' LogAppended events that moved a live tail here.");
+    describe_counter!(
+        "lockstep_streams_superseded_elsewhere_total",
+        "Streams ended because the same device subscribed on another node."
+    );
+    describe_counter!(
+        "lockstep_connections_refused_total",
+        "Connections closed at once because limits.max_connections were open."
+    );
+    describe_counter!(
         "lockstep_changes_pushed_total",
         "Changes Kafka acknowledged through pushes (duplicates excluded)."
     );

@@ -29,6 +29,14 @@ pub fn install() -> PrometheusHandle {
                 "Records read from the events topic (replays included)."
             );
             describe_gauge!("lockstep_push_wakeups_in_flight", "Wake-ups being sent now.");
+            describe_counter!(
+                "lockstep_push_refused_addresses_total",
+                "Addresses a push target's host resolved to that the address policy refused."
+            );
+            describe_counter!(
+                "lockstep_push_refused_targets_total",
+                "Wake-ups not sent because their target could not be made into a request."
+            );
             handle
         })
         .clone()
