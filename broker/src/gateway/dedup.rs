@@ -427,13 +427,7 @@ mod tests {
 
     both_backends!(the_index_and_its_mark_are_in_the_store, |test: TestStore| async move {
         let store = test.store.clone();
-        store
-            .call(|connection| {
-                connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('u', 0)", &[])?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        test.insert_user("u").await;
         let index = DedupIndex::new(store.clone());
         index.record("u", vec![entry("a", 0), entry("b", 1)], Some((0, 2))).await.unwrap();
         // A second copy of an entry (a re-read of the log) is ignored, not an error.

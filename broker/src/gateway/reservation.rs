@@ -221,16 +221,6 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(60);
 
-    async fn with_user(store: &Store) {
-        store
-            .call(|connection| {
-                connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('u', 0)", &[])?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-    }
-
     fn change(id: &str) -> (String, Digest) {
         (id.to_owned(), [id.len() as u8; 16])
     }
@@ -248,7 +238,7 @@ mod tests {
 
     both_backends!(one_attempt_wins_the_other_waits_for_its_entry, |test: TestStore| async move {
         let store = test.store.clone();
-        with_user(&store).await;
+        test.insert_user("u").await;
         let (node1, node2) =
             (Reservations::new(store.clone(), "n1/a", LEASE), Reservations::new(store.clone(), "n2/b", LEASE));
         assert_eq!(node1.claim("u", "d", vec![change("c1"), change("c22")]).await.unwrap(), [Claim::Won, Claim::Won]);
@@ -278,7 +268,7 @@ mod tests {
 
     both_backends!(an_expired_reservation_is_taken_over_once, |test: TestStore| async move {
         let store = test.store.clone();
-        with_user(&store).await;
+        test.insert_user("u").await;
         let dead = Reservations::new(store.clone(), "n1/dead", LEASE);
         let (node2, node3) =
             (Reservations::new(store.clone(), "n2/b", LEASE), Reservations::new(store.clone(), "n3/c", LEASE));
@@ -297,7 +287,7 @@ mod tests {
 
     both_backends!(concurrent_claims_have_one_winner_per_change, |test: TestStore| async move {
         let store = test.store.clone();
-        with_user(&store).await;
+        test.insert_user("u").await;
         let ids: Vec<_> = (0..20).map(|n| change(&format!("c{n}"))).collect();
         let mut reversed = ids.clone();
         reversed.reverse();
@@ -321,7 +311,7 @@ mod tests {
 
     both_backends!(a_sweep_after_a_reread_drops_resolved_and_expired_reservations, |test: TestStore| async move {
         let store = test.store.clone();
-        with_user(&store).await;
+        test.insert_user("u").await;
         let node = Reservations::new(store.clone(), "n1/a", LEASE);
         node.claim("u", "d", vec![change("gone"), change("indexed"), change("live")]).await.unwrap();
         store

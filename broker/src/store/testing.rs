@@ -7,7 +7,7 @@ mod postgres_server;
 
 pub use postgres_server::Postgres;
 
-use super::Store;
+use super::{Sql as _, Store};
 use crate::db::Db;
 
 /// A store and what must live as long as it (its directory, its PostgreSQL server).
@@ -32,6 +32,20 @@ impl TestStore {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::postgres(&url, 4, Db::open(dir.path()).unwrap()).await.unwrap();
         Self { store, dir, postgres: Some(std::sync::Arc::new(postgres)), url: Some(url) }
+    }
+
+    /// A row for `user_id` in `users`, as an account's creation writes it (for tests of the
+    /// per-user state: the dedup index, reservations).
+    pub async fn insert_user(&self, user_id: &str) {
+        let user_id = user_id.to_owned();
+        self.store
+            .call(move |connection| {
+                connection
+                    .execute("INSERT INTO users (user_id, created_at_ms) VALUES (?1, 0)", crate::values![&user_id])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
     }
 
     /// The same database opened again (a restart).
