@@ -35,6 +35,27 @@ async fn postgres() -> anyhow::Result<(Postgres, String)> {
     Ok((server, url))
 }
 
+/// Two nodes on one Kafka and one PostgreSQL, and one device connected to each (the same device).
+struct TwoNodes {
+    _database: Postgres,
+    _nodes: [Server; 2],
+    phone: Device,
+    /// `phone` through node 1, then through node 2.
+    on_node: [Device; 2],
+}
+
+impl TwoNodes {
+    async fn start(kafka: &Kafka) -> anyhow::Result<Self> {
+        let (database, url) = postgres().await?;
+        let settings = [("LOCKSTEP_DATABASE__URL", url.as_str())];
+        let nodes = [Server::start_with(kafka, &settings).await?, Server::start_with(kafka, &settings).await?];
+        let phone = Device::create_account(&nodes[0], "phone").await?;
+        let mut on_node = [phone.clone(), phone.clone()];
+        on_node[1].reconnect(&nodes[1]).await?;
+        Ok(Self { _database: database, _nodes: nodes, phone, on_node })
+    }
+}
+
 /// The offset a push answered for its only change, or the error's code.
 fn outcome(results: &[PushResult]) -> anyhow::Result<Result<(i64, bool), Code>> {
     anyhow::ensure!(results.len() == 1, "one result per change: {results:?}");
@@ -57,12 +78,7 @@ async fn copies(kafka: &str, device: &Device) -> anyhow::Result<HashMap<String, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_retried_on_another_node_is_in_the_log_once_with_the_first_offset() -> anyhow::Result<()> {
     let kafka = Kafka::shared().await?;
-    let (_database, url) = postgres().await?;
-    let settings = [("LOCKSTEP_DATABASE__URL", url.as_str())];
-    let nodes = [Server::start_with(kafka, &settings).await?, Server::start_with(kafka, &settings).await?];
-    let phone = Device::create_account(&nodes[0], "phone").await?;
-    let mut on_node = [phone.clone(), phone.clone()];
-    on_node[1].reconnect(&nodes[1]).await?;
+    let TwoNodes { _database, _nodes, phone, on_node } = TwoNodes::start(kafka).await?;
 
     for (first, retry) in [(0, 1), (1, 0)] {
         let push = changes(3, 16);
@@ -94,12 +110,7 @@ async fn a_push_retried_on_another_node_is_in_the_log_once_with_the_first_offset
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_push_sent_to_two_nodes_at_once_is_in_the_log_once() -> anyhow::Result<()> {
     let kafka = Kafka::shared().await?;
-    let (_database, url) = postgres().await?;
-    let settings = [("LOCKSTEP_DATABASE__URL", url.as_str())];
-    let nodes = [Server::start_with(kafka, &settings).await?, Server::start_with(kafka, &settings).await?];
-    let phone = Device::create_account(&nodes[0], "phone").await?;
-    let mut on_node = [phone.clone(), phone.clone()];
-    on_node[1].reconnect(&nodes[1]).await?;
+    let TwoNodes { _database, _nodes, phone, on_node } = TwoNodes::start(kafka).await?;
 
     let mut pushed = Vec::new();
     for round in 0..50 {
