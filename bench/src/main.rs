@@ -215,8 +215,13 @@ async fn w7(
     let topic = format!("lockstep.events.w7-{}-{round}", std::process::id());
     let node1 = procs::start_cluster_node(binary, kafka, &url, &topic).await?;
     let node2 = procs::start_cluster_node(binary, kafka, &url, &topic).await?;
-    lockstep::w7(&node1, &node1, "one_node", config, round, metrics).await?;
-    lockstep::w7(&node1, &node2, "across_nodes", config, round, metrics).await
+    // Where the pushing node's time goes, per case (`stage.w7_<case>.push.*`).
+    for (receiving, name) in [(&node1, "one_node"), (&node2, "across_nodes")] {
+        let snapshot = stages::StageSnapshot::take(node1.admin_addr()).await;
+        lockstep::w7(&node1, receiving, name, config, round, metrics).await?;
+        snapshot.record(metrics, round, &format!("w7_{name}")).await;
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -262,8 +267,8 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             eprintln!("  {workload}");
-            // Per-stage histograms of the round's server (W1off, W1trace and W3 run their own).
-            let stage_server = !matches!(workload.as_str(), "w1off" | "w1trace" | "w3");
+            // Per-stage histograms of the round's server (W1off, W1trace, W3 and W7 run their own).
+            let stage_server = !matches!(workload.as_str(), "w1off" | "w1trace" | "w3" | "w7");
             let stage_snapshot = stages::StageSnapshot::take(server.admin_addr().filter(|_| stage_server)).await;
             let cpu = procs::CpuSnapshot::take(&processes);
             let outcome: anyhow::Result<()> = match workload.as_str() {

@@ -423,7 +423,7 @@ fn cpu_tables(out: &mut String, args: &Args, config: &Config, metrics: &Metrics)
 fn stage_tables(out: &mut String, args: &Args, metrics: &Metrics) {
     out.push_str(
         "## Per-stage timing (the server's `/metrics`)\n\nThe round's server's `/metrics` (admin listener) is \
-         scraped before and after each workload that uses it (not W1off, W1trace or W3, which run their own); \
+         scraped before and after each workload that uses it (not W1off, W1trace, W3 or W7, which run their own; W7 scrapes its pushing node); \
          per stage: the observations during the workload and their mean time (histogram sum / count).\n\n",
     );
     for (family, short) in crate::stages::FAMILIES {
@@ -441,7 +441,12 @@ fn stage_tables(out: &mut String, args: &Args, metrics: &Metrics) {
         }
         let _ = writeln!(out, "`{family}`:\n");
         out.push_str("| workload | stage | observations | mean, ms |\n| --- | --- | ---: | ---: |\n");
-        for workload in &args.workloads {
+        // W7 scrapes its pushing node per case (`w7_one_node`, `w7_across_nodes`).
+        let names = args.workloads.iter().flat_map(|workload| match workload.to_ascii_lowercase().as_str() {
+            "w7" => vec!["w7_one_node".to_string(), "w7_across_nodes".to_string()],
+            _ => vec![workload.clone()],
+        });
+        for workload in names {
             let prefix = format!("stage.{workload}.{short}.");
             for key in metrics.values.keys().filter(|key| key.starts_with(&prefix) && key.ends_with(".count")) {
                 let stage = &key[prefix.len()..key.len() - ".count".len()];

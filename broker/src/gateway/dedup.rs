@@ -31,7 +31,7 @@ use sha2::{Digest as _, Sha256};
 use super::reservation::Reservations;
 use crate::{
     db::DbError,
-    store::{Conn, Sql, Store},
+    store::{Conn, Sql, Store, Value},
     values,
 };
 
@@ -312,37 +312,92 @@ fn write_group(connection: &mut Conn<'_>, writes: &[Write]) -> Result<(), DbErro
     // PostgreSQL take the rows of the users they share in the same order (no deadlock).
     let mut by_user: Vec<&Write> = writes.iter().collect();
     by_user.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-    for Write { user_id, entries, advance, release_for } in by_user {
-        for entry in entries {
-            transaction.execute(
-                "INSERT INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest)
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-                values![user_id, &entry.device_id, &entry.change_id, entry.offset, entry.digest.as_slice()],
-            )?;
-            if let Some(holder) = release_for {
-                transaction.execute(
-                    "DELETE FROM push_reservations
-                     WHERE user_id = ?1 AND device_id = ?2 AND change_id = ?3 AND holder = ?4",
-                    values![user_id, &entry.device_id, &entry.change_id, &**holder],
-                )?;
-            }
+    for user_writes in by_user.chunk_by(|a, b| a.user_id == b.user_id) {
+        let user_id = &user_writes[0].user_id;
+        // A user's entries in a few multi-row statements, whichever write they came with (an
+        // entry's insert does not depend on the mark): a round trip per chunk, not two per entry.
+        let entries: Vec<(&IndexEntry, Option<&str>)> = user_writes
+            .iter()
+            .flat_map(|write| write.entries.iter().map(|entry| (entry, write.release_for.as_deref())))
+            .collect();
+        for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+            insert_entries(&transaction, user_id, chunk)?;
+            release_reservations(&transaction, user_id, chunk)?;
         }
         // Kafka acknowledged these offsets: the log must never end below them (log_guard).
-        if let Some(end) = entries.iter().map(|entry| entry.offset + 1).max() {
+        if let Some(end) = entries.iter().map(|(entry, _)| entry.offset + 1).max() {
             transaction.execute(
                 "UPDATE users SET log_high_mark = CASE WHEN log_high_mark > ?2 THEN log_high_mark ELSE ?2 END
                  WHERE user_id = ?1",
                 values![user_id, end],
             )?;
         }
-        if let Some((from, to)) = advance {
+        // The marks move in the writes' order: each only from where the one before left it.
+        for (from, to) in user_writes.iter().filter_map(|write| write.advance) {
             transaction.execute(
                 "UPDATE users SET dedup_indexed_through = ?3 WHERE user_id = ?1 AND dedup_indexed_through = ?2",
-                values![user_id, *from, *to],
+                values![user_id, from, to],
             )?;
         }
     }
     transaction.commit()
+}
+
+/// Rows per multi-row statement of the writer (5 parameters each: far below either engine's
+/// limit on parameters).
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// The entries of `user_id` (ignoring ones already there), in one statement.
+fn insert_entries(
+    transaction: &impl Sql,
+    user_id: &str,
+    entries: &[(&IndexEntry, Option<&str>)],
+) -> Result<(), DbError> {
+    let mut params = vec![Value::from(user_id)];
+    let mut rows = Vec::with_capacity(entries.len());
+    for (entry, _) in entries {
+        let at = params.len() + 1;
+        rows.push(format!("(?1, ?{at}, ?{}, ?{}, ?{})", at + 1, at + 2, at + 3));
+        params.push(Value::from(entry.device_id.as_str()));
+        params.push(Value::from(entry.change_id.as_str()));
+        params.push(Value::from(entry.offset));
+        params.push(Value::from(entry.digest.as_slice()));
+    }
+    transaction.execute(
+        &format!(
+            "INSERT INTO pushed_changes (user_id, device_id, change_id, kafka_offset, digest) VALUES {}
+             ON CONFLICT DO NOTHING",
+            rows.join(", ")
+        ),
+        &params,
+    )?;
+    Ok(())
+}
+
+/// Drops the reservations of the entries that came with one (several nodes), each only if its
+/// holder still holds it: in the transaction that indexes them, so a change is never unreserved
+/// before it is indexed.
+fn release_reservations(
+    transaction: &impl Sql,
+    user_id: &str,
+    entries: &[(&IndexEntry, Option<&str>)],
+) -> Result<(), DbError> {
+    let mut params = vec![Value::from(user_id)];
+    let mut rows = Vec::new();
+    for (entry, holder) in entries {
+        let Some(holder) = holder else { continue };
+        let at = params.len() + 1;
+        rows.push(format!("(device_id = ?{at} AND change_id = ?{} AND holder = ?{})", at + 1, at + 2));
+        params.push(Value::from(entry.device_id.as_str()));
+        params.push(Value::from(entry.change_id.as_str()));
+        params.push(Value::from(*holder));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    transaction
+        .execute(&format!("DELETE FROM push_reservations WHERE user_id = ?1 AND ({})", rows.join(" OR ")), &params)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 mod dedup;
 mod pipeline;
 pub mod reservation;
+mod reserve;
 pub mod validate;
 
 use std::{
@@ -21,10 +22,7 @@ use dedup::digest_of_envelope;
 pub use dedup::{DedupIndex, IndexEntry};
 use lockstep_proto::v1::{Change, PushResult, push_result};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, encode_change};
-use pipeline::{
-    Plan, PushStage, PushStages, Settled, UserPush, Written, answer_from_index, failed, plan_batch, settle,
-};
-use reservation::Claim;
+use pipeline::{Plan, PushStage, PushStages, Settled, UserPush, Written, failed, plan_batch, settle};
 use tracing::Instrument;
 
 use crate::{
@@ -116,9 +114,11 @@ impl Gateway {
         let mut results: Vec<Option<PushResult>> = vec![None; changes.len()];
         let mut stages = PushStages::start();
 
+        // Several nodes: what nobody holds is reserved before the lock (`reserve`).
+        let early = self.claim_early(&user, device, &changes).await;
         // Plan and enqueue, in request order, under the user's enqueue lock.
         let mut enqueue = user.enqueue.lock().await;
-        if user.retries_in_flight(&device.device_id, &changes) {
+        if self.dedup.reservations().is_none() && user.retries_in_flight(&device.device_id, &changes) {
             // A retry of a push still being written (the device gave up on it):
             // let it finish and its dedup record commit, then answer from the index.
             // Bounded: a push that died half-way leaves its changes in flight.
@@ -127,8 +127,12 @@ impl Gateway {
         }
         stages.lap(PushStage::Enqueue);
         user.index().settle_doubts(&device.device_id, &changes, Instant::now());
-        self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await?;
-        let ids = changes.iter().map(|change| change.change_id.clone()).collect();
+        if let Err(error) = self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await {
+            if let Some(early) = &early {
+                early.abandon(&user, device);
+            }
+            return Err(error);
+        }
         // The span of Kafka's part; its context travels in each record's headers.
         let produce_span = if lockstep_telemetry::tracing_on() {
             tracing::info_span!(target: lockstep_telemetry::TRACE_TARGET, "kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.batch.message_count = tracing::field::Empty)
@@ -136,9 +140,24 @@ impl Gateway {
             tracing::Span::none()
         };
         let traceparent = lockstep_telemetry::traceparent_of(&produce_span);
-        let known = self.dedup.lookup(&device.user_id, &device.device_id, ids).await?;
-        let mut plans = plan_batch(&device.device_id, changes, &known, &mut user.index());
-        self.reserve_writes(&user, enqueue.next_ticket, device, &topic, &mut plans).await;
+        // With reservations, the claim reads the index for what it reserves (one statement for
+        // the whole push): a lookup first would only add a round trip under the lock.
+        let known = match (&early, self.dedup.reservations()) {
+            (Some(early), _) => early.known.clone(),
+            (None, Some(_)) => HashMap::new(),
+            (None, None) => {
+                let ids = changes.iter().map(|change| change.change_id.clone()).collect();
+                self.dedup.lookup(&device.user_id, &device.device_id, ids).await?
+            }
+        };
+        let mut plans = {
+            let mut index = user.index();
+            if let Some(early) = &early {
+                early.hand_over(&mut index, device);
+            }
+            plan_batch(&device.device_id, changes, &known, &mut index)
+        };
+        self.reserve_writes(&user, enqueue.next_ticket, device, &topic, &mut plans, early.as_ref()).await;
         stages.lap(PushStage::Dedup);
         let mut written = Vec::new();
         let mut pending = Vec::new();
@@ -380,138 +399,6 @@ impl Gateway {
         index.generation = generation;
         index.ready = true;
         Ok(())
-    }
-
-    /// With several nodes (reservations): reserves each change to write before it is produced
-    /// (see `reservation`). A change another attempt holds waits, at most `produce_timeout`, for
-    /// its offset; one whose reservation this attempt took over from an expired holder is written
-    /// only if the topic, re-read from the index's mark, does not hold it. What cannot be decided
-    /// is answered UNAVAILABLE (retryable) and leaves `in_flight`.
-    async fn reserve_writes(
-        &self,
-        user: &UserPush,
-        tickets_before: u64,
-        device: &AuthedDevice,
-        topic: &str,
-        plans: &mut [Plan],
-    ) {
-        let Some(reservations) = self.dedup.reservations() else { return };
-        let writes = |plans: &[Plan]| -> Vec<usize> {
-            (0..plans.len()).filter(|index| matches!(plans[*index], Plan::Write { .. })).collect()
-        };
-        let claimed = |plans: &[Plan], indexes: &[usize]| -> Vec<(String, dedup::Digest)> {
-            indexes
-                .iter()
-                .filter_map(|index| match &plans[*index] {
-                    Plan::Write { digest, change } => Some((change.change_id.clone(), *digest)),
-                    Plan::Answer(_) => None,
-                })
-                .collect()
-        };
-        let answer = |plans: &mut [Plan], index: usize, result: PushResult| {
-            if let Plan::Write { change, .. } = &plans[index] {
-                user.index().in_flight.remove(&(device.device_id.clone(), change.change_id.clone()));
-            }
-            plans[index] = Plan::Answer(result);
-        };
-        let indexed = |plans: &mut [Plan], index: usize, offset: i64, stored: dedup::Digest| {
-            if let Plan::Write { digest, change } = &plans[index] {
-                let result = answer_from_index(&change.change_id, *digest, offset, stored);
-                answer(plans, index, result);
-            }
-        };
-        let unavailable = |plans: &mut [Plan], index: usize, why: &str| {
-            if let Plan::Write { change, .. } = &plans[index] {
-                let error = ApiError::Unavailable(format!("change_id {}: {why}; retry", change.change_id));
-                answer(plans, index, failed(&error));
-            }
-        };
-        let mut pending = writes(plans);
-        // Changes this attempt took over and re-read the log for: its next claim only renews them.
-        let mut reread: Vec<usize> = Vec::new();
-        // Time went by since the first claim (a wait, a re-read): the leases are renewed at the end.
-        let mut renew = false;
-        let deadline = Instant::now() + self.kafka.produce_timeout;
-        let mut pause = Duration::from_millis(20);
-        while !pending.is_empty() {
-            let batch = claimed(plans, &pending);
-            let claims = match reservations.claim(&device.user_id, &device.device_id, batch).await {
-                Ok(claims) => claims,
-                Err(error) => {
-                    tracing::warn!(topic, %error, "cannot reserve a push's changes");
-                    for index in pending {
-                        unavailable(plans, index, "cannot reserve it for writing");
-                    }
-                    return;
-                }
-            };
-            let (mut held, mut taken) = (Vec::new(), Vec::new());
-            for (index, claim) in pending.iter().copied().zip(claims) {
-                match claim {
-                    Claim::Won => {}
-                    Claim::TakenOver { from_self: true } if reread.contains(&index) => {}
-                    Claim::TakenOver { .. } => taken.push(index),
-                    Claim::Held => held.push(index),
-                    Claim::Indexed { offset, digest } => indexed(plans, index, offset, digest),
-                }
-            }
-            if !taken.is_empty() {
-                // The old holder may have appended them: read the log up to its end first. The
-                // claim that follows renews the reservations, or finds the changes indexed.
-                renew = true;
-                user.wait_finished(tickets_before).await;
-                if let Err(error) = self.reindex(user, &device.user_id, topic).await {
-                    tracing::warn!(topic, %error, "cannot re-read the log for a taken-over reservation");
-                    for index in taken {
-                        unavailable(plans, index, "cannot re-read the log to check it");
-                    }
-                } else {
-                    reread.extend(&taken);
-                    held.extend(taken);
-                    pending = held;
-                    continue;
-                }
-            }
-            let now = Instant::now();
-            if held.is_empty() {
-                break;
-            }
-            if now >= deadline {
-                for index in held {
-                    unavailable(plans, index, "it is being written through another node");
-                }
-                break;
-            }
-            renew = true;
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
-            pending = held;
-        }
-        // A lease covers one produce from its start: renewed right before it when the claim is older.
-        let pending = writes(plans);
-        if !renew || pending.is_empty() {
-            return;
-        }
-        let batch = claimed(plans, &pending);
-        match reservations.claim(&device.user_id, &device.device_id, batch).await {
-            Ok(claims) => {
-                for (index, claim) in pending.into_iter().zip(claims) {
-                    match claim {
-                        Claim::Won | Claim::TakenOver { from_self: true } => {}
-                        Claim::Indexed { offset, digest } => indexed(plans, index, offset, digest),
-                        Claim::TakenOver { from_self: false } | Claim::Held => {
-                            unavailable(plans, index, "its reservation was lost")
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(topic, %error, "cannot renew a push's reservations");
-                for index in pending {
-                    unavailable(plans, index, "cannot reserve it for writing");
-                }
-            }
-        }
     }
 
     fn user_state(&self, user_id: &Arc<str>) -> Arc<UserPush> {

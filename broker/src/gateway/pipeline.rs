@@ -267,7 +267,7 @@ pub(super) fn plan_batch(
             }
             if !index.in_flight.insert((device_id.clone(), change.change_id.clone())) {
                 return Plan::Answer(failed(&ApiError::Unavailable(format!(
-                    "change_id {} appears twice in the batch; the first one is being written",
+                    "change_id {} is being written (by an earlier attempt, or earlier in this batch); retry for its offset",
                     change.change_id
                 ))));
             }

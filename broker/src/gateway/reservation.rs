@@ -37,12 +37,16 @@
 //! A holder is one process (`<node id>/<random>`): a restarted node does not take its previous
 //! process's reservations for its own, whose requests may still land.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
-use super::dedup::{Digest, lookup_one};
+use super::dedup::{Digest, digest_from, lookup_one};
 use crate::{
     db::{DbError, now_ms},
-    store::{Conn, Sql, Store},
+    store::{Conn, Sql, Store, Value},
     values,
 };
 
@@ -81,9 +85,12 @@ impl Reservations {
         &self.holder
     }
 
-    /// Claims each of `changes` (change id, digest) of the device for this process. One
-    /// transaction, in change id order: two nodes claiming one batch in two orders wait for each
-    /// other instead of deadlocking. The claims come back in the order of `changes`.
+    /// Claims each of `changes` (change id, digest) of the device for this process. The claims
+    /// come back in the order of `changes`.
+    ///
+    /// The common case, changes nobody holds, costs two statements ([`reserve_unheld`]). What
+    /// they did not reserve (held by another attempt, indexed, expired) goes through
+    /// [`claim_one`] in one transaction, in id order.
     pub async fn claim(
         &self,
         user_id: &str,
@@ -94,18 +101,44 @@ impl Reservations {
         let lease_ms = self.lease.as_millis() as i64;
         self.store
             .call(move |connection| {
-                let now = database_now_ms(connection)?;
-                let transaction = connection.transaction()?;
-                let mut order: Vec<usize> = (0..changes.len()).collect();
-                order.sort_by(|a, b| changes[*a].0.cmp(&changes[*b].0));
-                let mut claims = vec![Claim::Held; changes.len()];
-                for index in order {
-                    let (change_id, digest) = &changes[index];
-                    let key = Key { user: &user, device: &device, change_id };
-                    claims[index] = claim_one(&transaction, key, digest, &holder, now, now + lease_ms)?;
+                let order = id_order(&changes);
+                let mut claims: Vec<Option<Claim>> = vec![None; changes.len()];
+                let reserved = reserve_unheld(connection, (&user, &device, &holder), &changes, &order, lease_ms)?;
+                for &index in &order {
+                    claims[index] = reserved.get(&changes[index].0).copied();
                 }
-                transaction.commit()?;
-                Ok(claims)
+                let rest: Vec<usize> = order.iter().copied().filter(|index| claims[*index].is_none()).collect();
+                if !rest.is_empty() {
+                    let now = database_now_ms(connection)?;
+                    let transaction = connection.transaction()?;
+                    for index in rest {
+                        let (change_id, digest) = &changes[index];
+                        let key = Key { user: &user, device: &device, change_id };
+                        claims[index] = Some(claim_one(&transaction, key, digest, &holder, now, now + lease_ms)?);
+                    }
+                    transaction.commit()?;
+                }
+                // An id given twice is claimed once: its other places are held (by this attempt).
+                Ok(claims.into_iter().map(|claim| claim.unwrap_or(Claim::Held)).collect())
+            })
+            .await
+    }
+
+    /// Only the common case of [`Self::claim`]: reserves those of `changes` that nobody holds, and
+    /// tells which of them the index already has. Each answer is [`Claim::Won`] or
+    /// [`Claim::Indexed`]; a change it leaves out needs [`Self::claim`].
+    pub async fn claim_unheld(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        changes: Vec<(String, Digest)>,
+    ) -> Result<HashMap<String, Claim>, DbError> {
+        let (user, device, holder) = (user_id.to_owned(), device_id.to_owned(), self.holder.clone());
+        let lease_ms = self.lease.as_millis() as i64;
+        self.store
+            .call(move |connection| {
+                let order = id_order(&changes);
+                reserve_unheld(connection, (&user, &device, &holder), &changes, &order, lease_ms)
             })
             .await
     }
@@ -193,6 +226,106 @@ fn claim_one(
     Ok(Claim::Held)
 }
 
+/// The places of `changes` in change id order, each id once: two batches sharing ids take their
+/// rows in one order, and wait for each other instead of deadlocking.
+fn id_order(changes: &[(String, Digest)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..changes.len()).collect();
+    order.sort_by(|a, b| changes[*a].0.cmp(&changes[*b].0));
+    order.dedup_by(|a, b| changes[*a].0 == changes[*b].0);
+    order
+}
+
+/// Two statements, each committing on its own: one insert of every reservation nobody holds,
+/// then one read of the index for those it inserted (an entry committed, with its reservation
+/// dropped, before the insert is seen: read committed, a statement after it). An indexed one's
+/// reservation goes again. The changes it reserved, each `Won` or `Indexed`.
+fn reserve_unheld(
+    connection: &Conn<'_>,
+    owner: (&str, &str, &str),
+    changes: &[(String, Digest)],
+    order: &[usize],
+    lease_ms: i64,
+) -> Result<HashMap<String, Claim>, DbError> {
+    let (user, device, holder) = owner;
+    let inserted = insert_unheld(connection, owner, changes, order, lease_ms)?;
+    if inserted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let indexed = lookup_many(connection, user, device, &inserted)?;
+    let mut claims = HashMap::with_capacity(inserted.len());
+    for change_id in inserted {
+        let claim = match indexed.get(&change_id) {
+            Some(&(offset, digest)) => {
+                release(connection, Key { user, device, change_id: &change_id }, holder)?;
+                Claim::Indexed { offset, digest }
+            }
+            None => Claim::Won,
+        };
+        claims.insert(change_id, claim);
+    }
+    Ok(claims)
+}
+
+/// Inserts a reservation for each change at `order` that has none, in that order; the ids it
+/// inserted. The expiry is the database's clock plus the lease (PostgreSQL's
+/// `clock_timestamp()`; SQLite, one node, this process's).
+fn insert_unheld(
+    connection: &Conn<'_>,
+    (user, device, holder): (&str, &str, &str),
+    changes: &[(String, Digest)],
+    order: &[usize],
+    lease_ms: i64,
+) -> Result<HashSet<String>, DbError> {
+    if order.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let (expiry, lease) = if connection.is_postgres() {
+        ("(extract(epoch FROM clock_timestamp()) * 1000)::bigint + ?4", lease_ms)
+    } else {
+        ("?4", now_ms() + lease_ms)
+    };
+    let mut params = vec![Value::from(user), Value::from(device), Value::from(holder), Value::from(lease)];
+    let mut rows = Vec::with_capacity(order.len());
+    for &index in order {
+        let (change_id, digest) = &changes[index];
+        let at = params.len() + 1;
+        rows.push(format!("(?1, ?2, ?{at}, ?{}, ?3, {expiry})", at + 1));
+        params.push(Value::from(change_id.as_str()));
+        params.push(Value::from(digest.as_slice()));
+    }
+    let sql = format!(
+        "INSERT INTO push_reservations (user_id, device_id, change_id, digest, holder, expires_at_ms) VALUES {}
+         ON CONFLICT DO NOTHING RETURNING change_id",
+        rows.join(", ")
+    );
+    connection.query(&sql, &params)?.into_iter().map(|row| row.get::<String>(0)).collect()
+}
+
+/// The index's (offset, digest) for those of `change_ids` it holds.
+fn lookup_many(
+    connection: &impl Sql,
+    user: &str,
+    device: &str,
+    change_ids: &HashSet<String>,
+) -> Result<HashMap<String, (i64, Digest)>, DbError> {
+    let mut params = vec![Value::from(user), Value::from(device)];
+    let mut places = Vec::with_capacity(change_ids.len());
+    for change_id in change_ids {
+        params.push(Value::from(change_id.as_str()));
+        places.push(format!("?{}", params.len()));
+    }
+    let sql = format!(
+        "SELECT change_id, kafka_offset, digest FROM pushed_changes
+         WHERE user_id = ?1 AND device_id = ?2 AND change_id IN ({})",
+        places.join(", ")
+    );
+    connection
+        .query(&sql, &params)?
+        .into_iter()
+        .map(|row| Ok((row.get::<String>(0)?, (row.get::<i64>(1)?, digest_from(&row.get::<Vec<u8>>(2)?)))))
+        .collect()
+}
+
 fn release(transaction: &impl Sql, key: Key<'_>, holder: &str) -> Result<(), DbError> {
     transaction.execute(
         "DELETE FROM push_reservations WHERE user_id = ?1 AND device_id = ?2 AND change_id = ?3 AND holder = ?4",
@@ -264,6 +397,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 0, "an indexed change is no longer reserved");
+    });
+
+    both_backends!(one_claim_mixes_new_held_and_indexed_changes, |test: TestStore| async move {
+        let store = test.store.clone();
+        test.insert_user("u").await;
+        let (node1, node2) =
+            (Reservations::new(store.clone(), "n1/a", LEASE), Reservations::new(store.clone(), "n2/b", LEASE));
+        assert_eq!(
+            node1.claim("u", "d", vec![change("held"), change("done")]).await.unwrap(),
+            [Claim::Won, Claim::Won]
+        );
+        let index = DedupIndex::new(store.clone()).with_reservations("n1/a", LEASE);
+        let entry = IndexEntry { device_id: "d".into(), change_id: "done".into(), offset: 4, digest: change("done").1 };
+        index.record("u", vec![entry], None).await.unwrap();
+        // New (reserved by the first statement), held (by node 1), indexed (read from the index,
+        // its reservation gone with the entry): each answered in its place.
+        let claims = node2.claim("u", "d", vec![change("new"), change("held"), change("done")]).await.unwrap();
+        assert_eq!(claims, [Claim::Won, Claim::Held, Claim::Indexed { offset: 4, digest: change("done").1 }]);
+        assert_eq!(node1.claim("u", "d", vec![change("new")]).await.unwrap(), [Claim::Held], "node 2 holds it now");
     });
 
     both_backends!(an_expired_reservation_is_taken_over_once, |test: TestStore| async move {
