@@ -71,25 +71,32 @@ impl Gateway {
         changes: &[Change],
     ) -> Option<EarlyClaims> {
         let reservations = self.dedup.reservations()?;
-        if user.retries_in_flight(&device.device_id, changes) {
+        let registered: Vec<String> = changes.iter().map(|change| change.change_id.clone()).collect();
+        if registered.iter().collect::<HashSet<_>>().len() != registered.len() {
+            return None;
+        }
+        let deadline = Instant::now() + self.kafka.produce_timeout;
+        loop {
+            {
+                let mut index = user.index();
+                let key = |change_id: &String| (device.device_id.clone(), change_id.clone());
+                if registered.iter().any(|change_id| index.in_doubt.contains_key(&key(change_id))) {
+                    return None;
+                }
+                if !registered.iter().any(|change_id| index.in_flight.contains(&key(change_id))) {
+                    for change_id in &registered {
+                        index.in_flight.insert(key(change_id));
+                    }
+                    break;
+                }
+            }
             // A retry of a push still being written here: let it finish (it needs the lock,
             // which this push does not hold yet), then answer from the index.
-            user.wait_released(&device.device_id, changes, self.kafka.produce_timeout).await;
-        }
-        let registered: Vec<String> = changes.iter().map(|change| change.change_id.clone()).collect();
-        {
-            let mut index = user.index();
-            let key = |change_id: &String| (device.device_id.clone(), change_id.clone());
-            let distinct: HashSet<&String> = registered.iter().collect();
-            let busy = registered.iter().any(|change_id| {
-                index.in_flight.contains(&key(change_id)) || index.in_doubt.contains_key(&key(change_id))
-            });
-            if busy || distinct.len() != registered.len() {
+            let now = Instant::now();
+            if now >= deadline {
                 return None;
             }
-            for change_id in &registered {
-                index.in_flight.insert(key(change_id));
-            }
+            user.wait_released(&device.device_id, changes, deadline - now).await;
         }
         let at = Instant::now();
         let digests = changes.iter().map(|change| (change.change_id.clone(), digest_of_change(change))).collect();
