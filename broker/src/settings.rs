@@ -41,8 +41,12 @@ pub struct DatabaseSettings {
     /// `postgres://user:password@host:5432/database` (env `LOCKSTEP_DATABASE__URL`). Default
     /// unset (SQLite in `data_dir`). The server refuses to start when it cannot connect.
     pub url: Option<String>,
-    /// Connections the server keeps to PostgreSQL at most. Default 8.
+    /// Connections the server keeps to PostgreSQL at most for its statements. Default 8.
     pub max_connections: usize,
+    /// With `url` set: connections kept apart for the per-device locks that order acks across
+    /// nodes (each is held while an ack reads and commits the device's offset in Kafka), so that
+    /// a burst of acks never leaves pushes waiting for a connection. Default 4.
+    pub lock_connections: usize,
     /// With `url` set: how long a node's reservation of a change it is producing holds before
     /// another node may take it over (re-reading the user's topic first). Must exceed
     /// `kafka.produce_timeout` + `kafka.in_doubt_window`, the longest a produce may still land
@@ -53,7 +57,7 @@ pub struct DatabaseSettings {
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
-        Self { url: None, max_connections: 8, push_reservation_lease: Duration::from_secs(60) }
+        Self { url: None, max_connections: 8, lock_connections: 4, push_reservation_lease: Duration::from_secs(60) }
     }
 }
 
@@ -73,6 +77,7 @@ impl fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &self.url.as_deref().map(redact_url))
             .field("max_connections", &self.max_connections)
+            .field("lock_connections", &self.lock_connections)
             .field("push_reservation_lease", &self.push_reservation_lease)
             .finish()
     }
@@ -529,6 +534,9 @@ impl Settings {
         }
         if self.database.max_connections == 0 {
             return fail("database.max_connections must be at least 1");
+        }
+        if self.database.lock_connections == 0 {
+            return fail("database.lock_connections must be at least 1");
         }
         if self.database.url.is_some()
             && self.database.push_reservation_lease <= self.kafka.produce_timeout + self.kafka.in_doubt_window

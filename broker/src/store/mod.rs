@@ -355,7 +355,9 @@ impl Sql for Tx<'_> {
 #[derive(Clone)]
 enum Backend {
     Sqlite,
-    Postgres(deadpool_postgres::Pool),
+    /// The statements' pool, and the pool of the advisory locks ([`Store::serialised`]): a lock
+    /// holds its connection while its work runs, which must not starve the statements.
+    Postgres(deadpool_postgres::Pool, deadpool_postgres::Pool),
 }
 
 /// The shared state's database (with the push dedup index), and the node-local SQLite beside it.
@@ -374,7 +376,7 @@ impl Store {
         let local = Db::open(data_dir)?;
         match &settings.url {
             None => Self::sqlite(local),
-            Some(url) => Self::postgres(url, settings.max_connections, local).await,
+            Some(url) => Self::postgres(url, (settings.max_connections, settings.lock_connections), local).await,
         }
     }
 
@@ -384,9 +386,11 @@ impl Store {
     }
 
     /// The shared state and the dedup index in PostgreSQL at `url` (migrated if needed).
-    pub async fn postgres(url: &str, max_connections: usize, local: Db) -> Result<Self, DbError> {
-        let pool = postgres::connect(url, max_connections).await?;
-        let store = Self { backend: Backend::Postgres(pool), local };
+    /// `connections`: the statements' pool and the advisory locks' (see [`Backend::Postgres`]).
+    pub async fn postgres(url: &str, connections: (usize, usize), local: Db) -> Result<Self, DbError> {
+        let pool = postgres::connect(url, connections.0).await?;
+        let locks = postgres::connect(url, connections.1).await?;
+        let store = Self { backend: Backend::Postgres(pool, locks), local };
         store.call(schema::migrate_postgres).await?;
         Ok(store)
     }
@@ -398,13 +402,13 @@ impl Store {
 
     /// Whether several nodes may share this store (PostgreSQL).
     pub fn is_shared(&self) -> bool {
-        matches!(self.backend, Backend::Postgres(_))
+        matches!(self.backend, Backend::Postgres(..))
     }
 
     pub fn engine(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite => "sqlite",
-            Backend::Postgres(_) => "postgresql",
+            Backend::Postgres(..) => "postgresql",
         }
     }
 
@@ -416,7 +420,7 @@ impl Store {
     {
         match &self.backend {
             Backend::Sqlite => self.local.call(move |connection| work(&mut Conn::Sqlite(connection))).await,
-            Backend::Postgres(pool) => postgres::call(pool, work).await,
+            Backend::Postgres(pool, _) => postgres::call(pool, work).await,
         }
     }
 
@@ -433,8 +437,8 @@ impl Store {
     {
         match &self.backend {
             Backend::Sqlite => work.await,
-            Backend::Postgres(pool) => {
-                postgres::with_advisory_lock(pool, (namespace, lock_key(name)), wait, work).await
+            Backend::Postgres(_, locks) => {
+                postgres::with_advisory_lock(locks, (namespace, lock_key(name)), wait, work).await
             }
         }
     }
@@ -503,7 +507,7 @@ mod tests {
         time::Duration,
     };
 
-    use super::{lock_key, testing::TestStore};
+    use super::{Sql, lock_key, testing::TestStore};
 
     #[test]
     fn lock_keys_are_fnv1a_and_the_same_everywhere() {
@@ -560,5 +564,38 @@ mod tests {
         )
         .await;
         assert!(matches!(again, Ok(Ok(()))), "{again:?}");
+    }
+    /// The locks have connections of their own: with every one of them held (acks waiting on
+    /// Kafka), statements still get theirs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn held_locks_leave_the_statements_their_connections() {
+        let test = TestStore::postgres().await;
+        let url = test.url.clone().expect("a PostgreSQL store");
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::Store::postgres(&url, (1, 1), crate::db::Db::open(dir.path()).unwrap()).await.unwrap();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (entered, inside) = tokio::sync::oneshot::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .serialised(7107, "device-1", Duration::from_secs(10), async {
+                        let _ = entered.send(());
+                        let _ = released.await;
+                        Ok::<_, crate::db::DbError>(())
+                    })
+                    .await
+            })
+        };
+        inside.await.unwrap();
+        // The one lock connection is held: a statement needs the other pool.
+        let answered = tokio::time::timeout(
+            Duration::from_secs(20),
+            store.call(|connection| connection.query_one("SELECT 1", &[])?.get::<i64>(0)),
+        )
+        .await;
+        assert!(matches!(answered, Ok(Ok(1))), "{answered:?}");
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
     }
 }

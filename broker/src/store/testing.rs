@@ -30,7 +30,7 @@ impl TestStore {
         let postgres = tokio::task::spawn_blocking(Postgres::start).await.unwrap().unwrap();
         let url = postgres.new_database().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::postgres(&url, 4, Db::open(dir.path()).unwrap()).await.unwrap();
+        let store = Store::postgres(&url, (4, 2), Db::open(dir.path()).unwrap()).await.unwrap();
         Self { store, dir, postgres: Some(std::sync::Arc::new(postgres)), url: Some(url) }
     }
 
@@ -52,7 +52,7 @@ impl TestStore {
     pub async fn reopen(&self) -> Store {
         match &self.url {
             None => Store::sqlite(Db::open(self.dir.path()).unwrap()).unwrap(),
-            Some(url) => Store::postgres(url, 4, Db::open(self.dir.path()).unwrap()).await.unwrap(),
+            Some(url) => Store::postgres(url, (4, 2), Db::open(self.dir.path()).unwrap()).await.unwrap(),
         }
     }
 }
