@@ -457,7 +457,10 @@ fn same_as_decode_change(bytes: &[u8]) -> Result<(), TestCaseError> {
         let view = decode_change_with(bytes, |view| {
             // Borrowed from the input, not from a copy (the direct reader reads every valid envelope).
             let within = |field: &[u8]| bytes.as_ptr_range().contains(&field.as_ptr()) || field.is_empty();
-            (within(view.ciphertext) && within(view.nonce) && within(view.change_id.as_bytes()), view == envelope.as_ref())
+            (
+                within(view.ciphertext) && within(view.nonce) && within(view.change_id.as_bytes()),
+                view == envelope.as_ref(),
+            )
         });
         prop_assert_eq!(view.ok(), Some((true, true)));
     }
