@@ -27,7 +27,8 @@
 //!   because apache-avro's canonical form is off for logical types).
 //! - `src/wire.rs` — the single-object framing (magic + fingerprint header).
 //! - `src/change.rs` — [`ChangeEnvelope`] / [`Op`] and their mapping to and
-//!   from Avro values.
+//!   from Avro values; [`ChangeEnvelopeRef`], an envelope read in place
+//!   ([`decode_change_with`]).
 //! - `src/direct.rs` — the current envelope schema read field by field (the
 //!   fast path of [`decode_change`]; apache-avro reads everything else).
 //! - `src/event.rs` — [`Event`]: the metadata-only notifications on the

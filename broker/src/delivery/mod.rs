@@ -959,6 +959,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        // Chunks of up to 12 records of up to 40 KB: fewer cases than the default 256 keep it quick.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         #[test]
         fn arbitrary_records_read_in_place_are_the_changes_an_envelope_made(
             records in proptest::collection::vec(

@@ -4,7 +4,8 @@
 //!
 //! Each reader is one librdkafka consumer on its own OS thread (its `poll`
 //! blocks). A task leases a reader, sends it read jobs over a bounded channel
-//! and gets decoded envelopes back; consecutive jobs that continue where the
+//! and gets the records back as the changes a device receives (decoded on the
+//! reader's thread, see `delivery::delivered_record`); consecutive jobs that continue where the
 //! last one stopped keep the assignment, so a long catch-up streams without
 //! re-fetching. The pool size, not the number of devices, bounds the Kafka
 //! clients this process creates.
