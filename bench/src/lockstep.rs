@@ -376,6 +376,8 @@ pub async fn w4(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
     let preload = Instant::now();
     push_all(&pusher, &push_clients, &maker, 'c', count, PRELOAD_BATCH, config.pushers).await?;
     eprintln!("    preloaded {count} changes in {:.1} s", preload.elapsed().as_secs_f64());
+    // The server's CPU of the catch-up alone (the round's W4 figure counts the preload's pushes too).
+    let catch_up_cpu = procs::CpuSnapshot::take(&[("server", lockstep.pid())]);
 
     let mut seen = vec![0u32; count as usize];
     let mut received = 0u64;
@@ -420,6 +422,7 @@ pub async fn w4(lockstep: &Lockstep, config: &Config, round: usize, metrics: &mu
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    catch_up_cpu.record(metrics, round, "w4.catch_up");
     let distinct = seen.iter().filter(|&&times| times > 0).count() as u64;
     let duplicates = received - distinct;
     metrics.add(round, "w4.rps", count as f64 / elapsed);

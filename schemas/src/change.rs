@@ -11,7 +11,7 @@ use crate::SchemaError;
 pub const CHANGE_ENVELOPE_VERSION: i32 = 1;
 
 /// Whether the change creates/replaces a record or deletes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Upsert,
     Delete,
@@ -135,6 +135,66 @@ impl ChangeEnvelope {
             ciphertext: f.bytes("ciphertext")?,
             received_at_ms: f.long("received_at")?,
         })
+    }
+}
+
+/// A [`ChangeEnvelope`] read in place: its strings and bytes borrow the
+/// encoded record (see [`crate::decode_change_with`]), so that a reader that
+/// keeps only some fields, or copies them where it wants them, allocates
+/// nothing for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeEnvelopeRef<'a> {
+    pub schema_version: i32,
+    pub user_id: &'a str,
+    pub origin_device_id: &'a str,
+    pub change_id: &'a str,
+    pub record_id: &'a str,
+    pub collection: &'a str,
+    pub op: Op,
+    pub hlc: i64,
+    pub key_epoch: u32,
+    pub nonce: &'a [u8],
+    pub ciphertext: &'a [u8],
+    pub received_at_ms: i64,
+}
+
+impl ChangeEnvelopeRef<'_> {
+    /// The envelope with its own copies of every string and byte field.
+    pub fn to_envelope(&self) -> ChangeEnvelope {
+        ChangeEnvelope {
+            schema_version: self.schema_version,
+            user_id: self.user_id.to_owned(),
+            origin_device_id: self.origin_device_id.to_owned(),
+            change_id: self.change_id.to_owned(),
+            record_id: self.record_id.to_owned(),
+            collection: self.collection.to_owned(),
+            op: self.op,
+            hlc: self.hlc,
+            key_epoch: self.key_epoch,
+            nonce: self.nonce.to_vec(),
+            ciphertext: self.ciphertext.to_vec(),
+            received_at_ms: self.received_at_ms,
+        }
+    }
+}
+
+impl ChangeEnvelope {
+    /// The envelope's fields, borrowed.
+    pub fn as_ref(&self) -> ChangeEnvelopeRef<'_> {
+        ChangeEnvelopeRef {
+            schema_version: self.schema_version,
+            user_id: &self.user_id,
+            origin_device_id: &self.origin_device_id,
+            change_id: &self.change_id,
+            record_id: &self.record_id,
+            collection: &self.collection,
+            op: self.op,
+            hlc: self.hlc,
+            key_epoch: self.key_epoch,
+            nonce: &self.nonce,
+            ciphertext: &self.ciphertext,
+            received_at_ms: self.received_at_ms,
+        }
     }
 }
 

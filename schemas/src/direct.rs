@@ -11,7 +11,9 @@
 
 use apache_avro::{Schema, schema::SchemaKind};
 
-use crate::change::{ChangeEnvelope, Op};
+#[cfg(test)]
+use crate::change::ChangeEnvelope;
+use crate::change::{ChangeEnvelopeRef, Op};
 
 /// The fields of the schema this reader knows, in order.
 const FIELDS: [(&str, SchemaKind); 12] = [
@@ -45,10 +47,16 @@ pub(crate) fn reads(schema: &Schema) -> bool {
 
 /// The envelope in `body` (the datum after the single-object header), or
 /// `None` for anything apache-avro would refuse or that is not one whole datum.
+#[cfg(test)]
 pub(crate) fn read(body: &[u8]) -> Option<ChangeEnvelope> {
+    read_ref(body).map(|envelope| envelope.to_envelope())
+}
+
+/// [`read`] in place: the strings and bytes borrow `body`.
+pub(crate) fn read_ref(body: &[u8]) -> Option<ChangeEnvelopeRef<'_>> {
     let mut rest = body;
     let rest = &mut rest;
-    let envelope = ChangeEnvelope {
+    let envelope = ChangeEnvelopeRef {
         schema_version: int(rest)?,
         user_id: string(rest)?,
         origin_device_id: string(rest)?,
@@ -62,8 +70,8 @@ pub(crate) fn read(body: &[u8]) -> Option<ChangeEnvelope> {
         },
         hlc: long(rest)?,
         key_epoch: u32::try_from(long(rest)?).ok()?,
-        nonce: bytes(rest)?.to_vec(),
-        ciphertext: bytes(rest)?.to_vec(),
+        nonce: bytes(rest)?,
+        ciphertext: bytes(rest)?,
         received_at_ms: long(rest)?,
     };
     rest.is_empty().then_some(envelope)
@@ -101,6 +109,6 @@ fn bytes<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
     Some(value)
 }
 
-fn string(rest: &mut &[u8]) -> Option<String> {
-    std::str::from_utf8(bytes(rest)?).ok().map(str::to_owned)
+fn string<'a>(rest: &mut &'a [u8]) -> Option<&'a str> {
+    std::str::from_utf8(bytes(rest)?).ok()
 }

@@ -27,7 +27,8 @@
 //!   because apache-avro's canonical form is off for logical types).
 //! - `src/wire.rs` — the single-object framing (magic + fingerprint header).
 //! - `src/change.rs` — [`ChangeEnvelope`] / [`Op`] and their mapping to and
-//!   from Avro values.
+//!   from Avro values; [`ChangeEnvelopeRef`], an envelope read in place
+//!   ([`decode_change_with`]).
 //! - `src/direct.rs` — the current envelope schema read field by field (the
 //!   fast path of [`decode_change`]; apache-avro reads everything else).
 //! - `src/event.rs` — [`Event`]: the metadata-only notifications on the
@@ -46,7 +47,7 @@ mod wire;
 
 use std::fmt;
 
-pub use change::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, Op};
+pub use change::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, ChangeEnvelopeRef, Op};
 pub use event::{
     EVENT_AVSC, Event, EventBody, PushTarget, TargetRemovedReason, WakeUpOutcome, body_kinds, decode_event,
     encode_event, event_canonical_form, event_fingerprint, event_schema, previous_event_fingerprints,
@@ -158,10 +159,32 @@ pub fn decode_change(bytes: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
     let writer = registry::lookup(&fingerprint).ok_or(SchemaError::UnknownFingerprint { fingerprint })?;
     if writer.is_current
         && *DIRECT
-        && let Some(envelope) = direct::read(body)
+        && let Some(envelope) = direct::read_ref(body)
     {
-        return Ok(envelope);
+        return Ok(envelope.to_envelope());
     }
+    decode_generic(bytes, writer, body)
+}
+
+/// [`decode_change`] without copying the envelope's strings and bytes where it
+/// can help it: `read` gets them borrowed from `bytes` (from a copy for an
+/// envelope of an older schema, or one only apache-avro reads) and returns
+/// what it keeps. Accepts and refuses exactly what [`decode_change`] does,
+/// with the same errors.
+pub fn decode_change_with<T>(bytes: &[u8], read: impl FnOnce(ChangeEnvelopeRef<'_>) -> T) -> Result<T, SchemaError> {
+    let (fingerprint, body) = wire::split_header(bytes)?;
+    let writer = registry::lookup(&fingerprint).ok_or(SchemaError::UnknownFingerprint { fingerprint })?;
+    if writer.is_current
+        && *DIRECT
+        && let Some(envelope) = direct::read_ref(body)
+    {
+        return Ok(read(envelope));
+    }
+    decode_generic(bytes, writer, body).map(|envelope| read(envelope.as_ref()))
+}
+
+/// apache-avro's reading of `bytes` (`body` after its header) written with `writer`.
+fn decode_generic(bytes: &[u8], writer: &registry::KnownSchema, body: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
     wire::check_lengths(&writer.schema, body)?;
     // The reader checks the header again and reads the datum after it.
     let mut rest = bytes;

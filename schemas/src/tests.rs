@@ -446,6 +446,69 @@ proptest! {
     }
 }
 
+/// `decode_change_with` (the in-place reading catch-up uses) against `decode_change`:
+/// the same envelope, or the same error.
+fn same_as_decode_change(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let owned = decode_change(bytes).map_err(|error| error.to_string());
+    let in_place = decode_change_with(bytes, |envelope| envelope.to_envelope()).map_err(|error| error.to_string());
+    prop_assert_eq!(in_place, owned);
+    // The borrowed view is the owned envelope's own view.
+    if let Ok(envelope) = decode_change(bytes) {
+        let view = decode_change_with(bytes, |view| {
+            // Borrowed from the input, not from a copy (the direct reader reads every valid envelope).
+            let within = |field: &[u8]| bytes.as_ptr_range().contains(&field.as_ptr()) || field.is_empty();
+            (
+                within(view.ciphertext) && within(view.nonce) && within(view.change_id.as_bytes()),
+                view == envelope.as_ref(),
+            )
+        });
+        prop_assert_eq!(view.ok(), Some((true, true)));
+    }
+    Ok(())
+}
+
+#[test]
+fn decode_change_with_reads_the_sample_and_refuses_what_decode_change_refuses() {
+    let bytes = encode_change(&sample()).unwrap();
+    assert_eq!(decode_change_with(&bytes, |envelope| envelope.to_envelope()).unwrap(), sample());
+    for len in 0..bytes.len() {
+        same_as_decode_change(&bytes[..len]).unwrap();
+    }
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    same_as_decode_change(&trailing).unwrap();
+}
+
+proptest! {
+    #[test]
+    fn decode_change_with_reads_envelopes_as_decode_change(envelope in any_envelope()) {
+        let bytes = encode_change(&envelope).unwrap();
+        prop_assert_eq!(decode_change_with(&bytes, |view| view.to_envelope()).unwrap(), envelope);
+        same_as_decode_change(&bytes)?;
+    }
+
+    #[test]
+    fn decode_change_with_reads_mutated_encodings_and_bytes_as_decode_change(
+        envelope in any_envelope(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in any::<prop::sample::Index>(),
+        noise in proptest::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut bytes = encode_change(&envelope).unwrap();
+        for (at, byte) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        same_as_decode_change(&bytes)?;
+        same_as_decode_change(&bytes[..cut.index(bytes.len())])?;
+        let mut headed = SINGLE_OBJECT_MAGIC.to_vec();
+        headed.extend_from_slice(&change_envelope_fingerprint());
+        headed.extend_from_slice(&noise);
+        same_as_decode_change(&headed)?;
+        same_as_decode_change(&noise)?;
+    }
+}
+
 /// apache-avro's reading of a current-schema body, as `decode_change` did before the direct reader.
 fn generic_decode(mut body: &[u8]) -> Result<ChangeEnvelope, SchemaError> {
     let value =

@@ -42,7 +42,7 @@ fn open_with(device: &Cli, envelope: &ChangeEnvelope) -> anyhow::Result<Result<V
 }
 
 fn wire_op(envelope: &ChangeEnvelope) -> i32 {
-    lockstep_proto::v1::Op::from(envelope.op.clone()) as i32
+    lockstep_proto::v1::Op::from(envelope.op) as i32
 }
 
 fn id_of(record: &Value) -> anyhow::Result<String> {

@@ -485,7 +485,7 @@ async fn a_revoked_cli_device_cannot_read_what_the_pwa_writes_afterwards() -> an
         user_id: &written.user_id,
         record_id: &written.record_id,
         collection: &written.collection,
-        op: lockstep_proto::v1::Op::from(written.op.clone()) as i32,
+        op: lockstep_proto::v1::Op::from(written.op) as i32,
         key_epoch: written.key_epoch,
     };
     assert!(stolen_account.epoch_keys.get(2).is_none(), "the stolen device holds no key of epoch 2");
@@ -556,7 +556,7 @@ async fn the_pwa_revokes_a_cli_device_and_starts_a_key_epoch_it_never_gets() -> 
         user_id: &written.user_id,
         record_id: &written.record_id,
         collection: &written.collection,
-        op: lockstep_proto::v1::Op::from(written.op.clone()) as i32,
+        op: lockstep_proto::v1::Op::from(written.op) as i32,
         key_epoch: written.key_epoch,
     };
     assert!(stolen_account.epoch_keys.get(2).is_none(), "the stolen device holds no key of epoch 2");

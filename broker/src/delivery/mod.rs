@@ -32,10 +32,10 @@ use std::{
     },
 };
 
+use bytes::{Bytes, BytesMut};
 use futures::TryFutureExt;
 pub use live_log::{CacheBudget, LiveLog, LogRead};
 use lockstep_proto::v1::{Change, DeliveredChange, Op, ResyncReason, SubscribeResponse};
-use lockstep_schemas::ChangeEnvelope;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -614,33 +614,95 @@ fn unpinned(change: Arc<DeliveredChange>) -> Arc<DeliveredChange> {
     Arc::new(owned)
 }
 
-/// What a device receives for a record of the log: the change, or an
-/// explicit "undecodable" item (never a silent gap).
-pub fn delivered_record(offset: i64, record: Result<ChangeEnvelope, String>) -> DeliveredChange {
-    match record {
-        Ok(envelope) => delivered_change(offset, envelope),
-        Err(reason) => DeliveredChange { offset, undecodable: reason, ..Default::default() },
-    }
-}
-
-/// What a device receives for records read from the log (in offset order),
-/// with the `traceparent` headers (by offset) of those that carry one.
-pub fn delivered_records(
-    records: Vec<(i64, Result<ChangeEnvelope, String>)>,
-    traceparents: Vec<(i64, String)>,
-) -> Vec<DeliveredChange> {
-    let mut changes: Vec<DeliveredChange> =
-        records.into_iter().map(|(offset, record)| delivered_record(offset, record)).collect();
-    for (offset, traceparent) in traceparents {
-        if let Ok(index) = changes.binary_search_by_key(&offset, |change| change.offset) {
-            changes[index].traceparent = traceparent;
+/// What a device receives for a record of the log (`payload`, its value): the
+/// change, or an explicit "undecodable" item (never a silent gap). The
+/// envelope is read in place: its strings are copied once, into the change,
+/// and its nonce and ciphertext into `buffer`, of which they are slices.
+pub fn delivered_record(offset: i64, payload: Option<&[u8]>, buffer: &mut ChunkBuffer) -> DeliveredChange {
+    let Some(payload) = payload else {
+        return DeliveredChange { offset, undecodable: "a record without a value".to_string(), ..Default::default() };
+    };
+    let decoded = lockstep_schemas::decode_change_with(payload, |envelope| {
+        let [nonce, ciphertext] = buffer.copy([envelope.nonce, envelope.ciphertext]);
+        DeliveredChange {
+            offset,
+            change: Some(Change {
+                change_id: envelope.change_id.to_owned(),
+                record_id: envelope.record_id.to_owned(),
+                collection: envelope.collection.to_owned(),
+                op: Op::from(envelope.op) as i32,
+                hlc: envelope.hlc as u64,
+                key_epoch: envelope.key_epoch,
+                nonce,
+                ciphertext,
+            }),
+            origin_device_id: envelope.origin_device_id.to_owned(),
+            received_at_ms: envelope.received_at_ms,
+            undecodable: String::new(),
+            traceparent: String::new(),
         }
-    }
-    changes
+    });
+    decoded.unwrap_or_else(|error| DeliveredChange {
+        offset,
+        undecodable: format!("not a change envelope this server can read: {error}"),
+        ..Default::default()
+    })
 }
 
-/// What a device receives for a change in the log.
-pub fn delivered_change(offset: i64, envelope: ChangeEnvelope) -> DeliveredChange {
+/// Size of a chunk's first [`ChunkBuffer`] allocation; each next one is twice
+/// the last, up to [`CHUNK_BUFFER_MAX_BYTES`].
+const CHUNK_BUFFER_FIRST_BYTES: usize = 16 * 1024;
+const CHUNK_BUFFER_MAX_BYTES: usize = 1024 * 1024;
+
+/// Where the nonces and ciphertexts of one chunk of records read from the log
+/// are copied, one after another: the changes hold slices of a few shared
+/// allocations instead of two of their own each (which the reader thread
+/// allocated and a tokio worker freed). The allocations double from 16 KiB up
+/// to 1 MiB, so a small chunk holds little memory, and one is freed when the
+/// last change sliced from it is.
+#[derive(Default)]
+pub struct ChunkBuffer {
+    free: BytesMut,
+    next_bytes: usize,
+}
+
+impl ChunkBuffer {
+    /// `parts`, copied next to each other.
+    fn copy<const N: usize>(&mut self, parts: [&[u8]; N]) -> [Bytes; N] {
+        let bytes: usize = parts.iter().map(|part| part.len()).sum();
+        if self.free.capacity() < bytes {
+            let size = self.next_bytes.max(CHUNK_BUFFER_FIRST_BYTES);
+            self.next_bytes = (size * 2).min(CHUNK_BUFFER_MAX_BYTES);
+            // A larger record than that gets an allocation of its own.
+            self.free = BytesMut::with_capacity(size.max(bytes));
+        }
+        parts.map(|part| {
+            if part.is_empty() {
+                return Bytes::new();
+            }
+            self.free.extend_from_slice(part);
+            self.free.split().freeze()
+        })
+    }
+}
+
+/// What [`delivered_record`] made of a record before it read the envelope in
+/// place: decoded into a [`ChangeEnvelope`], then moved into the change.
+#[cfg(test)]
+fn delivered_record_through_envelope(offset: i64, payload: Option<&[u8]>) -> DeliveredChange {
+    match payload.map(lockstep_schemas::decode_change) {
+        Some(Ok(envelope)) => delivered_change(offset, envelope),
+        Some(Err(error)) => DeliveredChange {
+            offset,
+            undecodable: format!("not a change envelope this server can read: {error}"),
+            ..Default::default()
+        },
+        None => DeliveredChange { offset, undecodable: "a record without a value".to_string(), ..Default::default() },
+    }
+}
+
+#[cfg(test)]
+fn delivered_change(offset: i64, envelope: lockstep_schemas::ChangeEnvelope) -> DeliveredChange {
     let op = Op::from(envelope.op);
     DeliveredChange {
         offset,
@@ -779,6 +841,159 @@ mod tests {
         let (ciphertext, nonce) = owned.change.as_ref().map(|change| (&change.ciphertext, &change.nonce)).unwrap();
         let range = body.as_ptr_range();
         assert!(!range.contains(&ciphertext.as_ptr()) && !range.contains(&nonce.as_ptr()), "copies, not slices");
+    }
+
+    fn envelope(index: usize, ciphertext_bytes: usize) -> lockstep_schemas::ChangeEnvelope {
+        lockstep_schemas::ChangeEnvelope {
+            schema_version: 1,
+            user_id: "018f6c1e-7b2a-7cc3-9f00-5b1d2e3f4a5b".into(),
+            origin_device_id: format!("laptop-{index}"),
+            change_id: format!("c-{index:04}"),
+            record_id: format!("r-{index}"),
+            collection: "notes".into(),
+            op: if index % 3 == 0 { lockstep_schemas::Op::Delete } else { lockstep_schemas::Op::Upsert },
+            hlc: (1_732_470_000_123 << 16) | index as i64,
+            key_epoch: 7,
+            nonce: (0..24).map(|byte| byte ^ index as u8).collect(),
+            ciphertext: (0..ciphertext_bytes).map(|byte| (byte * 31 % 251) as u8 ^ index as u8).collect(),
+            received_at_ms: 1_732_470_000_456,
+        }
+    }
+
+    /// Envelopes at the edges: empty and non-ASCII strings, no nonce or
+    /// ciphertext, extreme numbers, ciphertexts past a chunk buffer's sizes.
+    fn edge_envelopes() -> Vec<lockstep_schemas::ChangeEnvelope> {
+        let base = envelope(1, 1024);
+        vec![
+            base.clone(),
+            lockstep_schemas::ChangeEnvelope {
+                schema_version: -1,
+                user_id: String::new(),
+                origin_device_id: "Gerät «Küche» 🔐 中文 \u{0} \"quoted\\\"".into(),
+                change_id: "x".repeat(300),
+                record_id: "/".into(),
+                collection: "ñ".into(),
+                op: lockstep_schemas::Op::Delete,
+                hlc: i64::MIN,
+                key_epoch: u32::MAX,
+                nonce: vec![],
+                ciphertext: vec![],
+                received_at_ms: -1,
+            },
+            lockstep_schemas::ChangeEnvelope {
+                hlc: i64::MAX,
+                key_epoch: 0,
+                nonce: vec![0xff; 12],
+                ciphertext: vec![0; 70_000],
+                ..base.clone()
+            },
+            lockstep_schemas::ChangeEnvelope { ciphertext: vec![3; 3 << 20], ..base.clone() },
+            lockstep_schemas::ChangeEnvelope { nonce: vec![], ..base.clone() },
+            lockstep_schemas::ChangeEnvelope { ciphertext: vec![], ..base },
+        ]
+    }
+
+    /// The in-place reading gives what decoding into an envelope gave, to the byte on the wire.
+    fn assert_same_as_through_envelope(payloads: &[Option<Vec<u8>>]) {
+        use prost::Message as _;
+        let mut buffer = ChunkBuffer::default();
+        let changes: Vec<DeliveredChange> = payloads
+            .iter()
+            .enumerate()
+            .map(|(offset, payload)| delivered_record(offset as i64, payload.as_deref(), &mut buffer))
+            .collect();
+        let before: Vec<DeliveredChange> = payloads
+            .iter()
+            .enumerate()
+            .map(|(offset, payload)| delivered_record_through_envelope(offset as i64, payload.as_deref()))
+            .collect();
+        assert_eq!(changes, before);
+        let batch = |changes| lockstep_proto::v1::ChangeBatch { changes }.encode_to_vec();
+        assert!(batch(changes) == batch(before), "the same bytes on the wire");
+    }
+
+    #[test]
+    fn records_read_in_place_are_the_changes_an_envelope_made() {
+        let mut payloads: Vec<Option<Vec<u8>>> =
+            edge_envelopes().iter().map(|envelope| Some(lockstep_schemas::encode_change(envelope).unwrap())).collect();
+        let good = payloads[0].clone().unwrap();
+        // Undecodable records between them: no value, not Avro, cut short, trailing bytes.
+        payloads.extend([None, Some(b"{}".to_vec()), Some(good[..good.len() - 1].to_vec()), Some(vec![])]);
+        payloads.push(Some([good.as_slice(), &[0]].concat()));
+        payloads.push(Some(good));
+        assert_same_as_through_envelope(&payloads);
+        for payload in &payloads {
+            assert_same_as_through_envelope(std::slice::from_ref(payload));
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_records_shares_a_few_buffers_and_a_small_one_holds_little() {
+        // 4 MiB of records of 1 KiB: a buffer per many records.
+        let mut buffer = ChunkBuffer::default();
+        let changes: Vec<DeliveredChange> = (0..4096)
+            .map(|index| {
+                let payload = lockstep_schemas::encode_change(&envelope(index, 1000)).unwrap();
+                delivered_record(index as i64, Some(&payload), &mut buffer)
+            })
+            .collect();
+        let mut buffers: Vec<*const u8> = Vec::new();
+        let mut last_end = std::ptr::null::<u8>();
+        for (index, change) in changes.iter().enumerate() {
+            let change = change.change.as_ref().unwrap();
+            let expected = envelope(index, 1000);
+            assert_eq!((&change.nonce[..], &change.ciphertext[..]), (&expected.nonce[..], &expected.ciphertext[..]));
+            // Copied one after another: a change starts where the last one ended, or a new buffer.
+            if change.nonce.as_ptr() != last_end {
+                buffers.push(change.nonce.as_ptr());
+            }
+            assert_eq!(change.ciphertext.as_ptr(), change.nonce.as_ptr().wrapping_add(change.nonce.len()));
+            last_end = change.ciphertext.as_ptr().wrapping_add(change.ciphertext.len());
+        }
+        assert!(buffers.len() <= 10, "{} buffers for 4096 records", buffers.len());
+        // A chunk of one small record holds its first buffer only.
+        let mut small = ChunkBuffer::default();
+        let payload = lockstep_schemas::encode_change(&envelope(1, 100)).unwrap();
+        let _change = delivered_record(1, Some(&payload), &mut small);
+        assert!(small.free.capacity() < CHUNK_BUFFER_FIRST_BYTES, "{}", small.free.capacity());
+    }
+
+    proptest::proptest! {
+        // Chunks of up to 12 records of up to 40 KB: fewer cases than the default 256 keep it quick.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn arbitrary_records_read_in_place_are_the_changes_an_envelope_made(
+            records in proptest::collection::vec(
+                (
+                    proptest::array::uniform5(proptest::prelude::any::<String>()),
+                    proptest::prelude::any::<(i32, bool, i64, u32, i64)>(),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40_000),
+                    proptest::option::of((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>())),
+                ),
+                1..12,
+            ),
+        ) {
+            let payloads: Vec<Option<Vec<u8>>> = records
+                .into_iter()
+                .map(|(strings, (schema_version, delete, hlc, key_epoch, received_at_ms), nonce, ciphertext, edit)| {
+                    let [user_id, origin_device_id, change_id, record_id, collection] = strings;
+                    let op = if delete { lockstep_schemas::Op::Delete } else { lockstep_schemas::Op::Upsert };
+                    let envelope = lockstep_schemas::ChangeEnvelope {
+                        schema_version, user_id, origin_device_id, change_id, record_id, collection,
+                        op, hlc, key_epoch, nonce, ciphertext, received_at_ms,
+                    };
+                    let mut payload = lockstep_schemas::encode_change(&envelope).unwrap();
+                    // Now and then a byte changed: an envelope that no longer reads, or reads otherwise.
+                    if let Some((at, byte)) = edit {
+                        let at = at.index(payload.len());
+                        payload[at] = byte;
+                    }
+                    Some(payload)
+                })
+                .collect();
+            assert_same_as_through_envelope(&payloads);
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use lockstep_proto::v1::{
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
-use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, delivered_records, split_into_batches};
+use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, split_into_batches};
 use crate::{
     accounts::AuthedDevice,
     db::now_ms,
@@ -262,8 +262,8 @@ impl Session {
             // at the cursor are gone. A read that was out of range may come back
             // from the log start instead of as OFFSET_OUT_OF_RANGE (a reset, or a
             // Kafka-compatible broker that serves so): never skip silently.
-            if let Some((first, _)) = chunk.records.first()
-                && *first > cursor
+            if let Some(first) = chunk.records.first().map(|record| record.offset)
+                && first > cursor
             {
                 let watermarks = self.delivery.inner.topics.watermarks(&self.topic).await?;
                 if cursor < watermarks.log_start {
@@ -289,9 +289,7 @@ impl Session {
             stages.fetch = waited.saturating_sub(chunk.decode_time);
             stages.decode = chunk.decode_time;
             if got_records {
-                let converting = Instant::now();
-                let changes = delivered_records(chunk.records, chunk.traceparents);
-                stages.decode += converting.elapsed();
+                let changes = chunk.records;
                 metrics::counter!("lockstep_deliveries_total", "source" => "catchup").increment(changes.len() as u64);
                 stages.send = self.send_chunk(changes, cursor, heartbeat, &mut lease, &mut ahead).await?;
             }

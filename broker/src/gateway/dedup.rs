@@ -25,7 +25,6 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use lockstep_proto::v1::Change;
-use lockstep_schemas::ChangeEnvelope;
 use sha2::{Digest as _, Sha256};
 
 use super::reservation::Reservations;
@@ -75,19 +74,6 @@ pub fn digest_of_change(change: &Change) -> Digest {
         change.key_epoch,
         &change.nonce,
         &change.ciphertext,
-    )
-}
-
-pub fn digest_of_envelope(envelope: &ChangeEnvelope) -> Digest {
-    let op = lockstep_proto::v1::Op::from(envelope.op.clone());
-    digest(
-        &envelope.record_id,
-        &envelope.collection,
-        op as i32,
-        envelope.hlc,
-        envelope.key_epoch,
-        &envelope.nonce,
-        &envelope.ciphertext,
     )
 }
 

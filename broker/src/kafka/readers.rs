@@ -4,7 +4,8 @@
 //!
 //! Each reader is one librdkafka consumer on its own OS thread (its `poll`
 //! blocks). A task leases a reader, sends it read jobs over a bounded channel
-//! and gets decoded envelopes back; consecutive jobs that continue where the
+//! and gets the records back as the changes a device receives (decoded on the
+//! reader's thread, see `delivery::delivered_record`); consecutive jobs that continue where the
 //! last one stopped keep the assignment, so a long catch-up streams without
 //! re-fetching. The pool size, not the number of devices, bounds the Kafka
 //! clients this process creates.
@@ -14,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lockstep_schemas::{ChangeEnvelope, decode_change};
+use lockstep_proto::v1::DeliveredChange;
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
@@ -25,15 +26,21 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::{KafkaError, fetch_wait, fetch_wait_max_ms};
 use lockstep_kafka::locks::lock;
 
-use crate::settings::KafkaSettings;
+use crate::{
+    delivery::{ChunkBuffer, delivered_record},
+    settings::KafkaSettings,
+};
 
 /// What one read job returns.
 #[derive(Debug, Default)]
 pub struct ReadChunk {
-    /// Records in offset order, none skipped: a record that is not a Lockstep
-    /// change envelope comes back as `Err(reason)` (and is logged), so that no
-    /// offset ever disappears unnoticed.
-    pub records: Vec<(i64, Result<ChangeEnvelope, String>)>,
+    /// Records in offset order, none skipped, as a device receives them: a
+    /// record that is not a Lockstep change envelope comes back with
+    /// `undecodable` set (and is logged), so that no offset ever disappears
+    /// unnoticed. A record's `traceparent` header, if it has a readable one,
+    /// is its change's `traceparent`. The chunk's nonces and ciphertexts are
+    /// slices of a few shared buffers (see [`ChunkBuffer`]).
+    pub records: Vec<DeliveredChange>,
     /// The offset to continue from.
     pub next_offset: i64,
     /// True when the reader saw the end of the log.
@@ -44,8 +51,6 @@ pub struct ReadChunk {
     /// limits: Kafka may just be slow. The reader keeps fetching, so that a
     /// read that continues where this one stopped gets what arrives meanwhile.
     pub timed_out: bool,
-    /// The `traceparent` header of records that carry one, by offset.
-    pub traceparents: Vec<(i64, String)>,
     /// Time the reader spent decoding the records (the rest of the read is Kafka's).
     pub decode_time: Duration,
 }
@@ -252,7 +257,6 @@ fn run_job(
         end_of_log: false,
         filled: false,
         timed_out: false,
-        traceparents: Vec::new(),
         decode_time: Duration::ZERO,
     };
     if job.until.is_some_and(|until| until <= job.from) {
@@ -263,6 +267,7 @@ fn run_job(
     let mut now = Instant::now();
     let deadline = now + job.max_wait;
     let mut bytes = 0;
+    let mut buffer = ChunkBuffer::default();
     loop {
         if chunk.records.len() >= job.max_records || bytes >= job.max_bytes {
             chunk.filled = true;
@@ -287,20 +292,17 @@ fn run_job(
                 chunk.next_offset = offset + 1;
                 bytes += message.payload_len();
                 let decoding = Instant::now();
-                let decoded = match message.payload().map(decode_change) {
-                    Some(Ok(envelope)) => Ok(envelope),
-                    Some(Err(error)) => Err(format!("not a change envelope this server can read: {error}")),
-                    None => Err("a record without a value".to_string()),
-                };
+                let mut record = delivered_record(offset, message.payload(), &mut buffer);
                 now = Instant::now();
                 chunk.decode_time += now.saturating_duration_since(decoding);
-                if let Err(reason) = &decoded {
+                if !record.undecodable.is_empty() {
+                    let reason = &record.undecodable;
                     tracing::error!(topic = %job.topic, offset, reason, "undecodable record in a user's log");
                 }
                 if let Some(traceparent) = traceparent_header(&message) {
-                    chunk.traceparents.push((offset, traceparent));
+                    record.traceparent = traceparent;
                 }
-                chunk.records.push((offset, decoded));
+                chunk.records.push(record);
                 if job.until.is_some_and(|until| chunk.next_offset >= until) {
                     break;
                 }
