@@ -144,15 +144,7 @@ impl DedupIndex {
     ) -> Result<HashMap<String, (i64, Digest)>, DbError> {
         let (user, device) = (user_id.to_string(), device_id.to_string());
         self.store
-            .call(move |connection| {
-                let mut found = HashMap::new();
-                for change_id in change_ids {
-                    if let Some(known) = lookup_one(connection, &user, &device, &change_id)? {
-                        found.insert(change_id, known);
-                    }
-                }
-                Ok(found)
-            })
+            .call(move |connection| lookup_many(connection, &user, &device, change_ids.iter().map(String::as_str)))
             .await
     }
 
@@ -263,6 +255,35 @@ pub(super) fn lookup_one(
         return Ok(None);
     };
     Ok(Some((row.get(0)?, digest_from(&row.get::<Vec<u8>>(1)?))))
+}
+
+/// The (offset, digest) the index holds for those of `change_ids` it has: one statement per
+/// [`ROWS_PER_STATEMENT`] ids.
+pub(super) fn lookup_many<'a>(
+    connection: &impl Sql,
+    user_id: &str,
+    device_id: &str,
+    change_ids: impl IntoIterator<Item = &'a str>,
+) -> Result<HashMap<String, (i64, Digest)>, DbError> {
+    let change_ids: Vec<&str> = change_ids.into_iter().collect();
+    let mut found = HashMap::with_capacity(change_ids.len());
+    for chunk in change_ids.chunks(ROWS_PER_STATEMENT) {
+        let mut params = vec![Value::from(user_id), Value::from(device_id)];
+        let mut places = Vec::with_capacity(chunk.len());
+        for change_id in chunk {
+            params.push(Value::from(*change_id));
+            places.push(format!("?{}", params.len()));
+        }
+        let sql = format!(
+            "SELECT change_id, kafka_offset, digest FROM pushed_changes
+             WHERE user_id = ?1 AND device_id = ?2 AND change_id IN ({})",
+            places.join(", ")
+        );
+        for row in connection.query(&sql, &params)? {
+            found.insert(row.get::<String>(0)?, (row.get::<i64>(1)?, digest_from(&row.get::<Vec<u8>>(2)?)));
+        }
+    }
+    Ok(found)
 }
 
 /// A stored digest (16 bytes; anything else matches no change).

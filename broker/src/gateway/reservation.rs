@@ -43,7 +43,7 @@ use std::{
     time::Duration,
 };
 
-use super::dedup::{Digest, digest_from, lookup_one};
+use super::dedup::{Digest, lookup_many, lookup_one};
 use crate::{
     db::{DbError, now_ms},
     store::{Conn, Sql, Store, Value},
@@ -251,7 +251,7 @@ fn reserve_unheld(
     if inserted.is_empty() {
         return Ok(HashMap::new());
     }
-    let indexed = lookup_many(connection, user, device, &inserted)?;
+    let indexed = lookup_many(connection, user, device, inserted.iter().map(String::as_str))?;
     let mut claims = HashMap::with_capacity(inserted.len());
     for change_id in inserted {
         let claim = match indexed.get(&change_id) {
@@ -299,31 +299,6 @@ fn insert_unheld(
         rows.join(", ")
     );
     connection.query(&sql, &params)?.into_iter().map(|row| row.get::<String>(0)).collect()
-}
-
-/// The index's (offset, digest) for those of `change_ids` it holds.
-fn lookup_many(
-    connection: &impl Sql,
-    user: &str,
-    device: &str,
-    change_ids: &HashSet<String>,
-) -> Result<HashMap<String, (i64, Digest)>, DbError> {
-    let mut params = vec![Value::from(user), Value::from(device)];
-    let mut places = Vec::with_capacity(change_ids.len());
-    for change_id in change_ids {
-        params.push(Value::from(change_id.as_str()));
-        places.push(format!("?{}", params.len()));
-    }
-    let sql = format!(
-        "SELECT change_id, kafka_offset, digest FROM pushed_changes
-         WHERE user_id = ?1 AND device_id = ?2 AND change_id IN ({})",
-        places.join(", ")
-    );
-    connection
-        .query(&sql, &params)?
-        .into_iter()
-        .map(|row| Ok((row.get::<String>(0)?, (row.get::<i64>(1)?, digest_from(&row.get::<Vec<u8>>(2)?)))))
-        .collect()
 }
 
 fn release(transaction: &impl Sql, key: Key<'_>, holder: &str) -> Result<(), DbError> {
