@@ -44,7 +44,7 @@ impl TryFrom<lockstep_proto::v1::Op> for Op {
 
 impl Op {
     /// The Avro enum symbol and its index in `lockstep.v1.Op`.
-    fn symbol(&self) -> (u32, &'static str) {
+    pub(crate) fn symbol(&self) -> (u32, &'static str) {
         match self {
             Op::Upsert => (0, "UPSERT"),
             Op::Delete => (1, "DELETE"),
@@ -76,17 +76,9 @@ pub struct ChangeEnvelope {
 impl ChangeEnvelope {
     /// An upper bound on the encoded size including the single-object
     /// header: every varint is at most 10 bytes.
+    #[cfg(test)]
     pub(crate) fn max_encoded_len(&self) -> usize {
-        const MAX_VARINT: usize = 10;
-        crate::SINGLE_OBJECT_HEADER_LEN
-            + 12 * MAX_VARINT
-            + self.user_id.len()
-            + self.origin_device_id.len()
-            + self.change_id.len()
-            + self.record_id.len()
-            + self.collection.len()
-            + self.nonce.len()
-            + self.ciphertext.len()
+        self.as_ref().max_encoded_len()
     }
 
     /// The Avro record value, fields in schema order: the generic (and
@@ -159,6 +151,21 @@ pub struct ChangeEnvelopeRef<'a> {
 }
 
 impl ChangeEnvelopeRef<'_> {
+    /// An upper bound on the encoded size including the single-object
+    /// header: every varint is at most 10 bytes.
+    pub(crate) fn max_encoded_len(&self) -> usize {
+        const MAX_VARINT: usize = 10;
+        crate::SINGLE_OBJECT_HEADER_LEN
+            + 12 * MAX_VARINT
+            + self.user_id.len()
+            + self.origin_device_id.len()
+            + self.change_id.len()
+            + self.record_id.len()
+            + self.collection.len()
+            + self.nonce.len()
+            + self.ciphertext.len()
+    }
+
     /// The envelope with its own copies of every string and byte field.
     pub fn to_envelope(&self) -> ChangeEnvelope {
         ChangeEnvelope {
@@ -205,7 +212,7 @@ impl ChangeEnvelope {
 /// apache-avro writes struct fields in the order they are serialised (it
 /// does not reorder to the schema), so this must list them in schema order;
 /// the tests compare it with the validated `Value` path.
-pub(crate) struct AvroView<'a>(pub(crate) &'a ChangeEnvelope);
+pub(crate) struct AvroView<'a>(pub(crate) &'a ChangeEnvelopeRef<'a>);
 
 impl Serialize for AvroView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -221,8 +228,8 @@ impl Serialize for AvroView<'_> {
         s.serialize_field("op", &EnumSymbol(op_index, op_symbol))?;
         s.serialize_field("hlc", &e.hlc)?;
         s.serialize_field("key_epoch", &i64::from(e.key_epoch))?;
-        s.serialize_field("nonce", &Bytes(&e.nonce))?;
-        s.serialize_field("ciphertext", &Bytes(&e.ciphertext))?;
+        s.serialize_field("nonce", &Bytes(e.nonce))?;
+        s.serialize_field("ciphertext", &Bytes(e.ciphertext))?;
         s.serialize_field("received_at", &e.received_at_ms)?;
         s.end()
     }

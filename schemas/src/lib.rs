@@ -140,12 +140,30 @@ impl fmt::Display for Hex<'_> {
 /// envelope's fields are carried as-is; in particular `schema_version` is not
 /// checked against [`CHANGE_ENVELOPE_VERSION`].
 pub fn encode_change(envelope: &ChangeEnvelope) -> Result<Vec<u8>, SchemaError> {
+    encode_change_ref(&envelope.as_ref())
+}
+
+/// [`encode_change`] from borrowed fields: the gateway encodes each pushed
+/// change from the request's own strings and bytes, copying each once, into
+/// the one buffer it returns.
+pub fn encode_change_ref(envelope: &ChangeEnvelopeRef<'_>) -> Result<Vec<u8>, SchemaError> {
     let current = registry::current();
     let mut out = Vec::with_capacity(envelope.max_encoded_len());
     wire::write_header(&current.fingerprint, &mut out);
-    apache_avro::write_avro_datum_ref(&current.schema, &change::AvroView(envelope), &mut out)
-        .map_err(SchemaError::Encode)?;
+    if *DIRECT {
+        direct::write(envelope, &mut out);
+    } else {
+        encode_with_apache_avro(envelope, &mut out)?;
+    }
     Ok(out)
+}
+
+/// apache-avro's schema-aware serializer: what [`direct::write`] must match,
+/// and the writer for a current schema that [`direct`] does not know.
+fn encode_with_apache_avro(envelope: &ChangeEnvelopeRef<'_>, out: &mut Vec<u8>) -> Result<(), SchemaError> {
+    apache_avro::write_avro_datum_ref(&registry::current().schema, &change::AvroView(envelope), out)
+        .map(|_| ())
+        .map_err(SchemaError::Encode)
 }
 
 /// Reads any known version of the envelope (looks the fingerprint up in a
@@ -199,7 +217,7 @@ fn decode_generic(bytes: &[u8], writer: &registry::KnownSchema, body: &[u8]) -> 
     ChangeEnvelope::from_avro_value(value)
 }
 
-/// Whether [`direct`] reads the current schema (it knows one version).
+/// Whether [`direct`] reads and writes the current schema (it knows one version).
 static DIRECT: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| direct::reads(&registry::current().schema));
 
 /// The parsed current writer schema of [`ChangeEnvelope`], for tools and tests.

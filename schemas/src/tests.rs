@@ -374,8 +374,8 @@ proptest! {
         prop_assert_eq!(decode_change(&bytes).unwrap(), envelope);
     }
 
-    /// The serde fast path writes exactly what apache-avro's validating
-    /// `Value` encoder writes, and never needs to grow its buffer.
+    /// `encode_change` writes exactly what apache-avro's validating `Value`
+    /// encoder writes, and never needs to grow its buffer.
     #[test]
     fn fast_encoder_matches_value_encoder(envelope in any_envelope()) {
         let bytes = encode_change(&envelope).unwrap();
@@ -383,6 +383,16 @@ proptest! {
             .unwrap();
         prop_assert_eq!(&bytes[SINGLE_OBJECT_HEADER_LEN..], &body[..]);
         prop_assert!(bytes.len() <= envelope.max_encoded_len());
+    }
+
+    /// The direct writer and apache-avro's serializer (its fallback) write the same bytes.
+    #[test]
+    fn direct_writer_matches_apache_avro_serializer(envelope in any_envelope()) {
+        let mut direct = Vec::new();
+        crate::direct::write(&envelope.as_ref(), &mut direct);
+        let mut serde = Vec::new();
+        crate::encode_with_apache_avro(&envelope.as_ref(), &mut serde).unwrap();
+        prop_assert_eq!(direct, serde);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::{
 use dedup::digest_of_change;
 pub use dedup::{DedupIndex, IndexEntry};
 use lockstep_proto::v1::{Change, PushResult, push_result};
-use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelope, encode_change};
+use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelopeRef, encode_change_ref};
 use pipeline::{Plan, PushStage, PushStages, Settled, UserPush, Written, failed, plan_batch, settle};
 use tracing::Instrument;
 
@@ -425,24 +425,25 @@ impl Gateway {
     }
 }
 
-/// The Avro envelope of a validated change, encoded.
+/// The Avro envelope of a validated change, encoded from the request's own
+/// fields (each copied once, into the returned buffer).
 fn envelope(device: &AuthedDevice, change: &Change, received_at_ms: i64) -> Result<Vec<u8>, ApiError> {
     let op = lockstep_schemas::Op::try_from(change.op()).map_err(|error| ApiError::Internal(error.to_string()))?;
-    let envelope = ChangeEnvelope {
+    let envelope = ChangeEnvelopeRef {
         schema_version: CHANGE_ENVELOPE_VERSION,
-        user_id: device.user_id.to_string(),
-        origin_device_id: device.device_id.to_string(),
-        change_id: change.change_id.clone(),
-        record_id: change.record_id.clone(),
-        collection: change.collection.clone(),
+        user_id: &device.user_id,
+        origin_device_id: &device.device_id,
+        change_id: &change.change_id,
+        record_id: &change.record_id,
+        collection: &change.collection,
         op,
         hlc: change.hlc as i64,
         key_epoch: change.key_epoch,
-        nonce: change.nonce.to_vec(),
-        ciphertext: change.ciphertext.to_vec(),
+        nonce: &change.nonce,
+        ciphertext: &change.ciphertext,
         received_at_ms,
     };
-    encode_change(&envelope).map_err(|error| ApiError::Internal(error.to_string()))
+    encode_change_ref(&envelope).map_err(|error| ApiError::Internal(error.to_string()))
 }
 
 #[cfg(test)]
