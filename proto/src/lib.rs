@@ -12,9 +12,10 @@ pub mod v1 {
 
 pub mod codec {
     //! The generated clients and servers use [`LeanCodec`]: prost encoding with
-    //! a 1 KiB starting buffer per call instead of tonic's 8 KiB. Every open
+    //! a 128-byte starting buffer per call instead of tonic's 8 KiB. Every open
     //! Subscribe stream holds its encode buffer for as long as it lives, and a
-    //! server holds thousands of idle streams; the buffer grows on demand.
+    //! server holds thousands of idle streams, which send only heartbeats (about
+    //! 30 bytes each); the buffer grows on demand for anything larger.
 
     use std::marker::PhantomData;
 
@@ -22,7 +23,7 @@ pub mod codec {
     use tonic_prost::{ProstDecoder, ProstEncoder, prost::Message};
 
     /// Starting size of the per-call encode buffer.
-    pub const ENCODE_BUFFER_BYTES: usize = 1024;
+    pub const ENCODE_BUFFER_BYTES: usize = 128;
     /// tonic's default: a stream yields encoded messages at least this often.
     const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
 

@@ -21,6 +21,7 @@
 mod live_log;
 pub mod log_guard;
 mod session;
+mod stream_channel;
 
 use log_guard::LogGuard;
 
@@ -35,11 +36,10 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use futures::TryFutureExt;
 pub use live_log::{CacheBudget, LiveLog, LogRead};
-use lockstep_proto::v1::{Change, DeliveredChange, Op, ResyncReason, SubscribeResponse};
+use lockstep_proto::v1::{Change, DeliveredChange, Op, ResyncReason};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::Semaphore;
 
 use crate::{
     accounts::AuthedDevice,
@@ -79,7 +79,7 @@ impl From<StopReason> for ApiError {
     }
 }
 
-pub type SubscribeStream = ReceiverStream<Result<SubscribeResponse, tonic::Status>>;
+pub use stream_channel::SubscribeStream;
 
 /// A device's position, shared by its stream and its acks.
 struct DeviceState {
@@ -144,7 +144,42 @@ struct SessionEntry {
     user_id: Arc<str>,
     /// This stream's [`StreamStamp::started_ms`] (its `DeviceConnected` events carry it).
     started_ms: i64,
-    stop_tx: watch::Sender<Option<StopReason>>,
+    stop: Arc<StopSignal>,
+}
+
+/// How a stream is told to stop, and why. (A `watch` channel did this with about
+/// 340 bytes a stream, most of them the eight `Notify`s it keeps for many receivers;
+/// a stream has one.)
+#[derive(Default)]
+pub(crate) struct StopSignal {
+    reason: Mutex<Option<StopReason>>,
+    notify: tokio::sync::Notify,
+}
+
+impl StopSignal {
+    /// Stops the stream (a later reason replaces an earlier one).
+    fn stop(&self, reason: StopReason) {
+        *lock(&self.reason) = Some(reason);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn reason(&self) -> Option<StopReason> {
+        *lock(&self.reason)
+    }
+
+    /// Ends once the stream is stopped (at once if it is).
+    pub(crate) async fn stopped(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a stop between the two still wakes it.
+            notified.as_mut().enable();
+            if self.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 struct Inner {
@@ -301,12 +336,12 @@ impl Delivery {
         }
 
         let session_id = inner.next_session_id.fetch_add(1, Ordering::Relaxed);
-        let (stop_tx, stop_rx) = watch::channel(None);
+        let stop = Arc::new(StopSignal::default());
         // Stamped as it registers: past every stream of the device this node has heard of.
         let started_ms = inner.stream_clock.next();
-        let entry = SessionEntry { id: session_id, user_id: device.user_id.clone(), started_ms, stop_tx };
+        let entry = SessionEntry { id: session_id, user_id: device.user_id.clone(), started_ms, stop: stop.clone() };
         if let Some(previous) = lock(&inner.sessions).insert(device.device_id.clone(), entry) {
-            previous.stop_tx.send_replace(Some(StopReason::Superseded));
+            previous.stop.stop(StopReason::Superseded);
         }
         inner.events.connected(&device.user_id, &device.device_id, started_ms);
         // After registering: either `shutdown` (which begins, then ends every
@@ -319,7 +354,7 @@ impl Delivery {
             self.end_session(&device.device_id, session_id);
             return Err(ApiError::ShuttingDown);
         }
-        let (stream_tx, stream_rx) = mpsc::channel(inner.settings.stream_buffer);
+        let (stream_tx, stream) = stream_channel::channel(inner.settings.stream_buffer);
         let session = session::Session {
             delivery: self.clone(),
             live_log,
@@ -334,13 +369,13 @@ impl Delivery {
             },
             device_state: state,
             stream_tx,
-            stop_rx,
+            stop,
             _permit: permit,
             _user_slot: user_slot,
             _running: running,
         };
         tokio::spawn(session.run());
-        Ok(ReceiverStream::new(stream_rx))
+        Ok(stream)
     }
 
     /// Commits `offset + 1` for the device once it durably applied `offset`.
@@ -443,7 +478,7 @@ impl Delivery {
         // First: a stream still starting checks this after it registered (see `subscribe`).
         lock(&self.inner.revoked).insert(device_id.into(), Instant::now());
         if let Some(entry) = lock(&self.inner.sessions).remove(device_id) {
-            entry.stop_tx.send_replace(Some(StopReason::Revoked));
+            entry.stop.stop(StopReason::Revoked);
             self.inner.events.disconnected(&entry.user_id, device_id);
         }
     }
@@ -451,7 +486,7 @@ impl Delivery {
     /// Ends every stream (clients reconnect to another instance or later).
     pub fn shutdown(&self) {
         for (device_id, entry) in lock(&self.inner.sessions).drain() {
-            entry.stop_tx.send_replace(Some(StopReason::ShuttingDown));
+            entry.stop.stop(StopReason::ShuttingDown);
             self.inner.events.disconnected(&entry.user_id, &device_id);
         }
     }
@@ -489,7 +524,7 @@ impl Delivery {
         }
         let Some(entry) = sessions.remove(device_id) else { return false };
         drop(sessions);
-        entry.stop_tx.send_replace(Some(StopReason::SupersededElsewhere));
+        entry.stop.stop(StopReason::SupersededElsewhere);
         self.inner.events.disconnected(&entry.user_id, device_id);
         metrics::counter!("lockstep_streams_superseded_elsewhere_total").increment(1);
         tracing::info!(
@@ -1005,7 +1040,7 @@ mod tests {
         let offsets: Vec<i64> = batches.iter().flatten().map(|change| change.offset).collect();
         assert_eq!(offsets, (0..90).collect::<Vec<_>>());
         for batch in &batches {
-            let encoded = SubscribeResponse {
+            let encoded = lockstep_proto::v1::SubscribeResponse {
                 event: Some(lockstep_proto::v1::subscribe_response::Event::Changes(lockstep_proto::v1::ChangeBatch {
                     changes: batch.clone(),
                 })),

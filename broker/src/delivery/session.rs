@@ -2,6 +2,7 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -9,9 +10,12 @@ use std::{
 use lockstep_proto::v1::{
     ChangeBatch, DeliveredChange, Heartbeat, Resync, ResyncReason, SubscribeResponse, subscribe_response::Event,
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Delivery, DeviceState, LiveLog, LogRead, StopReason, split_into_batches};
+use super::{
+    Delivery, DeviceState, LiveLog, LogRead, StopSignal, split_into_batches,
+    stream_channel::{StreamMessage, StreamSender, TrySendError},
+};
 use crate::{
     accounts::AuthedDevice,
     db::now_ms,
@@ -85,8 +89,8 @@ pub(super) struct Session {
     pub session_id: u64,
     pub start: Start,
     pub device_state: Arc<DeviceState>,
-    pub stream_tx: mpsc::Sender<Result<SubscribeResponse, tonic::Status>>,
-    pub stop_rx: watch::Receiver<Option<StopReason>>,
+    pub stream_tx: StreamSender,
+    pub stop: Arc<StopSignal>,
     pub _permit: OwnedSemaphorePermit,
     pub _user_slot: crate::slots::Slot,
     /// Shutdown waits for this stream to end.
@@ -188,7 +192,7 @@ impl Session {
                     tokio::select! {
                         changed = end_rx.changed() => if changed.is_err() { return Ok(End::DeviceGone) },
                         _ = heartbeat.tick() => self.send_heartbeat(cursor).await?,
-                        _ = self.stop_rx.changed() => {}
+                        () = self.stop.stopped() => {}
                         () = self.stream_tx.closed() => return Ok(End::DeviceGone),
                     }
                 }
@@ -344,10 +348,10 @@ impl Session {
             let message = Ok(SubscribeResponse { event: Some(Event::Changes(ChangeBatch { changes })) });
             let message = match self.stream_tx.try_send(message) {
                 Ok(()) => continue,
-                Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(TrySendError::Closed) => {
                     return Err(ApiError::Aborted("device closed the stream".into()).into());
                 }
-                Err(mpsc::error::TrySendError::Full(message)) => message,
+                Err(TrySendError::Full(message)) => message,
             };
             if let Some(Ahead::Pending(pending)) = ahead.take() {
                 *ahead = Some(Ahead::Ready(self.while_waiting(cursor, heartbeat, pending.chunk()).await?));
@@ -372,7 +376,7 @@ impl Session {
             tokio::select! {
                 done = &mut work => return Ok(done),
                 _ = heartbeat.tick() => self.send_heartbeat(cursor).await?,
-                _ = self.stop_rx.changed() => self.check_stop()?,
+                () = self.stop.stopped() => self.check_stop()?,
             }
         }
     }
@@ -406,7 +410,7 @@ impl Session {
     }
 
     fn check_stop(&self) -> Result<(), ApiError> {
-        match *self.stop_rx.borrow() {
+        match self.stop.reason() {
             Some(reason) => Err(reason.into()),
             None => Ok(()),
         }
@@ -418,13 +422,19 @@ impl Session {
         self.send_message(Ok(SubscribeResponse { event: Some(event) })).await
     }
 
-    async fn send_message(&mut self, message: Result<SubscribeResponse, tonic::Status>) -> Result<(), Ended> {
+    /// Boxed: its wait (a timer, the channel's and the stop's) would otherwise be
+    /// part of every stream's task for all its life, idle or not.
+    fn send_message(&mut self, message: StreamMessage) -> Pin<Box<dyn Future<Output = Result<(), Ended>> + Send + '_>> {
+        Box::pin(self.wait_to_send(message))
+    }
+
+    async fn wait_to_send(&mut self, message: StreamMessage) -> Result<(), Ended> {
         let send_timeout = self.delivery.inner.settings.send_timeout;
         tokio::select! {
             sent = self.stream_tx.send(message) => {
                 sent.map_err(|_| ApiError::Aborted("device closed the stream".into()).into())
             }
-            _ = self.stop_rx.changed() => Ok(self.check_stop()?),
+            () = self.stop.stopped() => Ok(self.check_stop()?),
             () = tokio::time::sleep(send_timeout) => Err(Ended::Stuck(ApiError::Unavailable(format!(
                 "this device took no data for {} s: the stream ended; subscribe again",
                 send_timeout.as_secs()

@@ -44,6 +44,9 @@ impl Subject {
     }
 }
 
+/// Capacity (facts) a drained buffer keeps; past it, it shrinks once a quarter full.
+const SHRINK_ABOVE: usize = 1024;
+
 /// A pending fact and the sequence number of its latest update (the order
 /// facts are published in).
 #[derive(Debug, Clone)]
@@ -138,6 +141,11 @@ impl Buffer {
         }
         let mut taken: Vec<Pending> = all.into_iter().filter_map(|(subject, _)| self.facts.remove(&subject)).collect();
         taken.sort_by_key(|p| p.seq);
+        // A burst (every stream's lease renewed at once) grows the table to the fleet's size;
+        // once it drained, give that memory back instead of holding it for the next burst.
+        if self.facts.capacity() > SHRINK_ABOVE && self.facts.len() < self.facts.capacity() / 4 {
+            self.facts.shrink_to(self.facts.len() * 2);
+        }
         taken
     }
 
@@ -186,6 +194,23 @@ mod tests {
 
     fn acked(device: &str, offset: i64) -> Event {
         event("u", EventBody::DeviceAcked { device_id: device.into(), log_generation: 0, committed_offset: offset })
+    }
+
+    #[test]
+    fn a_drained_buffer_gives_its_memory_back() {
+        let mut buffer = Buffer::default();
+        for i in 0..10_000 {
+            assert!(buffer.insert(acked(&format!("d{i}"), i), 20_000));
+        }
+        assert!(buffer.facts.capacity() >= 10_000);
+        let taken = buffer.take(9_990);
+        assert_eq!(taken.len(), 9_990);
+        assert_eq!(buffer.len(), 10);
+        assert!(buffer.facts.capacity() <= SHRINK_ABOVE, "{}", buffer.facts.capacity());
+        // What is left is still there, oldest first.
+        let rest = buffer.take(100);
+        assert_eq!(rest.len(), 10);
+        assert!(rest.windows(2).all(|pair| pair[0].seq < pair[1].seq));
     }
 
     #[test]
