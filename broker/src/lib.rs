@@ -28,7 +28,7 @@
 //! - [`store`]: the shared state's database behind one interface: SQLite (one node, default)
 //!   or PostgreSQL (several nodes); both schemas side by side.
 //! - [`settings`] (imports no module of this crate), [`db`] (the node-local SQLite), [`slots`], [`idle`],
-//!   [`shutdown`] (the one shutdown every task holds).
+//!   [`shutdown`] (the one shutdown every task holds), [`wake`] (waiting on a `Notify` for a condition).
 //!
 //! Shared with the consumers: `lockstep-kafka` (Kafka settings, naming, group offsets, the one
 //! lock helper `lockstep_kafka::locks`) and `lockstep-telemetry` (logs and traces).
@@ -50,6 +50,7 @@ pub mod settings;
 pub mod shutdown;
 pub mod slots;
 pub mod store;
+pub mod wake;
 
 pub use server::run;
 pub use settings::Settings;

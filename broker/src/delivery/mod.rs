@@ -169,16 +169,7 @@ impl StopSignal {
 
     /// Ends once the stream is stopped (at once if it is).
     pub(crate) async fn stopped(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check: a stop between the two still wakes it.
-            notified.as_mut().enable();
-            if self.reason().is_some() {
-                return;
-            }
-            notified.await;
-        }
+        crate::wake::wait_until(&self.notify, || self.reason().is_some()).await;
     }
 }
 

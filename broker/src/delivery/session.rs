@@ -348,9 +348,7 @@ impl Session {
             let message = Ok(SubscribeResponse { event: Some(Event::Changes(ChangeBatch { changes })) });
             let message = match self.stream_tx.try_send(message) {
                 Ok(()) => continue,
-                Err(TrySendError::Closed) => {
-                    return Err(ApiError::Aborted("device closed the stream".into()).into());
-                }
+                Err(TrySendError::Closed) => return Err(device_closed()),
                 Err(TrySendError::Full(message)) => message,
             };
             if let Some(Ahead::Pending(pending)) = ahead.take() {
@@ -422,18 +420,24 @@ impl Session {
         self.send_message(Ok(SubscribeResponse { event: Some(event) })).await
     }
 
-    /// Boxed: its wait (a timer, the channel's and the stop's) would otherwise be
-    /// part of every stream's task for all its life, idle or not.
-    fn send_message(&mut self, message: StreamMessage) -> Pin<Box<dyn Future<Output = Result<(), Ended>> + Send + '_>> {
-        Box::pin(self.wait_to_send(message))
+    async fn send_message(&mut self, message: StreamMessage) -> Result<(), Ended> {
+        // Room now (the common case): no wait to set up.
+        let message = match self.stream_tx.try_send(message) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed) => return Err(device_closed()),
+            Err(TrySendError::Full(message)) => message,
+        };
+        // Boxed: its wait (a timer, the channel's and the stop's) would otherwise be
+        // part of every stream's task for all its life, idle or not.
+        let waiting: Pin<Box<dyn Future<Output = Result<(), Ended>> + Send + '_>> =
+            Box::pin(self.wait_to_send(message));
+        waiting.await
     }
 
     async fn wait_to_send(&mut self, message: StreamMessage) -> Result<(), Ended> {
         let send_timeout = self.delivery.inner.settings.send_timeout;
         tokio::select! {
-            sent = self.stream_tx.send(message) => {
-                sent.map_err(|_| ApiError::Aborted("device closed the stream".into()).into())
-            }
+            sent = self.stream_tx.send(message) => sent.map_err(|_| device_closed()),
             () = self.stop.stopped() => Ok(self.check_stop()?),
             () = tokio::time::sleep(send_timeout) => Err(Ended::Stuck(ApiError::Unavailable(format!(
                 "this device took no data for {} s: the stream ended; subscribe again",
@@ -441,6 +445,11 @@ impl Session {
             )))),
         }
     }
+}
+
+/// The device's end of the stream is gone.
+fn device_closed() -> Ended {
+    ApiError::Aborted("device closed the stream".into()).into()
 }
 
 /// Most traces one message to a device continues (one span each).

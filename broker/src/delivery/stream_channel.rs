@@ -17,6 +17,8 @@ use lockstep_kafka::locks::lock;
 use lockstep_proto::v1::SubscribeResponse;
 use tokio::sync::Notify;
 
+use crate::wake::wait_until;
+
 /// One message of a device's stream.
 pub(crate) type StreamMessage = Result<SubscribeResponse, tonic::Status>;
 
@@ -81,33 +83,26 @@ impl StreamSender {
         Ok(())
     }
 
-    /// Queues `message`, waiting for room.
+    /// Queues `message`, waiting for room. Tries first: a wake-up is registered
+    /// only when the channel is full (every live message passes here).
     pub(crate) async fn send(&self, mut message: StreamMessage) -> Result<(), Closed> {
         loop {
-            let room = self.shared.room.notified();
-            tokio::pin!(room);
-            // Registered before trying: room made in between still wakes it.
-            room.as_mut().enable();
             match self.try_send(message) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Closed) => return Err(Closed),
                 Err(TrySendError::Full(back)) => message = back,
             }
-            room.await;
+            wait_until(&self.shared.room, || {
+                let state = lock(&self.shared.state);
+                state.receiver_gone || state.queue.len() < self.shared.capacity
+            })
+            .await;
         }
     }
 
     /// Ends once the receiver went away.
     pub(crate) async fn closed(&self) {
-        loop {
-            let room = self.shared.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            if lock(&self.shared.state).receiver_gone {
-                return;
-            }
-            room.await;
-        }
+        wait_until(&self.shared.room, || lock(&self.shared.state).receiver_gone).await;
     }
 }
 

@@ -118,17 +118,7 @@ impl UserPush {
 
     /// Waits, at most `limit`, until no change of the batch is in flight.
     pub async fn wait_released(&self, device_id: &Arc<str>, changes: &[Change], limit: Duration) {
-        let waiting = async {
-            loop {
-                let released = self.released.notified();
-                tokio::pin!(released);
-                released.as_mut().enable();
-                if !self.retries_in_flight(device_id, changes) {
-                    return;
-                }
-                released.await;
-            }
-        };
+        let waiting = crate::wake::wait_until(&self.released, || !self.retries_in_flight(device_id, changes));
         // Past the limit the plan answers UNAVAILABLE for what is still in flight.
         let _ = tokio::time::timeout(limit, waiting).await;
     }
