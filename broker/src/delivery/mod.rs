@@ -515,8 +515,7 @@ impl Delivery {
         }
         let Some(entry) = sessions.remove(device_id) else { return false };
         drop(sessions);
-        entry.stop.stop(StopReason::SupersededElsewhere);
-        self.inner.events.disconnected(&entry.user_id, device_id);
+        // Logged and counted first: by the time the device hears ABORTED, the log says why.
         metrics::counter!("lockstep_streams_superseded_elsewhere_total").increment(1);
         tracing::info!(
             device_id,
@@ -525,6 +524,8 @@ impl Delivery {
             ours_started_ms = entry.started_ms,
             "stream ended: a newer stream of the device started on another node"
         );
+        entry.stop.stop(StopReason::SupersededElsewhere);
+        self.inner.events.disconnected(&entry.user_id, device_id);
         true
     }
 
