@@ -368,8 +368,14 @@ async fn a_target_a_push_worker_found_gone_is_forgotten() -> anyhow::Result<()> 
         Stack::start_with("phone", &[("LOCKSTEP_EVENTS__TOPIC", topic.as_str())]).await?;
     let laptop = phone.pair(&server, "laptop").await?;
     // "following the events topic failed; retrying" does not count: it is not following yet.
-    let following =
-        |log: String| log.lines().any(|line| line.contains("following the events topic") && !line.contains("failed"));
+    // Until it follows, what the server said about the events topic is what a failure shows.
+    let following = |log: String| {
+        if log.lines().any(|line| line.contains("following the events topic") && !line.contains("failed")) {
+            return ready(());
+        }
+        let said: Vec<&str> = log.lines().filter(|line| line.contains("events")).collect();
+        not_yet(format!("the server's log lines about events:\n{}", said.join("\n")))
+    };
     eventually(WAIT, "the server following the events topic", || async { following(server.log()) }).await?;
     let mut targets = server.push_targets().await?;
     for device in [&phone, &laptop] {
