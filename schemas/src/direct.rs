@@ -95,7 +95,7 @@ pub(crate) fn write(envelope: &ChangeEnvelopeRef<'_>, out: &mut Vec<u8>) {
 }
 
 /// A zigzag variable-length `long` (an `int`, an enum index and a length are written so too).
-fn write_long(value: i64, out: &mut Vec<u8>) {
+pub(crate) fn write_long(value: i64, out: &mut Vec<u8>) {
     let mut zigzag = ((value << 1) ^ (value >> 63)) as u64;
     while zigzag >= 0x80 {
         out.push((zigzag as u8) | 0x80);
@@ -122,7 +122,8 @@ fn varint(rest: &mut &[u8]) -> Option<u64> {
     None
 }
 
-fn long(rest: &mut &[u8]) -> Option<i64> {
+/// A zigzag variable-length `long`; `None` if truncated or longer than 10 bytes.
+pub(crate) fn long(rest: &mut &[u8]) -> Option<i64> {
     let zigzag = varint(rest)?;
     Some(((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64))
 }

@@ -119,15 +119,10 @@ fn every_truncation_errors() {
 fn length_prefix_beyond_input_is_rejected_before_allocating() {
     // schema_version = 1, then user_id claiming 400 MiB (zigzag varint).
     let claimed: i64 = 400 << 20;
-    let mut zigzag = (claimed as u64) << 1;
     let mut bytes = SINGLE_OBJECT_MAGIC.to_vec();
     bytes.extend_from_slice(&change_envelope_fingerprint());
     bytes.push(2);
-    while zigzag >= 0x80 {
-        bytes.push((zigzag as u8) | 0x80);
-        zigzag >>= 7;
-    }
-    bytes.push(zigzag as u8);
+    crate::direct::write_long(claimed, &mut bytes);
     bytes.extend_from_slice(b"only a few bytes");
     match decode_change(&bytes) {
         Err(SchemaError::LengthBeyondInput { field, claimed: c, available }) => {

@@ -62,9 +62,9 @@ fn walk(schema: &Schema, field: &str, rest: &mut &[u8]) -> Result<bool, SchemaEr
         | Schema::LocalTimestampMillis
         | Schema::LocalTimestampMicros
         | Schema::LocalTimestampNanos
-        | Schema::Enum(_) => Ok(read_varint(rest).is_some()),
+        | Schema::Enum(_) => Ok(crate::direct::long(rest).is_some()),
         Schema::String | Schema::Bytes => {
-            let Some(len) = read_varint(rest) else {
+            let Some(len) = crate::direct::long(rest) else {
                 return Ok(false);
             };
             match usize::try_from(len) {
@@ -85,7 +85,7 @@ fn walk(schema: &Schema, field: &str, rest: &mut &[u8]) -> Result<bool, SchemaEr
             if rest.is_empty() {
                 return Err(SchemaError::TruncatedBody { field: field.to_owned() });
             }
-            let Some(index) = read_varint(rest) else {
+            let Some(index) = crate::direct::long(rest) else {
                 return Ok(false);
             };
             match usize::try_from(index).ok().and_then(|i| union.variants().get(i)) {
@@ -103,19 +103,6 @@ fn walk(schema: &Schema, field: &str, rest: &mut &[u8]) -> Result<bool, SchemaEr
         }
         _ => Ok(false),
     }
-}
-
-/// A zigzag varint `long`; `None` if truncated or longer than 10 bytes.
-fn read_varint(rest: &mut &[u8]) -> Option<i64> {
-    let mut n: u64 = 0;
-    for (i, &b) in rest.iter().enumerate().take(10) {
-        n |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            *rest = &rest[i + 1..];
-            return Some((n >> 1) as i64 ^ -((n & 1) as i64));
-        }
-    }
-    None
 }
 
 /// Our single-object header (`C3 01` + a CRC-64-AVRO fingerprint of our own
