@@ -517,7 +517,7 @@ pub fn render(
          before; latency runs from the due time, so a stall is charged to every message it delayed (no coordinated \
          omission). HDR histograms, 3 significant digits. W0, W2 and W5 latency at {} changes/s for {} s; W1 at half \
          of its measured saturation push rate.\n\
-         - W0 uses Lockstep's producer settings (idempotent, acks=all, linger 2 ms, no compression) and the settings \
+         - W0 uses Lockstep's producer settings (`lockstep_kafka::change_producer_config` with the server's defaults: idempotent, acks=all, linger {} ms, no compression) and the settings \
          of its catch-up readers (fetch.wait.max.ms 100). Its measured phases run on a warm broker, like \
          every workload after it: the same produce and consume run once first on a topic of their own (the \
          warm-up figure in W0's table). W0's produce at saturation runs as long as W1's saturation phases ({} s) \
@@ -544,6 +544,7 @@ pub fn render(
         config.pushers,
         config.latency_rate,
         config.latency_time.as_secs(),
+        lockstep_kafka::KafkaSettings::default().linger_ms,
         config.saturation_time.as_secs(),
         config.fanout_deliveries,
         config.resume_records,

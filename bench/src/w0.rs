@@ -21,19 +21,10 @@ use crate::{
     stats::{self, Metrics, Schedule},
 };
 
-/// Lockstep's gateway producer (broker/src/kafka/producer.rs) with the default settings.
+/// Lockstep's gateway producer with the server's default settings.
 pub fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("client.id", "bench-w0-producer")
-        .set("socket.keepalive.enable", "true")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "2")
-        .set("compression.type", "none")
-        .set("message.timeout.ms", "10000")
-        .set("queue.buffering.max.kbytes", "65536")
-        .create()?)
+    let settings = lockstep_kafka::KafkaSettings { bootstrap_servers: bootstrap.into(), ..Default::default() };
+    Ok(lockstep_kafka::change_producer_config(&settings, "bench-w0-producer").create()?)
 }
 
 /// Lockstep's catch-up readers (broker/src/kafka/readers.rs).

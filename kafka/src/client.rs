@@ -20,6 +20,22 @@ pub fn base_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig {
     config
 }
 
+/// [`base_config`] for the producer of changes (the gateway's): idempotent, acks=all,
+/// `kafka.linger_ms`, no compression (ciphertext does not compress), a delivery timeout of
+/// `kafka.produce_timeout`. The benchmark's raw producer (W0) is this one too, so that the
+/// latency tax compares like with like.
+pub fn change_producer_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig {
+    let mut config = base_config(settings, client_id);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", settings.linger_ms.to_string())
+        .set("compression.type", "none")
+        .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string())
+        .set("queue.buffering.max.kbytes", "65536");
+    config
+}
+
 /// `fetch.queue.backoff.ms` of every Lockstep consumer. Once a consumer's local queue
 /// holds `queued.min.messages` or `queued.max.messages.kbytes`, librdkafka postpones the
 /// partition's next fetch by this much: 1 s by default, so a consumer reading a backlog (a

@@ -29,7 +29,7 @@ pub mod producer;
 pub mod settings;
 pub mod topics;
 
-pub use client::{base_config, consumer_config, fetch_wait, fetch_wait_max_ms};
+pub use client::{base_config, change_producer_config, consumer_config, fetch_wait, fetch_wait_max_ms};
 pub use deadline::{KafkaFailure, Retry, bounded};
 pub use error::KafkaError;
 pub use group_offsets::{GroupOffsets, GroupOffsetsError, GroupOffsetsSettings};

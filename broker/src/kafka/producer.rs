@@ -25,7 +25,7 @@ use rdkafka::{
     producer::Producer as _,
 };
 
-use super::{KafkaError, base_config};
+use super::KafkaError;
 use crate::settings::KafkaSettings;
 use lockstep_kafka::locks::{read, write};
 
@@ -53,15 +53,7 @@ struct Instance {
 }
 
 fn create(settings: &KafkaSettings) -> Result<DeliveryProducer, KafkaError> {
-    let config = base_config(settings, "lockstep-gateway")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", settings.linger_ms.to_string())
-        // Ciphertext does not compress.
-        .set("compression.type", "none")
-        .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string())
-        .set("queue.buffering.max.kbytes", "65536")
-        .clone();
+    let config = lockstep_kafka::change_producer_config(settings, "lockstep-gateway");
     DeliveryProducer::create(&config, "gateway producer").map_err(KafkaError::client("producer creation"))
 }
 
