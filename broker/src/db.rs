@@ -185,8 +185,7 @@ const AUTOCHECKPOINT_BACKSTOP_PAGES: i64 = 10_000;
 /// SQLite's own checkpoint runs inside the commit that grows the log past 1,000 pages, on the
 /// committing connection, and ends with an fsync of the database file. Here that connection is
 /// the server's only one, behind its mutex: a push's dedup lookup waited for the fsync (10–12 ms
-/// every two seconds under W2's load, and up to a few hundred ms while the disk wrote back what
-/// Kafka had written, which is when W2's p99 at 100 devices read 180–250 ms). Durability is the
+/// every two seconds under W2's load; 84 ms once on this thread since). Durability is the
 /// same: a commit is durable against a killed process once it is in the log (WAL + NORMAL);
 /// the checkpoint only moves it.
 struct Checkpointer {
@@ -334,8 +333,6 @@ mod sharing_tests {
         other_write.unwrap();
     }
 
-    /// The statements that run on every ticket issued, redeemed or device revoked search an
-    /// index instead of scanning every ticket of the last ten minutes, or every device.
     /// The write-ahead log reaches the database file without any commit checkpointing it: the
     /// connection's own checkpoint is only a backstop far above what is written here.
     #[tokio::test]
@@ -365,6 +362,8 @@ mod sharing_tests {
         }
     }
 
+    /// The statements that run on every ticket issued, redeemed or device revoked search an
+    /// index instead of scanning every ticket of the last ten minutes, or every device.
     #[tokio::test]
     async fn the_ticket_sweeps_search_an_index() {
         let dir = tempfile::tempdir().unwrap();
