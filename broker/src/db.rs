@@ -4,12 +4,17 @@
 //! index in PostgreSQL (`database.url`, see `store`), only the node's own leftovers are here.
 //!
 //! One connection behind a mutex, used from `spawn_blocking`, so no async task
-//! ever blocks on SQLite. The write-ahead log is copied back into the database file by a
-//! thread of its own, on a second connection (see [`Checkpointer`]).
+//! ever blocks on SQLite. Reads that a push waits for under its user's lock have
+//! connections of their own ([`Db::read`]); the write-ahead log is copied back into the
+//! database file by a thread of its own, on another connection (see [`Checkpointer`]).
 
 use std::{
     path::Path,
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -169,6 +174,7 @@ fn restrict_to_owner(_data_dir: &Path, _database: &Path) {}
 #[derive(Clone)]
 pub struct Db {
     connection: Arc<Mutex<Connection>>,
+    readers: Arc<Readers>,
     /// Ends the checkpointer when the last clone goes.
     _checkpointer: Arc<Checkpointer>,
 }
@@ -213,6 +219,46 @@ impl Checkpointer {
     }
 }
 
+/// How many read-only connections [`Db::read`] spreads over.
+const READERS: usize = 2;
+
+/// Read-only connections (`query_only`) beside the server's connection. In WAL mode a reader
+/// never waits for the writer: it reads the last commit from the log. The server's connection
+/// can be held for hundreds of milliseconds by one commit's write to the log when the disk is
+/// busy (the kernel holds a `pwrite` of 4 KiB while an fsync commits the file system's journal:
+/// 111–263 ms under the benchmark's W2, after W1 filled the page cache with Kafka's writes).
+/// A push's dedup lookup, made under its user's lock, waited for it, and so did every push of
+/// that user behind it.
+struct Readers {
+    connections: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    fn open(path: &Path) -> Result<Self, DbError> {
+        let connections = (0..READERS)
+            .map(|_| {
+                let connection = Connection::open(path)?;
+                connection.pragma_update(None, "query_only", true)?;
+                connection.busy_timeout(Duration::from_secs(5))?;
+                Ok(Mutex::new(connection))
+            })
+            .collect::<Result<_, DbError>>()?;
+        Ok(Self { connections, next: AtomicUsize::new(0) })
+    }
+
+    /// A free connection if there is one, else the next in turn (waiting for it).
+    fn run<R>(&self, work: impl FnOnce(&mut Connection) -> Result<R, DbError>) -> Result<R, DbError> {
+        for connection in &self.connections {
+            if let Ok(mut guard) = connection.try_lock() {
+                return work(&mut guard);
+            }
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        work(&mut lockstep_kafka::locks::lock(&self.connections[turn]))
+    }
+}
+
 impl Db {
     pub fn open(data_dir: &Path) -> Result<Self, DbError> {
         std::fs::create_dir_all(data_dir)
@@ -236,8 +282,13 @@ impl Db {
         add_columns(&connection)?;
         // The key directory's tables (their PostgreSQL twins are beside them in `store::schema`).
         connection.execute_batch(crate::store::schema::SQLITE_KEYS)?;
+        let readers = Readers::open(&path)?;
         let checkpointer = Checkpointer::start(&path)?;
-        Ok(Self { connection: Arc::new(Mutex::new(connection)), _checkpointer: Arc::new(checkpointer) })
+        Ok(Self {
+            connection: Arc::new(Mutex::new(connection)),
+            readers: Arc::new(readers),
+            _checkpointer: Arc::new(checkpointer),
+        })
     }
 
     /// Runs `work` on a blocking thread with the connection.
@@ -253,6 +304,20 @@ impl Db {
         })
         .await
         .map_err(|error| DbError::Task(error.to_string()))?
+    }
+
+    /// Runs `work` on a blocking thread with a read-only connection: it sees every commit made
+    /// before it starts, and never waits for the server's connection (see [`Readers`]). A write
+    /// fails (`query_only`).
+    pub async fn read<R, F>(&self, work: F) -> Result<R, DbError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, DbError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.run(work))
+            .await
+            .map_err(|error| DbError::Task(error.to_string()))?
     }
 }
 
@@ -360,6 +425,59 @@ mod sharing_tests {
             assert!(std::time::Instant::now() < deadline, "the database file grew by {grown} bytes only");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A read runs while the server's connection is held in the middle of a write transaction
+    /// (as a commit stuck on the disk holds it), sees what was committed before, not what the
+    /// open transaction wrote, and cannot write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_does_not_wait_for_the_servers_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.call(|connection| {
+            connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('committed', 0)", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let (holding, held) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let writer = db.call(move |connection| {
+            let transaction = connection.transaction()?;
+            transaction.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('open', 0)", [])?;
+            holding.send(()).unwrap();
+            // Held until the read below is done; a read that waited for this connection
+            // would never end (the test's timeout fails it).
+            released.recv_timeout(Duration::from_secs(30)).unwrap();
+            transaction.commit()?;
+            Ok(())
+        });
+        let reading = async {
+            tokio::task::spawn_blocking(move || held.recv().unwrap()).await.unwrap();
+            let users = tokio::time::timeout(
+                Duration::from_secs(10),
+                db.read(|connection| {
+                    let mut statement = connection.prepare("SELECT user_id FROM users ORDER BY user_id")?;
+                    let users = statement.query_map([], |row| row.get::<_, String>(0))?;
+                    Ok(users.collect::<Result<Vec<_>, _>>()?)
+                }),
+            )
+            .await
+            .expect("the read waited for the server's connection")
+            .unwrap();
+            let write = db
+                .read(|connection| {
+                    connection.execute("INSERT INTO users (user_id, created_at_ms) VALUES ('reader', 0)", [])?;
+                    Ok(())
+                })
+                .await;
+            release.send(()).unwrap();
+            (users, write)
+        };
+        let (written, (users, write)) = tokio::join!(writer, reading);
+        written.unwrap();
+        assert_eq!(users, vec!["committed".to_string()]);
+        assert!(write.is_err(), "a read-only connection wrote");
     }
 
     /// The statements that run on every ticket issued, redeemed or device revoked search an

@@ -143,8 +143,9 @@ impl DedupIndex {
         change_ids: Vec<String>,
     ) -> Result<HashMap<String, (i64, Digest)>, DbError> {
         let (user, device) = (user_id.to_string(), device_id.to_string());
+        // Read beside the writer: a push makes this lookup under its user's lock.
         self.store
-            .call(move |connection| lookup_many(connection, &user, &device, change_ids.iter().map(String::as_str)))
+            .read(move |connection| lookup_many(connection, &user, &device, change_ids.iter().map(String::as_str)))
             .await
     }
 
@@ -157,7 +158,7 @@ impl DedupIndex {
     pub async fn mark(&self, user_id: &str) -> Result<(i64, i64), DbError> {
         let user = user_id.to_string();
         self.store
-            .call(move |connection| {
+            .read(move |connection| {
                 connection
                     .query_opt(
                         "SELECT dedup_indexed_through, dedup_generation FROM users WHERE user_id = ?1",

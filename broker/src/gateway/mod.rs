@@ -22,7 +22,7 @@ use dedup::digest_of_change;
 pub use dedup::{DedupIndex, IndexEntry};
 use lockstep_proto::v1::{Change, PushResult, push_result};
 use lockstep_schemas::{CHANGE_ENVELOPE_VERSION, ChangeEnvelopeRef, encode_change_ref};
-use pipeline::{Plan, PushStage, PushStages, Settled, UserPush, Written, failed, plan_batch, settle};
+use pipeline::{LockHold, Plan, PushStage, PushStages, Settled, UserPush, Written, failed, plan_batch, settle};
 use tracing::Instrument;
 
 use crate::{
@@ -118,6 +118,7 @@ impl Gateway {
         let early = self.claim_early(&user, device, &changes).await;
         // Plan and enqueue, in request order, under the user's enqueue lock.
         let mut enqueue = user.enqueue.lock().await;
+        let mut held = LockHold::start();
         if self.dedup.reservations().is_none() && user.retries_in_flight(&device.device_id, &changes) {
             // A retry of a push still being written (the device gave up on it):
             // let it finish and its dedup record commit, then answer from the index.
@@ -126,13 +127,16 @@ impl Gateway {
             user.wait_released(&device.device_id, &changes, self.kafka.produce_timeout).await;
         }
         stages.lap(PushStage::Enqueue);
+        held.part("waiting for a retried push");
         user.index().settle_doubts(&device.device_id, &changes, Instant::now());
+        held.part("doubts");
         if let Err(error) = self.ensure_index_current(&user, enqueue.next_ticket, &device.user_id, &topic).await {
             if let Some(early) = &early {
                 early.abandon(&user, device);
             }
             return Err(error);
         }
+        held.part("index current");
         // The span of Kafka's part; its context travels in each record's headers.
         let produce_span = if lockstep_telemetry::tracing_on() {
             tracing::info_span!(target: lockstep_telemetry::TRACE_TARGET, "kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.batch.message_count = tracing::field::Empty)
@@ -150,6 +154,7 @@ impl Gateway {
                 self.dedup.lookup(&device.user_id, &device.device_id, ids).await?
             }
         };
+        held.part("dedup lookup");
         let mut plans = {
             let mut index = user.index();
             if let Some(early) = &early {
@@ -157,7 +162,9 @@ impl Gateway {
             }
             plan_batch(&device.device_id, changes, &known, &mut index)
         };
+        held.part("plan");
         self.reserve_writes(&user, enqueue.next_ticket, device, &topic, &mut plans, early.as_ref()).await;
+        held.part("reserve");
         stages.lap(PushStage::Dedup);
         let mut written = Vec::new();
         let mut pending = Vec::new();
@@ -177,8 +184,10 @@ impl Gateway {
                 },
             }
         }
+        held.part("encode and hand to the producer");
         let ticket = user.ticket(&mut enqueue, running);
         drop(enqueue);
+        held.released(&topic, written.len());
         stages.lap(PushStage::Produce);
 
         // Kafka's acks, with nothing held: the user's next push enqueues meanwhile.

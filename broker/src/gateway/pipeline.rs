@@ -223,6 +223,48 @@ impl PushStages {
     }
 }
 
+/// How long a push holds its user's enqueue lock, part by part: every push of
+/// the user behind it waits that long. A hold past [`LockHold::SLOW`] is logged
+/// with its parts, since a mean over thousands of pushes cannot show one.
+pub(super) struct LockHold {
+    since: Instant,
+    last: Instant,
+    parts: Vec<(&'static str, Duration)>,
+}
+
+impl LockHold {
+    pub const SLOW: Duration = Duration::from_millis(100);
+
+    pub fn start() -> Self {
+        let now = Instant::now();
+        Self { since: now, last: now, parts: Vec::with_capacity(6) }
+    }
+
+    /// The time since the previous part went to `part`.
+    pub fn part(&mut self, part: &'static str) {
+        let now = Instant::now();
+        self.parts.push((part, now - self.last));
+        self.last = now;
+    }
+
+    /// Called as the lock is released.
+    pub fn released(self, topic: &str, changes: usize) {
+        let held = self.since.elapsed();
+        if held < Self::SLOW {
+            return;
+        }
+        let parts: Vec<String> =
+            self.parts.iter().map(|(part, spent)| format!("{part} {:.1} ms", spent.as_secs_f64() * 1e3)).collect();
+        tracing::warn!(
+            topic,
+            changes,
+            held_ms = held.as_secs_f64() * 1e3,
+            parts = %parts.join(", "),
+            "a push held its user's enqueue lock long: that user's other pushes waited"
+        );
+    }
+}
+
 /// What becomes of one change of a batch.
 #[derive(Debug)]
 pub(super) enum Plan {

@@ -424,6 +424,19 @@ impl Store {
         }
     }
 
+    /// Runs `work`, which only reads, on a blocking thread: with SQLite on a read-only connection
+    /// that never waits for the server's writes (`Db::read`), with PostgreSQL as [`Store::call`].
+    pub async fn read<R, F>(&self, work: F) -> Result<R, DbError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Conn<'_>) -> Result<R, DbError> + Send + 'static,
+    {
+        match &self.backend {
+            Backend::Sqlite => self.local.read(move |connection| work(&mut Conn::Sqlite(connection))).await,
+            Backend::Postgres(pool, _) => postgres::call(pool, work).await,
+        }
+    }
+
     /// Runs `work` as the only holder of the lock named `(namespace, name)` among every node on
     /// this store: a PostgreSQL transaction-scoped advisory lock (see `postgres::with_advisory_lock`;
     /// three round trips, and one pooled connection held while `work` runs). With SQLite (one
