@@ -17,7 +17,10 @@ mod w0;
 mod w6;
 mod ws;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use clap::Parser;
 
@@ -229,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::new(&args);
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let load_at_start = procs::load_average();
     let mut metrics = Metrics::default();
     let mut profiles = Vec::new();
@@ -243,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             eprintln!("== round {} of {rounds}", round + 1);
         }
+        let round_started = Instant::now();
         let kafka = procs::start_kafka().await?;
         let server = procs::start_lockstep(&args.lockstep_bin, kafka.bootstrap()).await?;
         let peers = if args.workloads.iter().any(|w| w == "w5") {
@@ -267,6 +271,7 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             eprintln!("  {workload}");
+            let workload_started = Instant::now();
             // Per-stage histograms of the round's server (W1off, W1trace, W3 and W7 run their own).
             let stage_server = !matches!(workload.as_str(), "w1off" | "w1trace" | "w3" | "w7");
             let stage_snapshot = stages::StageSnapshot::take(server.admin_addr().filter(|_| stage_server)).await;
@@ -337,6 +342,7 @@ async fn main() -> anyhow::Result<()> {
                 cpu.record(metrics, round, &workload);
             }
             stage_snapshot.record(metrics, round, &workload).await;
+            metrics.add(round, &format!("wall.{workload}_s"), workload_started.elapsed().as_secs_f64());
             if let Err(error) = outcome {
                 eprintln!("  {workload} failed: {error:#}");
                 metrics.failures.push(format!("round {} {workload}: {error:#}", round + 1));
@@ -345,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
         if let Ok(rss) = procs::rss_kib(server.pid()) {
             metrics.add(round, "server.rss_after_round_kib", rss as f64);
         }
+        metrics.add(round, "wall.round_s", round_started.elapsed().as_secs_f64());
     }
     let elapsed = started.elapsed();
     let load = machine::Load { start: load_at_start, end: procs::load_average() };

@@ -329,6 +329,20 @@ fn latency_tax_table(out: &mut String, metrics: &Metrics, config: &Config) {
     out.push('\n');
 }
 
+/// Where the run's time goes: each workload's wall time per round (set-up included), and each
+/// round's, against issue 20's "about 20 minutes" for the whole run.
+fn wall_table(out: &mut String, args: &Args, metrics: &Metrics) {
+    out.push_str("## Wall time per workload
+
+Seconds per round, from the workload's start to its end, its set-up included (a fresh server or Kafka where it starts its own); the round's own includes starting its Kafka, server and peers.
+
+");
+    let mut rows: Vec<(String, String)> =
+        args.workloads.iter().map(|workload| (format!("wall.{workload}_s"), format!("{workload}, s"))).collect();
+    rows.push(("wall.round_s".into(), "the whole round, s".into()));
+    table(out, metrics, &rows);
+}
+
 /// Every process the CPU tables know, as `cpu.{what}.{process}_s` names them.
 const PROCESSES: [&str; 6] = ["server", "kafka", "redis_always", "redis_everysec", "nats", "bench"];
 
@@ -792,6 +806,7 @@ pub fn render(
 
     cpu_tables(&mut out, args, config, metrics);
     stage_tables(&mut out, args, metrics);
+    wall_table(&mut out, args, metrics);
 
     if !profiles.is_empty() {
         out.push_str("## Where the server's time goes (`perf record -g` of `lockstep` in an extra round whose figures are not counted)\n\n");
