@@ -225,8 +225,9 @@ const READERS: usize = 2;
 /// Read-only connections (`query_only`) beside the server's connection. In WAL mode a reader
 /// never waits for the writer: it reads the last commit from the log. The server's connection
 /// can be held for hundreds of milliseconds by one commit's write to the log when the disk is
-/// busy (the kernel holds a `pwrite` of 4 KiB while an fsync commits the file system's journal:
-/// 111–263 ms under the benchmark's W2, after W1 filled the page cache with Kafka's writes).
+/// busy (`perf trace` under the benchmark's W2, after W1's writes to Kafka: a `pwrite` of 4 KiB
+/// held 111–263 ms, each time during the checkpointer's fsync; why the kernel holds it, likely
+/// the file system's journal commit, was not traced).
 /// A push's dedup lookup, made under its user's lock, waited for it, and so did every push of
 /// that user behind it.
 struct Readers {
