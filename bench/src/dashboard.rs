@@ -20,11 +20,11 @@ use rdkafka::{
 };
 use tokio::time::Instant;
 
-use crate::{Config, procs, stats::Metrics};
+use crate::{procs, stats::Metrics};
 
 /// Changes in each user's log.
 const LOG_CHANGES: i64 = 20;
-const DEVICES_PER_USER: usize = 10;
+pub const DEVICES_PER_USER: usize = 10;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -251,9 +251,4 @@ pub async fn wd(
     metrics.add(round, &format!("wd.n{devices}.rss_kib"), rss_max as f64);
     dashboard.kill9();
     Ok(())
-}
-
-/// The devices WD runs with.
-pub fn devices(config: &Config) -> usize {
-    if config.w0_records >= 30_000 { 10_000 } else { 1_000 }
 }

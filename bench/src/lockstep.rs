@@ -470,7 +470,7 @@ fn fitting_counts(counts: &[usize], streams_per_connection: usize, round: usize,
     fitting
 }
 
-/// W3: a fresh Kafka and server; idle devices, `DEVICES_PER_USER` per user,
+/// W3: a fresh Kafka (the round's in a smoke run, `shared_kafka`) and server; idle devices, `DEVICES_PER_USER` per user,
 /// are created, then the server's RSS is read with no stream, and with each
 /// count of subscribed idle devices, with its idle CPU there.
 ///
@@ -479,6 +479,7 @@ fn fitting_counts(counts: &[usize], streams_per_connection: usize, round: usize,
 /// Kafka reader to find the end of the empty topic (see ANALYSIS.md).
 pub async fn w3(
     lockstep_bin: &Path,
+    shared_kafka: Option<&procs::Kafka>,
     config: &Config,
     counts: &[usize],
     round: usize,
@@ -488,7 +489,14 @@ pub async fn w3(
     if counts.is_empty() {
         return Ok(());
     }
-    let kafka = procs::start_kafka().await?;
+    let own_kafka;
+    let kafka = match shared_kafka {
+        Some(kafka) => kafka,
+        None => {
+            own_kafka = procs::start_kafka().await?;
+            &own_kafka
+        }
+    };
     let count = counts.iter().copied().max().unwrap_or(0);
     let lockstep = procs::start_lockstep_for_idle(lockstep_bin, kafka.bootstrap(), count).await?;
     let started = Instant::now();

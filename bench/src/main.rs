@@ -34,7 +34,7 @@ use crate::{
     about = "Benchmarks Lockstep against raw Apache Kafka, Redis Streams and NATS JetStream; writes BENCHMARKS.md"
 )]
 pub struct Args {
-    /// Scaled-down counts and durations, one round: a smoke run of a minute or two.
+    /// Scaled-down counts and durations, one round, no profile round: a smoke run of about 80 s.
     #[arg(long)]
     pub quick: bool,
     /// Rounds; each runs every workload once, in order (default 3, 1 with --quick).
@@ -70,8 +70,11 @@ pub struct Args {
     #[arg(long, default_value_t = 50)]
     pub streams_per_connection: usize,
     /// Skip the extra round (not counted) that profiles the server with `perf` during W1, W2 and W4.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "profile")]
     pub no_profile: bool,
+    /// Run that profile round with `--quick` too (a full run has it unless `--no-profile`).
+    #[arg(long)]
+    pub profile: bool,
     /// The most idle devices W3 opens (the full run goes to 100,000 in its first round only).
     #[arg(long, default_value_t = 100_000)]
     pub w3_max_devices: usize,
@@ -82,6 +85,8 @@ pub struct Args {
 
 /// W3's largest count of idle devices, measured in the first round only.
 pub const W3_LARGE: usize = 100_000;
+/// WD's fleet in a full run, written and measured in the first round only.
+pub const WD_LARGE: usize = 10_000;
 
 /// Sizes and durations of one run.
 #[derive(Clone, Debug)]
@@ -106,6 +111,11 @@ pub struct Config {
     pub w6_users: usize,
     /// W6: events of a prior day written to the events topic before the worker starts.
     pub w6_backlog_events: usize,
+    /// W6: the quiet before the burst (the worker reads the devices' acks and targets) and
+    /// after the last wake-up (room for duplicates to show, well under the worker's min_interval).
+    pub w6_quiet: Duration,
+    /// WD: devices of the dashboard's fleet.
+    pub wd_devices: usize,
     /// WS: timed syncs per record count and round (the round's figure is their median).
     pub sync_repeats: usize,
 }
@@ -116,21 +126,23 @@ impl Config {
         Self {
             payload_bytes: 1024,
             latency_rate: args.latency_rate,
-            latency_time: Duration::from_secs(if full { 8 } else { 2 }),
-            saturation_time: Duration::from_secs(if full { 5 } else { 2 }),
+            latency_time: Duration::from_secs(if full { 8 } else { 1 }),
+            saturation_time: Duration::from_secs(if full { 5 } else { 1 }),
             pushers: 4,
             w0_records: if full { 30_000 } else { 5_000 },
             fanout_deliveries: if full { 300_000 } else { 30_000 },
             fanout_devices: vec![1, 10, 100],
             resume_records: if full { 100_000 } else { 10_000 },
-            idle_devices: if full { vec![1_000, 10_000, W3_LARGE] } else { vec![100, 1_000] },
+            idle_devices: if full { vec![1_000, 10_000, W3_LARGE] } else { vec![100, 500] },
             w3_max_devices: args.w3_max_devices,
             settle_time: Duration::from_secs(if full { 2 } else { 1 }),
-            cpu_time: Duration::from_secs(if full { 10 } else { 2 }),
+            cpu_time: Duration::from_secs(if full { 10 } else { 1 }),
             fanout_records: 0,
             streams_per_connection: args.streams_per_connection.clamp(1, 64),
             w6_users: if full { 100 } else { 20 },
             w6_backlog_events: if full { 500_000 } else { 20_000 },
+            w6_quiet: Duration::from_secs(if full { 3 } else { 1 }),
+            wd_devices: if full { WD_LARGE } else { 200 },
             sync_repeats: if full { 3 } else { 1 },
         }
     }
@@ -144,6 +156,13 @@ impl Config {
             .copied()
             .filter(|&count| count <= self.w3_max_devices && (round == 0 || count < W3_LARGE))
             .collect()
+    }
+
+    /// WD's fleet in `round`, if it runs: the full run's 10,000 devices (about 100 s, most of it
+    /// writing the fleet to Kafka) only in the first round, like W3's largest count. WD has no
+    /// target of issue 20 that a median over rounds would serve.
+    pub fn wd_devices_in_round(&self, round: usize) -> Option<usize> {
+        (round == 0 || self.wd_devices < WD_LARGE).then_some(self.wd_devices)
     }
 
     /// Changes pushed in W2/W5 saturation with `devices` subscribers.
@@ -236,7 +255,9 @@ async fn main() -> anyhow::Result<()> {
     let load_at_start = procs::load_average();
     let mut metrics = Metrics::default();
     let mut profiles = Vec::new();
-    let profile_round = !args.no_profile && procs::command_line("perf", &["--version"]).starts_with("perf");
+    // A smoke run has no profile round unless asked for: it is there to show that every workload runs.
+    let profile_round = (args.profile || !(args.quick || args.no_profile))
+        && procs::command_line("perf", &["--version"]).starts_with("perf");
     let mut discarded = Metrics::default();
     for round in 0..rounds + usize::from(profile_round) {
         let profiling = round == rounds;
@@ -268,6 +289,10 @@ async fn main() -> anyhow::Result<()> {
         ];
         for workload in args.workloads.iter().map(|workload| workload.to_ascii_lowercase()) {
             if profiling && !matches!(workload.as_str(), "w1" | "w2" | "w4") {
+                continue;
+            }
+            if workload == "wd" && config.wd_devices_in_round(round).is_none() {
+                eprintln!("  wd: its fleet of {} devices runs in the first round only", config.wd_devices);
                 continue;
             }
             eprintln!("  {workload}");
@@ -324,10 +349,12 @@ async fn main() -> anyhow::Result<()> {
                 "w6" => w6::run(&server, &args.push_bin, kafka.bootstrap(), &config, round, metrics).await,
                 "ws" => ws::run(&server, &args.cli_bin, &config, round, metrics).await,
                 "w7" => w7(&args.lockstep_bin, kafka.bootstrap(), &config, round, metrics).await,
-                "wd" => dashboard::wd(&kafka, &args.dashboard_bin, dashboard::devices(&config), round, metrics).await,
+                "wd" => dashboard::wd(&kafka, &args.dashboard_bin, config.wd_devices, round, metrics).await,
                 "w3" => {
-                    lockstep::w3(&args.lockstep_bin, &config, &config.idle_devices_in_round(round), round, metrics)
-                        .await
+                    // A full run gives W3 a Kafka of its own; a smoke run saves its start (about 5 s).
+                    let shared_kafka = args.quick.then_some(&kafka);
+                    let counts = config.idle_devices_in_round(round);
+                    lockstep::w3(&args.lockstep_bin, shared_kafka, &config, &counts, round, metrics).await
                 }
                 "w5" => match &peers {
                     Some(peers) => {

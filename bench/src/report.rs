@@ -516,7 +516,7 @@ pub fn render(
          abuse limits), two fresh `redis-server`s (`--appendonly yes --save ''`, one with `appendfsync always`, \
          the equal-durability peer, one with `everysec`) and a fresh `nats-server` (JetStream on, file storage in a \
          temporary directory, its default `sync_interval` of 2 minutes), all on 127.0.0.1, with the load generator \
-         in the same machine. W3 starts its own fresh Kafka and server each \
+         in the same machine. W3 starts its own fresh Kafka (a smoke run: the round's) and server each \
          round and creates its devices there.\n\
          - Kafka: one combined KRaft node (broker and controller in one JVM, the machine table has its heap and \
          JVM options, full JIT), `scripts/kafka/server.properties` (2 network and 2 I/O threads, replication \
@@ -788,7 +788,18 @@ pub fn render(
     table(&mut out, metrics, &rows);
 
     out.push_str("## WD the dashboard with a large fleet\n\n");
-    let count = crate::dashboard::devices(config);
+    let count = config.wd_devices;
+    if count >= crate::WD_LARGE {
+        let _ = writeln!(
+            out,
+            "{} devices of {} users, in the first round only (writing the fleet to Kafka takes about 85 s on 2 \
+             cores), so its rows have one round.\n",
+            format_value(count as f64),
+            format_value(count.div_ceil(crate::dashboard::DEVICES_PER_USER) as f64),
+        );
+    } else {
+        let _ = writeln!(out, "{count} devices (a smoke run: 10,000 is for the full run).\n");
+    }
     let rows: Vec<(String, String)> = [
         ("setup_s", "writing the fleet to Kafka (topics, changes, offsets, events), s"),
         ("ready_s", "dashboard start until every device is shown and two refreshes ran, s"),

@@ -205,7 +205,7 @@ pub async fn run(
         }
     }
     // Let the worker read the acks and targets; nobody is behind yet.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(config.w6_quiet).await;
     let premature = service.requests().await?.len();
     eprintln!(
         "    {} users, {} offline devices set up in {:.1} s ({premature} wake-ups before the burst)",
@@ -239,7 +239,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Room for duplicates to show (well under min_interval).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(config.w6_quiet).await;
     let seen = service.requests().await?;
     let mut histogram = crate::stats::histogram();
     let (mut missing, mut wakeups, mut max_wakeups, mut failed) = (0usize, 0usize, 0usize, 0usize);
