@@ -553,7 +553,9 @@ pub fn render(
          redelivers the crashed batch after the consumer's `ack_wait` of {} s.\n\
          - W3: idle devices, {} per user, {} streams per HTTP/2 connection, on a server whose subscription and \
          connection limits are raised to hold them (defaults: 20,000 and 10,000); RSS from /proc/PID/status after \
-         {} s of settling, CPU from /proc/PID/stat over {} s.\n",
+         {} s of settling, CPU from /proc/PID/stat over {} s (at 100,000, the target's count: one lease \
+         interval of the server, 30 s, so that the figure holds exactly one renewal pass of every stream's \
+         `DeviceConnected` lease).\n",
         config.payload_bytes,
         config.pushers,
         config.latency_rate,
@@ -787,6 +789,7 @@ pub fn render(
         rows.push((format!("w3.n{count}.rss_kib"), format!("{count} devices: server RSS, KiB")));
         rows.push((format!("w3.n{count}.per_device_kib"), format!("{count} devices: KiB per device")));
         rows.push((format!("w3.n{count}.cpu_percent"), format!("{count} devices: idle CPU, % of one core")));
+        rows.push((format!("w3.n{count}.cpu_window_s"), format!("{count} devices: idle CPU read over, s")));
         rows.push((
             format!("w3.n{count}.first_s"),
             format!("{count} devices: opening each new user's first stream, s"),
