@@ -34,7 +34,7 @@ use crate::{
     about = "Benchmarks Lockstep against raw Apache Kafka, Redis Streams and NATS JetStream; writes BENCHMARKS.md"
 )]
 pub struct Args {
-    /// Scaled-down counts and durations, one round, no profile round: a smoke run of about 80 s.
+    /// Scaled-down counts and durations, one round, no profile round: a smoke run of about a minute.
     #[arg(long)]
     pub quick: bool,
     /// Rounds; each runs every workload once, in order (default 3, 1 with --quick).
