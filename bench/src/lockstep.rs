@@ -483,9 +483,9 @@ fn cpu_window(config: &Config, count: usize) -> Duration {
     }
 }
 
-/// W3: a fresh Kafka (the round's in a smoke run, `shared_kafka`) and server; idle devices, `DEVICES_PER_USER` per user,
-/// are created, then the server's RSS is read with no stream, and with each
-/// count of subscribed idle devices, with its idle CPU there.
+/// W3: a fresh Kafka (the round's in a smoke run, `shared_kafka`) and server; idle devices,
+/// `DEVICES_PER_USER` per user, are created, then the server's RSS is read with no stream,
+/// and with each count of subscribed idle devices, with its idle CPU there.
 ///
 /// The devices are created by the same server process that then holds their
 /// streams: after a restart, every user's first stream waits for a shared

@@ -514,10 +514,11 @@ pub fn render(
         out,
         "- Each round starts a fresh Apache Kafka, a fresh `lockstep` (release build, default settings, less the \
          abuse limits), two fresh `redis-server`s (`--appendonly yes --save ''`, one with `appendfsync always`, \
-         the equal-durability peer, one with `everysec`, measured in a full run's first round only) and a fresh `nats-server` (JetStream on, file storage in a \
-         temporary directory, its default `sync_interval` of 2 minutes), all on 127.0.0.1, with the load generator \
-         in the same machine. W3 starts its own fresh Kafka (a smoke run: the round's) and server each \
-         round and creates its devices there.\n\
+         the equal-durability peer, one with `everysec`, measured in a full run's first round only) and a \
+         fresh `nats-server` (JetStream on, file storage in a temporary directory, its default \
+         `sync_interval` of 2 minutes), all on 127.0.0.1, with the load generator in the same machine. W3 \
+         starts its own fresh Kafka (a smoke run: the round's) and server each round and creates its devices \
+         there.\n\
          - Kafka: one combined KRaft node (broker and controller in one JVM, the machine table has its heap and \
          JVM options, full JIT), `scripts/kafka/server.properties` (2 network and 2 I/O threads, replication \
          factor 1, 64 MiB segments), its log (`log.dirs`) in a temporary directory on the machine's disk, not a \
