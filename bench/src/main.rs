@@ -161,11 +161,11 @@ impl Config {
             .collect()
     }
 
-    /// WD's fleet in `round`, if it runs: the full run's 10,000 devices (about 100 s, most of it
-    /// writing the fleet to Kafka) only in the first round, like W3's largest count. WD has no
-    /// target of issue 20 that a median over rounds would serve.
-    pub fn wd_devices_in_round(&self, round: usize) -> Option<usize> {
-        (round == 0 || !self.full).then_some(self.wd_devices)
+    /// Whether WD runs in `round`: the full run's 10,000 devices (about 100 s, most of it writing
+    /// the fleet to Kafka) only in the first round, like W3's largest count. WD has no target of
+    /// issue 20 that a median over rounds would serve.
+    pub fn wd_in_round(&self, round: usize) -> bool {
+        round == 0 || !self.full
     }
 
     /// Whether W5 measures Redis with `appendfsync everysec` in `round`: a full run's first round
@@ -307,7 +307,7 @@ async fn main() -> anyhow::Result<()> {
             if profiling && !matches!(workload.as_str(), "w1" | "w2" | "w4") {
                 continue;
             }
-            if workload == "wd" && config.wd_devices_in_round(round).is_none() {
+            if workload == "wd" && !config.wd_in_round(round) {
                 eprintln!("  wd: its fleet of {} devices runs in the first round only", config.wd_devices);
                 continue;
             }
